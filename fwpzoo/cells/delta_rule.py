@@ -1,0 +1,32 @@
+"""The delta rule (DeltaNet): each write corrects what the memory returns for its key.
+
+    S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+    o_t = S_t^T q_t
+
+q, k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H] (any beta in (0, 2) keeps the transition's
+eigenvalues in (-1, 1] for unit keys); state S [B, H, K, V] float32; o [B, T, H, V] in v's dtype.
+"""
+
+import jax.numpy as jnp
+
+from fwpzoo.cells._reference import initial_state, scan_steps, to_f32
+
+GATES: tuple[str, ...] = ("beta",)
+
+
+def delta_update(state, k, v, beta):
+    """S + beta k (v - S^T k)^T for k [B, H, K], v [B, H, V], beta [B, H]."""
+    error = v - jnp.einsum("bhkv,bhk->bhv", state, k)  # [B, H, V]
+    return state + (beta[..., None] * k)[..., :, None] * error[..., None, :]
+
+
+def step(state, q, k, v, *, beta):
+    """One token: q, k [B, H, K], v [B, H, V], beta [B, H]."""
+    q, k, v, beta = to_f32(q, k, v, beta)
+    state = delta_update(state, k, v, beta)
+    return state, jnp.einsum("bhkv,bhk->bhv", state, q)
+
+
+def recurrent(q, k, v, *, state=None, beta):
+    o, state = scan_steps(step, initial_state(state, q, v), q, k, v, {"beta": beta})
+    return o.astype(v.dtype), state

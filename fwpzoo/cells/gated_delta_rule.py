@@ -1,0 +1,29 @@
+"""The gated delta rule (Gated DeltaNet): decay, then a delta-rule write.
+
+    S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   alpha_t = exp(log_alpha_t)
+    o_t = S_t^T q_t
+
+q, k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H]; log_alpha [B, T, H] (log space, <= 0);
+state S [B, H, K, V] float32; o [B, T, H, V] in v's dtype.
+"""
+
+import jax.numpy as jnp
+
+from fwpzoo.cells._reference import initial_state, scan_steps, to_f32
+from fwpzoo.cells.delta_rule import delta_update
+
+GATES: tuple[str, ...] = ("beta", "log_alpha")
+
+
+def step(state, q, k, v, *, beta, log_alpha):
+    """One token: q, k [B, H, K], v [B, H, V], beta, log_alpha [B, H]."""
+    q, k, v, beta, log_alpha = to_f32(q, k, v, beta, log_alpha)
+    # alpha (I - beta k k^T) S + beta k v^T == delta update of (alpha S)
+    state = delta_update(jnp.exp(log_alpha)[..., None, None] * state, k, v, beta)
+    return state, jnp.einsum("bhkv,bhk->bhv", state, q)
+
+
+def recurrent(q, k, v, *, state=None, beta, log_alpha):
+    gates = {"beta": beta, "log_alpha": log_alpha}
+    o, state = scan_steps(step, initial_state(state, q, v), q, k, v, gates)
+    return o.astype(v.dtype), state
