@@ -3,10 +3,12 @@
     S_t = S_{t-1} + k_t v_t^T          o_t = S_t^T q_t
 
 q, k [B, T, H, K]; v [B, T, H, V]; state S [B, H, K, V] float32; o [B, T, H, V] in v's dtype.
+The parallel forms are derived in linear_attention.md.
 """
 
 import jax.numpy as jnp
 
+from fwpzoo.cells._chunking import diagonal_recurrence, from_chunks, to_chunks
 from fwpzoo.cells._reference import initial_state, scan_steps, to_f32
 
 GATES: tuple[str, ...] = ()
@@ -22,3 +24,26 @@ def step(state, q, k, v):
 def recurrent(q, k, v, *, state=None):
     o, state = scan_steps(step, initial_state(state, q, v), q, k, v, {})
     return o.astype(v.dtype), state
+
+
+def chunkwise(q, k, v, *, state=None, chunk_size=64):
+    """Causal attention inside each chunk of C tokens, the state carried across chunks."""
+    T = q.shape[1]
+    S0 = initial_state(state, q, v)
+    q, k, v = (to_chunks(x, chunk_size) for x in to_f32(q, k, v))  # [B, H, N, C, K|V]
+    writes = k.mT @ v  # [B, H, N, K, V]
+    states = diagonal_recurrence(None, writes, S0, axis=2)  # [B, H, N + 1, K, V]
+    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+    scores = jnp.where(causal, q @ k.mT, 0.0)  # [B, H, N, C, C]
+    o = scores @ v + q @ states[:, :, :-1]  # [B, H, N, C, V]
+    return from_chunks(o, T).astype(v.dtype), states[:, :, -1]
+
+
+def associative(q, k, v, *, state=None):
+    """Every S_t by a parallel prefix sum of the writes k_t v_t^T; memory O(T K V)."""
+    S0 = initial_state(state, q, v)
+    q32, k, v32 = to_f32(q, k, v)
+    writes = k[..., :, None] * v32[..., None, :]  # [B, T, H, K, V]
+    states = diagonal_recurrence(None, writes, S0, axis=1)  # [B, T + 1, H, K, V]
+    o = jnp.einsum("bthkv,bthk->bthv", states[:, 1:], q32)
+    return o.astype(v.dtype), states[:, -1]
