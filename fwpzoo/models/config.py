@@ -28,10 +28,12 @@ class ModelConfig:
     qk_scale: float | None = None  # multiplies q; None means key feature dim ** -0.5
     beta_range: str = "0,1"  # "0,1": sigmoid; "0,2": 2 * sigmoid (negative eigenvalues)
     num_householder: int = 2  # delta_product sub-steps N
+    product_decay: bool = False  # delta_product: a per-head decay before the sub-steps
     conv_size: int = 4  # short causal depthwise conv on q, k, v; 0 disables it
     output_norm: bool = True
     output_gate: bool = False
     # ssm (diagonal vector state) mixer
     ssm_state_dim: int = 64
+    ssm_complex: bool = True  # complex diagonal (LRU) or real diagonal recurrence
     # attention: rotary position embedding base
     rope_base: float = 10000.0

@@ -1,0 +1,89 @@
+"""Causal softmax attention with rotary position embeddings and a fixed-size KV cache: the baseline.
+
+The cache holds max_len keys and values and the next position; a prefill of T tokens writes T
+slots and every query attends over the whole buffer with a mask, so the full forward, a prefill
+in pieces and token-by-token decoding compute the same thing. Writing past max_len is the
+caller's error (the sampler sizes the cache to prompt + generated tokens).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def rope(x, positions, base: float):
+    """Rotates pairs (x_i, x_{i + K/2}) of x [B, T, H, K] by angle position * base^(-2i/K)."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [K/2]
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [T, K/2]
+    cos, sin = jnp.cos(angles)[:, None], jnp.sin(angles)[:, None]  # [T, 1, K/2]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def attend(q, k, v, mask):
+    """softmax(q k^T / sqrt(K), masked) v.
+
+    q [B, T, H, K], k [B, S, H, K], v [B, S, H, V], mask [T, S] (True where a query may look).
+    """
+    scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+    weights = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)  # [B, H, T, S]
+    return jnp.einsum("bhts,bshv->bthv", weights.astype(v.dtype), v)  # [B, T, H, V]
+
+
+class Attention(nnx.Module):
+    """Multi-head causal attention of a model config `cfg` (heads, key/value dims, rope_base)."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        H = cfg.num_heads
+        K = cfg.key_dim or cfg.d_model // H
+        V = cfg.value_dim or cfg.d_model // H
+        if K % 2:
+            raise ValueError(f"attention needs an even key_dim for rotary embeddings, got {K}")
+        self.H, self.K, self.V, self.rope_base, self.dtype = H, K, V, cfg.rope_base, dtype
+        linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)  # noqa: E731
+        self.qkv_proj = linear(cfg.d_model, H * (2 * K + V))
+        self.out_proj = linear(H * V, cfg.d_model)
+
+    def __call__(self, x, *, return_intermediates: bool = False):
+        T = x.shape[1]
+        positions = jnp.arange(T)
+        q, k, v = self._qkv(x, positions)
+        y = self._output(attend(q, k, v, positions[:, None] >= positions[None, :]))
+        return (y, {}) if return_intermediates else y
+
+    def init_cache(self, batch_size: int, max_len: int):
+        return {
+            "k": jnp.zeros((batch_size, max_len, self.H, self.K), self.dtype),
+            "v": jnp.zeros((batch_size, max_len, self.H, self.V), self.dtype),
+            "pos": jnp.zeros((), jnp.int32),
+        }
+
+    def prefill(self, x, cache):
+        """x [B, T, D] at positions pos .. pos + T - 1 -> (y [B, T, D], cache with pos + T)."""
+        pos, T = cache["pos"], x.shape[1]
+        positions = pos + jnp.arange(T)  # [T]
+        q, k, v = self._qkv(x, positions)
+        keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, pos, axis=1)  # [B, L, H, K]
+        values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, pos, axis=1)  # [B, L, H, V]
+        mask = positions[:, None] >= jnp.arange(keys.shape[1])[None, :]  # [T, L]
+        y = self._output(attend(q, keys, values, mask))
+        return y, {"k": keys, "v": values, "pos": pos + T}
+
+    def decode_step(self, x, cache):
+        """One token x [B, D] -> (y [B, D], cache)."""
+        y, cache = self.prefill(x[:, None], cache)
+        return y[:, 0], cache
+
+    def _qkv(self, x, positions):
+        B, T, _ = x.shape
+        H, K = self.H, self.K
+        q, k, v = jnp.split(self.qkv_proj(x), [H * K, 2 * H * K], axis=-1)
+        q = rope(q.reshape(B, T, H, K), positions, self.rope_base)  # [B, T, H, K]
+        k = rope(k.reshape(B, T, H, K), positions, self.rope_base)  # [B, T, H, K]
+        return q, k, v.reshape(B, T, H, self.V)  # [B, T, H, V]
+
+    def _output(self, o):
+        B, T = o.shape[:2]
+        return self.out_proj(o.reshape(B, T, self.H * self.V))

@@ -1,0 +1,93 @@
+"""A diagonal vector-state SSM (LRU, Orvieto et al. 2023; S5 style): the vector-memory comparison.
+
+    h_t = lambda * h_{t-1} + gamma * (B x_t)        h [B, N], complex (or real) diagonal lambda
+    y_t = Re(C h_t) + D * x_t
+
+lambda = exp(-exp(nu_log) + i exp(theta_log)) keeps |lambda| < 1; gamma = exp(gamma_log) starts at
+sqrt(1 - |lambda|^2), LRU's normalisation. The sequence form is jax.lax.associative_scan over the
+pairs (a, b) of h_t = a_t h_{t-1} + b_t, combined as (a2 a1, a2 b1 + b2). The state is complex64 or
+float32 whatever the compute dtype.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def linear_recurrence(a, b, h0):
+    """h_t = a_t h_{t-1} + b_t over axis 1 of a, b [B, T, N], from h0 [B, N] -> h [B, T, N]."""
+    b = b.at[:, 0].add(a[:, 0] * h0)
+
+    def combine(first, second):
+        a1, b1 = first
+        a2, b2 = second
+        return a2 * a1, a2 * b1 + b2
+
+    return jax.lax.associative_scan(combine, (a, b), axis=1)[1]
+
+
+class DiagonalSSM(nnx.Module):
+    """The LRU layer of a model config `cfg` (ssm_state_dim, ssm_complex)."""
+
+    def __init__(
+        self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, r_min=0.9, r_max=0.999, max_phase=0.314
+    ):
+        N, D = cfg.ssm_state_dim, cfg.d_model
+        self.N, self.is_complex, self.dtype = N, cfg.ssm_complex, dtype
+        radius_key, phase_key, b_key, c_key = jax.random.split(rngs.params(), 4)
+        # |lambda|^2 uniform on [r_min^2, r_max^2] (LRU's ring initialisation)
+        u = jax.random.uniform(radius_key, (N,))
+        nu = -0.5 * jnp.log(u * (r_max**2 - r_min**2) + r_min**2)  # -log |lambda|
+        self.nu_log = nnx.Param(jnp.log(nu))
+        self.gamma_log = nnx.Param(0.5 * jnp.log1p(-jnp.exp(-2.0 * nu)))  # log sqrt(1 - |l|^2)
+        parts = 2 if self.is_complex else 1  # real and imaginary parts of B and C
+        self.B = nnx.Param(jax.random.normal(b_key, (parts, D, N)) / math.sqrt(2 * D))
+        self.C = nnx.Param(jax.random.normal(c_key, (parts, N, D)) / math.sqrt(N))
+        self.D = nnx.Param(jnp.ones((D,), jnp.float32))
+        if self.is_complex:
+            self.theta_log = nnx.Param(jnp.log(max_phase * jax.random.uniform(phase_key, (N,))))
+
+    def __call__(self, x, *, return_intermediates: bool = False):
+        h = linear_recurrence(*self._pairs(x), self._zeros(x.shape[0]))
+        y = self._read(h, x)
+        return (y, {"state_norm": jnp.mean(jnp.abs(h[:, -1]))}) if return_intermediates else y
+
+    def init_cache(self, batch_size: int, max_len: int):
+        """Constant size whatever max_len: the state vector."""
+        del max_len
+        return {"state": self._zeros(batch_size)}
+
+    def prefill(self, x, cache):
+        h = linear_recurrence(*self._pairs(x), cache["state"])  # [B, T, N]
+        return self._read(h, x), {"state": h[:, -1]}
+
+    def decode_step(self, x, cache):
+        """One token x [B, D] -> (y [B, D], cache)."""
+        a, b = self._pairs(x[:, None])
+        h = a[:, 0] * cache["state"] + b[:, 0]  # [B, N]
+        return self._read(h[:, None], x[:, None])[:, 0], {"state": h}
+
+    def _zeros(self, batch_size):
+        return jnp.zeros((batch_size, self.N), jnp.complex64 if self.is_complex else jnp.float32)
+
+    def _lambda(self):
+        log_radius = -jnp.exp(self.nu_log[...])  # [N]
+        if self.is_complex:
+            return jnp.exp(jax.lax.complex(log_radius, jnp.exp(self.theta_log[...])))
+        return jnp.exp(log_radius)
+
+    def _pairs(self, x):
+        """x [B, T, D] -> (a, b) [B, T, N] of h_t = a_t h_{t-1} + b_t."""
+        Bx = jnp.einsum("btd,pdn->pbtn", x, self.B[...].astype(self.dtype))  # [P, B, T, N]
+        Bx = Bx.astype(jnp.float32)
+        Bx = jax.lax.complex(Bx[0], Bx[1]) if self.is_complex else Bx[0]
+        b = jnp.exp(self.gamma_log[...]) * Bx
+        return jnp.broadcast_to(self._lambda(), b.shape), b
+
+    def _read(self, h, x):
+        """Re(C h) + D x: h [B, T, N], x [B, T, D] -> [B, T, D] in x's dtype."""
+        parts = jnp.stack([h.real, -h.imag]) if self.is_complex else h[None]  # [P, B, T, N]
+        y = jnp.einsum("pbtn,pnd->btd", parts.astype(self.dtype), self.C[...].astype(self.dtype))
+        return y + self.D[...].astype(self.dtype) * x
