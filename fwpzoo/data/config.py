@@ -1,0 +1,132 @@
+"""The data part of the run config: one flat frozen dataclass, every field typed and defaulted.
+
+Fields are shared where tasks share a notion (`seq_len`, `min_len`/`max_len`, `vocab_size`) and
+named after their task otherwise. A config that cannot make its task is refused at construction
+with one line naming the field.
+"""
+
+from dataclasses import dataclass
+
+TASK_NAMES = ("mqar", "parity", "mod_arith", "s3", "copy", "text")
+OPERATORS = "+-*"
+
+
+class DataConfigError(ValueError):
+    """A data config that cannot make its task; the message is one line naming the field."""
+
+
+class MissingCorpusError(DataConfigError):
+    """A text corpus that is not on disk; the message says how to fetch it."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What to train on.
+
+    task: mqar | parity | mod_arith | s3 | copy | text.
+    seq_len: length T of every training batch (padded with token 0, weight 0, where a task draws
+        shorter sequences).
+    vocab_size (mqar, copy): token count. MQAR splits it in half, keys below values (Zoology);
+        copy uses tokens 2.. as symbols. Parity (3), mod_arith (5 + modulus), s3 (7) and text (256)
+        fix their own vocabulary.
+    num_pairs, power_alpha, random_non_queries (mqar): key-value pairs per sequence; exponent a of
+        the query-gap law p(gap = g) ~ a * g^(a - 1) (small a: recall soon after the pair is
+        likely); filler positions drawn uniformly from the vocabulary instead of token 0.
+    min_len, max_len (parity, mod_arith, s3, copy): training sequence lengths are drawn uniformly
+        from this range (copy: the length of the string to copy).
+    modulus, operators (mod_arith): answers mod `modulus`; expressions use the operators in
+        `operators` (a subset of "+-*"; `*` binds tighter, no brackets).
+    corpus, data_dir (text): "gutenberg" or "brown" (fetched into data_dir by
+        scripts/fetch_data.py), "fixture" (the small committed test text), or a path to a text
+        file or to a directory of .txt files (each split 90/5/5 by bytes).
+    """
+
+    task: str = "mqar"
+    seq_len: int = 64
+    # mqar, copy
+    vocab_size: int = 256
+    # mqar
+    num_pairs: int = 8
+    power_alpha: float = 0.01
+    random_non_queries: bool = True
+    # parity, mod_arith, s3, copy
+    min_len: int = 3
+    max_len: int = 40
+    # mod_arith
+    modulus: int = 3
+    operators: str = OPERATORS
+    # text
+    corpus: str = "fixture"
+    data_dir: str = "data"
+
+    def __post_init__(self):
+        for message in config_problems(self, self.seq_len):
+            raise DataConfigError(message)
+
+
+def config_problems(cfg: DataConfig, seq_len: int) -> list[str]:
+    """Why `cfg` cannot make batches of length `seq_len` (empty if it can)."""
+    if cfg.task not in TASK_NAMES:
+        return [f"unknown data.task {cfg.task!r}; valid tasks: {', '.join(TASK_NAMES)}"]
+    checks = [(seq_len >= 1, f"data.seq_len must be >= 1, got {seq_len}")]
+    if cfg.task == "mqar":
+        checks += mqar_checks(cfg, seq_len)
+    if cfg.task in ("parity", "mod_arith", "s3", "copy"):
+        checks += [
+            (cfg.min_len >= 1, f"data.min_len must be >= 1, got {cfg.min_len}"),
+            (
+                cfg.min_len <= cfg.max_len,
+                f"data.min_len={cfg.min_len} > data.max_len={cfg.max_len}",
+            ),
+        ]
+    if cfg.task in ("parity", "s3"):
+        checks.append(
+            (cfg.max_len <= seq_len, f"data.max_len={cfg.max_len} > data.seq_len={seq_len}")
+        )
+    if cfg.task == "mod_arith":
+        checks += mod_arith_checks(cfg, seq_len)
+    if cfg.task == "copy":
+        checks += [
+            (cfg.vocab_size >= 3, f"data.vocab_size must be >= 3 for copy, got {cfg.vocab_size}"),
+            (
+                2 * cfg.max_len <= seq_len,
+                f"copy needs data.seq_len >= 2 * data.max_len = {2 * cfg.max_len}, got {seq_len}",
+            ),
+        ]
+    return [message for ok, message in checks if not ok]
+
+
+def mqar_checks(cfg: DataConfig, seq_len: int) -> list[tuple[bool, str]]:
+    key_tokens = cfg.vocab_size // 2 - 1  # token 0 is the filler, so keys are 1 .. V/2 - 1
+    return [
+        (cfg.num_pairs >= 1, f"data.num_pairs must be >= 1, got {cfg.num_pairs}"),
+        (
+            cfg.num_pairs <= key_tokens,
+            f"data.num_pairs={cfg.num_pairs} needs data.vocab_size >= {2 * cfg.num_pairs + 2}",
+        ),
+        # pairs take 2N positions, then N queries sit on distinct even offsets
+        (
+            4 * cfg.num_pairs <= seq_len + 1,
+            f"mqar needs data.seq_len >= 4 * data.num_pairs - 1 = {4 * cfg.num_pairs - 1}, "
+            f"got {seq_len}",
+        ),
+        (cfg.power_alpha > 0, f"data.power_alpha must be > 0, got {cfg.power_alpha}"),
+    ]
+
+
+def mod_arith_checks(cfg: DataConfig, seq_len: int) -> list[tuple[bool, str]]:
+    ops = cfg.operators
+    return [
+        (cfg.modulus >= 2, f"data.modulus must be >= 2, got {cfg.modulus}"),
+        (
+            len(ops) > 0 and set(ops) <= set(OPERATORS) and len(set(ops)) == len(ops),
+            f"data.operators must be distinct characters of {OPERATORS!r}, got {ops!r}",
+        ),
+        # an expression with c numbers takes 2c tokens (numbers, operators, "=")
+        (
+            cfg.max_len >= 2 and cfg.max_len // 2 >= (cfg.min_len + 1) // 2,
+            f"mod_arith needs an even length in data.min_len..data.max_len "
+            f"({cfg.min_len}..{cfg.max_len})",
+        ),
+        (cfg.max_len <= seq_len, f"data.max_len={cfg.max_len} > data.seq_len={seq_len}"),
+    ]

