@@ -1,0 +1,211 @@
+"""The command line: fwpzoo train | eval | sample | list | bench NAME | experiment NAME.
+
+Exit codes: 0 done; 2 bad input (one line on stderr naming the problem, nothing written);
+3 training stopped on a NaN or inf loss (the last good checkpoint kept).
+"""
+
+import argparse
+import importlib
+import importlib.util
+import json
+import pkgutil
+import sys
+from pathlib import Path
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+
+USAGE = """usage: fwpzoo VERB ...
+  fwpzoo train CONFIG [--workdir DIR] [key=value ...]   train (or resume) a run
+  fwpzoo eval --workdir DIR [--step N] [--split S]      metrics of a checkpoint, as JSON
+  fwpzoo sample --workdir DIR [--prompt P] [--num-tokens N]
+  fwpzoo list                                           cells, forms, mixers, tasks, configs
+  fwpzoo bench NAME [...]                               benchmarks
+  fwpzoo experiment NAME [...]                          experiments"""
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message is one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line instead of usage text and exit."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def train_main(argv: list[str]) -> int:
+    parser = Parser(prog="fwpzoo train")
+    parser.add_argument("config", help="a YAML file, e.g. configs/mqar.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.steps=100")
+    parser.add_argument("--workdir", help="default: runs/<config name>")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process runs)")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    args = parser.parse_intermixed_args(argv)
+    distributed = (args.coordinator, args.num_processes, args.process_id)
+    if any(flag is not None for flag in distributed):
+        if any(flag is None for flag in distributed):
+            raise UsageError("--coordinator, --num-processes and --process-id go together")
+        start_processes(*distributed)
+
+    from fwpzoo.config import load
+    from fwpzoo.train import TrainingDiverged, train
+
+    cfg = load(args.config, args.overrides)
+    workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
+    try:
+        last = train(cfg, workdir, progress=not args.no_progress)
+    except TrainingDiverged as error:
+        print(f"fwpzoo train: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
+    print(json.dumps(last) if last else f"{workdir} already holds step {cfg.train.steps}")
+    return 0
+
+
+def start_processes(coordinator: str, num_processes: int, process_id: int) -> None:
+    """Joins this process to a multi-process run through JAX's distributed runtime."""
+    import jax
+
+    if not 0 <= process_id < num_processes:
+        raise UsageError(f"--process-id {process_id} is not in 0..{num_processes - 1}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process collectives
+    jax.distributed.initialize(
+        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+    )
+
+
+def eval_main(argv: list[str]) -> int:
+    parser = Parser(prog="fwpzoo eval")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--step", type=int, help="default: the latest checkpoint")
+    parser.add_argument("--split", choices=("valid", "test"), default="test")
+    args = parser.parse_args(argv)
+
+    import jax
+
+    from fwpzoo.train import evaluate, make_eval_step, restore_run
+
+    run, step, model_state = restore_run(Path(args.workdir), args.step)
+    eval_step = jax.jit(make_eval_step(run.graphdef))
+    metrics = evaluate(eval_step, model_state, run.task, run.cfg.eval, run.mesh, args.split)
+    print(json.dumps({"step": step, "split": args.split, **metrics}))
+    return 0
+
+
+def sample_main(argv: list[str]) -> int:
+    parser = Parser(prog="fwpzoo sample")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--step", type=int, help="default: the latest checkpoint")
+    parser.add_argument(
+        "--prompt",
+        help="text for a text task, token ids ('3 17 5') otherwise; default: the start of the "
+        "first valid sequence, up to its first scored position",
+    )
+    parser.add_argument("--num-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.num_tokens < 1:
+        raise UsageError(f"--num-tokens must be >= 1, got {args.num_tokens}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+
+    from fwpzoo.train.sample import sample
+
+    print(
+        json.dumps(
+            sample(
+                Path(args.workdir),
+                args.step,
+                args.prompt,
+                args.num_tokens,
+                temperature=args.temperature,
+                seed=args.seed,
+            )
+        )
+    )
+    return 0
+
+
+def list_main(argv: list[str]) -> int:
+    Parser(prog="fwpzoo list").parse_args(argv)
+    from fwpzoo import cells
+    from fwpzoo.data import TASKS
+    from fwpzoo.layers import MIXERS
+    from fwpzoo.layers.feature_maps import FEATURE_MAPS
+
+    sections = {
+        "cells": list(cells.CELLS),
+        "forms": list(cells.FORMS),
+        "mixers": list(MIXERS),
+        "feature maps": list(FEATURE_MAPS),
+        "tasks": list(TASKS),
+        "configs": [str(path) for path in sorted(CONFIGS_DIR.glob("*.yaml"))],
+        "benchmarks": plugin_names("fwpzoo.bench"),
+    }
+    for title, names in sections.items():
+        print(f"{title}: {', '.join(names) if names else '(none)'}")
+    return 0
+
+
+def plugin_names(package: str) -> list[str]:
+    """The public modules of `package` (empty if the package is not there)."""
+    if importlib.util.find_spec(package) is None:
+        return []
+    path = importlib.import_module(package).__path__
+    return sorted(m.name for m in pkgutil.iter_modules(path) if not m.name.startswith("_"))
+
+
+def bench_main(argv: list[str]) -> int:
+    """fwpzoo bench NAME ...: runs fwpzoo.bench.NAME.main(...)."""
+    names = plugin_names("fwpzoo.bench")
+    if not argv or argv[0] not in names:
+        given = f"unknown benchmark {argv[0]!r}" if argv else "no benchmark named"
+        raise UsageError(f"{given}; valid benchmarks: {', '.join(names) or '(none)'}")
+    return importlib.import_module(f"fwpzoo.bench.{argv[0]}").main(argv[1:]) or 0
+
+
+def experiment_main(argv: list[str]) -> int:
+    """fwpzoo experiment NAME ...: runs fwpzoo.experiments.main([NAME, ...])."""
+    if importlib.util.find_spec("fwpzoo.experiments") is None:
+        raise UsageError("no experiments are installed")
+    experiments = importlib.import_module("fwpzoo.experiments")
+    if not hasattr(experiments, "main"):
+        raise UsageError("no experiments are installed")
+    return experiments.main(argv) or 0
+
+
+COMMANDS = {
+    "train": train_main,
+    "eval": eval_main,
+    "sample": sample_main,
+    "list": list_main,
+    "bench": bench_main,
+    "experiment": experiment_main,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    verb, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if verb not in COMMANDS:
+        problem = f"unknown verb {verb!r}" if verb else "no verb given"
+        print(
+            f"fwpzoo: error: {problem}; valid verbs: {', '.join(COMMANDS)} (-h for help)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    from fwpzoo.config import ConfigError
+
+    try:
+        return COMMANDS[verb](rest)
+    except (UsageError, ConfigError) as error:
+        print(f"fwpzoo {verb}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT

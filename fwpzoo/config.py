@@ -1,0 +1,279 @@
+"""The run config: typed frozen dataclasses, read from YAML, changed by `key=value` overrides.
+
+A run is `Config(model, data, train, checkpoint, eval)`. Every value is typed by its field, both in
+YAML and in overrides: `train.learning_rate=3e-4` is a float (PyYAML alone would read `3e-4` as a
+string), `model.mixers=[fwp,attention]` a tuple, `model.key_dim=null` None.
+
+Why a small schema-driven decoder and not draccus: draccus parses argparse-style `--key=value`
+flags, prints a multi-line usage text on an unknown key, and splits a bare string given for a tuple
+field into characters (`--model.mixers=fwp` becomes ('f', 'w', 'p')); the `key=value` syntax and
+the one-line error contract are simpler to keep with the ~100 lines below.
+"""
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fwpzoo.data.config import DataConfig
+from fwpzoo.models.config import ModelConfig
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# Keys that may differ from the stored config when a run is resumed: they change how long the run
+# goes and what it records, not the trajectory of steps already taken.
+RUN_LENGTH_KEYS = (
+    "train.steps",
+    "train.log_every",
+    "checkpoint.every",
+    "checkpoint.keep",
+    "checkpoint.async_save",
+    "eval.every",
+    "eval.num_batches",
+    "eval.lengths",
+)
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line that names the culprit."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global: split over all devices of all processes
+    seed: int = 0  # seeds the parameters and the data stream
+    learning_rate: float = 1e-3  # peak of the warmup-cosine schedule
+    warmup_steps: int = 100
+    end_learning_rate_ratio: float = 0.1  # cosine decays to learning_rate * this at train.steps
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.98
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables it
+    grad_accum: int = 1  # micro-batches per step, each batch_size / grad_accum sequences
+    compute_dtype: str = "float32"  # float32 | bfloat16 (parameters stay float32)
+    log_every: int = 50
+
+    def __post_init__(self):
+        _require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.learning_rate > 0, "train.learning_rate must be > 0")
+        _require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+        _require(
+            0 <= self.end_learning_rate_ratio <= 1, "train.end_learning_rate_ratio not in [0, 1]"
+        )
+        _require(self.grad_clip >= 0, "train.grad_clip must be >= 0")
+        _require(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        _require(
+            self.batch_size % self.grad_accum == 0,
+            f"train.batch_size={self.batch_size} is not divisible by "
+            f"train.grad_accum={self.grad_accum}",
+        )
+        _require(
+            self.compute_dtype in COMPUTE_DTYPES,
+            f"unknown train.compute_dtype {self.compute_dtype!r}; "
+            f"valid: {', '.join(COMPUTE_DTYPES)}",
+        )
+        _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500  # save every this many steps, and at the last step
+    keep: int = 3  # the latest this many are kept, plus the best by best_metric
+    best_metric: str | None = "loss"  # a valid-split eval metric; None keeps only the latest
+    async_save: bool = True  # write in the background while training goes on
+
+    def __post_init__(self):
+        _require(self.every >= 1, f"checkpoint.every must be >= 1, got {self.every}")
+        _require(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 500  # evaluate on the valid split every this many steps, and at the last step
+    batch_size: int = 32
+    num_batches: int = 4
+    lengths: tuple[int, ...] = ()  # extra sequence lengths to evaluate (length generalisation)
+
+    def __post_init__(self):
+        _require(self.every >= 1, f"eval.every must be >= 1, got {self.every}")
+        _require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.num_batches >= 1, f"eval.num_batches must be >= 1, got {self.num_batches}")
+        _require(all(n >= 1 for n in self.lengths), f"eval.lengths must be >= 1: {self.lengths}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: a value from YAML (already typed, or a string) or from an override (always a string)
+# is checked and converted by the type of its field.
+
+_NULLS = ("null", "none", "~")
+_BOOLS = {"true": True, "false": False}
+
+
+def _describe(tp) -> str:
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if _union_args(tp):
+        return " or ".join(_describe(arg) for arg in _union_args(tp))
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(tp, "null" if tp is type(None) else getattr(tp, "__name__", str(tp)))
+
+
+def _union_args(tp) -> tuple:
+    is_union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    return typing.get_args(tp) if is_union else ()
+
+
+def _split_list(text: str) -> list[str]:
+    """'[a, b]' or 'a,b' -> ['a', 'b']; '[]' -> []."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return [item.strip() for item in text.split(",")] if text.strip() else []
+
+
+def _decode(tp, value, key: str):
+    """`value` converted to type `tp`; a ConfigError naming `key` if it does not fit."""
+    fail = ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if _union_args(tp):
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NULLS):
+            if type(None) in _union_args(tp):
+                return None
+            raise fail
+        inner = [arg for arg in _union_args(tp) if arg is not type(None)]
+        return _decode(inner[0], value, key)
+    if typing.get_origin(tp) is tuple:
+        (item_type, *_) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = _split_list(value)
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise fail
+        return tuple(_decode(item_type, item, f"{key}[{i}]") for i, item in enumerate(value))
+    if tp is bool:
+        if isinstance(value, str) and value.strip().lower() in _BOOLS:
+            return _BOOLS[value.strip().lower()]
+        if not isinstance(value, bool):
+            raise fail
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise fail
+        if isinstance(value, str):
+            try:
+                return tp(value.strip())
+            except ValueError:
+                raise fail from None
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise fail
+        if not isinstance(value, int | float):
+            raise fail
+        return tp(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail
+        return value
+    raise TypeError(f"{key}: field type {tp} is not supported by the config decoder")
+
+
+def from_dict(cls, data: Mapping, prefix: str = ""):
+    """An instance of dataclass `cls` from a nested mapping; missing fields keep their defaults."""
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in data:
+        if key not in fields:
+            section = prefix.rstrip(".") or "the config"
+            raise ConfigError(
+                f"unknown key {prefix}{key!s}; valid keys in {section}: {', '.join(fields)}"
+            )
+    values = {key: _decode(hints[key], value, f"{prefix}{key}") for key, value in data.items()}
+    try:
+        return cls(**values)
+    except ValueError as error:  # a section's own checks (__post_init__) refused the values
+        raise ConfigError(str(error)) from None
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """A copy of the nested mapping `data` with each `a.b.c=value` set (the value a string)."""
+    data = json.loads(json.dumps(data))
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {override!r} is not of the form key=value")
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {override!r}: {'.'.join(parents[: i + 1])} is not a section"
+                )
+            node = child
+        node[leaf] = value
+    return data
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The Config in YAML file `path` with `overrides` applied; ConfigError if anything is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        raise ConfigError(f"malformed YAML in {path}{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {data!r}")
+    return from_dict(Config, apply_overrides(data, overrides))
+
+
+def to_dict(cfg) -> dict:
+    """A JSON-ready nested dict of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def flatten(data: Mapping, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differing_keys(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs, run-length keys left out."""
+    flat_a, flat_b = flatten(to_dict(a)), flatten(to_dict(b))
+    keys = sorted(set(flat_a) | set(flat_b))
+    return [k for k in keys if flat_a.get(k) != flat_b.get(k) and k not in RUN_LENGTH_KEYS]

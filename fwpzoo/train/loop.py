@@ -1,0 +1,192 @@
+"""The training loop: prepare (validate, write nothing), resume or init, step, log, eval, save.
+
+Workdir layout: config.json (the resolved config), metrics.jsonl, tensorboard/, checkpoints/<step>/.
+"""
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from fwpzoo.config import Config, ConfigError, differing_keys, from_dict, to_dict
+from fwpzoo.data import make_task
+from fwpzoo.train.checkpoint import Checkpoints
+from fwpzoo.train.evaluate import evaluate, summarize
+from fwpzoo.train.metrics import MetricsLog
+from fwpzoo.train.optim import learning_rate_schedule, make_optimizer
+from fwpzoo.train.sharding import make_mesh, shard_batch, to_host
+from fwpzoo.train.state import abstract_model, abstract_train_state, init_train_state
+from fwpzoo.train.steps import make_eval_step, make_train_step
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a validated config resolves to: its task, mesh, optimizer and model definition."""
+
+    cfg: Config
+    task: object
+    mesh: jax.sharding.Mesh
+    optimizer: object
+    graphdef: object
+
+
+def prepare(cfg: Config) -> Run:
+    """Resolves every name and checks every size of `cfg`; ConfigError (one line) if one is bad.
+
+    Writes nothing, so a bad config leaves a workdir untouched.
+    """
+    try:
+        task = make_task(cfg.data, cfg.train.seed)
+        mesh = make_mesh()
+        graphdef, _ = abstract_model(cfg, task.vocab_size, mesh)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    devices = mesh.devices.size
+    micro_batch = cfg.train.batch_size // cfg.train.grad_accum
+    if micro_batch % devices:
+        raise ConfigError(
+            f"train.batch_size / train.grad_accum = {micro_batch} is not divisible by the "
+            f"{devices} devices"
+        )
+    if cfg.eval.batch_size % devices:
+        raise ConfigError(
+            f"eval.batch_size={cfg.eval.batch_size} is not divisible by the {devices} devices"
+        )
+    metrics = summarize({"loss_sum": 0, "weight": 1, "correct": 0}, task.metrics)
+    if cfg.checkpoint.best_metric not in (None, *metrics):
+        raise ConfigError(
+            f"checkpoint.best_metric {cfg.checkpoint.best_metric!r} is not an eval metric of "
+            f"{cfg.data.task}; valid: {', '.join(metrics)}"
+        )
+    return Run(cfg, task, mesh, make_optimizer(cfg.train), graphdef)
+
+
+def stored_config(workdir: Path) -> Config | None:
+    path = Path(workdir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        return from_dict(Config, json.loads(path.read_text()))
+    except (json.JSONDecodeError, ConfigError) as error:
+        raise ConfigError(f"{path} is not a readable config: {error}") from None
+
+
+def check_workdir(cfg: Config, workdir: Path) -> None:
+    """Refuses a workdir whose run differs from `cfg` in more than length, or went past it."""
+    stored = stored_config(workdir)
+    if stored is not None and differing_keys(stored, cfg):
+        keys = ", ".join(differing_keys(stored, cfg))
+        raise ConfigError(f"{workdir} holds a run with a different config; differing keys: {keys}")
+    if (Path(workdir) / CHECKPOINT_DIR).is_dir():
+        latest = Checkpoints(Path(workdir) / CHECKPOINT_DIR).latest_step()
+        if latest is not None and latest > cfg.train.steps:
+            raise ConfigError(
+                f"{workdir} already holds step {latest}, past train.steps={cfg.train.steps}"
+            )
+
+
+def restore_or_init(run: Run, checkpoints: Checkpoints) -> tuple[dict, int, int]:
+    """(train state, its step, the data stream's next batch index) from the latest checkpoint,
+    or a fresh state at step 0."""
+    cfg, vocab_size = run.cfg, run.task.vocab_size
+    latest = checkpoints.latest_step()
+    if latest is None:
+        return init_train_state(cfg, vocab_size, run.optimizer, run.mesh), 0, 0
+    abstract = abstract_train_state(cfg, vocab_size, run.optimizer, run.mesh)
+    state, meta = checkpoints.restore(latest, abstract)
+    return state, latest, meta["next_batch_index"]
+
+
+def first_nonfinite(losses: list, steps: list[int]) -> tuple[int, float] | None:
+    """(step, loss) of the first NaN or inf loss among device scalars, or None."""
+    values = [float(to_host(loss)) for loss in losses]
+    bad = [
+        (step, value) for step, value in zip(steps, values, strict=True) if not np.isfinite(value)
+    ]
+    return bad[0] if bad else None
+
+
+def train(cfg: Config, workdir: Path, *, progress: bool = True) -> dict:
+    """Trains `cfg` into `workdir`, resuming from its latest checkpoint; returns the last logged
+    metrics. ConfigError before anything is written if the config or the workdir is refused."""
+    workdir = Path(workdir)
+    run = prepare(cfg)
+    check_workdir(cfg, workdir)
+    multihost_utils.sync_global_devices("fwpzoo: workdir checked")  # before any process writes
+    chief = jax.process_index() == 0
+    if chief:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, cfg.checkpoint)
+    state, start, data_index = restore_or_init(run, checkpoints)
+    log = MetricsLog(workdir, start, enabled=chief)
+    bar = tqdm(total=cfg.train.steps, initial=start, unit="step", disable=not (chief and progress))
+    try:
+        return _loop(run, state, start, data_index, checkpoints, log, bar)
+    finally:
+        checkpoints.close()  # lets async writes finish: the last good checkpoint stays complete
+        log.close()
+        bar.close()
+
+
+def _loop(run: Run, state, start: int, data_index: int, checkpoints, log, bar) -> dict:
+    cfg, task, mesh = run.cfg, run.task, run.mesh
+    train_step = jax.jit(
+        make_train_step(run.graphdef, run.optimizer, grad_accum=cfg.train.grad_accum)
+    )
+    eval_step = jax.jit(make_eval_step(run.graphdef))
+    schedule = learning_rate_schedule(cfg.train)
+    pending_losses, pending_steps, tokens, clock = [], [], 0, time.perf_counter()
+    row = {}
+    for step in range(start + 1, cfg.train.steps + 1):
+        batch = task.train_batch(data_index, cfg.train.batch_size)
+        data_index += 1
+        tokens += batch["inputs"].size
+        state, metrics = train_step(state, shard_batch(batch, mesh))
+        pending_losses.append(metrics["loss"])
+        pending_steps.append(step)
+        last = step == cfg.train.steps
+        do_eval = step % cfg.eval.every == 0 or last
+        do_save = step % cfg.checkpoint.every == 0 or last
+        if not (step % cfg.train.log_every == 0 or do_eval or do_save):
+            continue
+        # Checked before anything is saved, so no checkpoint holds a diverged state.
+        bad = first_nonfinite(pending_losses, pending_steps)
+        if bad is not None:
+            raise TrainingDiverged(
+                f"loss is {bad[1]} at step {bad[0]}; training stopped, the last good checkpoint "
+                f"is step {checkpoints.latest_step()}"
+            )
+        elapsed = time.perf_counter() - clock
+        row = {
+            "step": step,
+            **{name: float(value) for name, value in to_host(metrics).items()},
+            "learning_rate": float(schedule(step - 1)),
+            "tokens_per_sec": tokens / elapsed,
+        }
+        eval_metrics = None
+        if do_eval:
+            eval_metrics = evaluate(eval_step, state, task, cfg.eval, mesh, "valid")
+            row.update({f"valid_{name}": value for name, value in eval_metrics.items()})
+        log.write(row)
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
+        if do_save:
+            meta = {"next_batch_index": data_index, "config": to_dict(cfg)}
+            checkpoints.save(step, state, meta, metrics=eval_metrics)
+        pending_losses, pending_steps, tokens, clock = [], [], 0, time.perf_counter()
+    return row

@@ -1,0 +1,59 @@
+"""Sampling from a checkpoint: prompt in, tokens out, one decode_step per token."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from fwpzoo.config import ConfigError
+from fwpzoo.models import generate
+from fwpzoo.train.restore import restore_run
+
+
+def text_task(task) -> bool:
+    return task.name == "text"
+
+
+def parse_prompt(prompt: str, task) -> np.ndarray:
+    """[T0] token ids: the bytes of `prompt` for a text task, else its integers ('3 17 5')."""
+    if text_task(task):
+        tokens = list(prompt.encode("utf-8"))
+    else:
+        try:
+            tokens = [int(token) for token in prompt.replace(",", " ").split()]
+        except ValueError:
+            raise ConfigError(
+                f"--prompt {prompt!r} is not a list of token ids like '3 17 5'"
+            ) from None
+    if not tokens:
+        raise ConfigError("--prompt is empty")
+    out_of_range = [t for t in tokens if not 0 <= t < task.vocab_size]
+    if out_of_range:
+        raise ConfigError(
+            f"--prompt tokens {out_of_range} are outside the vocabulary 0..{task.vocab_size - 1}"
+        )
+    return np.asarray(tokens, np.int32)
+
+
+def default_prompt(task) -> np.ndarray:
+    """The first valid sequence up to and including its first scored position, so the first
+    sampled token answers it."""
+    batch = next(task.eval_batches("valid", 1, 1))
+    first_scored = int(np.argmax(batch["weights"][0] > 0))
+    return batch["inputs"][0, : first_scored + 1]
+
+
+def sample(workdir: Path, step, prompt, num_tokens: int, *, temperature: float, seed: int) -> dict:
+    """{"step", "prompt", "tokens" (and "text" for a text task)} from checkpoint `step`."""
+    run, step, model_state = restore_run(workdir, step)
+    model = nnx.merge(run.graphdef, model_state["params"], model_state["rest"])
+    prompt_tokens = default_prompt(run.task) if prompt is None else parse_prompt(prompt, run.task)
+    tokens, _ = generate(
+        model, prompt_tokens[None], num_tokens, rng=jax.random.key(seed), temperature=temperature
+    )
+    tokens = np.asarray(jax.device_get(tokens))[0]
+    out = {"step": step, "prompt": prompt_tokens.tolist(), "tokens": tokens.tolist()}
+    if text_task(run.task):
+        out["text"] = bytes(tokens.astype(np.uint8)).decode("latin-1")
+    return out
