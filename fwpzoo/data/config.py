@@ -60,17 +60,18 @@ class DataConfig:
     data_dir: str = "data"
 
     def __post_init__(self):
-        for message in config_problems(self, self.seq_len):
+        for message in config_problems(self):
             raise DataConfigError(message)
 
 
-def config_problems(cfg: DataConfig, seq_len: int) -> list[str]:
-    """Why `cfg` cannot make batches of length `seq_len` (empty if it can)."""
+def config_problems(cfg: DataConfig) -> list[str]:
+    """Why `cfg` cannot make its task's batches (empty if it can)."""
+    seq_len = cfg.seq_len
     if cfg.task not in TASK_NAMES:
         return [f"unknown data.task {cfg.task!r}; valid tasks: {', '.join(TASK_NAMES)}"]
     checks = [(seq_len >= 1, f"data.seq_len must be >= 1, got {seq_len}")]
     if cfg.task == "mqar":
-        checks += mqar_checks(cfg, seq_len)
+        checks += mqar_checks(cfg)
     if cfg.task in ("parity", "mod_arith", "s3", "copy"):
         checks += [
             (cfg.min_len >= 1, f"data.min_len must be >= 1, got {cfg.min_len}"),
@@ -84,7 +85,7 @@ def config_problems(cfg: DataConfig, seq_len: int) -> list[str]:
             (cfg.max_len <= seq_len, f"data.max_len={cfg.max_len} > data.seq_len={seq_len}")
         )
     if cfg.task == "mod_arith":
-        checks += mod_arith_checks(cfg, seq_len)
+        checks += mod_arith_checks(cfg)
     if cfg.task == "copy":
         checks += [
             (cfg.vocab_size >= 3, f"data.vocab_size must be >= 3 for copy, got {cfg.vocab_size}"),
@@ -96,7 +97,8 @@ def config_problems(cfg: DataConfig, seq_len: int) -> list[str]:
     return [message for ok, message in checks if not ok]
 
 
-def mqar_checks(cfg: DataConfig, seq_len: int) -> list[tuple[bool, str]]:
+def mqar_checks(cfg: DataConfig) -> list[tuple[bool, str]]:
+    seq_len = cfg.seq_len
     key_tokens = cfg.vocab_size // 2 - 1  # token 0 is the filler, so keys are 1 .. V/2 - 1
     return [
         (cfg.num_pairs >= 1, f"data.num_pairs must be >= 1, got {cfg.num_pairs}"),
@@ -114,8 +116,8 @@ def mqar_checks(cfg: DataConfig, seq_len: int) -> list[tuple[bool, str]]:
     ]
 
 
-def mod_arith_checks(cfg: DataConfig, seq_len: int) -> list[tuple[bool, str]]:
-    ops = cfg.operators
+def mod_arith_checks(cfg: DataConfig) -> list[tuple[bool, str]]:
+    ops, seq_len = cfg.operators, cfg.seq_len
     return [
         (cfg.modulus >= 2, f"data.modulus must be >= 2, got {cfg.modulus}"),
         (
