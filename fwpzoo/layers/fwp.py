@@ -8,6 +8,8 @@ K below is the key feature dim (phi's output size). The form (recurrent, chunkwi
 is a config value and is used as given; decoding calls the cell's `step`.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -106,7 +108,7 @@ class FWPMixer(nnx.Module):
         self.beta_proj = linear(cfg.d_model, H * N) if self.beta_max is not None else None
         decays = "log_alpha" in module.GATES and (cfg.cell != "delta_product" or cfg.product_decay)
         decay_shape = (H, K) if cfg.cell in PER_KEY_DECAY else (H,)
-        self.decay_proj = linear(cfg.d_model, H * decay_shape[-1]) if decays else None
+        self.decay_proj = linear(cfg.d_model, math.prod(decay_shape)) if decays else None
         self.decay = Decay(decay_shape, rngs=rngs) if decays else None
         self.out_norm = RMSNorm(V) if cfg.output_norm else None
         self.gate_proj = linear(cfg.d_model, H * V) if cfg.output_gate else None

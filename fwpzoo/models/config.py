@@ -2,6 +2,23 @@
 
 from dataclasses import dataclass
 
+from fwpzoo.cells import CELLS, FORMS
+from fwpzoo.layers import MIXERS
+from fwpzoo.layers.feature_maps import FEATURE_MAPS
+from fwpzoo.layers.fwp import QK_NORMS, check_qk_norm
+from fwpzoo.layers.gates import BETA_RANGES
+
+
+def _one_of(key: str, value: str, valid) -> None:
+    if value not in valid:
+        choices = ", ".join(valid)
+        raise ValueError(f"unknown model.{key} {value!r}; valid choices: {choices}")
+
+
+def _positive(key: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise ValueError(f"model.{key} must be >= {minimum}, got {value}")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -37,3 +54,28 @@ class ModelConfig:
     ssm_complex: bool = True  # complex diagonal (LRU) or real diagonal recurrence
     # attention: rotary position embedding base
     rope_base: float = 10000.0
+
+    def __post_init__(self):
+        if not self.mixers:
+            raise ValueError("model.mixers is empty; name one mixer per layer")
+        for name in self.mixers:
+            _one_of("mixers", name, MIXERS)
+        _one_of("cell", self.cell, CELLS)
+        _one_of("form", self.form, FORMS)
+        _one_of("feature_map", self.feature_map, FEATURE_MAPS)
+        _one_of("qk_norm", self.qk_norm, QK_NORMS)
+        _one_of("beta_range", self.beta_range, BETA_RANGES)
+        check_qk_norm(self.qk_norm, self.feature_map)
+        for key in ("d_model", "num_heads", "key_dim", "value_dim", "chunk_size", "dpfp_nu"):
+            _positive(key, getattr(self, key))
+        for key in ("favor_features", "num_householder", "ssm_state_dim"):
+            _positive(key, getattr(self, key))
+        _positive("conv_size", self.conv_size, minimum=0)
+        if self.mlp_ratio < 0:
+            raise ValueError(f"model.mlp_ratio must be >= 0, got {self.mlp_ratio}")
+        for key in ("key_dim", "value_dim"):
+            if getattr(self, key) is None and self.d_model % self.num_heads:
+                raise ValueError(
+                    f"model.{key}=None needs d_model ({self.d_model}) divisible by "
+                    f"num_heads ({self.num_heads})"
+                )

@@ -1,0 +1,190 @@
+"""The layers on their own: FWP mixer options, gates, the SSM scan, the conv buffer, registries."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fwpzoo.layers import MIXERS, FWPMixer, get_mixer
+from fwpzoo.layers.conv import ShortConv
+from fwpzoo.layers.feature_maps import FEATURE_MAPS, feature_dim
+from fwpzoo.layers.fwp import qk_normalize
+from fwpzoo.layers.ssm import linear_recurrence
+from fwpzoo.models import ModelConfig
+
+B, T, D = 2, 5, 8
+
+
+def tiny(**overrides):
+    base = dict(d_model=D, num_heads=2, form="recurrent", favor_features=3, dpfp_nu=2)
+    return ModelConfig(**{**base, **overrides})
+
+
+def inputs(seed=0, shape=(B, T, D)):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+# the order matters only for readability: every map once with l2, every norm once
+FEATURE_MAP_CASES = [(name, "l2") for name in FEATURE_MAPS] + [("elu1", "sum"), ("relu", "none")]
+
+
+@pytest.mark.parametrize(("feature_map", "qk_norm"), FEATURE_MAP_CASES)
+def test_every_feature_map_and_qk_norm_builds_and_runs(feature_map, qk_norm):
+    cfg = tiny(feature_map=feature_map, qk_norm=qk_norm, conv_size=0)
+    mixer = FWPMixer(cfg, rngs=nnx.Rngs(0))
+    y, stats = mixer(inputs(), return_intermediates=True)
+    assert y.shape == (B, T, D)
+    assert bool(jnp.all(jnp.isfinite(y)))
+    expected_k = feature_dim(feature_map, D // 2, nu=2, num_features=3)
+    assert mixer.init_cache(B, T)["state"].shape == (B, 2, expected_k, D // 2)
+    assert float(stats["state_norm"]) > 0
+
+
+def test_favor_projection_is_fixed_not_trained():
+    mixer = FWPMixer(tiny(feature_map="favor"), rngs=nnx.Rngs(0))
+    params = nnx.state(mixer, nnx.Param)
+    flat_paths = ["/".join(map(str, path)) for path, _ in nnx.to_flat_state(params)]
+    assert not any("projection" in path for path in flat_paths)
+    assert mixer.projection[...].shape == (3, D // 2)
+
+
+def test_qk_normalize():
+    x = jnp.array([[1.0, 3.0], [3.0, 4.0]])
+    np.testing.assert_allclose(qk_normalize(x, "sum"), [[0.25, 0.75], [3 / 7, 4 / 7]], rtol=1e-5)
+    np.testing.assert_allclose(qk_normalize(x, "l2")[1], [0.6, 0.8], rtol=1e-5)
+    np.testing.assert_array_equal(qk_normalize(x, "none"), x)
+
+
+def test_sum_norm_needs_a_non_negative_feature_map():
+    with pytest.raises(ValueError, match="non-negative feature map .*'identity'"):
+        tiny(qk_norm="sum", feature_map="identity")
+
+
+def _gates(cfg):
+    mixer = FWPMixer(cfg, rngs=nnx.Rngs(3))
+    return mixer._inputs(inputs(), None)[3]
+
+
+def test_beta_range_0_2_doubles_beta():
+    beta_01 = _gates(tiny(cell="delta_rule", beta_range="0,1"))["beta"]
+    beta_02 = _gates(tiny(cell="delta_rule", beta_range="0,2"))["beta"]
+    assert bool(jnp.all((beta_01 > 0) & (beta_01 < 1)))
+    np.testing.assert_allclose(beta_02, 2 * beta_01, rtol=1e-6)
+    assert float(beta_02.max()) > 1.0
+
+
+@pytest.mark.parametrize(
+    ("cell", "overrides", "shapes"),
+    [
+        ("linear_attn", {}, {}),
+        ("delta_rule", {}, {"beta": (B, T, 2)}),
+        ("gated_linear_attn", {}, {"log_alpha": (B, T, 2, 4)}),  # per key (GLA)
+        ("gated_delta_rule", {}, {"beta": (B, T, 2), "log_alpha": (B, T, 2)}),
+        ("delta_product", {"num_householder": 3}, {"beta": (B, T, 2, 3)}),
+        (
+            "delta_product",
+            {"num_householder": 3, "product_decay": True},
+            {"beta": (B, T, 2, 3), "log_alpha": (B, T, 2)},
+        ),
+    ],
+)
+def test_gate_shapes_follow_the_family(cell, overrides, shapes):
+    gates = _gates(tiny(cell=cell, **overrides))
+    assert {name: g.shape for name, g in gates.items()} == shapes
+    if "log_alpha" in gates:
+        assert bool(jnp.all(gates["log_alpha"] < 0))
+
+
+def test_delta_product_takes_n_keys_and_values_per_token():
+    mixer = FWPMixer(tiny(cell="delta_product", num_householder=3), rngs=nnx.Rngs(0))
+    q, k, v, _, _ = mixer._inputs(inputs(), None)
+    assert q.shape == (B, T, 2, 4)
+    assert k.shape == (B, T, 2, 3, 4)
+    assert v.shape == (B, T, 2, 3, 4)
+
+
+def test_short_conv_is_causal_and_resumable():
+    conv = ShortConv(3, 4, rngs=nnx.Rngs(0))
+    x = inputs(shape=(B, 7, 3))
+    full, buffer = conv(x)
+    first, mid = conv(x[:, :2])
+    second, end = conv(x[:, 2:], mid)
+    np.testing.assert_allclose(jnp.concatenate([first, second], 1), full, atol=1e-6)
+    np.testing.assert_array_equal(end, buffer)
+    np.testing.assert_array_equal(buffer, x[:, -3:])
+    # y_t by hand: sum_w kernel[w] x_{t - 3 + w}
+    kernel = conv.kernel[...]
+    by_hand = sum(kernel[w] * x[:, 6 - 3 + w] for w in range(4))
+    np.testing.assert_allclose(full[:, 6], by_hand, atol=1e-6)
+
+
+def _sequential_recurrence(a, b, h0):
+    def body(h, ab):
+        h = ab[0] * h + ab[1]
+        return h, h
+
+    time_major = (jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0))
+    return jnp.moveaxis(jax.lax.scan(body, h0, time_major)[1], 0, 1)
+
+
+@pytest.mark.parametrize("is_complex", [False, True])
+def test_ssm_associative_scan_matches_sequential_reference(is_complex):
+    keys = jax.random.split(jax.random.key(0), 6)
+    shape = (B, 9, 4)
+    a = jax.random.uniform(keys[0], shape, minval=0.5, maxval=0.99)
+    b, h0 = jax.random.normal(keys[1], shape), jax.random.normal(keys[2], (B, 4))
+    if is_complex:
+        a = a * jnp.exp(1j * jax.random.uniform(keys[3], shape))
+        b = b + 1j * jax.random.normal(keys[4], shape)
+        h0 = h0 + 1j * jax.random.normal(keys[5], (B, 4))
+    np.testing.assert_allclose(
+        linear_recurrence(a, b, h0), _sequential_recurrence(a, b, h0), rtol=1e-5, atol=1e-5
+    )
+
+    def loss(fn, a, b, h0):
+        return jnp.sum(jnp.abs(fn(a, b, h0)) ** 2)
+
+    fast = jax.grad(lambda *x: loss(linear_recurrence, *x), argnums=(0, 1, 2))(a, b, h0)
+    ref = jax.grad(lambda *x: loss(_sequential_recurrence, *x), argnums=(0, 1, 2))(a, b, h0)
+    for got, want in zip(fast, ref, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_ssm_eigenvalues_stay_inside_the_unit_circle():
+    mixer = get_mixer("ssm")(tiny(ssm_state_dim=16), rngs=nnx.Rngs(0))
+    radius = jnp.abs(mixer._lambda())
+    assert bool(jnp.all((radius > 0.85) & (radius < 1.0)))
+
+
+def test_unknown_mixer_lists_the_valid_names():
+    with pytest.raises(ValueError, match="valid mixers: fwp, attention, mamba2, ssm"):
+        get_mixer("transformer")
+    assert set(MIXERS) == {"fwp", "attention", "mamba2", "ssm"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "listing"),
+    [
+        ("cell", "deltanet", "delta_rule"),
+        ("form", "parallel", "chunkwise"),
+        ("feature_map", "gelu", "dpfp"),
+        ("qk_norm", "l1", "l2"),
+        ("beta_range", "0,3", "0,2"),
+        ("mixers", ("fwp", "lstm"), "mamba2"),
+    ],
+)
+def test_bad_names_raise_value_errors_listing_valid_ones(field, value, listing):
+    with pytest.raises(ValueError, match=f"unknown model.{field} .*valid choices: .*{listing}"):
+        tiny(**{field: value})
+
+
+def test_a_form_a_cell_lacks_is_an_error_not_a_fallback(monkeypatch):
+    from fwpzoo import cells
+
+    monkeypatch.delattr(cells.get("delta_rule"), "associative", raising=False)
+    cfg = dataclasses.replace(tiny(), cell="delta_rule", form="associative")
+    with pytest.raises(ValueError, match="cell 'delta_rule' has no 'associative' form"):
+        FWPMixer(cfg, rngs=nnx.Rngs(0))

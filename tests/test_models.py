@@ -1,0 +1,214 @@
+"""The causal LM: prefill-then-decode equals the full forward, forms agree, causality, sampling."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fwpzoo import cells
+from fwpzoo.models import ModelConfig, build_model, generate
+
+B, T, VOCAB = 2, 7, 11
+MIXER_KINDS = ["fwp", "attention", "mamba2", "ssm"]
+
+
+def configured_form(cell):
+    """The configured default form, or the reference while a family's fast forms are pending."""
+    default = ModelConfig.form
+    return default if hasattr(cells.get(cell), default) else "recurrent"
+
+
+def tiny(**overrides):
+    cell = overrides.get("cell", ModelConfig.cell)
+    base = dict(
+        mixers=("fwp",),
+        d_model=8,
+        num_heads=2,
+        mlp_ratio=2.0,
+        ssm_state_dim=4,
+        chunk_size=4,
+        conv_size=3,
+        output_gate=True,
+        form=configured_form(cell),
+    )
+    return ModelConfig(**{**base, **overrides})
+
+
+def tokens(seed=0, shape=(B, T)):
+    return jax.random.randint(jax.random.key(seed), shape, 0, VOCAB)
+
+
+def model_of(cfg, seed=0, dtype=jnp.float32):
+    return build_model(cfg, vocab_size=VOCAB, rngs=nnx.Rngs(seed), dtype=dtype)
+
+
+def jitted(fn, model, *args):
+    """fn(model, *args) under jax.jit of the split model state, as the trainer runs it."""
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args))(state, *args)
+
+
+def prefill_then_decode(model, toks, prefill_lengths):
+    """Logits [B, T, vocab]: prefill pieces of the given lengths, then decode token by token."""
+    cache = model.init_cache(toks.shape[0], toks.shape[1])
+    pieces, start = [], 0
+    for length in prefill_lengths:
+        logits, cache = model.prefill(toks[:, start : start + length], cache)
+        pieces.append(logits)
+        start += length
+
+    def one_token(cache, token):
+        logits, cache = model.decode_step(token, cache)
+        return cache, logits
+
+    _, step_logits = jax.lax.scan(one_token, cache, toks[:, start:].T)
+    return jnp.concatenate([*pieces, jnp.swapaxes(step_logits, 0, 1)], axis=1)
+
+
+def full_and_decoded(model, toks, prefill_lengths):
+    return model(toks), prefill_then_decode(model, toks, prefill_lengths)
+
+
+MIXER_CASES = [
+    pytest.param({"mixers": ("fwp",)}, id="fwp"),
+    pytest.param({"mixers": ("attention",)}, id="attention"),
+    pytest.param({"mixers": ("mamba2",)}, id="mamba2"),
+    pytest.param({"mixers": ("ssm",)}, id="ssm-complex"),
+    pytest.param({"mixers": ("ssm",), "ssm_complex": False}, id="ssm-real"),
+    pytest.param({"mixers": ("fwp",), "conv_size": 0, "output_norm": False}, id="fwp-plain"),
+]
+
+
+@pytest.mark.parametrize("overrides", MIXER_CASES)
+def test_full_forward_equals_prefill_then_decode(overrides):
+    model = model_of(tiny(**overrides))
+    full, decoded = jitted(partial(full_and_decoded, prefill_lengths=[2, 1]), model, tokens())
+    assert full.shape == (B, T, VOCAB) and full.dtype == jnp.float32
+    np.testing.assert_allclose(decoded, full, atol=2e-5)
+
+
+CELL_CASES = [
+    pytest.param("linear_attn", {}, id="linear_attn"),
+    pytest.param("gated_linear_attn", {}, id="gated_linear_attn"),
+    pytest.param("delta_rule", {"beta_range": "0,2"}, id="delta_rule"),
+    pytest.param("gated_delta_rule", {}, id="gated_delta_rule"),
+    pytest.param("delta_product", {"product_decay": True}, id="delta_product"),
+]
+
+
+@pytest.mark.parametrize(("cell", "overrides"), CELL_CASES)
+def test_every_cell_through_the_fwp_mixer_forms_agree_and_decode(cell, overrides):
+    """model.cell swaps the update rule; every form the family has gives the reference's logits
+    (same parameters: the form is not a parameter), and decoding with the cell's step matches.
+    The forms' gradients and final states are the cells' own property suite."""
+    toks = tokens(1)
+    cfg = lambda form: tiny(cell=cell, form=form, **overrides)  # noqa: E731
+    decode = partial(full_and_decoded, prefill_lengths=[3])
+    reference, decoded = jitted(decode, model_of(cfg("recurrent")), toks)
+    np.testing.assert_allclose(decoded, reference, atol=2e-5)
+    fast_forms = [f for f in cells.FORMS if f != "recurrent" and hasattr(cells.get(cell), f)]
+    for form in fast_forms:
+        logits = jitted(lambda m, x: m(x), model_of(cfg(form)), toks)
+        np.testing.assert_allclose(logits, reference, atol=2e-5, err_msg=form)
+
+
+@pytest.mark.parametrize("mixer", MIXER_KINDS)
+def test_gradient_causality(mixer):
+    """d loss_t / d x_s == 0 exactly for every s > t (x: input embeddings), and not for s = t."""
+    model = model_of(tiny(mixers=(mixer,)))
+    x = model.embed(tokens(2))  # [B, T, D]
+    cotangent = jax.random.normal(jax.random.key(3), (B, T, VOCAB))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def grad_at(t):
+        def loss(x):
+            logits = nnx.merge(graphdef, state).from_embeddings(x)
+            return jnp.sum(logits[:, t] * cotangent[:, t])
+
+        return jax.grad(loss)(x)
+
+    for t in range(T):
+        grad = np.asarray(grad_at(t))
+        np.testing.assert_array_equal(grad[:, t + 1 :], 0.0, err_msg=f"t={t}")
+        assert np.abs(grad[:, t]).max() > 0, f"t={t}"
+
+
+HYBRID = ("fwp", "attention", "mamba2", "ssm")
+
+
+def forward(model, toks):
+    return model(toks)
+
+
+def test_generate_logits_equal_the_full_forward():
+    model = model_of(tiny(mixers=HYBRID))
+    prompt = tokens(4, (B, 3))
+    new, step_logits = generate(model, prompt, 5, rng=jax.random.key(0), temperature=1.0)
+    assert new.shape == (B, 5) and new.dtype == jnp.int32
+    assert step_logits.shape == (B, 5, VOCAB)
+    full = jitted(forward, model, jnp.concatenate([prompt, new], axis=1))
+    np.testing.assert_allclose(step_logits, full[:, 2:7], atol=2e-5)
+    greedy, greedy_logits = generate(model, prompt, 5, rng=jax.random.key(0), temperature=0.0)
+    np.testing.assert_array_equal(greedy, jnp.argmax(greedy_logits, axis=-1))
+
+
+def test_bad_generate_arguments():
+    model = model_of(tiny(mixers=("ssm",)))
+    with pytest.raises(ValueError, match="num_tokens must be >= 1"):
+        generate(model, tokens(), 0, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        generate(model, tokens(), 2, rng=jax.random.key(0), temperature=-1.0)
+
+
+def test_bf16_compute_keeps_float32_params_and_logits():
+    cfg = tiny(mixers=HYBRID)
+    model = model_of(cfg, dtype=jnp.bfloat16)
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert params and all(p.dtype == jnp.float32 for p in params)
+    assert all(
+        s.dtype in (jnp.float32, jnp.complex64)
+        for s in jax.tree.leaves([c["state"] for c in model.init_cache(B, T) if "state" in c])
+    )
+    toks = tokens(5)
+    logits, decoded = jitted(partial(full_and_decoded, prefill_lengths=[4]), model, toks)
+    assert logits.dtype == jnp.float32 and decoded.dtype == jnp.float32
+    reference = jitted(forward, model_of(cfg), toks)  # the same parameters in float32
+    # bf16 keeps 8 significant bits: a few percent of the logits' spread, not more
+    spread = float(jnp.std(reference))
+    assert float(jnp.max(jnp.abs(logits - reference))) < 0.1 * spread
+    assert float(jnp.max(jnp.abs(decoded - logits))) < 0.1 * spread
+
+
+def test_split_merge_jit_and_eval_shape():
+    cfg = tiny(mixers=("fwp", "attention"), feature_map="favor", qk_norm="sum")
+    model = model_of(cfg)
+    toks = tokens(6)
+    graphdef, state = nnx.split(model)
+    eager = model(toks)
+    np.testing.assert_allclose(jitted(forward, model, toks), eager, atol=1e-5)
+    abstract = nnx.eval_shape(lambda: build_model(cfg, vocab_size=VOCAB, rngs=nnx.Rngs(0)))
+    abstract_graphdef, abstract_state = nnx.split(abstract)
+    assert abstract_graphdef == graphdef
+    shapes = lambda s: jax.tree.map(lambda a: (a.shape, a.dtype), s)  # noqa: E731
+    assert shapes(abstract_state) == shapes(state)
+    restored = nnx.merge(abstract_graphdef, state)  # what a checkpoint restore does
+    np.testing.assert_array_equal(restored(toks), eager)
+
+
+def test_intermediates_name_every_block():
+    model = model_of(tiny(mixers=("fwp", "mamba2", "ssm"), cell="gated_delta_rule"))
+    logits, stats = jitted(lambda m, x: m(x, return_intermediates=True), model, tokens())
+    assert logits.shape == (B, T, VOCAB)
+    assert {"block_0/state_norm", "block_0/beta_mean", "block_0/alpha_mean"} <= set(stats)
+    assert {"block_1/state_norm", "block_1/alpha_mean", "block_2/state_norm"} <= set(stats)
+    assert 0 < float(stats["block_0/beta_mean"]) < 1
+    assert 0 < float(stats["block_0/alpha_mean"]) <= 1
+
+
+def test_build_model_rejects_bad_vocab():
+    with pytest.raises(ValueError, match="vocab_size must be >= 1"):
+        build_model(tiny(), vocab_size=0, rngs=nnx.Rngs(0))
