@@ -1,0 +1,481 @@
+"""`fwpzoo bench model`: DeltaNet against a softmax transformer of the same size.
+
+    fwpzoo bench model [--lengths 512,2048,8192] [--tokens-per-step 8192] [--repeats 3]
+                       [--d-model 256] [--num-heads 4] [--num-layers 2] [--out DIR]
+
+Both models share d_model, layers, heads and the SwiGLU MLP; only the mixer differs (the FWP
+mixer with the delta_rule cell in its chunkwise form, or causal softmax attention). At every
+length T it measures, side by side:
+
+    training   tokens/s of the project's jitted train step (AdamW, clipping), B = tokens / T, so
+               every step sees the same number of tokens; peak memory is XLA's compiled footprint
+               of that step (temp + arguments + outputs - aliased), which is what the device must
+               hold, not the process RSS (both models live in one process)
+    decoding   ms/token of decode_step (batch 1) after a prefill of T tokens, run as one jitted
+               lax.scan of --decode-tokens steps, so the time is the model's and not dispatch's
+    attention  the baseline's attention kernel against jax.nn.dot_product_attention (forward and
+               backward, training shapes), to show the baseline is not made slow
+
+Every timing is the median of --repeats runs after one warm-up run; the two models' repeats
+alternate, so the load of a shared machine falls on both alike. Prints the report as markdown;
+--out DIR also writes DIR/model.md (hand notes after NOTES_MARKER are kept), model.json, model.png.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+from flax import nnx
+from tqdm import tqdm
+
+from fwpzoo.config import ConfigError, TrainConfig
+from fwpzoo.layers.attention import attend
+from fwpzoo.models import ModelConfig, build_model
+from fwpzoo.train.optim import make_optimizer
+from fwpzoo.train.state import split_model
+from fwpzoo.train.steps import make_train_step
+
+matplotlib.use("Agg")  # files only
+
+NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
+MODELS = ("deltanet", "transformer")
+TARGET_SPEEDUP = 3.0  # DeltaNet training tokens/s over the transformer's at the longest T
+
+
+@dataclass(frozen=True)
+class Options:
+    lengths: tuple[int, ...] = (512, 2048, 8192)
+    tokens_per_step: int = 8192
+    d_model: int = 256
+    num_heads: int = 4
+    num_layers: int = 2
+    chunk_size: int = 64
+    vocab_size: int = 256
+    repeats: int = 3
+    decode_tokens: int = 32
+    seed: int = 0
+
+
+class BenchArgs(argparse.ArgumentParser):
+    """argparse whose errors are one-line ConfigErrors (the CLI prints them, exit code 2)."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__ = "positive integer"  # argparse names the type in its error message
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    return tuple(positive_int(part) for part in text.split(","))
+
+
+int_list.__name__ = "comma-separated list of positive integers"
+
+
+def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
+    parser = BenchArgs(prog="fwpzoo bench model")
+    defaults = Options()
+    parser.add_argument("--lengths", type=int_list, default=defaults.lengths)
+    for name in ("tokens_per_step", "d_model", "num_heads", "num_layers", "chunk_size"):
+        parser.add_argument("--" + name.replace("_", "-"), type=positive_int)
+    for name in ("vocab_size", "repeats", "decode_tokens"):
+        parser.add_argument("--" + name.replace("_", "-"), type=positive_int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--out", type=Path, help="write model.md, model.json and model.png here")
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    options = Options(**{k: v for k, v in args.items() if v is not None})
+    for T in options.lengths:
+        if options.tokens_per_step % T:
+            raise ConfigError(
+                f"--tokens-per-step {options.tokens_per_step} is not a multiple of length {T}"
+            )
+    try:
+        for name in MODELS:
+            model_config(name, options)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return options, out
+
+
+def model_config(name: str, options: Options) -> ModelConfig:
+    """The two contenders: the same blocks and sizes around a different mixer."""
+    shared = dict(d_model=options.d_model, num_heads=options.num_heads)
+    if name == "deltanet":
+        mixers = ("fwp",) * options.num_layers
+        return ModelConfig(
+            mixers=mixers, cell="delta_rule", form="chunkwise", chunk_size=options.chunk_size,
+            **shared,
+        )  # fmt: skip
+    return ModelConfig(mixers=("attention",) * options.num_layers, **shared)
+
+
+def new_model(name: str, options: Options):
+    cfg = model_config(name, options)
+    return build_model(cfg, vocab_size=options.vocab_size, rngs=nnx.Rngs(options.seed))
+
+
+def parameter_count(model) -> int:
+    params = nnx.state(model, nnx.Param)
+    return sum(leaf.size for leaf in jax.tree.leaves(params))
+
+
+def footprint_bytes(compiled) -> int | None:
+    """What running a compiled function holds at its peak, by XLA's own accounting."""
+    stats = compiled.memory_analysis()
+    if stats is None:  # a backend that does not report it
+        return None
+    held = stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
+    return held - stats.alias_size_in_bytes
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def alternating_medians(runs: dict[str, Callable], repeats: int) -> dict[str, float]:
+    """Median seconds of each zero-argument run: one warm-up each, then the runs take turns."""
+    for run in runs.values():
+        timed(run)
+    seconds = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            seconds[name].append(timed(run))
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+# training --------------------------------------------------------------------------------------
+
+
+def random_tokens(options: Options, shape, salt: int):
+    key = jax.random.fold_in(jax.random.key(options.seed), salt)
+    return jax.random.randint(key, shape, 0, options.vocab_size, dtype=jnp.int32)
+
+
+def training_run(name: str, options: Options, T: int) -> tuple[Callable, dict]:
+    """One train step at length T, compiled: (run, {"compile_s", "memory_bytes"})."""
+    graphdef, model_state = split_model(new_model(name, options))
+    optimizer = make_optimizer(TrainConfig())
+    state = {**model_state, "opt_state": optimizer.init(model_state["params"])}
+    B = options.tokens_per_step // T
+    tokens = random_tokens(options, (B, T + 1), salt=2 * T)  # [B, T + 1]
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "weights": jnp.ones((B, T), jnp.float32),
+    }
+    start = time.perf_counter()
+    step = jax.jit(make_train_step(graphdef, optimizer, grad_accum=1))
+    compiled = step.lower(state, batch).compile()
+    info = {"compile_s": time.perf_counter() - start, "memory_bytes": footprint_bytes(compiled)}
+    return (lambda: compiled(state, batch)), info
+
+
+# decoding --------------------------------------------------------------------------------------
+
+
+def decoding_run(name: str, options: Options, T: int) -> tuple[Callable, dict]:
+    """decode_tokens greedy steps after a prefill of T tokens, batch 1, compiled."""
+    graphdef, state = nnx.split(new_model(name, options))
+    n = options.decode_tokens
+
+    @jax.jit
+    def prefill(state, prompt):
+        model = nnx.merge(graphdef, state)
+        logits, cache = model.prefill(prompt, model.init_cache(1, T + n))
+        return logits[:, -1], cache
+
+    @jax.jit
+    def decode(state, logits, cache):
+        model = nnx.merge(graphdef, state)
+
+        def one_token(carry, _):
+            logits, cache = carry  # [1, vocab]
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [1]
+            return model.decode_step(token, cache), token
+
+        _, tokens = jax.lax.scan(one_token, (logits, cache), length=n)
+        return tokens
+
+    logits, cache = prefill(state, random_tokens(options, (1, T), salt=2 * T + 1))
+    cache_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
+    compiled = decode.lower(state, logits, cache).compile()
+    return (lambda: compiled(state, logits, cache)), {"cache_bytes": cache_bytes}
+
+
+# the attention kernel check --------------------------------------------------------------------
+
+
+def summed(kernel):
+    return lambda q, k, v: jnp.sum(kernel(q, k, v))
+
+
+def attention_runs(options: Options, T: int) -> dict[str, Callable]:
+    """Forward and backward of one attention call at training shapes, the baseline's kernel
+    and jax.nn.dot_product_attention (XLA's, causal), compiled."""
+    B, H = options.tokens_per_step // T, options.num_heads
+    K = options.d_model // H
+    q, k, v = (
+        jax.random.normal(jax.random.fold_in(jax.random.key(options.seed), i), (B, T, H, K))
+        for i in range(3)
+    )  # [B, T, H, K] each
+    causal = jnp.tril(jnp.ones((T, T), bool))  # [T, T]
+    kernels = {
+        "baseline": lambda q, k, v: attend(q, k, v, causal),
+        "jax.nn.dot_product_attention": lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True
+        ),
+    }
+    runs = {}
+    for name, kernel in kernels.items():
+        loss_and_grads = jax.jit(jax.value_and_grad(summed(kernel), argnums=(0, 1, 2)))
+        compiled = loss_and_grads.lower(q, k, v).compile()
+        runs[name] = lambda compiled=compiled: compiled(q, k, v)
+    return runs
+
+
+# the whole bench -------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "device": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def measure(options: Options, progress: bool = True) -> dict:
+    """Every table of the report, as plain data."""
+    models = {name: new_model(name, options) for name in MODELS}
+    result = {
+        "options": asdict(options),
+        "machine": machine(),
+        "parameters": {name: parameter_count(model) for name, model in models.items()},
+        "load_before": os.getloadavg()[0],
+        "training": [],
+        "decoding": [],
+    }
+    bar = tqdm(total=3 * len(options.lengths), file=sys.stderr, disable=not progress)
+    for T in options.lengths:
+        bar.set_description(f"training T={T}")
+        runs, infos = {}, {}
+        for name in MODELS:
+            runs[name], infos[name] = training_run(name, options, T)
+        seconds = alternating_medians(runs, options.repeats)
+        for name in MODELS:
+            tokens_per_s = options.tokens_per_step / seconds[name]
+            row = {"model": name, "T": T, "batch": options.tokens_per_step // T}
+            result["training"].append(
+                {**row, "step_s": seconds[name], "tokens_per_s": tokens_per_s, **infos[name]}
+            )
+        del runs
+        bar.update()
+        bar.set_description(f"decoding T={T}")
+        runs, infos = {}, {}
+        for name in MODELS:
+            runs[name], infos[name] = decoding_run(name, options, T)
+        seconds = alternating_medians(runs, options.repeats)
+        for name in MODELS:
+            ms_per_token = 1e3 * seconds[name] / options.decode_tokens
+            result["decoding"].append(
+                {"model": name, "T": T, "ms_per_token": ms_per_token, **infos[name]}
+            )
+        del runs
+        bar.update()
+    T = max(options.lengths)
+    bar.set_description(f"attention T={T}")
+    seconds = alternating_medians(attention_runs(options, T), options.repeats)
+    result["attention"] = {"T": T, "seconds": seconds}
+    bar.update()
+    bar.close()
+    result["load_after"] = os.getloadavg()[0]
+    return result
+
+
+def value(rows: list[dict], model: str, T: int, key: str):
+    return next(row[key] for row in rows if row["model"] == model and row["T"] == T)
+
+
+def mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.0f}"
+
+
+def training_speedup(result: dict, T: int) -> float:
+    rows = result["training"]
+    return value(rows, "deltanet", T, "tokens_per_s") / value(
+        rows, "transformer", T, "tokens_per_s"
+    )
+
+
+def markdown(result: dict, command: str) -> str:
+    """The report: command, machine, the three tables and the verdict on the target."""
+    options, info = result["options"], result["machine"]
+    lengths = options["lengths"]
+    lines = [
+        "## Results",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['device']}, jax {info['jax']}, "
+        f"Python {info['python']}; 1-minute load average {result['load_before']:.1f} before, "
+        f"{result['load_after']:.1f} after.",
+        "",
+        f"Models: d_model {options['d_model']}, {options['num_layers']} layers, "
+        f"{options['num_heads']} heads, SwiGLU MLP 4 x d_model, vocabulary "
+        f"{options['vocab_size']}; DeltaNet = delta_rule chunkwise, chunk "
+        f"{options['chunk_size']}, L2-normalised q/k, short conv 4, output norm. Parameters: "
+        f"DeltaNet {result['parameters']['deltanet']:,}, "
+        f"transformer {result['parameters']['transformer']:,}.",
+        "",
+        f"### Training ({options['tokens_per_step']:,} tokens per step, median of "
+        f"{options['repeats']} after a warm-up)",
+        "",
+        "| T | batch | DeltaNet tokens/s | transformer tokens/s | DeltaNet / transformer "
+        "| DeltaNet peak MiB | transformer peak MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = result["training"]
+    for T in lengths:
+        lines.append(
+            f"| {T} | {value(rows, 'deltanet', T, 'batch')} "
+            f"| {value(rows, 'deltanet', T, 'tokens_per_s'):,.0f} "
+            f"| {value(rows, 'transformer', T, 'tokens_per_s'):,.0f} "
+            f"| {training_speedup(result, T):.2f}x "
+            f"| {mib(value(rows, 'deltanet', T, 'memory_bytes'))} "
+            f"| {mib(value(rows, 'transformer', T, 'memory_bytes'))} |"
+        )
+    lines += [
+        "",
+        "Peak memory is XLA's compiled footprint of the train step (temp + arguments + outputs "
+        "- aliased buffers), from `compiled.memory_analysis()`.",
+        "",
+        f"### Decoding (batch 1, {options['decode_tokens']} tokens after a prefill of T, "
+        "one jitted scan)",
+        "",
+        "| T | DeltaNet ms/token | transformer ms/token | DeltaNet cache MiB "
+        "| transformer cache MiB |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    rows = result["decoding"]
+    for T in lengths:
+        lines.append(
+            f"| {T} | {value(rows, 'deltanet', T, 'ms_per_token'):.3f} "
+            f"| {value(rows, 'transformer', T, 'ms_per_token'):.3f} "
+            f"| {value(rows, 'deltanet', T, 'cache_bytes') / 2**20:.2f} "
+            f"| {value(rows, 'transformer', T, 'cache_bytes') / 2**20:.2f} |"
+        )
+    attention = result["attention"]
+    lines += [
+        "",
+        f"### The baseline's attention kernel (forward + backward, T={attention['T']}, "
+        "training shapes)",
+        "",
+        "| kernel | seconds |",
+        "|---|---:|",
+        *(f"| {name} | {s:.3f} |" for name, s in attention["seconds"].items()),
+        "",
+        verdict(result),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def verdict(result: dict) -> str:
+    """The target (training speed-up at the longest T) and how decoding scales with context."""
+    lengths = result["options"]["lengths"]
+    short, long = min(lengths), max(lengths)
+    speedup = training_speedup(result, long)
+    met = "met" if speedup >= TARGET_SPEEDUP else "NOT met"
+    growth = {
+        name: value(result["decoding"], name, long, "ms_per_token")
+        / value(result["decoding"], name, short, "ms_per_token")
+        for name in MODELS
+    }
+    return (
+        f"At T={long} DeltaNet trains at {speedup:.2f}x the transformer's tokens/s "
+        f"(target {TARGET_SPEEDUP:g}x: {met}). From T={short} to T={long} decoding time per "
+        f"token changes by {growth['deltanet']:.2f}x for DeltaNet and "
+        f"{growth['transformer']:.2f}x for the transformer."
+    )
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    lengths = result["options"]["lengths"]
+    fig, (train_ax, decode_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, style in zip(MODELS, ("o-", "s--"), strict=True):
+        train_ax.plot(
+            lengths, [value(result["training"], name, T, "tokens_per_s") for T in lengths], style,
+            label=name,
+        )  # fmt: skip
+        decode_ax.plot(
+            lengths, [value(result["decoding"], name, T, "ms_per_token") for T in lengths], style,
+            label=name,
+        )  # fmt: skip
+    train_ax.set(xlabel="T (tokens)", ylabel="training tokens/s", title="Training throughput")
+    decode_ax.set(xlabel="context T (tokens)", ylabel="ms/token", title="Decoding, batch 1")
+    for ax in (train_ax, decode_ax):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(result: dict, report: str, out: Path) -> None:
+    """out/model.md (keeping notes after NOTES_MARKER), out/model.json and out/model.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    page = out / "model.md"
+    notes = ""
+    if page.exists() and NOTES_MARKER in page.read_text():
+        notes = page.read_text().split(NOTES_MARKER, 1)[1]
+    header = "# Benchmark: DeltaNet vs a softmax transformer\n\n" + (__doc__ or "")
+    page.write_text(
+        f"{header.rstrip()}\n\n![tokens/s and ms/token vs T](model.png)\n\n{report}\n"
+        f"{NOTES_MARKER}{notes}"
+    )
+    (out / "model.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / "model.png")
+
+
+def main(argv: list[str]) -> int:
+    options, out = parse_options(argv)
+    result = measure(options)
+    command = " ".join(["fwpzoo bench model", *argv])
+    report = markdown(result, command)
+    print(report)
+    if out is not None:
+        write_report(result, report, out)
+    return 0
