@@ -140,16 +140,18 @@ def test_ssm_associative_scan_matches_sequential_reference(is_complex):
         a = a * jnp.exp(1j * jax.random.uniform(keys[3], shape))
         b = b + 1j * jax.random.normal(keys[4], shape)
         h0 = h0 + 1j * jax.random.normal(keys[5], (B, 4))
-    np.testing.assert_allclose(
-        linear_recurrence(a, b, h0), _sequential_recurrence(a, b, h0), rtol=1e-5, atol=1e-5
-    )
 
-    def loss(fn, a, b, h0):
-        return jnp.sum(jnp.abs(fn(a, b, h0)) ** 2)
+    @jax.jit
+    def outputs_and_grads(a, b, h0):
+        def run(fn):
+            loss = lambda *x: jnp.sum(jnp.abs(fn(*x)) ** 2)  # noqa: E731
+            return fn(a, b, h0), jax.grad(loss, argnums=(0, 1, 2))(a, b, h0)
 
-    fast = jax.grad(lambda *x: loss(linear_recurrence, *x), argnums=(0, 1, 2))(a, b, h0)
-    ref = jax.grad(lambda *x: loss(_sequential_recurrence, *x), argnums=(0, 1, 2))(a, b, h0)
-    for got, want in zip(fast, ref, strict=True):
+        return run(linear_recurrence), run(_sequential_recurrence)
+
+    (h, grads), (h_ref, grads_ref) = outputs_and_grads(a, b, h0)
+    np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, grads_ref, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 

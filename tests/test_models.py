@@ -10,6 +10,7 @@ from flax import nnx
 
 from fwpzoo import cells
 from fwpzoo.models import ModelConfig, build_model, generate
+from fwpzoo.models.sampling import sample_token
 
 B, T, VOCAB = 2, 7, 11
 MIXER_KINDS = ["fwp", "attention", "mamba2", "ssm"]
@@ -48,7 +49,16 @@ def model_of(cfg, seed=0, dtype=jnp.float32):
 def jitted(fn, model, *args):
     """fn(model, *args) under jax.jit of the split model state, as the trainer runs it."""
     graphdef, state = nnx.split(model)
-    return jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args))(state, *args)
+    return _run_jitted(fn, graphdef, state, *args)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _run_jitted(fn, graphdef, state, *args):
+    return fn(nnx.merge(graphdef, state), *args)
+
+
+def forward(model, toks):
+    return model(toks)
 
 
 def prefill_then_decode(model, toks, prefill_lengths):
@@ -111,7 +121,7 @@ def test_every_cell_through_the_fwp_mixer_forms_agree_and_decode(cell, overrides
     np.testing.assert_allclose(decoded, reference, atol=2e-5)
     fast_forms = [f for f in cells.FORMS if f != "recurrent" and hasattr(cells.get(cell), f)]
     for form in fast_forms:
-        logits = jitted(lambda m, x: m(x), model_of(cfg(form)), toks)
+        logits = jitted(forward, model_of(cfg(form)), toks)
         np.testing.assert_allclose(logits, reference, atol=2e-5, err_msg=form)
 
 
@@ -140,10 +150,6 @@ def test_gradient_causality(mixer):
 HYBRID = ("fwp", "attention", "mamba2", "ssm")
 
 
-def forward(model, toks):
-    return model(toks)
-
-
 def test_generate_logits_equal_the_full_forward():
     model = model_of(tiny(mixers=HYBRID))
     prompt = tokens(4, (B, 3))
@@ -152,8 +158,16 @@ def test_generate_logits_equal_the_full_forward():
     assert step_logits.shape == (B, 5, VOCAB)
     full = jitted(forward, model, jnp.concatenate([prompt, new], axis=1))
     np.testing.assert_allclose(step_logits, full[:, 2:7], atol=2e-5)
-    greedy, greedy_logits = generate(model, prompt, 5, rng=jax.random.key(0), temperature=0.0)
-    np.testing.assert_array_equal(greedy, jnp.argmax(greedy_logits, axis=-1))
+
+
+def test_sample_token_greedy_and_tempered():
+    logits = jnp.array([[0.0, 3.0, 1.0], [2.0, 0.0, -1.0]])
+    np.testing.assert_array_equal(sample_token(logits, jax.random.key(0), 0.0), [1, 0])
+    draws = jax.vmap(lambda key: sample_token(logits, key, 1.0))(
+        jax.random.split(jax.random.key(1), 4000)
+    )  # [4000, 2]
+    frequency = jnp.mean(draws[:, 0] == 1)
+    np.testing.assert_allclose(frequency, jax.nn.softmax(logits[0])[1], atol=0.03)
 
 
 def test_bad_generate_arguments():
@@ -184,7 +198,7 @@ def test_bf16_compute_keeps_float32_params_and_logits():
 
 
 def test_split_merge_jit_and_eval_shape():
-    cfg = tiny(mixers=("fwp", "attention"), feature_map="favor", qk_norm="sum")
+    cfg = tiny(feature_map="favor", qk_norm="sum")
     model = model_of(cfg)
     toks = tokens(6)
     graphdef, state = nnx.split(model)
@@ -199,9 +213,13 @@ def test_split_merge_jit_and_eval_shape():
     np.testing.assert_array_equal(restored(toks), eager)
 
 
+def with_intermediates(model, toks):
+    return model(toks, return_intermediates=True)
+
+
 def test_intermediates_name_every_block():
     model = model_of(tiny(mixers=("fwp", "mamba2", "ssm"), cell="gated_delta_rule"))
-    logits, stats = jitted(lambda m, x: m(x, return_intermediates=True), model, tokens())
+    logits, stats = jitted(with_intermediates, model, tokens())
     assert logits.shape == (B, T, VOCAB)
     assert {"block_0/state_norm", "block_0/beta_mean", "block_0/alpha_mean"} <= set(stats)
     assert {"block_1/state_norm", "block_1/alpha_mean", "block_2/state_norm"} <= set(stats)
