@@ -144,8 +144,11 @@ def list_main(argv: list[str]) -> int:
         "mixers": list(MIXERS),
         "feature maps": list(FEATURE_MAPS),
         "tasks": list(TASKS),
-        "configs": [str(path) for path in sorted(CONFIGS_DIR.glob("*.yaml"))],
+        "configs": [
+            str(p.relative_to(CONFIGS_DIR.parent)) for p in sorted(CONFIGS_DIR.rglob("*.yaml"))
+        ],
         "benchmarks": plugin_names("fwpzoo.bench"),
+        "experiments": plugin_names("fwpzoo.experiments"),
     }
     for title, names in sections.items():
         print(f"{title}: {', '.join(names) if names else '(none)'}")

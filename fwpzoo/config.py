@@ -100,7 +100,9 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int = 500  # evaluate on the valid split every this many steps, and at the last step
+    # evaluate on the valid split every this many steps, at the last step, and at every checkpoint
+    # when checkpoint.best_metric ranks them
+    every: int = 500
     batch_size: int = 32
     num_batches: int = 4
     lengths: tuple[int, ...] = ()  # extra sequence lengths to evaluate (length generalisation)

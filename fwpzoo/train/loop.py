@@ -4,6 +4,7 @@ Workdir layout: config.json (the resolved config), metrics.jsonl, tensorboard/, 
 """
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,12 @@ def first_nonfinite(losses: list, steps: list[int]) -> tuple[int, float] | None:
     return bad[0] if bad else None
 
 
+def describe(mesh, workdir: Path, start: int) -> str:
+    devices = mesh.devices.flat[0].platform
+    where = f"{mesh.devices.size} {devices} devices in {jax.process_count()} processes"
+    return f"fwpzoo: training on {where} into {workdir}, from step {start}"
+
+
 def train(cfg: Config, workdir: Path, *, progress: bool = True) -> dict:
     """Trains `cfg` into `workdir`, resuming from its latest checkpoint; returns the last logged
     metrics. ConfigError before anything is written if the config or the workdir is refused."""
@@ -134,6 +141,8 @@ def train(cfg: Config, workdir: Path, *, progress: bool = True) -> dict:
     checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, cfg.checkpoint)
     state, start, data_index = restore_or_init(run, checkpoints)
     log = MetricsLog(workdir, start, enabled=chief)
+    if chief:
+        print(describe(run.mesh, workdir, start), file=sys.stderr)
     bar = tqdm(total=cfg.train.steps, initial=start, unit="step", disable=not (chief and progress))
     try:
         return _loop(run, state, start, data_index, checkpoints, log, bar)
@@ -151,6 +160,7 @@ def _loop(run: Run, state, start: int, data_index: int, checkpoints, log, bar) -
     eval_step = jax.jit(make_eval_step(run.graphdef))
     schedule = learning_rate_schedule(cfg.train)
     pending_losses, pending_steps, tokens, clock = [], [], 0, time.perf_counter()
+    track_best = cfg.checkpoint.best_metric is not None
     row = {}
     for step in range(start + 1, cfg.train.steps + 1):
         batch = task.train_batch(data_index, cfg.train.batch_size)
@@ -160,8 +170,9 @@ def _loop(run: Run, state, start: int, data_index: int, checkpoints, log, bar) -
         pending_losses.append(metrics["loss"])
         pending_steps.append(step)
         last = step == cfg.train.steps
-        do_eval = step % cfg.eval.every == 0 or last
         do_save = step % cfg.checkpoint.every == 0 or last
+        # a checkpoint ranked by an eval metric needs that metric at its step
+        do_eval = step % cfg.eval.every == 0 or last or (do_save and track_best)
         if not (step % cfg.train.log_every == 0 or do_eval or do_save):
             continue
         # Checked before anything is saved, so no checkpoint holds a diverged state.

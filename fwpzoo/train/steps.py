@@ -76,7 +76,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, grad_a
         metrics = {
             "loss": sums["loss_sum"] / weight,
             "accuracy": sums["correct"] / weight,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
         }
         return {"params": params, "rest": state["rest"], "opt_state": opt_state}, metrics
 

@@ -1,0 +1,137 @@
+"""The run config: YAML + typed overrides, one-line errors, and every committed config loads."""
+
+from pathlib import Path
+
+import pytest
+
+from fwpzoo.config import (
+    Config,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    differing_keys,
+    from_dict,
+    load,
+    to_dict,
+)
+from fwpzoo.train import prepare
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_are_typed_by_the_schema(tmp_path):
+    path = write(tmp_path, "train:\n  learning_rate: 3e-4\n  steps: 10\nmodel:\n  key_dim: 8\n")
+    cfg = load(
+        path,
+        [
+            "train.steps=20",
+            "train.weight_decay=1e-2",
+            "train.batch_size=16",
+            "checkpoint.async_save=false",
+            "model.mixers=[fwp, attention]",
+            "model.key_dim=null",
+            "model.cell=linear_attn",
+            "eval.lengths=128,256",
+        ],
+    )
+    assert cfg.train.learning_rate == 3e-4 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.train.steps == 20 and cfg.train.batch_size == 16
+    assert cfg.train.weight_decay == 0.01
+    assert cfg.checkpoint.async_save is False
+    assert cfg.model.mixers == ("fwp", "attention")
+    assert cfg.model.key_dim is None
+    assert cfg.model.cell == "linear_attn"
+    assert cfg.eval.lengths == (128, 256)
+    assert cfg.data == Config().data  # an absent section keeps its defaults
+
+
+def test_a_later_override_wins_and_the_input_is_not_mutated():
+    data = {"train": {"steps": 5}}
+    out = apply_overrides(data, ["train.steps=6", "train.steps=7"])
+    assert out == {"train": {"steps": "7"}} and data == {"train": {"steps": 5}}
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["train.stepz=3"], "unknown key train.stepz; valid keys in train: steps,"),
+        (["nosection.steps=3"], "unknown key nosection; valid keys in the config: model, data"),
+        (["train.steps=abc"], "train.steps: expected an integer, got 'abc'"),
+        (["train.steps=1.5"], "train.steps: expected an integer"),
+        (["train.learning_rate=fast"], "train.learning_rate: expected a number"),
+        (["checkpoint.async_save=maybe"], "checkpoint.async_save: expected true or false"),
+        (["eval.lengths=[64,x]"], "eval.lengths[1]: expected an integer, got 'x'"),
+        (["train.steps"], "override 'train.steps' is not of the form key=value"),
+        (["train.steps.deeper=1"], "train.steps is not a section"),
+        (["model.cell=delta_rul"], "unknown model.cell 'delta_rul'; valid choices: linear_attn,"),
+        (["model.feature_map=elu"], "unknown model.feature_map 'elu'; valid choices: identity,"),
+        (["model.mixers=[fwp,transformer]"], "unknown model.mixers 'transformer'; valid choices"),
+        (["data.task=sorting"], "unknown data.task 'sorting'; valid tasks: mqar,"),
+        (["train.compute_dtype=float16"], "valid: float32, bfloat16"),
+        (["train.batch_size=6", "train.grad_accum=4"], "not divisible by train.grad_accum=4"),
+    ],
+)
+def test_bad_values_raise_one_line_naming_the_culprit(tmp_path, overrides, fragment):
+    with pytest.raises(ConfigError) as error:
+        load(write(tmp_path, "train:\n  steps: 10\n"), overrides)
+    message = str(error.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("train: [1, 2\n", "malformed YAML in"),
+        ("train:\n  steps: 1\n bad indent: 2\n", "malformed YAML in"),
+        ("- just\n- a list\n", "must hold a mapping of sections"),
+        ("train: 5\n", "train: expected a mapping of TrainConfig fields"),
+        ("train:\n  steps: true\n", "train.steps: expected an integer, got True"),
+        ("model:\n  cell: 3\n", "model.cell: expected a string, got 3"),
+    ],
+)
+def test_bad_yaml_files_raise_one_line(tmp_path, text, fragment):
+    with pytest.raises(ConfigError) as error:
+        load(write(tmp_path, text))
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load(tmp_path / "nope.yaml")
+
+
+def test_to_dict_round_trips():
+    cfg = from_dict(Config, {"model": {"mixers": ["fwp", "attention"]}, "eval": {"lengths": [8]}})
+    assert from_dict(Config, to_dict(cfg)) == cfg
+
+
+def test_differing_keys_ignore_run_length():
+    base = Config()
+    longer = from_dict(Config, {"train": {"steps": 99, "log_every": 3}, "checkpoint": {"every": 7}})
+    other = from_dict(Config, {"train": {"steps": 99, "seed": 4}, "model": {"cell": "linear_attn"}})
+    assert differing_keys(base, longer) == []
+    assert differing_keys(base, other) == ["model.cell", "train.seed"]
+
+
+def test_section_checks_run_at_construction():
+    with pytest.raises(ConfigError, match="train.steps must be >= 1"):
+        TrainConfig(steps=0)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_committed_config_loads_and_resolves(path):
+    cfg = load(path)
+    prepare(cfg)  # every name resolves and every size fits, as before a real run
+
+
+def test_the_embedded_default_is_mqar_with_deltanet():
+    cfg = load(Path(__file__).parent.parent / "configs" / "mqar.yaml")
+    assert cfg.data.task == "mqar"
+    assert cfg.model.cell == "delta_rule" and set(cfg.model.mixers) == {"fwp"}

@@ -1,0 +1,160 @@
+"""The training loop in-process: the step's arithmetic, checkpoints, resume, eval and divergence."""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fwpzoo.config import CheckpointConfig, Config, from_dict
+from fwpzoo.train import TrainingDiverged, evaluate, make_eval_step, prepare, restore_run, train
+from fwpzoo.train.checkpoint import Checkpoints
+from fwpzoo.train.metrics import read_metrics, truncate_metrics
+from fwpzoo.train.optim import learning_rate_schedule
+from fwpzoo.train.sharding import shard_batch, to_host
+from fwpzoo.train.state import init_train_state
+from fwpzoo.train.steps import make_train_step, micro_batches
+
+TINY = {
+    "model": {"mixers": ["fwp", "attention"], "d_model": 16, "num_heads": 2, "chunk_size": 8},
+    "data": {"task": "mqar", "seq_len": 16, "vocab_size": 16, "num_pairs": 3},
+    "train": {
+        "steps": 4,
+        "batch_size": 8,
+        "learning_rate": 1e-2,
+        "warmup_steps": 1,
+        "log_every": 1,
+    },
+    "checkpoint": {"every": 2, "async_save": False},
+    "eval": {"every": 2, "batch_size": 8, "num_batches": 1},
+}
+
+
+def tiny(**sections) -> Config:
+    return from_dict(Config, {name: {**TINY[name], **sections.get(name, {})} for name in TINY})
+
+
+def one_step(cfg: Config):
+    """(state after one step, metrics) on batch 0."""
+    run = prepare(cfg)
+    state = init_train_state(cfg, run.task.vocab_size, run.optimizer, run.mesh)
+    step = jax.jit(make_train_step(run.graphdef, run.optimizer, grad_accum=cfg.train.grad_accum))
+    return step(state, shard_batch(run.task.train_batch(0, cfg.train.batch_size), run.mesh))
+
+
+def test_micro_batches_take_strided_rows():
+    batch = {"inputs": np.arange(6 * 2).reshape(6, 2)}
+    micro = micro_batches(batch, 3)["inputs"]  # [3, 2, 2]
+    np.testing.assert_array_equal(micro[1], [[2, 3], [8, 9]])
+
+
+def test_grad_accumulation_takes_the_same_step_as_one_big_batch():
+    state_1, metrics_1 = one_step(tiny())
+    state_4, metrics_4 = one_step(tiny(train={"grad_accum": 4}))
+    np.testing.assert_allclose(metrics_4["loss"], metrics_1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics_4["grad_norm"], metrics_1["grad_norm"], rtol=1e-5)
+    for a, b in zip(
+        jax.tree.leaves(state_4["params"]), jax.tree.leaves(state_1["params"]), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_compute_keeps_float32_parameters_and_optimizer_state():
+    state_32, metrics_32 = one_step(tiny())
+    state_16, metrics_16 = one_step(tiny(train={"compute_dtype": "bfloat16"}))
+    for leaf in jax.tree.leaves((state_16["params"], state_16["opt_state"])):
+        assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+    # the same step, computed with 8 mantissa bits
+    np.testing.assert_allclose(metrics_16["loss"], metrics_32["loss"], rtol=2e-2)
+    assert not np.allclose(metrics_16["loss"], metrics_32["loss"], rtol=1e-6, atol=0)
+
+
+def test_schedule_warms_up_linearly_then_decays_to_its_end_value():
+    cfg = tiny(train={"steps": 100, "warmup_steps": 10, "end_learning_rate_ratio": 0.1})
+    schedule = learning_rate_schedule(cfg.train)
+    lr = cfg.train.learning_rate
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(5)), lr / 2, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(10)), lr, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(55)), lr * (0.1 + 0.9 * 0.5), rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(100)), lr * 0.1, rtol=1e-6)
+
+
+def test_resumed_run_repeats_the_uninterrupted_one_and_eval_restores_from_the_checkpoint(tmp_path):
+    cfg = tiny()
+    full = train(cfg, tmp_path / "full", progress=False)
+    train(tiny(train={"steps": 2}), tmp_path / "split", progress=False)
+    train(cfg, tmp_path / "split", progress=False)  # resumes from step 2
+    losses = [(m["step"], m["loss"]) for m in read_metrics(tmp_path / "full")]
+    assert [step for step, _ in losses] == [1, 2, 3, 4]
+    assert [(m["step"], m["loss"]) for m in read_metrics(tmp_path / "split")] == losses
+    # The model rebuilt from the checkpoint alone gives exactly the metrics logged in training.
+    run, step, model_state = restore_run(tmp_path / "full")
+    assert step == 4
+    metrics = evaluate(
+        jax.jit(make_eval_step(run.graphdef)),
+        model_state,
+        run.task,
+        run.cfg.eval,
+        run.mesh,
+        "valid",
+    )
+    assert metrics == {"loss": full["valid_loss"], "accuracy": full["valid_accuracy"]}
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    # Each AdamW step moves every weight by about the learning rate: the loss overflows quickly.
+    cfg = tiny(
+        train={"learning_rate": 1e30, "warmup_steps": 0, "steps": 6}, checkpoint={"every": 1}
+    )
+    with pytest.raises(TrainingDiverged) as error:
+        train(cfg, tmp_path, progress=False)
+    found = re.fullmatch(
+        r"loss is (nan|inf) at step (\d+); training stopped, "
+        r"the last good checkpoint is step (\d+)",
+        str(error.value),
+    )
+    assert found, str(error.value)
+    bad, last_good = int(found[2]), int(found[3])
+    assert 1 < bad < cfg.train.steps and last_good == bad - 1
+    assert Checkpoints(tmp_path / "checkpoints").steps() == list(range(1, bad))
+    logged = read_metrics(tmp_path)
+    assert [m["step"] for m in logged] == list(range(1, bad))
+    assert all(np.isfinite(m["loss"]) for m in logged)
+
+
+def test_checkpoints_keep_the_latest_n_and_the_best(tmp_path):
+    state = {"params": {"w": jnp.ones(2)}, "rest": {}, "opt_state": {"mu": jnp.zeros(2)}}
+    for metric, losses, best in [
+        ("loss", [0.5, 0.1, 0.7, 0.9], 2),
+        ("accuracy", [0.5, 0.9, 0.2, 0.1], 2),
+    ]:
+        cfg = CheckpointConfig(keep=1, best_metric=metric, async_save=False)
+        checkpoints = Checkpoints(tmp_path / metric, cfg)
+        for step, value in enumerate(losses, start=1):
+            checkpoints.save(step, state, {"next_batch_index": step}, metrics={metric: value})
+        assert checkpoints.steps() == [best, 4]
+        assert checkpoints.best_step() == best
+        checkpoints.close()
+
+
+def test_truncate_metrics_drops_lines_after_the_checkpoint(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in range(1, 6))
+    )
+    truncate_metrics(tmp_path, 3)
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_summarize_names_the_task_metrics():
+    from fwpzoo.train import summarize
+
+    sums = {"loss_sum": 6.0, "weight": 3.0, "correct": 1.5}
+    assert summarize(sums, ("loss", "accuracy")) == {"loss": 2.0, "accuracy": 0.5}
+    assert summarize(sums, ("loss", "bpc")) == {"loss": 2.0, "bpc": 2.0 / math.log(2)}
+
+
+def test_replicated_metrics_reach_the_host():
+    assert float(to_host(jnp.float32(2.5))) == 2.5
