@@ -1,0 +1,502 @@
+"""Associative retrieval capacity (Schlag, Irie & Schmidhuber 2021, "Linear transformers are
+secretly fast weight programmers", the synthetic experiments of section 6.1).
+
+A sequence shows L key-value pairs over S keys and S one-hot values, then a query key; the target is
+the value last paired with it (fwpzoo.data.capacity). The model is the paper's single fast-weight
+memory read once:
+
+    e_i = E[key_i]                                  key embedding              [B, L, D]
+    k_i = phi(W_k e_i),  q = phi(W_q E[query])      feature map                [B, L, K'], [B, K']
+    sum rule   (linear_attn): S_L = sum_i k_i v_i^T, z_L = sum_i k_i,  y = S_L^T q / (z_L . q)
+    delta rule (delta_rule):  k, q sum-normalised (phi / sum phi),
+                              beta_i = sigmoid(w_beta . e_i + b),
+                              S_i = S_{i-1} + beta_i k_i (v_i - S_{i-1}^T k_i)^T,  y = S_L^T q
+    loss = 1/2 ||onehot(target) - y||^2                                        y [B, V], V = S
+
+and the baseline is softmax attention over the same keys and values, y = softmax(K q / sqrt(D)) V.
+Each (setting, model, S) is trained with Adam until the loss on fresh sequences reaches stop_loss,
+stops improving for `patience` evaluations, or max_steps pass; the result is the loss on a final
+set of fresh sequences. Sweep settings: configs/experiments/capacity/{sweep,quick}.yaml.
+"""
+
+import dataclasses
+import json
+import math
+import time
+import typing
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+import optax
+import yaml
+from tqdm import tqdm
+
+from fwpzoo import cells
+from fwpzoo.config import ConfigError
+from fwpzoo.data.capacity import SETTINGS, capacity_batch
+from fwpzoo.experiments._common import (
+    CONFIGS,
+    command,
+    markdown_table,
+    parse_options,
+    record,
+    write_records,
+    write_report,
+)
+from fwpzoo.layers.feature_maps import apply_feature_map, favor_projection, feature_dim
+
+NAME = "capacity"
+# record spelling of a feature map -> (feature_maps registry name, nu)
+PHI = {
+    "elu1": ("elu1", 1),
+    "dpfp1": ("dpfp", 1),
+    "dpfp2": ("dpfp", 2),
+    "dpfp3": ("dpfp", 3),
+    "favor": ("favor", 1),
+}
+RULE_CELL = {"sum": "linear_attn", "delta": "delta_rule"}
+SOFTMAX = "softmax"
+STREAMS = {"train": 0, "eval": 1, "final": 2}  # independent data streams per run
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+def embedding_size(num_keys):
+    """The paper's key embedding width, 1.1 x (keys + values): wider than the number of keys, so
+    E W_k can be any key matrix and W_k's small weights steer it quickly."""
+    return math.ceil(2.2 * num_keys)
+
+
+def init_params(key, num_keys, d_key):
+    emb_key, wk_key, wq_key, wb_key = jax.random.split(key, 4)
+    width = embedding_size(num_keys)
+    scale = width**-0.5  # unit-variance projections of the N(0, 1) embeddings
+    return {
+        "embedding": jax.random.normal(emb_key, (num_keys, width)),  # [S, E]
+        "w_k": scale * jax.random.normal(wk_key, (width, d_key)),
+        "w_q": scale * jax.random.normal(wq_key, (width, d_key)),
+        "w_beta": scale * jax.random.normal(wb_key, (width,)),
+        "b_beta": jnp.zeros(()),
+    }
+
+
+def sum_normalise(x):
+    # DPFP can map a vector to all zeros; the epsilon makes that key a no-op write, not a NaN.
+    return x / (jnp.sum(x, axis=-1, keepdims=True) + 1e-6)
+
+
+def write(cell, form, chunk_size, k, v, **gates):
+    """The cell's final state over the pairs. It reads too (o, with q = k); o is unused, so jit
+    drops that computation."""
+    if form == "chunkwise":
+        return cell.chunkwise(k, k, v, chunk_size=chunk_size, **gates)[1]
+    return getattr(cell, form)(k, k, v, **gates)[1]
+
+
+def fwp_readout(params, keys, values, query, *, rule, feature_map, projection, form, chunk_size):
+    """keys [B, L] int, values [B, L, V] one-hot, query [B] int -> y [B, V]."""
+    name, nu = PHI[feature_map]
+    e = params["embedding"][keys]  # [B, L, D]
+    k = apply_feature_map(name, e @ params["w_k"], nu=nu, projection=projection)  # [B, L, K']
+    q_in = params["embedding"][query] @ params["w_q"]  # [B, D]
+    q = apply_feature_map(name, q_in, nu=nu, projection=projection)  # [B, K']
+    k = k[:, :, None, :]  # [B, L, H=1, K']
+    if rule == "sum":
+        # Linear attention's normaliser z = sum_i k_i rides along as a last, constant value
+        # column, so one pass of the cell builds both S and z.
+        ones = jnp.ones((*values.shape[:-1], 1), values.dtype)
+        v = jnp.concatenate([values, ones], axis=-1)[:, :, None, :]  # [B, L, 1, V + 1]
+        state = write(cells.get(RULE_CELL[rule]), form, chunk_size, k, v)  # [B, 1, K', V + 1]
+        read = jnp.einsum("bkv,bk->bv", state[:, 0], q)  # [B, V + 1]
+        return read[:, :-1] / (read[:, -1:] + 1e-6)
+    k, q = sum_normalise(k), sum_normalise(q)
+    beta = jax.nn.sigmoid(e @ params["w_beta"] + params["b_beta"])[:, :, None]  # [B, L, 1]
+    v = values[:, :, None, :]  # [B, L, 1, V]
+    state = write(cells.get(RULE_CELL[rule]), form, chunk_size, k, v, beta=beta)  # [B, 1, K', V]
+    return jnp.einsum("bkv,bk->bv", state[:, 0], q)
+
+
+def softmax_readout(params, keys, values, query):
+    k = params["embedding"][keys] @ params["w_k"]  # [B, L, D]
+    q = params["embedding"][query] @ params["w_q"]  # [B, D]
+    scores = jnp.einsum("bld,bd->bl", k, q) / jnp.sqrt(k.shape[-1])  # [B, L]
+    return jnp.einsum("bl,blv->bv", jax.nn.softmax(scores, axis=-1), values)
+
+
+def readout_fn(model, projection=None, form="recurrent", chunk_size=64):
+    """y [B, V] as a function of (params, keys, values, query) for a model "RULE-MAP" or
+    "softmax"."""
+    if model == SOFTMAX:
+        return softmax_readout
+    rule, feature_map = model.split("-")
+    options = dict(
+        rule=rule, feature_map=feature_map, projection=projection, form=form, chunk_size=chunk_size
+    )
+    return lambda params, keys, values, query: fwp_readout(params, keys, values, query, **options)
+
+
+def batch_loss(readout, params, batch, num_values):
+    """Mean over the batch of 1/2 ||onehot(target) - y||^2."""
+    values = jax.nn.one_hot(batch["values"], num_values)  # [B, L, V]
+    y = readout(params, batch["keys"], values, batch["query"])  # [B, V]
+    error = jax.nn.one_hot(batch["target"], num_values) - y
+    return 0.5 * jnp.mean(jnp.sum(jnp.square(error), axis=-1))
+
+
+def make_train_chunk(readout, optimizer, num_values):
+    """A jitted function taking one optimizer step per batch of a stacked [N, B, ...] chunk, so a
+    whole evaluation interval is one dispatch."""
+
+    def step(carry, batch):
+        params, opt_state = carry
+        loss, grads = jax.value_and_grad(lambda p: batch_loss(readout, p, batch, num_values))(
+            params
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    @jax.jit
+    def train_chunk(params, opt_state, batches):
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), batches)
+        return params, opt_state, losses
+
+    return train_chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """One sweep file of configs/experiments/capacity/."""
+
+    d_key: int
+    favor_features: int
+    batch_size: int
+    learning_rate: float
+    eval_every: int  # training steps between evaluations (one jitted chunk)
+    eval_sequences: int  # fresh sequences per evaluation during training
+    final_sequences: int  # fresh sequences of the reported loss; a multiple of eval_sequences
+    patience: int  # evaluations without improvement before a run stops
+    stop_loss: float
+    max_steps: int
+    form: str  # the cells' form: recurrent or chunkwise
+    chunk_size: int
+    seed: int
+    settings: tuple[str, ...]
+    models: tuple[str, ...]  # "sum-elu1", "delta-dpfp2", ..., "softmax"
+    # the S grid of each setting and rule (sum, delta or softmax): {setting: {rule: [S, ...]}}
+    num_pairs: dict
+
+
+def load_sweep(path: Path) -> Sweep:
+    """A Sweep from YAML; ConfigError (one line) for a missing file, key or bad value."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read sweep {path}: {err}".splitlines()[0]) from None
+    fields = {f.name: f.type for f in dataclasses.fields(Sweep)}
+    if not isinstance(raw, dict) or set(raw) != set(fields):
+        got = set(raw) if isinstance(raw, dict) else set()
+        raise ConfigError(
+            f"sweep {path}: unknown keys {sorted(got - set(fields))}, "
+            f"missing keys {sorted(set(fields) - got)}"
+        )
+    try:
+        values = {name: typed(kind, raw[name], name) for name, kind in fields.items()}
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"sweep {path}: {err}") from None
+    sweep = Sweep(**values)
+    check_sweep(sweep, path)
+    return sweep
+
+
+def typed(kind, value, name):
+    """`value` as the field type `kind`: int, float, str or tuple[...] (from a YAML list)."""
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, list):
+            raise TypeError(f"{name} must be a list, got {value!r}")
+        return tuple(value)
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{name} must be a mapping, got {value!r}")
+        return value
+    if kind is float and isinstance(value, int | float) or isinstance(value, kind):
+        return kind(value)
+    raise TypeError(f"{name} must be {kind.__name__}, got {value!r}")
+
+
+def check_sweep(sweep: Sweep, path) -> None:
+    valid_models = [SOFTMAX] + [f"{rule}-{phi}" for rule in RULE_CELL for phi in PHI]
+    for name, given, valid in (
+        ("settings", sweep.settings, SETTINGS),
+        ("models", sweep.models, valid_models),
+        ("form", (sweep.form,), ("recurrent", "chunkwise")),
+    ):
+        bad = [x for x in given if x not in valid]
+        if bad:
+            raise ConfigError(f"sweep {path}: unknown {name} {bad}; valid: {', '.join(valid)}")
+    for setting in sweep.settings:
+        grids = sweep.num_pairs.get(setting)
+        rules = {rule_of(model) for model in sweep.models}
+        if not isinstance(grids, dict) or not rules <= set(grids):
+            raise ConfigError(
+                f"sweep {path}: num_pairs.{setting} needs a list for each of {sorted(rules)}"
+            )
+        if not all(isinstance(s, int) and s >= 1 for rule in rules for s in grids[rule]):
+            raise ConfigError(f"sweep {path}: num_pairs.{setting} must hold positive integers")
+    if sweep.final_sequences % sweep.eval_sequences or sweep.max_steps % sweep.eval_every:
+        raise ConfigError(
+            f"sweep {path}: final_sequences must be a multiple of eval_sequences and "
+            "max_steps a multiple of eval_every"
+        )
+
+
+def rule_of(model: str) -> str:
+    """sum, delta or softmax."""
+    return model.split("-")[0]
+
+
+def grid(sweep: Sweep) -> list[tuple[str, str, int]]:
+    """Every (setting, model, S) of the sweep, in order."""
+    return [
+        (setting, model, s)
+        for setting in sweep.settings
+        for model in sweep.models
+        for s in sweep.num_pairs[setting][rule_of(model)]
+    ]
+
+
+def phi_dim(model: str, sweep: Sweep) -> int | None:
+    if model == SOFTMAX:
+        return None
+    name, nu = PHI[model.split("-")[1]]
+    return feature_dim(name, sweep.d_key, nu=nu, num_features=sweep.favor_features)
+
+
+def draw(sweep: Sweep, setting: str, num_pairs: int, stream: str, index: int, count: int):
+    """`count` stacked batches [count, B, ...] of fresh sequences, a pure function of the
+    arguments."""
+    rng = np.random.default_rng((sweep.seed, num_pairs, STREAMS[stream], index))
+    flat = capacity_batch(rng, count * sweep.batch_size, num_pairs, setting)
+    return {key: x.reshape(count, sweep.batch_size, *x.shape[1:]) for key, x in flat.items()}
+
+
+def train_run(sweep: Sweep, setting: str, model: str, num_pairs: int) -> dict:
+    """Trains one model on one (setting, S) and returns its result row."""
+    start = time.perf_counter()
+    init_key, favor_key = jax.random.split(jax.random.key(sweep.seed))
+    projection = None
+    if model.endswith("favor"):
+        projection = favor_projection(favor_key, sweep.d_key, sweep.favor_features)
+    readout = readout_fn(model, projection, sweep.form, sweep.chunk_size)
+    optimizer = optax.adam(sweep.learning_rate)
+    params = init_params(init_key, num_pairs, sweep.d_key)
+    opt_state = optimizer.init(params)
+    train_chunk = make_train_chunk(readout, optimizer, num_pairs)
+    per_eval = sweep.eval_sequences // sweep.batch_size
+    evaluate = jax.jit(
+        lambda p, batches: jnp.mean(
+            jax.lax.map(lambda b: batch_loss(readout, p, b, num_pairs), batches)
+        )
+    )
+    best, strikes, curve, stopped = math.inf, 0, [], "max_steps"
+    for index in range(sweep.max_steps // sweep.eval_every):
+        batches = draw(sweep, setting, num_pairs, "train", index, sweep.eval_every)
+        params, opt_state, _ = train_chunk(params, opt_state, batches)
+        loss = float(evaluate(params, draw(sweep, setting, num_pairs, "eval", index, per_eval)))
+        curve.append(((index + 1) * sweep.eval_every, loss))
+        if not math.isfinite(loss):
+            stopped = "nan"
+            break
+        if loss <= sweep.stop_loss:
+            stopped = "stop_loss"
+            break
+        best, strikes = (loss, 0) if loss < best else (best, strikes + 1)
+        if strikes >= sweep.patience:
+            stopped = "plateau"
+            break
+    final = [
+        float(evaluate(params, draw(sweep, setting, num_pairs, "final", i, per_eval)))
+        for i in range(sweep.final_sequences // sweep.eval_sequences)
+    ]
+    return {
+        "setting": setting,
+        "model": model,
+        "num_pairs": num_pairs,
+        "phi_dim": phi_dim(model, sweep),
+        "loss": float(np.mean(final)),
+        "steps": curve[-1][0],
+        "stopped": stopped,
+        "seconds": time.perf_counter() - start,
+        "curve": curve,
+    }
+
+
+def run_key(setting: str, model: str, num_pairs: int) -> str:
+    return f"{setting}-{model}-S{num_pairs}"
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {run_key(r["setting"], r["model"], r["num_pairs"]): r for r in rows}
+
+
+def run_sweep(sweep: Sweep, results_path: Path, progress: bool) -> list[dict]:
+    """Every run of the grid; finished ones (a line in results_path) are read back, the others
+    trained and appended as they finish, so an interrupted sweep resumes where it stopped."""
+    done = read_results(results_path)
+    points = grid(sweep)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(points, unit="run", desc=NAME, disable=not progress)
+    for setting, model, s in bar:
+        key = run_key(setting, model, s)
+        bar.set_postfix_str(key)
+        if key not in done:
+            done[key] = train_run(sweep, setting, model, s)
+            with results_path.open("a") as f:
+                f.write(json.dumps(done[key]) + "\n")
+    return [done[run_key(*point)] for point in points]
+
+
+# ---------------------------------------------------------------------------------------------
+# Records and report
+
+
+def to_record(result: dict, sweep: Sweep) -> dict:
+    model, s = result["model"], result["num_pairs"]
+    length = s if result["setting"] == "unique" else 2 * s
+    if model == SOFTMAX:
+        # attention keeps every key and value: L (D + V) numbers
+        labels = {
+            "model": "attention",
+            "feature_map": SOFTMAX,
+            "state_size": length * (sweep.d_key + s),
+        }
+    else:
+        rule, feature_map = model.split("-")
+        labels = {
+            "model": RULE_CELL[rule],
+            "cell": RULE_CELL[rule],
+            "rule": rule,
+            "feature_map": feature_map,
+            "phi_dim": result["phi_dim"],
+            "beta_range": "0,1" if rule == "delta" else None,
+            "state_size": result["phi_dim"] * s,  # the fast weights K' x V
+        }
+    return record(**labels, setting=result["setting"], x=s, metric="loss", value=result["loss"])
+
+
+def plot(results: list[dict], sweep: Sweep, path: Path) -> None:
+    """Final loss against S: a panel per setting x rule, a line per feature map, softmax
+    attention dashed in every panel."""
+    rules = list(dict.fromkeys(rule_of(m) for m in sweep.models if m != SOFTMAX)) or [SOFTMAX]
+    fig, axes = plt.subplots(
+        len(sweep.settings),
+        len(rules),
+        figsize=(4.6 * len(rules), 3.6 * len(sweep.settings)),
+        squeeze=False,
+    )
+    for row, setting in enumerate(sweep.settings):
+        for col, rule in enumerate(rules):
+            ax = axes[row][col]
+            for model in sweep.models:
+                if model != SOFTMAX and not model.startswith(rule + "-"):
+                    continue
+                mine = sorted(
+                    (r["num_pairs"], r["loss"])
+                    for r in results
+                    if r["setting"] == setting and r["model"] == model
+                )
+                label = SOFTMAX if model == SOFTMAX else model.split("-")[1]
+                phi = phi_dim(model, sweep)
+                label += f" ({phi})" if phi else " attention"
+                style = "k--" if model == SOFTMAX else "o-"
+                ax.plot(*zip(*mine, strict=True), style, label=label, markersize=3)
+            ax.set(
+                title=f"{setting}, {rule} rule",
+                xlabel="stored pairs S",
+                ylabel="final loss",
+                yscale="symlog",
+                xscale="log",
+            )
+            ax.set_yscale("symlog", linthresh=1e-3)
+            ax.axhline(sweep.stop_loss, color="grey", linewidth=0.5)
+            ax.legend(fontsize=7, title="feature map (dim phi)", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def capacity_of(results: list[dict], stop_loss: float) -> int | None:
+    """The largest S up to which every run of a model reached stop_loss (None if the smallest
+    already failed)."""
+    best = None
+    for r in sorted(results, key=lambda r: r["num_pairs"]):
+        if r["loss"] > stop_loss * 10:
+            break
+        best = r["num_pairs"]
+    return best
+
+
+def report(results: list[dict], sweep: Sweep, options, wall_seconds: float) -> str:
+    plot(results, sweep, options.out / f"{NAME}.png")
+    sections = []
+    for setting in sweep.settings:
+        rows = []
+        all_s = sorted({s for grid in sweep.num_pairs[setting].values() for s in grid})
+        for model in sweep.models:
+            mine = [r for r in results if r["setting"] == setting and r["model"] == model]
+            by_s = {r["num_pairs"]: r["loss"] for r in mine}
+            rows.append(
+                [model, phi_dim(model, sweep), capacity_of(mine, sweep.stop_loss)]
+                + [by_s.get(s) for s in all_s]
+            )
+        header = ["model", "dim phi", "largest S solved", *(f"S={s}" for s in all_s)]
+        sections.append(f"### {setting}\n\n{markdown_table(header, rows)}")
+    stopped = {}
+    for r in results:
+        stopped[r["stopped"]] = stopped.get(r["stopped"], 0) + 1
+    return f"""# Associative retrieval capacity (Schlag, Irie & Schmidhuber 2021)
+
+Command: `{command(options)}` (sweep: `configs/experiments/{NAME}/{sweep_file(options)}`).
+Wall time here: {wall_seconds / 60:.1f} min summed over {len(results)} runs
+(2-core CPU shared with other work; each run's seconds are in its results.jsonl row).
+
+Setup: d_key = {sweep.d_key}, FAVOR+ with {sweep.favor_features} random features, batch
+{sweep.batch_size}, Adam {sweep.learning_rate:g}, cells in their {sweep.form} form. A run stops when
+the loss on {sweep.eval_sequences} fresh sequences (every {sweep.eval_every} steps) reaches
+{sweep.stop_loss:g}, after {sweep.patience} evaluations without improvement, or at
+{sweep.max_steps} steps; reported is the loss on {sweep.final_sequences} further fresh sequences.
+"Largest S solved": the largest S up to which every run ended below {10 * sweep.stop_loss:g}.
+How runs ended: {", ".join(f"{k} {v}" for k, v in sorted(stopped.items()))}.
+
+![final loss against S]({NAME}.png)
+
+Final loss (1/2 squared error to the one-hot value, averaged over sequences):
+
+{chr(10).join(s + chr(10) for s in sections)}
+"""
+
+
+def sweep_file(options) -> str:
+    return "quick.yaml" if options.quick else "sweep.yaml"
+
+
+def main(argv) -> int:
+    options = parse_options(NAME, argv)
+    sweep = load_sweep(CONFIGS / NAME / sweep_file(options))
+    results = run_sweep(sweep, options.root / "results.jsonl", options.progress)
+    records = [to_record(r, sweep) for r in results]
+    write_records(records, options.out / f"{NAME}.json")
+    wall_seconds = sum(r["seconds"] for r in results)
+    write_report(options.out / f"{NAME}.md", report(results, sweep, options, wall_seconds))
+    return 0
