@@ -1,0 +1,158 @@
+"""Data parallelism: 1 device, 4 simulated CPU devices, and 2 processes x 2 devices (one 4-device
+mesh over JAX's distributed runtime on 127.0.0.1) train to the same losses."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY_YAML = """\
+model:
+  mixers: [fwp, attention]
+  d_model: 16
+  num_heads: 2
+  chunk_size: 8
+data:
+  task: mqar
+  seq_len: 16
+  vocab_size: 16
+  num_pairs: 3
+train:
+  steps: 6
+  batch_size: 8
+  learning_rate: 1e-2
+  warmup_steps: 2
+  log_every: 1
+checkpoint:
+  every: 3
+eval:
+  every: 3
+  batch_size: 8
+  num_batches: 1
+"""
+TIMEOUT = 600
+
+
+def command(config: Path, workdir: Path, *extra) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "fwpzoo",
+        "train",
+        str(config),
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+        *map(str, extra),
+    ]
+
+
+def environment(devices: int) -> dict:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def logged(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("configs") / "tiny.yaml"
+    path.write_text(TINY_YAML)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(config, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """(workdir, stderr) of the same config trained three ways, the processes started together."""
+    root = tmp_path_factory.mktemp("runs")
+    port = free_port()
+    launches = {
+        "1 device": [(command(config, root / "one"), environment(1))],
+        "4 devices": [(command(config, root / "four"), environment(4))],
+        "2 processes": [
+            (
+                command(
+                    config,
+                    root / "two",
+                    "--coordinator",
+                    f"127.0.0.1:{port}",
+                    "--num-processes",
+                    2,
+                    "--process-id",
+                    i,
+                ),
+                environment(2),
+            )
+            for i in range(2)
+        ],
+    }
+    started = {
+        name: [
+            subprocess.Popen(
+                argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for argv, env in group
+        ]
+        for name, group in launches.items()
+    }
+    results = {}
+    try:
+        for name, processes in started.items():
+            outputs = [p.communicate(timeout=TIMEOUT) for p in processes]
+            for process, (_, err) in zip(processes, outputs, strict=True):
+                assert process.returncode == 0, f"{name}: {err}"
+            results[name] = outputs[0][1]
+    finally:
+        for processes in started.values():
+            for process in processes:
+                process.kill()
+    return {
+        "1 device": (root / "one", results["1 device"]),
+        "4 devices": (root / "four", results["4 devices"]),
+        "2 processes": (root / "two", results["2 processes"]),
+    }
+
+
+def test_each_run_sees_the_mesh_it_asked_for(runs):
+    assert "training on 1 cpu devices in 1 processes" in runs["1 device"][1]
+    assert "training on 4 cpu devices in 1 processes" in runs["4 devices"][1]
+    assert "training on 4 cpu devices in 2 processes" in runs["2 processes"][1]
+
+
+@pytest.mark.parametrize("name", ["4 devices", "2 processes"])
+def test_data_parallel_losses_equal_the_single_device_run(runs, name):
+    reference, other = logged(runs["1 device"][0]), logged(runs[name][0])
+    assert [m["step"] for m in other] == [m["step"] for m in reference] == list(range(1, 7))
+    # Only the order of the gradient sum differs: float32 rounding, nothing more.
+    np.testing.assert_allclose(
+        [m["loss"] for m in other], [m["loss"] for m in reference], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        [m["valid_loss"] for m in other if "valid_loss" in m],
+        [m["valid_loss"] for m in reference if "valid_loss" in m],
+        rtol=1e-5,
+    )
+
+
+def test_two_processes_equal_one_process_on_the_same_mesh(runs):
+    four, two = logged(runs["4 devices"][0]), logged(runs["2 processes"][0])
+    np.testing.assert_allclose([m["loss"] for m in two], [m["loss"] for m in four], rtol=1e-6)
+
+
+def test_the_two_process_run_writes_one_workdir_once(runs):
+    workdir = runs["2 processes"][0]
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [3, 6]
+    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 6  # written once
