@@ -198,7 +198,7 @@ def test_bf16_compute_keeps_float32_params_and_logits():
 
 
 def test_split_merge_jit_and_eval_shape():
-    cfg = tiny(feature_map="favor", qk_norm="sum")
+    cfg = tiny(feature_map="favor", qk_norm="sum", form="recurrent")  # eager: keep it small
     model = model_of(cfg)
     toks = tokens(6)
     graphdef, state = nnx.split(model)
@@ -225,6 +225,17 @@ def test_intermediates_name_every_block():
     assert {"block_1/state_norm", "block_1/alpha_mean", "block_2/state_norm"} <= set(stats)
     assert 0 < float(stats["block_0/beta_mean"]) < 1
     assert 0 < float(stats["block_0/alpha_mean"]) <= 1
+
+
+def test_decoding_state_is_constant_in_length_except_attention():
+    model = model_of(tiny(mixers=HYBRID))
+    shapes = lambda max_len: jax.tree.map(jnp.shape, model.init_cache(B, max_len))  # noqa: E731
+    short, long = shapes(8), shapes(1000)
+    for kind, a, b in zip(HYBRID, short, long, strict=True):
+        if kind == "attention":
+            assert a["k"] == (B, 8, 2, 4) and b["k"] == (B, 1000, 2, 4)
+        else:
+            assert a == b, kind
 
 
 def test_build_model_rejects_bad_vocab():
