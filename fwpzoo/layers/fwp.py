@@ -114,7 +114,7 @@ class FWPMixer(nnx.Module):
         self.gate_proj = linear(cfg.d_model, H * V) if cfg.output_gate else None
         self.out_proj = linear(H * V, cfg.d_model)
 
-    # the three entry points ------------------------------------------------------------------
+    # the entry points: see fwpzoo.layers ---------------------------------------------------
 
     def __call__(self, x, *, return_intermediates: bool = False):
         """x [B, T, D] -> y [B, T, D] (and a dict of scalar intermediates when asked)."""
