@@ -2,11 +2,12 @@
 
     S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t
 
-Inside a chunk the writes are rewritten as S_t = e^{g_t} S_0 + sum_{i<=t} e^{g_t - g_i} k_i u_i^T with
-pseudo-values U = T (diag(beta) V - diag(beta e^g) K S_0), T = (I + A)^{-1} the UT transform of
-A = strictly-lower(diag(beta) (K K^T . Gamma)); across chunks the state follows the linear recurrence
-S_n = M_n S_{n-1} + X_n. A jax.custom_vjp supplies the hand-derived backward, which recomputes the
-intra-chunk matrices instead of letting autodiff store them. Derivations: delta_rules.md.
+Inside a chunk the writes are rewritten as S_t = e^{g_t} S_0 + sum_{i<=t} e^{g_t - g_i} k_i u_i^T
+with pseudo-values U = T (diag(beta) V - diag(beta e^g) K S_0), T = (I + A)^{-1} the UT transform
+of A = strictly-lower(diag(beta) (K K^T . Gamma)); across chunks the state follows the linear
+recurrence S_n = M_n S_{n-1} + X_n. A jax.custom_vjp supplies the hand-derived backward, which
+keeps a few per-chunk matrices and the chunk-boundary states instead of everything autodiff would
+store. Derivations: delta_rules.md.
 
 Dimension letters: B batch, T time, H heads, K key dim, V value dim, C chunk, N chunks,
 G = B * H folded heads. Inside, every tensor is chunk-major, [N, G, C, ...]: the intra-chunk
@@ -72,33 +73,36 @@ def _decays(g):
 
 def _forward(q, k, v, beta, g, state):
     """q, k [N, G, C, K]; v [N, G, C, V]; beta, g [N, G, C]; state [G, K, V]."""
+    V = v.shape[-1]
     strict = _lower_mask(q.shape[-2], strict=True)
     gamma, e, to_end, e_last = _decays(g)
+    p = q @ _mT(k) * gamma  # [N, G, C, C], zero above the diagonal
     kkg = jnp.where(strict, k @ _mT(k) * gamma, 0.0)  # [N, G, C, C]
     tri = unit_lower_inverse(beta[..., None] * kkg)  # [N, G, C, C]
-    w = tri @ ((beta * e)[..., None] * k)  # [N, G, C, K]
-    u_tilde = tri @ (beta[..., None] * v)  # [N, G, C, V]
-    k_end = to_end[..., None] * k  # [N, G, C, K]
+    # one product for both right-hand sides: [U~, W] = T [diag(beta) V, diag(beta e^g) K]
+    rhs = beta[..., None] * jnp.concatenate([v, e[..., None] * k], axis=-1)  # [N, G, C, V + K]
+    uw = tri @ rhs  # [N, G, C, V + K]
+    u_tilde, w = uw[..., :V], uw[..., V:]
+    x_m = _mT(to_end[..., None] * k) @ uw  # [N, G, K, V + K]
     eye = jnp.eye(k.shape[-1], dtype=k.dtype)
-    m = e_last[..., None, None] * eye - _mT(k_end) @ w  # [N, G, K, K]
-    x = _mT(k_end) @ u_tilde  # [N, G, K, V]
+    m = e_last[..., None, None] * eye - x_m[..., V:]  # [N, G, K, K]
 
     def chunk_step(s, mx):
         return mx[0] @ s + mx[1], s
 
-    final, s_prev = jax.lax.scan(chunk_step, state, (m, x))  # s_prev [N, G, K, V]
+    final, s_prev = jax.lax.scan(chunk_step, state, (m, x_m[..., :V]))  # s_prev [N, G, K, V]
     u = u_tilde - w @ s_prev  # [N, G, C, V]
-    o = (e[..., None] * q) @ s_prev + (q @ _mT(k) * gamma) @ u  # [N, G, C, V]
-    return o, final, (q, k, v, beta, g, tri, w, u, s_prev, m)
+    o = (e[..., None] * q) @ s_prev + p @ u  # [N, G, C, V]
+    return o, final, (q, k, v, beta, g, p, kkg, tri, uw, u, s_prev, m)
 
 
 def _backward(res, cotangents):
-    q, k, v, beta, g, tri, w, u, s_prev, m = res
+    q, k, v, beta, g, p, kkg, tri, uw, u, s_prev, m = res
     do, d_final = cotangents
+    V = v.shape[-1]
     strict = _lower_mask(q.shape[-2], strict=True)
     gamma, e, to_end, e_last = _decays(g)
-    qk = q @ _mT(k)  # [N, G, C, C]
-    p = qk * gamma
+    w = uw[..., V:]
     du_local = _mT(p) @ do  # [N, G, C, V]: dO's path through P U
     qe = e[..., None] * q
     y = _mT(qe) @ do - _mT(w) @ du_local  # [N, G, K, V]
@@ -109,17 +113,15 @@ def _backward(res, cotangents):
     d_state, ds_next = jax.lax.scan(chunk_step, d_final, (m, y), reverse=True)
     k_end = to_end[..., None] * k
     du = du_local + k_end @ ds_next  # [N, G, C, V]
-    dqk = do @ _mT(u) * gamma  # [N, G, C, C]
+    do_u = do @ _mT(u)  # [N, G, C, C]
+    dqk = do_u * gamma
     dqe = do @ _mT(s_prev)  # [N, G, C, K]
     dk_end = u @ _mT(ds_next)  # [N, G, C, K]
-    dw = -(du @ _mT(s_prev))  # [N, G, C, K]
-    vb = beta[..., None] * v
-    kbe = (beta * e)[..., None] * k
-    dtri = du @ _mT(vb) + dw @ _mT(kbe)  # [N, G, C, C]
-    dvb = _mT(tri) @ du  # [N, G, C, V]
-    dkbe = _mT(tri) @ dw  # [N, G, C, K]
-    da = -jnp.where(strict, _mT(tri) @ dtri @ _mT(tri), 0.0)  # [N, G, C, C]
-    kkg = jnp.where(strict, k @ _mT(k) * gamma, 0.0)
+    duw = jnp.concatenate([du, -(du @ _mT(s_prev))], axis=-1)  # [N, G, C, V + K]
+    drhs = _mT(tri) @ duw  # [N, G, C, V + K]
+    # d(I + A)^{-1} = -T^T dT T^T with dT = dUW RHS^T, and T RHS = UW
+    da = -jnp.where(strict, drhs @ _mT(uw), 0.0)  # [N, G, C, C]
+    dvb, dkbe = drhs[..., :V], drhs[..., V:]
     dkk = beta[..., None] * da * gamma  # [N, G, C, C]
 
     dq = dqk @ k + e[..., None] * dqe
@@ -133,7 +135,7 @@ def _backward(res, cotangents):
     k_dkbe = jnp.sum(k * dkbe, axis=-1)  # [N, G, C]
     dbeta = jnp.sum(v * dvb, axis=-1) + e * k_dkbe + jnp.sum(da * kkg, axis=-1)
     # g enters through Gamma (z = dGamma . Gamma), e^g, e^{g_C - g} and e^{g_C}
-    z = dqk * qk + beta[..., None] * da * kkg  # [N, G, C, C]
+    z = do_u * p + beta[..., None] * da * kkg  # [N, G, C, C]
     to_end_dk = to_end * jnp.sum(k * dk_end, axis=-1)  # [N, G, C]
     dg = (
         jnp.sum(z, axis=-1)
@@ -186,12 +188,13 @@ def chunkwise(q, k, v, beta, log_alpha, state, chunk_size):
     """The gated delta rule in chunks; log_alpha None means no decay (the plain delta rule).
 
     q, k [B, T, H, K]; v [B, T, H, V]; beta, log_alpha [B, T, H]; state [B, H, K, V] or None.
-    Returns (o [B, T, H, V] float32, state [B, H, K, V] float32).
+    Returns (o [B, T, H, V] in v's dtype, state [B, H, K, V] float32).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     chunk = min(chunk_size, T)
     num_chunks = -(-T // chunk)
+    o_dtype = v.dtype
     q, k, v, beta = (_to_chunks(x, num_chunks, chunk) for x in (q, k, v, beta))
     if log_alpha is None:
         g = jnp.zeros_like(beta)
@@ -202,4 +205,4 @@ def chunkwise(q, k, v, beta, log_alpha, state, chunk_size):
     else:
         state = state.astype(jnp.float32).reshape(B * H, K, V)
     o, state = chunk_scan(q, k, v, beta, g, state)
-    return _from_chunks(o, B, T), state.reshape(B, H, K, V)
+    return _from_chunks(o, B, T).astype(o_dtype), state.reshape(B, H, K, V)

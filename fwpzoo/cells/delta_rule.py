@@ -1,6 +1,7 @@
 """The delta rule (DeltaNet): each write corrects what the memory returns for its key.
 
-    S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+    S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T
+        = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
     o_t = S_t^T q_t
 
 q, k [B, T, H, K]; v [B, T, H, V]; beta [B, T, H] (any beta in (0, 2) keeps the transition's
@@ -9,6 +10,7 @@ eigenvalues in (-1, 1] for unit keys); state S [B, H, K, V] float32; o [B, T, H,
 
 import jax.numpy as jnp
 
+from fwpzoo.cells import _delta_assoc, _delta_chunk
 from fwpzoo.cells._reference import initial_state, scan_steps, to_f32
 
 GATES: tuple[str, ...] = ("beta",)
@@ -30,3 +32,11 @@ def step(state, q, k, v, *, beta):
 def recurrent(q, k, v, *, state=None, beta):
     o, state = scan_steps(step, initial_state(state, q, v), q, k, v, {"beta": beta})
     return o.astype(v.dtype), state
+
+
+def chunkwise(q, k, v, *, state=None, chunk_size=64, beta):
+    return _delta_chunk.chunkwise(q, k, v, beta, None, state, chunk_size)
+
+
+def associative(q, k, v, *, state=None, beta):
+    return _delta_assoc.scan(q, _delta_assoc.elements(k, v, beta), state, v.dtype)

@@ -9,6 +9,7 @@ state S [B, H, K, V] float32; o [B, T, H, V] in v's dtype.
 
 import jax.numpy as jnp
 
+from fwpzoo.cells import _delta_assoc, _delta_chunk
 from fwpzoo.cells._reference import initial_state, scan_steps, to_f32
 from fwpzoo.cells.delta_rule import delta_update
 
@@ -27,3 +28,12 @@ def recurrent(q, k, v, *, state=None, beta, log_alpha):
     gates = {"beta": beta, "log_alpha": log_alpha}
     o, state = scan_steps(step, initial_state(state, q, v), q, k, v, gates)
     return o.astype(v.dtype), state
+
+
+def chunkwise(q, k, v, *, state=None, chunk_size=64, beta, log_alpha):
+    return _delta_chunk.chunkwise(q, k, v, beta, log_alpha, state, chunk_size)
+
+
+def associative(q, k, v, *, state=None, beta, log_alpha):
+    elems = _delta_assoc.decayed(_delta_assoc.elements(k, v, beta), log_alpha)
+    return _delta_assoc.scan(q, elems, state, v.dtype)
