@@ -49,7 +49,7 @@ def chunkwise(q, k, v, *, state=None, chunk_size=64, log_alpha):
     Only decays between two positions of one chunk are exponentiated (exponents <= 0); the
     chunk-to-chunk recurrence keeps its decays in log space.
     """
-    T = q.shape[1]
+    T, dtype = q.shape[1], v.dtype
     S0 = initial_state(state, q, v)
     log_alpha = per_key_axis(log_alpha, q)  # [B, T, H, K|1]
     q, k, v = (to_chunks(x, chunk_size) for x in to_f32(q, k, v))  # [B, H, N, C, K|V]
@@ -59,7 +59,7 @@ def chunkwise(q, k, v, *, state=None, chunk_size=64, log_alpha):
     states = diagonal_recurrence(g_end.mT, writes, S0, axis=2)  # [B, H, N + 1, K, V]
     o_inter = (q * jnp.exp(g)) @ states[:, :, :-1]  # [B, H, N, C, V]
     o = intra_chunk_scores(q, k, g) @ v + o_inter
-    return from_chunks(o, T).astype(v.dtype), states[:, :, -1]
+    return from_chunks(o, T).astype(dtype), states[:, :, -1]
 
 
 def intra_chunk_scores(q, k, g):

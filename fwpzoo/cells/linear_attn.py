@@ -28,7 +28,7 @@ def recurrent(q, k, v, *, state=None):
 
 def chunkwise(q, k, v, *, state=None, chunk_size=64):
     """Causal attention inside each chunk of C tokens, the state carried across chunks."""
-    T = q.shape[1]
+    T, dtype = q.shape[1], v.dtype
     S0 = initial_state(state, q, v)
     q, k, v = (to_chunks(x, chunk_size) for x in to_f32(q, k, v))  # [B, H, N, C, K|V]
     writes = k.mT @ v  # [B, H, N, K, V]
@@ -36,7 +36,7 @@ def chunkwise(q, k, v, *, state=None, chunk_size=64):
     causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
     scores = jnp.where(causal, q @ k.mT, 0.0)  # [B, H, N, C, C]
     o = scores @ v + q @ states[:, :, :-1]  # [B, H, N, C, V]
-    return from_chunks(o, T).astype(v.dtype), states[:, :, -1]
+    return from_chunks(o, T).astype(dtype), states[:, :, -1]
 
 
 def associative(q, k, v, *, state=None):

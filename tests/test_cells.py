@@ -1,0 +1,334 @@
+"""One property suite over every cell family: each parallel form against the sequential reference.
+
+Compilation dominates the run time, so shapes are tiny (B = H = 2, K = V = 8), every compiled
+function is cached by (variant, form, chunk size) and reused across tests (one compiled function
+gives outputs, final state and gradients), the reference runs once per (variant, T), and XLA skips
+its backend optimisations (these programs run in microseconds; compiling them is the cost).
+"""
+
+import functools
+import zlib
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from fwpzoo import cells
+
+# What jax_disable_most_optimizations sets, for these functions only.
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+TOLERANCE = {"recurrent": 1e-6, "chunkwise": 1e-4, "associative": 1e-5}  # float32 relative RMS
+BF16_TOLERANCE = 2.0**-8  # one bfloat16 rounding of the output, relative
+
+# T in {1, 7, C - 1, C, C + 1, 3C - 1} at C = 16; the other chunk sizes at T = 3C - 1.
+FORM_CASES = (
+    [("chunkwise", 16, T) for T in (1, 7, 15, 16, 17, 47)]
+    + [("chunkwise", C, 3 * C - 1) for C in (32, 64)]
+    + [("associative", None, T) for T in (1, 15, 16, 47)]
+)
+LONGEST = max(T for _, _, T in FORM_CASES)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    T: int
+    B: int = 2
+    H: int = 2
+    K: int = 8
+    V: int = 8
+    N: int = 2  # delta_product sub-steps
+    log_alpha_min: float = -1.0
+    beta_range: tuple[float, float] = (0.1, 1.9)
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def hebbian_kv(r, s):
+    return {"k": r.normal(size=(s.B, s.T, s.H, s.K)), "v": r.normal(size=(s.B, s.T, s.H, s.V))}
+
+
+def delta_kv(r, s, sub=()):
+    """L2-normalised keys, as delta-rule layers feed them."""
+    k = unit(r.normal(size=(s.B, s.T, s.H, *sub, s.K)))
+    return {"k": k, "v": r.normal(size=(s.B, s.T, s.H, *sub, s.V))}
+
+
+def log_alpha(r, s, key=()):
+    return {"log_alpha": r.uniform(s.log_alpha_min, 0.0, size=(s.B, s.T, s.H, *key))}
+
+
+def beta(r, s, sub=()):
+    return {"beta": r.uniform(*s.beta_range, size=(s.B, s.T, s.H, *sub))}
+
+
+# Per family, its variants and how to draw k, v and the gates: [B, T, H, ...] numpy arrays.
+MAKERS = {
+    "linear_attn": {"": hebbian_kv},
+    "gated_linear_attn": {
+        "/scalar": lambda r, s: hebbian_kv(r, s) | log_alpha(r, s),
+        "/per_key": lambda r, s: hebbian_kv(r, s) | log_alpha(r, s, (s.K,)),
+    },
+    "delta_rule": {"": lambda r, s: delta_kv(r, s) | beta(r, s)},
+    "gated_delta_rule": {"": lambda r, s: delta_kv(r, s) | beta(r, s) | log_alpha(r, s)},
+    "delta_product": {
+        "/decay": lambda r, s: delta_kv(r, s, (s.N,)) | beta(r, s, (s.N,)) | log_alpha(r, s),
+        "/no_decay": lambda r, s: delta_kv(r, s, (s.N,)) | beta(r, s, (s.N,)),
+    },
+}
+VARIANTS = [name + suffix for name in cells.CELLS for suffix in MAKERS[name]]
+ONE_VARIANT_PER_FAMILY = [name + next(iter(MAKERS[name])) for name in cells.CELLS]
+
+
+def family(variant):
+    return variant.split("/")[0]
+
+
+def draw(variant, sizes, dtype=jnp.float32):
+    """q, k, v, a nonzero initial state and the gates, seeded by (variant, sizes)."""
+    r = np.random.default_rng(zlib.crc32(f"{variant}{sizes}".encode()))
+    s = sizes
+    name, suffix = family(variant), variant[len(family(variant)) :]
+    arrays = {
+        "q": r.normal(size=(s.B, s.T, s.H, s.K)) / np.sqrt(s.K),
+        "state": 0.5 * r.normal(size=(s.B, s.H, s.K, s.V)),
+    } | MAKERS[name][suffix](r, s)
+    return {key: jnp.asarray(x, dtype) for key, x in arrays.items()}
+
+
+def cotangents(sizes):
+    r = np.random.default_rng(zlib.crc32(f"cotangent{sizes}".encode()))
+    o = r.normal(size=(sizes.B, sizes.T, sizes.H, sizes.V))
+    state = r.normal(size=(sizes.B, sizes.H, sizes.K, sizes.V))
+    return jnp.asarray(o, jnp.float32), jnp.asarray(state, jnp.float32)
+
+
+def quick_jit(fn):
+    return jax.jit(fn, compiler_options=COMPILER_OPTIONS)
+
+
+def form_of(variant, form, chunk_size=None):
+    """The family's `form` function; AttributeError while a family lacks that form."""
+    fn = getattr(cells.get(family(variant)), form)
+    return functools.partial(fn, chunk_size=chunk_size) if chunk_size else fn
+
+
+@functools.cache
+def jitted(variant, form, chunk_size=None):
+    """inputs dict -> (o, state), compiled once per (variant, form, chunk size) and shape."""
+    fn = form_of(variant, form, chunk_size)
+    return quick_jit(lambda inputs: fn(**inputs))
+
+
+@functools.cache
+def jitted_vjp(variant, form, chunk_size=None):
+    """(inputs, cotangents) -> ((o, state), gradients w.r.t. every input)."""
+    fn = form_of(variant, form, chunk_size)
+
+    def run(inputs, cotangent):
+        out, pullback = jax.vjp(lambda x: fn(**x), inputs)
+        return out, pullback(cotangent)[0]
+
+    return quick_jit(run)
+
+
+def run_form(variant, form, inputs, chunk_size=16):
+    """((o, state), gradients) of `form` on inputs [B, T, ...], with the cotangents drawn for T.
+
+    `recurrent` always runs zero-padded to LONGEST, so it compiles once per variant: a zero token
+    is an identity step for every family (x + 0 and 1 * x are exact), which leaves the outputs,
+    the final state and the gradients w.r.t. the real tokens and the initial state unchanged.
+    """
+    T = inputs["q"].shape[1]
+    o_bar, state_bar = cotangents(Sizes(T))
+    if form != "recurrent":
+        run = jitted_vjp(variant, form, chunk_size if form == "chunkwise" else None)
+        return run(inputs, (o_bar, state_bar))
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, LONGEST - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    padded = {key: x if key == "state" else pad(x) for key, x in inputs.items()}
+    (o, state), grads = jitted_vjp(variant, "recurrent")(padded, (pad(o_bar), state_bar))
+    return (o[:, :T], state), split_time(grads, 0, T)
+
+
+@functools.cache
+def reference(variant, T):
+    return run_form(variant, "recurrent", draw(variant, Sizes(T)))
+
+
+def relative_rms(actual, expected):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = np.sqrt(np.mean(expected**2))
+    return np.sqrt(np.mean((actual - expected) ** 2)) / max(scale, 1e-30)
+
+
+def assert_close(actual, expected, tolerance):
+    """Every leaf of two pytrees within `tolerance` relative RMS error; names the worst leaves."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(expected)
+    errors = {
+        jax.tree_util.keystr(path): relative_rms(a, e)
+        for (path, e), a in zip(leaves, jax.tree.leaves(actual), strict=True)
+    }
+    for leaf in jax.tree.leaves(actual):
+        assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
+    bad = {path: f"{err:.2e}" for path, err in errors.items() if not err <= tolerance}
+    assert not bad, f"relative RMS error above {tolerance:.0e}: {bad}"
+
+
+def split_time(inputs, start, stop):
+    return {key: x if key == "state" else x[:, start:stop] for key, x in inputs.items()}
+
+
+@pytest.mark.parametrize(
+    "form, chunk_size, T", FORM_CASES, ids=[f"{f}-C{c}-T{t}" for f, c, t in FORM_CASES]
+)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_form_matches_recurrent_outputs_state_and_gradients(variant, form, chunk_size, T):
+    actual = run_form(variant, form, draw(variant, Sizes(T)), chunk_size)
+    assert_close(actual, reference(variant, T), TOLERANCE[form])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_step_loop_equals_recurrent(variant):
+    inputs = draw(variant, Sizes(7))
+    step = quick_jit(cells.get(family(variant)).step)
+    state, outputs = inputs["state"], []
+    for t in range(7):
+        state, o = step(state, **{key: x[:, t] for key, x in inputs.items() if key != "state"})
+        outputs.append(o)
+    (o_ref, state_ref), _ = reference(variant, 7)
+    assert_close((jnp.stack(outputs, axis=1), state), (o_ref, state_ref), TOLERANCE["recurrent"])
+
+
+PIECES = (15, 16, 16)  # lengths every form has compiled above; 47 in all
+
+
+@pytest.mark.parametrize("form", cells.FORMS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pieces_with_carried_state_equal_one_pass(variant, form):
+    inputs = draw(variant, Sizes(sum(PIECES)))
+    state, outputs, start = inputs["state"], [], 0
+    for length in PIECES:
+        piece = split_time(inputs, start, start + length) | {"state": state}
+        (o, state), _ = run_form(variant, form, piece)
+        outputs.append(o)
+        start += length
+    (o_whole, state_whole), _ = run_form(variant, form, inputs)
+    assert_close((jnp.concatenate(outputs, axis=1), state), (o_whole, state_whole), 1e-5)
+
+
+@pytest.mark.parametrize("form", cells.FORMS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_inputs_keep_a_float32_state(variant, form):
+    inputs = draw(variant, Sizes(15))
+    low = {key: x if key == "state" else x.astype(jnp.bfloat16) for key, x in inputs.items()}
+    o, state = jitted(variant, form, 16 if form == "chunkwise" else None)(low)
+    assert o.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+    # The arithmetic is float32: on the same (rounded) numbers only the output's rounding differs.
+    (o_f32, state_f32), _ = run_form(variant, form, jax.tree.map(jnp.float32, low))
+    assert_close(state, state_f32, 1e-6)
+    assert_close(o, o_f32, BF16_TOLERANCE)
+    # And against the float32 inputs it is off by bfloat16 input rounding only.
+    assert_close((o, state), run_form(variant, form, inputs)[0], 2e-2)
+
+
+STRESS = Sizes(T=16384, B=1, H=1, K=4, V=4, N=2, log_alpha_min=-5.0, beta_range=(1.9, 2.0))
+
+
+@pytest.mark.parametrize("form, chunk_size", [("chunkwise", 64), ("associative", None)])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_long_sequence_strong_decay_and_beta_near_two(variant, form, chunk_size):
+    """T = 16384, log_alpha down to -5: exp of a cumulative decay would under/overflow here.
+
+    Also the state=None path: the run starts from zeros."""
+    inputs = draw(variant, STRESS)
+    del inputs["state"]
+    expected = jitted(variant, "recurrent")(inputs)
+    assert_close(jitted(variant, form, chunk_size)(inputs), expected, TOLERANCE[form])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reference_gradients_match_finite_differences(variant):
+    """check_grads in float64 on tiny shapes (B = T = H = 1 is not enough to mix tokens: T = 3).
+
+    The contract keeps the state float32, so the reference computes in float32 whatever its
+    input dtype; the finite-difference step and tolerance follow the precision it computes in.
+    """
+    sizes = Sizes(T=3, B=1, H=1, K=2, V=2, N=2)
+    recurrent = cells.get(family(variant)).recurrent
+    with jax.enable_x64(True):
+        inputs = draw(variant, sizes, jnp.float64)
+        names = list(inputs)
+        compute = recurrent(**inputs)[1].dtype
+        eps, tol = (1e-4, 1e-5) if compute == jnp.float64 else (1e-3, 3e-4)
+        check_grads(
+            jax.jit(lambda *xs: recurrent(**dict(zip(names, xs, strict=True)))),
+            tuple(inputs.values()),
+            order=1,
+            modes=("rev",),
+            eps=eps,
+            atol=tol,
+            rtol=tol,
+        )
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("variant", ONE_VARIANT_PER_FAMILY)
+def test_chunkwise_jitted_and_eager_agree_with_reference(variant, jit):
+    inputs = draw(variant, Sizes(17))
+    if jit:
+        out, _ = run_form(variant, "chunkwise", inputs)
+    else:  # op by op, as a caller without jax.jit runs it
+        out = form_of(variant, "chunkwise", 16)(**inputs)
+    assert_close(out, reference(variant, 17)[0], TOLERANCE["chunkwise"])
+
+
+def orthonormal_rows(rng, n):
+    return np.linalg.qr(rng.normal(size=(n, n)))[0].T
+
+
+@pytest.mark.parametrize("form", cells.FORMS)
+@pytest.mark.parametrize("name", ["linear_attn", "delta_rule"])
+def test_orthonormal_keys_are_retrieved_exactly(rng, name, form):
+    """With orthonormal keys every stored value comes back unchanged (beta = 1 for the delta rule:
+    S^T k is zero before each write, so it writes exactly what linear attention writes)."""
+    K = 8
+    k = orthonormal_rows(rng, K)  # [T = K, K]
+    v = rng.normal(size=(K, K))
+    recall = np.arange(K) // 2  # at step t ask for the value written at step t // 2 <= t
+    gates = {"beta": jnp.ones((1, K, 1))} if name == "delta_rule" else {}
+    as_input = lambda x: jnp.asarray(x[None, :, None], jnp.float32)  # noqa: E731  [1, T, 1, K]
+    fn = quick_jit(form_of(name, form, 4 if form == "chunkwise" else None))
+    o, state = fn(as_input(k[recall]), as_input(k), as_input(v), **gates)
+    np.testing.assert_allclose(o[0, :, 0], v[recall], atol=1e-5)
+    np.testing.assert_allclose(state[0, 0], k.T @ v, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", cells.FORMS)
+def test_delta_rule_with_beta_one_overwrites_a_key(rng, form):
+    K = 8
+    k = unit(rng.normal(size=K))
+    v1, v2 = rng.normal(size=(2, K))
+    as_input = lambda x: jnp.asarray(np.stack(x)[None, :, None], jnp.float32)  # noqa: E731
+    fn = quick_jit(form_of("delta_rule", form, 16 if form == "chunkwise" else None))
+    o, state = fn(as_input([k, k]), as_input([k, k]), as_input([v1, v2]), beta=jnp.ones((1, 2, 1)))
+    np.testing.assert_allclose(o[0, :, 0], np.stack([v1, v2]), atol=1e-5)
+    np.testing.assert_allclose(state[0, 0], np.outer(k, v2), atol=1e-5)
+
+
+@pytest.mark.parametrize("form", cells.FORMS)
+def test_delta_product_sub_steps_run_in_order(rng, form):
+    """One token, two sub-steps writing (k, v1) then (k, v2) with beta = 1: v2 wins."""
+    K = 8
+    k = unit(rng.normal(size=K))
+    v = rng.normal(size=(2, K))
+    q = jnp.asarray(k[None, None, None], jnp.float32)  # [1, 1, 1, K]
+    ks = jnp.asarray(np.stack([k, k])[None, None, None], jnp.float32)  # [1, 1, 1, 2, K]
+    vs = jnp.asarray(v[None, None, None], jnp.float32)  # [1, 1, 1, 2, V]
+    fn = quick_jit(form_of("delta_product", form, 16 if form == "chunkwise" else None))
+    o, state = fn(q, ks, vs, beta=jnp.ones((1, 1, 1, 2)))
+    np.testing.assert_allclose(o[0, 0, 0], v[1], atol=1e-5)
+    np.testing.assert_allclose(state[0, 0], np.outer(k, v[1]), atol=1e-5)
