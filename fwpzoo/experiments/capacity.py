@@ -94,6 +94,8 @@ def write(cell, form, chunk_size, k, v, **gates):
     """The cell's final state over the pairs. It reads too (o, with q = k); o is unused, so jit
     drops that computation."""
     if form == "chunkwise":
+        # a chunk longer than the sequence would only pad it with zeros
+        chunk_size = min(chunk_size, k.shape[1])
         return cell.chunkwise(k, k, v, chunk_size=chunk_size, **gates)[1]
     return getattr(cell, form)(k, k, v, **gates)[1]
 
@@ -191,7 +193,8 @@ class Sweep:
     seed: int
     settings: tuple[str, ...]
     models: tuple[str, ...]  # "sum-elu1", "delta-dpfp2", ..., "softmax"
-    # the S grid of each setting and rule (sum, delta or softmax): {setting: {rule: [S, ...]}}
+    # the S grid of each setting and rule (sum, delta or softmax), or of one model where it
+    # differs from its rule's: {setting: {rule or model: [S, ...]}}
     num_pairs: dict
 
 
@@ -245,11 +248,12 @@ def check_sweep(sweep: Sweep, path) -> None:
     for setting in sweep.settings:
         grids = sweep.num_pairs.get(setting)
         rules = {rule_of(model) for model in sweep.models}
-        if not isinstance(grids, dict) or not rules <= set(grids):
+        if not isinstance(grids, dict) or not rules <= set(grids) <= rules | set(sweep.models):
             raise ConfigError(
-                f"sweep {path}: num_pairs.{setting} needs a list for each of {sorted(rules)}"
+                f"sweep {path}: num_pairs.{setting} needs a list for each of {sorted(rules)} "
+                "and may add lists for models of the sweep"
             )
-        if not all(isinstance(s, int) and s >= 1 for rule in rules for s in grids[rule]):
+        if not all(isinstance(s, int) and s >= 1 for grid in grids.values() for s in grid):
             raise ConfigError(f"sweep {path}: num_pairs.{setting} must hold positive integers")
     if sweep.final_sequences % sweep.eval_sequences or sweep.max_steps % sweep.eval_every:
         raise ConfigError(
@@ -269,8 +273,13 @@ def grid(sweep: Sweep) -> list[tuple[str, str, int]]:
         (setting, model, s)
         for setting in sweep.settings
         for model in sweep.models
-        for s in sweep.num_pairs[setting][rule_of(model)]
+        for s in pairs_of(sweep, setting, model)
     ]
+
+
+def pairs_of(sweep: Sweep, setting: str, model: str) -> list[int]:
+    grids = sweep.num_pairs[setting]
+    return grids[model] if model in grids else grids[rule_of(model)]
 
 
 def phi_dim(model: str, sweep: Sweep) -> int | None:
