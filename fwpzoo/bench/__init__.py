@@ -1,0 +1,1 @@
+"""Benchmarks, one module per `fwpzoo bench NAME`; each exposes main(argv) -> exit code."""

@@ -1,0 +1,495 @@
+"""`fwpzoo bench cells`: every cell family in every form, forward and forward + backward.
+
+    fwpzoo bench cells [--families delta_rule,...] [--forms recurrent,chunkwise,associative]
+                       [--lengths 512,2048,8192] [--chunk-sizes 64] [--repeats 5]
+                       [--batch 4] [--heads 4] [--key-dim 64] [--value-dim 64] [--sub-steps 2]
+                       [--memory-limit-gb 6] [--peers] [--peer-length 2048] [--out FILE.md]
+    python -m fwpzoo.bench.cells ...          (the same)
+
+For each family and length T, all forms are compiled and then timed in alternation (one warm-up
+each, then --repeats rounds, medians), together with a 1024^3 float32 matmul, so the load of a
+shared machine falls on all of them alike. Inputs are float32 with L2-normalised keys, beta in
+(0, 1) and log_alpha near 0; gradients are taken wrt q, k, v and every gate.
+
+    speedup     the recurrent form's time over the form's, same direction (fwd or fwd+bwd)
+    efficiency  (chunk-algorithm FLOPs / time) / (the matmul's FLOP/s measured in the same
+                rounds); FLOPs per token and head with chunk C: 6CK + 4CV + 6KV for the delta
+                rules (per sub-step for delta_product), 2CK + 2CV + 4KV for linear attention;
+                forward + backward counts 3x the forward
+
+A form whose compiled footprint (XLA's memory analysis) exceeds --memory-limit-gb is skipped
+with that reason in the table instead of being run. --peers also times the pure-JAX chunked
+delta rule of jax-linear-attention (linear_attention("deltanet", impl="auto")) and of
+deltanet-tpu (chunk_delta_rule(fallback_scan=True), K = V = 128 only) against delta_rule
+chunkwise in this process; those packages are not dependencies of fwpzoo (they need Python 3.12
+and jax 0.11.2) and are imported only then.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+from fwpzoo import cells
+from fwpzoo.config import ConfigError
+
+NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
+DELTA_FAMILIES = ("delta_rule", "gated_delta_rule", "delta_product")
+MATMUL_SIZE = 1024
+TARGET = {"speedup": 6.0, "efficiency": 0.35, "peers": 2.0}  # delta_rule fwd+bwd, T = 2048
+
+
+@dataclass(frozen=True)
+class Options:
+    families: tuple[str, ...] = tuple(cells.CELLS)
+    forms: tuple[str, ...] = cells.FORMS
+    lengths: tuple[int, ...] = (512, 2048, 8192)
+    chunk_sizes: tuple[int, ...] = (64,)
+    repeats: int = 5
+    batch: int = 4
+    heads: int = 4
+    key_dim: int = 64
+    value_dim: int = 64
+    sub_steps: int = 2
+    memory_limit_gb: float = 6.0
+    peers: bool = False
+    peer_length: int = 2048
+    seed: int = 0
+
+
+class BenchArgs(argparse.ArgumentParser):
+    """argparse whose errors are one-line ConfigErrors (the CLI prints them, exit code 2)."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__ = "positive integer"  # argparse names the type in its error message
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+positive_float.__name__ = "positive number"
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    return tuple(positive_int(part) for part in text.split(","))
+
+
+int_list.__name__ = "comma-separated list of positive integers"
+
+
+def name_list(valid: tuple[str, ...], what: str) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(text.split(","))
+        for name in names:
+            if name not in valid:
+                raise ConfigError(f"unknown {what} {name!r}; valid {what}s: {', '.join(valid)}")
+        return names
+
+    return parse
+
+
+def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
+    parser = BenchArgs(prog="fwpzoo bench cells")
+    parser.add_argument("--families", type=name_list(tuple(cells.CELLS), "family"))
+    parser.add_argument("--forms", type=name_list(cells.FORMS, "form"))
+    parser.add_argument("--lengths", type=int_list)
+    parser.add_argument("--chunk-sizes", type=int_list)
+    for name in ("repeats", "batch", "heads", "key_dim", "value_dim", "sub_steps", "peer_length"):
+        parser.add_argument("--" + name.replace("_", "-"), type=positive_int)
+    parser.add_argument("--memory-limit-gb", type=positive_float)
+    parser.add_argument("--peers", action="store_true", default=None)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--out", type=Path, help="write the markdown report (and FILE.json) here")
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    return Options(**{k: v for k, v in args.items() if v is not None}), out
+
+
+# inputs and FLOPs ------------------------------------------------------------------------------
+
+
+def cell_inputs(family: str, T: int, options: Options, *, key_dim=None, value_dim=None):
+    """(q, k, v, gates) in float32: L2-normalised keys, beta in (0, 1), log_alpha near 0."""
+    B, H = options.batch, options.heads
+    K, V = key_dim or options.key_dim, value_dim or options.value_dim
+    sub = (options.sub_steps,) if family == "delta_product" else ()
+    ks = jax.random.split(jax.random.fold_in(jax.random.key(options.seed), T), 5)
+    q = jax.random.normal(ks[0], (B, T, H, K))  # [B, T, H, K]
+    k = jax.random.normal(ks[1], (B, T, H, *sub, K))  # [B, T, H, (N,) K]
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    v = jax.random.normal(ks[2], (B, T, H, *sub, V))  # [B, T, H, (N,) V]
+    gates = {}
+    if "beta" in cells.get(family).GATES:
+        gates["beta"] = jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H, *sub)))
+    if "log_alpha" in cells.get(family).GATES:
+        gates["log_alpha"] = jax.nn.log_sigmoid(4.0 + jax.random.normal(ks[4], (B, T, H)))
+    return q, k, v, gates
+
+
+def chunk_flops(family: str, T: int, chunk: int, options: Options) -> float:
+    """Forward FLOPs of the chunk algorithm under the cost model in the module docstring."""
+    K, V = options.key_dim, options.value_dim
+    steps = T * (options.sub_steps if family == "delta_product" else 1)
+    C = min(chunk, steps)
+    if family in DELTA_FAMILIES:
+        per_step = 6 * C * K + 4 * C * V + 6 * K * V
+    else:
+        per_step = 2 * C * K + 2 * C * V + 4 * K * V
+    return float(per_step * steps * options.batch * options.heads)
+
+
+# compiling and timing --------------------------------------------------------------------------
+
+
+def forward_fn(form_fn: Callable) -> Callable:
+    return lambda q, k, v, gates: form_fn(q, k, v, **gates)
+
+
+def forward_backward_fn(form_fn: Callable) -> Callable:
+    """Gradients wrt q, k, v and every gate of sum(o) + sum(final state)."""
+
+    def loss(q, k, v, gates):
+        o, state = form_fn(q, k, v, **gates)
+        return jnp.sum(o) + jnp.sum(state)
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3))
+
+
+def footprint_bytes(compiled) -> int | None:
+    """What running a compiled function holds at its peak, by XLA's own accounting."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    held = stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
+    return held - stats.alias_size_in_bytes
+
+
+def compiled_run(fn: Callable, args: tuple, limit_bytes: float) -> tuple[Callable | None, str]:
+    """(zero-argument run, "") or (None, why it is skipped)."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    held = footprint_bytes(compiled)
+    if held is not None and held > limit_bytes:
+        return None, f"skipped: needs {held / 1e9:.1f} GB (limit {limit_bytes / 1e9:g} GB)"
+    return (lambda: compiled(*args)), ""
+
+
+def timed(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(run())
+    return time.perf_counter() - start
+
+
+def alternating_medians(runs: dict[str, Callable], repeats: int) -> dict[str, float]:
+    """Median seconds of each zero-argument run: one warm-up each, then the runs take turns."""
+    for run in runs.values():
+        timed(run)
+    seconds = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            seconds[name].append(timed(run))
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def matmul_run() -> Callable:
+    x = jax.random.normal(jax.random.key(0), (MATMUL_SIZE, MATMUL_SIZE))
+    compiled = jax.jit(jnp.matmul).lower(x, x).compile()
+    return lambda: compiled(x, x)
+
+
+def variants(family: str, options: Options) -> dict[str, Callable]:
+    """Form label -> form function; chunkwise once per chunk size."""
+    module = cells.get(family)
+    out = {}
+    for form in options.forms:
+        fn = getattr(module, form)
+        if form == "chunkwise":
+            for chunk in options.chunk_sizes:
+                out[f"chunkwise C={chunk}"] = lambda *a, fn=fn, c=chunk, **g: fn(
+                    *a, chunk_size=c, **g
+                )
+        else:
+            out[form] = fn
+    return out
+
+
+def measure_group(family: str, T: int, options: Options) -> list[dict]:
+    """All forms of one family at one length, timed side by side."""
+    args = cell_inputs(family, T, options)
+    limit = options.memory_limit_gb * 1e9
+    runs, skipped = {"matmul": matmul_run()}, {}
+    for label, fn in variants(family, options).items():
+        for direction, make in (("fwd", forward_fn), ("fwd+bwd", forward_backward_fn)):
+            run, why = compiled_run(make(fn), args, limit)
+            if run is None:
+                skipped[(label, direction)] = why
+            else:
+                runs[(label, direction)] = run
+    seconds = alternating_medians(runs, options.repeats)
+    flops_per_s = 2 * MATMUL_SIZE**3 / seconds["matmul"]
+    rows = []
+    for label in variants(family, options):
+        row = {"family": family, "T": T, "form": label, "matmul_flops_per_s": flops_per_s}
+        for direction in ("fwd", "fwd+bwd"):
+            row[direction] = seconds.get((label, direction))
+            row[direction + " skipped"] = skipped.get((label, direction))
+        rows.append(row)
+    add_ratios(rows, options)
+    return rows
+
+
+def add_ratios(rows: list[dict], options: Options) -> None:
+    """Speedup over the recurrent form and, for chunkwise, efficiency."""
+    recurrent = next((row for row in rows if row["form"] == "recurrent"), None)
+    for row in rows:
+        for direction, multiple in (("fwd", 1), ("fwd+bwd", 3)):
+            seconds = row[direction]
+            base = recurrent and recurrent[direction]
+            row[direction + " speedup"] = base / seconds if base and seconds else None
+            row[direction + " efficiency"] = None
+            if seconds and row["form"].startswith("chunkwise"):
+                chunk = int(row["form"].split("=")[1])
+                flops = multiple * chunk_flops(row["family"], row["T"], chunk, options)
+                row[direction + " efficiency"] = flops / seconds / row["matmul_flops_per_s"]
+
+
+# the peers -------------------------------------------------------------------------------------
+
+
+def peer_functions(key_dim: int) -> dict[str, Callable]:
+    """name -> f(q, k, v, beta) -> (o, state) for the delta rule, each implementation's own."""
+    try:
+        from deltanet_tpu import chunk_delta_rule
+        from jla.ops import linear_attention
+    except ImportError as error:
+        raise ConfigError(
+            f"--peers needs jax-linear-attention and deltanet-tpu installed ({error})"
+        ) from None
+
+    peers = {
+        "jax-linear-attention chunked": lambda q, k, v, beta: linear_attention(
+            "deltanet", q, k, v, beta=beta, scale=1.0, output_final_state=True, impl="auto"
+        )
+    }
+    if key_dim == 128:  # its only supported head size
+        peers["deltanet-tpu fallback_scan"] = lambda q, k, v, beta: chunk_delta_rule(
+            q, k, v, beta, scale=1.0, output_final_state=True, fallback_scan=True,
+            precision="fp32",
+        )  # fmt: skip
+    return peers
+
+
+def measure_peers(options: Options) -> list[dict]:
+    """delta_rule chunkwise against the peers at K = V = 64 and 128, one process, alternating."""
+    rows = []
+    T = options.peer_length
+    for dim in (64, 128):
+        q, k, v, gates = cell_inputs("delta_rule", T, options, key_dim=dim, value_dim=dim)
+        args = (q, k, v, gates["beta"])
+        contenders = {
+            f"fwpzoo chunkwise C={chunk}": lambda q, k, v, beta, c=chunk: cells.get(
+                "delta_rule"
+            ).chunkwise(q, k, v, beta=beta, chunk_size=c)
+            for chunk in options.chunk_sizes
+        }
+        contenders.update(peer_functions(dim))
+        runs = {}
+        for name, fn in contenders.items():
+            runs[(name, "fwd")] = jax.jit(fn).lower(*args).compile()
+            grad = jax.grad(lambda *a, fn=fn: sum(jnp.sum(x) for x in fn(*a)), argnums=(0, 1, 2, 3))
+            runs[(name, "fwd+bwd")] = jax.jit(grad).lower(*args).compile()
+        seconds = alternating_medians(
+            {key: (lambda c=c, args=args: c(*args)) for key, c in runs.items()}, options.repeats
+        )
+        for name in contenders:
+            rows.append(
+                {"K": dim, "T": T, "implementation": name}
+                | {direction: seconds[(name, direction)] for direction in ("fwd", "fwd+bwd")}
+            )
+    return rows
+
+
+# the report ------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "device": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def measure(options: Options, progress: bool = True) -> dict:
+    result = {"options": asdict(options), "machine": machine(), "load_before": os.getloadavg()[0]}
+    groups = [(family, T) for family in options.families for T in options.lengths]
+    bar = tqdm(total=len(groups) + options.peers, file=sys.stderr, disable=not progress)
+    result["rows"] = []
+    for family, T in groups:
+        bar.set_description(f"{family} T={T}")
+        result["rows"] += measure_group(family, T, options)
+        bar.update()
+    if options.peers:
+        bar.set_description(f"peers T={options.peer_length}")
+        result["peers"] = measure_peers(options)
+        bar.update()
+    bar.close()
+    result["load_after"] = os.getloadavg()[0]
+    return result
+
+
+def fmt(value, pattern: str) -> str:
+    return "-" if value is None else format(value, pattern)
+
+
+def timing_cells(row: dict, direction: str) -> list[str]:
+    if row[direction] is None:
+        return [row[direction + " skipped"], "-", "-"]
+    return [
+        fmt(1e3 * row[direction], ".1f"),
+        fmt(row[direction + " speedup"], ".2f") + ("x" if row[direction + " speedup"] else ""),
+        fmt(row[direction + " efficiency"], ".2f"),
+    ]
+
+
+def forms_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| family | T | form | fwd ms | fwd speedup | fwd eff. | fwd+bwd ms | fwd+bwd speedup "
+        "| fwd+bwd eff. |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        cols = [row["family"], str(row["T"]), row["form"]]
+        cols += timing_cells(row, "fwd") + timing_cells(row, "fwd+bwd")
+        lines.append("| " + " | ".join(cols) + " |")
+    return lines
+
+
+def peers_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| K = V | implementation | fwd ms | fwd+bwd ms | fwd+bwd vs fwpzoo |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        ours = min(
+            r["fwd+bwd"] for r in rows if r["K"] == row["K"] and r["implementation"][:6] == "fwpzoo"
+        )
+        lines.append(
+            f"| {row['K']} | {row['implementation']} | {1e3 * row['fwd']:.1f} "
+            f"| {1e3 * row['fwd+bwd']:.1f} | {row['fwd+bwd'] / ours:.2f}x |"
+        )
+    return lines
+
+
+def verdict(result: dict) -> list[str]:
+    """The targets for delta_rule fwd+bwd at T = 2048, where this run measured them."""
+    rows = [r for r in result["rows"] if r["family"] == "delta_rule" and r["T"] == 2048]
+    chunked = [r for r in rows if r["form"].startswith("chunkwise") and r["fwd+bwd"]]
+    lines = []
+    if chunked and any(r["form"] == "recurrent" and r["fwd+bwd"] for r in rows):
+        best = min(chunked, key=lambda r: r["fwd+bwd"])
+        speedup, eff = best["fwd+bwd speedup"], best["fwd+bwd efficiency"]
+        met = speedup >= TARGET["speedup"] and eff >= TARGET["efficiency"]
+        lines.append(
+            f"delta_rule, T=2048, fwd+bwd, best chunkwise ({best['form']}): {speedup:.2f}x the "
+            f"recurrent form, efficiency {eff:.2f} (targets {TARGET['speedup']:g}x and "
+            f"{TARGET['efficiency']:g}: {'met' if met else 'NOT met'})."
+        )
+    for dim in sorted({r["K"] for r in result.get("peers", [])}):
+        rows = [r for r in result["peers"] if r["K"] == dim]
+        ours = min(r["fwd+bwd"] for r in rows if r["implementation"].startswith("fwpzoo"))
+        theirs = min(r["fwd+bwd"] for r in rows if not r["implementation"].startswith("fwpzoo"))
+        met = theirs / ours >= TARGET["peers"]
+        lines.append(
+            f"K = V = {dim}: the fastest peer takes {theirs / ours:.2f}x fwpzoo's fwd+bwd time "
+            f"(target {TARGET['peers']:g}x: {'met' if met else 'NOT met'})."
+        )
+    return lines
+
+
+def markdown(result: dict, command: str) -> str:
+    options, info = result["options"], result["machine"]
+    rates = [row["matmul_flops_per_s"] for row in result["rows"]]
+    lines = [
+        "## Results",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['device']}, jax {info['jax']}, "
+        f"Python {info['python']}; 1-minute load average {result['load_before']:.1f} before, "
+        f"{result['load_after']:.1f} after. {MATMUL_SIZE}^3 float32 matmul: median "
+        f"{statistics.median(rates) / 1e9:.0f} GFLOP/s over the groups.",
+        "",
+        f"Shapes: B={options['batch']}, H={options['heads']}, K={options['key_dim']}, "
+        f"V={options['value_dim']}, delta_product N={options['sub_steps']} sub-steps; "
+        f"median of {options['repeats']} alternating rounds after a warm-up.",
+        "",
+        *forms_table(result["rows"]),
+    ]
+    if "peers" in result:
+        lines += [
+            "",
+            f"### Peers: delta rule, B={options['batch']}, H={options['heads']}, "
+            f"T={options['peer_length']}, one process",
+            "",
+            *peers_table(result["peers"]),
+        ]
+    return "\n".join([*lines, "", *verdict(result), ""])
+
+
+def write_report(result: dict, report: str, out: Path) -> None:
+    """out (keeping notes after NOTES_MARKER) and the raw numbers in out with suffix .json."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    notes = ""
+    if out.exists() and NOTES_MARKER in out.read_text():
+        notes = out.read_text().split(NOTES_MARKER, 1)[1]
+    header = "# Benchmark: the cell forms\n\n" + (__doc__ or "")
+    out.write_text(f"{header.rstrip()}\n\n{report}\n{NOTES_MARKER}{notes}")
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main(argv: list[str]) -> int:
+    options, out = parse_options(argv)
+    result = measure(options)
+    report = markdown(result, " ".join(["fwpzoo bench cells", *argv]))
+    print(report)
+    if out is not None:
+        write_report(result, report, out)
+    return 0
+
+
+if __name__ == "__main__":
+    from fwpzoo.cli import main as cli_main
+
+    sys.exit(cli_main(["bench", "cells", *sys.argv[1:]]))
