@@ -125,15 +125,16 @@ def evaluate_checkpoint(workdir: Path, num_batches: int | None = None) -> tuple[
 def execute(run: Run, workdir: Path) -> dict:
     """Trains (or resumes) and evaluates one run; its result, also written to result.json."""
     cfg = load(run.config, run.overrides)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     train(cfg, workdir, progress=False)
-    train_seconds = time.perf_counter() - start
+    train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     test, size = evaluate_checkpoint(workdir, run.test_batches)
     result = {
         "name": run.name,
         "labels": run.labels,
         "test": test,
         "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
         "total_seconds": time.perf_counter() - start,
         "tokens_per_sec": median_throughput(workdir),
         "num_params": size,

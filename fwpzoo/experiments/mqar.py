@@ -23,21 +23,17 @@ from fwpzoo.experiments._common import (
 
 NAME = "mqar"
 MODELS = ("attention", "delta_rule", "gated_delta_rule", "linear_attn", "mamba2", "ssm")
-NUM_PAIRS = (2, 4, 8)
-WIDTHS = (16, 32)
-QUICK_MODELS, QUICK_NUM_PAIRS, QUICK_WIDTHS = ("attention", "delta_rule"), (4,), (16,)
+# (d_model, pairs): pairs swept at widths 16 and 32, width swept at 8 pairs; in this order,
+# models innermost, so a sweep cut short still compares every model at the points it reached
+POINTS = ((16, 2), (16, 8), (32, 8), (32, 4))
+QUICK_MODELS, QUICK_POINTS = ("attention", "delta_rule"), ((16, 4),)
 QUICK_OVERRIDES = ("train.steps=2", "train.warmup_steps=1", "eval.num_batches=1")
 
 
 def make_runs(quick: bool) -> list[Run]:
     models = QUICK_MODELS if quick else MODELS
-    # models innermost, so a sweep cut short still compares every model at the points it reached
-    grid = [
-        (model, pairs, width)
-        for width in (QUICK_WIDTHS if quick else WIDTHS)
-        for pairs in (QUICK_NUM_PAIRS if quick else NUM_PAIRS)
-        for model in models
-    ]
+    points = QUICK_POINTS if quick else POINTS
+    grid = [(model, pairs, width) for width, pairs in points for model in models]
     runs = []
     for model, pairs, width in grid:
         path = CONFIGS / NAME / f"{model}.yaml"
@@ -85,18 +81,18 @@ def plot(results: list[dict], path) -> None:
 def report(results: list[dict], records: list[dict], options) -> str:
     del records
     plot(results, options.out / f"{NAME}.png")
-    widths = sorted({r["labels"]["width"] for r in results})
-    pairs = sorted({r["labels"]["x"] for r in results})
     models = list(dict.fromkeys(r["labels"]["model"] for r in results))
     by_key = {(r["labels"]["model"], r["labels"]["width"], r["labels"]["x"]): r for r in results}
     sections = []
-    for width in widths:
+    for width in sorted({r["labels"]["width"] for r in results}):
+        pairs = sorted({r["labels"]["x"] for r in results if r["labels"]["width"] == width})
         rows = []
         for model in models:
             row_results = [by_key.get((model, width, n)) for n in pairs]
-            size = next(r["labels"]["state_size"] for r in row_results if r)
-            accuracies = [r["test"]["accuracy"] if r else None for r in row_results]
-            rows.append([model, size, *accuracies])
+            done = [r for r in row_results if r]
+            if done:
+                accuracies = [r["test"]["accuracy"] if r else None for r in row_results]
+                rows.append([model, done[0]["labels"]["state_size"], *accuracies])
         header = ["model", "state size", *(f"{n} pairs" for n in pairs)]
         sections.append(f"### d_model {width}\n\n{markdown_table(header, rows)}")
     first = results[0]

@@ -34,7 +34,7 @@ RUNS = {
     "s3-delta_product-n1": ("s3", "delta_product_n1"),
     "s3-delta_product-n2": ("s3", "delta_product_n2"),
 }
-SEEDS = (0, 1)
+SEEDS = (0,)
 QUICK_RUNS, QUICK_SEEDS = ("parity-delta_rule-beta02", "s3-delta_product-n2"), (0,)
 QUICK_OVERRIDES = (
     "train.steps=2",
