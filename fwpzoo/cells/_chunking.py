@@ -32,7 +32,26 @@ def from_chunks(x, length):
     return x[:, :length]
 
 
-def diagonal_recurrence(log_decay, x, state, axis):
+def chunk_states(log_decay, writes, state):
+    """The state entering each chunk, and the final one: S_n = exp(a_n) * S_{n-1} + X_n.
+
+    writes X [B, H, N, K, V]; log_decay a [B, H, N, K, 1] (per row), [B, H, N, 1, 1] (scalar) or
+    None (no decay); state S_0 [B, H, K, V]. Returns (S_0..S_{N-1} [B, H, N, K, V], S_N).
+    A sequential scan: N = T / C steps of elementwise work, cheaper than an associative scan's
+    strided passes over all N states (measured about 4x on CPU at N = 32, K = V = 64).
+    """
+    time_major = lambda x: jnp.moveaxis(x, 2, 0)  # noqa: E731  [B, H, N, ...] -> [N, B, H, ...]
+    decay = None if log_decay is None else time_major(jnp.exp(log_decay))
+
+    def advance(S, inputs):
+        d, x = inputs
+        return (S + x if d is None else d * S + x), S
+
+    final, entering = jax.lax.scan(advance, state, (decay, time_major(writes)))
+    return jnp.moveaxis(entering, 0, 2), final
+
+
+def associative_states(log_decay, x, state, axis):
     """Every state of S_n = exp(log_decay_n) * S_{n-1} + x_n along `axis`, by associative scan.
 
     x [..., N, ..., K, V]; log_decay broadcasts against x (e.g. [..., N, ..., K, 1] for per-row

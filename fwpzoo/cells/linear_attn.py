@@ -8,7 +8,7 @@ The parallel forms are derived in linear_attention.md.
 
 import jax.numpy as jnp
 
-from fwpzoo.cells._chunking import diagonal_recurrence, from_chunks, to_chunks
+from fwpzoo.cells._chunking import associative_states, chunk_states, from_chunks, to_chunks
 from fwpzoo.cells._reference import initial_state, scan_steps, to_f32
 
 GATES: tuple[str, ...] = ()
@@ -32,11 +32,11 @@ def chunkwise(q, k, v, *, state=None, chunk_size=64):
     S0 = initial_state(state, q, v)
     q, k, v = (to_chunks(x, chunk_size) for x in to_f32(q, k, v))  # [B, H, N, C, K|V]
     writes = k.mT @ v  # [B, H, N, K, V]
-    states = diagonal_recurrence(None, writes, S0, axis=2)  # [B, H, N + 1, K, V]
+    entering, final = chunk_states(None, writes, S0)  # [B, H, N, K, V], [B, H, K, V]
     causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
     scores = jnp.where(causal, q @ k.mT, 0.0)  # [B, H, N, C, C]
-    o = scores @ v + q @ states[:, :, :-1]  # [B, H, N, C, V]
-    return from_chunks(o, T).astype(dtype), states[:, :, -1]
+    o = scores @ v + q @ entering  # [B, H, N, C, V]
+    return from_chunks(o, T).astype(dtype), final
 
 
 def associative(q, k, v, *, state=None):
@@ -44,6 +44,6 @@ def associative(q, k, v, *, state=None):
     S0 = initial_state(state, q, v)
     q32, k, v32 = to_f32(q, k, v)
     writes = k[..., :, None] * v32[..., None, :]  # [B, T, H, K, V]
-    states = diagonal_recurrence(None, writes, S0, axis=1)  # [B, T + 1, H, K, V]
+    states = associative_states(None, writes, S0, axis=1)  # [B, T + 1, H, K, V]
     o = jnp.einsum("bthkv,bthk->bthv", states[:, 1:], q32)
     return o.astype(v.dtype), states[:, -1]
