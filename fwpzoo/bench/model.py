@@ -13,8 +13,10 @@ length T it measures, side by side:
                hold, not the process RSS (both models live in one process)
     decoding   ms/token of decode_step (batch 1) after a prefill of T tokens, run as one jitted
                lax.scan of --decode-tokens steps, so the time is the model's and not dispatch's
-    attention  the baseline's attention kernel against jax.nn.dot_product_attention (forward and
-               backward, training shapes), to show the baseline is not made slow
+    kernels    one layer's mixer kernel at the longest T (forward and backward, training
+               shapes): the baseline's attention, jax.nn.dot_product_attention (to show the
+               baseline is not made slow) and the delta_rule chunkwise cell, each with its share
+               of its model's train step
 
 Every timing is the median of --repeats runs after one warm-up run; the two models' repeats
 alternate, so the load of a shared machine falls on both alike. Prints the report as markdown;
@@ -38,6 +40,7 @@ import matplotlib
 from flax import nnx
 from tqdm import tqdm
 
+from fwpzoo.cells import delta_rule
 from fwpzoo.config import ConfigError, TrainConfig
 from fwpzoo.layers.attention import attend
 from fwpzoo.models import ModelConfig, build_model
@@ -223,7 +226,7 @@ def decoding_run(name: str, options: Options, T: int) -> tuple[Callable, dict]:
     return (lambda: compiled(state, logits, cache)), {"cache_bytes": cache_bytes}
 
 
-# the attention kernel check --------------------------------------------------------------------
+# the mixer kernels ------------------------------------------------------------------------------
 
 
 def causal_mask(T: int):
@@ -233,30 +236,44 @@ def causal_mask(T: int):
     return positions[:, None] >= positions[None, :]
 
 
-def summed(kernel):
-    return lambda q, k, v: jnp.sum(kernel(q, k, v))
+def unit_rows(x):
+    return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
 
 
-def attention_runs(options: Options, T: int) -> dict[str, Callable]:
-    """Forward and backward of one attention call at training shapes, the baseline's kernel
-    and jax.nn.dot_product_attention (XLA's, causal), compiled."""
+# name -> (the model whose layers run it, kernel(q, k, v, beta, chunk_size) -> o [B, T, H, V])
+KERNELS: dict[str, tuple[str, Callable]] = {
+    "attention, the baseline's (layers.attention.attend)": (
+        "transformer",
+        lambda q, k, v, beta, C: attend(q, k, v, causal_mask(q.shape[1])),
+    ),
+    "attention, jax.nn.dot_product_attention": (
+        "transformer",
+        lambda q, k, v, beta, C: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+    ),
+    "delta_rule chunkwise (DeltaNet's cell)": (
+        "deltanet",
+        lambda q, k, v, beta, C: delta_rule.chunkwise(q, unit_rows(k), v, beta=beta, chunk_size=C)[
+            0
+        ],
+    ),
+}
+
+
+def kernel_runs(options: Options, T: int) -> dict[str, Callable]:
+    """Forward and backward of one mixer kernel at training shapes, compiled, for each KERNEL."""
     B, H = options.tokens_per_step // T, options.num_heads
     K = options.d_model // H
-    q, k, v = (
-        jax.random.normal(jax.random.fold_in(jax.random.key(options.seed), i), (B, T, H, K))
-        for i in range(3)
-    )  # [B, T, H, K] each
-    kernels = {
-        "baseline": lambda q, k, v: attend(q, k, v, causal_mask(T)),
-        "jax.nn.dot_product_attention": lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True
-        ),
-    }
+    key = jax.random.key(options.seed)
+    q, k, v = (jax.random.normal(jax.random.fold_in(key, i), (B, T, H, K)) for i in range(3))
+    beta = jax.nn.sigmoid(jax.random.normal(jax.random.fold_in(key, 3), (B, T, H)))  # [B, T, H]
     runs = {}
-    for name, kernel in kernels.items():
-        loss_and_grads = jax.jit(jax.value_and_grad(summed(kernel), argnums=(0, 1, 2)))
-        compiled = loss_and_grads.lower(q, k, v).compile()
-        runs[name] = lambda compiled=compiled: compiled(q, k, v)
+    for name, (_, kernel) in KERNELS.items():
+
+        def loss(q, k, v, beta, kernel=kernel):
+            return jnp.sum(kernel(q, k, v, beta, options.chunk_size))
+
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, beta).compile()
+        runs[name] = lambda compiled=compiled: compiled(q, k, v, beta)
     return runs
 
 
@@ -318,9 +335,9 @@ def measure(options: Options, progress: bool = True) -> dict:
         del runs
         bar.update()
     T = max(options.lengths)
-    bar.set_description(f"attention T={T}")
-    seconds = alternating_medians(attention_runs(options, T), options.repeats)
-    result["attention"] = {"T": T, "seconds": seconds}
+    bar.set_description(f"kernels T={T}")
+    seconds = alternating_medians(kernel_runs(options, T), options.repeats)
+    result["kernels"] = {"T": T, "batch": options.tokens_per_step // T, "seconds": seconds}
     bar.update()
     bar.close()
     result["load_after"] = os.getloadavg()[0]
@@ -399,15 +416,21 @@ def markdown(result: dict, command: str) -> str:
             f"| {value(rows, 'deltanet', T, 'cache_bytes') / 2**20:.2f} "
             f"| {value(rows, 'transformer', T, 'cache_bytes') / 2**20:.2f} |"
         )
-    attention = result["attention"]
+    kernels = result["kernels"]
+    T = kernels["T"]
     lines += [
         "",
-        f"### The baseline's attention kernel (forward + backward, T={attention['T']}, "
+        f"### One layer's mixer kernel, forward + backward (T={T}, batch {kernels['batch']}, "
         "training shapes)",
         "",
-        "| kernel | seconds |",
-        "|---|---:|",
-        *(f"| {name} | {s:.3f} |" for name, s in attention["seconds"].items()),
+        "| kernel | ms | x layers / its model's train step |",
+        "|---|---:|---:|",
+    ]
+    for name, seconds in kernels["seconds"].items():
+        step_s = value(result["training"], KERNELS[name][0], T, "step_s")
+        share = options["num_layers"] * seconds / step_s
+        lines.append(f"| {name} | {1e3 * seconds:,.1f} | {share:.0%} |")
+    lines += [
         "",
         verdict(result),
         "",
