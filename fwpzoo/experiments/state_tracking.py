@@ -35,6 +35,7 @@ RUNS = {
     "s3-delta_product-n2": ("s3", "delta_product_n2"),
 }
 SEEDS = (0,)
+CHANCE = {"parity": 1 / 2, "mod3": 1 / 3, "s3": 1 / 6}  # accuracy of a uniform guess
 QUICK_RUNS, QUICK_SEEDS = ("parity-delta_rule-beta02", "s3-delta_product-n2"), (0,)
 QUICK_OVERRIDES = (
     "train.steps=2",
@@ -84,6 +85,7 @@ def plot(results: list[dict], path) -> None:
             ys = [result["test"][f"accuracy@{x}"] for x in xs]
             ax.plot(xs, ys, "o-", label=f"{variant(result)} s{result['labels']['seed']}")
         ax.axvline(40, color="grey", lw=0.8, ls=":")  # the longest training length
+        ax.axhline(CHANCE[task], color="grey", lw=0.8, ls="--")
         ax.set(title=task, xlabel="test length", ylabel="test accuracy", ylim=(0, 1.02))
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -95,29 +97,42 @@ def report(results: list[dict], records: list[dict], options) -> str:
     del records
     plot(results, options.out / f"{NAME}.png")
     xs = lengths(results[0])
+    cfg = load(CONFIGS / NAME / f"{next(iter(RUNS))}.yaml")
+    num_sequences = cfg.eval.batch_size * cfg.eval.num_batches
     rows = [
         [
             r["labels"]["task"],
             variant(r),
             r["labels"].get("beta_range"),
             r["labels"]["seed"],
+            r["test"]["step"],
             r["test"]["accuracy"],
             *(r["test"][f"accuracy@{x}"] for x in xs),
         ]
         for r in results
     ]
-    header = ["task", "model", "beta", "seed", "train lengths", *(f"length {x}" for x in xs)]
+    header = [
+        "task",
+        "model",
+        "beta",
+        "seed",
+        "steps",
+        "train lengths",
+        *(f"length {x}" for x in xs),
+    ]
     return f"""# State tracking: parity, arithmetic mod 3, S3
 
 Command: `{command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`).
 Wall time here: {wall_time(results)}.
-Test accuracy ({results[0]["test"]["step"]} training steps per run), at the scored positions
-(parity and mod 3: the answer at the last token; S3: the running product at every token), on
-fresh sequences of the training lengths 3..40 and of exactly each length L.
+Test accuracy at the scored positions (parity and mod 3: the answer at the last token; S3: the
+running product at every token) of {num_sequences} fresh sequences of the training lengths 3..40
+and of exactly each length L.
 
 {markdown_table(header, rows)}
 
 ![accuracy against length]({NAME}.png)
+
+Dotted: the longest training length; dashed: chance (a uniform guess).
 """
 
 
