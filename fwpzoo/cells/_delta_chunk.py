@@ -65,75 +65,87 @@ def unit_lower_inverse(a):
 def _decays(g):
     """From in-chunk cumulative log decays g [..., C]: Gamma [..., C, C] = e^{g_t - g_i} for
     i <= t (0 above), e^g (decay since the chunk start), e^{g_C - g} (decay to the chunk end) and
-    e^{g_C} [...]. Only differences inside one chunk are exponentiated, so nothing overflows."""
+    e^{g_C} [...]. Only differences inside one chunk are exponentiated, so nothing overflows.
+    g None (no decay) gives None for all four: every factor is 1 and is skipped."""
+    if g is None:
+        return None, None, None, None
     causal = _lower_mask(g.shape[-1], strict=False)
     gamma = jnp.exp(jnp.where(causal, g[..., :, None] - g[..., None, :], -jnp.inf))
     return gamma, jnp.exp(g), jnp.exp(g[..., -1:] - g), jnp.exp(g[..., -1])
 
 
+def _masked(x, gamma, mask):
+    """x [..., C, C] inside the mask, times Gamma when there is a decay; 0 outside."""
+    return jnp.where(mask, x if gamma is None else x * gamma, 0.0)
+
+
+def _rows(scale, x):
+    """diag(scale) x for scale [..., C]; None means no scaling."""
+    return x if scale is None else scale[..., None] * x
+
+
 def _forward(q, k, v, beta, g, state):
-    """q, k [N, G, C, K]; v [N, G, C, V]; beta, g [N, G, C]; state [G, K, V]."""
-    V = v.shape[-1]
+    """q, k [N, G, C, K]; v [N, G, C, V]; beta [N, G, C]; g [N, G, C] or None; state [G, K, V]."""
+    causal = _lower_mask(q.shape[-2], strict=False)
     strict = _lower_mask(q.shape[-2], strict=True)
     gamma, e, to_end, e_last = _decays(g)
-    p = q @ _mT(k) * gamma  # [N, G, C, C], zero above the diagonal
-    kkg = jnp.where(strict, k @ _mT(k) * gamma, 0.0)  # [N, G, C, C]
+    p = _masked(q @ _mT(k), gamma, causal)  # [N, G, C, C]
+    kkg = _masked(k @ _mT(k), gamma, strict)  # [N, G, C, C]
     tri = unit_lower_inverse(beta[..., None] * kkg)  # [N, G, C, C]
-    # one product for both right-hand sides: [U~, W] = T [diag(beta) V, diag(beta e^g) K]
-    rhs = beta[..., None] * jnp.concatenate([v, e[..., None] * k], axis=-1)  # [N, G, C, V + K]
-    uw = tri @ rhs  # [N, G, C, V + K]
-    u_tilde, w = uw[..., :V], uw[..., V:]
-    x_m = _mT(to_end[..., None] * k) @ uw  # [N, G, K, V + K]
-    eye = jnp.eye(k.shape[-1], dtype=k.dtype)
-    m = e_last[..., None, None] * eye - x_m[..., V:]  # [N, G, K, K]
+    u_tilde = tri @ (beta[..., None] * v)  # [N, G, C, V]
+    w = tri @ _rows(beta, _rows(e, k))  # [N, G, C, K]
+    k_end = _rows(to_end, k)  # [N, G, C, K]
 
-    def chunk_step(s, mx):
-        return mx[0] @ s + mx[1], s
+    def chunk_step(s, chunk):  # (5): the state through one chunk; U = U~ - W S on the way
+        u_tilde, w, k_end, e_last = chunk
+        u = u_tilde - w @ s  # [G, C, V]
+        s_next = _mT(k_end) @ u + (s if e_last is None else e_last[..., None, None] * s)
+        return s_next, (s, u)
 
-    final, s_prev = jax.lax.scan(chunk_step, state, (m, x_m[..., :V]))  # s_prev [N, G, K, V]
-    u = u_tilde - w @ s_prev  # [N, G, C, V]
-    o = (e[..., None] * q) @ s_prev + p @ u  # [N, G, C, V]
-    return o, final, (q, k, v, beta, g, p, kkg, tri, uw, u, s_prev, m)
+    final, (s_prev, u) = jax.lax.scan(chunk_step, state, (u_tilde, w, k_end, e_last))
+    o = _rows(e, q) @ s_prev + p @ u  # [N, G, C, V]
+    return o, final, (q, k, v, beta, g, p, kkg, tri, u_tilde, w, u, s_prev)
 
 
 def _backward(res, cotangents):
-    q, k, v, beta, g, p, kkg, tri, uw, u, s_prev, m = res
+    q, k, v, beta, g, p, kkg, tri, u_tilde, w, u, s_prev = res
     do, d_final = cotangents
-    V = v.shape[-1]
+    causal = _lower_mask(q.shape[-2], strict=False)
     strict = _lower_mask(q.shape[-2], strict=True)
     gamma, e, to_end, e_last = _decays(g)
-    w = uw[..., V:]
     du_local = _mT(p) @ do  # [N, G, C, V]: dO's path through P U
-    qe = e[..., None] * q
-    y = _mT(qe) @ do - _mT(w) @ du_local  # [N, G, K, V]
+    qe = _rows(e, q)
+    k_end = _rows(to_end, k)
 
-    def chunk_step(ds, my):  # ds: gradient wrt the state leaving the chunk
-        return _mT(my[0]) @ ds + my[1], ds
+    def chunk_step(ds, chunk):  # (7): ds is the cotangent of the state leaving the chunk
+        du_local, y, w, k_end, e_last = chunk
+        du = du_local + k_end @ ds  # [G, C, V]
+        ds_prev = y - _mT(w) @ du + (ds if e_last is None else e_last[..., None, None] * ds)
+        return ds_prev, (ds, du)
 
-    d_state, ds_next = jax.lax.scan(chunk_step, d_final, (m, y), reverse=True)
-    k_end = to_end[..., None] * k
-    du = du_local + k_end @ ds_next  # [N, G, C, V]
+    y = _mT(qe) @ do  # [N, G, K, V]
+    chunks = (du_local, y, w, k_end, e_last)
+    d_state, (ds_next, du) = jax.lax.scan(chunk_step, d_final, chunks, reverse=True)
     do_u = do @ _mT(u)  # [N, G, C, C]
-    dqk = do_u * gamma
+    dqk = _masked(do_u, gamma, causal)
     dqe = do @ _mT(s_prev)  # [N, G, C, K]
     dk_end = u @ _mT(ds_next)  # [N, G, C, K]
-    duw = jnp.concatenate([du, -(du @ _mT(s_prev))], axis=-1)  # [N, G, C, V + K]
-    drhs = _mT(tri) @ duw  # [N, G, C, V + K]
-    # d(I + A)^{-1} = -T^T dT T^T with dT = dUW RHS^T, and T RHS = UW
-    da = -jnp.where(strict, drhs @ _mT(uw), 0.0)  # [N, G, C, C]
-    dvb, dkbe = drhs[..., :V], drhs[..., V:]
-    dkk = beta[..., None] * da * gamma  # [N, G, C, C]
+    dw = -(du @ _mT(s_prev))  # [N, G, C, K]
+    dvb = _mT(tri) @ du  # [N, G, C, V]
+    dkb = _mT(tri) @ dw  # [N, G, C, K]: cotangent of diag(beta e^g) K
+    # d(I + A)^{-1} = -T^T dT T^T with dT = dU~ (diag(beta) V)^T + dW (diag(beta e^g) K)^T; since
+    # T diag(beta) V = U~ and T diag(beta e^g) K = W, that is -(dV_b U~^T + dK_b W^T)
+    da = -jnp.where(strict, dvb @ _mT(u_tilde) + dkb @ _mT(w), 0.0)  # [N, G, C, C]
+    dkk = _masked(beta[..., None] * da, gamma, strict)  # [N, G, C, C]
 
-    dq = dqk @ k + e[..., None] * dqe
-    dk = (
-        _mT(dqk) @ q
-        + (dkk + _mT(dkk)) @ k
-        + to_end[..., None] * dk_end
-        + (beta * e)[..., None] * dkbe
-    )
+    dq = dqk @ k + _rows(e, dqe)
+    dk = _mT(dqk) @ q + (dkk + _mT(dkk)) @ k + _rows(to_end, dk_end) + _rows(beta, _rows(e, dkb))
     dv = beta[..., None] * dvb
-    k_dkbe = jnp.sum(k * dkbe, axis=-1)  # [N, G, C]
-    dbeta = jnp.sum(v * dvb, axis=-1) + e * k_dkbe + jnp.sum(da * kkg, axis=-1)
+    k_dkb = jnp.sum(k * dkb, axis=-1)  # [N, G, C]
+    dbeta = jnp.sum(v * dvb, axis=-1) + _rows(e, k_dkb[..., None])[..., 0]
+    dbeta = dbeta + jnp.sum(da * kkg, axis=-1)
+    if g is None:
+        return dq, dk, dv, dbeta, None, d_state
     # g enters through Gamma (z = dGamma . Gamma), e^g, e^{g_C - g} and e^{g_C}
     z = do_u * p + beta[..., None] * da * kkg  # [N, G, C, C]
     to_end_dk = to_end * jnp.sum(k * dk_end, axis=-1)  # [N, G, C]
@@ -141,19 +153,18 @@ def _backward(res, cotangents):
         jnp.sum(z, axis=-1)
         - jnp.sum(z, axis=-2)
         + jnp.sum(qe * dqe, axis=-1)
-        + beta * e * k_dkbe
+        + beta * e * k_dkb
         - to_end_dk
     )
     d_last = jnp.sum(to_end_dk, axis=-1) + e_last * jnp.sum(s_prev * ds_next, axis=(-2, -1))
-    dg = dg.at[..., -1].add(d_last)
-    return dq, dk, dv, dbeta, dg, d_state
+    return dq, dk, dv, dbeta, dg.at[..., -1].add(d_last), d_state
 
 
 @jax.custom_vjp
 def chunk_scan(q, k, v, beta, g, state):
     """o [N, G, C, V] and the final state [G, K, V] of the gated delta rule over chunked inputs.
 
-    g [N, G, C] is the in-chunk cumulative sum of log decays (zeros for the plain delta rule).
+    g [N, G, C] is the in-chunk cumulative sum of log decays, or None for no decay.
     """
     o, final, _ = _forward(q, k, v, beta, g, state)
     return o, final
@@ -196,9 +207,8 @@ def chunkwise(q, k, v, beta, log_alpha, state, chunk_size):
     num_chunks = -(-T // chunk)
     o_dtype = v.dtype
     q, k, v, beta = (_to_chunks(x, num_chunks, chunk) for x in (q, k, v, beta))
-    if log_alpha is None:
-        g = jnp.zeros_like(beta)
-    else:
+    g = None
+    if log_alpha is not None:
         g = jnp.cumsum(_to_chunks(log_alpha, num_chunks, chunk), axis=-1)  # [N, G, C]
     if state is None:
         state = jnp.zeros((B * H, K, V), jnp.float32)
