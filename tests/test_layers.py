@@ -190,3 +190,25 @@ def test_a_form_a_cell_lacks_is_an_error_not_a_fallback(monkeypatch):
     cfg = dataclasses.replace(tiny(), cell="delta_rule", form="associative")
     with pytest.raises(ValueError, match="cell 'delta_rule' has no 'associative' form"):
         FWPMixer(cfg, rngs=nnx.Rngs(0))
+
+
+def test_attention_can_express_a_previous_token_head():
+    """Hand-set weights: every query is the shared key rotated back one position, so with rotary
+    embeddings the score peaks at s = t - 1 whatever t is; the values are the token contents.
+    The output is then the previous token: rotary angles relative in q and k, causal mask and
+    value routing all have to be right (the first half of an induction head, as MQAR needs)."""
+    from fwpzoo.layers.attention import Attention, rope
+
+    vocab, length, K = 15, 40, 16
+    attention = Attention(tiny(d_model=16, num_heads=1), rngs=nnx.Rngs(0))
+    key = 8.0 * jnp.ones(K)  # every rotary frequency, so no other offset scores as high
+    query = rope(key[None, None, None], jnp.array([-1]), attention.rope_base)[0, 0, 0]
+    qkv = jnp.zeros((16, 3 * K))  # input dims: token one-hot in 0 .. 14, a constant 1 in 15
+    qkv = qkv.at[15, :K].set(query).at[15, K : 2 * K].set(key)
+    attention.qkv_proj.kernel[...] = qkv.at[:vocab, 2 * K : 2 * K + vocab].set(jnp.eye(vocab))
+    attention.out_proj.kernel[...] = jnp.eye(16)
+    tokens = jax.random.randint(jax.random.key(0), (B, length), 0, vocab)
+    x = jnp.concatenate([jax.nn.one_hot(tokens, vocab), jnp.ones((B, length, 1))], axis=-1)
+    y = attention(x)  # [B, T, D]
+    np.testing.assert_allclose(y[:, 1:, :vocab], jax.nn.one_hot(tokens[:, :-1], vocab), atol=1e-3)
+    np.testing.assert_allclose(y[:, 0, :vocab], jax.nn.one_hot(tokens[:, 0], vocab), atol=1e-3)
