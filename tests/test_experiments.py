@@ -115,3 +115,10 @@ def test_bad_experiment_arguments(argv, expected, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0]
+
+
+def test_report_only_needs_finished_runs(tmp_path, capsys):
+    argv = ["experiment", "mqar", "--report-only", "--workdir", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 2
+    assert "no finished runs" in capsys.readouterr().err
+    assert not (tmp_path / "mqar" / "mqar.json").exists()

@@ -66,10 +66,11 @@ class Options:
     root: Path  # run workdirs
     out: Path  # NAME.json, NAME.md and plots
     progress: bool
+    report_only: bool = False  # collect the finished runs, train nothing
 
 
 def parse_options(name: str, argv: Sequence[str]) -> Options:
-    """`[--quick] [--workdir DIR] [--no-progress]`.
+    """`[--quick] [--workdir DIR] [--no-progress] [--report-only]`.
 
     The full sweep runs in runs/experiments/NAME and reports into docs/results; --quick runs in
     runs/experiments-quick/NAME and reports next to its runs, so it never touches docs/results.
@@ -78,12 +79,16 @@ def parse_options(name: str, argv: Sequence[str]) -> Options:
     parser.add_argument("--quick", action="store_true", help="a seconds-long version")
     parser.add_argument("--workdir", help="where the runs go (default: runs/experiments[-quick])")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--report-only", action="store_true", help="report the finished runs, train nothing"
+    )
     args = parser.parse_args(list(argv))
     base = (
         Path(args.workdir) if args.workdir else Path("runs", f"experiments{'-quick' * args.quick}")
     )
     root = base / name
-    return Options(name, args.quick, root, root if args.quick else RESULTS, not args.no_progress)
+    out = root if args.quick else RESULTS
+    return Options(name, args.quick, root, out, not args.no_progress, args.report_only)
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,8 @@ def execute(run: Run, workdir: Path) -> dict:
 
 
 def run_sweep(runs: Sequence[Run], options: Options) -> list[dict]:
-    """Every run's result, in order; finished runs are read back, the others trained."""
+    """Every run's result, in order; finished runs are read back, the others trained (or, with
+    report_only, left out)."""
     # Identical computations compile once per sweep: the eval step of a run's training and of its
     # test evaluation, and every run again when an interrupted sweep resumes.
     jax.config.update("jax_compilation_cache_dir", str(options.root.parent / ".jax_cache"))
@@ -156,7 +162,12 @@ def run_sweep(runs: Sequence[Run], options: Options) -> list[dict]:
         bar.set_postfix_str(run.name)
         workdir = options.root / run.name
         done = workdir / RESULT_FILE
-        results.append(json.loads(done.read_text()) if done.exists() else execute(run, workdir))
+        if done.exists():
+            results.append(json.loads(done.read_text()))
+        elif not options.report_only:
+            results.append(execute(run, workdir))
+    if not results:
+        raise ConfigError(f"no finished runs in {options.root}")
     return results
 
 

@@ -52,7 +52,7 @@ MODELS = (
     "ssm",
 )
 LN2 = math.log(2)
-BUDGET_S = 100.0  # CPU seconds of training per model
+BUDGET_S = 40.0  # CPU seconds of training per model
 PROBE_STEPS = 5
 WHOLE_SPLIT = 10**9  # more batches than any split has: text evaluation stops at the split's end
 QUICK_MODELS = ("delta_rule", "attention")
@@ -122,6 +122,8 @@ def make_runs(options: Options) -> list[Run]:
         unit="model",
         disable=not options.progress,
     ):
+        if options.report_only and not (options.root / model / "steps.json").exists():
+            continue  # never probed, so never trained
         path = CONFIGS / NAME / f"{model}.yaml"
         overrides = (*base, f"train.steps={budgeted_steps(model, base, options)}")
         labels = {**model_labels(load(path, overrides)), "model": model}
