@@ -1,7 +1,8 @@
 """The fast-weight math: one module per update-rule family, pure JAX, no parameters.
 
 Every family module exposes GATES, step, recurrent (the reference), chunkwise and associative;
-see each module's docstring for its recurrence and shapes, and cells.md for the derivations.
+see each module's docstring for its recurrence and shapes; the derivations of the fast forms are in
+linear_attention.md (linear_attn, gated_linear_attn) and delta_rules.md (the delta-rule families).
 """
 
 from types import ModuleType
