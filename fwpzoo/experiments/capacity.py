@@ -430,14 +430,12 @@ def plot(results: list[dict], sweep: Sweep, path: Path) -> None:
                 label += f" ({phi})" if phi else " attention"
                 style = "k--" if model == SOFTMAX else "o-"
                 ax.plot(*zip(*mine, strict=True), style, label=label, markersize=3)
-            ax.set(
-                title=f"{setting}, {rule} rule",
-                xlabel="stored pairs S",
-                ylabel="final loss",
-                yscale="symlog",
-                xscale="log",
-            )
-            ax.set_yscale("symlog", linthresh=1e-3)
+            all_s = sorted({s for grid in sweep.num_pairs[setting].values() for s in grid})
+            ax.set(title=f"{setting}, {rule} rule", xlabel="stored pairs S", ylabel="final loss")
+            ax.set_yscale("log")
+            ax.set_ylim(sweep.stop_loss / 10, 1.0)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(all_s, [str(s) for s in all_s])
             ax.axhline(sweep.stop_loss, color="grey", linewidth=0.5)
             ax.legend(fontsize=7, title="feature map (dim phi)", title_fontsize=7)
     fig.tight_layout()
@@ -456,6 +454,11 @@ def capacity_of(results: list[dict], stop_loss: float) -> int | None:
     return best
 
 
+def loss_cell(loss: float | None) -> str | None:
+    """Two significant digits: the losses span 1e-4 to 0.5."""
+    return None if loss is None else f"{loss:.2g}"
+
+
 def report(results: list[dict], sweep: Sweep, options, wall_seconds: float) -> str:
     plot(results, sweep, options.out / f"{NAME}.png")
     sections = []
@@ -467,7 +470,7 @@ def report(results: list[dict], sweep: Sweep, options, wall_seconds: float) -> s
             by_s = {r["num_pairs"]: r["loss"] for r in mine}
             rows.append(
                 [model, phi_dim(model, sweep), capacity_of(mine, sweep.stop_loss)]
-                + [by_s.get(s) for s in all_s]
+                + [loss_cell(by_s.get(s)) for s in all_s]
             )
         header = ["model", "dim phi", "largest S solved", *(f"S={s}" for s in all_s)]
         sections.append(f"### {setting}\n\n{markdown_table(header, rows)}")
