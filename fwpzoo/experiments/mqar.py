@@ -62,11 +62,14 @@ def plot(results: list[dict], path) -> None:
     widths = sorted({r["labels"]["width"] for r in results})
     most_pairs = max(r["labels"]["x"] for r in results)
     fig, axes = plt.subplots(1, len(widths) + 1, figsize=(3.6 * (len(widths) + 1), 3.4))
+    for ax, width in zip(axes, widths, strict=False):
+        pairs = sorted({r["labels"]["x"] for r in results if r["labels"]["width"] == width})
+        ax.set(title=f"d_model {width}", xlabel="key-value pairs", ylabel="test accuracy")
+        ax.set_xticks(pairs)
     for model in dict.fromkeys(r["labels"]["model"] for r in results):
         mine = [r for r in results if r["labels"]["model"] == model]
         for ax, width in zip(axes, widths, strict=False):
             ax.plot(*curve([r for r in mine if r["labels"]["width"] == width], "x"), "o-")
-            ax.set(title=f"d_model {width}", xlabel="key-value pairs", ylabel="test accuracy")
         hardest = [r for r in mine if r["labels"]["x"] == most_pairs]
         axes[-1].plot(*curve(hardest, "state_size"), "o-", label=model)
     axes[-1].set(xscale="log", title=f"{most_pairs} pairs", xlabel="state size per layer")
