@@ -122,6 +122,9 @@ def test_quick_sweep_writes_records_and_resumes(tmp_path, monkeypatch):
         return json.loads(lines[-1])
 
     monkeypatch.setattr(capacity, "train_run", fake_train_run)
+    capacity.main(["--quick", "--workdir", str(workdir), "--no-progress", "--report-only"])
+    assert retrained == []  # the report of the finished runs alone
+    assert json.loads((out / "capacity.json").read_text()) == records[:-1]
     capacity.main(["--quick", "--workdir", str(workdir), "--no-progress"])
     assert retrained == [capacity.grid(sweep)[-1]]
     assert json.loads((out / "capacity.json").read_text()) == records

@@ -359,21 +359,25 @@ def read_results(path: Path) -> dict[str, dict]:
     return {run_key(r["setting"], r["model"], r["num_pairs"]): r for r in rows}
 
 
-def run_sweep(sweep: Sweep, results_path: Path, progress: bool) -> list[dict]:
+def run_sweep(sweep: Sweep, results_path: Path, options) -> list[dict]:
     """Every run of the grid; finished ones (a line in results_path) are read back, the others
-    trained and appended as they finish, so an interrupted sweep resumes where it stopped."""
+    trained and appended as they finish, so an interrupted sweep resumes where it stopped. With
+    options.report_only nothing is trained: the finished runs alone."""
     done = read_results(results_path)
     points = grid(sweep)
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(points, unit="run", desc=NAME, disable=not progress)
+    bar = tqdm(points, unit="run", desc=NAME, disable=not options.progress)
     for setting, model, s in bar:
         key = run_key(setting, model, s)
         bar.set_postfix_str(key)
-        if key not in done:
+        if key not in done and not options.report_only:
             done[key] = train_run(sweep, setting, model, s)
             with results_path.open("a") as f:
                 f.write(json.dumps(done[key]) + "\n")
-    return [done[run_key(*point)] for point in points]
+    results = [done[run_key(*point)] for point in points if run_key(*point) in done]
+    if not results:
+        raise ConfigError(f"no finished runs in {results_path}")
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +433,8 @@ def plot(results: list[dict], sweep: Sweep, path: Path) -> None:
                 phi = phi_dim(model, sweep)
                 label += f" ({phi})" if phi else " attention"
                 style = "k--" if model == SOFTMAX else "o-"
-                ax.plot(*zip(*mine, strict=True), style, label=label, markersize=3)
+                if mine:  # a report of an unfinished sweep may lack a model
+                    ax.plot(*zip(*mine, strict=True), style, label=label, markersize=3)
             all_s = sorted({s for grid in sweep.num_pairs[setting].values() for s in grid})
             ax.set(title=f"{setting}, {rule} rule", xlabel="stored pairs S", ylabel="final loss")
             ax.set_yscale("log")
@@ -506,7 +511,7 @@ def sweep_file(options) -> str:
 def main(argv) -> int:
     options = parse_options(NAME, argv)
     sweep = load_sweep(CONFIGS / NAME / sweep_file(options))
-    results = run_sweep(sweep, options.root / "results.jsonl", options.progress)
+    results = run_sweep(sweep, options.root / "results.jsonl", options)
     records = [to_record(r, sweep) for r in results]
     write_records(records, options.out / f"{NAME}.json")
     wall_seconds = sum(r["seconds"] for r in results)
