@@ -1,6 +1,7 @@
 """The experiment runner and the quick versions of mqar, state_tracking and charlm, end to end."""
 
 import json
+import math
 
 import pytest
 
@@ -75,10 +76,15 @@ def test_charlm_quick(tmp_path):
     assert all(r["task"] == "text" and r["metric"] == "bpc" for r in records)
     models = {r["model"]: r for r in records}
     assert set(models) == {"delta_rule", "attention", "gzip", "bz2", "xz"}
-    # compressors on real text land between 1 and 8 bits per byte; an untrained model near 8
-    assert all(1.0 < models[name]["value"] < 8.0 for name in ("gzip", "bz2", "xz"))
-    assert all(models[name]["state_size"] is None for name in ("gzip", "bz2", "xz"))
-    assert 5.0 < models["delta_rule"]["value"] < 9.0
+    # the compressor records are the compressors' sizes on the same test bytes
+    expected = charlm.compressor_bpc("fixture", "data")
+    for name in charlm.COMPRESSORS:
+        assert models[name]["value"] == pytest.approx(expected[name])
+        assert 1.0 < models[name]["value"] < 8.0 and models[name]["state_size"] is None
+    # a model after a few steps: between a good compressor and a uniform guess with a margin
+    result = json.loads((out / "delta_rule" / "result.json").read_text())
+    assert models["delta_rule"]["value"] == pytest.approx(result["test"]["loss"] / math.log(2))
+    assert 1.0 < models["delta_rule"]["value"] < 9.0
     assert "tokens/s" in report
     # the run trains for the probed number of steps that fill the CPU budget
     per_step = json.loads((out / "delta_rule" / "steps.json").read_text())["cpu_seconds_per_step"]
