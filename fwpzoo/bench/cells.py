@@ -3,7 +3,7 @@
     fwpzoo bench cells [--families delta_rule,...] [--forms recurrent,chunkwise,associative]
                        [--lengths 512,2048,8192] [--chunk-sizes 64] [--repeats 5]
                        [--batch 4] [--heads 4] [--key-dim 64] [--value-dim 64] [--sub-steps 2]
-                       [--memory-limit-gb 6] [--peers] [--peer-length 2048] [--out FILE.md]
+                       [--memory-limit-gb 4] [--peers] [--peer-length 2048] [--out FILE.md]
     python -m fwpzoo.bench.cells ...          (the same)
 
 For each family and length T, all forms are compiled and then timed in alternation (one warm-up
@@ -61,7 +61,7 @@ class Options:
     key_dim: int = 64
     value_dim: int = 64
     sub_steps: int = 2
-    memory_limit_gb: float = 6.0
+    memory_limit_gb: float = 4.0
     peers: bool = False
     peer_length: int = 2048
     seed: int = 0
@@ -101,21 +101,23 @@ def int_list(text: str) -> tuple[int, ...]:
 int_list.__name__ = "comma-separated list of positive integers"
 
 
-def name_list(valid: tuple[str, ...], what: str) -> Callable[[str], tuple[str, ...]]:
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(text.split(","))
-        for name in names:
-            if name not in valid:
-                raise ConfigError(f"unknown {what} {name!r}; valid {what}s: {', '.join(valid)}")
-        return names
+def name_list(text: str) -> tuple[str, ...]:
+    return tuple(text.split(","))
 
-    return parse
+
+name_list.__name__ = "comma-separated list of names"
+
+
+def check_names(names: tuple[str, ...], valid: tuple[str, ...], what: str) -> None:
+    for name in names:
+        if name not in valid:
+            raise ConfigError(f"unknown {what} {name!r}; valid: {', '.join(valid)}")
 
 
 def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
     parser = BenchArgs(prog="fwpzoo bench cells")
-    parser.add_argument("--families", type=name_list(tuple(cells.CELLS), "family"))
-    parser.add_argument("--forms", type=name_list(cells.FORMS, "form"))
+    parser.add_argument("--families", type=name_list)
+    parser.add_argument("--forms", type=name_list)
     parser.add_argument("--lengths", type=int_list)
     parser.add_argument("--chunk-sizes", type=int_list)
     for name in ("repeats", "batch", "heads", "key_dim", "value_dim", "sub_steps", "peer_length"):
@@ -126,7 +128,10 @@ def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
     parser.add_argument("--out", type=Path, help="write the markdown report (and FILE.json) here")
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
-    return Options(**{k: v for k, v in args.items() if v is not None}), out
+    options = Options(**{k: v for k, v in args.items() if v is not None})
+    check_names(options.families, tuple(cells.CELLS), "family")
+    check_names(options.forms, cells.FORMS, "form")
+    return options, out
 
 
 # inputs and FLOPs ------------------------------------------------------------------------------
@@ -193,8 +198,12 @@ def compiled_run(fn: Callable, args: tuple, limit_bytes: float) -> tuple[Callabl
     compiled = jax.jit(fn).lower(*args).compile()
     held = footprint_bytes(compiled)
     if held is not None and held > limit_bytes:
-        return None, f"skipped: needs {held / 1e9:.1f} GB (limit {limit_bytes / 1e9:g} GB)"
+        return None, f"skipped: needs {gigabytes(held)} (limit {gigabytes(limit_bytes)})"
     return (lambda: compiled(*args)), ""
+
+
+def gigabytes(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
 
 
 def timed(run: Callable[[], object]) -> float:
