@@ -4,10 +4,10 @@
 
 Inside a chunk the writes are rewritten as S_t = e^{g_t} S_0 + sum_{i<=t} e^{g_t - g_i} k_i u_i^T
 with pseudo-values U = T (diag(beta) V - diag(beta e^g) K S_0), T = (I + A)^{-1} the UT transform
-of A = strictly-lower(diag(beta) (K K^T . Gamma)); across chunks the state follows the linear
-recurrence S_n = M_n S_{n-1} + X_n. A jax.custom_vjp supplies the hand-derived backward, which
-keeps a few per-chunk matrices and the chunk-boundary states instead of everything autodiff would
-store. Derivations: delta_rules.md.
+of A = strictly-lower(diag(beta) (K K^T . Gamma)); across chunks a scan passes the state,
+U_n = U~_n - W_n S_{n-1} and S_n = e^{g_C} S_{n-1} + K_end^T U_n. A jax.custom_vjp supplies the
+hand-derived backward, which keeps a few per-chunk matrices and the chunk-boundary states instead
+of everything autodiff would store. Derivations: delta_rules.md.
 
 Dimension letters: B batch, T time, H heads, K key dim, V value dim, C chunk, N chunks,
 G = B * H folded heads. Inside, every tensor is chunk-major, [N, G, C, ...]: the intra-chunk
