@@ -97,7 +97,7 @@ def _forward(q, k, v, beta, g, state):
     w = tri @ _rows(beta, _rows(e, k))  # [N, G, C, K]
     k_end = _rows(to_end, k)  # [N, G, C, K]
 
-    def chunk_step(s, chunk):  # (5): the state through one chunk; U = U~ - W S on the way
+    def chunk_step(s, chunk):  # (6): the state through one chunk; U = U~ - W S on the way
         u_tilde, w, k_end, e_last = chunk
         u = u_tilde - w @ s  # [G, C, V]
         s_next = _mT(k_end) @ u + (s if e_last is None else e_last[..., None, None] * s)
