@@ -142,31 +142,25 @@ def to_records(result: dict) -> list[dict]:
     return [record(**labels, metric="bpc", value=result["test"]["bpc"])]
 
 
-def training_seconds(rows: list[dict], tokens_per_step: int) -> list[float]:
-    """Cumulative seconds of training at each logged row, from the rows' measured throughput
-    (evaluation and checkpointing time left out, as the loop leaves them out)."""
-    seconds, previous, clock = [], 0, 0.0
-    for row in rows:
-        clock += (row["step"] - previous) * tokens_per_step / row["tokens_per_sec"]
-        seconds.append(clock)
-        previous = row["step"]
-    return seconds
-
-
 def plot_curves(results: list[dict], root: Path, path: Path) -> None:
-    """Training bpc (lines) and validation bpc (dots) against seconds of training."""
+    """Training bpc (lines) and validation bpc (dots) against CPU seconds of training: the
+    probed CPU seconds per step times the step, the axis on which the budgets are equal."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for result in results:
         workdir = root / result["name"]
-        cfg = json.loads((workdir / "config.json").read_text())
+        per_step = json.loads((workdir / "steps.json").read_text())["cpu_seconds_per_step"]
         rows = read_metrics(workdir)
-        seconds = training_seconds(rows, cfg["train"]["batch_size"] * cfg["data"]["seq_len"])
+        seconds = [row["step"] * per_step for row in rows]
         (line,) = ax.plot(seconds, [r["loss"] / LN2 for r in rows], label=result["name"])
         valid = [
             (t, r["valid_bpc"]) for t, r in zip(seconds, rows, strict=True) if "valid_bpc" in r
         ]
         ax.plot(*zip(*valid, strict=True), "o", color=line.get_color())
-    ax.set(xlabel="training seconds", ylabel="bits per byte", title="train (lines), valid (dots)")
+    ax.set(
+        xlabel="training CPU seconds (probed per step)",
+        ylabel="bits per byte",
+        title="train (lines), valid (dots)",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -182,9 +176,9 @@ def report(results: list[dict], records: list[dict], options: Options) -> str:
             r["num_params"],
             r["labels"]["state_size"],
             r["test"]["step"],
-            r["train_cpu_seconds"],
-            r["train_seconds"],
-            r["tokens_per_sec"],
+            round(r["train_cpu_seconds"]),
+            round(r["train_seconds"]),
+            None if r["tokens_per_sec"] is None else round(r["tokens_per_sec"]),
             r["test"]["bpc"],
         ]
         for r in results
