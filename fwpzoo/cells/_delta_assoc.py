@@ -11,7 +11,7 @@ Dimension letters: B batch, T time, H heads, K key dim, V value dim, N sub-steps
 import jax
 import jax.numpy as jnp
 
-from fwpzoo.cells._reference import initial_state, to_f32
+from fwpzoo.cells._reference import initial_state, upcast
 
 
 def elements(k, v, beta):
@@ -19,7 +19,7 @@ def elements(k, v, beta):
 
     k [..., K], v [..., V], beta [...].
     """
-    k, v, beta = to_f32(k, v, beta)
+    k, v, beta = upcast(k, v, beta)
     bk = beta[..., None] * k  # [..., K]
     m = jnp.eye(k.shape[-1], dtype=k.dtype) - bk[..., :, None] * k[..., None, :]
     return m, bk[..., :, None] * v[..., None, :]

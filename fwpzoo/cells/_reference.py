@@ -7,13 +7,20 @@ import jax
 import jax.numpy as jnp
 
 
+def state_dtype(*xs):
+    """float32 for float32 and lower-precision inputs, so bf16 inputs never lower the state's
+    precision; float64 when an input is float64 (under jax_enable_x64, for gradient checks)."""
+    return jnp.result_type(jnp.float32, *(x for x in xs if x is not None))
+
+
 def initial_state(state, q, v):
-    """The float32 fast-weight matrix S [B, H, K, V]; None means zeros."""
+    """The fast-weight matrix S [B, H, K, V] in state_dtype; None means zeros."""
     B, _, H, K = q.shape
     V = v.shape[-1]
+    dtype = state_dtype(q, v, state)
     if state is None:
-        return jnp.zeros((B, H, K, V), jnp.float32)
-    return state.astype(jnp.float32)
+        return jnp.zeros((B, H, K, V), dtype)
+    return state.astype(dtype)
 
 
 def scan_steps(step, state, q, k, v, gates):
@@ -29,5 +36,6 @@ def scan_steps(step, state, q, k, v, gates):
     return jnp.moveaxis(o, 0, 1), state  # [B, T, H, V]
 
 
-def to_f32(*xs):
-    return tuple(x.astype(jnp.float32) for x in xs)
+def upcast(*xs):
+    """Each input in at least float32 (float64 stays float64)."""
+    return tuple(x.astype(state_dtype(x)) for x in xs)

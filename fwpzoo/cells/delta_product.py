@@ -13,7 +13,7 @@ import functools
 import jax.numpy as jnp
 
 from fwpzoo.cells import _delta_assoc, _delta_chunk
-from fwpzoo.cells._reference import initial_state, scan_steps, to_f32
+from fwpzoo.cells._reference import initial_state, scan_steps, upcast
 from fwpzoo.cells.delta_rule import delta_update
 
 GATES: tuple[str, ...] = ("beta", "log_alpha")
@@ -21,9 +21,9 @@ GATES: tuple[str, ...] = ("beta", "log_alpha")
 
 def step(state, q, k, v, *, beta, log_alpha=None):
     """One token: q [B, H, K], k [B, H, N, K], v [B, H, N, V], beta [B, H, N], log_alpha [B, H]."""
-    q, k, v, beta = to_f32(q, k, v, beta)
+    q, k, v, beta = upcast(q, k, v, beta)
     if log_alpha is not None:
-        state = jnp.exp(log_alpha.astype(jnp.float32))[..., None, None] * state
+        state = jnp.exp(upcast(log_alpha)[0])[..., None, None] * state
     for j in range(k.shape[-2]):
         state = delta_update(state, k[..., j, :], v[..., j, :], beta[..., j])
     return state, jnp.einsum("bhkv,bhk->bhv", state, q)

@@ -11,7 +11,7 @@ eigenvalues in (-1, 1] for unit keys); state S [B, H, K, V] float32; o [B, T, H,
 import jax.numpy as jnp
 
 from fwpzoo.cells import _delta_assoc, _delta_chunk
-from fwpzoo.cells._reference import initial_state, scan_steps, to_f32
+from fwpzoo.cells._reference import initial_state, scan_steps, upcast
 
 GATES: tuple[str, ...] = ("beta",)
 
@@ -24,7 +24,7 @@ def delta_update(state, k, v, beta):
 
 def step(state, q, k, v, *, beta):
     """One token: q, k [B, H, K], v [B, H, V], beta [B, H]."""
-    q, k, v, beta = to_f32(q, k, v, beta)
+    q, k, v, beta = upcast(q, k, v, beta)
     state = delta_update(state, k, v, beta)
     return state, jnp.einsum("bhkv,bhk->bhv", state, q)
 

@@ -10,7 +10,7 @@ state S [B, H, K, V] float32; o [B, T, H, V] in v's dtype.
 import jax.numpy as jnp
 
 from fwpzoo.cells import _delta_assoc, _delta_chunk
-from fwpzoo.cells._reference import initial_state, scan_steps, to_f32
+from fwpzoo.cells._reference import initial_state, scan_steps, upcast
 from fwpzoo.cells.delta_rule import delta_update
 
 GATES: tuple[str, ...] = ("beta", "log_alpha")
@@ -18,7 +18,7 @@ GATES: tuple[str, ...] = ("beta", "log_alpha")
 
 def step(state, q, k, v, *, beta, log_alpha):
     """One token: q, k [B, H, K], v [B, H, V], beta, log_alpha [B, H]."""
-    q, k, v, beta, log_alpha = to_f32(q, k, v, beta, log_alpha)
+    q, k, v, beta, log_alpha = upcast(q, k, v, beta, log_alpha)
     # alpha (I - beta k k^T) S + beta k v^T == delta update of (alpha S)
     state = delta_update(jnp.exp(log_alpha)[..., None, None] * state, k, v, beta)
     return state, jnp.einsum("bhkv,bhk->bhv", state, q)

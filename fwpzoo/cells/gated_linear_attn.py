@@ -12,7 +12,7 @@ import math
 import jax.numpy as jnp
 
 from fwpzoo.cells._chunking import associative_states, chunk_states, from_chunks, to_chunks
-from fwpzoo.cells._reference import initial_state, scan_steps, to_f32
+from fwpzoo.cells._reference import initial_state, scan_steps, upcast
 
 GATES: tuple[str, ...] = ("log_alpha",)
 SUB_CHUNK = 8  # per-key decay: pairs closer than this take the pairwise (non-matmul) form
@@ -23,13 +23,13 @@ def decay_rows(log_alpha, ndim_key):
 
     [B, H] -> [B, H, 1, 1] (scalar decay), [B, H, K] -> [B, H, K, 1] (per-key decay).
     """
-    alpha = jnp.exp(log_alpha.astype(jnp.float32))
+    (alpha,) = upcast(jnp.exp(log_alpha))
     return alpha[..., None] if alpha.ndim == ndim_key else alpha[..., None, None]
 
 
 def step(state, q, k, v, *, log_alpha):
     """One token: q, k [B, H, K], v [B, H, V], log_alpha [B, H] or [B, H, K]."""
-    q, k, v = to_f32(q, k, v)
+    q, k, v = upcast(q, k, v)
     state = decay_rows(log_alpha, k.ndim) * state + k[..., :, None] * v[..., None, :]
     return state, jnp.einsum("bhkv,bhk->bhv", state, q)
 
@@ -55,7 +55,7 @@ def chunkwise(q, k, v, *, state=None, chunk_size=64, log_alpha):
     T, dtype = q.shape[1], v.dtype
     S0 = initial_state(state, q, v)
     log_alpha = per_key_axis(log_alpha, q)  # [B, T, H, K|1]
-    q, k, v = (to_chunks(x, chunk_size) for x in to_f32(q, k, v))  # [B, H, N, C, K|V]
+    q, k, v = (to_chunks(x, chunk_size) for x in upcast(q, k, v))  # [B, H, N, C, K|V]
     g = jnp.cumsum(to_chunks(log_alpha, chunk_size), axis=3)  # [B, H, N, C, K|1] from chunk start
     g_end = g[..., -1:, :]  # [B, H, N, 1, K|1] log decay over the whole chunk
     writes = (k * jnp.exp(g_end - g)).mT @ v  # [B, H, N, K, V]
@@ -107,7 +107,7 @@ def causal_decay(g):
 def associative(q, k, v, *, state=None, log_alpha):
     """Every S_t by an associative scan of (log decay, write) pairs; memory O(T K V)."""
     S0 = initial_state(state, q, v)
-    q32, k, v32 = to_f32(q, k, v)
+    q32, k, v32 = upcast(q, k, v)
     writes = k[..., :, None] * v32[..., None, :]  # [B, T, H, K, V]
     log_decay = per_key_axis(log_alpha, q)[..., None]  # [B, T, H, K|1, 1]
     states = associative_states(log_decay, writes, S0, axis=1)  # [B, T + 1, H, K, V]

@@ -9,14 +9,14 @@ The parallel forms are derived in linear_attention.md.
 import jax.numpy as jnp
 
 from fwpzoo.cells._chunking import associative_states, chunk_states, from_chunks, to_chunks
-from fwpzoo.cells._reference import initial_state, scan_steps, to_f32
+from fwpzoo.cells._reference import initial_state, scan_steps, upcast
 
 GATES: tuple[str, ...] = ()
 
 
 def step(state, q, k, v):
     """One token: q, k [B, H, K], v [B, H, V] -> (S [B, H, K, V], o [B, H, V])."""
-    q, k, v = to_f32(q, k, v)
+    q, k, v = upcast(q, k, v)
     state = state + k[..., :, None] * v[..., None, :]
     return state, jnp.einsum("bhkv,bhk->bhv", state, q)
 
@@ -30,7 +30,7 @@ def chunkwise(q, k, v, *, state=None, chunk_size=64):
     """Causal attention inside each chunk of C tokens, the state carried across chunks."""
     T, dtype = q.shape[1], v.dtype
     S0 = initial_state(state, q, v)
-    q, k, v = (to_chunks(x, chunk_size) for x in to_f32(q, k, v))  # [B, H, N, C, K|V]
+    q, k, v = (to_chunks(x, chunk_size) for x in upcast(q, k, v))  # [B, H, N, C, K|V]
     writes = k.mT @ v  # [B, H, N, K, V]
     entering, final = chunk_states(None, writes, S0)  # [B, H, N, K, V], [B, H, K, V]
     causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
@@ -42,7 +42,7 @@ def chunkwise(q, k, v, *, state=None, chunk_size=64):
 def associative(q, k, v, *, state=None):
     """Every S_t by a parallel prefix sum of the writes k_t v_t^T; memory O(T K V)."""
     S0 = initial_state(state, q, v)
-    q32, k, v32 = to_f32(q, k, v)
+    q32, k, v32 = upcast(q, k, v)
     writes = k[..., :, None] * v32[..., None, :]  # [B, T, H, K, V]
     states = associative_states(None, writes, S0, axis=1)  # [B, T + 1, H, K, V]
     o = jnp.einsum("bthkv,bthk->bthv", states[:, 1:], q32)
