@@ -105,11 +105,11 @@ def _forward(q, k, v, beta, g, state):
 
     final, (s_prev, u) = jax.lax.scan(chunk_step, state, (u_tilde, w, k_end, e_last))
     o = _rows(e, q) @ s_prev + p @ u  # [N, G, C, V]
-    return o, final, (q, k, v, beta, g, p, kk, tri, u_tilde, w, u, s_prev)
+    return o, final, (q, k, v, beta, g, p, kk, tri, w, u, s_prev)
 
 
 def _backward(res, cotangents):
-    q, k, v, beta, g, p, kk, tri, u_tilde, w, u, s_prev = res
+    q, k, v, beta, g, p, kk, tri, w, u, s_prev = res
     do, d_final = cotangents
     causal = _lower_mask(q.shape[-2], strict=False)
     strict = _lower_mask(q.shape[-2], strict=True)
@@ -131,12 +131,12 @@ def _backward(res, cotangents):
     dqk = _masked(do_u, gamma, causal)
     dqe = do @ _mT(s_prev)  # [N, G, C, K]
     dk_end = u @ _mT(ds_next)  # [N, G, C, K]
-    minus_dw = du @ _mT(s_prev)  # [N, G, C, K]: dW = -dU S_0^T
-    dvb = _mT(tri) @ du  # [N, G, C, V]: cotangent of diag(beta) V
-    minus_dkb = _mT(tri) @ minus_dw  # [N, G, C, K]: minus the cotangent of diag(beta e^g) K
-    # d(I + A)^{-1} = -T^T dT T^T with dT = dU~ (diag(beta) V)^T + dW (diag(beta e^g) K)^T; since
-    # T diag(beta) V = U~ and T diag(beta e^g) K = W, that is -(dV_b U~^T + dK_b W^T)
-    da = jnp.where(strict, minus_dkb @ _mT(w) - dvb @ _mT(u_tilde), 0.0)  # [N, G, C, C]
+    dvb = _mT(tri) @ du  # [N, G, C, V]: cotangent of diag(beta) V, T^T dU~ with dU~ = dU
+    # The cotangent of diag(beta e^g) K is T^T dW with dW = -dU S_0^T, that is -dV_b S_0^T, and
+    # d(I + A)^{-1} = -T^T dT T^T with dT = dU~ (diag(beta) V)^T + dW (diag(beta e^g) K)^T is
+    # -(dV_b U~^T - dV_b S_0^T W^T) = -dV_b U^T, as U = U~ - W S_0 (delta_rules.md, (8)).
+    minus_dkb = dvb @ _mT(s_prev)  # [N, G, C, K]
+    da = -jnp.where(strict, dvb @ _mT(u), 0.0)  # [N, G, C, C]
     dkk = _masked(beta[..., None] * da, gamma, strict)  # [N, G, C, C]
     kkg = _masked(kk, gamma, strict)
 
