@@ -3,7 +3,7 @@
     fwpzoo bench cells [--families delta_rule,...] [--forms recurrent,chunkwise,associative]
                        [--lengths 512,2048,8192] [--chunk-sizes 64] [--repeats 5]
                        [--batch 4] [--heads 4] [--key-dim 64] [--value-dim 64] [--sub-steps 2]
-                       [--memory-limit-gb 4] [--peers] [--peer-length 2048] [--out FILE.md]
+                       [--memory-limit-gb 8] [--peers] [--peer-length 2048] [--out FILE.md]
     python -m fwpzoo.bench.cells ...          (the same)
 
 For each family and length T, all forms are compiled and then timed in alternation (one warm-up
@@ -61,7 +61,7 @@ class Options:
     key_dim: int = 64
     value_dim: int = 64
     sub_steps: int = 2
-    memory_limit_gb: float = 4.0
+    memory_limit_gb: float = 8.0
     peers: bool = False
     peer_length: int = 2048
     seed: int = 0
