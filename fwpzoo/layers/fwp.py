@@ -73,7 +73,34 @@ def mean_state_norm(state):
     return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(state), axis=(-2, -1))))
 
 
-class FWPMixer(nnx.Module):
+class CellMixer(nnx.Module):
+    """The entry points shared by the mixers built on a cell (this one and Mamba-2).
+
+    A subclass sets H, K, V and conv (a ShortConv or None) and defines decode_step and
+    _sequence(x, state, buffer) -> (y [B, T, D], cache, stats), which runs the configured form
+    from the fast weights `state` [B, H, K, V] and the conv `buffer`.
+    """
+
+    def __call__(self, x, *, return_intermediates: bool = False):
+        """x [B, T, D] -> y [B, T, D] (and a dict of scalar intermediates when asked)."""
+        y, _, stats = self._sequence(x, state=None, buffer=None)
+        return (y, stats) if return_intermediates else y
+
+    def init_cache(self, batch_size: int, max_len: int):
+        """Constant size whatever max_len: the fast weights and the conv buffer."""
+        del max_len
+        cache = {"state": jnp.zeros((batch_size, self.H, self.K, self.V), jnp.float32)}
+        if self.conv is not None:
+            cache["conv"] = self.conv.init_buffer(batch_size)
+        return cache
+
+    def prefill(self, x, cache):
+        """The configured form over x [B, T, D], starting from and returning the cache."""
+        y, cache, _ = self._sequence(x, cache["state"], cache.get("conv"))
+        return y, cache
+
+
+class FWPMixer(CellMixer):
     """The FWP layer of a model config `cfg` (fields: see fwpzoo.models.config.ModelConfig)."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
@@ -114,25 +141,7 @@ class FWPMixer(nnx.Module):
         self.gate_proj = linear(cfg.d_model, H * V) if cfg.output_gate else None
         self.out_proj = linear(H * V, cfg.d_model)
 
-    # the entry points: see fwpzoo.layers ---------------------------------------------------
-
-    def __call__(self, x, *, return_intermediates: bool = False):
-        """x [B, T, D] -> y [B, T, D] (and a dict of scalar intermediates when asked)."""
-        y, _, stats = self._sequence(x, state=None, buffer=None)
-        return (y, stats) if return_intermediates else y
-
-    def init_cache(self, batch_size: int, max_len: int):
-        """Constant size whatever max_len: the fast weights and the conv buffer."""
-        del max_len
-        cache = {"state": jnp.zeros((batch_size, self.H, self.K, self.V), jnp.float32)}
-        if self.conv is not None:
-            cache["conv"] = self.conv.init_buffer(batch_size)
-        return cache
-
-    def prefill(self, x, cache):
-        """The configured form over x [B, T, D], starting from and returning the cache."""
-        y, cache, _ = self._sequence(x, cache["state"], cache.get("conv"))
-        return y, cache
+    # the entry points: see fwpzoo.layers; the full forward and prefill come from CellMixer
 
     def decode_step(self, x, cache):
         """One token x [B, D] through the cell's `step` -> (y [B, D], cache)."""

@@ -15,14 +15,14 @@ from flax import nnx
 
 from fwpzoo import cells
 from fwpzoo.layers.conv import ShortConv
-from fwpzoo.layers.fwp import form_fn, mean_state_norm, run_form
+from fwpzoo.layers.fwp import CellMixer, form_fn, mean_state_norm, run_form
 from fwpzoo.layers.gates import Decay
 from fwpzoo.layers.norms import RMSNorm
 
 CELL = "gated_linear_attn"
 
 
-class Mamba2Mixer(nnx.Module):
+class Mamba2Mixer(CellMixer):
     """The Mamba-2 layer of a model config `cfg` (heads, key/value dims, conv_size, form)."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
@@ -45,22 +45,6 @@ class Mamba2Mixer(nnx.Module):
         self.D = nnx.Param(jnp.ones((H,), jnp.float32))
         self.norm = RMSNorm(self.inner)
         self.out_proj = linear(self.inner, cfg.d_model)
-
-    def __call__(self, x, *, return_intermediates: bool = False):
-        y, _, stats = self._sequence(x, state=None, buffer=None)
-        return (y, stats) if return_intermediates else y
-
-    def init_cache(self, batch_size: int, max_len: int):
-        """Constant size whatever max_len: the SSM state and the conv buffer."""
-        del max_len
-        cache = {"state": jnp.zeros((batch_size, self.H, self.K, self.V), jnp.float32)}
-        if self.conv is not None:
-            cache["conv"] = self.conv.init_buffer(batch_size)
-        return cache
-
-    def prefill(self, x, cache):
-        y, cache, _ = self._sequence(x, cache["state"], cache.get("conv"))
-        return y, cache
 
     def decode_step(self, x, cache):
         """One token x [B, D] through the cell's `step` -> (y [B, D], cache)."""
