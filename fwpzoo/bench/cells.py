@@ -6,12 +6,12 @@
                        [--memory-limit-gb 8] [--peers] [--peer-length 2048] [--out FILE.md]
     python -m fwpzoo.bench.cells ...          (the same)
 
-For each family and length T, all forms are compiled and then timed in alternation (one warm-up
-each, then --repeats rounds, medians), together with a 1024^3 float32 matmul, so the load of a
-shared machine falls on all of them alike; the associative form, which allocates gigabytes per
-call and slows whatever runs after it, takes its rounds separately, right after. Inputs are
-float32 with L2-normalised keys, beta in (0, 1) and log_alpha near 0; gradients are taken wrt
-q, k, v and every gate.
+For each family and length T, all forms are compiled and then timed in alternation (--repeats
+rounds, each call timed right after an untimed one, medians), together with a 1024^3 float32
+matmul, so the load of a shared machine falls on all of them alike; the associative form, which
+allocates gigabytes per call, takes its rounds separately, right after. Inputs are float32 with
+L2-normalised keys, beta in (0, 1) and log_alpha near 0; gradients are taken wrt q, k, v and
+every gate.
 
     speedup     the recurrent form's time over the form's, same direction (fwd or fwd+bwd)
     efficiency  (chunk-algorithm FLOPs / time) / (the matmul's FLOP/s measured in the same
@@ -214,13 +214,15 @@ def timed(run: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def alternating_medians(runs: dict[str, Callable], repeats: int) -> dict[str, float]:
-    """Median seconds of each zero-argument run: one warm-up each, then the runs take turns."""
-    for run in runs.values():
-        timed(run)
+def alternating_medians(runs: dict, repeats: int) -> dict:
+    """Median seconds of each zero-argument run: the runs take turns, and in each turn a run is
+    called twice and timed the second time, so it finds its own buffers warm instead of the
+    memory the previous run released (a run after the recurrent backward, which holds
+    gigabytes, otherwise pays its page faults)."""
     seconds = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
+            timed(run)
             seconds[name].append(timed(run))
     return {name: statistics.median(values) for name, values in seconds.items()}
 
