@@ -3,16 +3,23 @@
     S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t
 
 Inside a chunk the writes are rewritten as S_t = e^{g_t} S_0 + sum_{i<=t} e^{g_t - g_i} k_i u_i^T
-with pseudo-values U = T (diag(beta) V - diag(beta e^g) K S_0), T = (I + A)^{-1} the UT transform
-of A = strictly-lower(diag(beta) (K K^T . Gamma)); across chunks a scan passes the state,
-U_n = U~_n - W_n S_{n-1} and S_n = e^{g_C} S_{n-1} + K_end^T U_n. A jax.custom_vjp supplies the
-hand-derived backward, which keeps a few per-chunk matrices and the chunk-boundary states instead
-of everything autodiff would store. Derivations: delta_rules.md.
+with pseudo-values U = T diag(beta) (V - diag(e^g) K S_0), T = (I + A)^{-1} the UT transform of
+A = strictly-lower(diag(beta) (K K^T . Gamma)); then O = diag(e^g) Q S_0 + (Q K^T . Gamma) U and
+S_C = e^{g_C} S_0 + (diag(e^{g_C - g}) K)^T U. A jax.custom_vjp supplies the hand-derived
+backward, which keeps only the chunk-boundary states and recomputes each chunk's products.
+Derivations: delta_rules.md.
 
-Dimension letters: B batch, T time, H heads, K key dim, V value dim, C chunk, N chunks,
-G = B * H folded heads. Inside, every tensor is chunk-major, [N, G, C, ...]: the intra-chunk
-products are single batched matmuls over N * G and the scan over chunks slices the leading axis.
+A lax.scan walks the chunks in order, reading each one straight out of the [B, T, H, ...] inputs
+and writing its outputs in place, so every intermediate is a few [B, H, C, C] or [B, H, C, K]
+blocks that stay in cache; nothing sequence-sized is materialised besides the outputs and the
+boundary states. (Computing every chunk's products at once as [N, B*H, C, ...] batched matmuls,
+with only the state passing sequential, measured 1.6x slower forward + backward on CPU: those
+intermediates go through main memory.)
+
+Dimension letters: B batch, T time, H heads, K key dim, V value dim, C chunk, N chunks.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -85,121 +92,145 @@ def _rows(scale, x):
     return x if scale is None else scale[..., None] * x
 
 
-def _forward(q, k, v, beta, g, state):
-    """q, k [N, G, C, K]; v [N, G, C, V]; beta [N, G, C]; g [N, G, C] or None; state [G, K, V]."""
-    causal = _lower_mask(q.shape[-2], strict=False)
-    strict = _lower_mask(q.shape[-2], strict=True)
-    gamma, e, to_end, e_last = _decays(g)
-    p = _masked(q @ _mT(k), gamma, causal)  # [N, G, C, C]
-    kk = k @ _mT(k)  # [N, G, C, C]; kept raw: its consumers fuse the mask and the decay
-    tri = unit_lower_inverse(beta[..., None] * _masked(kk, gamma, strict))  # [N, G, C, C]
-    u_tilde = tri @ (beta[..., None] * v)  # [N, G, C, V]
-    w = tri @ _rows(beta, _rows(e, k))  # [N, G, C, K]
-    k_end = _rows(to_end, k)  # [N, G, C, K]
-
-    def chunk_step(s, chunk):  # (6): the state through one chunk; U = U~ - W S on the way
-        u_tilde, w, k_end, e_last = chunk
-        u = u_tilde - w @ s  # [G, C, V]
-        s_next = _mT(k_end) @ u + (s if e_last is None else e_last[..., None, None] * s)
-        return s_next, (s, u)
-
-    final, (s_prev, u) = jax.lax.scan(chunk_step, state, (u_tilde, w, k_end, e_last))
-    o = _rows(e, q) @ s_prev + p @ u  # [N, G, C, V]
-    return o, final, (q, k, v, beta, g, p, kk, tri, w, u, s_prev)
+def _scaled(scale, s):
+    """scale [B, H] times the state s [B, H, K, V]; None means 1."""
+    return s if scale is None else scale[..., None, None] * s
 
 
-def _backward(res, cotangents):
-    q, k, v, beta, g, p, kk, tri, w, u, s_prev = res
-    do, d_final = cotangents
-    causal = _lower_mask(q.shape[-2], strict=False)
-    strict = _lower_mask(q.shape[-2], strict=True)
-    gamma, e, to_end, e_last = _decays(g)
-    du_local = _mT(p) @ do  # [N, G, C, V]: dO's path through P U
-    qe = _rows(e, q)
-    k_end = _rows(to_end, k)
-
-    def chunk_step(ds, chunk):  # (7): ds is the cotangent of the state leaving the chunk
-        du_local, y, w, k_end, e_last = chunk
-        du = du_local + k_end @ ds  # [G, C, V]
-        ds_prev = y - _mT(w) @ du + (ds if e_last is None else e_last[..., None, None] * ds)
-        return ds_prev, (ds, du)
-
-    y = _mT(qe) @ do  # [N, G, K, V]
-    chunks = (du_local, y, w, k_end, e_last)
-    d_state, (ds_next, du) = jax.lax.scan(chunk_step, d_final, chunks, reverse=True)
-    do_u = do @ _mT(u)  # [N, G, C, C]
-    dqk = _masked(do_u, gamma, causal)
-    dqe = do @ _mT(s_prev)  # [N, G, C, K]
-    dk_end = u @ _mT(ds_next)  # [N, G, C, K]
-    dvb = _mT(tri) @ du  # [N, G, C, V]: cotangent of diag(beta) V, T^T dU~ with dU~ = dU
-    # The cotangent of diag(beta e^g) K is T^T dW with dW = -dU S_0^T, that is -dV_b S_0^T, and
-    # d(I + A)^{-1} = -T^T dT T^T with dT = dU~ (diag(beta) V)^T + dW (diag(beta e^g) K)^T is
-    # -(dV_b U~^T - dV_b S_0^T W^T) = -dV_b U^T, as U = U~ - W S_0 (delta_rules.md, (8)).
-    minus_dkb = dvb @ _mT(s_prev)  # [N, G, C, K]
-    da = -jnp.where(strict, dvb @ _mT(u), 0.0)  # [N, G, C, C]
-    dkk = _masked(beta[..., None] * da, gamma, strict)  # [N, G, C, C]
-    kkg = _masked(kk, gamma, strict)
-
-    dq = dqk @ k + _rows(e, dqe)
-    dk = (
-        _mT(dqk) @ q
-        + (dkk + _mT(dkk)) @ k
-        + _rows(to_end, dk_end)
-        - _rows(beta, _rows(e, minus_dkb))
-    )
-    dv = beta[..., None] * dvb
-    k_dkb = -jnp.sum(k * minus_dkb, axis=-1)  # [N, G, C]
-    dbeta = jnp.sum(v * dvb, axis=-1) + _rows(e, k_dkb[..., None])[..., 0]
-    dbeta = dbeta + jnp.sum(da * kkg, axis=-1)
-    if g is None:
-        return dq, dk, dv, dbeta, None, d_state
-    # g enters through Gamma (z = dGamma . Gamma), e^g, e^{g_C - g} and e^{g_C}
-    z = do_u * p + beta[..., None] * da * kkg  # [N, G, C, C]
-    to_end_dk = to_end * jnp.sum(k * dk_end, axis=-1)  # [N, G, C]
-    dg = (
-        jnp.sum(z, axis=-1)
-        - jnp.sum(z, axis=-2)
-        + jnp.sum(qe * dqe, axis=-1)
-        + beta * e * k_dkb
-        - to_end_dk
-    )
-    d_last = jnp.sum(to_end_dk, axis=-1) + e_last * jnp.sum(s_prev * ds_next, axis=(-2, -1))
-    return dq, dk, dv, dbeta, dg.at[..., -1].add(d_last), d_state
+def _chunk(x, n, size):
+    """Chunk n of x [B, T, H, ...] as float32 [B, H, C, ...]; None stays None."""
+    if x is None:
+        return None
+    x = jax.lax.dynamic_slice_in_dim(x, n * size, size, axis=1)
+    return jnp.swapaxes(x, 1, 2).astype(jnp.float32)
 
 
-@jax.custom_vjp
-def chunk_scan(q, k, v, beta, g, state):
-    """o [N, G, C, V] and the final state [G, K, V] of the gated delta rule over chunked inputs.
+def _put(buffer, x, n):
+    """buffer [B, T, H, ...] with chunk n replaced by x [B, H, C, ...] (in place in a scan)."""
+    x = jnp.swapaxes(x, 1, 2).astype(buffer.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(buffer, x, n * x.shape[1], axis=1)
 
-    g [N, G, C] is the in-chunk cumulative sum of log decays, or None for no decay.
-    """
-    o, final, _ = _forward(q, k, v, beta, g, state)
+
+class _Chunk:
+    """One chunk's inputs [B, H, C, ...] in float32 and everything computed from them alone:
+    P = Q K^T . Gamma, K K^T . Gamma below the diagonal, T = (I + A)^{-1} and the decays."""
+
+    def __init__(self, inputs, n, size):
+        q, k, v, beta, log_alpha = (_chunk(x, n, size) for x in inputs)
+        g = None if log_alpha is None else jnp.cumsum(log_alpha, axis=-1)  # [B, H, C]
+        self.q, self.k, self.v, self.beta = q, k, v, beta
+        self.gamma, self.e, self.to_end, self.e_last = _decays(g)
+        self.causal = _lower_mask(size, strict=False)
+        self.strict = _lower_mask(size, strict=True)
+        self.p = _masked(q @ _mT(k), self.gamma, self.causal)  # [B, H, C, C]
+        self.kkg = _masked(k @ _mT(k), self.gamma, self.strict)  # [B, H, C, C]
+        self.tri = unit_lower_inverse(beta[..., None] * self.kkg)  # [B, H, C, C]
+        self.k_end = _rows(self.to_end, k)  # [B, H, C, K]: diag(e^{g_C - g}) K
+
+    def pseudo_values(self, s):
+        """U = T diag(beta) (V - diag(e^g) K S_0) [B, H, C, V] for the entering state s."""
+        return self.tri @ (self.beta[..., None] * (self.v - _rows(self.e, self.k @ s)))
+
+    def leaving_state(self, s, u):
+        """S_C = e^{g_C} S_0 + K_end^T U [B, H, K, V]."""
+        return _mT(self.k_end) @ u + _scaled(self.e_last, s)
+
+
+def _forward(inputs, state, size):
+    """inputs (q, k, v, beta, log_alpha or None) [B, T, H, ...], T a multiple of size; state
+    [B, H, K, V] float32. Returns o [B, T, H, V] in v's dtype, the final state and the state
+    entering every chunk [N, B, H, K, V]."""
+    q, _, v, _, _ = inputs
+    o = jnp.zeros(q.shape[:3] + v.shape[3:], v.dtype)
+
+    def chunk_step(carry, n):
+        s, o = carry
+        c = _Chunk(inputs, n, size)
+        u = c.pseudo_values(s)  # [B, H, C, V]
+        o = _put(o, _rows(c.e, c.q) @ s + c.p @ u, n)
+        return (c.leaving_state(s, u), o), s
+
+    (final, o), entering = jax.lax.scan(chunk_step, (state, o), jnp.arange(q.shape[1] // size))
+    return o, final, entering
+
+
+def _backward(size, res, cotangents):
+    inputs, entering = res
+    do_all, d_final = cotangents
+    q, k, v, beta, log_alpha = inputs
+
+    def chunk_step(carry, xs):
+        ds, grads = carry  # ds: cotangent of the state leaving chunk n
+        n, s = xs  # s: the state entering chunk n
+        c = _Chunk(inputs, n, size)
+        do = _chunk(do_all, n, size)  # [B, H, C, V]
+        u = c.pseudo_values(s)
+        du = _mT(c.p) @ do + c.k_end @ ds  # (7): dO's path through P U, and ds's through S_C
+        dvb = _mT(c.tri) @ du  # cotangent of diag(beta) V, T^T dU
+        qe = _rows(c.e, c.q)
+        ds_prev = _mT(qe) @ do - _mT(_rows(c.beta, _rows(c.e, c.k))) @ dvb + _scaled(c.e_last, ds)
+        do_u = do @ _mT(u)  # [B, H, C, C]
+        dqk = _masked(do_u, c.gamma, c.causal)
+        dqe = do @ _mT(s)  # [B, H, C, K]
+        dk_end = u @ _mT(ds)  # [B, H, C, K]
+        # The cotangent of diag(beta e^g) K is T^T dW with dW = -dU S_0^T, that is -dV_b S_0^T,
+        # and d(I + A)^{-1} = -T^T dT T^T regroups to -dV_b U^T (delta_rules.md, (8)).
+        minus_dkb = dvb @ _mT(s)  # [B, H, C, K]
+        da = -jnp.where(c.strict, dvb @ _mT(u), 0.0)  # [B, H, C, C]
+        dkk = _masked(c.beta[..., None] * da, c.gamma, c.strict)
+        dq = dqk @ c.k + _rows(c.e, dqe)
+        dk = (
+            _mT(dqk) @ c.q
+            + (dkk + _mT(dkk)) @ c.k
+            + _rows(c.to_end, dk_end)
+            - _rows(c.beta, _rows(c.e, minus_dkb))
+        )
+        k_dkb = -jnp.sum(c.k * minus_dkb, axis=-1)  # [B, H, C]
+        dbeta = jnp.sum(c.v * dvb, axis=-1) + _rows(c.e, k_dkb[..., None])[..., 0]
+        dbeta = dbeta + jnp.sum(da * c.kkg, axis=-1)
+        chunk_grads = [dq, dk, c.beta[..., None] * dvb, dbeta]
+        if log_alpha is not None:
+            # g enters through Gamma (z = dGamma . Gamma), e^g, e^{g_C - g} and e^{g_C}
+            z = do_u * c.p + c.beta[..., None] * da * c.kkg  # [B, H, C, C]
+            to_end_dk = c.to_end * jnp.sum(c.k * dk_end, axis=-1)  # [B, H, C]
+            dg = (
+                jnp.sum(z, axis=-1)
+                - jnp.sum(z, axis=-2)
+                + jnp.sum(qe * dqe, axis=-1)
+                + c.beta * c.e * k_dkb
+                - to_end_dk
+            )
+            d_last = jnp.sum(to_end_dk, axis=-1) + c.e_last * jnp.sum(s * ds, axis=(-2, -1))
+            dg = dg.at[..., -1].add(d_last)
+            # g is the in-chunk cumulative sum of log_alpha: its transpose is the reversed one
+            chunk_grads.append(jax.lax.cumsum(dg, axis=dg.ndim - 1, reverse=True))
+        grads = [_put(g, x, n) for g, x in zip(grads, chunk_grads)]
+        return (ds_prev, grads), None
+
+    n_chunks = q.shape[1] // size
+    grads = [jnp.zeros(x.shape, x.dtype) for x in inputs if x is not None]
+    xs = (jnp.arange(n_chunks), entering)
+    (d_state, grads), _ = jax.lax.scan(chunk_step, (d_final, grads), xs, reverse=True)
+    if log_alpha is None:
+        grads.append(None)
+    return (*grads, d_state)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def chunk_scan(q, k, v, beta, log_alpha, state, size):
+    """o [B, T, H, V] and the final state [B, H, K, V] of the gated delta rule, T a multiple of
+    size; log_alpha [B, T, H] or None for no decay."""
+    o, final, _ = _forward((q, k, v, beta, log_alpha), state, size)
     return o, final
 
 
-def _chunk_scan_fwd(q, k, v, beta, g, state):
-    o, final, res = _forward(q, k, v, beta, g, state)
-    return (o, final), res
+def _chunk_scan_fwd(q, k, v, beta, log_alpha, state, size):
+    inputs = (q, k, v, beta, log_alpha)
+    o, final, entering = _forward(inputs, state, size)
+    return (o, final), (inputs, entering)
 
 
 chunk_scan.defvjp(_chunk_scan_fwd, _backward)
-
-
-def _to_chunks(x, num_chunks, chunk):
-    """[B, T, H, ...] -> [N, G, C, ...], zero-padding the tail; zero k and beta (and log_alpha)
-    make the padded steps identity transitions, so the final state is the last real token's."""
-    B, T, H = x.shape[:3]
-    pad = [(0, 0), (0, num_chunks * chunk - T)] + [(0, 0)] * (x.ndim - 2)
-    x = jnp.pad(x.astype(jnp.float32), pad).reshape(B, num_chunks, chunk, H, *x.shape[3:])
-    x = jnp.moveaxis(x, (1, 3), (0, 2))  # [N, B, H, C, ...]
-    return x.reshape(num_chunks, B * H, chunk, *x.shape[4:])
-
-
-def _from_chunks(x, B, T):
-    """[N, G, C, V] -> [B, T, H, V], dropping the padded tail."""
-    N, G, C, V = x.shape
-    x = jnp.moveaxis(x.reshape(N, B, G // B, C, V), (0, 2), (1, 3))  # [B, N, C, H, V]
-    return x.reshape(B, N * C, G // B, V)[:, :T]
 
 
 def chunkwise(q, k, v, beta, log_alpha, state, chunk_size):
@@ -210,16 +241,15 @@ def chunkwise(q, k, v, beta, log_alpha, state, chunk_size):
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    chunk = min(chunk_size, T)
-    num_chunks = -(-T // chunk)
-    o_dtype = v.dtype
-    q, k, v, beta = (_to_chunks(x, num_chunks, chunk) for x in (q, k, v, beta))
-    g = None
-    if log_alpha is not None:
-        g = jnp.cumsum(_to_chunks(log_alpha, num_chunks, chunk), axis=-1)  # [N, G, C]
+    size = min(chunk_size, T)
+    padded = -(-T // size) * size
+    if padded != T:
+        # zero k and beta (and log_alpha) make the padded steps identity transitions, so the
+        # final state is the last real token's; the padded outputs are dropped
+        pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+        q, k, v, beta = (pad(x) for x in (q, k, v, beta))
+        log_alpha = None if log_alpha is None else pad(log_alpha)
     if state is None:
-        state = jnp.zeros((B * H, K, V), jnp.float32)
-    else:
-        state = state.astype(jnp.float32).reshape(B * H, K, V)
-    o, state = chunk_scan(q, k, v, beta, g, state)
-    return _from_chunks(o, B, T).astype(o_dtype), state.reshape(B, H, K, V)
+        state = jnp.zeros((B, H, K, V), jnp.float32)
+    o, state = chunk_scan(q, k, v, beta, log_alpha, state.astype(jnp.float32), size)
+    return o[:, :T], state
