@@ -204,7 +204,7 @@ def _backward(size, res, cotangents):
             dg = dg.at[..., -1].add(d_last)
             # g is the in-chunk cumulative sum of log_alpha: its transpose is the reversed one
             chunk_grads.append(jax.lax.cumsum(dg, axis=dg.ndim - 1, reverse=True))
-        grads = [_put(g, x, n) for g, x in zip(grads, chunk_grads)]
+        grads = [_put(g, x, n) for g, x in zip(grads, chunk_grads, strict=True)]
         return (ds_prev, grads), None
 
     n_chunks = q.shape[1] // size
