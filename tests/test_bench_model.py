@@ -6,6 +6,7 @@ import pytest
 
 from fwpzoo import cli
 from fwpzoo.bench import model as bench
+from fwpzoo.bench._common import NOTES_MARKER
 
 TINY = [
     "--lengths", "8,16", "--tokens-per-step", "32", "--d-model", "16", "--num-heads", "2",
@@ -16,7 +17,7 @@ TINY = [
 
 def test_report_tables_files_and_kept_notes(tmp_path, capsys):
     page = tmp_path / "model.md"
-    page.write_text(f"old report\n{bench.NOTES_MARKER}\nhand-written notes\n")
+    page.write_text(f"old report\n{NOTES_MARKER}\nhand-written notes\n")
 
     assert cli.main(["bench", "model", *TINY, "--out", str(tmp_path)]) == 0
 
@@ -30,7 +31,7 @@ def test_report_tables_files_and_kept_notes(tmp_path, capsys):
     written = page.read_text()
     assert "old report" not in written
     assert report.strip() in written
-    assert written.endswith(f"{bench.NOTES_MARKER}\nhand-written notes\n")
+    assert written.endswith(f"{NOTES_MARKER}\nhand-written notes\n")
     assert (tmp_path / "model.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     result = json.loads((tmp_path / "model.json").read_text())

@@ -27,13 +27,10 @@ chunkwise in this process; those packages are not dependencies of fwpzoo (they n
 and jax 0.11.2) and are imported only then.
 """
 
-import argparse
 import json
 import os
-import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,9 +40,18 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from fwpzoo import cells
+from fwpzoo.bench._common import (
+    BenchArgs,
+    alternating_medians,
+    footprint_bytes,
+    int_list,
+    machine,
+    positive_float,
+    positive_int,
+    write_page,
+)
 from fwpzoo.config import ConfigError
 
-NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
 DELTA_FAMILIES = ("delta_rule", "gated_delta_rule", "delta_product")
 MATMUL_SIZE = 1024
 TARGET = {"speedup": 6.0, "efficiency": 0.35, "peers": 2.0}  # delta_rule fwd+bwd, T = 2048
@@ -67,40 +73,6 @@ class Options:
     peers: bool = False
     peer_length: int = 2048
     seed: int = 0
-
-
-class BenchArgs(argparse.ArgumentParser):
-    """argparse whose errors are one-line ConfigErrors (the CLI prints them, exit code 2)."""
-
-    def error(self, message):
-        raise ConfigError(message)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-positive_int.__name__ = "positive integer"  # argparse names the type in its error message
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(text)
-    return value
-
-
-positive_float.__name__ = "positive number"
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    return tuple(positive_int(part) for part in text.split(","))
-
-
-int_list.__name__ = "comma-separated list of positive integers"
 
 
 def name_list(text: str) -> tuple[str, ...]:
@@ -186,15 +158,6 @@ def forward_backward_fn(form_fn: Callable) -> Callable:
     return jax.grad(loss, argnums=(0, 1, 2, 3))
 
 
-def footprint_bytes(compiled) -> int | None:
-    """What running a compiled function holds at its peak, by XLA's own accounting."""
-    stats = compiled.memory_analysis()
-    if stats is None:
-        return None
-    held = stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
-    return held - stats.alias_size_in_bytes
-
-
 def compiled_run(fn: Callable, args: tuple, limit_bytes: float) -> tuple[Callable | None, str]:
     """(zero-argument run, "") or (None, why it is skipped)."""
     compiled = jax.jit(fn).lower(*args).compile()
@@ -206,25 +169,6 @@ def compiled_run(fn: Callable, args: tuple, limit_bytes: float) -> tuple[Callabl
 
 def gigabytes(n: float) -> str:
     return f"{n / 1e9:.3g} GB"
-
-
-def timed(run: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    return time.perf_counter() - start
-
-
-def alternating_medians(runs: dict, repeats: int) -> dict:
-    """Median seconds of each zero-argument run: the runs take turns, and in each turn a run is
-    called twice and timed the second time, so it finds its own buffers warm instead of the
-    memory the previous run released (a run after the recurrent backward, which holds
-    gigabytes, otherwise pays its page faults)."""
-    seconds = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            timed(run)
-            seconds[name].append(timed(run))
-    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def matmul_run() -> Callable:
@@ -354,22 +298,6 @@ def measure_peers(options: Options) -> list[dict]:
 # the report ------------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "device": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def measure(options: Options, progress: bool = True) -> dict:
     result = {"options": asdict(options), "machine": machine(), "load_before": os.getloadavg()[0]}
     groups = [(family, T) for family in options.families for T in options.lengths]
@@ -490,11 +418,8 @@ def markdown(result: dict, command: str) -> str:
 def write_report(result: dict, report: str, out: Path) -> None:
     """out (keeping notes after NOTES_MARKER) and the raw numbers in out with suffix .json."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    notes = ""
-    if out.exists() and NOTES_MARKER in out.read_text():
-        notes = out.read_text().split(NOTES_MARKER, 1)[1]
     header = "# Benchmark: the cell forms\n\n" + (__doc__ or "")
-    out.write_text(f"{header.rstrip()}\n\n{report}\n{NOTES_MARKER}{notes}")
+    write_page(out, f"{header.rstrip()}\n\n{report}")
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -18,16 +18,14 @@ length T it measures, side by side:
                baseline is not made slow) and the delta_rule chunkwise cell, each with its share
                of its model's train step
 
-Every timing is the median of --repeats runs after one warm-up run; the two models' repeats
-alternate, so the load of a shared machine falls on both alike. Prints the report as markdown;
+Every timing is the median of --repeats turns in which the runs alternate, each run called twice
+per turn and timed the second time (so the load of a shared machine falls on both models alike,
+and neither pays for memory the other released). Prints the report as markdown;
 --out DIR also writes DIR/model.md (hand notes after NOTES_MARKER are kept), model.json, model.png.
 """
 
-import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +38,15 @@ import matplotlib
 from flax import nnx
 from tqdm import tqdm
 
+from fwpzoo.bench._common import (
+    BenchArgs,
+    alternating_medians,
+    footprint_bytes,
+    int_list,
+    machine,
+    positive_int,
+    write_page,
+)
 from fwpzoo.cells import delta_rule
 from fwpzoo.config import ConfigError, TrainConfig
 from fwpzoo.layers.attention import attend
@@ -50,7 +57,6 @@ from fwpzoo.train.steps import make_train_step
 
 matplotlib.use("Agg")  # files only
 
-NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
 MODELS = ("deltanet", "transformer")
 TARGET_SPEEDUP = 3.0  # DeltaNet training tokens/s over the transformer's at the longest T
 
@@ -67,30 +73,6 @@ class Options:
     repeats: int = 3
     decode_tokens: int = 128
     seed: int = 0
-
-
-class BenchArgs(argparse.ArgumentParser):
-    """argparse whose errors are one-line ConfigErrors (the CLI prints them, exit code 2)."""
-
-    def error(self, message):
-        raise ConfigError(message)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-positive_int.__name__ = "positive integer"  # argparse names the type in its error message
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    return tuple(positive_int(part) for part in text.split(","))
-
-
-int_list.__name__ = "comma-separated list of positive integers"
 
 
 def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
@@ -139,32 +121,6 @@ def new_model(name: str, options: Options):
 def parameter_count(model) -> int:
     params = nnx.state(model, nnx.Param)
     return sum(leaf.size for leaf in jax.tree.leaves(params))
-
-
-def footprint_bytes(compiled) -> int | None:
-    """What running a compiled function holds at its peak, by XLA's own accounting."""
-    stats = compiled.memory_analysis()
-    if stats is None:  # a backend that does not report it
-        return None
-    held = stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
-    return held - stats.alias_size_in_bytes
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
-
-
-def alternating_medians(runs: dict[str, Callable], repeats: int) -> dict[str, float]:
-    """Median seconds of each zero-argument run: one warm-up each, then the runs take turns."""
-    for run in runs.values():
-        timed(run)
-    seconds = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            seconds[name].append(timed(run))
-    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 # training --------------------------------------------------------------------------------------
@@ -278,22 +234,6 @@ def kernel_runs(options: Options, T: int) -> dict[str, Callable]:
 
 
 # the whole bench -------------------------------------------------------------------------------
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "device": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def measure(options: Options, progress: bool = True) -> dict:
@@ -486,15 +426,9 @@ def plot(result: dict, path: Path) -> None:
 def write_report(result: dict, report: str, out: Path) -> None:
     """out/model.md (keeping notes after NOTES_MARKER), out/model.json and out/model.png."""
     out.mkdir(parents=True, exist_ok=True)
-    page = out / "model.md"
-    notes = ""
-    if page.exists() and NOTES_MARKER in page.read_text():
-        notes = page.read_text().split(NOTES_MARKER, 1)[1]
     header = "# Benchmark: DeltaNet vs a softmax transformer\n\n" + (__doc__ or "")
-    page.write_text(
-        f"{header.rstrip()}\n\n![tokens/s and ms/token vs T](model.png)\n\n{report}\n"
-        f"{NOTES_MARKER}{notes}"
-    )
+    page = f"{header.rstrip()}\n\n![tokens/s and ms/token vs T](model.png)\n\n{report}"
+    write_page(out / "model.md", page)
     (out / "model.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "model.png")
 

@@ -1,0 +1,64 @@
+"""`fwpzoo bench cells` at toy sizes: the report's rows, the files it writes, bad input."""
+
+import json
+
+import pytest
+
+from fwpzoo import cli
+from fwpzoo.bench import cells as bench
+from fwpzoo.bench._common import NOTES_MARKER
+
+TINY = [
+    "--families", "delta_rule,linear_attn", "--lengths", "8,12", "--chunk-sizes", "4",
+    "--repeats", "1", "--batch", "1", "--heads", "1", "--key-dim", "4", "--value-dim", "4",
+]  # fmt: skip
+
+
+def test_report_rows_files_and_kept_notes(tmp_path, capsys):
+    page = tmp_path / "cells.md"
+    page.write_text(f"old report\n{NOTES_MARKER}\nhand-written notes\n")
+
+    assert cli.main(["bench", "cells", *TINY, "--out", str(page)]) == 0
+
+    report = capsys.readouterr().out
+    for family in ("delta_rule", "linear_attn"):
+        for T in (8, 12):
+            for form in ("recurrent", "chunkwise C=4", "associative"):
+                assert f"| {family} | {T} | {form} |" in report
+    written = page.read_text()
+    assert "old report" not in written
+    assert report.strip() in written
+    assert written.endswith(f"{NOTES_MARKER}\nhand-written notes\n")
+
+    result = json.loads(page.with_suffix(".json").read_text())
+    rows = result["rows"]
+    assert len(rows) == 2 * 2 * 3
+    assert all(row["fwd"] > 0 and row["fwd+bwd"] > 0 for row in rows)
+    for row in rows:  # the recurrent form is each group's yardstick
+        if row["form"] == "recurrent":
+            assert row["fwd+bwd speedup"] == pytest.approx(1.0)
+
+
+def test_delta_rule_flops_model():
+    options = bench.Options(batch=2, heads=3, key_dim=5, value_dim=7)
+    C, K, V = 4, 5, 7
+    per_token = 6 * C * K + 4 * C * V + 6 * K * V
+    assert bench.chunk_flops("delta_rule", 16, C, options) == pytest.approx(2 * 3 * 16 * per_token)
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["--families", "delta_rule,nope"], "nope"),
+        (["--forms", "sideways"], "sideways"),
+        (["--lengths", "0"], "--lengths"),
+        (["--repeats", "x"], "--repeats"),
+        (["--memory-limit-gb", "-1"], "--memory-limit-gb"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args, culprit, capsys):
+    assert cli.main(["bench", "cells", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1
+    assert culprit in captured.err
