@@ -1,54 +1,39 @@
-"""Shared plumbing of the parallel forms: chunk layout and the diagonal linear recurrence.
+"""Shared plumbing of the parallel forms: reading and writing chunks in place, and the diagonal
+linear recurrence by associative scan.
 
-Dimension letters: B batch, T time, H heads, K key dim, V value dim, N chunks, C chunk size.
-The chunk layout is head-major, [B, H, N, C, ...], so that every per-chunk product is a matmul
-over the trailing two axes with (B, H, N) as batch axes.
+Dimension letters: B batch, T time, H heads, K key dim, V value dim, N steps, C chunk size.
 """
 
 import jax
 import jax.numpy as jnp
 
 
-def to_chunks(x, chunk_size):
-    """[B, T, H, ...] -> [B, H, N, C, ...], zero-padding T up to a multiple of C.
+def pad_time(x, length):
+    """x [B, T, H, ...] zero-padded to [B, length, H, ...]; None stays None.
 
     A zero token is an identity step for every family (no write, no decay: k = 0, beta = 0,
-    log_alpha = 0), so the padded tail leaves outputs and the final state unchanged.
+    log_alpha = 0), so a padded tail leaves the outputs before it and the final state unchanged.
     """
-    B, T, H = x.shape[:3]
-    N = -(-T // chunk_size)
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (0, N * chunk_size - T)
-    x = jnp.pad(x, pad)  # [B, N * C, H, ...]
-    x = x.reshape(B, N, chunk_size, H, *x.shape[3:])  # [B, N, C, H, ...]
-    return jnp.moveaxis(x, 3, 1)  # [B, H, N, C, ...]
+    if x is None or x.shape[1] == length:
+        return x
+    return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
-def from_chunks(x, length):
-    """[B, H, N, C, ...] -> [B, T, H, ...], dropping the padded tail."""
-    B, H, N, C = x.shape[:4]
-    x = jnp.moveaxis(x, 1, 3)  # [B, N, C, H, ...]
-    x = x.reshape(B, N * C, H, *x.shape[4:])  # [B, N * C, H, ...]
-    return x[:, :length]
+def chunk_of(x, n, size, dtype):
+    """Chunk n of x [B, T, H, ...] as [B, H, C, ...] in dtype; None stays None.
+
+    Slicing one chunk at a time out of the input inside a scan keeps the chunk in cache; no
+    [B, H, N, C, ...] copy of the whole sequence is made."""
+    if x is None:
+        return None
+    x = jax.lax.dynamic_slice_in_dim(x, n * size, size, axis=1)  # [B, C, H, ...]
+    return jnp.swapaxes(x, 1, 2).astype(dtype)
 
 
-def chunk_states(log_decay, writes, state):
-    """The state entering each chunk, and the final one: S_n = exp(a_n) * S_{n-1} + X_n.
-
-    writes X [B, H, N, K, V]; log_decay a [B, H, N, K, 1] (per row), [B, H, N, 1, 1] (scalar) or
-    None (no decay); state S_0 [B, H, K, V]. Returns (S_0..S_{N-1} [B, H, N, K, V], S_N).
-    A sequential scan: N = T / C steps of elementwise work, cheaper than an associative scan's
-    strided passes over all N states (measured about 4x on CPU at N = 32, K = V = 64).
-    """
-    time_major = lambda x: jnp.moveaxis(x, 2, 0)  # noqa: E731  [B, H, N, ...] -> [N, B, H, ...]
-    decay = None if log_decay is None else time_major(jnp.exp(log_decay))
-
-    def advance(S, inputs):
-        d, x = inputs
-        return (S + x if d is None else d * S + x), S
-
-    final, entering = jax.lax.scan(advance, state, (decay, time_major(writes)))
-    return jnp.moveaxis(entering, 0, 2), final
+def put_chunk(buffer, x, n):
+    """buffer [B, T, H, ...] with chunk n replaced by x [B, H, C, ...] (in place in a scan)."""
+    x = jnp.swapaxes(x, 1, 2).astype(buffer.dtype)  # [B, C, H, ...]
+    return jax.lax.dynamic_update_slice_in_dim(buffer, x, n * x.shape[1], axis=1)
 
 
 def associative_states(log_decay, x, state, axis):

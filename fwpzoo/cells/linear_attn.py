@@ -8,7 +8,8 @@ The parallel forms are derived in linear_attention.md.
 
 import jax.numpy as jnp
 
-from fwpzoo.cells._chunking import associative_states, chunk_states, from_chunks, to_chunks
+from fwpzoo.cells import _linear_chunk
+from fwpzoo.cells._chunking import associative_states
 from fwpzoo.cells._reference import initial_state, scan_steps, upcast
 
 GATES: tuple[str, ...] = ()
@@ -28,15 +29,7 @@ def recurrent(q, k, v, *, state=None):
 
 def chunkwise(q, k, v, *, state=None, chunk_size=64):
     """Causal attention inside each chunk of C tokens, the state carried across chunks."""
-    T, dtype = q.shape[1], v.dtype
-    S0 = initial_state(state, q, v)
-    q, k, v = (to_chunks(x, chunk_size) for x in upcast(q, k, v))  # [B, H, N, C, K|V]
-    writes = k.mT @ v  # [B, H, N, K, V]
-    entering, final = chunk_states(None, writes, S0)  # [B, H, N, K, V], [B, H, K, V]
-    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
-    scores = jnp.where(causal, q @ k.mT, 0.0)  # [B, H, N, C, C]
-    o = scores @ v + q @ entering  # [B, H, N, C, V]
-    return from_chunks(o, T).astype(dtype), final
+    return _linear_chunk.chunkwise(q, k, v, None, state, chunk_size)
 
 
 def associative(q, k, v, *, state=None):

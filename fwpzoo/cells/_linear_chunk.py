@@ -1,0 +1,243 @@
+"""Chunkwise parallel form of gated linear attention, shared by linear_attn and gated_linear_attn.
+
+    S_t = Diag(e^{log_alpha_t}) S_{t-1} + k_t v_t^T,   o_t = S_t^T q_t
+
+Inside a chunk, with g the cumulative log decay from the chunk start and S_0 the entering state,
+O = (Q . e^g) S_0 + A V with the decayed causal scores A_ts = sum_k q_tk k_sk e^{g_tk - g_sk}
+(s <= t), and S_C = Diag(e^{g_C}) S_0 + (K . e^{g_C - g})^T V. A jax.custom_vjp supplies the
+hand-derived backward, which keeps only the chunk-entering states and recomputes each chunk's
+products. Derivations: linear_attention.md.
+
+A lax.scan walks the chunks in order, reading each one straight out of the [B, T, H, ...] inputs
+and writing its outputs in place, so every intermediate is a few [B, H, C, C] or [B, H, C, K]
+blocks that stay in cache; nothing sequence-sized is materialised besides the outputs and the
+entering states.
+
+log_alpha is [B, T, H] (scalar decay), [B, T, H, K] (per-key decay) or None (no decay: plain
+linear attention, every decay factor skipped). Dimension letters: B batch, T time, H heads,
+K key dim, V value dim, C chunk, c sub-chunk, M sub-chunks per chunk.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from fwpzoo.cells._chunking import chunk_of, pad_time, put_chunk
+from fwpzoo.cells._reference import initial_state
+
+# Per-key decay: pairs of tokens closer than this take the pairwise (non-matmul) form. The work
+# outside matmuls grows with c, the across-sub-chunk operands with C / c; 8 balances them at C = 64.
+SUB_CHUNK = 8
+
+
+def _mT(x):
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _lower_mask(size):
+    return jnp.tril(jnp.ones((size, size), bool))
+
+
+def _scaled(decay, x):
+    """x times decay broadcast over x's trailing axes; None means 1.
+
+    A scalar decay [B, H, C] scales the rows of q, k [B, H, C, K]; a per-key one [B, H, C, K]
+    scales them elementwise; e^{g_C} [B, H] or [B, H, K] scales the state [B, H, K, V]."""
+    if decay is None:
+        return x
+    return decay.reshape(decay.shape + (1,) * (x.ndim - decay.ndim)) * x
+
+
+def _summed_to(x, like):
+    """x summed over its trailing axes down to like's rank (a scalar decay's gradient sums K)."""
+    return jnp.sum(x, axis=tuple(range(like.ndim, x.ndim)))
+
+
+class _Causal:
+    """A = Q K^T . Gamma below and on the diagonal, 0 above; Gamma_ts = e^{g_t - g_s} for a
+    scalar decay g [B, H, C], no factor without decay (g None)."""
+
+    def __init__(self, q, k, g):
+        causal = _lower_mask(q.shape[-2])
+        if g is None:
+            self.gamma = None
+            self.a = jnp.where(causal, q @ _mT(k), 0.0)  # [B, H, C, C]
+        else:
+            # the exponent is masked before exp: no e^{positive} above the diagonal, ever
+            self.gamma = jnp.exp(jnp.where(causal, g[..., :, None] - g[..., None, :], -jnp.inf))
+            self.a = (q @ _mT(k)) * self.gamma  # [B, H, C, C]
+        self.q, self.k = q, k
+
+    def pullback(self, da):
+        """(dQ, dK) [B, H, C, K] from dA [B, H, C, C] (zero above the diagonal)."""
+        dp = da if self.gamma is None else da * self.gamma
+        return dp @ self.k, _mT(dp) @ self.q
+
+
+class _PerKey:
+    """A_ts = sum_k q_tk k_sk e^{g_tk - g_sk} for s <= t for a per-key decay g [B, H, C, K].
+
+    The chunk is cut into M sub-chunks of c tokens; e_i is g at the end of sub-chunk i - 1
+    (e_0 = 0). Pairs in different sub-chunks are one matmul of Q . e^{g - e_i} (query side) with
+    K . e^{e_i - g} (key side, s before sub-chunk i only), both exponents <= 0; pairs inside one
+    sub-chunk take the pairwise [c, c, K] form.
+    """
+
+    def __init__(self, q, k, g):
+        *lead, C, K = q.shape
+        c = math.gcd(C, SUB_CHUNK)
+        M = C // c
+        blocks = lambda x: x.reshape(*lead, M, c, K)  # noqa: E731  [B, H, M, c, K]
+        g_blocks = blocks(g)
+        edge = jnp.concatenate(
+            [jnp.zeros_like(g_blocks[..., :1, -1, :]), g_blocks[..., :-1, -1, :]], axis=-2
+        )  # [B, H, M, K]
+        before_edge = jnp.arange(C) < c * jnp.arange(M)[:, None]  # [M, C]: s before sub-chunk i
+        to_edge = edge[..., None, :] - g[..., None, :, :]  # [B, H, M, C, K]
+        self.q_decay = jnp.exp(g_blocks - edge[..., None, :])  # [B, H, M, c, K]
+        self.k_decay = jnp.exp(jnp.where(before_edge[:, :, None], to_edge, -jnp.inf))
+        within = _lower_mask(c)[:, :, None]
+        pairs = g_blocks[..., :, None, :] - g_blocks[..., None, :, :]  # [B, H, M, c, c, K]
+        self.pair_decay = jnp.exp(jnp.where(within, pairs, -jnp.inf))
+        self.q_far = blocks(q) * self.q_decay  # [B, H, M, c, K]
+        self.k_far = k[..., None, :, :] * self.k_decay  # [B, H, M, C, K]
+        self.q_blocks, self.k_blocks = blocks(q), blocks(k)
+        self.shape = (*lead, M, c)
+        across = (self.q_far @ _mT(self.k_far)).reshape(*lead, M, c, M, c)
+        near = jnp.einsum(
+            "...tk,...sk,...tsk->...ts", self.q_blocks, self.k_blocks, self.pair_decay
+        )
+        # across is zero on the diagonal blocks (k_decay masks them), near fills them
+        self.a = (across + jnp.eye(M)[:, None, :, None] * near[..., None, :]).reshape(*lead, C, C)
+
+    def pullback(self, da):
+        """(dQ, dK) [B, H, C, K] from dA [B, H, C, C] (zero above the diagonal)."""
+        *lead, M, c = self.shape
+        C = M * c
+        d_across = da.reshape(*lead, M, c, C)
+        d_near = jnp.diagonal(da.reshape(*lead, M, c, M, c), axis1=-4, axis2=-2)  # [.., c, c, M]
+        d_near = jnp.moveaxis(d_near, -1, -3)  # [B, H, M, c, c]
+        dq = (d_across @ self.k_far) * self.q_decay  # [B, H, M, c, K]
+        dq = dq + jnp.einsum("...ts,...sk,...tsk->...tk", d_near, self.k_blocks, self.pair_decay)
+        dk_far = (_mT(d_across) @ self.q_far) * self.k_decay  # [B, H, M, C, K]
+        dk_near = jnp.einsum("...ts,...tk,...tsk->...sk", d_near, self.q_blocks, self.pair_decay)
+        dk = jnp.sum(dk_far, axis=-3) + dk_near.reshape(dk_far.shape[:-3] + dk_far.shape[-2:])
+        return dq.reshape(dk.shape), dk
+
+
+class _Chunk:
+    """One chunk's inputs [B, H, C, ...] and everything computed from them alone: the decays
+    e^g, e^{g_C - g}, e^{g_C} (all exponents <= 0, None without decay) and the scores A."""
+
+    def __init__(self, inputs, n, size, dtype):
+        q, k, v, log_alpha = (chunk_of(x, n, size, dtype) for x in inputs)
+        self.q, self.k, self.v = q, k, v
+        self.g = None if log_alpha is None else jnp.cumsum(log_alpha, axis=2)  # [B, H, C(, K)]
+        if self.g is None:
+            self.e = self.to_end = self.e_last = None
+        else:
+            g_last = self.g[:, :, -1]  # [B, H(, K)]
+            self.e = jnp.exp(self.g)
+            self.to_end = jnp.exp(g_last[:, :, None] - self.g)
+            self.e_last = jnp.exp(g_last)
+        per_key = self.g is not None and self.g.ndim == q.ndim
+        self.scores = _PerKey(q, k, self.g) if per_key else _Causal(q, k, self.g)
+        self.q_start = _scaled(self.e, q)  # [B, H, C, K]: Q . e^g reads the entering state
+        self.k_end = _scaled(self.to_end, k)  # [B, H, C, K]: K . e^{g_C - g} writes the leaving one
+
+    def outputs(self, s):
+        """O = (Q . e^g) S_0 + A V [B, H, C, V] for the entering state s [B, H, K, V]."""
+        return self.q_start @ s + self.scores.a @ self.v
+
+    def leaving_state(self, s):
+        """S_C = Diag(e^{g_C}) S_0 + (K . e^{g_C - g})^T V [B, H, K, V]."""
+        return _scaled(self.e_last, s) + _mT(self.k_end) @ self.v
+
+
+def _forward(inputs, state, size):
+    """inputs (q, k, v, log_alpha or None) [B, T, H, ...], T a multiple of size; state
+    [B, H, K, V]. Returns o [B, T, H, V] in v's dtype, the final state and the state entering
+    every chunk [N, B, H, K, V]."""
+    q, _, v, _ = inputs
+    o = jnp.zeros(q.shape[:3] + v.shape[3:], v.dtype)
+
+    def chunk_step(carry, n):
+        s, o = carry
+        c = _Chunk(inputs, n, size, s.dtype)
+        return (c.leaving_state(s), put_chunk(o, c.outputs(s), n)), s
+
+    (final, o), entering = jax.lax.scan(chunk_step, (state, o), jnp.arange(q.shape[1] // size))
+    return o, final, entering
+
+
+def _backward(size, res, cotangents):
+    inputs, entering = res
+    do_all, d_final = cotangents
+    log_alpha = inputs[-1]
+
+    def chunk_step(carry, xs):
+        ds, grads = carry  # ds: cotangent of the state leaving chunk n
+        n, s = xs  # s: the state entering chunk n
+        c = _Chunk(inputs, n, size, s.dtype)
+        do = chunk_of(do_all, n, size, s.dtype)  # [B, H, C, V]
+        da = jnp.where(_lower_mask(size), do @ _mT(c.v), 0.0)  # [B, H, C, C]
+        dq, dk = c.scores.pullback(da)
+        d_q_start = do @ _mT(s)  # [B, H, C, K]
+        d_k_end = c.v @ _mT(ds)  # [B, H, C, K]
+        dq = dq + _scaled(c.e, d_q_start)
+        dk = dk + _scaled(c.to_end, d_k_end)
+        dv = _mT(c.scores.a) @ do + c.k_end @ ds  # [B, H, C, V]
+        ds_prev = _mT(c.q_start) @ do + _scaled(c.e_last, ds)
+        chunk_grads = [dq, dk, dv]
+        if log_alpha is not None:
+            # A, Q . e^g and K . e^{g_C - g} depend on g only through q_t e^{g_t} and k_s e^{-g_s}
+            # up to factors of the chunk end, so dg = Q . dQ - K . dK plus the chunk end's terms
+            # (linear_attention.md, section 3)
+            dg = _summed_to(c.q * dq - c.k * dk, c.g)  # [B, H, C(, K)]
+            end = jnp.sum(c.k_end * d_k_end, axis=2) + _scaled(c.e_last, jnp.sum(s * ds, -1))
+            dg = dg.at[:, :, -1].add(_summed_to(end, c.e_last))
+            # g is the in-chunk cumulative sum of log_alpha: its transpose is the reversed one
+            chunk_grads.append(jax.lax.cumsum(dg, axis=2, reverse=True))
+        grads = [put_chunk(g, x, n) for g, x in zip(grads, chunk_grads, strict=True)]
+        return (ds_prev, grads), None
+
+    grads = [jnp.zeros(x.shape, x.dtype) for x in inputs if x is not None]
+    xs = (jnp.arange(inputs[0].shape[1] // size), entering)
+    (d_state, grads), _ = jax.lax.scan(chunk_step, (d_final, grads), xs, reverse=True)
+    if log_alpha is None:
+        grads.append(None)
+    return (*grads, d_state)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def chunk_scan(q, k, v, log_alpha, state, size):
+    """o [B, T, H, V] and the final state [B, H, K, V], T a multiple of size."""
+    o, final, _ = _forward((q, k, v, log_alpha), state, size)
+    return o, final
+
+
+def _chunk_scan_fwd(q, k, v, log_alpha, state, size):
+    inputs = (q, k, v, log_alpha)
+    o, final, entering = _forward(inputs, state, size)
+    return (o, final), (inputs, entering)
+
+
+chunk_scan.defvjp(_chunk_scan_fwd, _backward)
+
+
+def chunkwise(q, k, v, log_alpha, state, chunk_size):
+    """Gated linear attention in chunks of chunk_size tokens; log_alpha None means no decay.
+
+    q, k [B, T, H, K]; v [B, T, H, V]; log_alpha [B, T, H], [B, T, H, K] or None; state
+    [B, H, K, V] or None (zeros). Returns (o [B, T, H, V] in v's dtype, state [B, H, K, V] in
+    float32, float64 for float64 inputs).
+    """
+    T = q.shape[1]
+    size = min(chunk_size, T)
+    padded = -(-T // size) * size
+    state = initial_state(state, q, v)
+    q, k, v, log_alpha = (pad_time(x, padded) for x in (q, k, v, log_alpha))
+    o, state = chunk_scan(q, k, v, log_alpha, state, size)
+    return o[:, :T], state
