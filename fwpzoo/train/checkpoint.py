@@ -11,6 +11,7 @@ The data stream is a pure function of (seed, index), so its next index is its wh
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from fwpzoo.config import CheckpointConfig
@@ -48,6 +49,7 @@ class Checkpoints:
                 enable_async_checkpointing=cfg.async_save,
             )
         self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self.writes_in_background = cfg is not None and cfg.async_save
 
     def steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -59,6 +61,10 @@ class Checkpoints:
         return self.manager.best_step()
 
     def save(self, step: int, state: dict, meta: dict, metrics: dict | None = None) -> None:
+        if self.writes_in_background:
+            # the train step donates its input state, so a background write gets its own copy
+            # rather than buffers the next step overwrites
+            state = jax.tree.map(jnp.copy, state)
         args = ocp.args.Composite(
             model=ocp.args.StandardSave({"params": state["params"], "rest": state["rest"]}),
             optimizer=ocp.args.StandardSave(state["opt_state"]),

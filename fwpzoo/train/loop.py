@@ -154,8 +154,11 @@ def train(cfg: Config, workdir: Path, *, progress: bool = True) -> dict:
 
 def _loop(run: Run, state, start: int, data_index: int, checkpoints, log, bar) -> dict:
     cfg, task, mesh = run.cfg, run.task, run.mesh
+    # The old state is dead once the step returns, so its buffers hold the new one: params and
+    # optimizer state exist once on the device, not twice.
     train_step = jax.jit(
-        make_train_step(run.graphdef, run.optimizer, grad_accum=cfg.train.grad_accum)
+        make_train_step(run.graphdef, run.optimizer, grad_accum=cfg.train.grad_accum),
+        donate_argnums=0,
     )
     eval_step = jax.jit(make_eval_step(run.graphdef))
     schedule = learning_rate_schedule(cfg.train)
