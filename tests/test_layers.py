@@ -212,3 +212,23 @@ def test_attention_can_express_a_previous_token_head():
     y = attention(x)  # [B, T, D]
     np.testing.assert_allclose(y[:, 1:, :vocab], jax.nn.one_hot(tokens[:, :-1], vocab), atol=1e-3)
     np.testing.assert_allclose(y[:, 0, :vocab], jax.nn.one_hot(tokens[:, 0], vocab), atol=1e-3)
+
+
+def test_attention_cache_refuses_writes_past_max_len():
+    """A prefill longer than the cache raises; under jit, where the position is traced, the
+    step whose write would not fit returns NaN instead of overwriting the newest keys."""
+    from fwpzoo.layers.attention import Attention
+
+    attention = Attention(tiny(), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (B, 4, D))
+    with pytest.raises(ValueError, match="do not fit a KV cache of max_len 3"):
+        attention.prefill(x, attention.init_cache(B, 3))
+
+    def decode(cache, x_t):
+        y, cache = attention.decode_step(x_t, cache)
+        return cache, y
+
+    decode_all = jax.jit(lambda cache: jax.lax.scan(decode, cache, jnp.swapaxes(x, 0, 1))[1])
+    ys = jnp.swapaxes(decode_all(attention.init_cache(B, 3)), 0, 1)  # [B, 4, D]
+    assert bool(jnp.all(jnp.isfinite(ys[:, :3])))
+    assert bool(jnp.all(jnp.isnan(ys[:, 3])))

@@ -2,8 +2,10 @@
 
 The cache holds max_len keys and values and the next position; a prefill of T tokens writes T
 slots and every query attends over the whole buffer with a mask, so the full forward, a prefill
-in pieces and token-by-token decoding compute the same thing. Writing past max_len is the
-caller's error (the sampler sizes the cache to prompt + generated tokens).
+in pieces and token-by-token decoding compute the same thing. Writing past max_len would make
+dynamic_update_slice clamp its index and silently overwrite the newest keys, so the outputs of a
+write that does not fit are NaN instead: visible under jit, where the position is traced and
+cannot raise (the sampler sizes the cache to prompt + generated tokens).
 """
 
 import jax
@@ -62,13 +64,16 @@ class Attention(nnx.Module):
 
     def prefill(self, x, cache):
         """x [B, T, D] at positions pos .. pos + T - 1 -> (y [B, T, D], cache with pos + T)."""
-        pos, T = cache["pos"], x.shape[1]
+        pos, T, max_len = cache["pos"], x.shape[1], cache["k"].shape[1]
+        if max_len < T:
+            raise ValueError(f"{T} tokens do not fit a KV cache of max_len {max_len}")
         positions = pos + jnp.arange(T)  # [T]
         q, k, v = self._qkv(x, positions)
         keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, pos, axis=1)  # [B, L, H, K]
         values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, pos, axis=1)  # [B, L, H, V]
-        mask = positions[:, None] >= jnp.arange(keys.shape[1])[None, :]  # [T, L]
+        mask = positions[:, None] >= jnp.arange(max_len)[None, :]  # [T, L]
         y = self._output(attend(q, keys, values, mask))
+        y = jnp.where(pos + T <= max_len, y, jnp.nan)
         return y, {"k": keys, "v": values, "pos": pos + T}
 
     def decode_step(self, x, cache):
