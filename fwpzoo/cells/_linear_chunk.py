@@ -19,7 +19,6 @@ K key dim, V value dim, C chunk, c sub-chunk, M sub-chunks per chunk.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +26,8 @@ import jax.numpy as jnp
 from fwpzoo.cells._chunking import chunk_of, pad_time, put_chunk
 from fwpzoo.cells._reference import initial_state
 
-# Per-key decay: pairs of tokens closer than this take the pairwise (non-matmul) form. The work
-# outside matmuls grows with c, the across-sub-chunk operands with C / c; 8 balances them at C = 64.
-SUB_CHUNK = 8
+# Per-key decay: blocks of at most this many tokens take the pairwise (non-matmul) form.
+LEAF_SIZE = 8
 
 
 def _mT(x):
@@ -77,54 +75,84 @@ class _Causal:
 
 
 class _PerKey:
-    """A_ts = sum_k q_tk k_sk e^{g_tk - g_sk} for s <= t for a per-key decay g [B, H, C, K].
+    """A_ts = sum_k q_tk k_sk e^{g_tk - g_sk} for s <= t, for a per-key decay g [B, H, C, K].
 
-    The chunk is cut into M sub-chunks of c tokens; e_i is g at the end of sub-chunk i - 1
-    (e_0 = 0). Pairs in different sub-chunks are one matmul of Q . e^{g - e_i} (query side) with
-    K . e^{e_i - g} (key side, s before sub-chunk i only), both exponents <= 0; pairs inside one
-    sub-chunk take the pairwise [c, c, K] form.
+    Halving: with e = g at the end of the first half, the pairs (t in the second half, s in the
+    first) are one matmul of Q . e^{g - e} with K . e^{e - g}, both exponents <= 0; the two
+    diagonal blocks recurse as one batched call. Blocks of at most LEAF_SIZE tokens take the
+    pairwise [C, C, K] form.
     """
 
     def __init__(self, q, k, g):
-        *lead, C, K = q.shape
-        c = math.gcd(C, SUB_CHUNK)
-        M = C // c
-        blocks = lambda x: x.reshape(*lead, M, c, K)  # noqa: E731  [B, H, M, c, K]
-        g_blocks = blocks(g)
-        edge = jnp.concatenate(
-            [jnp.zeros_like(g_blocks[..., :1, -1, :]), g_blocks[..., :-1, -1, :]], axis=-2
-        )  # [B, H, M, K]
-        before_edge = jnp.arange(C) < c * jnp.arange(M)[:, None]  # [M, C]: s before sub-chunk i
-        to_edge = edge[..., None, :] - g[..., None, :, :]  # [B, H, M, C, K]
-        self.q_decay = jnp.exp(g_blocks - edge[..., None, :])  # [B, H, M, c, K]
-        self.k_decay = jnp.exp(jnp.where(before_edge[:, :, None], to_edge, -jnp.inf))
-        within = _lower_mask(c)[:, :, None]
-        pairs = g_blocks[..., :, None, :] - g_blocks[..., None, :, :]  # [B, H, M, c, c, K]
-        self.pair_decay = jnp.exp(jnp.where(within, pairs, -jnp.inf))
-        self.q_far = blocks(q) * self.q_decay  # [B, H, M, c, K]
-        self.k_far = k[..., None, :, :] * self.k_decay  # [B, H, M, C, K]
-        self.q_blocks, self.k_blocks = blocks(q), blocks(k)
-        self.shape = (*lead, M, c)
-        across = (self.q_far @ _mT(self.k_far)).reshape(*lead, M, c, M, c)
-        near = jnp.einsum(
-            "...tk,...sk,...tsk->...ts", self.q_blocks, self.k_blocks, self.pair_decay
-        )
-        # across is zero on the diagonal blocks (k_decay masks them), near fills them
-        self.a = (across + jnp.eye(M)[:, None, :, None] * near[..., None, :]).reshape(*lead, C, C)
+        self.q, self.k = q[None], k[None]  # [1, B, H, C, K]: one block
+        a, self.factors = _per_key_scores(self.q, self.k, g[None])
+        self.a = a[0]  # [B, H, C, C]
 
     def pullback(self, da):
         """(dQ, dK) [B, H, C, K] from dA [B, H, C, C] (zero above the diagonal)."""
-        *lead, M, c = self.shape
-        C = M * c
-        d_across = da.reshape(*lead, M, c, C)
-        d_near = jnp.diagonal(da.reshape(*lead, M, c, M, c), axis1=-4, axis2=-2)  # [.., c, c, M]
-        d_near = jnp.moveaxis(d_near, -1, -3)  # [B, H, M, c, c]
-        dq = (d_across @ self.k_far) * self.q_decay  # [B, H, M, c, K]
-        dq = dq + jnp.einsum("...ts,...sk,...tsk->...tk", d_near, self.k_blocks, self.pair_decay)
-        dk_far = (_mT(d_across) @ self.q_far) * self.k_decay  # [B, H, M, C, K]
-        dk_near = jnp.einsum("...ts,...tk,...tsk->...sk", d_near, self.q_blocks, self.pair_decay)
-        dk = jnp.sum(dk_far, axis=-3) + dk_near.reshape(dk_far.shape[:-3] + dk_far.shape[-2:])
-        return dq.reshape(dk.shape), dk
+        dq, dk = _per_key_pullback(da[None], self.q, self.k, self.factors)
+        return dq[0], dk[0]
+
+
+def _pad_rows(x, rows, mode="constant"):
+    """x [..., C, K] padded at the end of its C axis to `rows` rows."""
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, rows - x.shape[-2]), (0, 0)], mode=mode)
+
+
+def _halves(x):
+    """x [P, B, H, 2h, K] -> [2P, B, H, h, K]: every block's first half, then every block's
+    second half. The blocks share one leading axis at every depth, so the rank stays fixed (XLA:CPU
+    rejects dots of rank 8 and more)."""
+    h = x.shape[-2] // 2
+    return jnp.concatenate([x[..., :h, :], x[..., h:, :]], axis=0)
+
+
+def _first_second(x):
+    """x [2P, ...] -> its first P and its last P blocks."""
+    return x[: x.shape[0] // 2], x[x.shape[0] // 2 :]
+
+
+def _per_key_scores(q, k, g):
+    """(A [P, B, H, C, C], the decay factors its pullback reuses) for q, k, g [P, B, H, C, K]."""
+    size = q.shape[-2]
+    if size <= LEAF_SIZE:
+        gap = g[..., :, None, :] - g[..., None, :, :]  # [..., C, C, K]
+        decay = jnp.exp(jnp.where(_lower_mask(size)[:, :, None], gap, -jnp.inf))
+        return jnp.sum(q[..., :, None, :] * k[..., None, :, :] * decay, axis=-1), decay
+    # An odd block gets one more row: q = k = 0 there adds nothing, and g repeats its last
+    # value so that no exponent turns positive.
+    h = -(-size // 2)
+    q, k, g = _pad_rows(q, 2 * h), _pad_rows(k, 2 * h), _pad_rows(g, 2 * h, mode="edge")
+    edge = g[..., h - 1 : h, :]  # [..., 1, K]: log decay at the end of the first half
+    q_decay, k_decay = jnp.exp(g[..., h:, :] - edge), jnp.exp(edge - g[..., :h, :])  # [.., h, K]
+    q_far, k_far = q[..., h:, :] * q_decay, k[..., :h, :] * k_decay
+    diagonal, inner = _per_key_scores(_halves(q), _halves(k), _halves(g))  # [2P, B, H, h, h]
+    a11, a22 = _first_second(diagonal)
+    top = jnp.concatenate([a11, jnp.zeros_like(a11)], axis=-1)
+    bottom = jnp.concatenate([q_far @ _mT(k_far), a22], axis=-1)
+    a = jnp.concatenate([top, bottom], axis=-2)[..., :size, :size]
+    return a, (q_far, k_far, q_decay, k_decay, inner)
+
+
+def _per_key_pullback(da, q, k, factors):
+    """(dQ, dK) [P, B, H, C, K] of A = _per_key_scores(q, k, g) from dA [P, B, H, C, C]."""
+    size = q.shape[-2]
+    if size <= LEAF_SIZE:
+        decay = factors  # [..., C, C, K]
+        dq = jnp.sum(da[..., None] * k[..., None, :, :] * decay, axis=-2)
+        dk = jnp.sum(da[..., None] * q[..., :, None, :] * decay, axis=-3)
+        return dq, dk
+    h = -(-size // 2)
+    q, k = _pad_rows(q, 2 * h), _pad_rows(k, 2 * h)
+    da = _pad_rows(_mT(_pad_rows(_mT(da), 2 * h)), 2 * h)  # [..., 2h, 2h]
+    q_far, k_far, q_decay, k_decay, inner = factors
+    d21 = da[..., h:, :h]  # [..., h, h]
+    diagonal = jnp.concatenate([da[..., :h, :h], da[..., h:, h:]], axis=0)  # [2P, B, H, h, h]
+    dq_in, dk_in = _per_key_pullback(diagonal, _halves(q), _halves(k), inner)
+    (dq1, dq2), (dk1, dk2) = _first_second(dq_in), _first_second(dk_in)
+    dq = jnp.concatenate([dq1, dq2 + (d21 @ k_far) * q_decay], axis=-2)
+    dk = jnp.concatenate([dk1 + (_mT(d21) @ q_far) * k_decay, dk2], axis=-2)
+    return dq[..., :size, :], dk[..., :size, :]
 
 
 class _Chunk:
