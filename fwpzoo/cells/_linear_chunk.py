@@ -92,8 +92,8 @@ class _Causal:
 class _PerKey:
     """A_ts = sum_k q_tk k_sk e^{g_tk - g_sk} for s <= t, for a per-key decay g [B, H, C, K].
 
-    Halving: with e = g at the end of the first half, the pairs (t in the second half, s in the
-    first) are one matmul of Q . e^{g - e} with K . e^{e - g}, both exponents <= 0; the two
+    Halving: with m = g at the end of the first half, the pairs (t in the second half, s in the
+    first) are one matmul of Q . e^{g - m} with K . e^{m - g}, both exponents <= 0; the two
     diagonal blocks recurse as one batched call. Blocks of at most LEAF_SIZE tokens take the
     pairwise [C, C, K] form.
     """
@@ -138,8 +138,8 @@ def _per_key_scores(q, k, g):
     # value so that no exponent turns positive.
     h = -(-size // 2)
     q, k, g = _pad_rows(q, 2 * h), _pad_rows(k, 2 * h), _pad_rows(g, 2 * h, mode="edge")
-    edge = g[..., h - 1 : h, :]  # [..., 1, K]: log decay at the end of the first half
-    q_decay, k_decay = jnp.exp(g[..., h:, :] - edge), jnp.exp(edge - g[..., :h, :])  # [.., h, K]
+    mid = g[..., h - 1 : h, :]  # [..., 1, K]: m, the log decay at the end of the first half
+    q_decay, k_decay = jnp.exp(g[..., h:, :] - mid), jnp.exp(mid - g[..., :h, :])  # [.., h, K]
     q_far, k_far = q[..., h:, :] * q_decay, k[..., :h, :] * k_decay
     diagonal, inner = _per_key_scores(_halves(q), _halves(k), _halves(g))  # [2P, B, H, h, h]
     a11, a22 = _first_second(diagonal)
