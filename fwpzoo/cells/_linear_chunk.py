@@ -12,7 +12,8 @@ A lax.scan walks the chunks in order, reading each one straight out of the [B, T
 and writing its outputs in place, so every intermediate is a few [B, H, C, C] or [B, H, C, K]
 blocks that stay in cache; nothing sequence-sized is materialised besides the outputs and the
 entering states. (Computing every chunk's products at once as [B, H, N, C, ...] batched matmuls
-measured 2-3x slower on CPU: those intermediates go through main memory.)
+measured 1.5-5x slower on CPU at T = 2048: those intermediates go through main memory and cost
+page faults on every call; linear_attention.md, section 7.)
 
 log_alpha is [B, T, H] (scalar decay), [B, T, H, K] (per-key decay) or None (no decay: plain
 linear attention, every decay factor skipped). Dimension letters: B batch, T time, H heads,
