@@ -24,6 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from fwpzoo.cells._chunking import chunk_of, pad_time, put_chunk
+
 # Diagonal blocks up to this size are inverted by forward substitution; larger ones by doubling.
 # 8 measured fastest on CPU for chunk 64 (fewer sequential rows than 16, fewer merges than 4).
 LEAF_SIZE = 8
@@ -97,26 +99,12 @@ def _scaled(scale, s):
     return s if scale is None else scale[..., None, None] * s
 
 
-def _chunk(x, n, size):
-    """Chunk n of x [B, T, H, ...] as float32 [B, H, C, ...]; None stays None."""
-    if x is None:
-        return None
-    x = jax.lax.dynamic_slice_in_dim(x, n * size, size, axis=1)
-    return jnp.swapaxes(x, 1, 2).astype(jnp.float32)
-
-
-def _put(buffer, x, n):
-    """buffer [B, T, H, ...] with chunk n replaced by x [B, H, C, ...] (in place in a scan)."""
-    x = jnp.swapaxes(x, 1, 2).astype(buffer.dtype)
-    return jax.lax.dynamic_update_slice_in_dim(buffer, x, n * x.shape[1], axis=1)
-
-
 class _Chunk:
     """One chunk's inputs [B, H, C, ...] in float32 and everything computed from them alone:
     P = Q K^T . Gamma, K K^T . Gamma below the diagonal, T = (I + A)^{-1} and the decays."""
 
     def __init__(self, inputs, n, size):
-        q, k, v, beta, log_alpha = (_chunk(x, n, size) for x in inputs)
+        q, k, v, beta, log_alpha = (chunk_of(x, n, size, jnp.float32) for x in inputs)
         g = None if log_alpha is None else jnp.cumsum(log_alpha, axis=-1)  # [B, H, C]
         self.q, self.k, self.v, self.beta = q, k, v, beta
         self.gamma, self.e, self.to_end, self.e_last = _decays(g)
@@ -147,7 +135,7 @@ def _forward(inputs, state, size):
         s, o = carry
         c = _Chunk(inputs, n, size)
         u = c.pseudo_values(s)  # [B, H, C, V]
-        o = _put(o, _rows(c.e, c.q) @ s + c.p @ u, n)
+        o = put_chunk(o, _rows(c.e, c.q) @ s + c.p @ u, n)
         return (c.leaving_state(s, u), o), s
 
     (final, o), entering = jax.lax.scan(chunk_step, (state, o), jnp.arange(q.shape[1] // size))
@@ -163,7 +151,7 @@ def _backward(size, res, cotangents):
         ds, grads = carry  # ds: cotangent of the state leaving chunk n
         n, s = xs  # s: the state entering chunk n
         c = _Chunk(inputs, n, size)
-        do = _chunk(do_all, n, size)  # [B, H, C, V]
+        do = chunk_of(do_all, n, size, jnp.float32)  # [B, H, C, V]
         u = c.pseudo_values(s)
         du = _mT(c.p) @ do + c.k_end @ ds  # (7): dO's path through P U, and ds's through S_C
         dvb = _mT(c.tri) @ du  # cotangent of diag(beta) V, T^T dU
@@ -204,7 +192,7 @@ def _backward(size, res, cotangents):
             dg = dg.at[..., -1].add(d_last)
             # g is the in-chunk cumulative sum of log_alpha: its transpose is the reversed one
             chunk_grads.append(jax.lax.cumsum(dg, axis=dg.ndim - 1, reverse=True))
-        grads = [_put(g, x, n) for g, x in zip(grads, chunk_grads, strict=True)]
+        grads = [put_chunk(g, x, n) for g, x in zip(grads, chunk_grads, strict=True)]
         return (ds_prev, grads), None
 
     n_chunks = q.shape[1] // size
@@ -242,13 +230,8 @@ def chunkwise(q, k, v, beta, log_alpha, state, chunk_size):
     B, T, H, K = q.shape
     V = v.shape[-1]
     size = min(chunk_size, T)
-    padded = -(-T // size) * size
-    if padded != T:
-        # zero k and beta (and log_alpha) make the padded steps identity transitions, so the
-        # final state is the last real token's; the padded outputs are dropped
-        pad = lambda x: jnp.pad(x, [(0, 0), (0, padded - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-        q, k, v, beta = (pad(x) for x in (q, k, v, beta))
-        log_alpha = None if log_alpha is None else pad(log_alpha)
+    padded = -(-T // size) * size  # the padded steps are identities; their outputs are dropped
+    q, k, v, beta, log_alpha = (pad_time(x, padded) for x in (q, k, v, beta, log_alpha))
     if state is None:
         state = jnp.zeros((B, H, K, V), jnp.float32)
     o, state = chunk_scan(q, k, v, beta, log_alpha, state.astype(jnp.float32), size)
