@@ -30,6 +30,9 @@ def test_report_rows_files_and_kept_notes(tmp_path, capsys):
     assert report.strip() in written
     assert written.endswith(f"{NOTES_MARKER}\nhand-written notes\n")
 
+    assert page.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Prefill (forward only), best chunkwise vs recurrent" in report
+
     result = json.loads(page.with_suffix(".json").read_text())
     rows = result["rows"]
     assert len(rows) == 2 * 2 * 3

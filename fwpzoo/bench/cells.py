@@ -19,6 +19,9 @@ every gate.
                 rules (per sub-step for delta_product), 2CK + 2CV + 4KV for linear attention;
                 forward + backward counts 3x the forward
 
+--out FILE.md writes the report (hand notes after its notes marker are kept), the raw numbers
+as FILE.json and a plot of the chunkwise speedups as FILE.png.
+
 A form whose compiled footprint (XLA's memory analysis) exceeds --memory-limit-gb is skipped
 with that reason in the table instead of being run. --peers also times the pure-JAX chunked
 delta rule of jax-linear-attention (linear_attention("deltanet", impl="auto")) and of
@@ -99,7 +102,9 @@ def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
     parser.add_argument("--memory-limit-gb", type=positive_float)
     parser.add_argument("--peers", action="store_true", default=None)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--out", type=Path, help="write the markdown report (and FILE.json) here")
+    parser.add_argument(
+        "--out", type=Path, help="write the markdown report here (and FILE.json, FILE.png)"
+    )
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
     options = Options(**{k: v for k, v in args.items() if v is not None})
@@ -385,6 +390,58 @@ def verdict(result: dict) -> list[str]:
     return lines
 
 
+def prefill_summary(result: dict) -> list[str]:
+    """Where the best chunkwise forward (prefill) beats the recurrent forward and where not."""
+    wins, losses = [], []
+    for family in result["options"]["families"]:
+        for T in result["options"]["lengths"]:
+            rows = [r for r in result["rows"] if (r["family"], r["T"]) == (family, T)]
+            ratios = [r["fwd speedup"] for r in rows if r["form"].startswith("chunkwise")]
+            ratios = [ratio for ratio in ratios if ratio]
+            if ratios:
+                (wins if max(ratios) >= 1 else losses).append(
+                    f"{family} T={T} ({max(ratios):.2f}x)"
+                )
+    if not wins and not losses:
+        return []
+    line = f"Prefill (forward only), best chunkwise vs recurrent: faster at {len(wins)} of "
+    line += f"{len(wins) + len(losses)} points"
+    return [line + (f"; slower at {', '.join(losses)}." if losses else ".")]
+
+
+def plot(result: dict, path: Path) -> None:
+    """fwd and fwd+bwd speedup of the best chunkwise form over the recurrent one, per family."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only
+    import matplotlib.pyplot as plt
+
+    lengths = result["options"]["lengths"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, direction in zip(axes, ("fwd", "fwd+bwd"), strict=True):
+        for family in result["options"]["families"]:
+            best = []
+            for T in lengths:
+                ratios = [
+                    r[direction + " speedup"]
+                    for r in result["rows"]
+                    if (r["family"], r["T"]) == (family, T) and r["form"].startswith("chunkwise")
+                ]
+                best.append(max((x for x in ratios if x), default=float("nan")))
+            ax.plot(lengths, best, "o-", label=family)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set(xlabel="T (tokens)", title=f"chunkwise over recurrent, {direction}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(T) for T in lengths])
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("speedup")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def markdown(result: dict, command: str) -> str:
     options, info = result["options"], result["machine"]
     rates = [row["matmul_flops_per_s"] for row in result["rows"]]
@@ -412,14 +469,19 @@ def markdown(result: dict, command: str) -> str:
             "",
             *peers_table(result["peers"]),
         ]
-    return "\n".join([*lines, "", *verdict(result), ""])
+    return "\n".join([*lines, "", *verdict(result), *prefill_summary(result), ""])
 
 
 def write_report(result: dict, report: str, out: Path) -> None:
-    """out (keeping notes after NOTES_MARKER) and the raw numbers in out with suffix .json."""
+    """out (keeping notes after NOTES_MARKER), the raw numbers in out with suffix .json and the
+    plot with suffix .png."""
     out.parent.mkdir(parents=True, exist_ok=True)
     header = "# Benchmark: the cell forms\n\n" + (__doc__ or "")
-    write_page(out, f"{header.rstrip()}\n\n{report}")
+    figure = out.with_suffix(".png")
+    write_page(
+        out, f"{header.rstrip()}\n\n![speedups over the recurrent form]({figure.name})\n\n{report}"
+    )
+    plot(result, figure)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
 
 
