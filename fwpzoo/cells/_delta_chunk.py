@@ -99,18 +99,54 @@ def _scaled(scale, s):
     return s if scale is None else scale[..., None, None] * s
 
 
-class _Chunk:
-    """One chunk's inputs [B, H, C, ...] in float32 and everything computed from them alone:
-    P = Q K^T . Gamma, K K^T . Gamma below the diagonal, T = (I + A)^{-1} and the decays."""
+def _sub_steps(x, n, tokens, split):
+    """Chunk n of x [B, T, H, N, ...] (split) or [B, T, H, ...] as float32 [B, H, C, ...],
+    C = tokens * N sub-steps in the order of the recurrence (sub-step j of token t at t N + j)."""
+    x = chunk_of(x, n, tokens, jnp.float32)  # [B, H, tokens, (N,) ...]
+    return x.reshape(*x.shape[:2], -1, *x.shape[4:]) if split else x
 
-    def __init__(self, inputs, n, size):
-        q, k, v, beta, log_alpha = (chunk_of(x, n, size, jnp.float32) for x in inputs)
-        g = None if log_alpha is None else jnp.cumsum(log_alpha, axis=-1)  # [B, H, C]
+
+def _put_sub_steps(buffer, x, n, split):
+    """buffer [B, T, H, N, ...] (split) or [B, T, H, ...], chunk n replaced by x [B, H, C, ...]."""
+    if split:
+        x = x.reshape(*x.shape[:2], -1, *buffer.shape[3:])  # [B, H, tokens, N, ...]
+    return put_chunk(buffer, x, n)
+
+
+def _split(inputs):
+    """Whether the inputs have N sub-steps per token: beta [B, T, H, N] rather than [B, T, H]."""
+    return inputs[3].ndim == 4
+
+
+class _Chunk:
+    """One chunk's inputs in float32 and everything computed from them alone: P = Q K^T . Gamma
+    on the rows that are read, K K^T . Gamma below the diagonal, T = (I + A)^{-1} and the decays.
+
+    A chunk is `tokens` tokens of N sub-steps each, C = tokens * N rows: k, v [B, H, C, ...],
+    beta [B, H, C]; the decay rides on each token's first sub-step and the query reads after its
+    last, so q [B, H, tokens, K] meets only the rows `read` (every N-th, from N - 1)."""
+
+    def __init__(self, inputs, n, tokens):
+        q, k, v, beta, log_alpha = inputs
+        split = _split(inputs)
+        sub = beta.shape[3] if split else 1
+        q = chunk_of(q, n, tokens, jnp.float32)  # [B, H, tokens, K]
+        k, v, beta = (_sub_steps(x, n, tokens, split) for x in (k, v, beta))  # [B, H, C, ...]
+        g = None
+        if log_alpha is not None:
+            la = chunk_of(log_alpha, n, tokens, jnp.float32)[..., None]  # [B, H, tokens, 1]
+            la = jnp.pad(la, [(0, 0)] * 3 + [(0, sub - 1)])  # [B, H, tokens, N]: first only
+            g = jnp.cumsum(la.reshape(*la.shape[:2], -1), axis=-1)  # [B, H, C]
         self.q, self.k, self.v, self.beta = q, k, v, beta
         self.gamma, self.e, self.to_end, self.e_last = _decays(g)
+        size = k.shape[-2]
+        self.read = slice(sub - 1, None, sub)  # the rows queries read
         self.causal = _lower_mask(size, strict=False)
         self.strict = _lower_mask(size, strict=True)
-        self.p = _masked(q @ _mT(k), self.gamma, self.causal)  # [B, H, C, C]
+        self.gamma_read = None if g is None else self.gamma[..., self.read, :]
+        self.e_read = None if g is None else self.e[..., self.read]
+        self.causal_read = self.causal[self.read]
+        self.p = _masked(q @ _mT(k), self.gamma_read, self.causal_read)  # [B, H, tokens, C]
         self.kkg = _masked(k @ _mT(k), self.gamma, self.strict)  # [B, H, C, C]
         self.tri = unit_lower_inverse(beta[..., None] * self.kkg)  # [B, H, C, C]
         self.k_end = _rows(self.to_end, k)  # [B, H, C, K]: diag(e^{g_C - g}) K
@@ -124,49 +160,52 @@ class _Chunk:
         return _mT(self.k_end) @ u + _scaled(self.e_last, s)
 
 
-def _forward(inputs, state, size):
-    """inputs (q, k, v, beta, log_alpha or None) [B, T, H, ...], T a multiple of size; state
-    [B, H, K, V] float32. Returns o [B, T, H, V] in v's dtype, the final state and the state
-    entering every chunk [N, B, H, K, V]."""
+def _forward(inputs, state, tokens):
+    """inputs q [B, T, H, K], k [B, T, H, (N,) K], v [B, T, H, (N,) V], beta [B, T, H, (N)],
+    log_alpha [B, T, H] or None, T a multiple of tokens; state [B, H, K, V] float32. Returns
+    o [B, T, H, V] in v's dtype, the final state and the state entering every chunk
+    [chunks, B, H, K, V]."""
     q, _, v, _, _ = inputs
-    o = jnp.zeros(q.shape[:3] + v.shape[3:], v.dtype)
+    o = jnp.zeros(q.shape[:3] + v.shape[-1:], v.dtype)
 
     def chunk_step(carry, n):
         s, o = carry
-        c = _Chunk(inputs, n, size)
+        c = _Chunk(inputs, n, tokens)
         u = c.pseudo_values(s)  # [B, H, C, V]
-        o = put_chunk(o, _rows(c.e, c.q) @ s + c.p @ u, n)
+        o = put_chunk(o, _rows(c.e_read, c.q) @ s + c.p @ u, n)  # [B, H, tokens, V] written
         return (c.leaving_state(s, u), o), s
 
-    (final, o), entering = jax.lax.scan(chunk_step, (state, o), jnp.arange(q.shape[1] // size))
+    chunks = jnp.arange(q.shape[1] // tokens)
+    (final, o), entering = jax.lax.scan(chunk_step, (state, o), chunks)
     return o, final, entering
 
 
-def _backward(size, res, cotangents):
+def _backward(tokens, res, cotangents):
     inputs, entering = res
     do_all, d_final = cotangents
     q, k, v, beta, log_alpha = inputs
+    split = _split(inputs)
 
     def chunk_step(carry, xs):
         ds, grads = carry  # ds: cotangent of the state leaving chunk n
         n, s = xs  # s: the state entering chunk n
-        c = _Chunk(inputs, n, size)
-        do = chunk_of(do_all, n, size, jnp.float32)  # [B, H, C, V]
+        c = _Chunk(inputs, n, tokens)
+        do = chunk_of(do_all, n, tokens, jnp.float32)  # [B, H, tokens, V]
         u = c.pseudo_values(s)
         du = _mT(c.p) @ do + c.k_end @ ds  # (7): dO's path through P U, and ds's through S_C
         dvb = _mT(c.tri) @ du  # cotangent of diag(beta) V, T^T dU
-        qe = _rows(c.e, c.q)
+        qe = _rows(c.e_read, c.q)  # [B, H, tokens, K]
         ds_prev = _mT(qe) @ do - _mT(_rows(c.beta, _rows(c.e, c.k))) @ dvb + _scaled(c.e_last, ds)
-        do_u = do @ _mT(u)  # [B, H, C, C]
-        dqk = _masked(do_u, c.gamma, c.causal)
-        dqe = do @ _mT(s)  # [B, H, C, K]
+        do_u = do @ _mT(u)  # [B, H, tokens, C]
+        dqk = _masked(do_u, c.gamma_read, c.causal_read)
+        dqe = do @ _mT(s)  # [B, H, tokens, K]
         dk_end = u @ _mT(ds)  # [B, H, C, K]
         # The cotangent of diag(beta e^g) K is T^T dW with dW = -dU S_0^T, that is -dV_b S_0^T,
         # and d(I + A)^{-1} = -T^T dT T^T regroups to -dV_b U^T (delta_rules.md, (8)).
         minus_dkb = dvb @ _mT(s)  # [B, H, C, K]
         da = -jnp.where(c.strict, dvb @ _mT(u), 0.0)  # [B, H, C, C]
         dkk = _masked(c.beta[..., None] * da, c.gamma, c.strict)
-        dq = dqk @ c.k + _rows(c.e, dqe)
+        dq = dqk @ c.k + _rows(c.e_read, dqe)
         dk = (
             _mT(dqk) @ c.q
             + (dkk + _mT(dkk)) @ c.k
@@ -179,23 +218,30 @@ def _backward(size, res, cotangents):
         chunk_grads = [dq, dk, c.beta[..., None] * dvb, dbeta]
         if log_alpha is not None:
             # g enters through Gamma (z = dGamma . Gamma), e^g, e^{g_C - g} and e^{g_C}
-            z = do_u * c.p + c.beta[..., None] * da * c.kkg  # [B, H, C, C]
+            z_read = do_u * c.p  # [B, H, tokens, C]
+            z = c.beta[..., None] * da * c.kkg  # [B, H, C, C]
             to_end_dk = c.to_end * jnp.sum(c.k * dk_end, axis=-1)  # [B, H, C]
             dg = (
                 jnp.sum(z, axis=-1)
                 - jnp.sum(z, axis=-2)
-                + jnp.sum(qe * dqe, axis=-1)
+                - jnp.sum(z_read, axis=-2)
                 + c.beta * c.e * k_dkb
                 - to_end_dk
             )
+            dg = dg.at[..., c.read].add(jnp.sum(z_read, axis=-1) + jnp.sum(qe * dqe, axis=-1))
             d_last = jnp.sum(to_end_dk, axis=-1) + c.e_last * jnp.sum(s * ds, axis=(-2, -1))
             dg = dg.at[..., -1].add(d_last)
-            # g is the in-chunk cumulative sum of log_alpha: its transpose is the reversed one
-            chunk_grads.append(jax.lax.cumsum(dg, axis=dg.ndim - 1, reverse=True))
-        grads = [put_chunk(g, x, n) for g, x in zip(grads, chunk_grads, strict=True)]
+            # g is the in-chunk cumulative sum of the sub-steps' log decays, each token's on its
+            # first sub-step: the transpose is the reversed cumulative sum, read there
+            d_sub = jax.lax.cumsum(dg, axis=dg.ndim - 1, reverse=True)  # [B, H, C]
+            chunk_grads.append(d_sub[..., :: beta.shape[3] if split else 1])  # [B, H, tokens]
+        grads = [
+            put_chunk(g, x, n) if i in (0, 4) else _put_sub_steps(g, x, n, split)
+            for i, (g, x) in enumerate(zip(grads, chunk_grads, strict=True))
+        ]
         return (ds_prev, grads), None
 
-    n_chunks = q.shape[1] // size
+    n_chunks = q.shape[1] // tokens
     grads = [jnp.zeros(x.shape, x.dtype) for x in inputs if x is not None]
     xs = (jnp.arange(n_chunks), entering)
     (d_state, grads), _ = jax.lax.scan(chunk_step, (d_final, grads), xs, reverse=True)
@@ -205,16 +251,16 @@ def _backward(size, res, cotangents):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def chunk_scan(q, k, v, beta, log_alpha, state, size):
-    """o [B, T, H, V] and the final state [B, H, K, V] of the gated delta rule, T a multiple of
-    size; log_alpha [B, T, H] or None for no decay."""
-    o, final, _ = _forward((q, k, v, beta, log_alpha), state, size)
+def chunk_scan(q, k, v, beta, log_alpha, state, tokens):
+    """o [B, T, H, V] and the final state [B, H, K, V] of the gated delta rule with N sub-steps
+    per token (shapes as in _forward), in chunks of `tokens` tokens; T a multiple of tokens."""
+    o, final, _ = _forward((q, k, v, beta, log_alpha), state, tokens)
     return o, final
 
 
-def _chunk_scan_fwd(q, k, v, beta, log_alpha, state, size):
+def _chunk_scan_fwd(q, k, v, beta, log_alpha, state, tokens):
     inputs = (q, k, v, beta, log_alpha)
-    o, final, entering = _forward(inputs, state, size)
+    o, final, entering = _forward(inputs, state, tokens)
     return (o, final), (inputs, entering)
 
 
@@ -224,15 +270,18 @@ chunk_scan.defvjp(_chunk_scan_fwd, _backward)
 def chunkwise(q, k, v, beta, log_alpha, state, chunk_size):
     """The gated delta rule in chunks; log_alpha None means no decay (the plain delta rule).
 
-    q, k [B, T, H, K]; v [B, T, H, V]; beta, log_alpha [B, T, H]; state [B, H, K, V] or None.
-    Returns (o [B, T, H, V] in v's dtype, state [B, H, K, V] float32).
+    q [B, T, H, K]; log_alpha [B, T, H]; state [B, H, K, V] or None; k [B, T, H, K],
+    v [B, T, H, V], beta [B, T, H] for one write per token, or k [B, T, H, N, K], v [B, T, H, N, V],
+    beta [B, T, H, N] for N sub-steps per token (DeltaProduct), where chunk_size counts sub-steps
+    and is rounded down to whole tokens. Returns (o [B, T, H, V] in v's dtype, state float32).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    size = min(chunk_size, T)
-    padded = -(-T // size) * size  # the padded steps are identities; their outputs are dropped
+    sub = beta.shape[3] if beta.ndim == 4 else 1
+    tokens = max(1, min(chunk_size // sub, T))
+    padded = -(-T // tokens) * tokens  # the padded steps are identities; their outputs dropped
     q, k, v, beta, log_alpha = (pad_time(x, padded) for x in (q, k, v, beta, log_alpha))
     if state is None:
         state = jnp.zeros((B, H, K, V), jnp.float32)
-    o, state = chunk_scan(q, k, v, beta, log_alpha, state.astype(jnp.float32), size)
+    o, state = chunk_scan(q, k, v, beta, log_alpha, state.astype(jnp.float32), tokens)
     return o[:, :T], state

@@ -35,30 +35,10 @@ def recurrent(q, k, v, *, state=None, beta, log_alpha=None):
     return o.astype(v.dtype), state
 
 
-def interleave(q, k, v, beta, log_alpha):
-    """The N sub-steps of each token as one delta-rule sequence of T * N steps.
-
-    [B, T, H, N, ...] -> [B, T * N, H, ...], sub-step j of token t at position t * N + j; the
-    decay rides on each token's first sub-step and the query on its last, the only one read.
-    """
-    B, T, H, N, K = k.shape
-
-    def flat(x):  # [B, T, H, N, ...] -> [B, T * N, H, ...]
-        return jnp.moveaxis(x, 3, 2).reshape(B, T * N, H, *x.shape[4:])
-
-    q_sub = jnp.zeros((B, T, N, H, K), q.dtype).at[:, :, -1].set(q)  # [B, T, N, H, K]
-    if log_alpha is not None:
-        log_alpha = jnp.zeros((B, T, N, H), log_alpha.dtype).at[:, :, 0].set(log_alpha)
-        log_alpha = log_alpha.reshape(B, T * N, H)
-    return q_sub.reshape(B, T * N, H, K), flat(k), flat(v), flat(beta), log_alpha
-
-
 def chunkwise(q, k, v, *, state=None, chunk_size=64, beta, log_alpha=None):
-    """Chunks run over the interleaved T * N sub-steps, so chunk_size counts sub-steps."""
-    B, T, H, N, _ = k.shape
-    q, k, v, beta, log_alpha = interleave(q, k, v, beta, log_alpha)
-    o, state = _delta_chunk.chunkwise(q, k, v, beta, log_alpha, state, chunk_size)
-    return o.reshape(B, T, N, H, -1)[:, :, -1], state
+    """Each chunk holds whole tokens, chunk_size // N of them, and runs their N sub-steps as one
+    gated-delta-rule chunk of C = tokens * N writes, read only after each token's last sub-step."""
+    return _delta_chunk.chunkwise(q, k, v, beta, log_alpha, state, chunk_size)
 
 
 def associative(q, k, v, *, state=None, beta, log_alpha=None):
