@@ -12,11 +12,16 @@ Derivations: delta_rules.md.
 A lax.scan walks the chunks in order, reading each one straight out of the [B, T, H, ...] inputs
 and writing its outputs in place, so every intermediate is a few [B, H, C, C] or [B, H, C, K]
 blocks that stay in cache; nothing sequence-sized is materialised besides the outputs and the
-boundary states. (Computing every chunk's products at once as [N, B*H, C, ...] batched matmuls,
+boundary states. (Computing every chunk's products at once as [chunks, B*H, C, ...] batched matmuls,
 with only the state passing sequential, measured 1.6x slower forward + backward on CPU: those
 intermediates go through main memory.)
 
-Dimension letters: B batch, T time, H heads, K key dim, V value dim, C chunk, N chunks.
+DeltaProduct's N writes per token are the same recurrence over T * N sub-steps, read after each
+token's last one: a chunk then holds whole tokens, its rows are the sub-steps of its slice of the
+[B, T, H, N, ...] inputs, and queries meet only the rows they read (delta_rules.md, section 4).
+
+Dimension letters: B batch, T time (tokens), H heads, K key dim, V value dim, N sub-steps per
+token (1 for the delta rule), C = tokens * N rows of a chunk.
 """
 
 import functools
