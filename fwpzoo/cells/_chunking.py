@@ -8,15 +8,29 @@ import jax
 import jax.numpy as jnp
 
 
-def pad_time(x, length):
-    """x [B, T, H, ...] zero-padded to [B, length, H, ...]; None stays None.
+def pad_to_chunks(x, size):
+    """x [B, T, H, ...] zero-padded along T to a multiple of size; None stays None.
 
     A zero token is an identity step for every family (no write, no decay: k = 0, beta = 0,
     log_alpha = 0), so a padded tail leaves the outputs before it and the final state unchanged.
     """
-    if x is None or x.shape[1] == length:
+    if x is None or x.shape[1] % size == 0:
         return x
-    return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    padding = size - x.shape[1] % size
+    return jnp.pad(x, [(0, 0), (0, padding)] + [(0, 0)] * (x.ndim - 2))
+
+
+def lower_mask(size, *, strict=False):
+    """[C, C] True on and below the diagonal (strictly below when strict)."""
+    return jnp.tril(jnp.ones((size, size), bool), -1 if strict else 0)
+
+
+def causal_decay(g):
+    """Gamma [..., C, C] = e^{g_t - g_s} for s <= t and 0 above, from log decays g [..., C].
+
+    The exponent is masked to -inf before exp, so neither the value nor its gradient ever sees
+    exp of a positive number."""
+    return jnp.exp(jnp.where(lower_mask(g.shape[-1]), g[..., :, None] - g[..., None, :], -jnp.inf))
 
 
 def chunk_of(x, n, size, dtype):

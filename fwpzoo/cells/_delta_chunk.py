@@ -29,19 +29,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fwpzoo.cells._chunking import chunk_of, pad_time, put_chunk
+from fwpzoo.cells._chunking import causal_decay, chunk_of, lower_mask, pad_to_chunks, put_chunk
 
 # Diagonal blocks up to this size are inverted by forward substitution; larger ones by doubling.
 # 8 measured fastest on CPU for chunk 64 (fewer sequential rows than 16, fewer merges than 4).
 LEAF_SIZE = 8
-
-
-def _mT(x):
-    return jnp.swapaxes(x, -1, -2)
-
-
-def _lower_mask(size, *, strict):
-    return jnp.tril(jnp.ones((size, size), bool), -1 if strict else 0)
 
 
 def _forward_substitution(a):
@@ -84,9 +76,7 @@ def _decays(g):
     g None (no decay) gives None for all four: every factor is 1 and is skipped."""
     if g is None:
         return None, None, None, None
-    causal = _lower_mask(g.shape[-1], strict=False)
-    gamma = jnp.exp(jnp.where(causal, g[..., :, None] - g[..., None, :], -jnp.inf))
-    return gamma, jnp.exp(g), jnp.exp(g[..., -1:] - g), jnp.exp(g[..., -1])
+    return causal_decay(g), jnp.exp(g), jnp.exp(g[..., -1:] - g), jnp.exp(g[..., -1])
 
 
 def _masked(x, gamma, mask):
@@ -118,9 +108,10 @@ def _put_sub_steps(buffer, x, n, split):
     return put_chunk(buffer, x, n)
 
 
-def _split(inputs):
-    """Whether the inputs have N sub-steps per token: beta [B, T, H, N] rather than [B, T, H]."""
-    return inputs[3].ndim == 4
+def _sub_step_layout(beta):
+    """(split, N): whether k, v, beta carry a sub-step axis (beta [B, T, H, N]) and N, which is 1
+    for one write per token (beta [B, T, H])."""
+    return (True, beta.shape[3]) if beta.ndim == 4 else (False, 1)
 
 
 class _Chunk:
@@ -133,8 +124,7 @@ class _Chunk:
 
     def __init__(self, inputs, n, tokens):
         q, k, v, beta, log_alpha = inputs
-        split = _split(inputs)
-        sub = beta.shape[3] if split else 1
+        split, sub = _sub_step_layout(beta)
         q = chunk_of(q, n, tokens, jnp.float32)  # [B, H, tokens, K]
         k, v, beta = (_sub_steps(x, n, tokens, split) for x in (k, v, beta))  # [B, H, C, ...]
         g = None
@@ -145,14 +135,15 @@ class _Chunk:
         self.q, self.k, self.v, self.beta = q, k, v, beta
         self.gamma, self.e, self.to_end, self.e_last = _decays(g)
         size = k.shape[-2]
+        self.sub = sub
         self.read = slice(sub - 1, None, sub)  # the rows queries read
-        self.causal = _lower_mask(size, strict=False)
-        self.strict = _lower_mask(size, strict=True)
+        self.causal = lower_mask(size)
+        self.strict = lower_mask(size, strict=True)
         self.gamma_read = None if g is None else self.gamma[..., self.read, :]
         self.e_read = None if g is None else self.e[..., self.read]
         self.causal_read = self.causal[self.read]
-        self.p = _masked(q @ _mT(k), self.gamma_read, self.causal_read)  # [B, H, tokens, C]
-        self.kkg = _masked(k @ _mT(k), self.gamma, self.strict)  # [B, H, C, C]
+        self.p = _masked(q @ k.mT, self.gamma_read, self.causal_read)  # [B, H, tokens, C]
+        self.kkg = _masked(k @ k.mT, self.gamma, self.strict)  # [B, H, C, C]
         self.tri = unit_lower_inverse(beta[..., None] * self.kkg)  # [B, H, C, C]
         self.k_end = _rows(self.to_end, k)  # [B, H, C, K]: diag(e^{g_C - g}) K
 
@@ -162,7 +153,7 @@ class _Chunk:
 
     def leaving_state(self, s, u):
         """S_C = e^{g_C} S_0 + K_end^T U [B, H, K, V]."""
-        return _mT(self.k_end) @ u + _scaled(self.e_last, s)
+        return self.k_end.mT @ u + _scaled(self.e_last, s)
 
 
 def _forward(inputs, state, tokens):
@@ -188,8 +179,10 @@ def _forward(inputs, state, tokens):
 def _backward(tokens, res, cotangents):
     inputs, entering = res
     do_all, d_final = cotangents
-    q, k, v, beta, log_alpha = inputs
-    split = _split(inputs)
+    q, _, _, beta, log_alpha = inputs
+    put_sub_steps = functools.partial(_put_sub_steps, split=_sub_step_layout(beta)[0])
+    # dq [B, T, H, K] and d log_alpha [B, T, H] are per token; dk, dv, dbeta per sub-step
+    puts = (put_chunk, put_sub_steps, put_sub_steps, put_sub_steps, put_chunk)
 
     def chunk_step(carry, xs):
         ds, grads = carry  # ds: cotangent of the state leaving chunk n
@@ -197,23 +190,23 @@ def _backward(tokens, res, cotangents):
         c = _Chunk(inputs, n, tokens)
         do = chunk_of(do_all, n, tokens, jnp.float32)  # [B, H, tokens, V]
         u = c.pseudo_values(s)
-        du = _mT(c.p) @ do + c.k_end @ ds  # (7): dO's path through P U, and ds's through S_C
-        dvb = _mT(c.tri) @ du  # cotangent of diag(beta) V, T^T dU
+        du = c.p.mT @ do + c.k_end @ ds  # (7): dO's path through P U, and ds's through S_C
+        dvb = c.tri.mT @ du  # cotangent of diag(beta) V, T^T dU
         qe = _rows(c.e_read, c.q)  # [B, H, tokens, K]
-        ds_prev = _mT(qe) @ do - _mT(_rows(c.beta, _rows(c.e, c.k))) @ dvb + _scaled(c.e_last, ds)
-        do_u = do @ _mT(u)  # [B, H, tokens, C]
+        ds_prev = qe.mT @ do - _rows(c.beta, _rows(c.e, c.k)).mT @ dvb + _scaled(c.e_last, ds)
+        do_u = do @ u.mT  # [B, H, tokens, C]
         dqk = _masked(do_u, c.gamma_read, c.causal_read)
-        dqe = do @ _mT(s)  # [B, H, tokens, K]
-        dk_end = u @ _mT(ds)  # [B, H, C, K]
+        dqe = do @ s.mT  # [B, H, tokens, K]
+        dk_end = u @ ds.mT  # [B, H, C, K]
         # The cotangent of diag(beta e^g) K is T^T dW with dW = -dU S_0^T, that is -dV_b S_0^T,
         # and d(I + A)^{-1} = -T^T dT T^T regroups to -dV_b U^T (delta_rules.md, (8)).
-        minus_dkb = dvb @ _mT(s)  # [B, H, C, K]
-        da = -jnp.where(c.strict, dvb @ _mT(u), 0.0)  # [B, H, C, C]
+        minus_dkb = dvb @ s.mT  # [B, H, C, K]
+        da = -jnp.where(c.strict, dvb @ u.mT, 0.0)  # [B, H, C, C]
         dkk = _masked(c.beta[..., None] * da, c.gamma, c.strict)
         dq = dqk @ c.k + _rows(c.e_read, dqe)
         dk = (
-            _mT(dqk) @ c.q
-            + (dkk + _mT(dkk)) @ c.k
+            dqk.mT @ c.q
+            + (dkk + dkk.mT) @ c.k
             + _rows(c.to_end, dk_end)
             - _rows(c.beta, _rows(c.e, minus_dkb))
         )
@@ -239,11 +232,9 @@ def _backward(tokens, res, cotangents):
             # g is the in-chunk cumulative sum of the sub-steps' log decays, each token's on its
             # first sub-step: the transpose is the reversed cumulative sum, read there
             d_sub = jax.lax.cumsum(dg, axis=dg.ndim - 1, reverse=True)  # [B, H, C]
-            chunk_grads.append(d_sub[..., :: beta.shape[3] if split else 1])  # [B, H, tokens]
-        grads = [
-            put_chunk(g, x, n) if i in (0, 4) else _put_sub_steps(g, x, n, split)
-            for i, (g, x) in enumerate(zip(grads, chunk_grads, strict=True))
-        ]
+            chunk_grads.append(d_sub[..., :: c.sub])  # [B, H, tokens]
+        puts_used = puts[: len(grads)]  # no d log_alpha without a decay
+        grads = [put(g, x, n) for put, g, x in zip(puts_used, grads, chunk_grads, strict=True)]
         return (ds_prev, grads), None
 
     n_chunks = q.shape[1] // tokens
@@ -282,10 +273,10 @@ def chunkwise(q, k, v, beta, log_alpha, state, chunk_size):
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    sub = beta.shape[3] if beta.ndim == 4 else 1
+    sub = _sub_step_layout(beta)[1]
     tokens = max(1, min(chunk_size // sub, T))
-    padded = -(-T // tokens) * tokens  # the padded steps are identities; their outputs dropped
-    q, k, v, beta, log_alpha = (pad_time(x, padded) for x in (q, k, v, beta, log_alpha))
+    # the padded steps are identities; their outputs are dropped
+    q, k, v, beta, log_alpha = (pad_to_chunks(x, tokens) for x in (q, k, v, beta, log_alpha))
     if state is None:
         state = jnp.zeros((B, H, K, V), jnp.float32)
     o, state = chunk_scan(q, k, v, beta, log_alpha, state.astype(jnp.float32), tokens)

@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fwpzoo.cells._chunking import chunk_of, pad_time, put_chunk
+from fwpzoo.cells._chunking import causal_decay, chunk_of, lower_mask, pad_to_chunks, put_chunk
 from fwpzoo.cells._reference import initial_state
 
 # Per-key decay: blocks of at most this many tokens take the pairwise (non-matmul) form.
@@ -44,14 +44,6 @@ def _cumsum(x, reverse=False):
     if reverse:
         ones = ones.T
     return jnp.einsum("ts,bhs...->bht...", ones, x, precision=jax.lax.Precision.HIGHEST)
-
-
-def _mT(x):
-    return jnp.swapaxes(x, -1, -2)
-
-
-def _lower_mask(size):
-    return jnp.tril(jnp.ones((size, size), bool))
 
 
 def _scaled(decay, x):
@@ -74,20 +66,18 @@ class _Causal:
     scalar decay g [B, H, C], no factor without decay (g None)."""
 
     def __init__(self, q, k, g):
-        causal = _lower_mask(q.shape[-2])
         if g is None:
             self.gamma = None
-            self.a = jnp.where(causal, q @ _mT(k), 0.0)  # [B, H, C, C]
+            self.a = jnp.where(lower_mask(q.shape[-2]), q @ k.mT, 0.0)  # [B, H, C, C]
         else:
-            # the exponent is masked before exp: no e^{positive} above the diagonal, ever
-            self.gamma = jnp.exp(jnp.where(causal, g[..., :, None] - g[..., None, :], -jnp.inf))
-            self.a = (q @ _mT(k)) * self.gamma  # [B, H, C, C]
+            self.gamma = causal_decay(g)  # [B, H, C, C]
+            self.a = (q @ k.mT) * self.gamma  # [B, H, C, C]
         self.q, self.k = q, k
 
     def pullback(self, da):
         """(dQ, dK) [B, H, C, K] from dA [B, H, C, C] (zero above the diagonal)."""
         dp = da if self.gamma is None else da * self.gamma
-        return dp @ self.k, _mT(dp) @ self.q
+        return dp @ self.k, dp.mT @ self.q
 
 
 class _PerKey:
@@ -133,7 +123,7 @@ def _per_key_scores(q, k, g):
     size = q.shape[-2]
     if size <= LEAF_SIZE:
         gap = g[..., :, None, :] - g[..., None, :, :]  # [..., C, C, K]
-        decay = jnp.exp(jnp.where(_lower_mask(size)[:, :, None], gap, -jnp.inf))
+        decay = jnp.exp(jnp.where(lower_mask(size)[:, :, None], gap, -jnp.inf))
         return jnp.sum(q[..., :, None, :] * k[..., None, :, :] * decay, axis=-1), decay
     # An odd block gets one more row: q = k = 0 there adds nothing, and g repeats its last
     # value so that no exponent turns positive.
@@ -145,7 +135,7 @@ def _per_key_scores(q, k, g):
     diagonal, inner = _per_key_scores(_halves(q), _halves(k), _halves(g))  # [2P, B, H, h, h]
     a11, a22 = _first_second(diagonal)
     top = jnp.concatenate([a11, jnp.zeros_like(a11)], axis=-1)
-    bottom = jnp.concatenate([q_far @ _mT(k_far), a22], axis=-1)
+    bottom = jnp.concatenate([q_far @ k_far.mT, a22], axis=-1)
     a = jnp.concatenate([top, bottom], axis=-2)[..., :size, :size]
     return a, (q_far, k_far, q_decay, k_decay, inner)
 
@@ -160,14 +150,14 @@ def _per_key_pullback(da, q, k, factors):
         return dq, dk
     h = -(-size // 2)
     q, k = _pad_rows(q, 2 * h), _pad_rows(k, 2 * h)
-    da = _pad_rows(_mT(_pad_rows(_mT(da), 2 * h)), 2 * h)  # [..., 2h, 2h]
+    da = _pad_rows(_pad_rows(da.mT, 2 * h).mT, 2 * h)  # [..., 2h, 2h]
     q_far, k_far, q_decay, k_decay, inner = factors
     d21 = da[..., h:, :h]  # [..., h, h]
     diagonal = jnp.concatenate([da[..., :h, :h], da[..., h:, h:]], axis=0)  # [2P, B, H, h, h]
     dq_in, dk_in = _per_key_pullback(diagonal, _halves(q), _halves(k), inner)
     (dq1, dq2), (dk1, dk2) = _first_second(dq_in), _first_second(dk_in)
     dq = jnp.concatenate([dq1, dq2 + (d21 @ k_far) * q_decay], axis=-2)
-    dk = jnp.concatenate([dk1 + (_mT(d21) @ q_far) * k_decay, dk2], axis=-2)
+    dk = jnp.concatenate([dk1 + (d21.mT @ q_far) * k_decay, dk2], axis=-2)
     return dq[..., :size, :], dk[..., :size, :]
 
 
@@ -197,7 +187,7 @@ class _Chunk:
 
     def leaving_state(self, s):
         """S_C = Diag(e^{g_C}) S_0 + (K . e^{g_C - g})^T V [B, H, K, V]."""
-        return _scaled(self.e_last, s) + _mT(self.k_end) @ self.v
+        return _scaled(self.e_last, s) + self.k_end.mT @ self.v
 
 
 def _forward(inputs, state, size):
@@ -226,14 +216,14 @@ def _backward(size, res, cotangents):
         n, s = xs  # s: the state entering chunk n
         c = _Chunk(inputs, n, size, s.dtype)
         do = chunk_of(do_all, n, size, s.dtype)  # [B, H, C, V]
-        da = jnp.where(_lower_mask(size), do @ _mT(c.v), 0.0)  # [B, H, C, C]
+        da = jnp.where(lower_mask(size), do @ c.v.mT, 0.0)  # [B, H, C, C]
         dq, dk = c.scores.pullback(da)
-        d_q_start = do @ _mT(s)  # [B, H, C, K]
-        d_k_end = c.v @ _mT(ds)  # [B, H, C, K]
+        d_q_start = do @ s.mT  # [B, H, C, K]
+        d_k_end = c.v @ ds.mT  # [B, H, C, K]
         dq = dq + _scaled(c.e, d_q_start)
         dk = dk + _scaled(c.to_end, d_k_end)
-        dv = _mT(c.scores.a) @ do + c.k_end @ ds  # [B, H, C, V]
-        ds_prev = _mT(c.q_start) @ do + _scaled(c.e_last, ds)
+        dv = c.scores.a.mT @ do + c.k_end @ ds  # [B, H, C, V]
+        ds_prev = c.q_start.mT @ do + _scaled(c.e_last, ds)
         chunk_grads = [dq, dk, dv]
         if log_alpha is not None:
             # A, Q . e^g and K . e^{g_C - g} depend on g only through q_t e^{g_t} and k_s e^{-g_s}
@@ -280,8 +270,7 @@ def chunkwise(q, k, v, log_alpha, state, chunk_size):
     """
     T = q.shape[1]
     size = min(chunk_size, T)
-    padded = -(-T // size) * size
     state = initial_state(state, q, v)
-    q, k, v, log_alpha = (pad_time(x, padded) for x in (q, k, v, log_alpha))
+    q, k, v, log_alpha = (pad_to_chunks(x, size) for x in (q, k, v, log_alpha))
     o, state = chunk_scan(q, k, v, log_alpha, state, size)
     return o[:, :T], state
