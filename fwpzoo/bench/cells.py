@@ -390,18 +390,25 @@ def verdict(result: dict) -> list[str]:
     return lines
 
 
+def best_chunkwise_speedup(result: dict, family: str, T: int, direction: str) -> float | None:
+    """The highest speedup over the recurrent form among the chunkwise rows of (family, T) in
+    direction "fwd" or "fwd+bwd"; None where none was measured."""
+    ratios = [
+        row[direction + " speedup"]
+        for row in result["rows"]
+        if (row["family"], row["T"]) == (family, T) and row["form"].startswith("chunkwise")
+    ]
+    return max((ratio for ratio in ratios if ratio), default=None)
+
+
 def prefill_summary(result: dict) -> list[str]:
     """Where the best chunkwise forward (prefill) beats the recurrent forward and where not."""
     wins, losses = [], []
     for family in result["options"]["families"]:
         for T in result["options"]["lengths"]:
-            rows = [r for r in result["rows"] if (r["family"], r["T"]) == (family, T)]
-            ratios = [r["fwd speedup"] for r in rows if r["form"].startswith("chunkwise")]
-            ratios = [ratio for ratio in ratios if ratio]
-            if ratios:
-                (wins if max(ratios) >= 1 else losses).append(
-                    f"{family} T={T} ({max(ratios):.2f}x)"
-                )
+            best = best_chunkwise_speedup(result, family, T, "fwd")
+            if best is not None:
+                (wins if best >= 1 else losses).append(f"{family} T={T} ({best:.2f}x)")
     if not wins and not losses:
         return []
     line = f"Prefill (forward only), best chunkwise vs recurrent: faster at {len(wins)} of "
@@ -420,15 +427,8 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, direction in zip(axes, ("fwd", "fwd+bwd"), strict=True):
         for family in result["options"]["families"]:
-            best = []
-            for T in lengths:
-                ratios = [
-                    r[direction + " speedup"]
-                    for r in result["rows"]
-                    if (r["family"], r["T"]) == (family, T) and r["form"].startswith("chunkwise")
-                ]
-                best.append(max((x for x in ratios if x), default=float("nan")))
-            ax.plot(lengths, best, "o-", label=family)
+            best = [best_chunkwise_speedup(result, family, T, direction) for T in lengths]
+            ax.plot(lengths, [float("nan") if x is None else x for x in best], "o-", label=family)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set(xlabel="T (tokens)", title=f"chunkwise over recurrent, {direction}")
         ax.set_xscale("log", base=2)
