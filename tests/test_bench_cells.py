@@ -6,7 +6,7 @@ import pytest
 
 from fwpzoo import cli
 from fwpzoo.bench import cells as bench
-from fwpzoo.bench._common import NOTES_MARKER
+from fwpzoo.reports import NOTES_MARKER
 
 TINY = [
     "--families", "delta_rule,linear_attn", "--lengths", "8,12", "--chunk-sizes", "4",

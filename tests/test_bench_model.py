@@ -6,7 +6,7 @@ import pytest
 
 from fwpzoo import cli
 from fwpzoo.bench import model as bench
-from fwpzoo.bench._common import NOTES_MARKER
+from fwpzoo.reports import NOTES_MARKER
 
 TINY = [
     "--lengths", "8,16", "--tokens-per-step", "32", "--d-model", "16", "--num-heads", "2",

@@ -7,6 +7,7 @@ import pytest
 
 from fwpzoo import cells, cli
 from fwpzoo.experiments import _common, charlm
+from fwpzoo.reports import write_page
 
 SPELLINGS = {
     "cell": {None, *cells.CELLS},
@@ -95,9 +96,9 @@ def test_charlm_quick(tmp_path):
 
 def test_notes_survive_a_rewritten_report(tmp_path):
     path = tmp_path / "x.md"
-    _common.write_report(path, "# first")
+    write_page(path, "# first")
     path.write_text(path.read_text() + "what we learned\n")
-    _common.write_report(path, "# second")
+    write_page(path, "# second")
     text = path.read_text()
     assert text.startswith("# second") and text.endswith("what we learned\n")
     assert "# first" not in text

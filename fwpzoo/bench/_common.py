@@ -1,5 +1,4 @@
-"""What both benchmarks share: argument types, timing, memory accounting, the machine line and
-the report page whose hand-written notes survive a rerun."""
+"""What both benchmarks share: argument types, timing, memory accounting and the machine line."""
 
 import argparse
 import os
@@ -12,8 +11,6 @@ from pathlib import Path
 import jax
 
 from fwpzoo.config import ConfigError
-
-NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
 
 
 class BenchArgs(argparse.ArgumentParser):
@@ -92,11 +89,3 @@ def machine() -> dict:
         "jax": jax.__version__,
         "python": platform.python_version(),
     }
-
-
-def write_page(page: Path, text: str) -> None:
-    """page with text, followed by NOTES_MARKER and whatever notes the old page had after it."""
-    notes = ""
-    if page.exists() and NOTES_MARKER in page.read_text():
-        notes = page.read_text().split(NOTES_MARKER, 1)[1]
-    page.write_text(f"{text}\n{NOTES_MARKER}{notes}")

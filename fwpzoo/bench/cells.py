@@ -51,9 +51,9 @@ from fwpzoo.bench._common import (
     machine,
     positive_float,
     positive_int,
-    write_page,
 )
 from fwpzoo.config import ConfigError
+from fwpzoo.reports import write_page
 
 DELTA_FAMILIES = ("delta_rule", "gated_delta_rule", "delta_product")
 MATMUL_SIZE = 1024

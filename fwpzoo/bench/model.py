@@ -45,12 +45,12 @@ from fwpzoo.bench._common import (
     int_list,
     machine,
     positive_int,
-    write_page,
 )
 from fwpzoo.cells import delta_rule
 from fwpzoo.config import ConfigError, TrainConfig
 from fwpzoo.layers.attention import attend
 from fwpzoo.models import ModelConfig, build_model
+from fwpzoo.reports import write_page
 from fwpzoo.train.optim import make_optimizer
 from fwpzoo.train.state import split_model
 from fwpzoo.train.steps import make_train_step

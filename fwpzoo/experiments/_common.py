@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from fwpzoo.config import ConfigError, load
 from fwpzoo.layers.feature_maps import feature_dim
+from fwpzoo.reports import write_page
 from fwpzoo.train import evaluate, make_eval_step, restore_run, train
 from fwpzoo.train.metrics import read_metrics
 
@@ -35,7 +36,6 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "experiments"
 RESULTS = REPO / "docs" / "results"
 RESULT_FILE = "result.json"
-NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
 RECORD_KEYS = (
     "model",
     "cell",
@@ -192,15 +192,6 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: Path, body: str) -> None:
-    """Writes the generated report, keeping any notes below NOTES_MARKER in the existing file."""
-    notes = ""
-    if path.exists() and NOTES_MARKER in path.read_text():
-        notes = path.read_text().split(NOTES_MARKER, 1)[1]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(body.rstrip() + "\n\n" + NOTES_MARKER + (notes or "\n"))
-
-
 def wall_time(results: Sequence[dict]) -> str:
     seconds = sum(r["total_seconds"] for r in results)
     return f"{seconds / 60:.1f} min ({len(results)} runs, summed over runs)"
@@ -217,7 +208,7 @@ def finish(
     (its plots beside it)."""
     records = [rec for result in results for rec in to_records(result)] + list(extra_records)
     write_records(records, options.out / f"{options.name}.json")
-    write_report(options.out / f"{options.name}.md", report(results, records, options))
+    write_page(options.out / f"{options.name}.md", report(results, records, options))
     return records
 
 

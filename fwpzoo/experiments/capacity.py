@@ -44,9 +44,9 @@ from fwpzoo.experiments._common import (
     parse_options,
     record,
     write_records,
-    write_report,
 )
 from fwpzoo.layers.feature_maps import apply_feature_map, favor_projection, feature_dim
+from fwpzoo.reports import write_page
 
 NAME = "capacity"
 # record spelling of a feature map -> (feature_maps registry name, nu)
@@ -515,5 +515,5 @@ def main(argv) -> int:
     records = [to_record(r, sweep) for r in results]
     write_records(records, options.out / f"{NAME}.json")
     wall_seconds = sum(r["seconds"] for r in results)
-    write_report(options.out / f"{NAME}.md", report(results, sweep, options, wall_seconds))
+    write_page(options.out / f"{NAME}.md", report(results, sweep, options, wall_seconds))
     return 0
