@@ -17,7 +17,8 @@ EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
 USAGE = """usage: fwpzoo VERB ...
-  fwpzoo train CONFIG [--workdir DIR] [key=value ...]   train (or resume) a run
+  fwpzoo train CONFIG [--workdir DIR] [--cpu-devices N] [key=value ...]
+                                                        train (or resume) a run
   fwpzoo eval --workdir DIR [--step N] [--split S]      metrics of a checkpoint, as JSON
   fwpzoo sample --workdir DIR [--prompt P] [--num-tokens N]
   fwpzoo list                                           cells, forms, mixers, tasks, configs
@@ -42,10 +43,15 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.steps=100")
     parser.add_argument("--workdir", help="default: runs/<config name>")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--cpu-devices", type=int, help="split the host CPU into this many devices (one per core)"
+    )
     parser.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process runs)")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
     args = parser.parse_intermixed_args(argv)
+    if args.cpu_devices is not None:
+        use_cpu_devices(args.cpu_devices)
     distributed = (args.coordinator, args.num_processes, args.process_id)
     if any(flag is not None for flag in distributed):
         if any(flag is None for flag in distributed):
@@ -64,6 +70,15 @@ def train_main(argv: list[str]) -> int:
         return EXIT_DIVERGED
     print(json.dumps(last) if last else f"{workdir} already holds step {cfg.train.steps}")
     return 0
+
+
+def use_cpu_devices(count: int) -> None:
+    from fwpzoo.train.sharding import split_cpu
+
+    try:
+        split_cpu(count)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def start_processes(coordinator: str, num_processes: int, process_id: int) -> None:

@@ -1,6 +1,8 @@
 """`fwpzoo bench cells` at toy sizes: the report's rows, the files it writes, bad input."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -57,7 +59,33 @@ def test_delta_rule_flops_model():
         (["--lengths", "0"], "--lengths"),
         (["--repeats", "x"], "--repeats"),
         (["--memory-limit-gb", "-1"], "--memory-limit-gb"),
+        (["--cpu-devices", "0"], "--cpu-devices"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, culprit, refused):
     refused(["bench", "cells", *args], culprit)
+
+
+def test_cpu_devices_split_the_batch_and_the_matmul(tmp_path):
+    """--cpu-devices 2 (a fresh process: JAX takes the split before it starts) runs every form
+    on the batch split over two CPU devices and times the matmul both ways."""
+    page = tmp_path / "cells.md"
+    two_rows = [*TINY, "--batch", "2"]  # the last --batch counts
+    argv = ["-m", "fwpzoo", "bench", "cells", *two_rows, "--cpu-devices", "2", "--out", str(page)]
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(page.with_suffix(".json").read_text())
+    assert result["machine"]["devices"] == 2
+    assert "2 x cpu" in page.read_text()
+    assert "the faster of one device and all of them" in page.read_text()
+    assert all(row["fwd"] > 0 and row["fwd+bwd"] > 0 for row in result["rows"])
+
+
+def test_a_batch_the_devices_do_not_divide_is_refused(tmp_path):
+    argv = ["-m", "fwpzoo", "bench", "cells", *TINY, "--cpu-devices", "2"]  # --batch 1
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip() == (
+        "fwpzoo bench: error: --batch 1 is not divisible by the 2 devices"
+    )

@@ -175,6 +175,7 @@ BAD_TRAIN_ARGS = [
         "--coordinator, --num-processes and --process-id go together",
     ),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--cpu-devices", "0"], "--cpu-devices must be >= 1, got 0"),
 ]
 
 

@@ -1,5 +1,6 @@
-"""Data parallelism: 1 device, 4 simulated CPU devices, and 2 processes x 2 devices (one 4-device
-mesh over JAX's distributed runtime on 127.0.0.1) train to the same losses."""
+"""Data parallelism: 1 device, 4 simulated CPU devices, the CPU split in 2 by --cpu-devices (over
+XLA_FLAGS asking for 1), and 2 processes x 2 devices (one 4-device mesh over JAX's distributed
+runtime on 127.0.0.1) train to the same losses."""
 
 import json
 import os
@@ -81,6 +82,7 @@ def runs(config, tmp_path_factory) -> dict[str, tuple[Path, str]]:
     launches = {
         "1 device": [(command(config, root / "one"), environment(1))],
         "4 devices": [(command(config, root / "four"), environment(4))],
+        "--cpu-devices 2": [(command(config, root / "split", "--cpu-devices", 2), environment(1))],
         "2 processes": [
             (
                 command(
@@ -121,6 +123,7 @@ def runs(config, tmp_path_factory) -> dict[str, tuple[Path, str]]:
     return {
         "1 device": (root / "one", results["1 device"]),
         "4 devices": (root / "four", results["4 devices"]),
+        "--cpu-devices 2": (root / "split", results["--cpu-devices 2"]),
         "2 processes": (root / "two", results["2 processes"]),
     }
 
@@ -128,10 +131,11 @@ def runs(config, tmp_path_factory) -> dict[str, tuple[Path, str]]:
 def test_each_run_sees_the_mesh_it_asked_for(runs):
     assert "training on 1 cpu devices in 1 processes" in runs["1 device"][1]
     assert "training on 4 cpu devices in 1 processes" in runs["4 devices"][1]
+    assert "training on 2 cpu devices in 1 processes" in runs["--cpu-devices 2"][1]
     assert "training on 4 cpu devices in 2 processes" in runs["2 processes"][1]
 
 
-@pytest.mark.parametrize("name", ["4 devices", "2 processes"])
+@pytest.mark.parametrize("name", ["4 devices", "--cpu-devices 2", "2 processes"])
 def test_data_parallel_losses_equal_the_single_device_run(runs, name):
     reference, other = logged(runs["1 device"][0]), logged(runs[name][0])
     assert [m["step"] for m in other] == [m["step"] for m in reference] == list(range(1, 7))

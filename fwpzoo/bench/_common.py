@@ -86,6 +86,7 @@ def machine() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "device": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
+        "devices": jax.device_count(),
         "jax": jax.__version__,
         "python": platform.python_version(),
     }

@@ -3,7 +3,8 @@
     fwpzoo bench cells [--families delta_rule,...] [--forms recurrent,chunkwise,associative]
                        [--lengths 512,2048,8192] [--chunk-sizes 64] [--repeats 5]
                        [--batch 4] [--heads 4] [--key-dim 64] [--value-dim 64] [--sub-steps 2]
-                       [--memory-limit-gb 8] [--peers] [--peer-length 2048] [--out FILE.md]
+                       [--memory-limit-gb 8] [--peers] [--peer-length 2048]
+                       [--cpu-devices N] [--out FILE.md]
     python -m fwpzoo.bench.cells ...          (the same)
 
 For each family and length T, all forms are compiled and then timed in alternation (--repeats
@@ -23,7 +24,10 @@ every gate.
 as FILE.json and a plot of the chunkwise speedups as FILE.png.
 
 A form whose compiled footprint (XLA's memory analysis) exceeds --memory-limit-gb is skipped
-with that reason in the table instead of being run. --peers also times the pure-JAX chunked
+with that reason in the table instead of being run. --cpu-devices N splits the host CPU into N
+devices and every form runs data parallel over them, the batch split as `fwpzoo train
+--cpu-devices N` splits it; the matmul's FLOP/s is then the faster of one device and all N.
+--peers also times the pure-JAX chunked
 delta rule of jax-linear-attention (linear_attention("deltanet", impl="auto")) and of
 deltanet-tpu (chunk_delta_rule(fallback_scan=True), K = V = 128 only) against delta_rule
 chunkwise in this process; those packages are not dependencies of fwpzoo (they need Python 3.12
@@ -54,6 +58,7 @@ from fwpzoo.bench._common import (
 )
 from fwpzoo.config import ConfigError
 from fwpzoo.reports import write_page
+from fwpzoo.train.sharding import batch_sharded, make_mesh, split_cpu
 
 DELTA_FAMILIES = ("delta_rule", "gated_delta_rule", "delta_product")
 MATMUL_SIZE = 1024
@@ -75,6 +80,7 @@ class Options:
     memory_limit_gb: float = 8.0
     peers: bool = False
     peer_length: int = 2048
+    cpu_devices: int | None = None  # None: JAX's default devices
     seed: int = 0
 
 
@@ -97,7 +103,10 @@ def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
     parser.add_argument("--forms", type=name_list)
     parser.add_argument("--lengths", type=int_list)
     parser.add_argument("--chunk-sizes", type=int_list)
-    for name in ("repeats", "batch", "heads", "key_dim", "value_dim", "sub_steps", "peer_length"):
+    for name in (
+        "repeats", "batch", "heads", "key_dim", "value_dim", "sub_steps", "peer_length",
+        "cpu_devices",
+    ):  # fmt: skip
         parser.add_argument("--" + name.replace("_", "-"), type=positive_int)
     parser.add_argument("--memory-limit-gb", type=positive_float)
     parser.add_argument("--peers", action="store_true", default=None)
@@ -176,10 +185,24 @@ def gigabytes(n: float) -> str:
     return f"{n / 1e9:.3g} GB"
 
 
-def matmul_run() -> Callable:
+def matmul_runs() -> dict[str, Callable]:
+    """The 1024^3 matmul on one device and, where there are several, with its rows split over
+    all of them: the machine's matmul rate is the faster of the two."""
     x = jax.random.normal(jax.random.key(0), (MATMUL_SIZE, MATMUL_SIZE))
-    compiled = jax.jit(jnp.matmul).lower(x, x).compile()
-    return lambda: compiled(x, x)
+    one = jax.jit(jnp.matmul).lower(x, x).compile()
+    runs = {"matmul": lambda: one(x, x)}
+    if jax.device_count() > 1:
+        rows = spread(x)
+        split = jax.jit(jnp.matmul).lower(rows, x).compile()
+        runs["matmul over devices"] = lambda: split(rows, x)
+    return runs
+
+
+def spread(tree):
+    """Every array of tree with its batch (leading) axis split over all devices."""
+    if jax.device_count() == 1:
+        return tree
+    return jax.device_put(tree, batch_sharded(make_mesh()))
 
 
 def variants(family: str, options: Options) -> dict[str, Callable]:
@@ -200,9 +223,10 @@ def variants(family: str, options: Options) -> dict[str, Callable]:
 
 def measure_group(family: str, T: int, options: Options) -> list[dict]:
     """All forms of one family at one length, timed side by side."""
-    args = cell_inputs(family, T, options)
+    args = spread(cell_inputs(family, T, options))
     limit = options.memory_limit_gb * 1e9
-    runs, skipped = {"matmul": matmul_run()}, {}
+    matmuls = matmul_runs()
+    runs, skipped = dict(matmuls), {}
     for label, fn in variants(family, options).items():
         for direction, make in (("fwd", forward_fn), ("fwd+bwd", forward_backward_fn)):
             run, why = compiled_run(make(fn), args, limit)
@@ -217,7 +241,7 @@ def measure_group(family: str, T: int, options: Options) -> list[dict]:
         {k: r for k, r in runs.items() if k not in separate}, options.repeats
     )
     seconds |= alternating_medians(separate, options.repeats)
-    flops_per_s = 2 * MATMUL_SIZE**3 / seconds["matmul"]
+    flops_per_s = max(2 * MATMUL_SIZE**3 / seconds[name] for name in matmuls)
     rows = []
     for label in variants(family, options):
         row = {"family": family, "T": T, "form": label, "matmul_flops_per_s": flops_per_s}
@@ -450,10 +474,12 @@ def markdown(result: dict, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['device']}, jax {info['jax']}, "
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['devices']} x {info['device']}, "
+        f"jax {info['jax']}, "
         f"Python {info['python']}; 1-minute load average {result['load_before']:.1f} before, "
         f"{result['load_after']:.1f} after. {MATMUL_SIZE}^3 float32 matmul: median "
-        f"{statistics.median(rates) / 1e9:.0f} GFLOP/s over the groups.",
+        f"{statistics.median(rates) / 1e9:.0f} GFLOP/s over the groups"
+        + (" (the faster of one device and all of them)." if info["devices"] > 1 else "."),
         "",
         f"Shapes: B={options['batch']}, H={options['heads']}, K={options['key_dim']}, "
         f"V={options['value_dim']}, delta_product N={options['sub_steps']} sub-steps; "
@@ -485,8 +511,22 @@ def write_report(result: dict, report: str, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
 
 
+def use_devices(options: Options) -> None:
+    """Splits the CPU as asked, before anything runs, and checks the batch splits evenly."""
+    if options.cpu_devices is not None:
+        try:
+            split_cpu(options.cpu_devices)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    if options.batch % jax.device_count():
+        raise ConfigError(
+            f"--batch {options.batch} is not divisible by the {jax.device_count()} devices"
+        )
+
+
 def main(argv: list[str]) -> int:
     options, out = parse_options(argv)
+    use_devices(options)
     result = measure(options)
     report = markdown(result, " ".join(["fwpzoo bench cells", *argv]))
     print(report)

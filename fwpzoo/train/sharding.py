@@ -8,6 +8,20 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
+def split_cpu(count: int) -> None:
+    """Present the host CPU as `count` devices; call before any JAX operation.
+
+    XLA:CPU runs each device's scans, and so every chunkwise cell, on one thread; one CPU device
+    per core is how a data-parallel run keeps every core busy. Accelerators are unaffected.
+    """
+    if count < 1:
+        raise ValueError(f"--cpu-devices must be >= 1, got {count}")
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        raise ValueError("--cpu-devices must be set before JAX starts its backends") from None
+
+
 def make_mesh() -> Mesh:
     """A 1-D mesh over all devices, in jax.devices() order (process by process)."""
     return Mesh(np.array(jax.devices()), ("data",))
