@@ -51,7 +51,9 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--process-id", type=int)
     args = parser.parse_intermixed_args(argv)
     if args.cpu_devices is not None:
-        use_cpu_devices(args.cpu_devices)
+        from fwpzoo.train.sharding import split_cpu
+
+        split_cpu(args.cpu_devices)
     distributed = (args.coordinator, args.num_processes, args.process_id)
     if any(flag is not None for flag in distributed):
         if any(flag is None for flag in distributed):
@@ -70,15 +72,6 @@ def train_main(argv: list[str]) -> int:
         return EXIT_DIVERGED
     print(json.dumps(last) if last else f"{workdir} already holds step {cfg.train.steps}")
     return 0
-
-
-def use_cpu_devices(count: int) -> None:
-    from fwpzoo.train.sharding import split_cpu
-
-    try:
-        split_cpu(count)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
 
 
 def start_processes(coordinator: str, num_processes: int, process_id: int) -> None:

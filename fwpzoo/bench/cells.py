@@ -24,14 +24,17 @@ every gate.
 as FILE.json and a plot of the chunkwise speedups as FILE.png.
 
 A form whose compiled footprint (XLA's memory analysis) exceeds --memory-limit-gb is skipped
-with that reason in the table instead of being run. --cpu-devices N splits the host CPU into N
-devices and every form runs data parallel over them, the batch split as `fwpzoo train
---cpu-devices N` splits it; the matmul's FLOP/s is then the faster of one device and all N.
---peers also times the pure-JAX chunked
-delta rule of jax-linear-attention (linear_attention("deltanet", impl="auto")) and of
-deltanet-tpu (chunk_delta_rule(fallback_scan=True), K = V = 128 only) against delta_rule
-chunkwise in this process; those packages are not dependencies of fwpzoo (they need Python 3.12
-and jax 0.11.2) and are imported only then.
+with that reason in the table instead of being run.
+
+--cpu-devices N splits the host CPU into N devices and every form runs data parallel over them,
+the batch split as `fwpzoo train --cpu-devices N` splits it; the matmul's FLOP/s is then the
+faster of one device and all N.
+
+--peers also times the pure-JAX chunked delta rule of jax-linear-attention
+(linear_attention("deltanet", impl="auto")) and of deltanet-tpu
+(chunk_delta_rule(fallback_scan=True), K = V = 128 only) against delta_rule chunkwise in this
+process; those packages are not dependencies of fwpzoo (they need Python 3.12 and jax 0.11.2)
+and are imported only then.
 """
 
 import json
@@ -514,10 +517,7 @@ def write_report(result: dict, report: str, out: Path) -> None:
 def use_devices(options: Options) -> None:
     """Splits the CPU as asked, before anything runs, and checks the batch splits evenly."""
     if options.cpu_devices is not None:
-        try:
-            split_cpu(options.cpu_devices)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+        split_cpu(options.cpu_devices)
     if options.batch % jax.device_count():
         raise ConfigError(
             f"--batch {options.batch} is not divisible by the {jax.device_count()} devices"

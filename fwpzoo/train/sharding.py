@@ -7,6 +7,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fwpzoo.config import ConfigError
+
 
 def split_cpu(count: int) -> None:
     """Present the host CPU as `count` devices; call before any JAX operation.
@@ -15,11 +17,11 @@ def split_cpu(count: int) -> None:
     per core is how a data-parallel run keeps every core busy. Accelerators are unaffected.
     """
     if count < 1:
-        raise ValueError(f"--cpu-devices must be >= 1, got {count}")
+        raise ConfigError(f"--cpu-devices must be >= 1, got {count}")
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:
-        raise ValueError("--cpu-devices must be set before JAX starts its backends") from None
+        raise ConfigError("--cpu-devices must be set before JAX starts its backends") from None
 
 
 def make_mesh() -> Mesh:
