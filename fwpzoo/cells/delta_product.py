@@ -13,14 +13,15 @@ import functools
 import jax.numpy as jnp
 
 from fwpzoo.cells import _delta_assoc, _delta_chunk
-from fwpzoo.cells._reference import initial_state, scan_steps, upcast
+from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells.delta_rule import delta_update
 
 GATES: tuple[str, ...] = ("beta", "log_alpha")
 
 
-def step(state, q, k, v, *, beta, log_alpha=None):
+def step(state, q, k, v, *, reset=None, beta, log_alpha=None):
     """One token: q [B, H, K], k [B, H, N, K], v [B, H, N, V], beta [B, H, N], log_alpha [B, H]."""
+    state = reset_state(state, reset)
     q, k, v, beta = upcast(q, k, v, beta)
     if log_alpha is not None:
         state = jnp.exp(upcast(log_alpha)[0])[..., None, None] * state
@@ -29,9 +30,9 @@ def step(state, q, k, v, *, beta, log_alpha=None):
     return state, jnp.einsum("bhkv,bhk->bhv", state, q)
 
 
-def recurrent(q, k, v, *, state=None, beta, log_alpha=None):
+def recurrent(q, k, v, *, state=None, reset=None, beta, log_alpha=None):
     gates = {"beta": beta} if log_alpha is None else {"beta": beta, "log_alpha": log_alpha}
-    o, state = scan_steps(step, initial_state(state, q, v[..., 0, :]), q, k, v, gates)
+    o, state = scan_steps(step, initial_state(state, q, v[..., 0, :]), q, k, v, gates, reset)
     return o.astype(v.dtype), state
 
 

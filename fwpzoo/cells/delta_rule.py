@@ -11,7 +11,7 @@ eigenvalues in (-1, 1] for unit keys); state S [B, H, K, V] float32; o [B, T, H,
 import jax.numpy as jnp
 
 from fwpzoo.cells import _delta_assoc, _delta_chunk
-from fwpzoo.cells._reference import initial_state, scan_steps, upcast
+from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 
 GATES: tuple[str, ...] = ("beta",)
 
@@ -22,15 +22,16 @@ def delta_update(state, k, v, beta):
     return state + (beta[..., None] * k)[..., :, None] * error[..., None, :]
 
 
-def step(state, q, k, v, *, beta):
+def step(state, q, k, v, *, reset=None, beta):
     """One token: q, k [B, H, K], v [B, H, V], beta [B, H]."""
+    state = reset_state(state, reset)
     q, k, v, beta = upcast(q, k, v, beta)
     state = delta_update(state, k, v, beta)
     return state, jnp.einsum("bhkv,bhk->bhv", state, q)
 
 
-def recurrent(q, k, v, *, state=None, beta):
-    o, state = scan_steps(step, initial_state(state, q, v), q, k, v, {"beta": beta})
+def recurrent(q, k, v, *, state=None, reset=None, beta):
+    o, state = scan_steps(step, initial_state(state, q, v), q, k, v, {"beta": beta}, reset)
     return o.astype(v.dtype), state
 
 

@@ -10,23 +10,24 @@ state S [B, H, K, V] float32; o [B, T, H, V] in v's dtype.
 import jax.numpy as jnp
 
 from fwpzoo.cells import _delta_assoc, _delta_chunk
-from fwpzoo.cells._reference import initial_state, scan_steps, upcast
+from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells.delta_rule import delta_update
 
 GATES: tuple[str, ...] = ("beta", "log_alpha")
 
 
-def step(state, q, k, v, *, beta, log_alpha):
+def step(state, q, k, v, *, reset=None, beta, log_alpha):
     """One token: q, k [B, H, K], v [B, H, V], beta, log_alpha [B, H]."""
+    state = reset_state(state, reset)
     q, k, v, beta, log_alpha = upcast(q, k, v, beta, log_alpha)
     # alpha (I - beta k k^T) S + beta k v^T == delta update of (alpha S)
     state = delta_update(jnp.exp(log_alpha)[..., None, None] * state, k, v, beta)
     return state, jnp.einsum("bhkv,bhk->bhv", state, q)
 
 
-def recurrent(q, k, v, *, state=None, beta, log_alpha):
+def recurrent(q, k, v, *, state=None, reset=None, beta, log_alpha):
     gates = {"beta": beta, "log_alpha": log_alpha}
-    o, state = scan_steps(step, initial_state(state, q, v), q, k, v, gates)
+    o, state = scan_steps(step, initial_state(state, q, v), q, k, v, gates, reset)
     return o.astype(v.dtype), state
 
 

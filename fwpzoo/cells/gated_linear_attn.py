@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from fwpzoo.cells import _linear_chunk
 from fwpzoo.cells._chunking import associative_states
-from fwpzoo.cells._reference import initial_state, scan_steps, upcast
+from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 
 GATES: tuple[str, ...] = ("log_alpha",)
 
@@ -25,16 +25,17 @@ def decay_rows(log_alpha, ndim_key):
     return alpha[..., None] if alpha.ndim == ndim_key else alpha[..., None, None]
 
 
-def step(state, q, k, v, *, log_alpha):
+def step(state, q, k, v, *, reset=None, log_alpha):
     """One token: q, k [B, H, K], v [B, H, V], log_alpha [B, H] or [B, H, K]."""
+    state = reset_state(state, reset)
     q, k, v = upcast(q, k, v)
     state = decay_rows(log_alpha, k.ndim) * state + k[..., :, None] * v[..., None, :]
     return state, jnp.einsum("bhkv,bhk->bhv", state, q)
 
 
-def recurrent(q, k, v, *, state=None, log_alpha):
+def recurrent(q, k, v, *, state=None, reset=None, log_alpha):
     gates = {"log_alpha": log_alpha}
-    o, state = scan_steps(step, initial_state(state, q, v), q, k, v, gates)
+    o, state = scan_steps(step, initial_state(state, q, v), q, k, v, gates, reset)
     return o.astype(v.dtype), state
 
 

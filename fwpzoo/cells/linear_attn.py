@@ -10,20 +10,21 @@ import jax.numpy as jnp
 
 from fwpzoo.cells import _linear_chunk
 from fwpzoo.cells._chunking import associative_states
-from fwpzoo.cells._reference import initial_state, scan_steps, upcast
+from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 
 GATES: tuple[str, ...] = ()
 
 
-def step(state, q, k, v):
+def step(state, q, k, v, *, reset=None):
     """One token: q, k [B, H, K], v [B, H, V] -> (S [B, H, K, V], o [B, H, V])."""
+    state = reset_state(state, reset)
     q, k, v = upcast(q, k, v)
     state = state + k[..., :, None] * v[..., None, :]
     return state, jnp.einsum("bhkv,bhk->bhv", state, q)
 
 
-def recurrent(q, k, v, *, state=None):
-    o, state = scan_steps(step, initial_state(state, q, v), q, k, v, {})
+def recurrent(q, k, v, *, state=None, reset=None):
+    o, state = scan_steps(step, initial_state(state, q, v), q, k, v, {}, reset)
     return o.astype(v.dtype), state
 
 
