@@ -17,6 +17,7 @@ import pytest
 from jax.test_util import check_grads
 
 from fwpzoo import cells
+from fwpzoo.cells import _spec
 
 # What jax_disable_most_optimizations sets, for these functions only.
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -353,3 +354,73 @@ def test_delta_product_sub_steps_run_in_order(rng, form):
     o, state = fn(q, ks, vs, beta=jnp.ones((1, 1, 1, 2)))
     np.testing.assert_allclose(o[0, 0, 0], v[1], atol=1e-5)
     np.testing.assert_allclose(state[0, 0], np.outer(k, v[1]), atol=1e-5)
+
+
+# The objective view: `step` is the optimiser step its module's OBJECTIVE names -----------------
+
+
+def decayed(W, log_decay):
+    """exp(log_decay) W for a scalar [B, H] or per-key [B, H, K] log decay; None means 1."""
+    if log_decay is None:
+        return W
+    factor = jnp.exp(log_decay)
+    return (factor[..., None] if factor.ndim == W.ndim - 1 else factor[..., None, None]) * W
+
+
+def loss_gradient(objective, W, k, v):
+    """dL/dW [B, H, K, V] of the per-head loss at W, by jax.grad."""
+    per_head = jax.vmap(jax.vmap(objective.loss_fn))
+    return jax.grad(lambda W: jnp.sum(per_head(W, k, v)))(W)
+
+
+def times(gate, x):
+    """gate [B, H] times x [B, H, K, V]; None means 1."""
+    return x if gate is None else gate[..., None, None] * x
+
+
+def optimiser_step(objective, state, k, v, gates):
+    """The weights after one token, built from OBJECTIVE alone (for the implicit step: the
+    residual S_t - (S' - lr dL/dS at S_t), with S_t the `step` result passed in `gates`)."""
+    W = state[objective.weights] if objective.weights else state
+    lr = gates.get(objective.lr)
+    if objective.step == _spec.MOMENTUM:
+        (M,) = (state[key] for key in state if key != objective.weights)
+        gradient = loss_gradient(objective, W, k, v)  # at S_{t-1}
+        M = decayed(M, gates[objective.momentum]) + times(gates[objective.momentum_lr], gradient)
+        return decayed(W, gates.get(objective.decay)) - times(lr, M)
+    W = decayed(W, gates.get(objective.decay))
+    if objective.step == _spec.GRADIENT:
+        return W - times(lr, loss_gradient(objective, W, k, v))
+    if objective.step == _spec.GRADIENT_STEPS:
+        for j in range(k.shape[-2]):
+            W = W - times(lr[..., j], loss_gradient(objective, W, k[..., j, :], v[..., j, :]))
+        return W
+    assert objective.step == _spec.IMPLICIT, objective.step
+    new = gates["new"]
+    return new - (W - times(lr, loss_gradient(objective, new, k, v)))
+
+
+OPTIMISER_VARIANTS = [v for v in VARIANTS if cells.get(family(v)).OBJECTIVE.step != _spec.MINIMISER]
+
+
+@pytest.mark.parametrize("variant", OPTIMISER_VARIANTS)
+def test_step_is_the_optimiser_step_on_its_objective(variant):
+    """In float64, `step` from a random state equals the step OBJECTIVE derives with jax.grad
+    of its loss (the implicit step: its fixed-point equation holds at the result)."""
+    module = cells.get(family(variant))
+    objective = module.OBJECTIVE
+    with jax.enable_x64(True):
+        inputs = draw(variant, Sizes(T=1), jnp.float64)
+        state = inputs.pop("state")
+        at_0 = {key: x[:, 0] for key, x in inputs.items()}
+        new, _ = module.step(state, **at_0)
+        weights = new[objective.weights] if objective.weights else new
+        gates = {key: x for key, x in at_0.items() if key not in ("q", "k", "v")}
+        if objective.step == _spec.IMPLICIT:
+            residual = optimiser_step(
+                objective, state, at_0["k"], at_0["v"], gates | {"new": weights}
+            )
+            np.testing.assert_allclose(residual, 0.0, atol=1e-12)
+        else:
+            expected = optimiser_step(objective, state, at_0["k"], at_0["v"], gates)
+            np.testing.assert_allclose(weights, expected, rtol=1e-12, atol=1e-12)

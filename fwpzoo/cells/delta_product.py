@@ -14,9 +14,31 @@ import jax.numpy as jnp
 
 from fwpzoo.cells import _delta_assoc, _delta_chunk
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
+from fwpzoo.cells._spec import (
+    BETA,
+    GRADIENT_STEPS,
+    LOG_DECAY,
+    Gate,
+    Objective,
+    gate_names,
+    squared_error,
+)
 from fwpzoo.cells.delta_rule import delta_update
 
-GATES: tuple[str, ...] = ("beta", "log_alpha")
+GATE_SPECS = (
+    Gate("beta", range=BETA, per_sub_step=True),
+    Gate("log_alpha", range=LOG_DECAY, optional=True),
+)
+GATES = gate_names(GATE_SPECS)
+OBJECTIVE = Objective(
+    update="S_t = prod_j (I - beta_tj k_tj k_tj^T) alpha_t S_{t-1} + writes",
+    loss="1/2 ||S^T k_tj - v_tj||^2, j = 1..N",
+    step=GRADIENT_STEPS,
+    loss_fn=squared_error,
+    lr="beta",
+    decay="log_alpha",
+    paper="Siems et al. 2025 (DeltaProduct)",
+)
 
 
 def step(state, q, k, v, *, reset=None, beta, log_alpha=None):

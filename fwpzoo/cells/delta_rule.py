@@ -12,8 +12,18 @@ import jax.numpy as jnp
 
 from fwpzoo.cells import _delta_assoc, _delta_chunk
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
+from fwpzoo.cells._spec import BETA, GRADIENT, Gate, Objective, gate_names, squared_error
 
-GATES: tuple[str, ...] = ("beta",)
+GATE_SPECS = (Gate("beta", range=BETA),)
+GATES = gate_names(GATE_SPECS)
+OBJECTIVE = Objective(
+    update="S_t = S_{t-1} - beta_t k_t (S_{t-1}^T k_t - v_t)^T",
+    loss="1/2 ||S^T k_t - v_t||^2",
+    step=GRADIENT,
+    loss_fn=squared_error,
+    lr="beta",
+    paper="Schlag, Irie & Schmidhuber 2021; Yang et al. 2024 (parallel DeltaNet)",
+)
 
 
 def delta_update(state, k, v, beta):

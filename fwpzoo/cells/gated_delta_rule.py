@@ -11,9 +11,28 @@ import jax.numpy as jnp
 
 from fwpzoo.cells import _delta_assoc, _delta_chunk
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
+from fwpzoo.cells._spec import (
+    BETA,
+    GRADIENT,
+    LOG_DECAY,
+    Gate,
+    Objective,
+    gate_names,
+    squared_error,
+)
 from fwpzoo.cells.delta_rule import delta_update
 
-GATES: tuple[str, ...] = ("beta", "log_alpha")
+GATE_SPECS = (Gate("beta", range=BETA), Gate("log_alpha", range=LOG_DECAY))
+GATES = gate_names(GATE_SPECS)
+OBJECTIVE = Objective(
+    update="S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T",
+    loss="1/2 ||S^T k_t - v_t||^2",
+    step=GRADIENT,
+    loss_fn=squared_error,
+    lr="beta",
+    decay="log_alpha",
+    paper="Yang, Kautz & Hatamizadeh 2025 (Gated DeltaNet)",
+)
 
 
 def step(state, q, k, v, *, reset=None, beta, log_alpha):

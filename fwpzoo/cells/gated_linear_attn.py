@@ -12,8 +12,26 @@ import jax.numpy as jnp
 from fwpzoo.cells import _linear_chunk
 from fwpzoo.cells._chunking import associative_states
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
+from fwpzoo.cells._spec import (
+    GRADIENT,
+    LOG_DECAY,
+    SCALAR_OR_PER_KEY,
+    Gate,
+    Objective,
+    gate_names,
+    negative_correlation,
+)
 
-GATES: tuple[str, ...] = ("log_alpha",)
+GATE_SPECS = (Gate("log_alpha", SCALAR_OR_PER_KEY, LOG_DECAY),)
+GATES = gate_names(GATE_SPECS)
+OBJECTIVE = Objective(
+    update="S_t = Diag(alpha_t) S_{t-1} + k_t v_t^T",
+    loss="-v_t^T S^T k_t",
+    step=GRADIENT,
+    loss_fn=negative_correlation,
+    decay="log_alpha",
+    paper="Yang et al. 2024 (GLA); Dao & Gu 2024 (Mamba-2)",
+)
 
 
 def decay_rows(log_alpha, ndim_key):

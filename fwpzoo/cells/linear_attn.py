@@ -11,8 +11,17 @@ import jax.numpy as jnp
 from fwpzoo.cells import _linear_chunk
 from fwpzoo.cells._chunking import associative_states
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
+from fwpzoo.cells._spec import GRADIENT, Gate, Objective, gate_names, negative_correlation
 
-GATES: tuple[str, ...] = ()
+GATE_SPECS: tuple[Gate, ...] = ()
+GATES = gate_names(GATE_SPECS)
+OBJECTIVE = Objective(
+    update="S_t = S_{t-1} + k_t v_t^T",
+    loss="-v_t^T S^T k_t",
+    step=GRADIENT,
+    loss_fn=negative_correlation,
+    paper="Schmidhuber 1992; Katharopoulos et al. 2020; Schlag, Irie & Schmidhuber 2021",
+)
 
 
 def step(state, q, k, v, *, reset=None):
