@@ -50,6 +50,11 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
     args = parser.parse_intermixed_args(argv)
+    from fwpzoo.config_file import apply_overrides, read_config_file
+
+    # The file and the override sections are checked before JAX is imported: refusals are fast.
+    data = read_config_file(args.config)
+    apply_overrides(data, args.overrides)
     if args.cpu_devices is not None:
         from fwpzoo.train.sharding import split_cpu
 
@@ -60,10 +65,10 @@ def train_main(argv: list[str]) -> int:
             raise UsageError("--coordinator, --num-processes and --process-id go together")
         start_processes(*distributed)
 
-    from fwpzoo.config import load
+    from fwpzoo.config import from_data
     from fwpzoo.train import TrainingDiverged, train
 
-    cfg = load(args.config, args.overrides)
+    cfg = from_data(data, args.overrides)
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     try:
         last = train(cfg, workdir, progress=not args.no_progress)
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_BAD_INPUT
-    from fwpzoo.config import ConfigError
+    from fwpzoo.config_file import ConfigError
 
     try:
         return COMMANDS[verb](rest)

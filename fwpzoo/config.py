@@ -2,7 +2,10 @@
 
 A run is `Config(model, data, train, checkpoint, eval)`. Every value is typed by its field, both in
 YAML and in overrides: `train.learning_rate=3e-4` is a float (PyYAML alone would read `3e-4` as a
-string), `model.mixers=[fwp,attention]` a tuple, `model.key_dim=null` None.
+string), `model.mixers=[fwp,attention]` a tuple, `model.key_dim=null` None. Every float must be
+finite, whatever its field: a NaN or inf setting would only show up as a diverged run. Reading the
+file itself (and refusing alias bombs, duplicate keys, empty files, unknown sections) happens in
+fwpzoo.config_file, before JAX is imported.
 
 Why a small schema-driven decoder and not draccus: draccus parses argparse-style `--key=value`
 flags, prints a multi-line usage text on an unknown key, and splits a bare string given for a tuple
@@ -12,14 +15,14 @@ the one-line error contract are simpler to keep with the ~100 lines below.
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from fwpzoo.config_file import SECTIONS, ConfigError, apply_overrides, read_config_file
 from fwpzoo.data.config import DataConfig
 from fwpzoo.models.config import ModelConfig
 
@@ -36,10 +39,6 @@ RUN_LENGTH_KEYS = (
     "eval.num_batches",
     "eval.lengths",
 )
-
-
-class ConfigError(ValueError):
-    """A bad config: the message is one line that names the culprit."""
 
 
 def _require(condition: bool, message: str) -> None:
@@ -66,12 +65,23 @@ class TrainConfig:
     def __post_init__(self):
         _require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
-        _require(self.learning_rate > 0, "train.learning_rate must be > 0")
-        _require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         _require(
-            0 <= self.end_learning_rate_ratio <= 1, "train.end_learning_rate_ratio not in [0, 1]"
+            self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}"
         )
-        _require(self.grad_clip >= 0, "train.grad_clip must be >= 0")
+        _require(
+            self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}"
+        )
+        _require(
+            0 <= self.end_learning_rate_ratio <= 1,
+            f"train.end_learning_rate_ratio must be in [0, 1], got {self.end_learning_rate_ratio}",
+        )
+        _require(
+            self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}"
+        )
+        for name in ("b1", "b2"):  # Adam's moment decays; 1 would never forget, > 1 diverges
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"train.{name} must be in [0, 1), got {value}")
+        _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
         _require(
             self.batch_size % self.grad_accum == 0,
@@ -121,6 +131,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+assert tuple(f.name for f in dataclasses.fields(Config)) == SECTIONS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,14 +198,17 @@ def _decode(tp, value, key: str):
             raise fail
         if isinstance(value, str):
             try:
-                return tp(value.strip())
+                value = tp(value.strip())
             except ValueError:
                 raise fail from None
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise fail
         if not isinstance(value, int | float):
             raise fail
-        return tp(value)
+        value = tp(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise fail
@@ -217,44 +233,13 @@ def from_dict(cls, data: Mapping, prefix: str = ""):
         raise ConfigError(str(error)) from None
 
 
-def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
-    """A copy of the nested mapping `data` with each `a.b.c=value` set (the value a string)."""
-    data = json.loads(json.dumps(data))
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {override!r} is not of the form key=value")
-        *parents, leaf = key.strip().split(".")
-        node = data
-        for i, part in enumerate(parents):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(
-                    f"override {override!r}: {'.'.join(parents[: i + 1])} is not a section"
-                )
-            node = child
-        node[leaf] = value
-    return data
-
-
 def load(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """The Config in YAML file `path` with `overrides` applied; ConfigError if anything is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or "not valid YAML"
-        raise ConfigError(f"malformed YAML in {path}{where}: {problem}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, not {data!r}")
+    return from_data(read_config_file(path), overrides)
+
+
+def from_data(data: dict, overrides: Sequence[str] = ()) -> Config:
+    """The Config of a mapping read by read_config_file, with `overrides` applied."""
     return from_dict(Config, apply_overrides(data, overrides))
 
 

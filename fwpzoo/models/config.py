@@ -73,6 +73,10 @@ class ModelConfig:
         _positive("conv_size", self.conv_size, minimum=0)
         if self.mlp_ratio < 0:
             raise ValueError(f"model.mlp_ratio must be >= 0, got {self.mlp_ratio}")
+        if self.qk_scale is not None and self.qk_scale <= 0:
+            raise ValueError(f"model.qk_scale must be > 0, got {self.qk_scale}")
+        if self.rope_base <= 1:  # the rotary frequencies are rope_base ** (-2i / d)
+            raise ValueError(f"model.rope_base must be > 1, got {self.rope_base}")
         for key in ("key_dim", "value_dim"):
             if getattr(self, key) is None and self.d_model % self.num_heads:
                 raise ValueError(
