@@ -209,6 +209,9 @@ def test_a_different_architecture_is_refused_naming_the_keys(capsys, tiny_yaml, 
     assert snapshot(reference) == before
 
 
+MQAR = str(Path(__file__).parents[1] / "configs" / "mqar.yaml")
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
@@ -219,6 +222,10 @@ def test_a_different_architecture_is_refused_naming_the_keys(capsys, tiny_yaml, 
         (["eval"], "the following arguments are required: --workdir"),
         (["sample", "--workdir", "EMPTY", "--num-tokens", "0"], "--num-tokens must be >= 1"),
         (["bench", "nonesuch"], "unknown benchmark 'nonesuch'; valid benchmarks:"),
+        (
+            ["train", MQAR, "--workdir", "EMPTY", "model.decay=per_key"],
+            "per-key decay, and cell 'delta_rule' has none",
+        ),
         (["frobnicate"], "unknown verb 'frobnicate'; valid verbs: train, eval, sample"),
         ([], "no verb given"),
     ],

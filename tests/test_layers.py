@@ -81,7 +81,8 @@ def test_beta_range_0_2_doubles_beta():
     [
         ("linear_attn", {}, {}),
         ("delta_rule", {}, {"beta": (B, T, 2)}),
-        ("gated_linear_attn", {}, {"log_alpha": (B, T, 2, 4)}),  # per key (GLA)
+        ("gated_linear_attn", {}, {"log_alpha": (B, T, 2)}),  # scalar (Mamba-2 SSD)
+        ("gated_linear_attn", {"decay": "per_key"}, {"log_alpha": (B, T, 2, 4)}),  # GLA
         ("gated_delta_rule", {}, {"beta": (B, T, 2), "log_alpha": (B, T, 2)}),
         ("delta_product", {"num_householder": 3}, {"beta": (B, T, 2, 3)}),
         (
@@ -96,6 +97,17 @@ def test_gate_shapes_follow_the_family(cell, overrides, shapes):
     assert {name: g.shape for name, g in gates.items()} == shapes
     if "log_alpha" in gates:
         assert bool(jnp.all(gates["log_alpha"] < 0))
+
+
+def test_per_key_decay_is_refused_for_a_cell_without_one():
+    with pytest.raises(
+        ValueError, match="cell 'delta_rule' has none; cells with one: .*gated_linear_attn"
+    ):
+        tiny(cell="delta_rule", decay="per_key")
+    with pytest.raises(
+        ValueError, match="unknown model.decay 'diagonal'; valid choices: scalar, per_key"
+    ):
+        tiny(cell="gated_linear_attn", decay="diagonal")
 
 
 def test_delta_product_takes_n_keys_and_values_per_token():

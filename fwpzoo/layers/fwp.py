@@ -1,29 +1,33 @@
 """The fast weight programmer mixer: a layer around any cell family and any of its forms.
 
     x [B, T, D] -> q, k, v and the family's gates -> optional short causal conv on q, k, v
-    -> feature map phi and q/k normalisation -> q * scale -> cell form (state [B, H, K, V])
+    -> feature map phi and q/k normalisation -> q * scale -> cell form (state: the cell's)
     -> optional per-head RMSNorm and SiLU output gate -> output projection [B, T, D]
 
 K below is the key feature dim (phi's output size). The form (recurrent, chunkwise, associative)
 is a config value and is used as given; decoding calls the cell's `step`.
-"""
 
-import math
+What the layer makes for a cell comes from the cell module itself (fwpzoo.cells._spec): each gate
+of GATE_SPECS gets a projection (or, static, a parameter) and the activation that keeps it in its
+range; a cell whose OBJECTIVE takes N gradient steps per token gets N keys and values per token;
+the zero state and the cache follow OBJECTIVE.state. No code here names a cell.
+"""
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from fwpzoo import cells
+from fwpzoo.cells import _spec
 from fwpzoo.layers.conv import ShortConv
 from fwpzoo.layers.feature_maps import apply_feature_map, favor_projection, feature_dim
-from fwpzoo.layers.gates import Decay, beta_scale
+from fwpzoo.layers.gates import StaticGate, TokenGate, beta_scale
 from fwpzoo.layers.norms import RMSNorm
 
 QK_NORMS: tuple[str, ...] = ("none", "sum", "l2")
 # sum-normalisation divides by sum(phi); only maps with phi >= 0 keep that sum away from zero
 NON_NEGATIVE_MAPS: tuple[str, ...] = ("elu1", "relu", "dpfp", "favor", "softmax")
-PER_KEY_DECAY: tuple[str, ...] = ("gated_linear_attn",)  # GLA; the others decay per head
+DECAYS: tuple[str, ...] = ("scalar", "per_key")  # model.decay, for gates that take either
 EPS = 1e-6
 
 
@@ -45,6 +49,51 @@ def run_form(cell: str, form: str, chunk_size: int, q, k, v, state, gates):
     """The cell's `form` over a whole sequence -> (o [B, T, H, V], state [B, H, K, V])."""
     options = {"chunk_size": chunk_size} if form == "chunkwise" else {}
     return form_fn(cell, form)(q, k, v, state=state, **options, **gates)
+
+
+def has_sub_steps(module) -> bool:
+    """Whether the cell takes N keys and values per token (N gradient steps per token)."""
+    return module.OBJECTIVE.step == _spec.GRADIENT_STEPS
+
+
+def active_gates(module, optional: bool) -> tuple[_spec.Gate, ...]:
+    """The gates the layer makes: all but the optional ones unless `optional` (product_decay)."""
+    return tuple(gate for gate in module.GATE_SPECS if optional or not gate.optional)
+
+
+def check_decay(cell: str, decay: str) -> None:
+    """model.decay: one of DECAYS, and per_key only for a cell with a gate that takes it."""
+    if decay not in DECAYS:
+        raise ValueError(f"unknown model.decay {decay!r}; valid choices: {', '.join(DECAYS)}")
+    takes = lambda m: any(g.takes_per_key for g in m.GATE_SPECS)  # noqa: E731
+    if decay == "per_key" and not takes(cells.get(cell)):
+        valid = ", ".join(name for name, m in cells.CELLS.items() if takes(m))
+        raise ValueError(
+            f"model.decay='per_key' needs a cell with a per-key decay, and cell {cell!r} has "
+            f"none; cells with one: {valid}"
+        )
+
+
+def fast_weights(module, state):
+    """The weight matrix of a cell's state [B, H, K, V] (the objective's part of a dict)."""
+    if not isinstance(state, dict):
+        return state
+    return state[module.OBJECTIVE.weights or module.OBJECTIVE.state.parts[0][0]]
+
+
+def gate_means(specs, gates) -> dict:
+    """Mean of every per-token gate: `{name}_mean`; a log decay `log_x` as the mean of the
+    factor exp(log_x), `x_mean` (alpha_mean for log_alpha)."""
+    means = {}
+    for gate in specs:
+        if gate.shape == _spec.STATIC:
+            continue
+        value = gates[gate.name]
+        if gate.range == _spec.LOG_DECAY and gate.name.startswith("log_"):
+            means[f"{gate.name[4:]}_mean"] = jnp.mean(jnp.exp(value))
+        else:
+            means[f"{gate.name}_mean"] = jnp.mean(value)
+    return means
 
 
 def qk_normalize(x, kind: str):
@@ -76,9 +125,9 @@ def mean_state_norm(state):
 class CellMixer(nnx.Module):
     """The entry points shared by the mixers built on a cell (this one and Mamba-2).
 
-    A subclass sets H, K, V and conv (a ShortConv or None) and defines decode_step and
-    _sequence(x, state, buffer) -> (y [B, T, D], cache, stats), which runs the configured form
-    from the fast weights `state` [B, H, K, V] and the conv `buffer`.
+    A subclass sets cell (the family's name), H, K, V and conv (a ShortConv or None) and defines
+    decode_step and _sequence(x, state, buffer) -> (y [B, T, D], cache, stats), which runs the
+    configured form from the cell's `state` and the conv `buffer`.
     """
 
     def __call__(self, x, *, return_intermediates: bool = False):
@@ -87,9 +136,10 @@ class CellMixer(nnx.Module):
         return (y, stats) if return_intermediates else y
 
     def init_cache(self, batch_size: int, max_len: int):
-        """Constant size whatever max_len: the fast weights and the conv buffer."""
+        """Constant size whatever max_len: the cell's zero state and the conv buffer."""
         del max_len
-        cache = {"state": jnp.zeros((batch_size, self.H, self.K, self.V), jnp.float32)}
+        zero_state = cells.get(self.cell).OBJECTIVE.state.zeros
+        cache = {"state": zero_state(batch_size, self.H, self.K, self.V)}
         if self.conv is not None:
             cache["conv"] = self.conv.init_buffer(batch_size)
         return cache
@@ -107,11 +157,13 @@ class FWPMixer(CellMixer):
         module = cells.get(cfg.cell)
         form_fn(cfg.cell, cfg.form)
         check_qk_norm(cfg.qk_norm, cfg.feature_map)
+        check_decay(cfg.cell, cfg.decay)
         H = cfg.num_heads
         head_dim = cfg.key_dim or cfg.d_model // H  # before the feature map
         V = cfg.value_dim or cfg.d_model // H
         K = feature_dim(cfg.feature_map, head_dim, nu=cfg.dpfp_nu, num_features=cfg.favor_features)
-        N = cfg.num_householder if cfg.cell == "delta_product" else 1  # writes per token
+        self.sub_steps = has_sub_steps(module)
+        N = cfg.num_householder if self.sub_steps else 1  # writes per token
         self.cell, self.form, self.chunk_size = cfg.cell, cfg.form, cfg.chunk_size
         self.feature_map, self.dpfp_nu, self.qk_norm = cfg.feature_map, cfg.dpfp_nu, cfg.qk_norm
         self.H, self.head_dim, self.K, self.V, self.N = H, head_dim, K, V, N
@@ -131,12 +183,19 @@ class FWPMixer(CellMixer):
             if cfg.feature_map == "favor"
             else None
         )
-        self.beta_max = beta_scale(cfg.beta_range) if "beta" in module.GATES else None
-        self.beta_proj = linear(cfg.d_model, H * N) if self.beta_max is not None else None
-        decays = "log_alpha" in module.GATES and (cfg.cell != "delta_product" or cfg.product_decay)
-        decay_shape = (H, K) if cfg.cell in PER_KEY_DECAY else (H,)
-        self.decay_proj = linear(cfg.d_model, math.prod(decay_shape)) if decays else None
-        self.decay = Decay(decay_shape, rngs=rngs) if decays else None
+        self.gate_specs = active_gates(module, cfg.product_decay)
+        beta_max = beta_scale(cfg.beta_range)
+        per_key = cfg.decay == "per_key"
+        gates = {}
+        for gate in self.gate_specs:
+            shape = gate.head_shape(H, K, N, per_key)
+            if gate.shape == _spec.STATIC:
+                gates[gate.name] = StaticGate(gate, shape, beta_max)
+            else:
+                gates[gate.name] = TokenGate(
+                    gate, cfg.d_model, shape, beta_max, rngs=rngs, dtype=dtype
+                )
+        self.gates = nnx.Dict(gates)
         self.out_norm = RMSNorm(V) if cfg.output_norm else None
         self.gate_proj = linear(cfg.d_model, H * V) if cfg.output_gate else None
         self.out_proj = linear(H * V, cfg.d_model)
@@ -148,7 +207,12 @@ class FWPMixer(CellMixer):
         q, k, v, gates, buffer = self._inputs(x[:, None], cache.get("conv"))
         at_0 = lambda a: a[:, 0]  # noqa: E731  drop the time axis of length 1
         step = cells.get(self.cell).step
-        state, o = step(cache["state"], at_0(q), at_0(k), at_0(v), **jax.tree.map(at_0, gates))
+        # per-token gates sliced at the token, static ones whole
+        gates = {
+            name: gate if spec.shape == _spec.STATIC else at_0(gate)
+            for spec, (name, gate) in zip(self.gate_specs, gates.items(), strict=True)
+        }
+        state, o = step(cache["state"], at_0(q), at_0(k), at_0(v), **gates)
         y = self._output(o[:, None], x[:, None])[:, 0]
         return y, self._cache(state, buffer)
 
@@ -157,18 +221,16 @@ class FWPMixer(CellMixer):
     def _sequence(self, x, state, buffer):
         q, k, v, gates, buffer = self._inputs(x, buffer)
         o, state = run_form(self.cell, self.form, self.chunk_size, q, k, v, state, gates)
-        stats = {"state_norm": mean_state_norm(state)}
-        if "beta" in gates:
-            stats["beta_mean"] = jnp.mean(gates["beta"])
-        if "log_alpha" in gates:
-            stats["alpha_mean"] = jnp.mean(jnp.exp(gates["log_alpha"]))
+        weights = fast_weights(cells.get(self.cell), state)
+        stats = {"state_norm": mean_state_norm(weights)} | gate_means(self.gate_specs, gates)
         return self._output(o, x), self._cache(state, buffer), stats
 
     def _cache(self, state, buffer):
         return {"state": state} if buffer is None else {"state": state, "conv": buffer}
 
     def _inputs(self, x, buffer):
-        """x [B, T, D] -> q [B, T, H, K], k, v (with an N axis for delta_product), gates."""
+        """x [B, T, D] -> q [B, T, H, K], k, v ([B, T, H, (N,) K | V]: an N axis for a cell with
+        sub-steps), the gates (per-token [B, T, ...], static [H, K])."""
         B, T, _ = x.shape
         H, N, head_dim, V = self.H, self.N, self.head_dim, self.V
         qkv = self.qkv_proj(x)  # [B, T, H (1 + N) head_dim + H N V]
@@ -178,16 +240,14 @@ class FWPMixer(CellMixer):
         q = self._features(q.reshape(B, T, H, head_dim)) * self.scale  # [B, T, H, K]
         k = self._features(k.reshape(B, T, H, N, head_dim))  # [B, T, H, N, K]
         v = v.reshape(B, T, H, N, V)  # [B, T, H, N, V]
-        gates = {}
-        if self.beta_proj is not None:
-            beta = self.beta_max * jax.nn.sigmoid(self.beta_proj(x).astype(jnp.float32))
-            gates["beta"] = beta.reshape(B, T, H, N)  # [B, T, H, N]
-        if self.decay is not None:
-            raw = self.decay_proj(x).reshape(B, T, *self.decay.shape)  # [B, T, H(, K)]
-            gates["log_alpha"] = self.decay(raw)[1]
-        if self.cell != "delta_product":  # one write per token: drop the N axis
+        gates = {
+            spec.name: self.gates[spec.name]()
+            if spec.shape == _spec.STATIC
+            else self.gates[spec.name](x)
+            for spec in self.gate_specs
+        }  # [B, T, H(, N | K)] per token, [H, K] static
+        if not self.sub_steps:  # one write per token: drop the N axis
             k, v = k[:, :, :, 0], v[:, :, :, 0]
-            gates = {n: g[..., 0] if n == "beta" else g for n, g in gates.items()}
         return q.astype(self.dtype), k.astype(self.dtype), v, gates, buffer
 
     def _features(self, x):

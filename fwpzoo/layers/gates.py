@@ -1,10 +1,13 @@
-"""Gate parametrisations shared by the mixers: the write strength beta and the dt-style decay."""
+"""Gate parametrisations shared by the mixers: the write strength beta, the dt-style decay, and
+the per-token and static gates the FWP layer builds from a cell's gate specs."""
 
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from fwpzoo.cells import _spec
 
 BETA_RANGES: dict[str, float] = {"0,1": 1.0, "0,2": 2.0}
 
@@ -40,3 +43,48 @@ class Decay(nnx.Module):
         """raw [..., *shape] (any dtype) -> (dt, log_alpha), both [..., *shape] float32."""
         dt = jax.nn.softplus(raw.astype(jnp.float32) + self.dt_bias[...])
         return dt, -jnp.exp(self.A_log[...]) * dt
+
+
+def activate(kind: str, raw, beta_max: float | None = None):
+    """The activation that keeps a gate in its range (fwpzoo.cells._spec.RANGES), float32."""
+    raw = raw.astype(jnp.float32)
+    if kind == _spec.BETA:
+        return beta_max * jax.nn.sigmoid(raw)
+    if kind == _spec.UNIT:
+        return jax.nn.sigmoid(raw)
+    if kind == _spec.LOG_DECAY:
+        return jax.nn.log_sigmoid(raw)
+    if kind == _spec.POSITIVE:
+        return jax.nn.softplus(raw)
+    return raw
+
+
+class TokenGate(nnx.Module):
+    """A per-token gate from the layer input: a projection to `shape` per token, then its
+    range's activation; log decays take the Mamba-2 parametrisation (Decay)."""
+
+    def __init__(self, gate, d_model: int, shape, beta_max, *, rngs: nnx.Rngs, dtype):
+        self.proj = nnx.Linear(d_model, math.prod(shape), use_bias=False, dtype=dtype, rngs=rngs)
+        self.decay = Decay(shape, rngs=rngs) if gate.range == _spec.LOG_DECAY else None
+        self.shape, self.range, self.beta_max = shape, gate.range, beta_max
+
+    def __call__(self, x):
+        """x [B, T, D] -> the gate [B, T, *shape] float32."""
+        raw = self.proj(x).reshape(*x.shape[:2], *self.shape)
+        return (
+            self.decay(raw)[1]
+            if self.decay is not None
+            else activate(self.range, raw, self.beta_max)
+        )
+
+
+class StaticGate(nnx.Module):
+    """A static gate (per head and key, no time axis): a trained parameter through its range's
+    activation, starting at the activation of 0 (e.g. softplus(0) = log 2 for a positive one)."""
+
+    def __init__(self, gate, shape, beta_max):
+        self.raw = nnx.Param(jnp.zeros(shape, jnp.float32))
+        self.range, self.beta_max = gate.range, beta_max
+
+    def __call__(self):
+        return activate(self.range, self.raw[...], self.beta_max)

@@ -30,7 +30,7 @@ class Mamba2Mixer(CellMixer):
         H = cfg.num_heads
         K = cfg.key_dim or cfg.d_model // H
         V = cfg.value_dim or cfg.d_model // H
-        self.H, self.K, self.V, self.dtype = H, K, V, dtype
+        self.cell, self.H, self.K, self.V, self.dtype = CELL, H, K, V, dtype
         self.form, self.chunk_size = cfg.form, cfg.chunk_size
         self.inner = H * V
         self.xbc_width = self.inner + 2 * K

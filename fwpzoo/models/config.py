@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from fwpzoo.cells import CELLS, FORMS
 from fwpzoo.layers import MIXERS
 from fwpzoo.layers.feature_maps import FEATURE_MAPS
-from fwpzoo.layers.fwp import QK_NORMS, check_qk_norm
+from fwpzoo.layers.fwp import DECAYS, QK_NORMS, check_decay, check_qk_norm
 from fwpzoo.layers.gates import BETA_RANGES
 
 
@@ -44,6 +44,7 @@ class ModelConfig:
     qk_norm: str = "l2"  # none | sum | l2
     qk_scale: float | None = None  # multiplies q; None means key feature dim ** -0.5
     beta_range: str = "0,1"  # "0,1": sigmoid; "0,2": 2 * sigmoid (negative eigenvalues)
+    decay: str = "scalar"  # scalar | per_key: the decay's shape for cells that take either
     num_householder: int = 2  # delta_product sub-steps N
     product_decay: bool = False  # delta_product: a per-head decay before the sub-steps
     conv_size: int = 4  # short causal depthwise conv on q, k, v; 0 disables it
@@ -65,7 +66,9 @@ class ModelConfig:
         _one_of("feature_map", self.feature_map, FEATURE_MAPS)
         _one_of("qk_norm", self.qk_norm, QK_NORMS)
         _one_of("beta_range", self.beta_range, BETA_RANGES)
+        _one_of("decay", self.decay, DECAYS)
         check_qk_norm(self.qk_norm, self.feature_map)
+        check_decay(self.cell, self.decay)
         for key in ("d_model", "num_heads", "key_dim", "value_dim", "chunk_size", "dpfp_nu"):
             _positive(key, getattr(self, key))
         for key in ("favor_features", "num_householder", "ssm_state_dim"):
