@@ -174,9 +174,9 @@ def test_ssm_eigenvalues_stay_inside_the_unit_circle():
 
 
 def test_unknown_mixer_lists_the_valid_names():
-    with pytest.raises(ValueError, match="valid mixers: fwp, attention, mamba2, ssm"):
+    with pytest.raises(ValueError, match="valid mixers: fwp, attention, mamba2, ssm, plastic"):
         get_mixer("transformer")
-    assert set(MIXERS) == {"fwp", "attention", "mamba2", "ssm"}
+    assert set(MIXERS) == {"fwp", "attention", "mamba2", "ssm", "plastic"}
 
 
 @pytest.mark.parametrize(

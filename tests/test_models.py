@@ -13,7 +13,8 @@ from fwpzoo.models import ModelConfig, build_model, generate
 from fwpzoo.models.sampling import sample_token
 
 B, T, VOCAB = 2, 7, 11
-MIXER_KINDS = ["fwp", "attention", "mamba2", "ssm"]
+MIXER_KINDS = ["fwp", "attention", "mamba2", "ssm", "plastic"]
+MIXER_FIELDS = {"plastic": {"form": "recurrent", "plastic_on": "recurrent"}}  # beyond the defaults
 
 
 def tiny(**overrides):
@@ -118,7 +119,7 @@ def test_every_cell_through_the_fwp_mixer_forms_agree_and_decode(cell, overrides
 @pytest.mark.parametrize("mixer", MIXER_KINDS)
 def test_gradient_causality(mixer):
     """d loss_t / d x_s == 0 exactly for every s > t (x: input embeddings), and not for s = t."""
-    model = model_of(tiny(mixers=(mixer,)))
+    model = model_of(tiny(mixers=(mixer,), **MIXER_FIELDS.get(mixer, {})))
     x = model.embed(tokens(2))  # [B, T, D]
     cotangent = jax.random.normal(jax.random.key(3), (B, T, VOCAB))
     graphdef, state = nnx.split(model)

@@ -5,6 +5,10 @@ Every mixer maps x [B, T, D] -> [B, T, D] and offers the same four entry points:
     mixer.init_cache(batch_size, max_len)  the decoding state, a pytree of arrays
     mixer.prefill(x, cache)                the full-sequence form from the cache -> (y, cache)
     mixer.decode_step(x [B, D], cache)     one token -> (y [B, D], cache)
+
+Mixers with a matrix state (fast weights) also offer, for `fwpzoo inspect`:
+    mixer.fast_weights(cache)              the fast weights S [B, H, K, V] of a cache
+    mixer.inspect_step(x [B, D], cache)    decode_step plus the token's gates {name: [B, H]}
 """
 
 from fwpzoo.layers.attention import Attention
@@ -12,6 +16,7 @@ from fwpzoo.layers.fwp import FWPMixer
 from fwpzoo.layers.mamba2 import Mamba2Mixer
 from fwpzoo.layers.mlp import SwiGLU
 from fwpzoo.layers.norms import RMSNorm
+from fwpzoo.layers.plastic import PlasticMixer
 from fwpzoo.layers.ssm import DiagonalSSM
 
 MIXERS: dict[str, type] = {
@@ -19,6 +24,7 @@ MIXERS: dict[str, type] = {
     "attention": Attention,
     "mamba2": Mamba2Mixer,
     "ssm": DiagonalSSM,
+    "plastic": PlasticMixer,
 }
 
 
@@ -35,6 +41,7 @@ __all__ = [
     "DiagonalSSM",
     "FWPMixer",
     "Mamba2Mixer",
+    "PlasticMixer",
     "RMSNorm",
     "SwiGLU",
     "get_mixer",

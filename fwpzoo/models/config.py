@@ -3,10 +3,12 @@
 from dataclasses import dataclass
 
 from fwpzoo.cells import CELLS, FORMS
+from fwpzoo.cells.plastic import ACTIVATIONS, RULES, SITES
 from fwpzoo.layers import MIXERS
 from fwpzoo.layers.feature_maps import FEATURE_MAPS
 from fwpzoo.layers.fwp import DECAYS, QK_NORMS, check_decay, check_qk_norm
 from fwpzoo.layers.gates import BETA_RANGES
+from fwpzoo.layers.plastic import ETA_SIGNS, check_plastic
 
 
 def _one_of(key: str, value: str, valid) -> None:
@@ -28,7 +30,7 @@ class ModelConfig:
     ["fwp", "attention"]; its length is the number of layers.
     """
 
-    mixers: tuple[str, ...] = ("fwp", "fwp")  # each one of: fwp, attention, mamba2, ssm
+    mixers: tuple[str, ...] = ("fwp", "fwp")  # each one of: fwp, attention, mamba2, ssm, plastic
     d_model: int = 64
     num_heads: int = 2
     key_dim: int | None = None  # per head; None means d_model // num_heads
@@ -53,6 +55,12 @@ class ModelConfig:
     # ssm (diagonal vector state) mixer
     ssm_state_dim: int = 64
     ssm_complex: bool = True  # complex diagonal (LRU) or real diagonal recurrence
+    # plastic mixer (fwpzoo.layers.plastic, fwpzoo.cells.plastic)
+    plastic_on: str = "input"  # input (HebbFF) | recurrent (Miconi's differentiable plasticity)
+    plasticity: str = "hebb"  # hebb | oja | neuromodulated
+    plastic_activation: str = "tanh"  # tanh | sigmoid | relu | identity
+    plastic_eta: str = "learned"  # learned (either sign) | positive | negative
+    plastic_alpha: bool = False  # per-synapse plasticity coefficients alpha [H, K, V]
     # attention: rotary position embedding base
     rope_base: float = 10000.0
 
@@ -69,6 +77,12 @@ class ModelConfig:
         _one_of("decay", self.decay, DECAYS)
         check_qk_norm(self.qk_norm, self.feature_map)
         check_decay(self.cell, self.decay)
+        _one_of("plastic_on", self.plastic_on, SITES)
+        _one_of("plasticity", self.plasticity, RULES)
+        _one_of("plastic_activation", self.plastic_activation, ACTIVATIONS)
+        _one_of("plastic_eta", self.plastic_eta, ETA_SIGNS)
+        if "plastic" in self.mixers:
+            check_plastic(self)
         for key in ("d_model", "num_heads", "key_dim", "value_dim", "chunk_size", "dpfp_nu"):
             _positive(key, getattr(self, key))
         for key in ("favor_features", "num_householder", "ssm_state_dim"):
