@@ -9,7 +9,7 @@ from fwpzoo import cells
 from fwpzoo.config import ConfigError
 from fwpzoo.data.capacity import capacity_batch
 from fwpzoo.experiments import capacity
-from fwpzoo.experiments._common import RECORD_KEYS
+from fwpzoo.experiments._common import RUN_FIELDS
 from fwpzoo.layers.feature_maps import apply_feature_map, favor_projection
 
 
@@ -97,13 +97,14 @@ def test_quick_sweep_writes_records_and_resumes(tmp_path, monkeypatch):
     out = workdir / "capacity"
     records = json.loads((out / "capacity.json").read_text())
     sweep = capacity.load_sweep(capacity.CONFIGS / "capacity" / "quick.yaml")
-    assert len(records) == len(capacity.grid(sweep))
+    assert len(records) == len(capacity.grid(sweep)) * len(sweep.seeds)
     for rec in records:
-        assert tuple(rec) == RECORD_KEYS
+        assert tuple(rec) == (*capacity.KEYS, *(k for k in RUN_FIELDS if k not in capacity.KEYS))
         assert rec["metric"] == "loss" and rec["setting"] in ("unique", "overwrite")
         assert rec["feature_map"] in ("elu1", "dpfp1", "dpfp2", "dpfp3", "favor", "softmax")
         assert rec["cell"] in (None, *cells.CELLS)
-        assert np.isfinite(rec["value"]) and rec["x"] == 3
+        assert np.isfinite(rec["value"]) and rec["x"] == 3 and rec["seed"] == 0
+        assert rec["stop_reason"] in ("max_steps", "plateau", "stop_loss")
     by_map = {rec["feature_map"]: rec for rec in records}
     assert by_map["favor"]["phi_dim"] == 2 * sweep.favor_features
     assert by_map["dpfp2"]["phi_dim"] == 4 * sweep.d_key
@@ -111,23 +112,26 @@ def test_quick_sweep_writes_records_and_resumes(tmp_path, monkeypatch):
     assert (out / "capacity.png").stat().st_size > 0
     assert "| delta-dpfp2 |" in (out / "capacity.md").read_text()
 
-    # a rerun trains only what is missing from results.jsonl
-    results = out / "results.jsonl"
-    lines = results.read_text().splitlines()
-    results.write_text("\n".join(lines[:-1]) + "\n")
-    retrained = []
+    # a rerun computes only the points without a record file
+    missing = records[-1]["point"]
+    (out / "points" / f"{missing}.json").unlink()
+    recomputed = []
+    real_train_run = capacity.train_run
 
-    def fake_train_run(sweep, setting, model, num_pairs):
-        retrained.append((setting, model, num_pairs))
-        return json.loads(lines[-1])
+    def counting_train_run(sweep, setting, model, num_pairs, seed):
+        recomputed.append((setting, model, num_pairs, seed))
+        return real_train_run(sweep, setting, model, num_pairs, seed)
 
-    monkeypatch.setattr(capacity, "train_run", fake_train_run)
+    monkeypatch.setattr(capacity, "train_run", counting_train_run)
     capacity.main(["--quick", "--workdir", str(workdir), "--no-progress", "--report-only"])
-    assert retrained == []  # the report of the finished runs alone
+    assert recomputed == []  # the report of the recorded points alone
     assert json.loads((out / "capacity.json").read_text()) == records[:-1]
     capacity.main(["--quick", "--workdir", str(workdir), "--no-progress"])
-    assert retrained == [capacity.grid(sweep)[-1]]
-    assert json.loads((out / "capacity.json").read_text()) == records
+    assert recomputed == [(*capacity.grid(sweep)[-1], 0)]
+    again = json.loads((out / "capacity.json").read_text())
+    # the same loss from the same seed; only the timing differs
+    assert again[-1]["value"] == records[-1]["value"]
+    assert [r["point"] for r in again] == [r["point"] for r in records]
 
 
 def test_bad_sweep_files_name_the_problem(tmp_path):

@@ -1,27 +1,25 @@
-"""The experiment runner and the quick versions of mqar, state_tracking and charlm, end to end."""
+"""The sweep machinery and the quick versions of mqar, state_tracking and charlm, end to end."""
 
 import json
-import math
+import shlex
+import shutil
 
 import pytest
 
 from fwpzoo import cells, cli
-from fwpzoo.experiments import _common, charlm
+from fwpzoo.experiments import _common, charlm, mqar, state_tracking
 from fwpzoo.reports import write_page
 
 SPELLINGS = {
     "cell": {None, *cells.CELLS},
     "rule": {None, "sum", "delta"},
-    "feature_map": {None, "elu1", "dpfp1", "dpfp2", "dpfp3", "favor", "softmax"},
     "beta_range": {None, "0,1", "0,2"},
-    "setting": {None, "unique", "overwrite"},
-    "metric": {"loss", "accuracy", "bpc"},
 }
 
 
-def run_quick(name, tmp_path):
-    code = cli.main(["experiment", name, "--quick", "--workdir", str(tmp_path), "--no-progress"])
-    assert code == 0
+def run_quick(name, tmp_path, *extra):
+    argv = ["experiment", name, "--quick", "--workdir", str(tmp_path), "--no-progress", *extra]
+    assert cli.main(argv) == 0
     out = tmp_path / name
     records = json.loads((out / f"{name}.json").read_text())
     assert (out / f"{name}.png").stat().st_size > 0
@@ -30,68 +28,106 @@ def run_quick(name, tmp_path):
     return out, records, report
 
 
-def check_records(records):
+def check_records(records, experiment):
     assert records
+    keys = (*experiment.keys, *(k for k in _common.RUN_FIELDS if k not in experiment.keys))
     for rec in records:
-        assert tuple(rec) == _common.RECORD_KEYS
+        assert tuple(rec) == keys
         for key, valid in SPELLINGS.items():
-            assert rec[key] in valid, (key, rec[key])
+            assert rec.get(key) in valid, (key, rec[key])
         assert isinstance(rec["value"], float)
+        if rec["point"] is not None:  # a trained point, not a compressor
+            assert rec["stop_reason"] == "steps" and rec["steps"] == 2 and rec["seconds"] > 0
+            assert {"python", "jax", "flax", "optax", "fwpzoo"} <= set(rec["versions"])
+            assert rec["command"].endswith(f"--point {rec['point']}")
 
 
-def test_mqar_quick(tmp_path):
+def recompute(command, capsys):
+    """The metrics the record's command prints on its last stdout line."""
+    argv = shlex.split(command)
+    assert argv[0] == "fwpzoo"
+    capsys.readouterr()
+    assert cli.main(argv[1:]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_mqar_quick_records_resume_and_reproduce(tmp_path, capsys):
     out, records, report = run_quick("mqar", tmp_path)
-    check_records(records)
+    check_records(records, mqar.EXPERIMENT)
     assert {r["model"] for r in records} == {"attention", "delta_rule"}
     by_model = {r["model"]: r for r in records}
     assert by_model["delta_rule"]["rule"] == "delta"
-    assert by_model["delta_rule"]["cell"] == "delta_rule"
-    assert by_model["attention"]["feature_map"] == "softmax"
     assert by_model["attention"]["cell"] is None
     # d_model 16, 2 heads: fast weights 2 x 8 x 8; attention keeps 32 keys and values of 2 x 8
     assert by_model["delta_rule"]["state_size"] == 2 * 8 * 8
     assert by_model["attention"]["state_size"] == 32 * 2 * (8 + 8)
     assert all(r["task"] == "mqar" and r["metric"] == "accuracy" for r in records)
-    assert all(0.0 <= r["value"] <= 1.0 and r["x"] == 4 for r in records)
+    assert all(0.0 <= r["value"] <= 1.0 and r["x"] == 4 and r["seed"] == 0 for r in records)
+    assert "Recorded: 2 of 2 points." in report
 
-    # a finished sweep is read back, not retrained: the results stay byte for byte
-    before = (out / "delta_rule-d16-n4" / "result.json").read_text()
+    # the record's command recomputes its value alone, in a fresh workdir
+    rec = by_model["delta_rule"]
+    assert recompute(rec["command"], capsys) == {"accuracy": rec["value"]}
+
+    # a recorded point is read back, not recomputed: its record stays byte for byte, even with
+    # its run's workdir gone (the record, not the workdir, is what a sweep keeps)
+    point_file = out / "points" / f"{rec['point']}.json"
+    before = point_file.read_text()
+    shutil.rmtree(out / rec["point"])
     run_quick("mqar", tmp_path)
-    assert (out / "delta_rule-d16-n4" / "result.json").read_text() == before
+    assert point_file.read_text() == before
+    assert not (out / rec["point"]).exists()
+
+    assert cli.main(["experiment", "mqar", "--quick", "--workdir", str(tmp_path), "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed == [f"done    {r['point']}" for r in records]
+
+
+def test_a_record_of_another_spec_is_refused(tmp_path, capsys):
+    options = _common.parse_options("mqar", ["--quick", "--workdir", str(tmp_path)])
+    point = mqar.make_points(options)[0]
+    stale = {"spec": {**point.spec, "overrides": ["train.steps=7"]}}
+    _common.write_json(options.points_dir / f"{point.name}.json", stale)
+    argv = ["experiment", "mqar", "--quick", "--workdir", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another spec" in err[0] and point.name in err[0]
 
 
 def test_state_tracking_quick(tmp_path):
     _, records, _ = run_quick("state_tracking", tmp_path)
-    check_records(records)
+    check_records(records, state_tracking.EXPERIMENT)
     assert {(r["task"], r["model"]) for r in records} == {
         ("parity", "delta_rule"),
         ("s3", "delta_product_n2"),
     }
-    assert all(r["beta_range"] == "0,2" and r["x"] == 48 for r in records)
-    assert all(r["metric"] == "accuracy" and 0.0 <= r["value"] <= 1.0 for r in records)
+    # one record on the training lengths and one at each test length, per point
+    assert sorted((r["metric"], r["x"]) for r in records if r["task"] == "parity") == [
+        ("accuracy", "train"),
+        ("accuracy@48", 48),
+    ]
+    assert all(r["beta_range"] == "0,2" and 0.0 <= r["value"] <= 1.0 for r in records)
 
 
 def test_charlm_quick(tmp_path):
-    out, records, report = run_quick("charlm", tmp_path)
-    check_records(records)
-    assert all(r["task"] == "text" and r["metric"] == "bpc" for r in records)
-    models = {r["model"]: r for r in records}
-    assert set(models) == {"delta_rule", "attention", "gzip", "bz2", "xz"}
+    _, records, report = run_quick("charlm", tmp_path)
+    check_records(records, charlm.EXPERIMENT)
+    assert all(r["task"] == "text" and r["corpus"] == "fixture" for r in records)
+    models = {(r["model"], r["metric"]): r for r in records}
+    assert set(models) == {
+        *((m, metric) for m in ("delta_rule", "attention") for metric in ("bpc", "bpc@64")),
+        *((c, "bpc") for c in charlm.COMPRESSORS),
+    }
     # the compressor records are the compressors' sizes on the same test bytes
     expected = charlm.compressor_bpc("fixture", "data")
     for name in charlm.COMPRESSORS:
-        assert models[name]["value"] == pytest.approx(expected[name])
-        assert 1.0 < models[name]["value"] < 8.0 and models[name]["state_size"] is None
-    # a model after a few steps: between a good compressor and a uniform guess with a margin
-    result = json.loads((out / "delta_rule" / "result.json").read_text())
-    assert models["delta_rule"]["value"] == pytest.approx(result["test"]["loss"] / math.log(2))
-    assert 1.0 < models["delta_rule"]["value"] < 9.0
-    assert "tokens/s" in report
-    # the run trains for the probed number of steps that fill the CPU budget
-    per_step = json.loads((out / "delta_rule" / "steps.json").read_text())["cpu_seconds_per_step"]
-    trained = json.loads((out / "delta_rule" / "config.json").read_text())["train"]["steps"]
-    assert per_step > 0
-    assert trained == max(int(charlm.QUICK_BUDGET_S / per_step), 2)
+        assert models[name, "bpc"]["value"] == pytest.approx(expected[name])
+        assert 1.0 < models[name, "bpc"]["value"] < 8.0 and models[name, "bpc"]["point"] is None
+    # a model after two steps: between a good compressor and far above a uniform guess
+    assert 1.0 < models["delta_rule", "bpc"]["value"] < 9.0
+    assert models["delta_rule", "bpc@64"]["x"] == 64 and models["delta_rule", "bpc"]["x"] == 32
+    assert models["delta_rule", "bpc"]["num_params"] > 0
+    assert "gzip" in report
 
 
 def test_notes_survive_a_rewritten_report(tmp_path):
@@ -104,10 +140,13 @@ def test_notes_survive_a_rewritten_report(tmp_path):
     assert "# first" not in text
 
 
-def test_record_refuses_unknown_keys():
-    assert _common.record(model="gzip", metric="bpc", value=2.0)["cell"] is None
-    with pytest.raises(KeyError):
-        _common.record(modle="gzip")
+def test_spread_cells_and_groups():
+    assert _common.spread([0.5, 0.9, 0.7]) == (0.7, 0.5, 0.9)
+    assert _common.spread_cell([0.5, 0.9, 0.7]) == "0.700 (0.500-0.900)"
+    assert _common.spread_cell([0.5], seeds=3) == "0.500 [1/3 seeds]"
+    assert _common.spread_cell([]) is None
+    records = [{"a": 1, "value": 0.1}, {"a": 2, "value": 0.2}, {"a": 1, "value": 0.3}]
+    assert _common.group(records, ["a"]) == {(1,): [0.1, 0.3], (2,): [0.2]}
 
 
 @pytest.mark.parametrize(
@@ -116,6 +155,8 @@ def test_record_refuses_unknown_keys():
         (["experiment"], "no experiment named"),
         (["experiment", "nope"], "unknown experiment 'nope'"),
         (["experiment", "mqar", "--bogus"], "unrecognized arguments: --bogus"),
+        (["experiment", "mqar", "--quick", "--point", "nope"], "unknown point 'nope'"),
+        (["experiment", "mqar", "--point", "x", "--list"], "not allowed with argument"),
     ],
 )
 def test_bad_experiment_arguments(argv, expected, capsys):
@@ -124,8 +165,8 @@ def test_bad_experiment_arguments(argv, expected, capsys):
     assert len(err) == 1 and expected in err[0]
 
 
-def test_report_only_needs_finished_runs(tmp_path, capsys):
-    argv = ["experiment", "mqar", "--report-only", "--workdir", str(tmp_path), "--no-progress"]
-    assert cli.main(argv) == 2
-    assert "no finished runs" in capsys.readouterr().err
+def test_report_only_needs_recorded_points(tmp_path, capsys):
+    argv = ["experiment", "mqar", "--quick", "--report-only", "--workdir", str(tmp_path)]
+    assert cli.main([*argv, "--no-progress"]) == 2
+    assert "no recorded points" in capsys.readouterr().err
     assert not (tmp_path / "mqar" / "mqar.json").exists()

@@ -1,20 +1,32 @@
-"""Sweep machinery shared by the experiments: runs, resumable execution, records, reports.
+"""Sweep machinery shared by the experiments: points, records kept in the repository, reports.
 
-An experiment is a list of `Run`s, each a YAML config plus `key=value` overrides. `run_sweep`
-trains each one in-process with the project's trainer into <root>/<run name>/, evaluates its
-final checkpoint on the test split and stores that in the run's result.json:
+An experiment is a grid of `Point`s (one seed of one setting each). Running it
 
-    a run with a result.json is skipped;
-    a run with checkpoints but no result resumes from its latest checkpoint (train does that);
-    anything else starts fresh.
+    fwpzoo experiment NAME [--quick] [--cpu-devices N]  # every point not yet recorded
+    fwpzoo experiment NAME --point POINT                # one point alone; prints its metrics
+    fwpzoo experiment NAME --list                       # the grid, each point done or pending
 
-Results become flat records (RECORD_KEYS), written with a report as NAME.json and NAME.md.
+computes each point in <workdir>/NAME/<point>/ and, as soon as it finishes, writes its record file
+<points>/<point>.json (docs/results/NAME/points/ for the full sweep, so the records are kept in the
+repository; beside the runs for --quick). A rerun skips every recorded point, so a sweep continues
+across sessions and machines; a point whose training was cut short resumes from its checkpoint.
+
+A record file holds the point's labels, its metrics, and how it was made: seed, steps, stop
+reason, seconds, software versions and `command`, the command line that recomputes that point
+alone (its last stdout line is the JSON object of the point's metrics). The flat records (one
+per metric of a point: the experiment's own `keys`, then RUN_FIELDS) go to NAME.json, the page
+to NAME.md.
 """
 
 import argparse
+import importlib.metadata
 import json
 import math
+import platform
+import shlex
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,29 +39,18 @@ from tqdm import tqdm
 from fwpzoo.config import ConfigError, load
 from fwpzoo.layers.feature_maps import feature_dim
 from fwpzoo.reports import write_page
-from fwpzoo.train import evaluate, make_eval_step, restore_run, train
+from fwpzoo.train import TrainingDiverged, evaluate, make_eval_step, restore_run, train
 from fwpzoo.train.metrics import read_metrics
+from fwpzoo.train.sharding import split_cpu
 
 matplotlib.use("Agg")  # files only: no display on the machines that run sweeps
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "experiments"
 RESULTS = REPO / "docs" / "results"
-RESULT_FILE = "result.json"
-RECORD_KEYS = (
-    "model",
-    "cell",
-    "rule",
-    "feature_map",
-    "phi_dim",
-    "beta_range",
-    "task",
-    "setting",
-    "state_size",
-    "x",
-    "metric",
-    "value",
-)
+# How a record was made; every record carries these after its experiment's own keys.
+RUN_FIELDS = ("point", "seed", "steps", "stop_reason", "seconds", "versions", "command")
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
 
 class ExperimentArgs(argparse.ArgumentParser):
@@ -66,48 +67,109 @@ class Options:
     root: Path  # run workdirs
     out: Path  # NAME.json, NAME.md and plots
     progress: bool
-    report_only: bool = False  # collect the finished runs, train nothing
+    report_only: bool = False  # collect the recorded points, compute nothing
+    point: str | None = None  # compute this point alone and print its metrics
+    list_points: bool = False
+    cpu_devices: int | None = None
+
+    @property
+    def points_dir(self) -> Path:
+        return self.out / self.name / "points" if not self.quick else self.root / "points"
 
 
 def parse_options(name: str, argv: Sequence[str]) -> Options:
-    """`[--quick] [--workdir DIR] [--no-progress] [--report-only]`.
+    """`[--quick] [--workdir DIR] [--cpu-devices N] [--point P | --list | --report-only]
+    [--no-progress]`.
 
-    The full sweep runs in runs/experiments/NAME and reports into docs/results; --quick runs in
-    runs/experiments-quick/NAME and reports next to its runs, so it never touches docs/results.
+    The full sweep runs in runs/experiments/NAME and records into docs/results; --quick runs in
+    runs/experiments-quick/NAME and records next to its runs, so it never touches docs/results.
     """
     parser = ExperimentArgs(prog=f"fwpzoo experiment {name}")
     parser.add_argument("--quick", action="store_true", help="a seconds-long version")
     parser.add_argument("--workdir", help="where the runs go (default: runs/experiments[-quick])")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument(
-        "--report-only", action="store_true", help="report the finished runs, train nothing"
-    )
+    parser.add_argument("--cpu-devices", type=int, help="split the host CPU into N devices")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--report-only", action="store_true", help="report the recorded points")
+    what.add_argument("--point", help="compute one point alone; last stdout line: its metrics")
+    what.add_argument("--list", action="store_true", help="the points, each done or pending")
     args = parser.parse_args(list(argv))
     base = (
         Path(args.workdir) if args.workdir else Path("runs", f"experiments{'-quick' * args.quick}")
     )
     root = base / name
     out = root if args.quick else RESULTS
-    return Options(name, args.quick, root, out, not args.no_progress, args.report_only)
+    return Options(
+        name,
+        args.quick,
+        root,
+        out,
+        not args.no_progress,
+        args.report_only,
+        args.point,
+        args.list,
+        args.cpu_devices,
+    )
+
+
+def use_cpu_devices(count: int | None) -> None:
+    """Splits the host CPU into `count` devices, or checks that JAX already has that many (a
+    point recomputed inside a process that ran the sweep)."""
+    if count is None:
+        return
+    try:
+        split_cpu(count)
+    except ConfigError:
+        if jax.device_count() != count:
+            raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Points and what a point's computation returns
 
 
 @dataclass(frozen=True)
-class Run:
-    """One training run of a sweep."""
+class Point:
+    """One seed of one setting of a sweep."""
 
-    name: str  # its workdir under the sweep's root
-    config: Path
+    name: str  # unique in its experiment: the record file's name and --point's argument
+    labels: dict  # record fields the point fixes (model, task, x, seed, ...); may hold more
+    metrics: dict  # {name of a metric it computes: record fields of that metric's record}
+    spec: dict  # what it computes: a record made from another spec is stale
+    config: Path | None = None  # a run of the project's trainer: its config and overrides
     overrides: tuple[str, ...] = ()
-    labels: dict = field(default_factory=dict)  # record fields fixed by the run (model, cell, ...)
     test_batches: int | None = None  # the test evaluation's batches; None: eval.num_batches
 
 
-def record(**fields) -> dict:
-    """A flat record with every key of RECORD_KEYS (None where a key does not apply)."""
-    unknown = set(fields) - set(RECORD_KEYS)
-    if unknown:
-        raise KeyError(f"not record keys: {sorted(unknown)}")
-    return {key: fields.get(key) for key in RECORD_KEYS}
+@dataclass(frozen=True)
+class Outcome:
+    metrics: dict  # {name: value}: what `--point` prints
+    steps: int
+    stop_reason: str  # "steps" (the planned length), "stop_loss", "plateau", "diverged", ...
+    labels: dict = field(default_factory=dict)  # record fields known once computed (num_params)
+    details: dict = field(default_factory=dict)  # what the report reads besides the records
+
+
+def train_point(
+    name: str,
+    config: Path,
+    overrides: Sequence[str],
+    labels: dict,
+    metrics: dict,
+    seed: int,
+    test_batches: int | None = None,
+) -> Point:
+    """A point that trains `config` with `overrides` and train.seed=`seed`, then evaluates its
+    final checkpoint on the test split."""
+    overrides = (*overrides, f"train.seed={seed}")
+    spec = {"config": repo_path(config), "overrides": list(overrides), "test_batches": test_batches}
+    labels = {**labels, "seed": seed}
+    return Point(name, labels, metrics, spec, Path(config), overrides, test_batches)
+
+
+def repo_path(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def median_throughput(workdir: Path) -> float | None:
@@ -127,56 +189,281 @@ def evaluate_checkpoint(workdir: Path, num_batches: int | None = None) -> tuple[
     return {"step": step, **metrics}, size
 
 
-def execute(run: Run, workdir: Path) -> dict:
-    """Trains (or resumes) and evaluates one run; its result, also written to result.json."""
-    cfg = load(run.config, run.overrides)
+def run_training(point: Point, workdir: Path) -> Outcome:
+    """Trains (or resumes) a train_point in `workdir` and evaluates its last checkpoint."""
+    cfg = load(point.config, point.overrides)
     start, cpu_start = time.perf_counter(), time.process_time()
-    train(cfg, workdir, progress=False)
+    stop_reason = "steps"
+    try:
+        train(cfg, workdir, progress=False)
+    except TrainingDiverged:
+        stop_reason = "diverged"  # evaluated at the last good checkpoint
     train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    test, size = evaluate_checkpoint(workdir, run.test_batches)
-    result = {
-        "name": run.name,
-        "labels": run.labels,
+    test, size = evaluate_checkpoint(workdir, point.test_batches)
+    details = {
         "test": test,
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
-        "total_seconds": time.perf_counter() - start,
         "tokens_per_sec": median_throughput(workdir),
-        "num_params": size,
+        "curve": [[row["step"], row["loss"]] for row in read_metrics(workdir)],  # training loss
     }
-    partial = workdir / f"{RESULT_FILE}.partial"
-    partial.write_text(json.dumps(result, indent=2) + "\n")
-    partial.rename(workdir / RESULT_FILE)  # atomic: a result file is always complete
-    return result
+    metrics = {name: test[name] for name in point.metrics}
+    return Outcome(metrics, test["step"], stop_reason, {"num_params": size}, details)
 
 
-def run_sweep(runs: Sequence[Run], options: Options) -> list[dict]:
-    """Every run's result, in order; finished runs are read back, the others trained (or, with
-    report_only, left out)."""
-    # Identical computations compile once per sweep: the eval step of a run's training and of its
-    # test evaluation, and every run again when an interrupted sweep resumes.
-    jax.config.update("jax_compilation_cache_dir", str(options.root.parent / ".jax_cache"))
-    results = []
-    bar = tqdm(runs, unit="run", disable=not options.progress, desc=options.name)
-    for run in bar:
-        bar.set_postfix_str(run.name)
-        workdir = options.root / run.name
-        done = workdir / RESULT_FILE
-        if done.exists():
-            results.append(json.loads(done.read_text()))
-        elif not options.report_only:
-            results.append(execute(run, workdir))
-    if not results:
-        raise ConfigError(f"no finished runs in {options.root}")
-    return results
+# ---------------------------------------------------------------------------------------------
+# Records
 
 
-def write_records(records: list[dict], path: Path) -> None:
-    for rec in records:
-        if tuple(rec) != RECORD_KEYS:
-            raise ValueError(f"a record with keys {list(rec)}; expected {list(RECORD_KEYS)}")
+def versions() -> dict:
+    """The software a point was computed with, and on what."""
+    found = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    found["fwpzoo"] = git_commit()
+    devices = jax.devices()
+    found["devices"] = f"{len(devices)} x {devices[0].device_kind}"
+    return found
+
+
+def git_commit() -> str | None:
+    """The repository's commit, "+" if the work tree differs from it; None outside a checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "fwpzoo"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + "+" * bool(dirty)
+
+
+def point_command(options: Options, point: Point) -> str:
+    """The command line that recomputes `point` alone, on as many CPU devices as this run."""
+    parts = ["fwpzoo", "experiment", options.name]
+    if options.quick:
+        parts.append("--quick")
+    if jax.devices()[0].platform == "cpu":
+        parts += ["--cpu-devices", str(jax.device_count())]
+    return shlex.join([*parts, "--point", point.name])
+
+
+def records_of(stored: dict, keys: Sequence[str]) -> list[dict]:
+    """A point's flat records, one per metric, with the fields `keys` (None where one does not
+    apply)."""
+    run = {name: stored[name] for name in RUN_FIELDS}
+    records = []
+    for metric, extra in stored["metric_fields"].items():
+        value = stored["metrics"][metric]
+        fields = {**stored["labels"], **extra, "metric": metric, "value": value, **run}
+        records.append({key: fields.get(key) for key in keys})
+    return records
+
+
+def compute_point(point: Point, workdir: Path, options: Options, execute) -> dict:
+    """Computes one point; what its record file holds."""
+    start = time.perf_counter()
+    outcome = execute(point, workdir)
+    missing = set(point.metrics) - set(outcome.metrics)
+    if missing:
+        raise ValueError(f"point {point.name} did not compute {sorted(missing)}")
+    return {
+        "point": point.name,
+        "spec": point.spec,
+        "labels": {**point.labels, **outcome.labels},
+        "metric_fields": point.metrics,
+        "metrics": outcome.metrics,
+        "seed": point.labels.get("seed"),
+        "steps": outcome.steps,
+        "stop_reason": outcome.stop_reason,
+        "seconds": time.perf_counter() - start,
+        "versions": versions(),
+        "command": point_command(options, point),
+        "details": outcome.details,
+    }
+
+
+def read_point(path: Path, point: Point) -> dict | None:
+    """A point's record, None if it has none; ConfigError if it was made from another spec."""
+    if not path.exists():
+        return None
+    stored = json.loads(path.read_text())
+    if stored["spec"] != point.spec:
+        raise ConfigError(
+            f"{path} was computed from another spec ({stored['spec']} != {point.spec}); "
+            "remove it to recompute the point"
+        )
+    return stored
+
+
+def read_details(options: Options, point: str) -> dict:
+    """The details a recorded point kept beside its records (curves, timings)."""
+    return json.loads((options.points_dir / f"{point}.json").read_text())["details"]
+
+
+def write_json(path: Path, data) -> None:
+    """Atomically: a record file is always complete, even if the sweep is killed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records, indent=1) + "\n")
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(data, indent=1) + "\n")
+    partial.rename(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    keys: tuple[str, ...]  # the fields of its records, in order (RUN_FIELDS are appended)
+    points: Callable[[Options], list[Point]]  # its grid, in the order to compute it
+    report: Callable[[list[dict], list[Point], Options], str]  # (records, grid, options) -> page
+    execute: Callable[[Point, Path], Outcome] = run_training
+    extra_records: Callable[[Options], list[dict]] = lambda options: []  # e.g. compressors
+
+
+def run_points(experiment: Experiment, points: Sequence[Point], options: Options) -> list[dict]:
+    """The stored record of every point that has one, computing the others first (unless
+    report_only), each written as soon as it is done."""
+    stored = []
+    bar = tqdm(points, unit="point", disable=not options.progress, desc=options.name)
+    for point in bar:
+        bar.set_postfix_str(point.name)
+        path = options.points_dir / f"{point.name}.json"
+        done = read_point(path, point)
+        if done is None and not options.report_only:
+            done = compute_point(point, options.root / point.name, options, experiment.execute)
+            write_json(path, done)
+        if done is not None:
+            stored.append(done)
+    return stored
+
+
+def recompute_point(experiment: Experiment, points: Sequence[Point], options: Options) -> int:
+    """`--point NAME`: computes it alone in a fresh workdir (nothing recorded); prints metrics."""
+    by_name = {p.name: p for p in points}
+    if options.point not in by_name:
+        raise ConfigError(
+            f"unknown point {options.point!r} of {options.name}; `--list` shows the points"
+        )
+    with tempfile.TemporaryDirectory(prefix=f"fwpzoo-{options.name}-") as workdir:
+        outcome = experiment.execute(by_name[options.point], Path(workdir) / options.point)
+    print(json.dumps(outcome.metrics))
+    return 0
+
+
+def list_points(points: Sequence[Point], options: Options) -> int:
+    for point in points:
+        done = (options.points_dir / f"{point.name}.json").exists()
+        print(f"{'done   ' if done else 'pending'} {point.name}")
+    return 0
+
+
+def main(experiment: Experiment, argv: Sequence[str]) -> int:
+    """The `fwpzoo experiment NAME` entry point of an experiment."""
+    options = parse_options(experiment.name, argv)
+    use_cpu_devices(options.cpu_devices)
+    # Identical computations compile once: every seed of a setting, and a resumed sweep.
+    jax.config.update("jax_compilation_cache_dir", str(options.root.parent / ".jax_cache"))
+    points = experiment.points(options)
+    if options.point is not None:
+        return recompute_point(experiment, points, options)
+    if options.list_points:
+        return list_points(points, options)
+    stored = run_points(experiment, points, options)
+    if not stored:
+        raise ConfigError(f"no recorded points in {options.points_dir}")
+    keys = (*experiment.keys, *(k for k in RUN_FIELDS if k not in experiment.keys))
+    records = [rec for s in stored for rec in records_of(s, keys)]
+    records += [{key: rec.get(key) for key in keys} for rec in experiment.extra_records(options)]
+    write_json(options.out / f"{options.name}.json", records)
+    write_page(options.out / f"{options.name}.md", experiment.report(records, points, options))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports: medians over seeds with their range
+
+
+def group(records: Sequence[dict], by: Sequence[str]) -> dict[tuple, list[float]]:
+    """{values of the fields `by`: the values of the records that share them}, in first-seen
+    order."""
+    groups: dict[tuple, list[float]] = {}
+    for rec in records:
+        groups.setdefault(tuple(rec[key] for key in by), []).append(rec["value"])
+    return groups
+
+
+def spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """(median, min, max)."""
+    return statistics.median(values), min(values), max(values)
+
+
+def number(value: float) -> str:
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2g}"
+
+
+def spread_cell(values: Sequence[float] | None, seeds: int | None = None) -> str | None:
+    """ "median (min-max)" over seeds, with the count where it falls short of `seeds`."""
+    if not values:
+        return None
+    middle, low, high = spread(values)
+    text = (
+        number(middle) if len(values) == 1 else f"{number(middle)} ({number(low)}-{number(high)})"
+    )
+    if seeds is not None and len(values) < seeds:
+        text += f" [{len(values)}/{seeds} seeds]"
+    return text
+
+
+def errorbars(ax, curve: dict, **style) -> None:
+    """Plots {x: values over seeds} as the median with bars to the min and max."""
+    xs = sorted(curve)
+    if not xs:
+        return
+    middle, low, high = zip(*(spread(curve[x]) for x in xs), strict=True)
+    below = [m - lo for m, lo in zip(middle, low, strict=True)]
+    above = [hi - m for m, hi in zip(middle, high, strict=True)]
+    ax.errorbar(xs, middle, yerr=[below, above], capsize=2, marker="o", markersize=3, **style)
+
+
+def progress_note(points: Sequence[Point], records: Sequence[dict], options: Options) -> str:
+    """Which points are recorded and which pending, and the command that continues the sweep."""
+    done = {rec["point"] for rec in records if rec.get("point")}
+    pending = [p.name for p in points if p.name not in done]
+    text = f"Recorded: {len(points) - len(pending)} of {len(points)} points"
+    if not pending:
+        return text + "."
+    shown = ", ".join(pending[:12]) + (f", ... ({len(pending) - 12} more)" * (len(pending) > 12))
+    return (
+        f"{text}; pending: {shown}. `{sweep_command(options)}` computes the pending points "
+        "(each is recorded as it finishes; `--list` shows which)."
+    )
+
+
+def sweep_command(options: Options) -> str:
+    devices = f" --cpu-devices {options.cpu_devices}" if options.cpu_devices else ""
+    return f"fwpzoo experiment {options.name}" + " --quick" * options.quick + devices
+
+
+def compute_seconds(records: Sequence[dict]) -> str:
+    """The wall seconds of the recorded points (each counted once), in minutes."""
+    seconds = {rec["point"]: rec["seconds"] for rec in records if rec.get("point")}
+    return f"{sum(seconds.values()) / 60:.1f} min over {len(seconds)} points"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -184,7 +471,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
         if value is None:
             return "-"
         if isinstance(value, float):
-            return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3f}"
+            return number(value)
         return str(value)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -192,28 +479,11 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def wall_time(results: Sequence[dict]) -> str:
-    seconds = sum(r["total_seconds"] for r in results)
-    return f"{seconds / 60:.1f} min ({len(results)} runs, summed over runs)"
-
-
-def finish(
-    options: Options,
-    results: list[dict],
-    to_records: Callable[[dict], list[dict]],
-    report: Callable[[list[dict], list[dict], Options], str],
-    extra_records: Sequence[dict] = (),
-) -> list[dict]:
-    """Records of all results (and extra ones) -> NAME.json; the experiment's report -> NAME.md
-    (its plots beside it)."""
-    records = [rec for result in results for rec in to_records(result)] + list(extra_records)
-    write_records(records, options.out / f"{options.name}.json")
-    write_page(options.out / f"{options.name}.md", report(results, records, options))
-    return records
-
-
-def command(options: Options) -> str:
-    return f"fwpzoo experiment {options.name}" + " --quick" * options.quick
+def versions_line(records: Sequence[dict]) -> str:
+    """The software of the records, one line per distinct set."""
+    seen = {json.dumps(rec["versions"], sort_keys=True) for rec in records if rec.get("versions")}
+    sets = [json.loads(s) for s in sorted(seen)]
+    return "; ".join(", ".join(f"{k} {v}" for k, v in s.items()) for s in sets)
 
 
 # ---------------------------------------------------------------------------------------------

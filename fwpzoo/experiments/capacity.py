@@ -20,7 +20,6 @@ set of fresh sequences. Sweep settings: configs/experiments/capacity/{sweep,quic
 """
 
 import dataclasses
-import json
 import math
 import time
 import typing
@@ -32,21 +31,26 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import yaml
-from tqdm import tqdm
 
 from fwpzoo import cells
 from fwpzoo.config import ConfigError
 from fwpzoo.data.capacity import SETTINGS, capacity_batch
+from fwpzoo.experiments import _common
 from fwpzoo.experiments._common import (
     CONFIGS,
-    command,
+    Experiment,
+    Outcome,
+    Point,
+    compute_seconds,
+    errorbars,
+    group,
     markdown_table,
-    parse_options,
-    record,
-    write_records,
+    progress_note,
+    spread,
+    sweep_command,
+    versions_line,
 )
 from fwpzoo.layers.feature_maps import apply_feature_map, favor_projection, feature_dim
-from fwpzoo.reports import write_page
 
 NAME = "capacity"
 # record spelling of a feature map -> (feature_maps registry name, nu)
@@ -190,7 +194,7 @@ class Sweep:
     max_steps: int
     form: str  # the cells' form: recurrent or chunkwise
     chunk_size: int
-    seed: int
+    seeds: tuple[int, ...]
     settings: tuple[str, ...]
     models: tuple[str, ...]  # "sum-elu1", "delta-dpfp2", ..., "softmax"
     # the S grid of each setting and rule (sum, delta or softmax), or of one model where it
@@ -255,6 +259,8 @@ def check_sweep(sweep: Sweep, path) -> None:
             )
         if not all(isinstance(s, int) and s >= 1 for grid in grids.values() for s in grid):
             raise ConfigError(f"sweep {path}: num_pairs.{setting} must hold positive integers")
+    if not sweep.seeds or not all(isinstance(seed, int) for seed in sweep.seeds):
+        raise ConfigError(f"sweep {path}: seeds must be a non-empty list of integers")
     if sweep.final_sequences % sweep.eval_sequences or sweep.max_steps % sweep.eval_every:
         raise ConfigError(
             f"sweep {path}: final_sequences must be a multiple of eval_sequences and "
@@ -289,18 +295,20 @@ def phi_dim(model: str, sweep: Sweep) -> int | None:
     return feature_dim(name, sweep.d_key, nu=nu, num_features=sweep.favor_features)
 
 
-def draw(sweep: Sweep, setting: str, num_pairs: int, stream: str, index: int, count: int):
+def draw(
+    sweep: Sweep, setting: str, num_pairs: int, seed: int, stream: str, index: int, count: int
+):
     """`count` stacked batches [count, B, ...] of fresh sequences, a pure function of the
     arguments."""
-    rng = np.random.default_rng((sweep.seed, num_pairs, STREAMS[stream], index))
+    rng = np.random.default_rng((seed, num_pairs, STREAMS[stream], index))
     flat = capacity_batch(rng, count * sweep.batch_size, num_pairs, setting)
     return {key: x.reshape(count, sweep.batch_size, *x.shape[1:]) for key, x in flat.items()}
 
 
-def train_run(sweep: Sweep, setting: str, model: str, num_pairs: int) -> dict:
-    """Trains one model on one (setting, S) and returns its result row."""
+def train_run(sweep: Sweep, setting: str, model: str, num_pairs: int, seed: int) -> dict:
+    """Trains one model on one (setting, S) from one seed and returns its result row."""
     start = time.perf_counter()
-    init_key, favor_key = jax.random.split(jax.random.key(sweep.seed))
+    init_key, favor_key = jax.random.split(jax.random.key(seed))
     projection = None
     if model.endswith("favor"):
         projection = favor_projection(favor_key, sweep.d_key, sweep.favor_features)
@@ -317,9 +325,10 @@ def train_run(sweep: Sweep, setting: str, model: str, num_pairs: int) -> dict:
     )
     best, strikes, curve, stopped = math.inf, 0, [], "max_steps"
     for index in range(sweep.max_steps // sweep.eval_every):
-        batches = draw(sweep, setting, num_pairs, "train", index, sweep.eval_every)
+        batches = draw(sweep, setting, num_pairs, seed, "train", index, sweep.eval_every)
         params, opt_state, _ = train_chunk(params, opt_state, batches)
-        loss = float(evaluate(params, draw(sweep, setting, num_pairs, "eval", index, per_eval)))
+        eval_batches = draw(sweep, setting, num_pairs, seed, "eval", index, per_eval)
+        loss = float(evaluate(params, eval_batches))
         curve.append(((index + 1) * sweep.eval_every, loss))
         if not math.isfinite(loss):
             stopped = "nan"
@@ -332,13 +341,14 @@ def train_run(sweep: Sweep, setting: str, model: str, num_pairs: int) -> dict:
             stopped = "plateau"
             break
     final = [
-        float(evaluate(params, draw(sweep, setting, num_pairs, "final", i, per_eval)))
+        float(evaluate(params, draw(sweep, setting, num_pairs, seed, "final", i, per_eval)))
         for i in range(sweep.final_sequences // sweep.eval_sequences)
     ]
     return {
         "setting": setting,
         "model": model,
         "num_pairs": num_pairs,
+        "seed": seed,
         "phi_dim": phi_dim(model, sweep),
         "loss": float(np.mean(final)),
         "steps": curve[-1][0],
@@ -348,47 +358,32 @@ def train_run(sweep: Sweep, setting: str, model: str, num_pairs: int) -> dict:
     }
 
 
-def run_key(setting: str, model: str, num_pairs: int) -> str:
-    return f"{setting}-{model}-S{num_pairs}"
-
-
-def read_results(path: Path) -> dict[str, dict]:
-    if not path.exists():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {run_key(r["setting"], r["model"], r["num_pairs"]): r for r in rows}
-
-
-def run_sweep(sweep: Sweep, results_path: Path, options) -> list[dict]:
-    """Every run of the grid; finished ones (a line in results_path) are read back, the others
-    trained and appended as they finish, so an interrupted sweep resumes where it stopped. With
-    options.report_only nothing is trained: the finished runs alone."""
-    done = read_results(results_path)
-    points = grid(sweep)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(points, unit="run", desc=NAME, disable=not options.progress)
-    for setting, model, s in bar:
-        key = run_key(setting, model, s)
-        bar.set_postfix_str(key)
-        if key not in done and not options.report_only:
-            done[key] = train_run(sweep, setting, model, s)
-            with results_path.open("a") as f:
-                f.write(json.dumps(done[key]) + "\n")
-    results = [done[run_key(*point)] for point in points if run_key(*point) in done]
-    if not results:
-        raise ConfigError(f"no finished runs in {results_path}")
-    return results
-
-
 # ---------------------------------------------------------------------------------------------
-# Records and report
+# Points, records and report
+
+KEYS = (
+    "model",
+    "cell",
+    "rule",
+    "feature_map",
+    "phi_dim",
+    "beta_range",
+    "setting",
+    "state_size",
+    "x",
+    "seed",
+    "metric",
+    "value",
+)
+TRAINING_FIELDS = tuple(
+    f.name for f in dataclasses.fields(Sweep) if f.name not in ("seeds", "settings", "models")
+)
 
 
-def to_record(result: dict, sweep: Sweep) -> dict:
-    model, s = result["model"], result["num_pairs"]
-    length = s if result["setting"] == "unique" else 2 * s
-    if model == SOFTMAX:
-        # attention keeps every key and value: L (D + V) numbers
+def labels_of(sweep: Sweep, setting: str, model: str, s: int) -> dict:
+    """Record fields of one (setting, model, S)."""
+    length = s if setting == "unique" else 2 * s
+    if model == SOFTMAX:  # attention keeps every key and value: L (D + V) numbers
         labels = {
             "model": "attention",
             "feature_map": SOFTMAX,
@@ -396,21 +391,48 @@ def to_record(result: dict, sweep: Sweep) -> dict:
         }
     else:
         rule, feature_map = model.split("-")
+        phi = phi_dim(model, sweep)
         labels = {
             "model": RULE_CELL[rule],
             "cell": RULE_CELL[rule],
             "rule": rule,
             "feature_map": feature_map,
-            "phi_dim": result["phi_dim"],
+            "phi_dim": phi,
             "beta_range": "0,1" if rule == "delta" else None,
-            "state_size": result["phi_dim"] * s,  # the fast weights K' x V
+            "state_size": phi * s,  # the fast weights K' x V
         }
-    return record(**labels, setting=result["setting"], x=s, metric="loss", value=result["loss"])
+    return {**labels, "setting": setting, "x": s}
 
 
-def plot(results: list[dict], sweep: Sweep, path: Path) -> None:
-    """Final loss against S: a panel per setting x rule, a line per feature map, softmax
-    attention dashed in every panel."""
+def make_points(options) -> list[Point]:
+    """Seeds outermost, so a sweep cut short has every (setting, model, S) once first."""
+    file = sweep_file(options)
+    sweep = load_sweep(CONFIGS / NAME / file)
+    training = {name: getattr(sweep, name) for name in TRAINING_FIELDS}
+    points = []
+    for seed in sweep.seeds:
+        for setting, model, s in grid(sweep):
+            spec = {"sweep": file, **training, "setting": setting, "model": model, "S": s}
+            spec["seed"] = seed
+            labels = {**labels_of(sweep, setting, model, s), "seed": seed}
+            points.append(Point(f"{setting}-{model}-S{s}-s{seed}", labels, {"loss": {}}, spec))
+    return points
+
+
+def execute(point: Point, workdir: Path) -> Outcome:
+    """Trains one point (the workdir is unused: a run takes seconds and keeps nothing)."""
+    del workdir
+    spec = point.spec
+    sweep = load_sweep(CONFIGS / NAME / spec["sweep"])
+    result = train_run(sweep, spec["setting"], spec["model"], spec["S"], spec["seed"])
+    return Outcome(
+        {"loss": result["loss"]}, result["steps"], result["stopped"], {}, {"curve": result["curve"]}
+    )
+
+
+def plot(records: list[dict], sweep: Sweep, path: Path) -> None:
+    """Final loss against S (median over seeds, bars to min and max): a panel per setting x
+    rule, a line per feature map, softmax attention dashed in every panel."""
     rules = list(dict.fromkeys(rule_of(m) for m in sweep.models if m != SOFTMAX)) or [SOFTMAX]
     fig, axes = plt.subplots(
         len(sweep.settings),
@@ -418,23 +440,19 @@ def plot(results: list[dict], sweep: Sweep, path: Path) -> None:
         figsize=(4.6 * len(rules), 3.6 * len(sweep.settings)),
         squeeze=False,
     )
+    curves = group(records, ["setting", "sweep_model", "x"])
     for row, setting in enumerate(sweep.settings):
         for col, rule in enumerate(rules):
             ax = axes[row][col]
             for model in sweep.models:
                 if model != SOFTMAX and not model.startswith(rule + "-"):
                     continue
-                mine = sorted(
-                    (r["num_pairs"], r["loss"])
-                    for r in results
-                    if r["setting"] == setting and r["model"] == model
-                )
+                curve = {s: v for (st, m, s), v in curves.items() if st == setting and m == model}
                 label = SOFTMAX if model == SOFTMAX else model.split("-")[1]
                 phi = phi_dim(model, sweep)
                 label += f" ({phi})" if phi else " attention"
-                style = "k--" if model == SOFTMAX else "o-"
-                if mine:  # a report of an unfinished sweep may lack a model
-                    ax.plot(*zip(*mine, strict=True), style, label=label, markersize=3)
+                style = {"color": "k", "ls": "--"} if model == SOFTMAX else {}
+                errorbars(ax, curve, label=label, **style)
             all_s = sorted({s for grid in sweep.num_pairs[setting].values() for s in grid})
             ax.set(title=f"{setting}, {rule} rule", xlabel="stored pairs S", ylabel="final loss")
             ax.set_yscale("log")
@@ -448,72 +466,84 @@ def plot(results: list[dict], sweep: Sweep, path: Path) -> None:
     plt.close(fig)
 
 
-def capacity_of(results: list[dict], stop_loss: float) -> int | None:
-    """The largest S up to which every run of a model reached stop_loss (None if the smallest
-    already failed)."""
+def capacity_of(losses: dict[int, list[float]], stop_loss: float) -> int | None:
+    """The largest S up to which the median loss over seeds ended below 10 x stop_loss (None
+    if the smallest S already failed)."""
     best = None
-    for r in sorted(results, key=lambda r: r["num_pairs"]):
-        if r["loss"] > stop_loss * 10:
+    for s in sorted(losses):
+        if spread(losses[s])[0] > stop_loss * 10:
             break
-        best = r["num_pairs"]
+        best = s
     return best
 
 
-def loss_cell(loss: float | None) -> str | None:
-    """Two significant digits: the losses span 1e-4 to 0.5."""
-    return None if loss is None else f"{loss:.2g}"
+def loss_cell(losses: list[float] | None, seeds: int) -> str | None:
+    """Two significant digits (the losses span 1e-4 to 0.5): median (min-max) over seeds."""
+    if not losses:
+        return None
+    middle, low, high = spread(losses)
+    text = f"{middle:.2g}" if len(losses) == 1 else f"{middle:.2g} ({low:.2g}-{high:.2g})"
+    return text + (f" [{len(losses)}/{seeds}]" if len(losses) < seeds else "")
 
 
-def report(results: list[dict], sweep: Sweep, options, wall_seconds: float) -> str:
-    plot(results, sweep, options.out / f"{NAME}.png")
+def report(records: list[dict], points: list[Point], options) -> str:
+    sweep = load_sweep(CONFIGS / NAME / sweep_file(options))
+    records = [{**rec, "sweep_model": sweep_model(rec)} for rec in records]
+    plot(records, sweep, options.out / f"{NAME}.png")
+    losses = group(records, ["setting", "sweep_model", "x"])
+    seeds = len(sweep.seeds)
     sections = []
     for setting in sweep.settings:
         rows = []
         all_s = sorted({s for grid in sweep.num_pairs[setting].values() for s in grid})
         for model in sweep.models:
-            mine = [r for r in results if r["setting"] == setting and r["model"] == model]
-            by_s = {r["num_pairs"]: r["loss"] for r in mine}
+            mine = {s: v for (st, m, s), v in losses.items() if st == setting and m == model}
             rows.append(
                 [model, phi_dim(model, sweep), capacity_of(mine, sweep.stop_loss)]
-                + [loss_cell(by_s.get(s)) for s in all_s]
+                + [loss_cell(mine.get(s), seeds) for s in all_s]
             )
         header = ["model", "dim phi", "largest S solved", *(f"S={s}" for s in all_s)]
         sections.append(f"### {setting}\n\n{markdown_table(header, rows)}")
     stopped = {}
-    for r in results:
-        stopped[r["stopped"]] = stopped.get(r["stopped"], 0) + 1
+    for rec in records:
+        stopped[rec["stop_reason"]] = stopped.get(rec["stop_reason"], 0) + 1
     return f"""# Associative retrieval capacity (Schlag, Irie & Schmidhuber 2021)
 
-Command: `{command(options)}` (sweep: `configs/experiments/{NAME}/{sweep_file(options)}`).
-Wall time here: {wall_seconds / 60:.1f} min summed over {len(results)} runs
-(2-core CPU shared with other work; each run's seconds are in its results.jsonl row).
+Command: `{sweep_command(options)}` (sweep: `configs/experiments/{NAME}/{sweep_file(options)}`);
+each record in `{NAME}.json` names the command that recomputes its point alone.
+{progress_note(points, records, options)}
+Compute here: {compute_seconds(records)} (2-core CPU shared with other work).
 
 Setup: d_key = {sweep.d_key}, FAVOR+ with {sweep.favor_features} random features, batch
-{sweep.batch_size}, Adam {sweep.learning_rate:g}, cells in their {sweep.form} form. A run stops when
-the loss on {sweep.eval_sequences} fresh sequences (every {sweep.eval_every} steps) reaches
-{sweep.stop_loss:g}, after {sweep.patience} evaluations without improvement, or at
-{sweep.max_steps} steps; reported is the loss on {sweep.final_sequences} further fresh sequences.
-"Largest S solved": the largest S up to which every run ended below {10 * sweep.stop_loss:g}.
+{sweep.batch_size}, Adam {sweep.learning_rate:g}, cells in their {sweep.form} form, seeds
+{", ".join(map(str, sweep.seeds))}. A run stops when the loss on {sweep.eval_sequences} fresh
+sequences (every {sweep.eval_every} steps) reaches {sweep.stop_loss:g}, after {sweep.patience}
+evaluations without improvement, or at {sweep.max_steps} steps; reported is the loss on
+{sweep.final_sequences} further fresh sequences. "Largest S solved": the largest S up to which
+the median over seeds ended below {10 * sweep.stop_loss:g}.
 How runs ended: {", ".join(f"{k} {v}" for k, v in sorted(stopped.items()))}.
 
 ![final loss against S]({NAME}.png)
 
-Final loss (1/2 squared error to the one-hot value, averaged over sequences):
+Final loss (1/2 squared error to the one-hot value, averaged over sequences), median over seeds
+(min-max in brackets; [n/{seeds}] where seeds are missing):
 
 {chr(10).join(s + chr(10) for s in sections)}
+Software: {versions_line(records)}.
 """
+
+
+def sweep_model(rec: dict) -> str:
+    """The sweep's name of a record's model: "RULE-MAP" or "softmax"."""
+    return SOFTMAX if rec["model"] == "attention" else f"{rec['rule']}-{rec['feature_map']}"
 
 
 def sweep_file(options) -> str:
     return "quick.yaml" if options.quick else "sweep.yaml"
 
 
+EXPERIMENT = Experiment(NAME, KEYS, make_points, report, execute)
+
+
 def main(argv) -> int:
-    options = parse_options(NAME, argv)
-    sweep = load_sweep(CONFIGS / NAME / sweep_file(options))
-    results = run_sweep(sweep, options.root / "results.jsonl", options)
-    records = [to_record(r, sweep) for r in results]
-    write_records(records, options.out / f"{NAME}.json")
-    wall_seconds = sum(r["seconds"] for r in results)
-    write_page(options.out / f"{NAME}.md", report(results, sweep, options, wall_seconds))
-    return 0
+    return _common.main(EXPERIMENT, argv)

@@ -10,37 +10,43 @@ test bytes.
 
 import bz2
 import gzip
-import json
 import lzma
 import math
-import time
-from pathlib import Path
 
-import jax
 import matplotlib.pyplot as plt
-from tqdm import tqdm
 
 from fwpzoo.config import load
 from fwpzoo.data.corpora import load_corpus
+from fwpzoo.experiments import _common
 from fwpzoo.experiments._common import (
     CONFIGS,
+    Experiment,
     Options,
-    Run,
-    command,
-    finish,
+    compute_seconds,
+    group,
     markdown_table,
     model_labels,
-    parse_options,
-    record,
-    run_sweep,
-    wall_time,
+    progress_note,
+    read_details,
+    spread_cell,
+    sweep_command,
+    train_point,
+    versions_line,
 )
-from fwpzoo.train import make_train_step, prepare
-from fwpzoo.train.metrics import read_metrics
-from fwpzoo.train.sharding import shard_batch
-from fwpzoo.train.state import init_train_state
 
 NAME = "charlm"
+KEYS = (
+    "model",
+    "cell",
+    "task",
+    "corpus",
+    "state_size",
+    "num_params",
+    "x",
+    "seed",
+    "metric",
+    "value",
+)
 MODELS = (
     "attention",
     "linear_attn",
@@ -51,21 +57,20 @@ MODELS = (
     "mamba2",
     "ssm",
 )
+CORPORA = ("gutenberg", "brown")
+SEEDS = (0, 1)  # a point costs more than 10 CPU-minutes
 LN2 = math.log(2)
-BUDGET_S = 40.0  # CPU seconds of training per model
-PROBE_STEPS = 5
 WHOLE_SPLIT = 10**9  # more batches than any split has: text evaluation stops at the split's end
-QUICK_MODELS = ("delta_rule", "attention")
+QUICK_MODELS, QUICK_CORPORA, QUICK_SEEDS = ("delta_rule", "attention"), ("fixture",), (0,)
 QUICK_OVERRIDES = (
-    "data.corpus=fixture",
     "data.seq_len=32",
+    "train.steps=2",
     "train.batch_size=4",
     "train.warmup_steps=1",
     "train.log_every=1",
     "eval.batch_size=4",
-    "eval.num_batches=1",
+    "eval.lengths=[64]",
 )
-QUICK_BUDGET_S, QUICK_PROBE_STEPS = 0.2, 2
 COMPRESSORS = {
     "gzip": lambda data: gzip.compress(data, compresslevel=9),
     "bz2": lambda data: bz2.compress(data, compresslevel=9),
@@ -73,62 +78,23 @@ COMPRESSORS = {
 }
 
 
-def cpu_seconds_per_step(config: Path, overrides: tuple[str, ...], steps: int) -> float:
-    """Process CPU seconds per training step, measured over `steps` steps after compilation.
-
-    CPU time rather than wall time: on a machine shared with other jobs, wall time measures the
-    neighbours as much as the model.
-    """
-    cfg = load(config, overrides)
-    run = prepare(cfg)
-    state = init_train_state(cfg, run.task.vocab_size, run.optimizer, run.mesh)
-    train_step = jax.jit(make_train_step(run.graphdef, run.optimizer, grad_accum=1))
-    batches = [
-        shard_batch(run.task.train_batch(i, cfg.train.batch_size), run.mesh)
-        for i in range(steps + 1)
-    ]
-    state, _ = jax.block_until_ready(train_step(state, batches[0]))  # compiles
-    start = time.process_time()
-    for batch in batches[1:]:
-        state, _ = train_step(state, batch)
-    jax.block_until_ready(state)
-    return (time.process_time() - start) / steps
-
-
-def budget_and_probe(options: Options) -> tuple[float, int]:
-    """(CPU seconds of training per model, steps timed by the probe)."""
-    return (QUICK_BUDGET_S, QUICK_PROBE_STEPS) if options.quick else (BUDGET_S, PROBE_STEPS)
-
-
-def budgeted_steps(model: str, overrides: tuple[str, ...], options: Options) -> int:
-    """train.steps that fill the CPU-time budget for `model`; the probe's measurement is kept in
-    steps.json, so a resumed sweep trains the same number of steps without probing again."""
-    budget, probe = budget_and_probe(options)
-    stored = options.root / model / "steps.json"
-    if not stored.exists():
-        per_step = cpu_seconds_per_step(CONFIGS / NAME / f"{model}.yaml", overrides, probe)
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        stored.write_text(json.dumps({"cpu_seconds_per_step": per_step}) + "\n")
-    per_step = json.loads(stored.read_text())["cpu_seconds_per_step"]
-    return max(int(budget / per_step), 2)
-
-
-def make_runs(options: Options) -> list[Run]:
-    runs = []
-    base = QUICK_OVERRIDES if options.quick else ()
-    for model in tqdm(
-        QUICK_MODELS if options.quick else MODELS,
-        desc="probe",
-        unit="model",
-        disable=not options.progress,
-    ):
-        if options.report_only and not (options.root / model / "steps.json").exists():
-            continue  # never probed, so never trained
-        path = CONFIGS / NAME / f"{model}.yaml"
-        overrides = (*base, f"train.steps={budgeted_steps(model, base, options)}")
-        labels = {**model_labels(load(path, overrides)), "model": model}
-        runs.append(Run(model, path, overrides, labels, test_batches=WHOLE_SPLIT))
-    return runs
+def make_points(options: Options) -> list:
+    points = []
+    quick = options.quick
+    for seed in QUICK_SEEDS if quick else SEEDS:
+        for corpus in QUICK_CORPORA if quick else CORPORA:
+            for model in QUICK_MODELS if quick else MODELS:
+                path = CONFIGS / NAME / f"{model}.yaml"
+                overrides = (f"data.corpus={corpus}", *(QUICK_OVERRIDES if quick else ()))
+                cfg = load(path, overrides)
+                labels = {**model_labels(cfg), "model": model, "task": "text", "corpus": corpus}
+                metrics = {"bpc": {"x": cfg.data.seq_len}}
+                metrics |= {f"bpc@{n}": {"x": n} for n in cfg.eval.lengths}
+                name = f"{corpus}-{model}-s{seed}"
+                points.append(
+                    train_point(name, path, overrides, labels, metrics, seed, WHOLE_SPLIT)
+                )
+    return points
 
 
 def compressor_bpc(corpus: str, data_dir: str) -> dict[str, float]:
@@ -137,91 +103,90 @@ def compressor_bpc(corpus: str, data_dir: str) -> dict[str, float]:
     return {name: 8 * len(compress(test)) / len(test) for name, compress in COMPRESSORS.items()}
 
 
-def to_records(result: dict) -> list[dict]:
-    labels = {**result["labels"], "task": "text"}
-    return [record(**labels, metric="bpc", value=result["test"]["bpc"])]
+def compressor_records(options: Options) -> list[dict]:
+    """The compressors' bpc on each corpus's test split, as records."""
+    corpora = QUICK_CORPORA if options.quick else CORPORA
+    return [
+        {"model": name, "task": "text", "corpus": corpus, "metric": "bpc", "value": value}
+        for corpus in corpora
+        for name, value in compressor_bpc(corpus, "data").items()
+    ]
 
 
-def plot_curves(results: list[dict], root: Path, path: Path) -> None:
-    """Training bpc (lines) and validation bpc (dots) against CPU seconds of training: the
-    probed CPU seconds per step times the step, the axis on which the budgets are equal."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for result in results:
-        workdir = root / result["name"]
-        per_step = json.loads((workdir / "steps.json").read_text())["cpu_seconds_per_step"]
-        rows = read_metrics(workdir)
-        seconds = [row["step"] * per_step for row in rows]
-        (line,) = ax.plot(seconds, [r["loss"] / LN2 for r in rows], label=result["name"])
-        valid = [
-            (t, r["valid_bpc"]) for t, r in zip(seconds, rows, strict=True) if "valid_bpc" in r
-        ]
-        ax.plot(*zip(*valid, strict=True), "o", color=line.get_color())
-    ax.set(
-        xlabel="training CPU seconds (probed per step)",
-        ylabel="bits per byte",
-        title="train (lines), valid (dots)",
-    )
-    ax.legend(fontsize=7)
+def plot_curves(records: list[dict], options: Options, path) -> None:
+    """Training bpc against the point's seconds, a panel per corpus, a line per model and seed;
+    the compressors' test bpc dashed."""
+    corpora = list(dict.fromkeys(r["corpus"] for r in records))
+    fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), squeeze=False)
+    colours = {}
+    for ax, corpus in zip(axes[0], corpora, strict=True):
+        mine = [r for r in records if r["corpus"] == corpus]
+        for rec in (r for r in mine if r["metric"] == "bpc" and r["model"] not in COMPRESSORS):
+            curve = read_details(options, rec["point"])["curve"]
+            seconds_per_step = rec["seconds"] / max(curve[-1][0], 1)
+            colour = colours.setdefault(rec["model"], f"C{len(colours)}")
+            xs = [step * seconds_per_step for step, _ in curve]
+            label = rec["model"] if rec["model"] not in ax.get_legend_handles_labels()[1] else None
+            ax.plot(xs, [loss / LN2 for _, loss in curve], color=colour, lw=0.8, label=label)
+        for rec in (r for r in mine if r["model"] in COMPRESSORS):
+            ax.axhline(rec["value"], color="grey", ls="--", lw=0.8)
+            ax.annotate(
+                rec["model"], (0.01, rec["value"]), xycoords=("axes fraction", "data"), fontsize=7
+            )
+        ax.set(title=corpus, xlabel="seconds into the point (wall)", ylabel="train bits per byte")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def report(results: list[dict], records: list[dict], options: Options) -> str:
-    plot_curves(results, options.root, options.out / f"{NAME}.png")
-    budget, probe = budget_and_probe(options)
-    rows = [
-        [
-            r["name"],
-            r["num_params"],
-            r["labels"]["state_size"],
-            r["test"]["step"],
-            round(r["train_cpu_seconds"]),
-            round(r["train_seconds"]),
-            None if r["tokens_per_sec"] is None else round(r["tokens_per_sec"]),
-            r["test"]["bpc"],
+def report(records: list[dict], points: list, options: Options) -> str:
+    plot_curves(records, options, options.out / f"{NAME}.png")
+    seeds = len(QUICK_SEEDS if options.quick else SEEDS)
+    models = [r for r in records if r["model"] not in COMPRESSORS]
+    metrics = list(dict.fromkeys(r["metric"] for r in models))
+    cells = group(models, ["corpus", "model", "metric"])
+    sections = []
+    for corpus in dict.fromkeys(r["corpus"] for r in records):
+        rows = []
+        for model in dict.fromkeys(r["model"] for r in models if r["corpus"] == corpus):
+            mine = [r for r in models if r["corpus"] == corpus and r["model"] == model]
+            rows.append(
+                [
+                    model,
+                    mine[0]["num_params"],
+                    mine[0]["state_size"],
+                    max(r["steps"] for r in mine),
+                    *(spread_cell(cells.get((corpus, model, m)), seeds) for m in metrics),
+                ]
+            )
+        rows += [
+            [r["model"], None, None, None, *([r["value"]] * len(metrics))]
+            for r in records
+            if r["corpus"] == corpus and r["model"] in COMPRESSORS
         ]
-        for r in results
-    ]
-    rows += [
-        [rec["model"], None, None, None, None, None, None, rec["value"]]
-        for rec in records
-        if rec["model"] in COMPRESSORS
-    ]
-    header = [
-        "model",
-        "parameters",
-        "state size",
-        "steps",
-        "train CPU s",
-        "train wall s",
-        "tokens/s",
-        "test bpc",
-    ]
-    return f"""# Byte-level language modelling on Gutenberg
+        header = ["model", "parameters", "state size", "steps", *(f"test {m}" for m in metrics)]
+        sections.append(f"### {corpus}\n\n{markdown_table(header, rows)}")
+    return f"""# Byte-level language modelling on Gutenberg and Brown
 
-Command: `{command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`).
-Wall time here: {wall_time(results)}.
-Each model gets the same training time: {budget:g} CPU seconds of the training process, as
-steps from a probe that times {probe} steps after compilation (CPU time, since this machine is
-shared and wall time also measures the neighbours). "train CPU s" and "train wall s" are what
-the whole run then took, compilation and checkpoints included; tokens/s is the median over the
-run's logged intervals in wall time. State size is per layer.
+Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`); each record in
+`{NAME}.json` names the command that recomputes its point alone.
+{progress_note(points, records, options)}
+Compute here: {compute_seconds(records)}.
+Test bits per byte over the whole test split, the median over {seeds} seeds (min-max in
+brackets): `bpc` in windows of the training length, `bpc@L` in windows of L bytes (the state
+runs across the whole window); the compressors compress the same test bytes as one stream. State
+size is per layer.
 
-{markdown_table(header, rows)}
+{chr(10).join(s + chr(10) for s in sections)}
+![training curves]({NAME}.png)
 
-![loss curves]({NAME}.png)
+Software: {versions_line(records)}.
 """
 
 
+EXPERIMENT = Experiment(NAME, KEYS, make_points, report, extra_records=compressor_records)
+
+
 def main(argv) -> int:
-    options = parse_options(NAME, argv)
-    runs = make_runs(options)
-    results = run_sweep(runs, options)
-    cfg = load(runs[0].config, runs[0].overrides)
-    compressors = [
-        record(model=name, task="text", metric="bpc", value=value)
-        for name, value in compressor_bpc(cfg.data.corpus, cfg.data.data_dir).items()
-    ]
-    finish(options, results, to_records, report, extra_records=compressors)
-    return 0
+    return _common.main(EXPERIMENT, argv)

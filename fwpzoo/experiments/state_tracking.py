@@ -9,17 +9,20 @@ N = 1 and N = 2 Householder steps per token. Configs: configs/experiments/state_
 import matplotlib.pyplot as plt
 
 from fwpzoo.config import load
+from fwpzoo.experiments import _common
 from fwpzoo.experiments._common import (
     CONFIGS,
-    Run,
-    command,
-    finish,
+    Experiment,
+    compute_seconds,
+    errorbars,
+    group,
     markdown_table,
     model_labels,
-    parse_options,
-    record,
-    run_sweep,
-    wall_time,
+    progress_note,
+    spread_cell,
+    sweep_command,
+    train_point,
+    versions_line,
 )
 
 NAME = "state_tracking"
@@ -34,7 +37,7 @@ RUNS = {
     "s3-delta_product-n1": ("s3", "delta_product_n1"),
     "s3-delta_product-n2": ("s3", "delta_product_n2"),
 }
-SEEDS = (0,)
+SEEDS = (0, 1, 2)
 CHANCE = {"parity": 1 / 2, "mod3": 1 / 3, "s3": 1 / 6}  # accuracy of a uniform guess
 QUICK_RUNS, QUICK_SEEDS = ("parity-delta_rule-beta02", "s3-delta_product-n2"), (0,)
 QUICK_OVERRIDES = (
@@ -45,45 +48,40 @@ QUICK_OVERRIDES = (
 )
 
 
-def make_runs(quick: bool) -> list[Run]:
-    runs = []
+KEYS = ("model", "cell", "beta_range", "task", "x", "seed", "metric", "value")
+TRAIN_LENGTHS = "train"  # x of the accuracy on the training lengths
+
+
+def make_points(options) -> list:
+    points = []
     # seeds outermost, so a sweep cut short has every config at least once
-    for seed in QUICK_SEEDS if quick else SEEDS:
-        for name in QUICK_RUNS if quick else RUNS:
+    for seed in QUICK_SEEDS if options.quick else SEEDS:
+        for name in QUICK_RUNS if options.quick else RUNS:
             task, model = RUNS[name]
             path = CONFIGS / NAME / f"{name}.yaml"
-            overrides = (f"train.seed={seed}", *(QUICK_OVERRIDES if quick else ()))
-            labels = {**model_labels(load(path, overrides)), "model": model, "task": task}
-            runs.append(Run(f"{name}-seed{seed}", path, overrides, {**labels, "seed": seed}))
-    return runs
+            overrides = QUICK_OVERRIDES if options.quick else ()
+            cfg = load(path, overrides)
+            labels = {**model_labels(cfg), "model": model, "task": task}
+            metrics = {"accuracy": {"x": TRAIN_LENGTHS}}
+            metrics |= {f"accuracy@{n}": {"x": n} for n in cfg.eval.lengths}
+            points.append(train_point(f"{name}-s{seed}", path, overrides, labels, metrics, seed))
+    return points
 
 
-def lengths(result: dict) -> list[int]:
-    """The test lengths of a result: its "accuracy@L" metrics."""
-    return sorted(int(key.split("@")[1]) for key in result["test"] if key.startswith("accuracy@"))
+def variant(point_name: str) -> str:
+    """How a run is named in tables and legends: its config's name without the task and seed."""
+    return point_name.split("-", 1)[1].rsplit("-s", 1)[0]
 
 
-def to_records(result: dict) -> list[dict]:
-    labels = {k: v for k, v in result["labels"].items() if k != "seed"}
-    return [
-        record(**labels, x=length, metric="accuracy", value=result["test"][f"accuracy@{length}"])
-        for length in lengths(result)
-    ]
-
-
-def variant(result: dict) -> str:
-    """How a run is named in tables and legends: its config's name without the task."""
-    return result["name"].split("-", 1)[1].rsplit("-seed", 1)[0]
-
-
-def plot(results: list[dict], path) -> None:
-    tasks = list(dict.fromkeys(r["labels"]["task"] for r in results))
+def plot(records: list[dict], path) -> None:
+    tasks = list(dict.fromkeys(r["task"] for r in records))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
+    at_length = [r for r in records if r["x"] != TRAIN_LENGTHS]
     for ax, task in zip(axes[0], tasks, strict=True):
-        for result in (r for r in results if r["labels"]["task"] == task):
-            xs = lengths(result)
-            ys = [result["test"][f"accuracy@{x}"] for x in xs]
-            ax.plot(xs, ys, "o-", label=f"{variant(result)} s{result['labels']['seed']}")
+        curves = group([r for r in at_length if r["task"] == task], ["point_variant", "x"])
+        for name in dict.fromkeys(v for v, _ in curves):
+            curve = {x: values for (v, x), values in curves.items() if v == name}
+            errorbars(ax, curve, label=name)
         ax.axvline(40, color="grey", lw=0.8, ls=":")  # the longest training length
         ax.axhline(CHANCE[task], color="grey", lw=0.8, ls="--")
         ax.set(title=task, xlabel="test length", ylabel="test accuracy", ylim=(0, 1.02))
@@ -93,51 +91,50 @@ def plot(results: list[dict], path) -> None:
     plt.close(fig)
 
 
-def report(results: list[dict], records: list[dict], options) -> str:
-    del records
-    plot(results, options.out / f"{NAME}.png")
-    xs = lengths(results[0])
+def report(records: list[dict], points: list, options) -> str:
+    records = [{**r, "point_variant": variant(r["point"])} for r in records]
+    plot(records, options.out / f"{NAME}.png")
+    seeds = len(QUICK_SEEDS if options.quick else SEEDS)
+    xs = sorted({r["x"] for r in records if r["x"] != TRAIN_LENGTHS})
+    cells = group(records, ["task", "point_variant", "x"])
+    rows = []
+    for task, name in dict.fromkeys((r["task"], r["point_variant"]) for r in records):
+        mine = [r for r in records if r["point_variant"] == name and r["task"] == task]
+        rows.append(
+            [
+                task,
+                name,
+                mine[0]["beta_range"],
+                max(r["steps"] for r in mine),
+                *(spread_cell(cells.get((task, name, x)), seeds) for x in (TRAIN_LENGTHS, *xs)),
+            ]
+        )
+    header = ["task", "model", "beta", "steps", "train lengths", *(f"length {x}" for x in xs)]
     cfg = load(CONFIGS / NAME / f"{next(iter(RUNS))}.yaml")
     num_sequences = cfg.eval.batch_size * cfg.eval.num_batches
-    rows = [
-        [
-            r["labels"]["task"],
-            variant(r),
-            r["labels"].get("beta_range"),
-            r["labels"]["seed"],
-            r["test"]["step"],
-            r["test"]["accuracy"],
-            *(r["test"][f"accuracy@{x}"] for x in xs),
-        ]
-        for r in results
-    ]
-    header = [
-        "task",
-        "model",
-        "beta",
-        "seed",
-        "steps",
-        "train lengths",
-        *(f"length {x}" for x in xs),
-    ]
     return f"""# State tracking: parity, arithmetic mod 3, S3
 
-Command: `{command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`).
-Wall time here: {wall_time(results)}.
+Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`); each record in
+`{NAME}.json` names the command that recomputes its point alone.
+{progress_note(points, records, options)}
+Compute here: {compute_seconds(records)}.
 Test accuracy at the scored positions (parity and mod 3: the answer at the last token; S3: the
 running product at every token) of {num_sequences} fresh sequences of the training lengths 3..40
-and of exactly each length L.
+and of exactly each length L: the median over {seeds} seeds (min-max in brackets).
 
 {markdown_table(header, rows)}
 
 ![accuracy against length]({NAME}.png)
 
-Dotted: the longest training length; dashed: chance (a uniform guess).
+Medians over seeds with bars to the min and max. Dotted: the longest training length; dashed:
+chance (a uniform guess).
+
+Software: {versions_line(records)}.
 """
 
 
+EXPERIMENT = Experiment(NAME, KEYS, make_points, report)
+
+
 def main(argv) -> int:
-    options = parse_options(NAME, argv)
-    results = run_sweep(make_runs(options.quick), options)
-    finish(options, results, to_records, report)
-    return 0
+    return _common.main(EXPERIMENT, argv)
