@@ -174,9 +174,38 @@ def test_ssm_eigenvalues_stay_inside_the_unit_circle():
 
 
 def test_unknown_mixer_lists_the_valid_names():
-    with pytest.raises(ValueError, match="valid mixers: fwp, attention, mamba2, ssm, plastic"):
+    with pytest.raises(
+        ValueError, match="valid mixers: fwp, attention, mamba2, ssm, plastic, rdn, srwm"
+    ):
         get_mixer("transformer")
-    assert set(MIXERS) == {"fwp", "attention", "mamba2", "ssm", "plastic"}
+    assert set(MIXERS) == {"fwp", "attention", "mamba2", "ssm", "plastic", "rdn", "srwm"}
+
+
+@pytest.mark.parametrize(
+    ("feature_map", "qk_norm"),
+    [("identity", "l2"), ("silu", "none"), ("elu1", "none"), ("softmax", "l2")],
+)
+def test_srwm_refuses_a_feature_map_that_is_not_a_probability_map(feature_map, qk_norm):
+    with pytest.raises(ValueError, match="srwm needs a probability feature map"):
+        tiny(mixers=("srwm",), feature_map=feature_map, qk_norm=qk_norm)
+    tiny(mixers=("rdn",), feature_map=feature_map, qk_norm=qk_norm)  # rdn takes any map
+
+
+def test_rdn_with_zero_recurrence_is_a_delta_rule_layer():
+    """R = 0: the rdn layer computes the delta rule on its projected phi(q), phi(k), v,
+    sigmoid(beta)."""
+    from fwpzoo.cells import delta_rule
+
+    cfg = tiny(mixers=("rdn",), feature_map="softmax", qk_norm="none", output_norm=False)
+    mixer = get_mixer("rdn")(cfg, rngs=nnx.Rngs(0))
+    mixer.R[...] = jnp.zeros_like(mixer.R[...])
+    x = jax.random.normal(jax.random.key(1), (2, 5, cfg.d_model))
+    inputs, _ = mixer._inputs(x)
+    phi = mixer.phi
+    o, _ = delta_rule.recurrent(
+        phi(inputs["q"]), phi(inputs["k"]), inputs["v"], beta=jax.nn.sigmoid(inputs["beta"])
+    )
+    np.testing.assert_allclose(mixer(x), mixer._output(o), atol=1e-6)
 
 
 @pytest.mark.parametrize(

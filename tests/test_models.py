@@ -13,8 +13,11 @@ from fwpzoo.models import ModelConfig, build_model, generate
 from fwpzoo.models.sampling import sample_token
 
 B, T, VOCAB = 2, 7, 11
-MIXER_KINDS = ["fwp", "attention", "mamba2", "ssm", "plastic"]
-MIXER_FIELDS = {"plastic": {"form": "recurrent", "plastic_on": "recurrent"}}  # beyond the defaults
+MIXER_KINDS = ["fwp", "attention", "mamba2", "ssm", "plastic", "rdn", "srwm"]
+MIXER_FIELDS = {  # beyond the defaults
+    "plastic": {"form": "recurrent", "plastic_on": "recurrent"},
+    "srwm": {"feature_map": "softmax", "qk_norm": "none"},
+}
 
 
 def tiny(**overrides):
@@ -83,6 +86,9 @@ MIXER_CASES = [
     pytest.param({"mixers": ("ssm",)}, id="ssm-complex"),
     pytest.param({"mixers": ("ssm",), "ssm_complex": False}, id="ssm-real"),
     pytest.param({"mixers": ("fwp",), "conv_size": 0, "output_norm": False}, id="fwp-plain"),
+    pytest.param({"mixers": ("rdn",), "feature_map": "softmax", "qk_norm": "none"}, id="rdn"),
+    pytest.param({"mixers": ("rdn",), "feature_map": "dpfp", "qk_norm": "sum"}, id="rdn-dpfp"),
+    pytest.param({"mixers": ("srwm",), "feature_map": "softmax", "qk_norm": "none"}, id="srwm"),
 ]
 
 

@@ -60,7 +60,7 @@ def loss_and_grads(fn, inputs, seed=0, **fixed):
         pairs = zip(jax.tree.leaves(outs), jax.tree.leaves(weights), strict=True)
         return sum(jnp.sum(a * w) for a, w in pairs)
 
-    return jax.value_and_grad(loss)(inputs)
+    return quick_jit(jax.value_and_grad(loss))(inputs)
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +69,7 @@ def float64():
         yield
 
 
-@pytest.mark.parametrize("T", [1, CHUNK - 1, 2 * CHUNK + 3])
+@pytest.mark.parametrize("T", [1, 2 * CHUNK + 3])
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("cell", CELLS)
 def test_lean_backward_equals_autodiff_through_the_scan(rng, cell, form, T):

@@ -3,6 +3,11 @@
 Every family module exposes GATES, step, recurrent (the reference), chunkwise and associative;
 see each module's docstring for its recurrence and shapes; the derivations of the fast forms are in
 linear_attention.md (linear_attn, gated_linear_attn) and delta_rules.md (the delta-rule families).
+
+PROGRAMMED holds the cells whose programmer reads its own past (the Recurrent DeltaNet and the
+self-referential weight matrix): their slow weights act inside the scan, so they take their own
+inputs, have only `step`, `recurrent` and two memory-lean backwards (`reversible`,
+`checkpointed`), and are not in CELLS (see recurrent_fwp.md).
 """
 
 from types import ModuleType
@@ -13,6 +18,8 @@ from fwpzoo.cells import (
     gated_delta_rule,
     gated_linear_attn,
     linear_attn,
+    recurrent_delta,
+    srwm,
 )
 
 CELLS: dict[str, ModuleType] = {
@@ -22,6 +29,8 @@ CELLS: dict[str, ModuleType] = {
     "gated_delta_rule": gated_delta_rule,
     "delta_product": delta_product,
 }
+
+PROGRAMMED: dict[str, ModuleType] = {"recurrent_delta": recurrent_delta, "srwm": srwm}
 
 FORMS: tuple[str, ...] = ("recurrent", "chunkwise", "associative")
 

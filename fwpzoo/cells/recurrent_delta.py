@@ -23,8 +23,6 @@ import jax.numpy as jnp
 from fwpzoo.cells import _programmed
 from fwpzoo.cells._reference import reset_state, state_dtype
 
-GATES: tuple[str, ...] = ("beta",)
-
 
 def _core(phi, params, state, x):
     """One token; x: {"q", "k" [B, H, K], "v" [B, H, V], "beta" [B, H], optional "reset" [B]}."""

@@ -17,6 +17,7 @@ from fwpzoo.layers.mamba2 import Mamba2Mixer
 from fwpzoo.layers.mlp import SwiGLU
 from fwpzoo.layers.norms import RMSNorm
 from fwpzoo.layers.plastic import PlasticMixer
+from fwpzoo.layers.programmed import RecurrentDeltaMixer, SRWMMixer
 from fwpzoo.layers.ssm import DiagonalSSM
 
 MIXERS: dict[str, type] = {
@@ -25,6 +26,8 @@ MIXERS: dict[str, type] = {
     "mamba2": Mamba2Mixer,
     "ssm": DiagonalSSM,
     "plastic": PlasticMixer,
+    "rdn": RecurrentDeltaMixer,
+    "srwm": SRWMMixer,
 }
 
 
@@ -43,6 +46,8 @@ __all__ = [
     "Mamba2Mixer",
     "PlasticMixer",
     "RMSNorm",
+    "RecurrentDeltaMixer",
+    "SRWMMixer",
     "SwiGLU",
     "get_mixer",
 ]

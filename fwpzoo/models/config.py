@@ -9,6 +9,7 @@ from fwpzoo.layers.feature_maps import FEATURE_MAPS
 from fwpzoo.layers.fwp import DECAYS, QK_NORMS, check_decay, check_qk_norm
 from fwpzoo.layers.gates import BETA_RANGES
 from fwpzoo.layers.plastic import ETA_SIGNS, check_plastic
+from fwpzoo.layers.programmed import check_probability_map
 
 
 def _one_of(key: str, value: str, valid) -> None:
@@ -30,7 +31,10 @@ class ModelConfig:
     ["fwp", "attention"]; its length is the number of layers.
     """
 
-    mixers: tuple[str, ...] = ("fwp", "fwp")  # each one of: fwp, attention, mamba2, ssm, plastic
+    mixers: tuple[str, ...] = (
+        "fwp",
+        "fwp",
+    )  # each one of: fwp, attention, mamba2, ssm, plastic, rdn, srwm
     d_model: int = 64
     num_heads: int = 2
     key_dim: int | None = None  # per head; None means d_model // num_heads
@@ -83,6 +87,8 @@ class ModelConfig:
         _one_of("plastic_eta", self.plastic_eta, ETA_SIGNS)
         if "plastic" in self.mixers:
             check_plastic(self)
+        if "srwm" in self.mixers:
+            check_probability_map(self.feature_map, self.qk_norm)
         for key in ("d_model", "num_heads", "key_dim", "value_dim", "chunk_size", "dpfp_nu"):
             _positive(key, getattr(self, key))
         for key in ("favor_features", "num_householder", "ssm_state_dim"):
