@@ -80,6 +80,16 @@ MAKERS = {
         "/decay": lambda r, s: delta_kv(r, s, (s.N,)) | beta(r, s, (s.N,)) | log_alpha(r, s),
         "/no_decay": lambda r, s: delta_kv(r, s, (s.N,)) | beta(r, s, (s.N,)),
     },
+    # eta * beta < 1 keeps gradient descent with momentum stable on unit keys
+    "momentum_delta": {
+        "": lambda r, s: (
+            delta_kv(r, s)
+            | beta(r, s)
+            | {"eta": r.uniform(0.05, 0.45, size=(s.B, s.T, s.H))}
+            | log_alpha(r, s)
+            | {"log_mu": r.uniform(s.log_alpha_min, 0.0, size=(s.B, s.T, s.H))}
+        )
+    },
 }
 VARIANTS = [name + suffix for name in cells.CELLS for suffix in MAKERS[name]]
 ONE_VARIANT_PER_FAMILY = [name + next(iter(MAKERS[name])) for name in cells.CELLS]
@@ -89,6 +99,12 @@ def family(variant):
     return variant.split("/")[0]
 
 
+def random_state(r, variant, s, scale=1.0):
+    """A state of the family's shape (an array or a dict, from its OBJECTIVE.state), normal."""
+    zeros = cells.get(family(variant)).OBJECTIVE.state.zeros(s.B, s.H, s.K, s.V)
+    return jax.tree.map(lambda z: scale * r.normal(size=z.shape), zeros)
+
+
 def draw(variant, sizes, dtype=jnp.float32):
     """q, k, v, a nonzero initial state and the gates, seeded by (variant, sizes)."""
     r = np.random.default_rng(zlib.crc32(f"{variant}{sizes}".encode()))
@@ -96,16 +112,16 @@ def draw(variant, sizes, dtype=jnp.float32):
     name, suffix = family(variant), variant[len(family(variant)) :]
     arrays = {
         "q": r.normal(size=(s.B, s.T, s.H, s.K)) / np.sqrt(s.K),
-        "state": 0.5 * r.normal(size=(s.B, s.H, s.K, s.V)),
+        "state": random_state(r, variant, s, 0.5),
     } | MAKERS[name][suffix](r, s)
-    return {key: jnp.asarray(x, dtype) for key, x in arrays.items()}
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype), arrays)
 
 
-def cotangents(sizes):
+def cotangents(variant, sizes):
     r = np.random.default_rng(zlib.crc32(f"cotangent{sizes}".encode()))
     o = r.normal(size=(sizes.B, sizes.T, sizes.H, sizes.V))
-    state = r.normal(size=(sizes.B, sizes.H, sizes.K, sizes.V))
-    return jnp.asarray(o, jnp.float32), jnp.asarray(state, jnp.float32)
+    state = random_state(r, variant, sizes)
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), (o, state))
 
 
 def quick_jit(fn):
@@ -145,7 +161,7 @@ def run_form(variant, form, inputs, chunk_size=16):
     the final state and the gradients w.r.t. the real tokens and the initial state unchanged.
     """
     T = inputs["q"].shape[1]
-    o_bar, state_bar = cotangents(Sizes(T))
+    o_bar, state_bar = cotangents(variant, Sizes(T))
     if form != "recurrent":
         run = jitted_vjp(variant, form, chunk_size if form == "chunkwise" else None)
         return run(inputs, (o_bar, state_bar))
@@ -227,7 +243,8 @@ def test_bf16_inputs_keep_a_float32_state(variant, form):
     inputs = draw(variant, Sizes(15))
     low = {key: x if key == "state" else x.astype(jnp.bfloat16) for key, x in inputs.items()}
     o, state = jitted(variant, form, 16 if form == "chunkwise" else None)(low)
-    assert o.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+    assert o.dtype == jnp.bfloat16
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state))
     # The arithmetic is float32: on the same (rounded) numbers only the output's rounding differs.
     (o_f32, state_f32), _ = run_form(variant, form, jax.tree.map(jnp.float32, low))
     assert_close(state, state_f32, 1e-6)
@@ -264,7 +281,7 @@ def test_reference_gradients_match_finite_differences(variant):
         inputs = draw(variant, sizes, jnp.float64)
         names = list(inputs)
         o, state = recurrent(**inputs)
-        assert o.dtype == state.dtype == jnp.float64
+        assert {x.dtype for x in jax.tree.leaves((o, state))} == {jnp.dtype(jnp.float64)}
         eps, tol = 1e-4, 1e-5
         check_grads(
             jax.jit(lambda *xs: recurrent(**dict(zip(names, xs, strict=True)))),
@@ -299,7 +316,7 @@ def test_chunkwise_backward_keeps_no_per_chunk_intermediates(variant):
         out, pullback = jax.vjp(lambda x: fn(**x), inputs)
         return out, pullback(cotangent)[0]
 
-    compiled = jax.jit(run).lower(draw(variant, s), cotangents(s)).compile()
+    compiled = jax.jit(run).lower(draw(variant, s), cotangents(variant, s)).compile()
     stats = compiled.memory_analysis()
     if stats is None:
         pytest.skip("this backend reports no memory analysis")

@@ -16,8 +16,9 @@ every gate.
 
     speedup     the recurrent form's time over the form's, same direction (fwd or fwd+bwd)
     efficiency  (chunk-algorithm FLOPs / time) / (the matmul's FLOP/s measured in the same
-                rounds); FLOPs per token and head with chunk C: 6CK + 4CV + 6KV for the delta
-                rules (per sub-step for delta_product), 2CK + 2CV + 4KV for linear attention;
+                rounds); FLOPs per token and head with chunk C: 6CK + 4CV + 6KV for the rules
+                with a quadratic loss (per sub-step for delta_product), 2CK + 2CV + 4KV for
+                the linear-loss (Hebbian) ones;
                 forward + backward counts 3x the forward
 
 --out FILE.md writes the report (hand notes after its notes marker are kept), the raw numbers
@@ -59,11 +60,12 @@ from fwpzoo.bench._common import (
     positive_float,
     positive_int,
 )
+from fwpzoo.cells import _spec
 from fwpzoo.config import ConfigError
 from fwpzoo.reports import write_page
 from fwpzoo.train.sharding import batch_sharded, make_mesh, split_cpu
 
-DELTA_FAMILIES = ("delta_rule", "gated_delta_rule", "delta_product")
+GATES = 8  # at most this many gates per family get their own random key
 MATMUL_SIZE = 1024
 TARGET = {"speedup": 6.0, "efficiency": 0.35, "peers": 2.0}  # delta_rule fwd+bwd, T = 2048
 
@@ -128,30 +130,47 @@ def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
 # inputs and FLOPs ------------------------------------------------------------------------------
 
 
+# A gate drawn for its range (fwpzoo.cells._spec.RANGES) from a standard normal x: beta and
+# unit-range gates in (0, 1), log decays near 0 (factors around 0.98), positive ones by softplus.
+GATE_DRAWS = {
+    _spec.BETA: jax.nn.sigmoid,
+    _spec.UNIT: lambda x: 0.5 * jax.nn.sigmoid(x),
+    _spec.LOG_DECAY: lambda x: jax.nn.log_sigmoid(4.0 + x),
+    _spec.POSITIVE: jax.nn.softplus,
+    _spec.REAL: lambda x: x,
+}
+
+
 def cell_inputs(family: str, T: int, options: Options, *, key_dim=None, value_dim=None):
-    """(q, k, v, gates) in float32: L2-normalised keys, beta in (0, 1), log_alpha near 0."""
+    """(q, k, v, gates) in float32: L2-normalised keys, every gate of the family's GATE_SPECS
+    (the optional ones too) drawn for its range and shape (a scalar decay where it may be per
+    key). Unit-range gates stay below 1/2, so that beta * eta < 1/2 keeps the momentum rule's
+    steps stable."""
+    module = cells.get(family)
     B, H = options.batch, options.heads
     K, V = key_dim or options.key_dim, value_dim or options.value_dim
-    sub = (options.sub_steps,) if family == "delta_product" else ()
-    ks = jax.random.split(jax.random.fold_in(jax.random.key(options.seed), T), 5)
+    N = options.sub_steps
+    sub = (N,) if module.OBJECTIVE.step == _spec.GRADIENT_STEPS else ()
+    ks = jax.random.split(jax.random.fold_in(jax.random.key(options.seed), T), 3 + GATES)
     q = jax.random.normal(ks[0], (B, T, H, K))  # [B, T, H, K]
     k = jax.random.normal(ks[1], (B, T, H, *sub, K))  # [B, T, H, (N,) K]
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
     v = jax.random.normal(ks[2], (B, T, H, *sub, V))  # [B, T, H, (N,) V]
     gates = {}
-    if "beta" in cells.get(family).GATES:
-        gates["beta"] = jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H, *sub)))
-    if "log_alpha" in cells.get(family).GATES:
-        gates["log_alpha"] = jax.nn.log_sigmoid(4.0 + jax.random.normal(ks[4], (B, T, H)))
+    for key, gate in zip(ks[3:], module.GATE_SPECS, strict=False):
+        shape = gate.head_shape(H, K, N, per_key=False)
+        shape = shape if gate.shape == _spec.STATIC else (B, T, *shape)
+        gates[gate.name] = GATE_DRAWS[gate.range](jax.random.normal(key, shape))
     return q, k, v, gates
 
 
 def chunk_flops(family: str, T: int, chunk: int, options: Options) -> float:
     """Forward FLOPs of the chunk algorithm under the cost model in the module docstring."""
     K, V = options.key_dim, options.value_dim
-    steps = T * (options.sub_steps if family == "delta_product" else 1)
+    objective = cells.get(family).OBJECTIVE
+    steps = T * (options.sub_steps if objective.step == _spec.GRADIENT_STEPS else 1)
     C = min(chunk, steps)
-    if family in DELTA_FAMILIES:
+    if objective.loss_fn is not _spec.negative_correlation:
         per_step = 6 * C * K + 4 * C * V + 6 * K * V
     else:
         per_step = 2 * C * K + 2 * C * V + 4 * K * V
@@ -170,7 +189,7 @@ def forward_backward_fn(form_fn: Callable) -> Callable:
 
     def loss(q, k, v, gates):
         o, state = form_fn(q, k, v, **gates)
-        return jnp.sum(o) + jnp.sum(state)
+        return jnp.sum(o) + sum(jnp.sum(part) for part in jax.tree.leaves(state))
 
     return jax.grad(loss, argnums=(0, 1, 2, 3))
 
@@ -212,7 +231,7 @@ def variants(family: str, options: Options) -> dict[str, Callable]:
     """Form label -> form function; chunkwise once per chunk size."""
     module = cells.get(family)
     out = {}
-    for form in options.forms:
+    for form in (form for form in options.forms if hasattr(module, form)):
         fn = getattr(module, form)
         if form == "chunkwise":
             for chunk in options.chunk_sizes:

@@ -2,7 +2,9 @@
 
 Every family module exposes GATES, step, recurrent (the reference), chunkwise and associative;
 see each module's docstring for its recurrence and shapes; the derivations of the fast forms are in
-linear_attention.md (linear_attn, gated_linear_attn) and delta_rules.md (the delta-rule families).
+linear_attention.md (linear_attn, gated_linear_attn), delta_rules.md (the delta-rule families)
+and learning_rules.md (momentum_delta and the rules after it). Each module also declares its gates
+and its objective as data (_spec.py).
 
 PROGRAMMED holds the cells whose programmer reads its own past (the Recurrent DeltaNet and the
 self-referential weight matrix): their slow weights act inside the scan, so they take their own
@@ -18,6 +20,7 @@ from fwpzoo.cells import (
     gated_delta_rule,
     gated_linear_attn,
     linear_attn,
+    momentum_delta,
     recurrent_delta,
     srwm,
 )
@@ -28,6 +31,7 @@ CELLS: dict[str, ModuleType] = {
     "delta_rule": delta_rule,
     "gated_delta_rule": gated_delta_rule,
     "delta_product": delta_product,
+    "momentum_delta": momentum_delta,
 }
 
 PROGRAMMED: dict[str, ModuleType] = {"recurrent_delta": recurrent_delta, "srwm": srwm}

@@ -27,6 +27,15 @@ def initial_state(state, q, v):
     return state.astype(dtype)
 
 
+def initial_parts(parts, state, q, v):
+    """A dict state (parts: the cell's _spec.State) in state_dtype; None means its zeros."""
+    B, _, H, K = q.shape
+    dtype = state_dtype(q, v, state)
+    if state is None:
+        return parts.zeros(B, H, K, v.shape[-1], dtype)
+    return {name: state[name].astype(dtype) for name, _ in parts.parts}
+
+
 def reset_state(state, reset):
     """The state (an array or a dict of arrays, batch first) with the rows where reset [B] is
     True replaced by zeros; reset None leaves it as it is.

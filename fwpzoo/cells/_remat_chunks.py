@@ -1,0 +1,129 @@
+"""The chunk loop of the chunkwise forms whose backward is left to autodiff (oja, momentum_delta).
+
+A lax.scan walks the chunks in order, reading each chunk straight out of the [B, T, H, ...]
+inputs and writing its outputs in place. A jax.custom_vjp keeps only the state entering every
+chunk; the backward walks the chunks in reverse, recomputes each one's forward from its entering
+state and pulls it back with jax.vjp, writing the input cotangents in place: the memory pattern
+of the hand-derived backwards of _linear_chunk and _delta_chunk, with autodiff inside a chunk.
+
+Dimension letters: B batch, T time, H heads, K key dim, V value dim, N chunks, C chunk size.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from fwpzoo.cells._chunking import chunk_of, pad_to_chunks, put_chunk
+
+
+def segment_index(reset):
+    """The in-chunk segment index [B, 1, C] of a chunk's reset [B, 1, C] (the running count of
+    resets): row s reaches row t >= s only when both have the same index (no reset in (s, t]),
+    and the state entering the chunk reaches only the rows of index 0. None: one segment."""
+    return None if reset is None else jnp.cumsum(reset, axis=-1)
+
+
+def segment_decay(g, index):
+    """[B, H, C, C]: e^{g_t - g_s} where s <= t in the same segment, 0 elsewhere, from in-chunk
+    cumulative log decays g [B, H, C]. The exponent is masked to -inf before exp, so neither the
+    value nor its gradient ever sees exp of a positive number."""
+    size = g.shape[-1]
+    mask = jnp.tril(jnp.ones((size, size), bool))
+    if index is not None:
+        mask = mask & (index[..., :, None] == index[..., None, :])
+    return jnp.exp(jnp.where(mask, g[..., :, None] - g[..., None, :], -jnp.inf))
+
+
+def from_entering(x, index):
+    """x [B, H, C, ...] where the entering state reaches the row (segment 0), 0 elsewhere."""
+    if index is None:
+        return x
+    first = (index == 0).reshape(index.shape + (1,) * (x.ndim - index.ndim))
+    return jnp.where(first, x, 0.0)
+
+
+def scan_chunks(chunk_fn, inputs, state, chunk_size):
+    """(o [B, T, H, V], final state) of chunk_fn(state, *chunk) -> (state, o_chunk [B, H, C, V])
+    over the chunks of inputs: [B, T, ...] arrays (a chunk is [B, ..., C, ...] with C at axis
+    2, float in the state's dtype, bool stays bool) or None; inputs[2] is v. Padded tokens are
+    zeros, which the callers' recurrences treat as identity steps."""
+    T = inputs[0].shape[1]
+    size = min(chunk_size, T)
+    inputs = tuple(pad_to_chunks(x, size) for x in inputs)
+    o, state = _chunk_scan(chunk_fn, size, inputs, state)
+    return o[:, :T], state
+
+
+def _read(inputs, n, size, dtype):
+    """Chunk n of every input: float ones in dtype, bool ones as they are, None stays None."""
+    return tuple(
+        None if x is None else chunk_of(x, n, size, bool if x.dtype == bool else dtype)
+        for x in inputs
+    )
+
+
+def _forward(chunk_fn, size, inputs, state):
+    """o [B, T, H, V] written in place, the final state and the state entering every chunk."""
+    q, v = inputs[0], inputs[2]
+    dtype = jax.tree.leaves(state)[0].dtype
+    o = jnp.zeros(q.shape[:3] + v.shape[-1:], v.dtype)  # [B, T, H, V]
+
+    def chunk_step(carry, n):
+        s, o = carry
+        leaving, o_chunk = chunk_fn(s, *_read(inputs, n, size, dtype))
+        return (leaving, put_chunk(o, o_chunk, n)), s
+
+    chunks = jnp.arange(q.shape[1] // size)
+    (final, o), entering = jax.lax.scan(chunk_step, (state, o), chunks)
+    return o, final, entering
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunk_scan(chunk_fn, size, inputs, state):
+    o, final, _ = _forward(chunk_fn, size, inputs, state)
+    return o, final
+
+
+def _chunk_scan_fwd(chunk_fn, size, inputs, state):
+    o, final, entering = _forward(chunk_fn, size, inputs, state)
+    return (o, final), (inputs, entering)
+
+
+def _is_float(x):
+    return x is not None and x.dtype != bool
+
+
+def _chunk_scan_bwd(chunk_fn, size, res, cotangents):
+    """Backward over the chunks in reverse: each chunk's forward is recomputed from the state
+    entering it and pulled back by jax.vjp; its input cotangents are written in place."""
+    inputs, entering = res
+    do_all, d_final = cotangents
+    dtype = jax.tree.leaves(d_final)[0].dtype
+    floats = [i for i, x in enumerate(inputs) if _is_float(x)]
+
+    def chunk_step(carry, xs):
+        ds, grads = carry  # ds: cotangent of the state leaving chunk n
+        n, s = xs  # s: the state entering chunk n
+        chunk = list(_read(inputs, n, size, dtype))
+
+        def run(s, *differentiable):
+            for i, x in zip(floats, differentiable, strict=True):
+                chunk[i] = x
+            return chunk_fn(s, *chunk)
+
+        _, pullback = jax.vjp(run, s, *(chunk[i] for i in floats))
+        ds_prev, *d_chunk = pullback((ds, chunk_of(do_all, n, size, dtype)))
+        grads = [put_chunk(g, d, n) for g, d in zip(grads, d_chunk, strict=True)]
+        return (ds_prev, grads), None
+
+    grads = [jnp.zeros_like(inputs[i]) for i in floats]
+    xs = (jnp.arange(inputs[0].shape[1] // size), entering)
+    (d_state, grads), _ = jax.lax.scan(chunk_step, (d_final, grads), xs, reverse=True)
+    d_inputs = [None] * len(inputs)
+    for i, g in zip(floats, grads, strict=True):
+        d_inputs[i] = g
+    return tuple(d_inputs), d_state
+
+
+_chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)

@@ -1,0 +1,146 @@
+"""The momentum delta rule: gradient descent with momentum and weight decay on the delta rule's
+objective 1/2 ||S^T k - v||^2 (the linear-memory core of Titans, Behrouz et al. 2024).
+
+    M_t = mu_t M_{t-1} + eta_t k_t (S_{t-1}^T k_t - v_t)^T      mu_t = exp(log_mu_t)
+    S_t = alpha_t S_{t-1} - beta_t M_t                           alpha_t = exp(log_alpha_t)
+    o_t = S_t^T q_t
+
+q, k [B, T, H, K]; v [B, T, H, V]; beta, eta, log_alpha, log_mu [B, T, H] (log decays <= 0);
+state {"S": [B, H, K, V], "M": [B, H, K, V]} float32 (None: zeros); o [B, T, H, V] in v's dtype.
+Every update is a rank-one write along k_t, so inside a chunk both S and M are the entering
+states plus decayed sums of k_i d_i^T with d_i = eta_i (S_{i-1}^T k_i - v_i): one unit
+lower-triangular solve per chunk gives every d_i (derivation: learning_rules.md, section 1).
+"""
+
+import jax.numpy as jnp
+
+from fwpzoo.cells import _delta_assoc
+from fwpzoo.cells._delta_chunk import unit_lower_inverse
+from fwpzoo.cells._reference import initial_parts, reset_state, scan_steps, upcast
+from fwpzoo.cells._remat_chunks import from_entering, scan_chunks, segment_decay, segment_index
+from fwpzoo.cells._spec import (
+    BETA,
+    LOG_DECAY,
+    MOMENTUM,
+    UNIT,
+    Gate,
+    Objective,
+    State,
+    gate_names,
+    squared_error,
+)
+
+GATE_SPECS = (
+    Gate("beta", range=BETA),
+    Gate("eta", range=UNIT),
+    Gate("log_alpha", range=LOG_DECAY),
+    Gate("log_mu", range=LOG_DECAY),
+)
+GATES = gate_names(GATE_SPECS)
+OBJECTIVE = Objective(
+    update="M_t = mu_t M_{t-1} + eta_t k_t (S_{t-1}^T k_t - v_t)^T, "
+    "S_t = alpha_t S_{t-1} - beta_t M_t",
+    loss="1/2 ||S^T k_t - v_t||^2",
+    step=MOMENTUM,
+    loss_fn=squared_error,
+    lr="beta",
+    decay="log_alpha",
+    momentum="log_mu",
+    momentum_lr="eta",
+    state=State((("S", "K V"), ("M", "K V")), is_dict=True),
+    weights="S",
+    paper="Behrouz et al. 2024 (Titans)",
+)
+
+
+def _by_head(x):
+    """A per-head factor [B, H] as [B, H, 1, 1], to scale states [B, H, K, V]."""
+    return x[..., None, None]
+
+
+def step(state, q, k, v, *, reset=None, beta, eta, log_alpha, log_mu):
+    """One token: q, k [B, H, K], v [B, H, V], gates [B, H]."""
+    state = reset_state(state, reset)
+    q, k, v, beta, eta, log_alpha, log_mu = upcast(q, k, v, beta, eta, log_alpha, log_mu)
+    S, M = state["S"], state["M"]
+    error = jnp.einsum("bhkv,bhk->bhv", S, k) - v  # [B, H, V]
+    M = _by_head(jnp.exp(log_mu)) * M + (eta[..., None] * k)[..., :, None] * error[..., None, :]
+    S = _by_head(jnp.exp(log_alpha)) * S - _by_head(beta) * M
+    return {"S": S, "M": M}, jnp.einsum("bhkv,bhk->bhv", S, q)
+
+
+def recurrent(q, k, v, *, state=None, reset=None, beta, eta, log_alpha, log_mu):
+    gates = {"beta": beta, "eta": eta, "log_alpha": log_alpha, "log_mu": log_mu}
+    state = initial_parts(OBJECTIVE.state, state, q, v)
+    o, state = scan_steps(step, state, q, k, v, gates, reset)
+    return o.astype(v.dtype), state
+
+
+def _chunk(state, q, k, v, beta, eta, log_alpha, log_mu, reset):
+    """One chunk (learning_rules.md, section 1): q, k [B, H, C, K], v [B, H, C, V], gates [B, H, C],
+    reset [B, 1, C] or None -> (leaving state, o [B, H, C, V])."""
+    S0, M0 = state["S"], state["M"]
+    index = segment_index(reset)
+    ga, gm = jnp.cumsum(log_alpha, axis=-1), jnp.cumsum(log_mu, axis=-1)  # [B, H, C]
+    gamma_a = segment_decay(ga, index)  # [B, H, C, C]: prod of alpha over (j, t]
+    gamma_m = segment_decay(gm, index)  # [B, H, C, C]: prod of mu over (i, j]
+    w = gamma_a @ (beta[..., None] * gamma_m)  # [B, H, C, C]: d_i into S_t
+    ea = from_entering(jnp.exp(ga), index)  # [B, H, C]: S_0 into S_t
+    em = from_entering(jnp.exp(gm), index)  # [B, H, C]: M_0 into M_t
+    c = (gamma_a @ (beta * em)[..., None])[..., 0]  # [B, H, C]: M_0 into S_t
+    # the state each token's gradient reads: S_{t-1} (after the reset at t, if any)
+    seen = jnp.ones((), w.dtype) if reset is None else 1.0 - reset.astype(w.dtype)  # [B, 1, C]
+    w_prev = jnp.pad(w[..., :-1, :], [(0, 0), (0, 0), (1, 0), (0, 0)]) * seen[..., None]
+    c_prev = jnp.pad(c[..., :-1], [(0, 0), (0, 0), (1, 0)]) * seen
+    ea_prev = from_entering(jnp.exp(ga - log_alpha), index)
+    # (I + diag(eta) (W_prev . K K^T)) D = diag(eta) (diag(ea_prev) K S_0 - diag(c_prev) K M_0 - V)
+    solve = unit_lower_inverse(eta[..., None] * w_prev * (k @ k.mT))  # [B, H, C, C]
+    rhs = ea_prev[..., None] * (k @ S0) - c_prev[..., None] * (k @ M0) - v
+    d = solve @ (eta[..., None] * rhs)  # [B, H, C, V]
+    o = ea[..., None] * (q @ S0) - c[..., None] * (q @ M0) - (w * (q @ k.mT)) @ d
+    S = _by_head(ea[..., -1]) * S0 - _by_head(c[..., -1]) * M0 - (w[..., -1, :, None] * k).mT @ d
+    M = _by_head(em[..., -1]) * M0 + (gamma_m[..., -1, :, None] * k).mT @ d
+    return {"S": S, "M": M}, o
+
+
+def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, beta, eta, log_alpha, log_mu):
+    """Chunks of C tokens: one [C, C] unit lower-triangular solve each, the states carried."""
+    state = initial_parts(OBJECTIVE.state, state, q, v)
+    resets = None if reset is None else reset[:, :, None]  # [B, T, 1]: one row for all heads
+    inputs = (q, k, v, beta, eta, log_alpha, log_mu, resets)
+    o, state = scan_chunks(_chunk, inputs, state, chunk_size)
+    return o.astype(v.dtype), state
+
+
+def elements(k, v, beta, eta, log_alpha, log_mu, reset):
+    """One token as an affine map of the stacked state X = [S; M] [2K, V]:
+
+        A = [[alpha I - beta eta k k^T, -beta mu I], [eta k k^T, mu I]]   [..., 2K, 2K]
+        b = [beta eta k v^T; -eta k v^T]                                    [..., 2K, V]
+
+    A reset zeroes A (the state before the token is replaced by zeros)."""
+    k, v, beta, eta, alpha, mu = upcast(k, v, beta, eta, jnp.exp(log_alpha), jnp.exp(log_mu))
+    eye = jnp.eye(k.shape[-1], dtype=k.dtype)
+    kk = k[..., :, None] * k[..., None, :]  # [..., K, K]
+    ek = _by_head(eta) * kk
+    top = jnp.concatenate(
+        [_by_head(alpha) * eye - _by_head(beta) * ek, _by_head(-beta * mu) * eye], -1
+    )
+    bottom = jnp.concatenate([ek, _by_head(mu) * eye], axis=-1)
+    a = jnp.concatenate([top, bottom], axis=-2)  # [..., 2K, 2K]
+    if reset is not None:
+        a = jnp.where(reset[..., None, None, None], 0.0, a)
+    kv = (eta[..., None] * k)[..., :, None] * v[..., None, :]  # [..., K, V]
+    return a, jnp.concatenate([_by_head(beta) * kv, -kv], axis=-2)
+
+
+def associative(q, k, v, *, state=None, reset=None, beta, eta, log_alpha, log_mu):
+    """The delta-rule associative scan (_delta_assoc) on the stacked state [S; M] [2K, V], read
+    by [q; 0]; memory O(T K^2)."""
+    state = initial_parts(OBJECTIVE.state, state, q, v)
+    elems = elements(k, v, beta, eta, log_alpha, log_mu, reset)
+    read = jnp.concatenate([q, jnp.zeros_like(q)], axis=-1)  # [B, T, H, 2K]
+    stacked = jnp.concatenate([state["S"], state["M"]], axis=-2)  # [B, H, 2K, V]
+    o, stacked = _delta_assoc.scan(read, elems, stacked, v.dtype)
+    S, M = jnp.split(stacked, 2, axis=-2)
+    return o, {"S": S, "M": M}
