@@ -110,6 +110,20 @@ def test_per_key_decay_is_refused_for_a_cell_without_one():
         tiny(cell="gated_linear_attn", decay="diagonal")
 
 
+@pytest.mark.parametrize("mixer", ["fwp", "mamba2"])
+def test_decay_init_ranges_set_where_alpha_starts(mixer):
+    """alpha = exp(-A dt) of every head starts inside the bounds the A and dt ranges give, for a
+    token whose projection is 0 (dt = softplus(dt_bias) = the drawn dt)."""
+    ranges = {"decay_a_range": (1.0, 2.0), "decay_dt_range": (0.001, 0.005)}
+    cfg = tiny(cell="gated_delta_rule", mixers=(mixer,), **ranges)
+    layer = get_mixer(mixer)(cfg, rngs=nnx.Rngs(0))
+    decay = layer.decay if mixer == "mamba2" else layer.gates["log_alpha"].decay
+    alpha = jnp.exp(decay(jnp.zeros(decay.shape))[1])
+    assert bool(jnp.all(alpha >= np.exp(-2.0 * 0.005) - 1e-6) and jnp.all(alpha <= np.exp(-0.001)))
+    with pytest.raises(ValueError, match="model.decay_dt_range must be \\[low, high\\]"):
+        tiny(decay_dt_range=(0.1, 0.01))
+
+
 def test_delta_product_takes_n_keys_and_values_per_token():
     mixer = FWPMixer(tiny(cell="delta_product", num_householder=3), rngs=nnx.Rngs(0))
     q, k, v, _, _ = mixer._inputs(inputs(), None)

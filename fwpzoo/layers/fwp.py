@@ -192,8 +192,9 @@ class FWPMixer(CellMixer):
             if gate.shape == _spec.STATIC:
                 gates[gate.name] = StaticGate(gate, shape, beta_max)
             else:
+                decay_init = (cfg.decay_a_range, cfg.decay_dt_range)
                 gates[gate.name] = TokenGate(
-                    gate, cfg.d_model, shape, beta_max, rngs=rngs, dtype=dtype
+                    gate, cfg.d_model, shape, beta_max, decay_init, rngs=rngs, dtype=dtype
                 )
         self.gates = nnx.Dict(gates)
         self.out_norm = RMSNorm(V) if cfg.output_norm else None

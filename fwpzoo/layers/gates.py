@@ -29,13 +29,14 @@ class Decay(nnx.Module):
 
     log_alpha is <= 0 by construction, so alpha = exp(log_alpha) stays in (0, 1]. Per head
     (shape (H,)) or per head and key (shape (H, K)). Initialised as in Mamba-2: A uniform in
-    [1, 16], dt log-uniform in [0.001, 0.1], so alpha starts between about 0.2 and 0.999.
+    a_range, dt log-uniform in dt_range; Mamba-2's [1, 16] and [0.001, 0.1] start alpha between
+    about 0.2 and 0.999.
     """
 
-    def __init__(self, shape: tuple[int, ...], *, rngs: nnx.Rngs):
+    def __init__(self, shape: tuple[int, ...], a_range, dt_range, *, rngs: nnx.Rngs):
         a_key, dt_key = jax.random.split(rngs.params())
-        self.A_log = nnx.Param(jnp.log(_uniform(a_key, shape, 1.0, 16.0)))
-        dt = jnp.exp(_uniform(dt_key, shape, math.log(0.001), math.log(0.1)))
+        self.A_log = nnx.Param(jnp.log(_uniform(a_key, shape, *a_range)))
+        dt = jnp.exp(_uniform(dt_key, shape, math.log(dt_range[0]), math.log(dt_range[1])))
         self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))  # softplus^-1(dt)
         self.shape = shape
 
@@ -63,9 +64,11 @@ class TokenGate(nnx.Module):
     """A per-token gate from the layer input: a projection to `shape` per token, then its
     range's activation; log decays take the Mamba-2 parametrisation (Decay)."""
 
-    def __init__(self, gate, d_model: int, shape, beta_max, *, rngs: nnx.Rngs, dtype):
+    def __init__(self, gate, d_model: int, shape, beta_max, decay_init, *, rngs, dtype):
+        """decay_init: (A range, dt range) of a log decay's Decay."""
         self.proj = nnx.Linear(d_model, math.prod(shape), use_bias=False, dtype=dtype, rngs=rngs)
-        self.decay = Decay(shape, rngs=rngs) if gate.range == _spec.LOG_DECAY else None
+        is_decay = gate.range == _spec.LOG_DECAY
+        self.decay = Decay(shape, *decay_init, rngs=rngs) if is_decay else None
         self.shape, self.range, self.beta_max = shape, gate.range, beta_max
 
     def __call__(self, x):

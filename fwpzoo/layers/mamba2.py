@@ -41,7 +41,7 @@ class Mamba2Mixer(CellMixer):
             if cfg.conv_size > 0
             else None
         )
-        self.decay = Decay((H,), rngs=rngs)
+        self.decay = Decay((H,), cfg.decay_a_range, cfg.decay_dt_range, rngs=rngs)
         self.D = nnx.Param(jnp.ones((H,), jnp.float32))
         self.norm = RMSNorm(self.inner)
         self.out_proj = linear(self.inner, cfg.d_model)

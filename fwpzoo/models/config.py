@@ -53,6 +53,10 @@ class ModelConfig:
     decay: str = "scalar"  # scalar | per_key: the decay's shape for cells that take either
     num_householder: int = 2  # delta_product sub-steps N
     product_decay: bool = False  # delta_product: a per-head decay before the sub-steps
+    # every log decay (gated cells, mamba2) starts as Mamba-2's: -A dt with A uniform in
+    # decay_a_range and dt log-uniform in decay_dt_range (alpha = exp(-A dt) at the start)
+    decay_a_range: tuple[float, ...] = (1.0, 16.0)
+    decay_dt_range: tuple[float, ...] = (0.001, 0.1)
     conv_size: int = 4  # short causal depthwise conv on q, k, v; 0 disables it
     output_norm: bool = True
     output_gate: bool = False
@@ -98,6 +102,12 @@ class ModelConfig:
             raise ValueError(f"model.mlp_ratio must be >= 0, got {self.mlp_ratio}")
         if self.qk_scale is not None and self.qk_scale <= 0:
             raise ValueError(f"model.qk_scale must be > 0, got {self.qk_scale}")
+        for key in ("decay_a_range", "decay_dt_range"):
+            low_high = getattr(self, key)
+            if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
+                raise ValueError(
+                    f"model.{key} must be [low, high] with 0 < low <= high, got {low_high}"
+                )
         if self.rope_base <= 1:  # the rotary frequencies are rope_base ** (-2i / d)
             raise ValueError(f"model.rope_base must be > 1, got {self.rope_base}")
         for key in ("key_dim", "value_dim"):
