@@ -29,6 +29,7 @@ SYNTHETIC = {
     "parity": DataConfig(task="parity", seq_len=40, min_len=3, max_len=40),
     "mod_arith": DataConfig(task="mod_arith", seq_len=40, min_len=3, max_len=40, modulus=5),
     "s3": DataConfig(task="s3", seq_len=40, min_len=3, max_len=40),
+    "cyclic": DataConfig(task="cyclic", seq_len=40, min_len=3, max_len=40, modulus=3),
     "copy": DataConfig(task="copy", seq_len=40, vocab_size=12, min_len=3, max_len=20),
 }
 TEXT = DataConfig(task="text", seq_len=64, corpus="fixture")
@@ -42,8 +43,8 @@ def same(a: dict, b: dict) -> bool:
 
 
 def test_the_registry_holds_every_task_and_refuses_unknown_names():
-    assert set(TASKS) == {"mqar", "parity", "mod_arith", "s3", "copy", "text"}
-    with pytest.raises(ValueError, match="valid tasks: mqar, parity, mod_arith, s3, copy, text"):
+    assert set(TASKS) == {"mqar", "parity", "mod_arith", "s3", "cyclic", "copy", "text"}
+    with pytest.raises(ValueError, match="valid tasks: mqar, parity, mod_arith, s3, cyclic, copy"):
         DataConfig(task="sorting")
 
 
@@ -208,6 +209,17 @@ def test_s3_targets_are_the_running_product_at_every_position():
             product = tuple(g[product[x]] for x in range(3))  # apply the earlier ones first
             assert targets[t] == 1 + perms.index(product)
         assert (weights[:n] == 1).all() and (weights[n:] == 0).all()
+
+
+def test_cyclic_targets_are_the_running_sum_mod_m_at_every_position():
+    batch = make_task(SYNTHETIC["cyclic"], seed=0).train_batch(0, 32)
+    for inputs, targets, weights, n in zip(*batch.values(), lengths(batch), strict=True):
+        total = 0
+        for t in range(n):
+            total = (total + inputs[t] - 1) % 3
+            assert targets[t] == 1 + total
+        assert (weights[:n] == 1).all() and (weights[n:] == 0).all() and (inputs[n:] == 0).all()
+        assert set(inputs[:n]) <= {1, 2, 3}
 
 
 def test_copy_reproduces_the_string_after_the_separator():

@@ -14,7 +14,7 @@ from fwpzoo.data.capacity import capacity_batch
 from fwpzoo.data.config import TASK_NAMES, DataConfig, DataConfigError, MissingCorpusError
 from fwpzoo.data.copy_task import Copy
 from fwpzoo.data.mqar import MQAR
-from fwpzoo.data.state_tracking import S3, ModArith, Parity
+from fwpzoo.data.state_tracking import S3, Cyclic, ModArith, Parity
 from fwpzoo.data.task import Batch, Task
 from fwpzoo.data.text import Text
 
@@ -23,6 +23,7 @@ TASKS: dict[str, Callable[[DataConfig, int], Task]] = {
     "parity": Parity,
     "mod_arith": ModArith,
     "s3": S3,
+    "cyclic": Cyclic,
     "copy": Copy,
     "text": Text,
 }

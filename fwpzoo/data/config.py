@@ -7,7 +7,7 @@ with one line naming the field.
 
 from dataclasses import dataclass
 
-TASK_NAMES = ("mqar", "parity", "mod_arith", "s3", "copy", "text")
+TASK_NAMES = ("mqar", "parity", "mod_arith", "s3", "cyclic", "copy", "text")
 OPERATORS = "+-*"
 
 
@@ -23,19 +23,19 @@ class MissingCorpusError(DataConfigError):
 class DataConfig:
     """What to train on.
 
-    task: mqar | parity | mod_arith | s3 | copy | text.
+    task: mqar | parity | mod_arith | s3 | cyclic | copy | text.
     seq_len: length T of every training batch (padded with token 0, weight 0, where a task draws
         shorter sequences).
     vocab_size (mqar, copy): token count. MQAR splits it in half, keys below values (Zoology);
-        copy uses tokens 2.. as symbols. Parity (3), mod_arith (5 + modulus), s3 (7) and text (256)
-        fix their own vocabulary.
+        copy uses tokens 2.. as symbols. Parity (3), mod_arith (5 + modulus), s3 (7), cyclic
+        (1 + modulus) and text (256) fix their own vocabulary.
     num_pairs, power_alpha, random_non_queries (mqar): key-value pairs per sequence; exponent a of
         the query-gap law p(gap = g) ~ a * g^(a - 1) (small a: recall soon after the pair is
         likely); filler positions drawn uniformly from the vocabulary instead of token 0.
-    min_len, max_len (parity, mod_arith, s3, copy): training sequence lengths are drawn uniformly
-        from this range (copy: the length of the string to copy).
-    modulus, operators (mod_arith): answers mod `modulus`; expressions use the operators in
-        `operators` (a subset of "+-*"; `*` binds tighter, no brackets).
+    min_len, max_len (parity, mod_arith, s3, cyclic, copy): training sequence lengths are drawn
+        uniformly from this range (copy: the length of the string to copy).
+    modulus (mod_arith, cyclic), operators (mod_arith): answers mod `modulus`; expressions use
+        the operators in `operators` (a subset of "+-*"; `*` binds tighter, no brackets).
     corpus, data_dir (text): "gutenberg" or "brown" (fetched into data_dir by
         scripts/fetch_data.py), "fixture" (the small committed test text), or a path to a text
         file or to a directory of .txt files (each split 90/5/5 by bytes).
@@ -49,10 +49,10 @@ class DataConfig:
     num_pairs: int = 8
     power_alpha: float = 0.01
     random_non_queries: bool = True
-    # parity, mod_arith, s3, copy
+    # parity, mod_arith, s3, cyclic, copy
     min_len: int = 3
     max_len: int = 40
-    # mod_arith
+    # mod_arith, cyclic
     modulus: int = 3
     operators: str = OPERATORS
     # text
@@ -72,7 +72,7 @@ def config_problems(cfg: DataConfig) -> list[str]:
     checks = [(seq_len >= 1, f"data.seq_len must be >= 1, got {seq_len}")]
     if cfg.task == "mqar":
         checks += mqar_checks(cfg)
-    if cfg.task in ("parity", "mod_arith", "s3", "copy"):
+    if cfg.task in ("parity", "mod_arith", "s3", "cyclic", "copy"):
         checks += [
             (cfg.min_len >= 1, f"data.min_len must be >= 1, got {cfg.min_len}"),
             (
@@ -80,10 +80,12 @@ def config_problems(cfg: DataConfig) -> list[str]:
                 f"data.min_len={cfg.min_len} > data.max_len={cfg.max_len}",
             ),
         ]
-    if cfg.task in ("parity", "s3"):
+    if cfg.task in ("parity", "s3", "cyclic"):
         checks.append(
             (cfg.max_len <= seq_len, f"data.max_len={cfg.max_len} > data.seq_len={seq_len}")
         )
+    if cfg.task == "cyclic":
+        checks.append((cfg.modulus >= 2, f"data.modulus must be >= 2, got {cfg.modulus}"))
     if cfg.task == "mod_arith":
         checks += mod_arith_checks(cfg)
     if cfg.task == "copy":

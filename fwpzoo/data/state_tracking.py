@@ -1,4 +1,5 @@
-"""State-tracking tasks: parity, modular arithmetic without brackets, the S3 word problem.
+"""State-tracking tasks: parity, modular arithmetic without brackets, the S3 word problem, cyclic
+counting.
 
 Training lengths are drawn uniformly from min_len..max_len and padded to seq_len with token 0
 (weight 0); `length` given (eval_batches(seq_len=L)) makes every sequence exactly L long, for
@@ -6,7 +7,8 @@ length generalisation (Grazzi et al. 2025: train on 3..40, test up to 256).
 
 Parity and mod_arith follow the formal-language setup of Beck et al. 2024 (xLSTM) that Grazzi et
 al. 2025 train on: the answer is scored at the final position only. S3 follows Merrill et al.
-2024 and Siems et al. 2025: the running product is the target at every position.
+2024 and Siems et al. 2025: the running product is the target at every position; cyclic counting
+is the same word problem for the cyclic group Z_m (a number n rotates by n / m of a turn).
 
 Prefix results are computed with doubling (Hillis-Steele) scans: log2(T) vectorised steps
 instead of a Python loop over tokens.
@@ -152,3 +154,23 @@ def expression_value(numbers: np.ndarray, ops: np.ndarray, count: np.ndarray, m:
     in_expression = index < count[:, None]
     ends = in_expression & (next_starts | (index == count[:, None] - 1))  # [B, N] a term ends
     return np.sum(np.where(ends, sign * term, 0), axis=1) % m
+
+
+class Cyclic(SyntheticTask):
+    """Numbers mod m in (number n is token 1 + n), their running sum mod m out at every position:
+    the word problem of the cyclic group Z_m, with no operator tokens between the numbers, so
+    each token must apply its whole rotation."""
+
+    name = "cyclic"
+
+    def __init__(self, cfg, seed):
+        super().__init__(cfg, seed)
+        self.vocab_size = 1 + cfg.modulus
+
+    def generate(self, rng, batch_size, length):
+        T = length or self.seq_len
+        lengths = draw_lengths(rng, batch_size, self.cfg.min_len, self.cfg.max_len, length)
+        valid = np.arange(T) < lengths[:, None]  # [B, T]
+        numbers = rng.integers(0, self.cfg.modulus, size=(batch_size, T)) * valid
+        total = np.cumsum(numbers, axis=1) % self.cfg.modulus  # [B, T] sum of each prefix
+        return make_batch(np.where(valid, 1 + numbers, 0), np.where(valid, 1 + total, 0), valid)
