@@ -58,9 +58,12 @@ def test_mqar_quick_records_resume_and_reproduce(tmp_path, capsys):
     by_model = {r["model"]: r for r in records}
     assert by_model["delta_rule"]["rule"] == "delta"
     assert by_model["attention"]["cell"] is None
-    # d_model 16, 2 heads: fast weights 2 x 8 x 8; attention keeps 32 keys and values of 2 x 8
-    assert by_model["delta_rule"]["state_size"] == 2 * 8 * 8
-    assert by_model["attention"]["state_size"] == 32 * 2 * (8 + 8)
+    # d_model 16, 2 heads: fast weights 2 x 8 x 8; attention keeps 16 keys and values of 2 x 8
+    assert (
+        by_model["delta_rule"]["state_size"] == 2 * 8 * 8 and by_model["delta_rule"]["key_dim"] == 8
+    )
+    assert by_model["attention"]["state_size"] == 16 * 2 * (8 + 8)
+    assert by_model["delta_rule"]["decay_init"] is None
     assert all(r["task"] == "mqar" and r["metric"] == "accuracy" for r in records)
     assert all(0.0 <= r["value"] <= 1.0 and r["x"] == 4 and r["seed"] == 0 for r in records)
     assert "Recorded: 2 of 2 points." in report

@@ -29,11 +29,12 @@ KEYS = (
     "model",
     "cell",
     "rule",
-    "beta_range",
+    "decay_init",
     "task",
     "setting",
     "d_model",
     "num_heads",
+    "key_dim",
     "vocab_size",
     "state_size",
     "x",
@@ -41,58 +42,88 @@ KEYS = (
     "metric",
     "value",
 )
-MODELS = ("attention", "delta_rule", "gated_delta_rule", "linear_attn", "mamba2", "ssm")
-# (d_model, pairs): pairs swept at widths 16 and 32, width swept at 8 pairs; in this order,
-# models innermost, so a sweep cut short still compares every model at the points it reached
-POINTS = ((16, 2), (16, 8), (32, 8), (32, 4))
+MODELS = ("attention", "delta_rule", "linear_attn", "gated_delta_rule", "mamba2")
+GATED = ("gated_delta_rule", "mamba2")
+# num_heads at d_model 32 (key dim per head 8, 16, 4: the fast weights hold 32 x key dim numbers
+# per layer) -> the pairs swept at it; key dim 8 first, where the pairs reach 4x the key dim
+GRID = {4: (8, 16, 32), 2: (8, 16, 32), 8: (8, 16, 32)}
 SEEDS = (0, 1, 2)
-QUICK_MODELS, QUICK_POINTS, QUICK_SEEDS = ("attention", "delta_rule"), ((16, 4),), (0,)
-QUICK_OVERRIDES = ("train.steps=2", "train.warmup_steps=1", "eval.num_batches=1")
+# the decay init study: Mamba-2's own init against the grid's long-memory one, at one point
+LONG_DECAY = "long"  # the configs': A in [1, 2], dt in [0.001, 0.005], alpha in [0.99, 0.999]
+MAMBA2_DECAY = ("model.decay_a_range=[1,16]", "model.decay_dt_range=[0.001,0.1]")
+STUDY_POINT = (4, 16)  # (num_heads, pairs)
+QUICK_MODELS, QUICK_GRID, QUICK_SEEDS = ("attention", "delta_rule"), {2: (4,)}, (0,)
+QUICK_OVERRIDES = (
+    "data.seq_len=16",
+    "data.vocab_size=32",
+    "model.d_model=16",
+    "train.steps=2",
+    "train.warmup_steps=1",
+    "eval.num_batches=1",
+)
+
+
+def mqar_point(model, heads, pairs, seed, overrides=(), decay=None) -> object:
+    """One seed of one model at (num_heads, pairs); `decay` names a decay init override."""
+    path = CONFIGS / NAME / f"{model}.yaml"
+    overrides = (f"data.num_pairs={pairs}", f"model.num_heads={heads}", *overrides)
+    cfg = load(path, overrides)
+    labels = {
+        **model_labels(cfg),
+        "decay_init": (decay or LONG_DECAY) if model in GATED else None,
+        "task": "mqar",
+        "d_model": cfg.model.d_model,
+        "num_heads": heads,
+        "key_dim": cfg.model.d_model // heads,
+        "vocab_size": cfg.data.vocab_size,
+        "x": pairs,
+    }
+    name = f"{model}{f'-{decay}_init' if decay else ''}-h{heads}-n{pairs}-s{seed}"
+    return train_point(name, path, overrides, labels, {"accuracy": {}}, seed)
 
 
 def make_points(options) -> list:
-    models = QUICK_MODELS if options.quick else MODELS
-    grid = QUICK_POINTS if options.quick else POINTS
+    """Seeds outermost and models innermost, so a sweep cut short compares every model at the
+    points it reached; the decay init study follows the first seed's first key dim."""
+    if options.quick:
+        return [
+            mqar_point(model, heads, pairs, seed, QUICK_OVERRIDES)
+            for seed in QUICK_SEEDS
+            for heads, grid in QUICK_GRID.items()
+            for pairs in grid
+            for model in QUICK_MODELS
+        ]
     points = []
-    for seed in QUICK_SEEDS if options.quick else SEEDS:
-        for width, pairs in grid:
-            for model in models:
-                path = CONFIGS / NAME / f"{model}.yaml"
-                overrides = (f"data.num_pairs={pairs}", f"model.d_model={width}")
-                if model == "ssm":  # its state grows with the width too: 2 d_model numbers
-                    overrides += (f"model.ssm_state_dim={width}",)
-                overrides += QUICK_OVERRIDES if options.quick else ()
-                cfg = load(path, overrides)
-                labels = {
-                    **model_labels(cfg),
-                    "task": "mqar",
-                    "d_model": width,
-                    "num_heads": cfg.model.num_heads,
-                    "vocab_size": cfg.data.vocab_size,
-                    "x": pairs,
-                }
-                name = f"{model}-d{width}-n{pairs}-s{seed}"
-                points.append(train_point(name, path, overrides, labels, {"accuracy": {}}, seed))
+    for seed in SEEDS:
+        for heads, grid in GRID.items():
+            points += [mqar_point(m, heads, n, seed) for n in grid for m in MODELS]
+            if seed == SEEDS[0] and heads == next(iter(GRID)):
+                points += [
+                    mqar_point(m, *STUDY_POINT, s, MAMBA2_DECAY, "mamba2")
+                    for s in SEEDS
+                    for m in GATED
+                ]
     return points
 
 
 def plot(records: list[dict], path) -> None:
-    """Accuracy against pairs, a panel per width; then against state size at the most pairs;
+    """Accuracy against pairs, a panel per key dim; then against state size at the most pairs;
     medians over seeds with bars to the min and max."""
-    widths = sorted({r["d_model"] for r in records})
+    key_dims = sorted({r["key_dim"] for r in records})
     most_pairs = max(r["x"] for r in records)
-    fig, axes = plt.subplots(1, len(widths) + 1, figsize=(3.6 * (len(widths) + 1), 3.4))
-    for ax, width in zip(axes, widths, strict=False):
-        pairs = sorted({r["x"] for r in records if r["d_model"] == width})
-        ax.set(title=f"d_model {width}", xlabel="key-value pairs", ylabel="test accuracy")
-        ax.set_xticks(pairs)
-    for model in dict.fromkeys(r["model"] for r in records):
+    fig, axes = plt.subplots(1, len(key_dims) + 1, figsize=(3.6 * (len(key_dims) + 1), 3.4))
+    for ax, key_dim in zip(axes, key_dims, strict=False):
+        pairs = sorted({r["x"] for r in records if r["key_dim"] == key_dim})
+        ax.set(title=f"key dim {key_dim} per head", xlabel="key-value pairs", ylabel="accuracy")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(pairs, [str(n) for n in pairs])
+    for i, model in enumerate(dict.fromkeys(r["model"] for r in records)):
         mine = [r for r in records if r["model"] == model]
-        for ax, width in zip(axes, widths, strict=False):
-            curve = group([r for r in mine if r["d_model"] == width], ["x"])
-            errorbars(ax, {x: v for (x,), v in curve.items()})
+        for ax, key_dim in zip(axes, key_dims, strict=False):
+            curve = group([r for r in mine if r["key_dim"] == key_dim], ["x"])
+            errorbars(ax, {x: v for (x,), v in curve.items()}, color=f"C{i}")
         hardest = group([r for r in mine if r["x"] == most_pairs], ["state_size"])
-        errorbars(axes[-1], {s: v for (s,), v in hardest.items()}, label=model)
+        errorbars(axes[-1], {s: v for (s,), v in hardest.items()}, label=model, color=f"C{i}")
     axes[-1].set(xscale="log", title=f"{most_pairs} pairs", xlabel="state size per layer")
     axes[-1].legend(fontsize=7)
     for ax in axes:
@@ -102,40 +133,66 @@ def plot(records: list[dict], path) -> None:
     plt.close(fig)
 
 
-def report(records: list[dict], points: list, options) -> str:
-    plot(records, options.out / f"{NAME}.png")
-    seeds = len(QUICK_SEEDS if options.quick else SEEDS)
-    cells = group(records, ["model", "d_model", "x"])
-    sizes = {(r["model"], r["d_model"]): r["state_size"] for r in records}
+def grid_tables(records: list[dict], seeds: int) -> str:
+    """A table per key dim: a row per model, a column per pairs count."""
+    cells = group(records, ["model", "key_dim", "x"])
+    sizes = {(r["model"], r["key_dim"]): r["state_size"] for r in records}
     models = list(dict.fromkeys(r["model"] for r in records))
     sections = []
-    for width in sorted({r["d_model"] for r in records}):
-        pairs = sorted({r["x"] for r in records if r["d_model"] == width})
+    for key_dim in sorted({r["key_dim"] for r in records}):
+        pairs = sorted({r["x"] for r in records if r["key_dim"] == key_dim})
         rows = [
             [
                 model,
-                sizes[model, width],
-                *(spread_cell(cells.get((model, width, n)), seeds) for n in pairs),
+                sizes[model, key_dim],
+                *(spread_cell(cells.get((model, key_dim, n)), seeds) for n in pairs),
             ]
             for model in models
-            if (model, width) in sizes
+            if (model, key_dim) in sizes
         ]
         header = ["model", "state size", *(f"{n} pairs" for n in pairs)]
-        sections.append(f"### d_model {width}\n\n{markdown_table(header, rows)}")
-    steps = sorted({r["steps"] for r in records})
+        heads = next(r["num_heads"] for r in records if r["key_dim"] == key_dim)
+        title = f"### key dim {key_dim} per head ({heads} heads)"
+        sections.append(f"{title}\n\n{markdown_table(header, rows)}")
+    return "\n\n".join(sections)
+
+
+def report(records: list[dict], points: list, options) -> str:
+    grid = [r for r in records if r["decay_init"] in (None, LONG_DECAY)]
+    plot(grid, options.out / f"{NAME}.png")
+    seeds = len(QUICK_SEEDS if options.quick else SEEDS)
+    heads, pairs = STUDY_POINT
+    study = [
+        r for r in records if r["model"] in GATED and r["num_heads"] == heads and r["x"] == pairs
+    ]
+    study_rows = [
+        [model, decay, spread_cell(values, seeds)]
+        for (model, decay), values in group(study, ["model", "decay_init"]).items()
+    ]
+    steps = ", ".join(map(str, sorted({r["steps"] for r in records})))
+    study_table = markdown_table(["model", "decay init", "accuracy"], study_rows)
     return f"""# MQAR: multi-query associative recall
 
 Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`); each record in
 `{NAME}.json` names the command that recomputes its point alone.
 {progress_note(points, records, options)}
 Compute here: {compute_seconds(records)}.
-Test accuracy at the query positions after {", ".join(map(str, steps))} training steps: the
-median over {seeds} seeds (min-max in brackets); state size is per layer (attention: its
-key-value cache at the training length).
+Test accuracy at the query positions after {steps} training steps: the median over {seeds} seeds
+(min-max in brackets; [n/{seeds} seeds] where seeds are still pending). State size is per layer
+(attention: its key-value cache at the training length).
 
 ![accuracy]({NAME}.png)
 
-{chr(10).join(s + chr(10) for s in sections)}
+{grid_tables(grid, seeds)}
+
+### Decay init of the gated models ({heads} heads, {pairs} pairs)
+
+`long`: the configs' init, A in [1, 2] and dt in [0.001, 0.005], so every head starts with
+alpha = exp(-A dt) in [0.99, 0.999]; `mamba2`: Mamba-2's init, A in [1, 16] and dt in
+[0.001, 0.1], alpha from about 0.2 to 0.999.
+
+{study_table if study_rows else "No point of the study is recorded yet."}
+
 Software: {versions_line(records)}.
 """
 

@@ -1,9 +1,10 @@
 """State tracking and length generalisation (Grazzi et al. 2025; Siems et al. 2025).
 
 One-layer models (d_model 16, 4 heads, short conv) trained on sequences of lengths 3..40 and tested
-at longer lengths (x): parity and arithmetic mod 3 without brackets for DeltaNet with beta in
-(0, 1) and in (0, 2) and for a Mamba-2-style layer; the S3 word problem for DeltaProduct with
-N = 1 and N = 2 Householder steps per token. Configs: configs/experiments/state_tracking/.
+at longer lengths (x): parity for DeltaNet with beta in (0, 1) and in (0, 2) (with and without
+weight decay, which holds beta for a 0 bit away from 0) and for a Mamba-2-style layer; the S3 word
+problem and cyclic counting mod 3 for DeltaProduct with N = 1, 2, 3 Householder steps per token,
+beta in (0, 2). Configs: configs/experiments/state_tracking/.
 """
 
 import matplotlib.pyplot as plt
@@ -28,20 +29,24 @@ from fwpzoo.experiments._common import (
 NAME = "state_tracking"
 # config file -> (task label, model label)
 RUNS = {
-    "parity-delta_rule-beta01": ("parity", "delta_rule"),
     "parity-delta_rule-beta02": ("parity", "delta_rule"),
+    "parity-delta_rule-beta02-wd": ("parity", "delta_rule"),
+    "parity-delta_rule-beta01": ("parity", "delta_rule"),
     "parity-mamba2": ("parity", "mamba2"),
-    "mod3-delta_rule-beta01": ("mod3", "delta_rule"),
-    "mod3-delta_rule-beta02": ("mod3", "delta_rule"),
-    "mod3-mamba2": ("mod3", "mamba2"),
     "s3-delta_product-n1": ("s3", "delta_product_n1"),
     "s3-delta_product-n2": ("s3", "delta_product_n2"),
+    "s3-delta_product-n3": ("s3", "delta_product_n3"),
+    "cyclic-delta_product-n1": ("cyclic", "delta_product_n1"),
+    "cyclic-delta_product-n2": ("cyclic", "delta_product_n2"),
+    "cyclic-delta_product-n3": ("cyclic", "delta_product_n3"),
 }
 SEEDS = (0, 1, 2)
-CHANCE = {"parity": 1 / 2, "mod3": 1 / 3, "s3": 1 / 6}  # accuracy of a uniform guess
+CHANCE = {"parity": 1 / 2, "cyclic": 1 / 3, "s3": 1 / 6}  # accuracy of a uniform guess
 QUICK_RUNS, QUICK_SEEDS = ("parity-delta_rule-beta02", "s3-delta_product-n2"), (0,)
 QUICK_OVERRIDES = (
     "train.steps=2",
+    "checkpoint.every=2",
+    "eval.every=2",
     "train.warmup_steps=1",
     "eval.num_batches=1",
     "eval.lengths=[48]",
