@@ -19,6 +19,7 @@ to NAME.md.
 """
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import math
@@ -229,8 +230,10 @@ def versions() -> dict:
     return found
 
 
+@functools.cache
 def git_commit() -> str | None:
-    """The repository's commit, "+" if the work tree differs from it; None outside a checkout."""
+    """The repository's commit, "+" if its fwpzoo/ differs from it; None outside a checkout.
+    Cached: read once when a sweep starts, it names the code the sweep's process runs."""
     try:
         head = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
@@ -374,6 +377,7 @@ def list_points(points: Sequence[Point], options: Options) -> int:
 def main(experiment: Experiment, argv: Sequence[str]) -> int:
     """The `fwpzoo experiment NAME` entry point of an experiment."""
     options = parse_options(experiment.name, argv)
+    git_commit()  # the code this process runs, before anything can change the checkout
     use_cpu_devices(options.cpu_devices)
     # Identical computations compile once: every seed of a setting, and a resumed sweep.
     jax.config.update("jax_compilation_cache_dir", str(options.root.parent / ".jax_cache"))
