@@ -168,8 +168,10 @@ def test_bad_experiment_arguments(argv, expected, capsys):
     assert len(err) == 1 and expected in err[0]
 
 
-def test_report_only_needs_recorded_points(tmp_path, capsys):
+def test_report_only_without_records_says_every_point_is_pending(tmp_path):
     argv = ["experiment", "mqar", "--quick", "--report-only", "--workdir", str(tmp_path)]
-    assert cli.main([*argv, "--no-progress"]) == 2
-    assert "no recorded points" in capsys.readouterr().err
-    assert not (tmp_path / "mqar" / "mqar.json").exists()
+    assert cli.main([*argv, "--no-progress"]) == 0
+    assert json.loads((tmp_path / "mqar" / "mqar.json").read_text()) == []
+    page = (tmp_path / "mqar" / "mqar.md").read_text()
+    assert page.startswith(f"# {mqar.TITLE}") and "Recorded: 0 of 2 points; pending:" in page
+    assert not (tmp_path / "mqar" / "points").exists()

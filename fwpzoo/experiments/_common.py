@@ -335,6 +335,7 @@ class Experiment:
     report: Callable[[list[dict], list[Point], Options], str]  # (records, grid, options) -> page
     execute: Callable[[Point, Path], Outcome] = run_training
     extra_records: Callable[[Options], list[dict]] = lambda options: []  # e.g. compressors
+    title: str = ""  # the page's title while no point is recorded (the report has its own)
 
 
 def run_points(experiment: Experiment, points: Sequence[Point], options: Options) -> list[dict]:
@@ -387,13 +388,18 @@ def main(experiment: Experiment, argv: Sequence[str]) -> int:
     if options.list_points:
         return list_points(points, options)
     stored = run_points(experiment, points, options)
-    if not stored:
-        raise ConfigError(f"no recorded points in {options.points_dir}")
+    page = options.out / f"{options.name}.md"
+    if not stored:  # only with --report-only: a page that says so, not a stale one
+        write_json(options.out / f"{options.name}.json", [])
+        write_page(
+            page, f"# {experiment.title or options.name}\n\n{progress_note(points, [], options)}"
+        )
+        return 0
     keys = (*experiment.keys, *(k for k in RUN_FIELDS if k not in experiment.keys))
     records = [rec for s in stored for rec in records_of(s, keys)]
     records += [{key: rec.get(key) for key in keys} for rec in experiment.extra_records(options)]
     write_json(options.out / f"{options.name}.json", records)
-    write_page(options.out / f"{options.name}.md", experiment.report(records, points, options))
+    write_page(page, experiment.report(records, points, options))
     return 0
 
 

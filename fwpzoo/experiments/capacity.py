@@ -53,6 +53,7 @@ from fwpzoo.experiments._common import (
 from fwpzoo.layers.feature_maps import apply_feature_map, favor_projection, feature_dim
 
 NAME = "capacity"
+TITLE = "Associative retrieval capacity (Schlag, Irie & Schmidhuber 2021)"
 # record spelling of a feature map -> (feature_maps registry name, nu)
 PHI = {
     "elu1": ("elu1", 1),
@@ -507,7 +508,7 @@ def report(records: list[dict], points: list[Point], options) -> str:
     stopped = {}
     for rec in records:
         stopped[rec["stop_reason"]] = stopped.get(rec["stop_reason"], 0) + 1
-    return f"""# Associative retrieval capacity (Schlag, Irie & Schmidhuber 2021)
+    return f"""# {TITLE}
 
 Command: `{sweep_command(options)}` (sweep: `configs/experiments/{NAME}/{sweep_file(options)}`);
 each record in `{NAME}.json` names the command that recomputes its point alone.
@@ -542,7 +543,7 @@ def sweep_file(options) -> str:
     return "quick.yaml" if options.quick else "sweep.yaml"
 
 
-EXPERIMENT = Experiment(NAME, KEYS, make_points, report, execute)
+EXPERIMENT = Experiment(NAME, KEYS, make_points, report, execute, title=TITLE)
 
 
 def main(argv) -> int:

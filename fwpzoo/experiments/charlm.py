@@ -35,6 +35,7 @@ from fwpzoo.experiments._common import (
 )
 
 NAME = "charlm"
+TITLE = "Byte-level language modelling on Gutenberg and Brown"
 KEYS = (
     "model",
     "cell",
@@ -167,7 +168,7 @@ def report(records: list[dict], points: list, options: Options) -> str:
         ]
         header = ["model", "parameters", "state size", "steps", *(f"test {m}" for m in metrics)]
         sections.append(f"### {corpus}\n\n{markdown_table(header, rows)}")
-    return f"""# Byte-level language modelling on Gutenberg and Brown
+    return f"""# {TITLE}
 
 Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`); each record in
 `{NAME}.json` names the command that recomputes its point alone.
@@ -185,7 +186,9 @@ Software: {versions_line(records)}.
 """
 
 
-EXPERIMENT = Experiment(NAME, KEYS, make_points, report, extra_records=compressor_records)
+EXPERIMENT = Experiment(
+    NAME, KEYS, make_points, report, extra_records=compressor_records, title=TITLE
+)
 
 
 def main(argv) -> int:

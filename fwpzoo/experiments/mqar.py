@@ -25,6 +25,7 @@ from fwpzoo.experiments._common import (
 )
 
 NAME = "mqar"
+TITLE = "MQAR: multi-query associative recall"
 KEYS = (
     "model",
     "cell",
@@ -171,7 +172,7 @@ def report(records: list[dict], points: list, options) -> str:
     ]
     steps = ", ".join(map(str, sorted({r["steps"] for r in records})))
     study_table = markdown_table(["model", "decay init", "accuracy"], study_rows)
-    return f"""# MQAR: multi-query associative recall
+    return f"""# {TITLE}
 
 Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`); each record in
 `{NAME}.json` names the command that recomputes its point alone.
@@ -197,7 +198,7 @@ Software: {versions_line(records)}.
 """
 
 
-EXPERIMENT = Experiment(NAME, KEYS, make_points, report)
+EXPERIMENT = Experiment(NAME, KEYS, make_points, report, title=TITLE)
 
 
 def main(argv) -> int:

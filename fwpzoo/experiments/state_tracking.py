@@ -27,6 +27,7 @@ from fwpzoo.experiments._common import (
 )
 
 NAME = "state_tracking"
+TITLE = "State tracking: parity, S3, cyclic counting mod 3"
 # config file -> (task label, model label)
 RUNS = {
     "parity-delta_rule-beta02": ("parity", "delta_rule"),
@@ -117,7 +118,7 @@ def report(records: list[dict], points: list, options) -> str:
     header = ["task", "model", "beta", "steps", "train lengths", *(f"length {x}" for x in xs)]
     cfg = load(CONFIGS / NAME / f"{next(iter(RUNS))}.yaml")
     num_sequences = cfg.eval.batch_size * cfg.eval.num_batches
-    return f"""# State tracking: parity, arithmetic mod 3, S3
+    return f"""# {TITLE}
 
 Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`); each record in
 `{NAME}.json` names the command that recomputes its point alone.
@@ -138,7 +139,7 @@ Software: {versions_line(records)}.
 """
 
 
-EXPERIMENT = Experiment(NAME, KEYS, make_points, report)
+EXPERIMENT = Experiment(NAME, KEYS, make_points, report, title=TITLE)
 
 
 def main(argv) -> int:
