@@ -59,6 +59,14 @@ def delta_kv(r, s, sub=()):
     return {"k": k, "v": r.normal(size=(s.B, s.T, s.H, *sub, s.V))}
 
 
+def oja_kv(r, s):
+    """L2-normalised values: Oja's rule is the delta rule on S^T with k and v exchanged."""
+    return {
+        "k": r.normal(size=(s.B, s.T, s.H, s.K)),
+        "v": unit(r.normal(size=(s.B, s.T, s.H, s.V))),
+    }
+
+
 def log_alpha(r, s, key=()):
     return {"log_alpha": r.uniform(s.log_alpha_min, 0.0, size=(s.B, s.T, s.H, *key))}
 
@@ -90,6 +98,7 @@ MAKERS = {
             | {"log_mu": r.uniform(s.log_alpha_min, 0.0, size=(s.B, s.T, s.H))}
         )
     },
+    "oja": {"": lambda r, s: oja_kv(r, s) | beta(r, s) | log_alpha(r, s)},
 }
 VARIANTS = [name + suffix for name in cells.CELLS for suffix in MAKERS[name]]
 ONE_VARIANT_PER_FAMILY = [name + next(iter(MAKERS[name])) for name in cells.CELLS]

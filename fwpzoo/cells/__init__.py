@@ -21,6 +21,7 @@ from fwpzoo.cells import (
     gated_linear_attn,
     linear_attn,
     momentum_delta,
+    oja,
     recurrent_delta,
     srwm,
 )
@@ -32,6 +33,7 @@ CELLS: dict[str, ModuleType] = {
     "gated_delta_rule": gated_delta_rule,
     "delta_product": delta_product,
     "momentum_delta": momentum_delta,
+    "oja": oja,
 }
 
 PROGRAMMED: dict[str, ModuleType] = {"recurrent_delta": recurrent_delta, "srwm": srwm}
