@@ -21,7 +21,7 @@ USAGE = """usage: fwpzoo VERB ...
                                                         train (or resume) a run
   fwpzoo eval --workdir DIR [--step N] [--split S]      metrics of a checkpoint, as JSON
   fwpzoo sample --workdir DIR [--prompt P] [--num-tokens N]
-  fwpzoo list                                           cells, forms, mixers, tasks, configs
+  fwpzoo list [--rules-md]                              cells, forms, mixers, tasks, configs, rules
   fwpzoo bench NAME [...]                               benchmarks
   fwpzoo experiment NAME [...]                          experiments"""
 
@@ -145,8 +145,16 @@ def sample_main(argv: list[str]) -> int:
 
 
 def list_main(argv: list[str]) -> int:
-    Parser(prog="fwpzoo list").parse_args(argv)
-    from fwpzoo import cells
+    parser = Parser(prog="fwpzoo list")
+    parser.add_argument(
+        "--rules-md", action="store_true", help="print the rules table page (docs/rules.md)"
+    )
+    args = parser.parse_args(argv)
+    from fwpzoo import cells, rules
+
+    if args.rules_md:
+        print(rules.markdown(), end="")
+        return 0
     from fwpzoo.data import TASKS
     from fwpzoo.layers import MIXERS
     from fwpzoo.layers.feature_maps import FEATURE_MAPS
@@ -165,6 +173,7 @@ def list_main(argv: list[str]) -> int:
     }
     for title, names in sections.items():
         print(f"{title}: {', '.join(names) if names else '(none)'}")
+    print(f"\nrules (docs/rules.md):\n{rules.text()}")
     return 0
 
 

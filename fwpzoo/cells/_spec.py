@@ -156,10 +156,21 @@ class Objective:
             raise ValueError(f"a {self.step!r} step needs loss_fn")
 
     def describe_step(self) -> str:
-        """The step in words, e.g. "decay, then gradient step (lr beta)"."""
-        words = self.step + (f" (lr {self.lr})" if self.lr else "")
-        if self.momentum:
-            words += f", momentum exp({self.momentum}), gradient scale {self.momentum_lr}"
+        """The step in words, e.g. "decay exp(log_alpha), then gradient step (lr beta)"."""
+        if self.step == MOMENTUM:
+            return (
+                f"momentum: M <- exp({self.momentum}) M + {self.momentum_lr} grad, "
+                f"S <- exp({self.decay}) S - {self.lr} M"
+            )
+        words = {
+            GRADIENT: "gradient step",
+            GRADIENT_STEPS: "N gradient steps",
+            IMPLICIT: "implicit step",
+            MINIMISER: "exact minimiser",
+        }[self.step]
+        if self.loss_fn is negative_correlation:
+            words = "Hebbian " + words
+        words += f" (lr {self.lr})" if self.lr else ""
         return f"decay exp({self.decay}), then {words}" if self.decay else words
 
 
