@@ -61,6 +61,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step, each batch_size / grad_accum sequences
     compute_dtype: str = "float32"  # float32 | bfloat16 (parameters stay float32)
     log_every: int = 50
+    # stop at the first eval where this valid-split metric reaches stop_at (None: run all steps)
+    stop_metric: str | None = None
+    stop_at: float = 1.0
 
     def __post_init__(self):
         _require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")

@@ -31,7 +31,11 @@ SYNTHETIC = {
     "s3": DataConfig(task="s3", seq_len=40, min_len=3, max_len=40),
     "cyclic": DataConfig(task="cyclic", seq_len=40, min_len=3, max_len=40, modulus=3),
     "copy": DataConfig(task="copy", seq_len=40, vocab_size=12, min_len=3, max_len=20),
+    "formal_language": DataConfig(
+        task="formal_language", language="shuffle_2", seq_len=50, min_len=1, max_len=50
+    ),
 }
+METRICS = {"text": ("loss", "bpc"), "formal_language": ("loss", "accuracy", "sequence_accuracy")}
 TEXT = DataConfig(task="text", seq_len=64, corpus="fixture")
 
 
@@ -43,8 +47,17 @@ def same(a: dict, b: dict) -> bool:
 
 
 def test_the_registry_holds_every_task_and_refuses_unknown_names():
-    assert set(TASKS) == {"mqar", "parity", "mod_arith", "s3", "cyclic", "copy", "text"}
-    with pytest.raises(ValueError, match="valid tasks: mqar, parity, mod_arith, s3, cyclic, copy"):
+    assert set(TASKS) == {
+        "mqar",
+        "parity",
+        "mod_arith",
+        "s3",
+        "cyclic",
+        "copy",
+        "text",
+        "formal_language",
+    }
+    with pytest.raises(ValueError, match="valid tasks: mqar, parity, .*, text, formal_language"):
         DataConfig(task="sorting")
 
 
@@ -59,7 +72,7 @@ def test_batches_have_the_contract_shapes_and_dtypes(name):
     for key in ("inputs", "targets"):
         assert batch[key].min() >= 0 and batch[key].max() < task.vocab_size
     assert set(np.unique(batch["weights"])) <= {0.0, 1.0} and batch["weights"].sum() > 0
-    assert task.metrics == (("loss", "bpc") if name == "text" else ("loss", "accuracy"))
+    assert task.metrics == METRICS.get(name, ("loss", "accuracy"))
 
 
 @pytest.mark.parametrize("name", [*SYNTHETIC, "text"])

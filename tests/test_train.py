@@ -152,3 +152,30 @@ def test_summarize_names_the_task_metrics():
 
 def test_replicated_metrics_reach_the_host():
     assert float(to_host(jnp.float32(2.5))) == 2.5
+
+
+def test_sequence_accuracy_counts_strings_right_at_every_scored_position():
+    from fwpzoo.train import summarize
+
+    sums = {"loss_sum": 0.0, "weight": 1.0, "correct": 1.0, "sequences": 4.0}
+    assert summarize(sums | {"sequences_correct": 3.0}, ("sequence_accuracy",)) == {
+        "loss": 0.0,
+        "sequence_accuracy": 0.75,
+    }
+
+
+def test_training_stops_when_the_stop_metric_is_reached_and_stays_stopped(tmp_path):
+    """stop_at 0 is reached at the first eval (step 2 of 4): a checkpoint is kept there and a
+    rerun into the workdir trains no further."""
+    cfg = tiny(train={"stop_metric": "accuracy", "stop_at": 0.0})
+    train(cfg, tmp_path, progress=False)
+    assert Checkpoints(tmp_path / "checkpoints").latest_step() == 2
+    assert train(cfg, tmp_path, progress=False) == {"step": 2}
+    assert [row["step"] for row in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_an_unknown_stop_metric_is_refused():
+    from fwpzoo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.stop_metric 'bpc' is not an eval metric"):
+        prepare(tiny(train={"stop_metric": "bpc"}))

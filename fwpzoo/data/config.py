@@ -7,7 +7,18 @@ with one line naming the field.
 
 from dataclasses import dataclass
 
-TASK_NAMES = ("mqar", "parity", "mod_arith", "s3", "cyclic", "copy", "text")
+TASK_NAMES = ("mqar", "parity", "mod_arith", "s3", "cyclic", "copy", "text", "formal_language")
+# formal_language: the languages of fwpzoo.data.formal_languages
+LANGUAGE_NAMES = (
+    "parity",
+    "aa_star",
+    "abab_star",
+    "counter_2",
+    "counter_3",
+    "dyck_1",
+    "shuffle_2",
+    "reset_dyck_1",
+)
 OPERATORS = "+-*"
 
 
@@ -23,7 +34,7 @@ class MissingCorpusError(DataConfigError):
 class DataConfig:
     """What to train on.
 
-    task: mqar | parity | mod_arith | s3 | cyclic | copy | text.
+    task: mqar | parity | mod_arith | s3 | cyclic | copy | text | formal_language.
     seq_len: length T of every training batch (padded with token 0, weight 0, where a task draws
         shorter sequences).
     vocab_size (mqar, copy): token count. MQAR splits it in half, keys below values (Zoology);
@@ -32,8 +43,10 @@ class DataConfig:
     num_pairs, power_alpha, random_non_queries (mqar): key-value pairs per sequence; exponent a of
         the query-gap law p(gap = g) ~ a * g^(a - 1) (small a: recall soon after the pair is
         likely); filler positions drawn uniformly from the vocabulary instead of token 0.
-    min_len, max_len (parity, mod_arith, s3, cyclic, copy): training sequence lengths are drawn
-        uniformly from this range (copy: the length of the string to copy).
+    language (formal_language): one of LANGUAGE_NAMES (character prediction; lengths min_len..
+        max_len for training, max_len + 1..L at an eval length L).
+    min_len, max_len (parity, mod_arith, s3, cyclic, copy, formal_language): training sequence
+        lengths are drawn uniformly from this range (copy: the length of the string to copy).
     modulus (mod_arith, cyclic), operators (mod_arith): answers mod `modulus`; expressions use
         the operators in `operators` (a subset of "+-*"; `*` binds tighter, no brackets).
     corpus, data_dir (text): "gutenberg" or "brown" (fetched into data_dir by
@@ -49,7 +62,9 @@ class DataConfig:
     num_pairs: int = 8
     power_alpha: float = 0.01
     random_non_queries: bool = True
-    # parity, mod_arith, s3, cyclic, copy
+    # formal_language
+    language: str = "parity"
+    # parity, mod_arith, s3, cyclic, copy, formal_language
     min_len: int = 3
     max_len: int = 40
     # mod_arith, cyclic
@@ -72,7 +87,10 @@ def config_problems(cfg: DataConfig) -> list[str]:
     checks = [(seq_len >= 1, f"data.seq_len must be >= 1, got {seq_len}")]
     if cfg.task == "mqar":
         checks += mqar_checks(cfg)
-    if cfg.task in ("parity", "mod_arith", "s3", "cyclic", "copy"):
+    if cfg.task == "formal_language" and cfg.language not in LANGUAGE_NAMES:
+        valid = ", ".join(LANGUAGE_NAMES)
+        return [f"unknown data.language {cfg.language!r}; valid languages: {valid}"]
+    if cfg.task in ("parity", "mod_arith", "s3", "cyclic", "copy", "formal_language"):
         checks += [
             (cfg.min_len >= 1, f"data.min_len must be >= 1, got {cfg.min_len}"),
             (
@@ -80,7 +98,7 @@ def config_problems(cfg: DataConfig) -> list[str]:
                 f"data.min_len={cfg.min_len} > data.max_len={cfg.max_len}",
             ),
         ]
-    if cfg.task in ("parity", "s3", "cyclic"):
+    if cfg.task in ("parity", "s3", "cyclic", "formal_language"):
         checks.append(
             (cfg.max_len <= seq_len, f"data.max_len={cfg.max_len} > data.seq_len={seq_len}")
         )

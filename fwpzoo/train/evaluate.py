@@ -9,12 +9,16 @@ from fwpzoo.train.sharding import shard_batch, to_host
 
 
 def summarize(sums: dict, metric_names) -> dict:
-    """Token sums -> {"loss", and "accuracy", "bpc", "perplexity" as the task names them}."""
+    """Token sums -> {"loss", and "accuracy", "sequence_accuracy", "bpc", "perplexity" as the
+    task names them}."""
     weight = max(float(sums["weight"]), 1.0)
     loss = float(sums["loss_sum"]) / weight
     derived = {
         "loss": loss,
         "accuracy": float(sums["correct"]) / weight,
+        # strings whose every scored position is right (formal-language recognition)
+        "sequence_accuracy": float(sums.get("sequences_correct", 0.0))
+        / max(float(sums.get("sequences", 0.0)), 1.0),
         "bpc": loss / math.log(2),
         "perplexity": math.exp(min(loss, 700.0)),  # exp overflows a float64 past ~709
     }
@@ -23,7 +27,13 @@ def summarize(sums: dict, metric_names) -> dict:
 
 def split_sums(eval_step, model_state: dict, batches, mesh) -> dict:
     """Sums of eval_step over every batch of an iterator (float64 on the host)."""
-    total = {"loss_sum": 0.0, "weight": 0.0, "correct": 0.0}
+    total = {
+        "loss_sum": 0.0,
+        "weight": 0.0,
+        "correct": 0.0,
+        "sequences": 0.0,
+        "sequences_correct": 0.0,
+    }
     for batch in batches:
         sums = to_host(
             eval_step(model_state["params"], model_state["rest"], shard_batch(batch, mesh))

@@ -73,6 +73,12 @@ def prepare(cfg: Config) -> Run:
             f"checkpoint.best_metric {cfg.checkpoint.best_metric!r} is not an eval metric of "
             f"{cfg.data.task}; valid: {', '.join(metrics)}"
         )
+    at_lengths = [f"{name}@{n}" for n in cfg.eval.lengths for name in metrics]
+    if cfg.train.stop_metric not in (None, *metrics, *at_lengths):
+        raise ConfigError(
+            f"train.stop_metric {cfg.train.stop_metric!r} is not an eval metric of "
+            f"{cfg.data.task}; valid: {', '.join([*metrics, *at_lengths])}"
+        )
     return Run(cfg, task, mesh, make_optimizer(cfg.train), graphdef)
 
 
@@ -140,6 +146,8 @@ def train(cfg: Config, workdir: Path, *, progress: bool = True) -> dict:
         (workdir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, cfg.checkpoint)
     state, start, data_index = restore_or_init(run, checkpoints)
+    if start and checkpoints.restore_meta(start).get("reached_stop_metric"):
+        return {"step": start}  # an early-stopped run is finished: resuming trains no further
     log = MetricsLog(workdir, start, enabled=chief)
     if chief:
         print(describe(run.mesh, workdir, start), file=sys.stderr)
@@ -199,8 +207,18 @@ def _loop(run: Run, state, start: int, data_index: int, checkpoints, log, bar) -
         log.write(row)
         bar.update(step - bar.n)
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
-        if do_save:
+        stop = reached_stop_metric(cfg.train, eval_metrics)
+        if do_save or stop:
             meta = {"next_batch_index": data_index, "config": to_dict(cfg)}
-            checkpoints.save(step, state, meta, metrics=eval_metrics)
+            checkpoints.save(step, state, meta | {"reached_stop_metric": stop}, eval_metrics)
+        if stop:
+            break
         pending_losses, pending_steps, tokens, clock = [], [], 0, time.perf_counter()
     return row
+
+
+def reached_stop_metric(cfg, eval_metrics: dict | None) -> bool:
+    """Whether this eval ends training: train.stop_metric at or above train.stop_at."""
+    if cfg.stop_metric is None or eval_metrics is None:
+        return False
+    return eval_metrics[cfg.stop_metric] >= cfg.stop_at

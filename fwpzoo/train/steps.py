@@ -15,17 +15,23 @@ from flax import nnx
 
 
 def token_sums(graphdef, params, rest, batch) -> dict:
-    """Sums over the batch's weighted target tokens: cross-entropy, weight and correct argmaxes."""
+    """Sums over the batch's weighted target tokens: cross-entropy, weight and correct argmaxes;
+    and the sequences with a scored token and those whose every scored token is right."""
     model = nnx.merge(graphdef, params, rest)
     logits = model(batch["inputs"])  # [B, T, vocab] float32
     targets = batch["targets"]  # [B, T]
     weights = batch["weights"].astype(jnp.float32)  # [B, T]
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, T]
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)  # [B, T]
+    scored = weights > 0  # [B, T]
+    sequence_scored = jnp.any(scored, axis=-1)  # [B]
+    sequence_correct = sequence_scored & jnp.all((correct > 0) | ~scored, axis=-1)  # [B]
     return {
         "loss_sum": jnp.sum(cross_entropy * weights),
         "weight": jnp.sum(weights),
         "correct": jnp.sum(correct * weights),
+        "sequences": jnp.sum(sequence_scored.astype(jnp.float32)),
+        "sequences_correct": jnp.sum(sequence_correct.astype(jnp.float32)),
     }
 
 
