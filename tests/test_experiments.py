@@ -86,6 +86,27 @@ def test_mqar_quick_records_resume_and_reproduce(tmp_path, capsys):
     assert listed == [f"done    {r['point']}" for r in records]
 
 
+def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
+    """The full sweeps (configs only, nothing trained): distinct point names, every setting at
+    least three seeds (two for charlm, whose points cost more than 10 CPU-minutes), MQAR pairs up
+    to 4x the key dim per head with the vocabulary at 256 or more."""
+    for module, seeds in ((mqar, 3), (state_tracking, 3), (charlm, 2)):
+        points = module.make_points(_common.parse_options(module.NAME, []))
+        assert len({p.name for p in points}) == len(points)
+        settings = {}
+        for p in points:
+            setting = tuple(sorted((k, str(v)) for k, v in p.labels.items() if k != "seed"))
+            settings.setdefault(setting, set()).add(p.labels["seed"])
+        assert all(len(s) >= seeds for s in settings.values()), module.NAME
+    points = mqar.make_points(_common.parse_options("mqar", []))
+    assert {p.labels["model"] for p in points} == set(mqar.MODELS)
+    assert all(p.labels["vocab_size"] >= 256 for p in points)
+    assert max(p.labels["x"] / p.labels["key_dim"] for p in points) >= 4
+    assert len({p.labels["state_size"] for p in points if p.labels["model"] == "delta_rule"}) >= 3
+    study = [p for p in points if p.labels["decay_init"] == "mamba2"]
+    assert {p.labels["model"] for p in study} == set(mqar.GATED) and len(study) == 6
+
+
 def test_a_record_of_another_spec_is_refused(tmp_path, capsys):
     options = _common.parse_options("mqar", ["--quick", "--workdir", str(tmp_path)])
     point = mqar.make_points(options)[0]
