@@ -41,7 +41,8 @@ def form_fn(cell: str, form: str):
     if form not in cells.FORMS:
         raise ValueError(f"unknown form {form!r}; valid forms: {', '.join(cells.FORMS)}")
     if not hasattr(module, form):
-        raise ValueError(f"cell {cell!r} has no {form!r} form")
+        valid = ", ".join(f for f in cells.FORMS if hasattr(module, f))
+        raise ValueError(f"cell {cell!r} has no {form!r} form; its forms: {valid}")
     return getattr(module, form)
 
 

@@ -6,7 +6,7 @@ from fwpzoo.cells import CELLS, FORMS
 from fwpzoo.cells.plastic import ACTIVATIONS, RULES, SITES
 from fwpzoo.layers import MIXERS
 from fwpzoo.layers.feature_maps import FEATURE_MAPS
-from fwpzoo.layers.fwp import DECAYS, QK_NORMS, check_decay, check_qk_norm
+from fwpzoo.layers.fwp import DECAYS, QK_NORMS, check_decay, check_qk_norm, form_fn
 from fwpzoo.layers.gates import BETA_RANGES
 from fwpzoo.layers.plastic import ETA_SIGNS, check_plastic
 from fwpzoo.layers.programmed import check_probability_map
@@ -85,6 +85,8 @@ class ModelConfig:
         _one_of("decay", self.decay, DECAYS)
         check_qk_norm(self.qk_norm, self.feature_map)
         check_decay(self.cell, self.decay)
+        if "fwp" in self.mixers:
+            form_fn(self.cell, self.form)
         _one_of("plastic_on", self.plastic_on, SITES)
         _one_of("plasticity", self.plasticity, RULES)
         _one_of("plastic_activation", self.plastic_activation, ACTIVATIONS)
