@@ -285,3 +285,10 @@ def test_attention_cache_refuses_writes_past_max_len():
     ys = jnp.swapaxes(decode_all(attention.init_cache(B, 3)), 0, 1)  # [B, 4, D]
     assert bool(jnp.all(jnp.isfinite(ys[:, :3])))
     assert bool(jnp.all(jnp.isnan(ys[:, 3])))
+
+
+def test_a_rule_stable_only_for_unit_values_is_fed_unit_values():
+    """Oja's values play the delta rule's keys: its OBJECTIVE asks for unit values."""
+    mixer = FWPMixer(tiny(cell="oja"), rngs=nnx.Rngs(0))
+    _, _, v, _, _ = mixer._inputs(inputs(), None)
+    np.testing.assert_allclose(jnp.linalg.norm(v, axis=-1), 1.0, rtol=1e-5)

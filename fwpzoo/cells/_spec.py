@@ -135,7 +135,9 @@ class Objective:
     lr names the gate that scales the step (None: 1); decay the log-decay gate applied first,
     S <- exp(decay) S (weight decay as a shrinkage step); momentum and momentum_lr the momentum's
     log decay and the gate scaling the gradient into it. `weights`: the key of a dict state the
-    loss is on (None: the state is the weight matrix itself)."""
+    loss is on (None: the state is the weight matrix itself). `unit_values`: the step contracts
+    only for L2-normalised values, which the layer then feeds it (Oja's values play the delta
+    rule's keys)."""
 
     update: str
     loss: str
@@ -148,6 +150,7 @@ class Objective:
     momentum_lr: str | None = None
     state: State = State()
     weights: str | None = None
+    unit_values: bool = False
 
     def __post_init__(self):
         if self.step not in STEPS:

@@ -39,6 +39,7 @@ OBJECTIVE = Objective(
     loss_fn=reconstruction_error,
     lr="beta",
     decay="log_alpha",
+    unit_values=True,
     paper="Oja 1982; Oja 1989 (subspace rule)",
 )
 

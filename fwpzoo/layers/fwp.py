@@ -164,6 +164,7 @@ class FWPMixer(CellMixer):
         V = cfg.value_dim or cfg.d_model // H
         K = feature_dim(cfg.feature_map, head_dim, nu=cfg.dpfp_nu, num_features=cfg.favor_features)
         self.sub_steps = has_sub_steps(module)
+        self.unit_values = module.OBJECTIVE.unit_values
         N = cfg.num_householder if self.sub_steps else 1  # writes per token
         self.cell, self.form, self.chunk_size = cfg.cell, cfg.form, cfg.chunk_size
         self.feature_map, self.dpfp_nu, self.qk_norm = cfg.feature_map, cfg.dpfp_nu, cfg.qk_norm
@@ -242,6 +243,8 @@ class FWPMixer(CellMixer):
         q = self._features(q.reshape(B, T, H, head_dim)) * self.scale  # [B, T, H, K]
         k = self._features(k.reshape(B, T, H, N, head_dim))  # [B, T, H, N, K]
         v = v.reshape(B, T, H, N, V)  # [B, T, H, N, V]
+        if self.unit_values:  # the rule is stable only for unit values (its OBJECTIVE says)
+            v = qk_normalize(v.astype(jnp.float32), "l2")
         gates = {
             spec.name: self.gates[spec.name]()
             if spec.shape == _spec.STATIC
