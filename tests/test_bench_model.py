@@ -49,6 +49,17 @@ def test_report_tables_files_and_kept_notes(tmp_path, capsys):
     # attention keeps keys and values of T + 2 decoded positions: 16 floats each, per position
     assert cache_bytes["transformer", 16] - cache_bytes["transformer", 8] == 2 * 8 * 16 * 4
     assert set(result["kernels"]["seconds"]) == set(bench.KERNELS)
+    assert "### Recurrent DeltaNet and SRWM against DeltaNet" in report
+    for section, key in (("training", "tokens_per_s"), ("decoding", "ms_per_token")):
+        rows = result["programmers"][section]
+        assert sorted((row["model"], row["T"]) for row in rows) == [
+            (name, T) for name in sorted(("deltanet", *bench.PROGRAMMERS)) for T in (8, 16)
+        ]
+        assert all(row[key] > 0 for row in rows)
+    cache_bytes = {
+        (r["model"], r["T"]): r["cache_bytes"] for r in result["programmers"]["decoding"]
+    }
+    assert cache_bytes["rdn", 8] == cache_bytes["rdn", 16]  # constant-size state
 
 
 def test_models_differ_only_in_the_mixer():

@@ -17,6 +17,9 @@ length T it measures, side by side:
                shapes): the baseline's attention, jax.nn.dot_product_attention (to show the
                baseline is not made slow) and the delta_rule chunkwise cell, each with its share
                of its model's train step
+    programmers  the same training and decoding measurements for the FWPs whose programmer
+               reads its own past, the Recurrent DeltaNet (rdn) and the SRWM, side by side with
+               DeltaNet at the same width (softmax features; their scans are sequential)
 
 Every timing is the median of --repeats turns in which the runs alternate, each run called twice
 per turn and timed the second time (so the load of a shared machine falls on both models alike,
@@ -58,6 +61,8 @@ from fwpzoo.train.steps import make_train_step
 matplotlib.use("Agg")  # files only
 
 MODELS = ("deltanet", "transformer")
+PROGRAMMERS = ("rdn", "srwm")  # measured against DeltaNet in their own section
+LABELS = {"deltanet": "DeltaNet", "rdn": "Recurrent DeltaNet", "srwm": "SRWM"}
 TARGET_SPEEDUP = 3.0  # DeltaNet training tokens/s over the transformer's at the longest T
 
 
@@ -94,7 +99,7 @@ def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
                 f"--tokens-per-step {options.tokens_per_step} is not a multiple of length {T}"
             )
     try:
-        for name in MODELS:
+        for name in (*MODELS, *PROGRAMMERS):
             model_config(name, options)
     except ValueError as error:
         raise ConfigError(str(error)) from None
@@ -110,6 +115,9 @@ def model_config(name: str, options: Options) -> ModelConfig:
             mixers=mixers, cell="delta_rule", form="chunkwise", chunk_size=options.chunk_size,
             **shared,
         )  # fmt: skip
+    if name in PROGRAMMERS:
+        mixers = (name,) * options.num_layers
+        return ModelConfig(mixers=mixers, feature_map="softmax", qk_norm="none", **shared)
     return ModelConfig(mixers=("attention",) * options.num_layers, **shared)
 
 
@@ -247,7 +255,7 @@ def measure(options: Options, progress: bool = True) -> dict:
         "training": [],
         "decoding": [],
     }
-    bar = tqdm(total=2 * len(options.lengths) + 1, file=sys.stderr, disable=not progress)
+    bar = tqdm(total=4 * len(options.lengths) + 1, file=sys.stderr, disable=not progress)
     for T in options.lengths:
         bar.set_description(f"training T={T}")
         runs, infos = {}, {}
@@ -274,6 +282,7 @@ def measure(options: Options, progress: bool = True) -> dict:
             )
         del runs
         bar.update()
+    result["programmers"] = measure_programmers(options, bar)
     T = max(options.lengths)
     bar.set_description(f"kernels T={T}")
     seconds = alternating_medians(kernel_runs(options, T), options.repeats)
@@ -282,6 +291,55 @@ def measure(options: Options, progress: bool = True) -> dict:
     bar.close()
     result["load_after"] = os.getloadavg()[0]
     return result
+
+
+def measure_programmers(options: Options, bar) -> dict:
+    """Training and decoding of rdn and srwm beside DeltaNet, alternating within each length."""
+    names = ("deltanet", *PROGRAMMERS)
+    rows = {"training": [], "decoding": []}
+    for T in options.lengths:
+        for section, make in (("training", training_run), ("decoding", decoding_run)):
+            bar.set_description(f"programmers {section} T={T}")
+            runs, infos = {}, {}
+            for name in names:
+                runs[name], infos[name] = make(name, options, T)
+            seconds = alternating_medians(runs, options.repeats)
+            for name in names:
+                if section == "training":
+                    speed = {"tokens_per_s": options.tokens_per_step / seconds[name]}
+                else:
+                    speed = {"ms_per_token": 1e3 * seconds[name] / options.decode_tokens}
+                rows[section].append({"model": name, "T": T, **speed, **infos[name]})
+            del runs
+            bar.update()
+    return rows
+
+
+def programmers_markdown(result: dict) -> list[str]:
+    """The Recurrent DeltaNet and the SRWM against DeltaNet: one row per length and model."""
+    rows, options = result["programmers"], result["options"]
+    lines = [
+        "### Recurrent DeltaNet and SRWM against DeltaNet (same width, measured side by side)",
+        "",
+        "| T | model | training tokens/s | / DeltaNet | peak MiB | decoding ms/token |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for T in options["lengths"]:
+        deltanet = value(rows["training"], "deltanet", T, "tokens_per_s")
+        for name in ("deltanet", *PROGRAMMERS):
+            tokens_per_s = value(rows["training"], name, T, "tokens_per_s")
+            lines.append(
+                f"| {T} | {LABELS[name]} | {tokens_per_s:,.0f} | {tokens_per_s / deltanet:.2f}x "
+                f"| {mib(value(rows['training'], name, T, 'memory_bytes'))} "
+                f"| {value(rows['decoding'], name, T, 'ms_per_token'):.3f} |"
+            )
+    return lines + [
+        "",
+        "Their slow projections act inside a sequential scan over tokens (the update reads the "
+        "previous output), so they have no chunkwise form; training backpropagates by undoing "
+        "each token's rank-one write (fwpzoo/cells/recurrent_fwp.md).",
+        "",
+    ]
 
 
 def value(rows: list[dict], model: str, T: int, key: str):
@@ -370,11 +428,7 @@ def markdown(result: dict, command: str) -> str:
         step_s = value(result["training"], KERNELS[name][0], T, "step_s")
         share = options["num_layers"] * seconds / step_s
         lines.append(f"| {name} | {1e3 * seconds:,.1f} | {share:.0%} |")
-    lines += [
-        "",
-        verdict(result),
-        "",
-    ]
+    lines += ["", *programmers_markdown(result), verdict(result), ""]
     return "\n".join(lines)
 
 

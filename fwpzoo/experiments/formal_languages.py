@@ -44,7 +44,7 @@ TASKS = (
     "counter_3",
     "shuffle_2",
 )
-FWP = ("model.mixers=[fwp,fwp]",)
+FWP = ("model.mixers=[fwp]",)
 # variant -> (record labels, overrides of the base config)
 MODELS = {
     "linear_attn": (
@@ -71,10 +71,10 @@ MODELS = {
             "model.qk_norm=l2",
         ),
     ),
-    "rdn": ({"model": "rdn"}, ("model.mixers=[rdn,rdn]",)),
-    "srwm": ({"model": "srwm"}, ("model.mixers=[srwm,srwm]",)),
-    "attention": ({"model": "attention"}, ("model.mixers=[attention,attention]",)),
-    "ssm": ({"model": "ssm"}, ("model.mixers=[ssm,ssm]",)),
+    "rdn": ({"model": "rdn"}, ("model.mixers=[rdn]",)),
+    "srwm": ({"model": "srwm"}, ("model.mixers=[srwm]",)),
+    "attention": ({"model": "attention"}, ("model.mixers=[attention]",)),
+    "ssm": ({"model": "ssm"}, ("model.mixers=[ssm]",)),
 }
 SEEDS = (0, 1)
 QUICK_TASKS, QUICK_MODELS, QUICK_SEEDS = ("parity",), ("delta_rule-beta02", "rdn", "srwm"), (0,)
@@ -159,6 +159,14 @@ def plot(cells: dict, tasks, variants, path) -> None:
     plt.close(fig)
 
 
+def steps_cell(values) -> str | None:
+    """Where training ended: "median (min-max)" over seeds, in whole steps."""
+    if not values:
+        return None
+    middle, low, high = spread(values)
+    return f"{middle:.0f}" if low == high else f"{middle:.0f} ({low:.0f}-{high:.0f})"
+
+
 def report(records: list[dict], points: list, options) -> str:
     records = [{**r, "variant": variant(r)} for r in records]
     seeds = len(QUICK_SEEDS if options.quick else SEEDS)
@@ -180,7 +188,7 @@ def report(records: list[dict], points: list, options) -> str:
             name,
             spread_cell(by_setting.get((task, name, "bin0")), seeds),
             spread_cell(by_setting.get((task, name, "bin1")), seeds),
-            spread_cell(steps.get((task, name))),
+            steps_cell(steps.get((task, name))),
             PAPER.get((task, name), "-"),
         ]
         for task in tasks
@@ -188,7 +196,8 @@ def report(records: list[dict], points: list, options) -> str:
         if (task, name, "bin1") in by_setting
     ]
     header = ["task", "model", "bin 0 test", "bin 1 test", "steps", "paper (bin 1)"]
-    cfg = load(CONFIG)
+    cfg = load(CONFIG, points[0].overrides)
+    test_strings = points[0].test_batches * cfg.eval.batch_size
     return f"""# {TITLE}
 
 Command: `{sweep_command(options)}` (config: `configs/experiments/{NAME}/base.yaml`, the models'
@@ -197,11 +206,11 @@ recomputes its point alone.
 {progress_note(points, records, options)}
 Compute here: {compute_seconds(records)}.
 
-Each point trains a two-layer model (d_model {cfg.model.d_model}, {cfg.model.num_heads} heads, no
+Each point trains a one-layer model (d_model {cfg.model.d_model}, {cfg.model.num_heads} heads, no
 short convolution) on strings of lengths 1..50 for at most {cfg.train.steps} steps of
 {cfg.train.batch_size} fresh strings, stopping at the first evaluation (every
 {cfg.eval.every} steps) where all {cfg.eval.batch_size * cfg.eval.num_batches} validation strings of
-lengths 51..100 are recognised. The table gives the fraction of {TEST_BATCHES * cfg.eval.batch_size}
+lengths 51..100 are recognised. The table gives the fraction of {test_strings}
 fresh test strings per bin whose every position is right (a string counts only if all are): the
 median over {seeds} seeds, min-max in brackets; `steps` is where training ended.
 
