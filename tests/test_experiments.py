@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from fwpzoo import cells, cli
-from fwpzoo.experiments import _common, charlm, mqar, state_tracking
+from fwpzoo.experiments import _common, charlm, formal_languages, mqar, state_tracking
 from fwpzoo.reports import write_page
 
 SPELLINGS = {
@@ -131,6 +131,22 @@ def test_state_tracking_quick(tmp_path):
         ("accuracy@48", 48),
     ]
     assert all(r["beta_range"] == "0,2" and 0.0 <= r["value"] <= 1.0 for r in records)
+
+
+def test_formal_languages_quick(tmp_path, capsys):
+    _, records, report = run_quick("formal_languages", tmp_path)
+    check_records(records, formal_languages.EXPERIMENT)
+    assert sorted((r["model"], r["setting"], r["metric"]) for r in records) == [
+        (model, setting, metric)
+        for model in ("rdn", "srwm")
+        for setting, metric in (("bin0", "sequence_accuracy"), ("bin1", "sequence_accuracy@100"))
+    ]
+    assert all(r["task"] == "parity" and 0.0 <= r["value"] <= 1.0 for r in records)
+    assert "| parity | rdn |" in report and "| parity | srwm |" in report
+    # the command of a record recomputes its point: the same metrics, by name
+    rdn = [r for r in records if r["model"] == "rdn"]
+    metrics = recompute(rdn[0]["command"] + f" --workdir {tmp_path}", capsys)
+    assert metrics == {r["metric"]: pytest.approx(r["value"]) for r in rdn}
 
 
 def test_charlm_quick(tmp_path):

@@ -77,7 +77,7 @@ MODELS = {
     "ssm": ({"model": "ssm"}, ("model.mixers=[ssm]",)),
 }
 SEEDS = (0, 1)
-QUICK_TASKS, QUICK_MODELS, QUICK_SEEDS = ("parity",), ("delta_rule-beta02", "rdn", "srwm"), (0,)
+QUICK_TASKS, QUICK_MODELS, QUICK_SEEDS = ("parity",), ("rdn", "srwm"), (0,)
 QUICK_OVERRIDES = ("train.steps=2", "train.warmup_steps=1", "eval.every=2", "eval.num_batches=1")
 TEST_BATCHES = 16  # 512 test strings per bin
 KEYS = ("model", "cell", "beta_range", "task", "setting", "seed", "metric", "value")
