@@ -152,11 +152,11 @@ def jitted(variant, form, chunk_size=None):
 
 @functools.cache
 def jitted_vjp(variant, form, chunk_size=None):
-    """(inputs, cotangents) -> ((o, state), gradients w.r.t. every input)."""
+    """(inputs, cotangents[, reset]) -> ((o, state), gradients w.r.t. every input)."""
     fn = form_of(variant, form, chunk_size)
 
-    def run(inputs, cotangent):
-        out, pullback = jax.vjp(lambda x: fn(**x), inputs)
+    def run(inputs, cotangent, reset=None):
+        out, pullback = jax.vjp(lambda x: fn(**x, reset=reset), inputs)
         return out, pullback(cotangent)[0]
 
     return quick_jit(run)
@@ -332,6 +332,129 @@ def test_chunkwise_backward_keeps_no_per_chunk_intermediates(variant):
     # outputs in flight and the chunk-entering states: at most two [B, T, H, max(K, V)] arrays
     sequence = s.B * s.T * s.H * max(s.K, s.V) * 4
     assert stats.temp_size_in_bytes <= 2 * sequence
+
+
+# Resets at t = 0, at the chunk edges 16 and 32 (C = 16; also DeltaProduct's 8-token chunks),
+# inside chunks, at adjacent tokens (21, 22 inside a chunk; 32, 33 across an edge) and at the last
+# token (in the padded tail chunk). Row 1 keeps its initial state until t = 5, and segments
+# 22..31 and 5..31 cross chunk edges.
+RESET_T = LONGEST
+RESET_AT = {0: (0, 16, 21, 22, 46), 1: (5, 32, 33)}
+RESET_CASES = [("recurrent", None), ("chunkwise", 16), ("associative", None)]
+
+
+def reset_mask(sizes):
+    """[B, T] bool, True at RESET_AT."""
+    reset = np.zeros((sizes.B, sizes.T), bool)
+    for row, times in RESET_AT.items():
+        reset[row, list(times)] = True
+    return jnp.asarray(reset)
+
+
+def segments(reset_row):
+    """[(start, stop, from_initial_state)] of one row's segments, cut before every reset."""
+    T = len(reset_row)
+    starts = sorted({0, *np.flatnonzero(reset_row).tolist()})
+    stops = starts[1:] + [T]
+    return [(a, z, a == 0 and not reset_row[0]) for a, z in zip(starts, stops, strict=True)]
+
+
+def is_per_token(key, x, sizes):
+    """Inputs [B, T, ...] run along time; the state and static gates ([H, K]) do not."""
+    return key != "state" and x.shape[:2] == (sizes.B, sizes.T)
+
+
+@functools.cache
+def segment_reference(variant):
+    """((o, state), gradients) with resets at RESET_AT, from `recurrent` run on each segment
+    alone: the first segment of a row from the initial state, later ones from the zero state.
+
+    Each segment runs zero-padded to RESET_T (zero tokens are identity steps), B segments per
+    call, so the recurrent form compiled for the other tests is reused; a last, partial call is
+    filled with zero inputs and zero cotangents, which add nothing (to a static gate's gradient,
+    which sums over the segments, neither). Outputs and gradients are scattered back to rows.
+    """
+    sizes = Sizes(RESET_T)
+    inputs, (o_bar, state_bar) = draw(variant, sizes), cotangents(variant, sizes)
+    state0 = inputs.pop("state")
+    static = {key: x for key, x in inputs.items() if not is_per_token(key, x, sizes)}
+    reset = np.asarray(reset_mask(sizes))
+    pieces = [(b, *segment) for b in range(sizes.B) for segment in segments(reset[b])]
+    last = {b: i for i, (b, *_) in enumerate(pieces)}  # each row's last segment
+
+    def padded(x, b, a, z):  # [T, ...]: row b's tokens a..z-1 first, then zeros
+        return jnp.pad(x[b, a:z], [(0, RESET_T - (z - a))] + [(0, 0)] * (x.ndim - 2))
+
+    def row_or_zeros(tree, b, keep):
+        return jax.tree.map(lambda x: x[b] if keep else jnp.zeros_like(x[b]), tree)
+
+    def piece(i):  # (inputs, cotangents) of segment i alone; None: the filler
+        b, a, z, from_initial = pieces[i] if i is not None else (0, 0, 0, False)
+        tokens = {key: padded(x, b, a, z) for key, x in inputs.items() if key not in static}
+        state = row_or_zeros(state0, b, from_initial)
+        state_bar_i = row_or_zeros(state_bar, b, i is not None and last[b] == i)
+        return tokens | {"state": state}, (padded(o_bar, b, a, z), state_bar_i)
+
+    order = list(range(len(pieces))) + [None] * (-len(pieces) % sizes.B)
+    outs, static_grads = [], []  # per segment ((o, state), gradients); per call, static ones
+    for start in range(0, len(order), sizes.B):
+        calls = map(piece, order[start : start + sizes.B])
+        batch, cot = jax.tree.map(lambda *xs: jnp.stack(xs), *calls)
+        (o, state), grads = jitted_vjp(variant, "recurrent")(batch | static, cot)
+        static_grads.append({key: grads.pop(key) for key in static})
+        outs += [jax.tree.map(lambda x, j=j: x[j], ((o, state), grads)) for j in range(sizes.B)]
+
+    def scatter(like, get):  # per-token [B, T, ...] from every segment's [T, ...]
+        full = jnp.zeros_like(like)
+        for i, (b, a, z, _) in enumerate(pieces):
+            full = full.at[b, a:z].set(get(outs[i])[: z - a])
+        return full
+
+    def stack(trees):
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+    o = scatter(o_bar, lambda out: out[0][0])
+    state = stack([outs[last[b]][0][1] for b in range(sizes.B)])
+    grads = {
+        key: scatter(x, lambda out, key=key: out[1][key])
+        for key, x in inputs.items()
+        if key not in static
+    }
+    grads |= {key: sum(g[key] for g in static_grads) for key in static}
+    first = [min(i for i, (row, *_) in enumerate(pieces) if row == b) for b in range(sizes.B)]
+    zeros_unless = lambda keep, tree: tree if keep else jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
+    grads["state"] = stack([zeros_unless(pieces[i][3], outs[i][1]["state"]) for i in first])
+    return (o, state), grads
+
+
+@pytest.mark.parametrize("form, chunk_size", RESET_CASES, ids=[f for f, _ in RESET_CASES])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_resets_equal_recurrent_on_each_segment(variant, form, chunk_size):
+    """Outputs, final state and every gradient with resets equal `recurrent` on each segment; no
+    gradient reaches the initial state of a row that resets at t = 0."""
+    sizes = Sizes(RESET_T)
+    run = jitted_vjp(variant, form, chunk_size)
+    actual = run(draw(variant, sizes), cotangents(variant, sizes), reset_mask(sizes))
+    assert_close(actual, segment_reference(variant), TOLERANCE[form])
+    reset_first = [b for b, times in RESET_AT.items() if 0 in times]
+    for leaf in jax.tree.leaves(actual[1]["state"]):
+        assert np.all(np.asarray(leaf)[reset_first] == 0.0)
+
+
+@pytest.mark.parametrize("variant", ONE_VARIANT_PER_FAMILY)
+def test_step_with_reset_equals_recurrent_on_each_segment(variant):
+    sizes = Sizes(RESET_T)
+    inputs, reset = draw(variant, sizes), reset_mask(sizes)
+    step = quick_jit(cells.get(family(variant)).step)
+    state = inputs.pop("state")
+    static = {key: x for key, x in inputs.items() if not is_per_token(key, x, sizes)}
+    outputs = []
+    for t in range(sizes.T):
+        token = {key: x[:, t] for key, x in inputs.items() if is_per_token(key, x, sizes)}
+        state, o = step(state, **token, **static, reset=reset[:, t])  # reset [B]
+        outputs.append(o)
+    (o_ref, state_ref), _ = segment_reference(variant)
+    assert_close((jnp.stack(outputs, axis=1), state), (o_ref, state_ref), TOLERANCE["recurrent"])
 
 
 def orthonormal_rows(rng, n):

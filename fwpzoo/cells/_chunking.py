@@ -1,5 +1,5 @@
-"""Shared plumbing of the parallel forms: reading and writing chunks in place, and the diagonal
-linear recurrence by associative scan.
+"""Shared plumbing of the parallel forms: reading and writing chunks in place, segment resets
+inside a chunk, and the diagonal linear recurrence by associative scan.
 
 Dimension letters: B batch, T time, H heads, K key dim, V value dim, N steps, C chunk size.
 """
@@ -44,32 +44,81 @@ def chunk_of(x, n, size, dtype):
     return jnp.swapaxes(x, 1, 2).astype(dtype)
 
 
+def reset_chunk(reset, n, size):
+    """Chunk n of reset [B, T] as [B, 1, C] (broadcasting over heads); None stays None."""
+    return None if reset is None else chunk_of(reset[:, :, None], n, size, bool)
+
+
+class Segments:
+    """Where the resets of one chunk cut it, from reset [B, 1, C] bool (True: the state before
+    that row is replaced by zeros).
+
+    The in-chunk segment index is the running count of resets, so row s reaches row t >= s only
+    when both have the same index (no reset in (s, t]); the state entering the chunk reaches the
+    rows before the first reset (index 0), and the state leaving it is built from the rows of the
+    last segment alone. Every mask is applied with a select, never by exponentiating -inf: the
+    masked values and their gradients are exact zeros."""
+
+    def __init__(self, reset):
+        index = jnp.cumsum(reset, axis=-1)  # [B, 1, C]
+        self.same = index[..., :, None] == index[..., None, :]  # [B, 1, C, C]
+        self.first = index == 0  # [B, 1, C]: rows the entering state reaches
+        self.last = index == index[..., -1:]  # [B, 1, C]: rows the leaving state keeps
+        self.through = index[..., -1] == 0  # [B, 1]: the entering state reaches the chunk end
+
+
+def keep(mask, factor, dtype):
+    """factor where mask is True, 0 elsewhere; a factor of None means 1 (no decay), mask None
+    keeps everything. mask broadcasts over factor's trailing axes ([B, 1, C] against a scalar
+    decay [B, H, C] or a per-key one [B, H, C, K])."""
+    if mask is None:
+        return factor
+    if factor is None:
+        return mask.astype(dtype)
+    return jnp.where(mask.reshape(mask.shape + (1,) * (factor.ndim - mask.ndim)), factor, 0.0)
+
+
 def put_chunk(buffer, x, n):
     """buffer [B, T, H, ...] with chunk n replaced by x [B, H, C, ...] (in place in a scan)."""
     x = jnp.swapaxes(x, 1, 2).astype(buffer.dtype)  # [B, C, H, ...]
     return jax.lax.dynamic_update_slice_in_dim(buffer, x, n * x.shape[1], axis=1)
 
 
-def associative_states(log_decay, x, state, axis):
+def resets_as_rows(reset):
+    """reset [B, T] as [B, T, 1, 1, 1], to broadcast against writes [B, T, H, K, V]; None stays."""
+    return None if reset is None else reset[:, :, None, None, None]
+
+
+def associative_states(log_decay, x, state, axis, reset=None):
     """Every state of S_n = exp(log_decay_n) * S_{n-1} + x_n along `axis`, by associative scan.
 
     x [..., N, ..., K, V]; log_decay broadcasts against x (e.g. [..., N, ..., K, 1] for per-row
     decay, [..., N, ..., 1, 1] for a scalar) or is None (no decay); state S_0 is x without the
-    `axis` dimension. Returns [..., N + 1, ..., K, V]: S_0, S_1, ..., S_N.
+    `axis` dimension; reset broadcasts against x like a scalar decay, or is None: where True,
+    S_{n-1} is replaced by zeros first (S_n = x_n). Returns [..., N + 1, ..., K, V]: S_0, ..., S_N.
 
     Decays stay in log space: the combine adds log decays and exponentiates only the later
-    element's total, which is <= 0, so nothing overflows however long the sequence.
+    element's total, which is <= 0, so nothing overflows however long the sequence. A reset is a
+    flag carried beside the decay: a pair whose later element resets keeps only that element's
+    write (a select, so neither value nor gradient sees the discarded part).
     """
     x = jnp.concatenate([jnp.expand_dims(state, axis), x], axis=axis)
-    if log_decay is None:
+
+    if log_decay is None and reset is None:
         return jax.lax.associative_scan(jnp.add, x, axis=axis)
-    # S_0 enters as a write with no decay before it.
-    no_decay = jnp.zeros_like(jax.lax.slice_in_dim(log_decay, 0, 1, axis=axis))
-    log_decay = jnp.concatenate([no_decay, log_decay], axis=axis)
+
+    def with_first(y):  # S_0 enters as a write with no decay and no reset before it
+        first = jnp.zeros_like(jax.lax.slice_in_dim(y, 0, 1, axis=axis))
+        return jnp.concatenate([first, y], axis=axis)
+
+    a = jnp.zeros((), x.dtype) if log_decay is None else with_first(log_decay)
+    r = jnp.zeros((), bool) if reset is None else with_first(reset)
+    a, r = (jnp.broadcast_to(y, jnp.broadcast_shapes(a.shape, r.shape)) for y in (a, r))
 
     def combine(earlier, later):
-        (a1, x1), (a2, x2) = earlier, later
-        return a1 + a2, jnp.exp(a2) * x1 + x2
+        (a1, r1, x1), (a2, r2, x2) = earlier, later
+        carried = x1 if log_decay is None else jnp.exp(a2) * x1
+        return a1 + a2, r1 | r2, x2 + (carried if reset is None else jnp.where(r2, 0.0, carried))
 
-    _, states = jax.lax.associative_scan(combine, (log_decay, x), axis=axis)
+    _, _, states = jax.lax.associative_scan(combine, (a, r, x), axis=axis)
     return states

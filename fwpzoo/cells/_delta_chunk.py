@@ -7,6 +7,8 @@ with pseudo-values U = T diag(beta) (V - diag(e^g) K S_0), T = (I + A)^{-1} the 
 A = strictly-lower(diag(beta) (K K^T . Gamma)); then O = diag(e^g) Q S_0 + (Q K^T . Gamma) U and
 S_C = e^{g_C} S_0 + (diag(e^{g_C - g}) K)^T U. A jax.custom_vjp supplies the hand-derived
 backward, which keeps only the chunk-boundary states and recomputes each chunk's products.
+Resets (reset [B, T], True where the state before a token is zeroed) mask Gamma to the chunk's
+segments, e^g to the rows before its first reset and e^{g_C - g} to its last segment.
 Derivations: delta_rules.md.
 
 A lax.scan walks the chunks in order, reading each one straight out of the [B, T, H, ...] inputs
@@ -29,7 +31,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fwpzoo.cells._chunking import causal_decay, chunk_of, lower_mask, pad_to_chunks, put_chunk
+from fwpzoo.cells._chunking import (
+    Segments,
+    causal_decay,
+    chunk_of,
+    keep,
+    lower_mask,
+    pad_to_chunks,
+    put_chunk,
+    reset_chunk,
+)
 
 # Diagonal blocks up to this size are inverted by forward substitution; larger ones by doubling.
 # 8 measured fastest on CPU for chunk 64 (fewer sequential rows than 16, fewer merges than 4).
@@ -101,6 +112,13 @@ def _sub_steps(x, n, tokens, split):
     return x.reshape(*x.shape[:2], -1, *x.shape[4:]) if split else x
 
 
+def _on_first_sub_step(x, sub):
+    """x [B, H, tokens] per token as [B, H, C] per sub-step: each token's value on its first
+    sub-step, zero (False) on the others."""
+    x = jnp.pad(x[..., None], [(0, 0)] * 3 + [(0, sub - 1)])  # [B, H, tokens, N]
+    return x.reshape(*x.shape[:2], -1)
+
+
 def _put_sub_steps(buffer, x, n, split):
     """buffer [B, T, H, N, ...] (split) or [B, T, H, ...], chunk n replaced by x [B, H, C, ...]."""
     if split:
@@ -122,25 +140,30 @@ class _Chunk:
     beta [B, H, C]; the decay rides on each token's first sub-step and the query reads after its
     last, so q [B, H, tokens, K] meets only the rows `read` (every N-th, from N - 1)."""
 
-    def __init__(self, inputs, n, tokens):
+    def __init__(self, inputs, reset, n, tokens):
         q, k, v, beta, log_alpha = inputs
         split, sub = _sub_step_layout(beta)
         q = chunk_of(q, n, tokens, jnp.float32)  # [B, H, tokens, K]
         k, v, beta = (_sub_steps(x, n, tokens, split) for x in (k, v, beta))  # [B, H, C, ...]
         g = None
         if log_alpha is not None:
-            la = chunk_of(log_alpha, n, tokens, jnp.float32)[..., None]  # [B, H, tokens, 1]
-            la = jnp.pad(la, [(0, 0)] * 3 + [(0, sub - 1)])  # [B, H, tokens, N]: first only
-            g = jnp.cumsum(la.reshape(*la.shape[:2], -1), axis=-1)  # [B, H, C]
+            la = chunk_of(log_alpha, n, tokens, jnp.float32)  # [B, H, tokens]
+            g = jnp.cumsum(_on_first_sub_step(la, sub), axis=-1)  # [B, H, C]
         self.q, self.k, self.v, self.beta = q, k, v, beta
         self.gamma, self.e, self.to_end, self.e_last = _decays(g)
+        if reset is not None:  # a token's reset zeroes the state before its first sub-step
+            seg = Segments(_on_first_sub_step(reset_chunk(reset, n, tokens), sub))
+            self.gamma = keep(seg.same, self.gamma, jnp.float32)
+            self.e = keep(seg.first, self.e, jnp.float32)
+            self.to_end = keep(seg.last, self.to_end, jnp.float32)
+            self.e_last = keep(seg.through, self.e_last, jnp.float32)
         size = k.shape[-2]
         self.sub = sub
         self.read = slice(sub - 1, None, sub)  # the rows queries read
         self.causal = lower_mask(size)
         self.strict = lower_mask(size, strict=True)
-        self.gamma_read = None if g is None else self.gamma[..., self.read, :]
-        self.e_read = None if g is None else self.e[..., self.read]
+        self.gamma_read = None if self.gamma is None else self.gamma[..., self.read, :]
+        self.e_read = None if self.e is None else self.e[..., self.read]
         self.causal_read = self.causal[self.read]
         self.p = _masked(q @ k.mT, self.gamma_read, self.causal_read)  # [B, H, tokens, C]
         self.kkg = _masked(k @ k.mT, self.gamma, self.strict)  # [B, H, C, C]
@@ -156,9 +179,10 @@ class _Chunk:
         return self.k_end.mT @ u + _scaled(self.e_last, s)
 
 
-def _forward(inputs, state, tokens):
+def _forward(inputs, reset, state, tokens):
     """inputs q [B, T, H, K], k [B, T, H, (N,) K], v [B, T, H, (N,) V], beta [B, T, H, (N)],
-    log_alpha [B, T, H] or None, T a multiple of tokens; state [B, H, K, V] float32. Returns
+    log_alpha [B, T, H] or None, T a multiple of tokens; reset [B, T] or None; state
+    [B, H, K, V] float32. Returns
     o [B, T, H, V] in v's dtype, the final state and the state entering every chunk
     [chunks, B, H, K, V]."""
     q, _, v, _, _ = inputs
@@ -166,7 +190,7 @@ def _forward(inputs, state, tokens):
 
     def chunk_step(carry, n):
         s, o = carry
-        c = _Chunk(inputs, n, tokens)
+        c = _Chunk(inputs, reset, n, tokens)
         u = c.pseudo_values(s)  # [B, H, C, V]
         o = put_chunk(o, _rows(c.e_read, c.q) @ s + c.p @ u, n)  # [B, H, tokens, V] written
         return (c.leaving_state(s, u), o), s
@@ -177,7 +201,7 @@ def _forward(inputs, state, tokens):
 
 
 def _backward(tokens, res, cotangents):
-    inputs, entering = res
+    inputs, reset, entering = res
     do_all, d_final = cotangents
     q, _, _, beta, log_alpha = inputs
     put_sub_steps = functools.partial(_put_sub_steps, split=_sub_step_layout(beta)[0])
@@ -187,7 +211,7 @@ def _backward(tokens, res, cotangents):
     def chunk_step(carry, xs):
         ds, grads = carry  # ds: cotangent of the state leaving chunk n
         n, s = xs  # s: the state entering chunk n
-        c = _Chunk(inputs, n, tokens)
+        c = _Chunk(inputs, reset, n, tokens)
         do = chunk_of(do_all, n, tokens, jnp.float32)  # [B, H, tokens, V]
         u = c.pseudo_values(s)
         du = c.p.mT @ do + c.k_end @ ds  # (7): dO's path through P U, and ds's through S_C
@@ -243,30 +267,31 @@ def _backward(tokens, res, cotangents):
     (d_state, grads), _ = jax.lax.scan(chunk_step, (d_final, grads), xs, reverse=True)
     if log_alpha is None:
         grads.append(None)
-    return (*grads, d_state)
+    return (*grads, None, d_state)  # reset: no cotangent
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def chunk_scan(q, k, v, beta, log_alpha, state, tokens):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def chunk_scan(q, k, v, beta, log_alpha, reset, state, tokens):
     """o [B, T, H, V] and the final state [B, H, K, V] of the gated delta rule with N sub-steps
     per token (shapes as in _forward), in chunks of `tokens` tokens; T a multiple of tokens."""
-    o, final, _ = _forward((q, k, v, beta, log_alpha), state, tokens)
+    o, final, _ = _forward((q, k, v, beta, log_alpha), reset, state, tokens)
     return o, final
 
 
-def _chunk_scan_fwd(q, k, v, beta, log_alpha, state, tokens):
+def _chunk_scan_fwd(q, k, v, beta, log_alpha, reset, state, tokens):
     inputs = (q, k, v, beta, log_alpha)
-    o, final, entering = _forward(inputs, state, tokens)
-    return (o, final), (inputs, entering)
+    o, final, entering = _forward(inputs, reset, state, tokens)
+    return (o, final), (inputs, reset, entering)
 
 
 chunk_scan.defvjp(_chunk_scan_fwd, _backward)
 
 
-def chunkwise(q, k, v, beta, log_alpha, state, chunk_size):
+def chunkwise(q, k, v, beta, log_alpha, state, chunk_size, reset=None):
     """The gated delta rule in chunks; log_alpha None means no decay (the plain delta rule).
 
-    q [B, T, H, K]; log_alpha [B, T, H]; state [B, H, K, V] or None; k [B, T, H, K],
+    q [B, T, H, K]; log_alpha [B, T, H]; state [B, H, K, V] or None; reset [B, T] or None;
+    k [B, T, H, K],
     v [B, T, H, V], beta [B, T, H] for one write per token, or k [B, T, H, N, K], v [B, T, H, N, V],
     beta [B, T, H, N] for N sub-steps per token (DeltaProduct), where chunk_size counts sub-steps
     and is rounded down to whole tokens. Returns (o [B, T, H, V] in v's dtype, state float32).
@@ -276,8 +301,8 @@ def chunkwise(q, k, v, beta, log_alpha, state, chunk_size):
     sub = _sub_step_layout(beta)[1]
     tokens = max(1, min(chunk_size // sub, T))
     # the padded steps are identities; their outputs are dropped
-    q, k, v, beta, log_alpha = (pad_to_chunks(x, tokens) for x in (q, k, v, beta, log_alpha))
+    padded = (pad_to_chunks(x, tokens) for x in (q, k, v, beta, log_alpha, reset))
     if state is None:
         state = jnp.zeros((B, H, K, V), jnp.float32)
-    o, state = chunk_scan(q, k, v, beta, log_alpha, state.astype(jnp.float32), tokens)
+    o, state = chunk_scan(*padded, state.astype(jnp.float32), tokens)
     return o[:, :T], state

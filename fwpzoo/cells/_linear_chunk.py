@@ -6,7 +6,10 @@ Inside a chunk, with g the cumulative log decay from the chunk start and S_0 the
 O = (Q . e^g) S_0 + A V with the decayed causal scores A_ts = sum_k q_tk k_sk e^{g_tk - g_sk}
 (s <= t), and S_C = Diag(e^{g_C}) S_0 + (K . e^{g_C - g})^T V. A jax.custom_vjp supplies the
 hand-derived backward, which keeps only the chunk-entering states and recomputes each chunk's
-products. Derivations and measurements: linear_attention.md.
+products. Resets (reset [B, T], True where the state before a token is zeroed) cut the chunk into
+segments: the decay factors are masked so that no pair of tokens across a reset interacts, the
+entering state reaches only the rows before the first reset and the leaving state is built from
+the last segment alone. Derivations and measurements: linear_attention.md.
 
 A lax.scan walks the chunks in order, reading each one straight out of the [B, T, H, ...] inputs
 and writing its outputs in place, so every intermediate is a few [B, H, C, C] or [B, H, C, K]
@@ -25,7 +28,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fwpzoo.cells._chunking import causal_decay, chunk_of, lower_mask, pad_to_chunks, put_chunk
+from fwpzoo.cells._chunking import (
+    Segments,
+    causal_decay,
+    chunk_of,
+    keep,
+    lower_mask,
+    pad_to_chunks,
+    put_chunk,
+    reset_chunk,
+)
 from fwpzoo.cells._reference import initial_state
 
 # Per-key decay: blocks of at most this many tokens take the pairwise (non-matmul) form.
@@ -62,16 +74,16 @@ def _summed_to(x, like):
 
 
 class _Causal:
-    """A = Q K^T . Gamma below and on the diagonal, 0 above; Gamma_ts = e^{g_t - g_s} for a
-    scalar decay g [B, H, C], no factor without decay (g None)."""
+    """A = Q K^T . Gamma, Gamma [B, H, C, C] zero above the diagonal (e^{g_t - g_s} for a scalar
+    decay g, masked to segments where there are resets), or None: no decay and no resets, A is
+    the lower triangle of Q K^T."""
 
-    def __init__(self, q, k, g):
-        if g is None:
-            self.gamma = None
+    def __init__(self, q, k, gamma):
+        self.gamma = gamma
+        if gamma is None:
             self.a = jnp.where(lower_mask(q.shape[-2]), q @ k.mT, 0.0)  # [B, H, C, C]
         else:
-            self.gamma = causal_decay(g)  # [B, H, C, C]
-            self.a = (q @ k.mT) * self.gamma  # [B, H, C, C]
+            self.a = (q @ k.mT) * gamma  # [B, H, C, C]
         self.q, self.k = q, k
 
     def pullback(self, da):
@@ -86,16 +98,19 @@ class _PerKey:
     Halving: with m = g at the end of the first half, the pairs (t in the second half, s in the
     first) are one matmul of Q . e^{g - m} with K . e^{m - g}, both exponents <= 0; the two
     diagonal blocks recurse as one batched call. Blocks of at most LEAF_SIZE tokens take the
-    pairwise [C, C, K] form.
+    pairwise [C, C, K] form. With resets, `same` [B, 1, C, C] masks the pairs across a reset out
+    of A (after the scores: g itself is finite everywhere, so no exponent turns positive).
     """
 
-    def __init__(self, q, k, g):
+    def __init__(self, q, k, g, same=None):
         self.q, self.k = q[None], k[None]  # [1, B, H, C, K]: one block
         a, self.factors = _per_key_scores(self.q, self.k, g[None])
-        self.a = a[0]  # [B, H, C, C]
+        self.same = same
+        self.a = keep(same, a[0], a.dtype)  # [B, H, C, C]
 
     def pullback(self, da):
         """(dQ, dK) [B, H, C, K] from dA [B, H, C, C] (zero above the diagonal)."""
+        da = keep(self.same, da, da.dtype)
         dq, dk = _per_key_pullback(da[None], self.q, self.k, self.factors)
         return dq[0], dk[0]
 
@@ -163,21 +178,31 @@ def _per_key_pullback(da, q, k, factors):
 
 class _Chunk:
     """One chunk's inputs [B, H, C, ...] and everything computed from them alone: the decays
-    e^g, e^{g_C - g}, e^{g_C} (all exponents <= 0, None without decay) and the scores A."""
+    e^g, e^{g_C - g}, e^{g_C} (all exponents <= 0, None without decay), masked to the chunk's
+    segments where it has resets, and the scores A."""
 
-    def __init__(self, inputs, n, size, dtype):
+    def __init__(self, inputs, reset, n, size, dtype):
         q, k, v, log_alpha = (chunk_of(x, n, size, dtype) for x in inputs)
         self.q, self.k, self.v = q, k, v
         self.g = None if log_alpha is None else _cumsum(log_alpha)  # [B, H, C(, K)]
-        if self.g is None:
-            self.e = self.to_end = self.e_last = None
-        else:
+        self.e = self.to_end = self.e_last = gamma = None
+        if self.g is not None:
             g_last = self.g[:, :, -1]  # [B, H(, K)]
             self.e = jnp.exp(self.g)
             self.to_end = jnp.exp(g_last[:, :, None] - self.g)
             self.e_last = jnp.exp(g_last)
         per_key = self.g is not None and self.g.ndim == q.ndim
-        self.scores = _PerKey(q, k, self.g) if per_key else _Causal(q, k, self.g)
+        if self.g is not None and not per_key:
+            gamma = causal_decay(self.g)  # [B, H, C, C]
+        same = None
+        if reset is not None:
+            seg = Segments(reset_chunk(reset, n, size))
+            self.e = keep(seg.first, self.e, dtype)
+            self.to_end = keep(seg.last, self.to_end, dtype)
+            self.e_last = keep(seg.through, self.e_last, dtype)
+            same = seg.same if per_key else seg.same & lower_mask(size)
+            gamma = None if per_key else keep(same, gamma, dtype)
+        self.scores = _PerKey(q, k, self.g, same) if per_key else _Causal(q, k, gamma)
         self.q_start = _scaled(self.e, q)  # [B, H, C, K]: Q . e^g reads the entering state
         self.k_end = _scaled(self.to_end, k)  # [B, H, C, K]: K . e^{g_C - g} writes the leaving one
 
@@ -190,16 +215,16 @@ class _Chunk:
         return _scaled(self.e_last, s) + self.k_end.mT @ self.v
 
 
-def _forward(inputs, state, size):
-    """inputs (q, k, v, log_alpha or None) [B, T, H, ...], T a multiple of size; state
-    [B, H, K, V]. Returns o [B, T, H, V] in v's dtype, the final state and the state entering
-    every chunk [N, B, H, K, V]."""
+def _forward(inputs, reset, state, size):
+    """inputs (q, k, v, log_alpha or None) [B, T, H, ...], reset [B, T] or None, T a multiple of
+    size; state [B, H, K, V]. Returns o [B, T, H, V] in v's dtype, the final state and the state
+    entering every chunk [N, B, H, K, V]."""
     q, _, v, _ = inputs
     o = jnp.zeros(q.shape[:3] + v.shape[3:], v.dtype)
 
     def chunk_step(carry, n):
         s, o = carry
-        c = _Chunk(inputs, n, size, s.dtype)
+        c = _Chunk(inputs, reset, n, size, s.dtype)
         return (c.leaving_state(s), put_chunk(o, c.outputs(s), n)), s
 
     (final, o), entering = jax.lax.scan(chunk_step, (state, o), jnp.arange(q.shape[1] // size))
@@ -207,14 +232,14 @@ def _forward(inputs, state, size):
 
 
 def _backward(size, res, cotangents):
-    inputs, entering = res
+    inputs, reset, entering = res
     do_all, d_final = cotangents
     log_alpha = inputs[-1]
 
     def chunk_step(carry, xs):
         ds, grads = carry  # ds: cotangent of the state leaving chunk n
         n, s = xs  # s: the state entering chunk n
-        c = _Chunk(inputs, n, size, s.dtype)
+        c = _Chunk(inputs, reset, n, size, s.dtype)
         do = chunk_of(do_all, n, size, s.dtype)  # [B, H, C, V]
         da = jnp.where(lower_mask(size), do @ c.v.mT, 0.0)  # [B, H, C, C]
         dq, dk = c.scores.pullback(da)
@@ -227,8 +252,8 @@ def _backward(size, res, cotangents):
         chunk_grads = [dq, dk, dv]
         if log_alpha is not None:
             # A, Q . e^g and K . e^{g_C - g} depend on g only through q_t e^{g_t} and k_s e^{-g_s}
-            # up to factors of the chunk end, so dg = Q . dQ - K . dK plus the chunk end's terms
-            # (linear_attention.md, section 3)
+            # up to factors of the chunk end (segment masks are constant factors), so
+            # dg = Q . dQ - K . dK plus the chunk end's terms (linear_attention.md, section 3)
             dg = _summed_to(c.q * dq - c.k * dk, c.g)  # [B, H, C(, K)]
             end = jnp.sum(c.k_end * d_k_end, axis=2) + _scaled(c.e_last, jnp.sum(s * ds, -1))
             dg = dg.at[:, :, -1].add(_summed_to(end, c.e_last))
@@ -242,35 +267,35 @@ def _backward(size, res, cotangents):
     (d_state, grads), _ = jax.lax.scan(chunk_step, (d_final, grads), xs, reverse=True)
     if log_alpha is None:
         grads.append(None)
-    return (*grads, d_state)
+    return (*grads, None, d_state)  # reset: no cotangent
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def chunk_scan(q, k, v, log_alpha, state, size):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def chunk_scan(q, k, v, log_alpha, reset, state, size):
     """o [B, T, H, V] and the final state [B, H, K, V], T a multiple of size."""
-    o, final, _ = _forward((q, k, v, log_alpha), state, size)
+    o, final, _ = _forward((q, k, v, log_alpha), reset, state, size)
     return o, final
 
 
-def _chunk_scan_fwd(q, k, v, log_alpha, state, size):
+def _chunk_scan_fwd(q, k, v, log_alpha, reset, state, size):
     inputs = (q, k, v, log_alpha)
-    o, final, entering = _forward(inputs, state, size)
-    return (o, final), (inputs, entering)
+    o, final, entering = _forward(inputs, reset, state, size)
+    return (o, final), (inputs, reset, entering)
 
 
 chunk_scan.defvjp(_chunk_scan_fwd, _backward)
 
 
-def chunkwise(q, k, v, log_alpha, state, chunk_size):
+def chunkwise(q, k, v, log_alpha, state, chunk_size, reset=None):
     """Gated linear attention in chunks of chunk_size tokens; log_alpha None means no decay.
 
     q, k [B, T, H, K]; v [B, T, H, V]; log_alpha [B, T, H], [B, T, H, K] or None; state
-    [B, H, K, V] or None (zeros). Returns (o [B, T, H, V] in v's dtype, state [B, H, K, V] in
-    float32, float64 for float64 inputs).
+    [B, H, K, V] or None (zeros); reset [B, T] bool or None. Returns (o [B, T, H, V] in v's
+    dtype, state [B, H, K, V] in float32, float64 for float64 inputs).
     """
     T = q.shape[1]
     size = min(chunk_size, T)
     state = initial_state(state, q, v)
-    q, k, v, log_alpha = (pad_to_chunks(x, size) for x in (q, k, v, log_alpha))
-    o, state = chunk_scan(q, k, v, log_alpha, state, size)
+    q, k, v, log_alpha, reset = (pad_to_chunks(x, size) for x in (q, k, v, log_alpha, reset))
+    o, state = chunk_scan(q, k, v, log_alpha, reset, state, size)
     return o[:, :T], state

@@ -58,15 +58,15 @@ def recurrent(q, k, v, *, state=None, reset=None, beta, log_alpha=None):
     return o.astype(v.dtype), state
 
 
-def chunkwise(q, k, v, *, state=None, chunk_size=64, beta, log_alpha=None):
+def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, beta, log_alpha=None):
     """Each chunk holds whole tokens, chunk_size // N of them, and runs their N sub-steps as one
     gated-delta-rule chunk of C = tokens * N writes, read only after each token's last sub-step."""
-    return _delta_chunk.chunkwise(q, k, v, beta, log_alpha, state, chunk_size)
+    return _delta_chunk.chunkwise(q, k, v, beta, log_alpha, state, chunk_size, reset)
 
 
-def associative(q, k, v, *, state=None, beta, log_alpha=None):
+def associative(q, k, v, *, state=None, reset=None, beta, log_alpha=None):
     """A token's N sub-steps compose into one affine map (M, X) before the scan over T."""
     m, x = _delta_assoc.elements(k, v, beta)  # [B, T, H, N, K, K], [B, T, H, N, K, V]
     sub_steps = [(m[..., j, :, :], x[..., j, :, :]) for j in range(k.shape[-2])]
     token = _delta_assoc.decayed(functools.reduce(_delta_assoc.combine, sub_steps), log_alpha)
-    return _delta_assoc.scan(q, token, state, v.dtype)
+    return _delta_assoc.scan(q, token, state, v.dtype, reset)

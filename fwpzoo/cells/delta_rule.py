@@ -45,9 +45,9 @@ def recurrent(q, k, v, *, state=None, reset=None, beta):
     return o.astype(v.dtype), state
 
 
-def chunkwise(q, k, v, *, state=None, chunk_size=64, beta):
-    return _delta_chunk.chunkwise(q, k, v, beta, None, state, chunk_size)
+def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, beta):
+    return _delta_chunk.chunkwise(q, k, v, beta, None, state, chunk_size, reset)
 
 
-def associative(q, k, v, *, state=None, beta):
-    return _delta_assoc.scan(q, _delta_assoc.elements(k, v, beta), state, v.dtype)
+def associative(q, k, v, *, state=None, reset=None, beta):
+    return _delta_assoc.scan(q, _delta_assoc.elements(k, v, beta), state, v.dtype, reset)

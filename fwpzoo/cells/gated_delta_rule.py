@@ -50,10 +50,10 @@ def recurrent(q, k, v, *, state=None, reset=None, beta, log_alpha):
     return o.astype(v.dtype), state
 
 
-def chunkwise(q, k, v, *, state=None, chunk_size=64, beta, log_alpha):
-    return _delta_chunk.chunkwise(q, k, v, beta, log_alpha, state, chunk_size)
+def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, beta, log_alpha):
+    return _delta_chunk.chunkwise(q, k, v, beta, log_alpha, state, chunk_size, reset)
 
 
-def associative(q, k, v, *, state=None, beta, log_alpha):
+def associative(q, k, v, *, state=None, reset=None, beta, log_alpha):
     elems = _delta_assoc.decayed(_delta_assoc.elements(k, v, beta), log_alpha)
-    return _delta_assoc.scan(q, elems, state, v.dtype)
+    return _delta_assoc.scan(q, elems, state, v.dtype, reset)

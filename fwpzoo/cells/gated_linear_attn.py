@@ -10,7 +10,7 @@ The parallel forms are derived in linear_attention.md.
 import jax.numpy as jnp
 
 from fwpzoo.cells import _linear_chunk
-from fwpzoo.cells._chunking import associative_states
+from fwpzoo.cells._chunking import associative_states, resets_as_rows
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells._spec import (
     GRADIENT,
@@ -63,20 +63,21 @@ def per_key_axis(log_alpha, q):
     return log_alpha if log_alpha.ndim == q.ndim else log_alpha[..., None]
 
 
-def chunkwise(q, k, v, *, state=None, chunk_size=64, log_alpha):
+def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, log_alpha):
     """Decayed causal attention inside each chunk of C tokens, the state carried across chunks.
 
     Only decays between two positions of one chunk are exponentiated (exponents <= 0).
     """
-    return _linear_chunk.chunkwise(q, k, v, log_alpha, state, chunk_size)
+    return _linear_chunk.chunkwise(q, k, v, log_alpha, state, chunk_size, reset)
 
 
-def associative(q, k, v, *, state=None, log_alpha):
+def associative(q, k, v, *, state=None, reset=None, log_alpha):
     """Every S_t by an associative scan of (log decay, write) pairs; memory O(T K V)."""
     S0 = initial_state(state, q, v)
     q32, k, v32 = upcast(q, k, v)
     writes = k[..., :, None] * v32[..., None, :]  # [B, T, H, K, V]
     log_decay = per_key_axis(log_alpha, q)[..., None]  # [B, T, H, K|1, 1]
-    states = associative_states(log_decay, writes, S0, axis=1)  # [B, T + 1, H, K, V]
+    reset = resets_as_rows(reset)  # [B, T, 1, 1, 1]
+    states = associative_states(log_decay, writes, S0, axis=1, reset=reset)  # [B, T+1, H, K, V]
     o = jnp.einsum("bthkv,bthk->bthv", states[:, 1:], q32)
     return o.astype(v.dtype), states[:, -1]

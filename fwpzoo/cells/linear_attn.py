@@ -9,7 +9,7 @@ The parallel forms are derived in linear_attention.md.
 import jax.numpy as jnp
 
 from fwpzoo.cells import _linear_chunk
-from fwpzoo.cells._chunking import associative_states
+from fwpzoo.cells._chunking import associative_states, resets_as_rows
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells._spec import GRADIENT, Gate, Objective, gate_names, negative_correlation
 
@@ -37,16 +37,17 @@ def recurrent(q, k, v, *, state=None, reset=None):
     return o.astype(v.dtype), state
 
 
-def chunkwise(q, k, v, *, state=None, chunk_size=64):
+def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None):
     """Causal attention inside each chunk of C tokens, the state carried across chunks."""
-    return _linear_chunk.chunkwise(q, k, v, None, state, chunk_size)
+    return _linear_chunk.chunkwise(q, k, v, None, state, chunk_size, reset)
 
 
-def associative(q, k, v, *, state=None):
+def associative(q, k, v, *, state=None, reset=None):
     """Every S_t by a parallel prefix sum of the writes k_t v_t^T; memory O(T K V)."""
     S0 = initial_state(state, q, v)
     q32, k, v32 = upcast(q, k, v)
     writes = k[..., :, None] * v32[..., None, :]  # [B, T, H, K, V]
-    states = associative_states(None, writes, S0, axis=1)  # [B, T + 1, H, K, V]
+    reset = resets_as_rows(reset)  # [B, T, 1, 1, 1]
+    states = associative_states(None, writes, S0, axis=1, reset=reset)  # [B, T + 1, H, K, V]
     o = jnp.einsum("bthkv,bthk->bthv", states[:, 1:], q32)
     return o.astype(v.dtype), states[:, -1]
