@@ -292,3 +292,20 @@ def test_a_rule_stable_only_for_unit_values_is_fed_unit_values():
     mixer = FWPMixer(tiny(cell="oja"), rngs=nnx.Rngs(0))
     _, _, v, _, _ = mixer._inputs(inputs(), None)
     np.testing.assert_allclose(jnp.linalg.norm(v, axis=-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mixer", ["rdn", "srwm"])
+def test_programmed_mixers_restart_at_a_reset(mixer):
+    """A reset at t: the rest of that row equals the row's tail run alone (prefill and decode),
+    whether the backward in use is the reversible one (no reset) or the checkpointed one."""
+    cfg = tiny(mixers=(mixer,), feature_map="softmax", qk_norm="none", chunk_size=2)
+    layer = get_mixer(mixer)(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (2, 6, cfg.d_model))
+    reset = jnp.zeros((2, 6), bool).at[0, 3].set(True)
+    y = layer(x, reset=reset)
+    np.testing.assert_allclose(y[0, 3:], layer(x[:1, 3:])[0], atol=1e-5)
+    np.testing.assert_allclose(y[1], layer(x[1:])[0], atol=1e-5)
+    cache = layer.init_cache(2, 6)
+    _, cache = layer.prefill(x[:, :3], cache)
+    decoded, _ = layer.decode_step(x[:, 3], cache, reset[:, 3])
+    np.testing.assert_allclose(decoded, y[:, 3], atol=1e-5)

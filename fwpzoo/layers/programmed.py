@@ -58,14 +58,15 @@ class ProgrammedMixer(nnx.Module):
         del max_len
         return self.zero_state(batch_size)
 
-    def prefill(self, x, cache, *, reset=None):
+    def prefill(self, x, cache, reset=None):
+        """x [B, T, D] from the cache (reset [B, T] bool or None) -> (y [B, T, D], cache)."""
         return self._sequence(x, cache, reset)
 
-    def decode_step(self, x, cache):
-        """One token x [B, D] through the cell's `step` -> (y [B, D], cache)."""
+    def decode_step(self, x, cache, reset=None):
+        """One token x [B, D] (reset [B] or None) through the cell's `step` -> (y [B, D], cache)."""
         inputs, slow = self._inputs(x[:, None])
         at_0 = {name: value[:, 0] for name, value in inputs.items()}
-        state, o = self._cell.step(cache, **at_0, **slow, phi=self.phi)
+        state, o = self._cell.step(cache, **at_0, **slow, phi=self.phi, reset=reset)
         return self._output(o[:, None])[:, 0], state
 
     def _sequence(self, x, state, reset):
