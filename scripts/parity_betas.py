@@ -1,0 +1,35 @@
+"""The write strength beta a trained one-layer parity model gives each bit, per head.
+
+    python scripts/parity_betas.py WORKDIR
+
+WORKDIR is a parity run's workdir (e.g. runs/experiments/state_tracking/<point>). Beta comes from
+a projection of the token's normalised embedding alone (not through the short convolution), so it
+depends only on the bit; printed
+per head: beta for a 0 bit and for a 1 bit. A head that tracks parity reflects on a 1 bit (beta
+near 2) and, to keep the sign over long strings, leaves its state alone on a 0 bit (beta near 0).
+"""
+
+import sys
+
+import jax.numpy as jnp
+from flax import nnx
+
+from fwpzoo.data.state_tracking import BIT_TOKENS
+from fwpzoo.train import restore_run
+
+
+def main(workdir: str) -> None:
+    run, step, state = restore_run(workdir)
+    model = nnx.merge(run.graphdef, state)
+    block = model.blocks[0]
+    tokens = jnp.asarray([BIT_TOKENS])  # [1, 2]: bit 0, then bit 1
+    x = block.mixer_norm(model.embed(tokens))  # [1, 2, D]
+    beta = block.mixer.gates["beta"](x)[0]  # [2, H]
+    print(f"{workdir} at step {step}")
+    for head in range(beta.shape[-1]):
+        b0, b1 = float(beta[0, head]), float(beta[1, head])
+        print(f"head {head}: beta(0) = {b0:.4f}, beta(1) = {b1:.4f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
