@@ -461,21 +461,24 @@ def plot(records: list[dict], sweep: Sweep, path: Path) -> None:
             ax.set_xscale("log", base=2)
             ax.set_xticks(all_s, [str(s) for s in all_s])
             ax.axhline(sweep.stop_loss, color="grey", linewidth=0.5)
-            ax.legend(fontsize=7, title="feature map (dim phi)", title_fontsize=7)
+            if ax.get_legend_handles_labels()[0]:  # a panel of an unfinished sweep may be empty
+                ax.legend(fontsize=7, title="feature map (dim phi)", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def capacity_of(losses: dict[int, list[float]], stop_loss: float) -> int | None:
-    """The largest S up to which the median loss over seeds ended below 10 x stop_loss (None
-    if the smallest S already failed)."""
+def capacity_of(losses: dict[int, list[float]], grid: list[int], stop_loss: float) -> str | None:
+    """The largest S of the grid up to which the median loss over seeds ended below
+    10 x stop_loss ("-" if the smallest S already failed); ">= S" while the next S is pending."""
     best = None
-    for s in sorted(losses):
+    for s in grid:
+        if s not in losses:
+            return f">= {best}" if best else None
         if spread(losses[s])[0] > stop_loss * 10:
             break
         best = s
-    return best
+    return str(best) if best else "-"
 
 
 def loss_cell(losses: list[float] | None, seeds: int) -> str | None:
@@ -500,7 +503,7 @@ def report(records: list[dict], points: list[Point], options) -> str:
         for model in sweep.models:
             mine = {s: v for (st, m, s), v in losses.items() if st == setting and m == model}
             rows.append(
-                [model, phi_dim(model, sweep), capacity_of(mine, sweep.stop_loss)]
+                [model, phi_dim(model, sweep), capacity_of(mine, all_s, sweep.stop_loss)]
                 + [loss_cell(mine.get(s), seeds) for s in all_s]
             )
         header = ["model", "dim phi", "largest S solved", *(f"S={s}" for s in all_s)]

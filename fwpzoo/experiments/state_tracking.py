@@ -124,9 +124,9 @@ Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml
 `{NAME}.json` names the command that recomputes its point alone.
 {progress_note(points, records, options)}
 Compute here: {compute_seconds(records)}.
-Test accuracy at the scored positions (parity and mod 3: the answer at the last token; S3: the
-running product at every token) of {num_sequences} fresh sequences of the training lengths 3..40
-and of exactly each length L: the median over {seeds} seeds (min-max in brackets).
+Test accuracy at the scored positions (parity: the answer at the last token; S3 and cyclic: the
+running product or sum at every token) of {num_sequences} fresh sequences of the training
+lengths 3..40 and of exactly each length L: the median over {seeds} seeds (min-max in brackets).
 
 {markdown_table(header, rows)}
 
