@@ -179,3 +179,30 @@ def test_an_unknown_stop_metric_is_refused():
 
     with pytest.raises(ConfigError, match="train.stop_metric 'bpc' is not an eval metric"):
         prepare(tiny(train={"stop_metric": "bpc"}))
+
+
+def test_programmed_mixers_train_resume_and_evaluate_like_any_other(tmp_path):
+    """rdn and srwm layers on a formal language: a run stopped at step 2 and resumed to step 4
+    logs the losses of the uninterrupted run, and eval from the checkpoint alone repeats the
+    metrics logged in training (no special case in train/ for either mixer)."""
+    sections = {
+        "model": {
+            "mixers": ["rdn", "srwm"],
+            "feature_map": "softmax",
+            "qk_norm": "none",
+            "chunk_size": 8,
+        },
+        "data": {"task": "formal_language", "language": "dyck_1", "seq_len": 12, "max_len": 12},
+    }
+    cfg = tiny(**sections)
+    whole = train(cfg, tmp_path / "whole", progress=False)
+    train(tiny(**sections, train={"steps": 2}), tmp_path / "resumed", progress=False)
+    resumed = train(cfg, tmp_path / "resumed", progress=False)
+    losses = [[row["loss"] for row in read_metrics(tmp_path / d)] for d in ("whole", "resumed")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    assert resumed["valid_loss"] == whole["valid_loss"]
+    run, step, model_state = restore_run(tmp_path / "whole")
+    eval_step = jax.jit(make_eval_step(run.graphdef))
+    metrics = evaluate(eval_step, model_state, run.task, run.cfg.eval, run.mesh, "valid")
+    assert step == 4 and metrics["loss"] == whole["valid_loss"]
+    assert metrics["sequence_accuracy"] == whole["valid_sequence_accuracy"]
