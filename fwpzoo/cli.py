@@ -21,6 +21,8 @@ USAGE = """usage: fwpzoo VERB ...
                                                         train (or resume) a run
   fwpzoo eval --workdir DIR [--step N] [--split S]      metrics of a checkpoint, as JSON
   fwpzoo sample --workdir DIR [--prompt P] [--num-tokens N]
+  fwpzoo inspect --workdir DIR [--prompt P] [--layer L] [--head H] [--out FILE.png]
+                                                        draw a layer's fast weights
   fwpzoo list [--rules-md]                              cells, forms, mixers, tasks, configs, rules
   fwpzoo bench NAME [...]                               benchmarks
   fwpzoo experiment NAME [...]                          experiments"""
@@ -144,6 +146,31 @@ def sample_main(argv: list[str]) -> int:
     return 0
 
 
+def inspect_main(argv: list[str]) -> int:
+    parser = Parser(prog="fwpzoo inspect")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--step", type=int, help="default: the latest checkpoint")
+    parser.add_argument(
+        "--prompt",
+        help="text for a text task, token ids ('3 17 5') otherwise; default: the start of the "
+        "first valid sequence",
+    )
+    parser.add_argument("--layer", type=int, help="default: the first layer with fast weights")
+    parser.add_argument("--head", type=int, default=0)
+    parser.add_argument(
+        "--out", help="the PNG to write; default: DIR/fast_weights-layerL-headH.png"
+    )
+    args = parser.parse_args(argv)
+    if args.out is not None and not args.out.endswith(".png"):
+        raise UsageError(f"--out {args.out!r} must name a .png file")
+
+    from fwpzoo.train.inspect import inspect
+
+    summary = inspect(Path(args.workdir), args.step, args.prompt, args.layer, args.head, args.out)
+    print(json.dumps(summary))
+    return 0
+
+
 def list_main(argv: list[str]) -> int:
     parser = Parser(prog="fwpzoo list")
     parser.add_argument(
@@ -208,6 +235,7 @@ COMMANDS = {
     "train": train_main,
     "eval": eval_main,
     "sample": sample_main,
+    "inspect": inspect_main,
     "list": list_main,
     "bench": bench_main,
     "experiment": experiment_main,

@@ -124,6 +124,36 @@ def test_sample_generates_the_asked_number_of_tokens(reference):
     assert len(result["tokens"]) == 5 and all(0 <= t < 16 for t in result["tokens"])
 
 
+def test_inspect_draws_the_fast_weights_of_a_layer(reference, tmp_path, capsys):
+    out = tmp_path / "fw.png"
+    argv = ["inspect", "--workdir", str(reference), "--prompt", "1 9 2 4 3", "--head", "1"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["layer"] == 0 and summary["mixer"] == "fwp" and summary["head"] == 1
+    assert summary["state_shape"] == [2, 8, 8] and summary["prompt_tokens"] == 5
+    assert summary["gates"] == ["beta"] and summary["steps_drawn"] == [0, 1, 3, 4]
+    assert 1 <= summary["final_effective_rank"] <= 8
+
+
+@pytest.mark.parametrize(
+    ("flags", "culprit"),
+    [
+        (["--layer", "1"], "layer 1 (Attention) has no fast-weight matrix to draw; layers with"),
+        (["--layer", "2"], "--layer 2 is out of range; the model has layers 0..1"),
+        (["--head", "2"], "--head 2 is out of range; valid heads: 0..1"),
+        (["--out", "x.jpg"], "must name a .png file"),
+    ],
+)
+def test_inspect_refuses_bad_input_and_writes_nothing(reference, tmp_path, refused, flags, culprit):
+    out = tmp_path / "fw.png"
+    default_out = [] if "--out" in flags else ["--out", str(out)]
+    argv = ["inspect", "--workdir", str(reference), *default_out, *flags]
+    before = snapshot(reference)
+    refused(argv, culprit)
+    assert not out.exists() and snapshot(reference) == before
+
+
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(reference, tiny_yaml, tmp_path):
     workdir = tmp_path / "killed"
     command = [sys.executable, "-m", "fwpzoo", "train", str(tiny_yaml), "--workdir", str(workdir)]

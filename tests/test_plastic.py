@@ -12,6 +12,7 @@ from jax.test_util import check_grads
 
 from fwpzoo.cells import gated_linear_attn, linear_attn, plastic
 from fwpzoo.models import ModelConfig, build_model
+from fwpzoo.models.inspection import trace
 
 B, T, H, K, V = 2, 9, 2, 4, 3
 KINDS = [
@@ -259,6 +260,17 @@ def test_inspect_step_returns_the_fast_weights_and_the_gates():
         assert y.shape == (2, D) and mixer.fast_weights(cache).shape == (2, 2, D // 2, D // 2)
         assert set(gates) == {"learning_rate", "decay"}
         assert all(g.shape == (2, 2) for g in gates.values())
+
+
+def test_trace_reads_the_fast_weights_the_full_forward_ends_with():
+    with jax.enable_x64(False):
+        model = plastic_model(plastic_on="recurrent", plasticity="oja")
+        toks = jax.random.randint(jax.random.key(2), (6,), 0, VOCAB)
+        records = trace(model, toks, 0)
+        assert records["S"].shape == (6, 2, D // 2, D // 2)
+        assert set(records["gates"]) == {"learning_rate", "decay"}
+        _, cache = model.prefill(toks[None], model.init_cache(1, 6))
+        assert relative_rms(records["S"][-1], cache[0]["state"]["S"][0]) < 1e-6
 
 
 @pytest.mark.parametrize(

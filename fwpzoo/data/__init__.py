@@ -13,6 +13,7 @@ from collections.abc import Callable
 from fwpzoo.data.capacity import capacity_batch
 from fwpzoo.data.config import TASK_NAMES, DataConfig, DataConfigError, MissingCorpusError
 from fwpzoo.data.copy_task import Copy
+from fwpzoo.data.familiarity import Familiarity
 from fwpzoo.data.formal_languages import FormalLanguage
 from fwpzoo.data.mqar import MQAR
 from fwpzoo.data.state_tracking import S3, Cyclic, ModArith, Parity
@@ -28,6 +29,7 @@ TASKS: dict[str, Callable[[DataConfig, int], Task]] = {
     "copy": Copy,
     "text": Text,
     "formal_language": FormalLanguage,
+    "familiarity": Familiarity,
 }
 assert tuple(TASKS) == TASK_NAMES
 

@@ -7,7 +7,17 @@ with one line naming the field.
 
 from dataclasses import dataclass
 
-TASK_NAMES = ("mqar", "parity", "mod_arith", "s3", "cyclic", "copy", "text", "formal_language")
+TASK_NAMES = (
+    "mqar",
+    "parity",
+    "mod_arith",
+    "s3",
+    "cyclic",
+    "copy",
+    "text",
+    "formal_language",
+    "familiarity",
+)
 # formal_language: the languages of fwpzoo.data.formal_languages
 LANGUAGE_NAMES = (
     "parity",
@@ -34,12 +44,13 @@ class MissingCorpusError(DataConfigError):
 class DataConfig:
     """What to train on.
 
-    task: mqar | parity | mod_arith | s3 | cyclic | copy | text | formal_language.
+    task: mqar | parity | mod_arith | s3 | cyclic | copy | text | formal_language | familiarity.
     seq_len: length T of every training batch (padded with token 0, weight 0, where a task draws
         shorter sequences).
-    vocab_size (mqar, copy): token count. MQAR splits it in half, keys below values (Zoology);
-        copy uses tokens 2.. as symbols. Parity (3), mod_arith (5 + modulus), s3 (7), cyclic
-        (1 + modulus) and text (256) fix their own vocabulary.
+    vocab_size (mqar, copy, familiarity): token count. MQAR splits it in half, keys below values
+        (Zoology); copy uses tokens 2.. as symbols, familiarity 3.. as patterns. Parity (3),
+        mod_arith (5 + modulus), s3 (7), cyclic (1 + modulus) and text (256) fix their own
+        vocabulary.
     num_pairs, power_alpha, random_non_queries (mqar): key-value pairs per sequence; exponent a of
         the query-gap law p(gap = g) ~ a * g^(a - 1) (small a: recall soon after the pair is
         likely); filler positions drawn uniformly from the vocabulary instead of token 0.
@@ -49,6 +60,8 @@ class DataConfig:
         lengths are drawn uniformly from this range (copy: the length of the string to copy).
     modulus (mod_arith, cyclic), operators (mod_arith): answers mod `modulus`; expressions use
         the operators in `operators` (a subset of "+-*"; `*` binds tighter, no brackets).
+    repeat_interval, repeat_prob (familiarity): a pattern comes back R steps later with
+        probability p (Tyulmankov et al. 2022).
     corpus, data_dir (text): "gutenberg" or "brown" (fetched into data_dir by
         scripts/fetch_data.py), "fixture" (the small committed test text), or a path to a text
         file or to a directory of .txt files (each split 90/5/5 by bytes).
@@ -70,6 +83,9 @@ class DataConfig:
     # mod_arith, cyclic
     modulus: int = 3
     operators: str = OPERATORS
+    # familiarity
+    repeat_interval: int = 3
+    repeat_prob: float = 0.5
     # text
     corpus: str = "fixture"
     data_dir: str = "data"
@@ -114,7 +130,22 @@ def config_problems(cfg: DataConfig) -> list[str]:
                 f"copy needs data.seq_len >= 2 * data.max_len = {2 * cfg.max_len}, got {seq_len}",
             ),
         ]
+    if cfg.task == "familiarity":
+        checks += familiarity_checks(cfg)
     return [message for ok, message in checks if not ok]
+
+
+def familiarity_checks(cfg: DataConfig) -> list[tuple[bool, str]]:
+    R = cfg.repeat_interval
+    return [
+        (1 <= R < cfg.seq_len, f"data.repeat_interval must be in 1..seq_len - 1, got {R}"),
+        (0 < cfg.repeat_prob < 1, f"data.repeat_prob must be in (0, 1), got {cfg.repeat_prob}"),
+        (
+            cfg.vocab_size >= cfg.seq_len + 3,
+            f"familiarity needs data.vocab_size >= data.seq_len + 3 = {cfg.seq_len + 3} "
+            f"(a new pattern per step), got {cfg.vocab_size}",
+        ),
+    ]
 
 
 def mqar_checks(cfg: DataConfig) -> list[tuple[bool, str]]:

@@ -269,7 +269,8 @@ def records_of(stored: dict, keys: Sequence[str]) -> list[dict]:
     records = []
     for metric, extra in stored["metric_fields"].items():
         value = stored["metrics"][metric]
-        fields = {**stored["labels"], **extra, "metric": metric, "value": value, **run}
+        # a metric's fields may name it (several "accuracy" records told apart by x)
+        fields = {**stored["labels"], "metric": metric, **extra, "value": value, **run}
         records.append({key: fields.get(key) for key in keys})
     return records
 

@@ -82,19 +82,25 @@ def fast_weights(module, state):
     return state[module.OBJECTIVE.weights or module.OBJECTIVE.state.parts[0][0]]
 
 
-def gate_means(specs, gates) -> dict:
-    """Mean of every per-token gate: `{name}_mean`; a log decay `log_x` as the mean of the
-    factor exp(log_x), `x_mean` (alpha_mean for log_alpha)."""
-    means = {}
+def gate_values(specs, gates) -> dict:
+    """The per-token gates, a log decay `log_x` as its factor `x`, each averaged over every axis
+    after the first two: one token's [B, H(, N | K)] -> [B, H]; static gates left out."""
+    out = {}
     for gate in specs:
         if gate.shape == _spec.STATIC:
             continue
         value = gates[gate.name]
-        if gate.range == _spec.LOG_DECAY and gate.name.startswith("log_"):
-            means[f"{gate.name[4:]}_mean"] = jnp.mean(jnp.exp(value))
-        else:
-            means[f"{gate.name}_mean"] = jnp.mean(value)
-    return means
+        name = gate.name
+        if gate.range == _spec.LOG_DECAY and name.startswith("log_"):
+            value, name = jnp.exp(value), name[4:]
+        out[name] = value.reshape(*value.shape[:2], -1).mean(-1)
+    return out
+
+
+def gate_means(specs, gates) -> dict:
+    """Mean of every per-token gate: `{name}_mean`; a log decay `log_x` as the mean of the
+    factor exp(log_x), `x_mean` (alpha_mean for log_alpha)."""
+    return {f"{name}_mean": jnp.mean(value) for name, value in gate_values(specs, gates).items()}
 
 
 def qk_normalize(x, kind: str):
@@ -149,6 +155,10 @@ class CellMixer(nnx.Module):
         """The configured form over x [B, T, D], starting from and returning the cache."""
         y, cache, _ = self._sequence(x, cache["state"], cache.get("conv"))
         return y, cache
+
+    def fast_weights(self, cache):
+        """The fast weights S [B, H, K, V] of a cache."""
+        return fast_weights(cells.get(self.cell), cache["state"])
 
 
 class FWPMixer(CellMixer):
@@ -207,6 +217,12 @@ class FWPMixer(CellMixer):
 
     def decode_step(self, x, cache):
         """One token x [B, D] through the cell's `step` -> (y [B, D], cache)."""
+        y, cache, _ = self.inspect_step(x, cache)
+        return y, cache
+
+    def inspect_step(self, x, cache):
+        """decode_step, plus the token's gates {name: [B, H]} (a log decay as its factor, a gate
+        with sub-steps or keys averaged over them)."""
         q, k, v, gates, buffer = self._inputs(x[:, None], cache.get("conv"))
         at_0 = lambda a: a[:, 0]  # noqa: E731  drop the time axis of length 1
         step = cells.get(self.cell).step
@@ -217,7 +233,7 @@ class FWPMixer(CellMixer):
         }
         state, o = step(cache["state"], at_0(q), at_0(k), at_0(v), **gates)
         y = self._output(o[:, None], x[:, None])[:, 0]
-        return y, self._cache(state, buffer)
+        return y, self._cache(state, buffer), gate_values(self.gate_specs, gates)
 
     # the pieces ------------------------------------------------------------------------------
 

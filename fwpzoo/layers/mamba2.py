@@ -48,13 +48,18 @@ class Mamba2Mixer(CellMixer):
 
     def decode_step(self, x, cache):
         """One token x [B, D] through the cell's `step` -> (y [B, D], cache)."""
+        y, cache, _ = self.inspect_step(x, cache)
+        return y, cache
+
+    def inspect_step(self, x, cache):
+        """decode_step, plus the token's decay {"alpha": [B, H]}."""
         z, xs, q, k, v, log_alpha, buffer = self._inputs(x[:, None], cache.get("conv"))
         at_0 = lambda a: a[:, 0]  # noqa: E731  drop the time axis of length 1
         state, o = cells.get(CELL).step(
             cache["state"], at_0(q), at_0(k), at_0(v), log_alpha=at_0(log_alpha)
         )
         y = self._output(o[:, None], xs, z)[:, 0]
-        return y, self._cache(state, buffer)
+        return y, self._cache(state, buffer), {"alpha": jnp.exp(at_0(log_alpha))}
 
     def _sequence(self, x, state, buffer):
         z, xs, q, k, v, log_alpha, buffer = self._inputs(x, buffer)

@@ -6,10 +6,12 @@
     then y = out_proj(h) [B, T, D]; S follows model.plasticity (fwpzoo.cells.plastic).
 
 eta per head takes either sign (model.plastic_eta=learned), or is held positive (Hebbian) or
-negative (anti-Hebbian) by an exp parametrisation; lambda = sigmoid(raw) in (0, 1); alpha
-[H, K, V] per synapse when model.plastic_alpha. model.form is `recurrent` (the scan) or, where the
-rule is affine in S (input site, hebb, identity activation, no alpha), `chunkwise` (the parallel
-form on the gated delta rule's chunk scan).
+negative (anti-Hebbian) by an exp parametrisation; it starts at model.plastic_eta_init / K (its
+magnitude for a fixed sign), not at 0, where no memory forms and the gradient on eta is too weak
+to leave; lambda = sigmoid(raw) in (0, 1); alpha [H, K, V] per synapse when model.plastic_alpha.
+model.form is `recurrent` (the scan) or, where the rule is affine in S (input site, hebb,
+identity activation, no alpha), `chunkwise` (the parallel form on the gated delta rule's chunk
+scan).
 """
 
 import math
@@ -44,6 +46,8 @@ def check_plastic(cfg) -> None:
             f"set model.form=recurrent for plastic_on={kind.site}, plasticity={kind.rule}, "
             f"plastic_activation={kind.activation}"
         )
+    if cfg.plastic_eta != "learned" and cfg.plastic_eta_init == 0:
+        raise ValueError(f"model.plastic_eta={cfg.plastic_eta} needs a nonzero plastic_eta_init")
     if cfg.form not in ("recurrent", "chunkwise"):
         raise ValueError(
             f"the plastic mixer has no {cfg.form!r} form; valid forms: recurrent, chunkwise"
@@ -71,9 +75,9 @@ class PlasticMixer(nnx.Module):
             self.in_proj = linear(cfg.d_model, H * V)  # W x
             self.R = nnx.Param(0.5 * normal((H, V, V), V))  # slow recurrent weights
         self.b = nnx.Param(jnp.zeros((H, V), jnp.float32))
-        # eta starts at 0 when its sign is learned, so the sign is the gradient's choice
-        eta_raw = jnp.zeros((H,)) if self.eta_sign == "learned" else jnp.full((H,), -math.log(K))
-        self.eta_raw = nnx.Param(eta_raw)
+        eta = cfg.plastic_eta_init / K  # HebbFF's scale: eta K = O(1) for pre of norm sqrt(K)
+        eta_raw = eta if self.eta_sign == "learned" else math.log(abs(eta))
+        self.eta_raw = nnx.Param(jnp.full((H,), eta_raw, jnp.float32))
         self.lambda_raw = nnx.Param(jnp.full((H,), math.log(LAMBDA_INIT / (1 - LAMBDA_INIT))))
         self.alpha = nnx.Param(jnp.ones((H, K, V), jnp.float32)) if cfg.plastic_alpha else None
         self.w_mod = nnx.Param(normal((H, V), V)) if self.kind.rule == "neuromodulated" else None

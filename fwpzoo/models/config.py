@@ -68,6 +68,9 @@ class ModelConfig:
     plasticity: str = "hebb"  # hebb | oja | neuromodulated
     plastic_activation: str = "tanh"  # tanh | sigmoid | relu | identity
     plastic_eta: str = "learned"  # learned (either sign) | positive | negative
+    plastic_eta_init: float = (
+        1.0  # eta K at init (K presynaptic; HebbFF: -5); a fixed sign keeps |.|
+    )
     plastic_alpha: bool = False  # per-synapse plasticity coefficients alpha [H, K, V]
     # attention: rotary position embedding base
     rope_base: float = 10000.0

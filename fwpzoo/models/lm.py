@@ -33,6 +33,11 @@ class Block(nnx.Module):
         y, cache = self.mixer.decode_step(self.mixer_norm(x), cache)
         return self._mlp(x + y), cache
 
+    def inspect_step(self, x, cache):
+        """decode_step through a mixer with fast weights, plus the token's gates {name: [B, H]}."""
+        y, cache, gates = self.mixer.inspect_step(self.mixer_norm(x), cache)
+        return self._mlp(x + y), cache, gates
+
     def _mlp(self, x):
         return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 

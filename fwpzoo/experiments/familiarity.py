@@ -1,0 +1,200 @@
+"""Continual familiarity detection (Tyulmankov, Yang & Abbott, Neuron 2022, "HebbFF").
+
+A stream of random patterns, each new or a repeat of the one R steps back; the model says familiar
+or novel at every step. Models: HebbFF (the plastic mixer with input plasticity, a sigmoid hidden
+layer and the Hebbian rule) with eta learned with a free sign and with eta held positive, the FWP
+layers delta_rule and linear_attn, and the diagonal SSM without fast weights; each trained at
+several R (setting) and tested at every R of TEST_INTERVALS (x). Configs:
+configs/experiments/familiarity/.
+"""
+
+from dataclasses import replace
+
+import jax
+import matplotlib.pyplot as plt
+from flax import nnx
+
+from fwpzoo.config import load
+from fwpzoo.data import make_task
+from fwpzoo.experiments import _common
+from fwpzoo.experiments._common import (
+    CONFIGS,
+    Experiment,
+    Outcome,
+    compute_seconds,
+    errorbars,
+    group,
+    markdown_table,
+    progress_note,
+    spread_cell,
+    sweep_command,
+    train_point,
+    versions_line,
+)
+from fwpzoo.train import evaluate, make_eval_step, restore_run
+
+NAME = "familiarity"
+# config file -> (model, eta_sign) record labels
+MODELS = {
+    "hebbff": ("plastic", "learned"),
+    "hebbff-hebbian": ("plastic", "fixed_positive"),
+    "delta_rule": ("delta_rule", None),
+    "linear_attn": ("linear_attn", None),
+    "ssm": ("ssm", None),
+}
+TRAIN_INTERVALS = (2, 8)
+TEST_INTERVALS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+SEEDS = (0, 1, 2)
+QUICK_MODELS, QUICK_TRAIN, QUICK_TEST, QUICK_SEEDS = ("hebbff", "delta_rule"), (2,), (1, 2, 4), (0,)
+QUICK_OVERRIDES = ("train.steps=2", "train.warmup_steps=1", "eval.num_batches=1")
+KEYS = (
+    "model",
+    "plastic_on",
+    "plasticity",
+    "eta_sign",
+    "task",
+    "setting",
+    "x",
+    "seed",
+    "metric",
+    "value",
+)
+ALWAYS_NOVEL = 2 / 3  # accuracy of answering "novel" at every scored step, repeat_prob 1/2
+
+
+def make_points(options) -> list:
+    quick = options.quick
+    tests = QUICK_TEST if quick else TEST_INTERVALS
+    points = []
+    # seeds outermost, so a sweep cut short has every model and interval at least once
+    for seed in QUICK_SEEDS if quick else SEEDS:
+        for R in QUICK_TRAIN if quick else TRAIN_INTERVALS:
+            for name in QUICK_MODELS if quick else MODELS:
+                model, eta_sign = MODELS[name]
+                path = CONFIGS / NAME / f"{name}.yaml"
+                overrides = (f"data.repeat_interval={R}", *(QUICK_OVERRIDES if quick else ()))
+                cfg = load(path, overrides).model
+                labels = {"model": model, "eta_sign": eta_sign, "task": NAME, "setting": R}
+                if model == "plastic":
+                    labels |= {"plastic_on": cfg.plastic_on, "plasticity": cfg.plasticity}
+                metrics = {f"accuracy@R{x}": {"x": x, "metric": "accuracy"} for x in tests}
+                if model == "plastic":
+                    metrics["learned_eta"] = {}
+                point = train_point(f"{name}-R{R}-s{seed}", path, overrides, labels, metrics, seed)
+                points.append(replace(point, spec={**point.spec, "test_intervals": list(tests)}))
+    return points
+
+
+def execute(point, workdir) -> Outcome:
+    """Trains at the point's R, then tests at every R of its metrics; the learned eta and
+    lambda of a plastic layer."""
+    outcome = _common.run_training(replace(point, metrics={}), workdir)
+    run, step, model_state = restore_run(workdir)
+    eval_step = jax.jit(make_eval_step(run.graphdef))
+    metrics = {}
+    for name, fields in point.metrics.items():
+        if "x" in fields:
+            data = replace(run.cfg.data, repeat_interval=fields["x"])
+            task = make_task(data, run.cfg.train.seed)
+            test = evaluate(eval_step, model_state, task, run.cfg.eval, run.mesh, "test")
+            metrics[name] = test["accuracy"]
+    details = dict(outcome.details)
+    if "learned_eta" in point.metrics:
+        model = nnx.merge(run.graphdef, model_state["params"], model_state["rest"])
+        mixer = model.blocks[0].mixer
+        metrics["learned_eta"] = float(mixer.eta()[0])
+        details |= {"learned_lambda": float(mixer.lam()[0]), "presynaptic_dim": mixer.K}
+    return replace(outcome, metrics=metrics, details=details)
+
+
+def variant(rec: dict) -> str:
+    return rec["model"] + (f" (eta {rec['eta_sign']})" if rec["eta_sign"] else "")
+
+
+def plot(records: list[dict], settings, path) -> None:
+    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.6), squeeze=False)
+    curves = group([r for r in records if r["metric"] == "accuracy"], ["setting", "variant", "x"])
+    for ax, R in zip(axes[0], settings, strict=True):
+        for name in dict.fromkeys(v for s, v, _ in curves if s == R):
+            errorbars(
+                ax, {x: vs for (s, v, x), vs in curves.items() if (s, v) == (R, name)}, label=name
+            )
+        ax.axvline(R, color="grey", lw=0.8, ls=":")  # the training interval
+        ax.axhline(ALWAYS_NOVEL, color="grey", lw=0.8, ls="--")
+        ax.set(title=f"trained at R = {R}", xlabel="test R", ylabel="test accuracy", xscale="log")
+        ax.set(ylim=(0.5, 1.01))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(records: list[dict], points: list, options) -> str:
+    records = [{**r, "variant": variant(r)} for r in records]
+    settings = sorted({r["setting"] for r in records})
+    plot(records, settings, options.out / f"{NAME}.png")
+    seeds = len(QUICK_SEEDS if options.quick else SEEDS)
+    accuracy = [r for r in records if r["metric"] == "accuracy"]
+    xs = sorted({r["x"] for r in accuracy})
+    cells = group(accuracy, ["setting", "variant", "x"])
+    rows = [
+        [R, name, *(spread_cell(cells.get((R, name, x)), seeds) for x in xs)]
+        for R, name in dict.fromkeys((r["setting"], r["variant"]) for r in accuracy)
+    ]
+    table = markdown_table(["train R", "model", *(f"R={x}" for x in xs)], rows)
+    eta_rows = []
+    for rec in (r for r in records if r["metric"] == "learned_eta"):
+        details = _common.read_details(options, rec["point"])
+        K = details["presynaptic_dim"]
+        sign = "anti-Hebbian" if rec["value"] < 0 else "Hebbian"
+        eta_rows.append(
+            [rec["variant"], rec["setting"], rec["seed"], rec["value"], rec["value"] * K, sign]
+            + [details["learned_lambda"]]
+        )
+    eta_table = markdown_table(
+        ["model", "train R", "seed", "eta", "eta K", "sign", "lambda"], eta_rows
+    )
+    cfg = load(CONFIGS / NAME / "hebbff.yaml")
+    num = cfg.eval.batch_size * cfg.eval.num_batches
+    return f"""# Continual familiarity detection (HebbFF)
+
+Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`); each record
+in `{NAME}.json` names the command that recomputes its point alone.
+{progress_note(points, records, options)}
+Compute here: {compute_seconds(records)}.
+
+A stream of {cfg.data.seq_len} patterns (tokens from a vocabulary of {cfg.data.vocab_size}),
+each the one shown R steps back with probability {cfg.data.repeat_prob} (if that one was new)
+or a pattern never seen before; the model answers familiar or novel at every step t >= R.
+Accuracy on {num} fresh test streams per R, median over {seeds} seeds (min-max in brackets).
+Answering "novel" everywhere scores {ALWAYS_NOVEL:.3f}.
+
+{table}
+
+![accuracy against the test interval]({NAME}.png)
+
+Medians over seeds with bars to the min and max. Dotted: the training interval; dashed: always
+"novel".
+
+The learned plasticity of each HebbFF run (eta starts at +5 / K, Hebbian, in both variants; K is
+the presynaptic dimension):
+
+{eta_table}
+
+## The paper's findings beside ours
+
+- Tyulmankov, Yang & Abbott (Neuron 2022) meta-learn HebbFF and find an anti-Hebbian rule
+  (eta < 0): it detects repeats over much longer intervals than a Hebbian one and is the solution
+  meta-learning finds most readily; the hidden layer then shows repetition suppression.
+- HebbFF trained at a single interval generalises to other intervals, unlike recurrent networks
+  without plasticity.
+
+Software: {versions_line(records)}.
+"""
+
+
+EXPERIMENT = Experiment(NAME, KEYS, make_points, report, execute)
+
+
+def main(argv) -> int:
+    return _common.main(EXPERIMENT, argv)
