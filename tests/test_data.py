@@ -34,6 +34,7 @@ SYNTHETIC = {
     "formal_language": DataConfig(
         task="formal_language", language="shuffle_2", seq_len=50, min_len=1, max_len=50
     ),
+    "familiarity": DataConfig(task="familiarity", seq_len=40, vocab_size=64, repeat_interval=3),
 }
 METRICS = {"text": ("loss", "bpc"), "formal_language": ("loss", "accuracy", "sequence_accuracy")}
 TEXT = DataConfig(task="text", seq_len=64, corpus="fixture")
@@ -56,6 +57,7 @@ def test_the_registry_holds_every_task_and_refuses_unknown_names():
         "copy",
         "text",
         "formal_language",
+        "familiarity",
     }
     with pytest.raises(ValueError, match="valid tasks: mqar, parity, .*, text, formal_language"):
         DataConfig(task="sorting")
@@ -109,6 +111,9 @@ def test_eval_splits_are_fixed_and_apart_from_training(name):
         ({"task": "mod_arith", "operators": "+/"}, "data.operators"),
         ({"task": "mod_arith", "modulus": 1}, "data.modulus"),
         ({"task": "copy", "max_len": 40}, "data.seq_len"),
+        ({"task": "familiarity", "repeat_interval": 64}, "data.repeat_interval"),
+        ({"task": "familiarity", "repeat_prob": 1.0}, "data.repeat_prob"),
+        ({"task": "familiarity", "vocab_size": 50}, "data.vocab_size"),
     ],
 )
 def test_configs_that_cannot_make_their_task_are_refused_naming_the_field(changes, culprit):
