@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
-from fwpzoo.cells import gated_linear_attn, linear_attn, plastic
+from fwpzoo.cells import gated_linear_attn, linear_attn, oja, plastic
 from fwpzoo.models import ModelConfig, build_model
 from fwpzoo.models.inspection import trace
 
@@ -184,6 +184,25 @@ def test_hebbian_input_layer_is_linear_attention_on_pre_and_post(activation, dec
     act_inverse = {"identity": lambda a: a, "tanh": np.arctanh}[activation]
     np.testing.assert_allclose(act_inverse(h[:, 1:]) - u[:, 1:], read, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(act_inverse(h[:, 0]), u[:, 0], rtol=1e-8)  # nothing stored yet
+
+
+@pytest.mark.parametrize("activation", ["identity", "sigmoid"])
+def test_oja_input_layer_is_the_oja_cell_on_pre_and_post(activation):
+    """The plastic oja rule is the `oja` cell written with key = presynaptic activity, value =
+    postsynaptic activity, beta = eta and log_alpha = log lambda; the layer's fast drive is that
+    cell's read with the next input as query. Exact, for any activation; no alpha."""
+    kind = plastic.Plasticity("input", "oja", activation)
+    params, u, x, _ = draw(kind, alpha=False, eta=(-0.3, 0.2), lam=(0.9, 0.8))
+    h, final = jitted_recurrent(kind)(params, u, x)
+    gates = lambda n: {  # noqa: E731  per-token beta and log_alpha for n tokens
+        "beta": np.broadcast_to(params["eta"], (B, n, H)),
+        "log_alpha": np.broadcast_to(params["log_lambda"], (B, n, H)),
+    }
+    _, S = oja.recurrent(x, x, h, **gates(T))
+    np.testing.assert_allclose(final["S"], S, rtol=1e-12, atol=1e-14)
+    read, _ = oja.recurrent(x[:, 1:], x[:, :-1], h[:, :-1], **gates(T - 1))
+    act_inverse = {"identity": lambda a: a, "sigmoid": lambda a: np.log(a / (1 - a))}[activation]
+    np.testing.assert_allclose(act_inverse(h[:, 1:]) - u[:, 1:], read, rtol=1e-8, atol=1e-10)
 
 
 def test_gradients_of_the_scan_match_finite_differences():

@@ -69,7 +69,7 @@ def plot(path: Path, S, gates, head: int, labels: list[str], title: str) -> dict
     ranks = effective_rank(singular)  # [T]
     steps = sorted({int(round(s)) for s in np.linspace(0, T - 1, min(HEATMAPS, T))})
     fig = plt.figure(figsize=(14, 7.2))
-    grid = fig.add_gridspec(2, 12, height_ratios=[1.1, 1], hspace=0.45, wspace=2.0)
+    grid = fig.add_gridspec(2, 12, height_ratios=[1.1, 1], hspace=0.45, wspace=2.4)
     bound = float(np.max(np.abs(S[steps, head]))) or 1.0
     for i, t in enumerate(steps):
         ax = fig.add_subplot(grid[0, 3 * i : 3 * i + 3])
@@ -78,23 +78,20 @@ def plot(path: Path, S, gates, head: int, labels: list[str], title: str) -> dict
         ax.set_ylabel("key / pre (K)" if i == 0 else "")
     fig.colorbar(image, ax=fig.axes[: len(steps)], shrink=0.8)
     tokens = np.arange(T)
-    ax = fig.add_subplot(grid[1, 0:4])
+    panels = [fig.add_subplot(grid[1, 3 * i : 3 * i + 3]) for i in range(4)]
     for h in range(S.shape[1]):
-        ax.plot(tokens, norms[:, h], lw=2.2 if h == head else 0.8, label=f"head {h}")
-    ax.set(title="||S_t||_F", xlabel="token")
-    ax.legend(fontsize=7)
-    ax = fig.add_subplot(grid[1, 4:8])
-    ax.plot(tokens, singular, lw=0.8)
-    ax.set(title=f"singular values of S_t, head {head}", xlabel="token", yscale="symlog")
-    twin = ax.twinx()
-    twin.plot(tokens, ranks, "k--", lw=1.6)
-    twin.set_ylabel("effective rank (dashed)")
-    ax = fig.add_subplot(grid[1, 8:12])
+        panels[0].plot(tokens, norms[:, h], lw=2.2 if h == head else 0.8, label=f"head {h}")
+    panels[0].set(title="||S_t||_F", xlabel="token")
+    panels[0].legend(fontsize=7)
+    panels[1].plot(tokens, singular, lw=0.8)
+    panels[1].set(title=f"singular values, head {head}", xlabel="token", yscale="symlog")
+    panels[2].plot(tokens, ranks, "k")
+    panels[2].set(title=f"effective rank, head {head}", xlabel="token", ylim=(0, None))
     for name, values in gates.items():
-        ax.plot(tokens, values[:, head], label=name)
-    ax.set(title=f"gates, head {head}", xlabel="token")
+        panels[3].plot(tokens, values[:, head], label=name)
+    panels[3].set(title=f"gates, head {head}", xlabel="token")
     if gates:
-        ax.legend(fontsize=7)
+        panels[3].legend(fontsize=7)
     fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -127,7 +124,7 @@ def inspect(workdir: Path, step, prompt, layer, head, out) -> dict:
     gates = {name: np.asarray(g, np.float64) for name, g in records["gates"].items()}
     out = Path(out) if out else Path(workdir) / f"fast_weights-layer{layer}-head{head}.png"
     mixer = run.cfg.model.mixers[layer]
-    title = f"{workdir} step {step}: layer {layer} ({mixer}), head {head}, {len(tokens)} tokens"
+    title = f"{Path(workdir).name} step {step}: layer {layer} ({mixer}), head {head}"
     summary = plot(out, S, gates, head, token_labels(tokens, run.task), title)
     return {
         "workdir": str(workdir),
