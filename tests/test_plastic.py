@@ -12,7 +12,6 @@ from jax.test_util import check_grads
 
 from fwpzoo.cells import gated_linear_attn, linear_attn, oja, plastic
 from fwpzoo.models import ModelConfig, build_model
-from fwpzoo.models.inspection import trace
 
 B, T, H, K, V = 2, 9, 2, 4, 3
 KINDS = [
@@ -152,6 +151,33 @@ def test_parallel_form_equals_recurrent_on_outputs_state_and_gradients(Tp):
         assert relative_rms(g_p, g_r) < 1e-4
 
 
+def test_parallel_form_takes_resets_as_recurrent_does():
+    kind = plastic.Plasticity("input", "hebb", "identity")
+    params, u, x, state = draw(kind, alpha=False, T=13, eta=(-0.3, 0.2), dtype=np.float32)
+    reset = np.zeros((B, 13), bool)
+    reset[0, 5] = reset[1, 12] = True
+    with jax.enable_x64(False):
+        params = jax.tree.map(jnp.float32, params)
+        h_r, S_r = plastic.recurrent(kind, params, u, 0.5 * x, state=state, reset=reset)
+        h_p, S_p = plastic.parallel(
+            kind, params, u, 0.5 * x, state=state, chunk_size=4, reset=reset
+        )
+    assert relative_rms(h_p, h_r) < 1e-5 and relative_rms(S_p["S"], S_r["S"]) < 1e-5
+
+
+def test_mixer_reset_starts_a_row_again_in_every_entry_point():
+    with jax.enable_x64(False):
+        mixer = plastic_model(plastic_on="recurrent", plasticity="oja").blocks[0].mixer
+        x = jax.random.normal(jax.random.key(4), (2, 6, D))
+        reset = jnp.zeros((2, 6), bool).at[0, 3].set(True)
+        y = mixer(x, reset=reset)
+        np.testing.assert_allclose(y[0, 3:], mixer(x[:1, 3:])[0], atol=1e-5)
+        np.testing.assert_allclose(y[1], mixer(x[1:])[0], atol=1e-5)
+        _, cache = mixer.prefill(x[:, :3], mixer.init_cache(2, 6))
+        decoded, _ = mixer.decode_step(x[:, 3], cache, reset=reset[:, 3])
+        np.testing.assert_allclose(decoded, y[:, 3], atol=1e-5)
+
+
 def test_parallel_form_refuses_a_rule_that_is_not_affine():
     kind = plastic.Plasticity("input", "hebb", "tanh")
     params, u, x, _ = draw(kind, alpha=False)
@@ -279,17 +305,6 @@ def test_inspect_step_returns_the_fast_weights_and_the_gates():
         assert y.shape == (2, D) and mixer.fast_weights(cache).shape == (2, 2, D // 2, D // 2)
         assert set(gates) == {"learning_rate", "decay"}
         assert all(g.shape == (2, 2) for g in gates.values())
-
-
-def test_trace_reads_the_fast_weights_the_full_forward_ends_with():
-    with jax.enable_x64(False):
-        model = plastic_model(plastic_on="recurrent", plasticity="oja")
-        toks = jax.random.randint(jax.random.key(2), (6,), 0, VOCAB)
-        records = trace(model, toks, 0)
-        assert records["S"].shape == (6, 2, D // 2, D // 2)
-        assert set(records["gates"]) == {"learning_rate", "decay"}
-        _, cache = model.prefill(toks[None], model.init_cache(1, 6))
-        assert relative_rms(records["S"][-1], cache[0]["state"]["S"][0]) < 1e-6
 
 
 @pytest.mark.parametrize(

@@ -175,13 +175,13 @@ def interleave(a, b):
     return stacked.reshape(a.shape[0], 2 * a.shape[1], *a.shape[2:])
 
 
-def parallel(kind: Plasticity, params: dict, u, x, *, state=None, chunk_size=64):
+def parallel(kind: Plasticity, params: dict, u, x, *, state=None, chunk_size=64, reset=None):
     """The affine case (input site, hebb, identity activation, no alpha) on the gated delta
     rule's chunkwise form; equals `recurrent`.
 
     The plastic layer reads S_{t-1} before it writes, the cell reads after writing, so each token
     becomes two cell tokens: a read (q = x_t, no write) and a write (k = x_t, v = -lam u_t,
-    beta = -eta / lam, decay lam).
+    beta = -eta / lam, decay lam); a reset before token t is a reset before its read.
     """
     if not kind.is_affine(per_synapse_alpha="alpha" in params):
         raise ValueError(f"{kind} is not affine in S: only the recurrent form exists")
@@ -197,8 +197,10 @@ def parallel(kind: Plasticity, params: dict, u, x, *, state=None, chunk_size=64)
     v = interleave(zeros(u32), -lam[:, None] * u32)  # [B, 2T, H, V]
     beta = interleave(zeros(beta), beta)  # [B, 2T, H]
     log_decay = interleave(zeros(beta[:, :T]), jnp.broadcast_to(log_lambda, (B, T, H)))
+    if reset is not None:
+        reset = interleave(reset, jnp.zeros_like(reset))  # [B, 2T]
     o, S = gated_delta_rule.chunkwise(
-        q, k, v, state=S0, chunk_size=chunk_size, beta=beta, log_alpha=log_decay
+        q, k, v, state=S0, chunk_size=chunk_size, reset=reset, beta=beta, log_alpha=log_decay
     )
     h = u32 + o[:, 0::2]  # the reads: (S_{t-1})^T x_t
     return h.astype(u.dtype), {"S": S}

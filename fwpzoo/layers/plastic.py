@@ -85,8 +85,9 @@ class PlasticMixer(nnx.Module):
 
     # the entry points: see fwpzoo.layers ----------------------------------------------------
 
-    def __call__(self, x, *, return_intermediates: bool = False):
-        y, _, stats = self._sequence(x, None)
+    def __call__(self, x, *, reset=None, return_intermediates: bool = False):
+        """x [B, T, D], reset [B, T] bool -> y [B, T, D] (and scalar intermediates when asked)."""
+        y, _, stats = self._sequence(x, None, reset)
         return (y, stats) if return_intermediates else y
 
     def init_cache(self, batch_size: int, max_len: int):
@@ -94,13 +95,14 @@ class PlasticMixer(nnx.Module):
         del max_len
         return {"state": plastic.zero_state(self.kind, batch_size, self.H, self.K, self.V)}
 
-    def prefill(self, x, cache):
-        y, state, _ = self._sequence(x, cache["state"])
+    def prefill(self, x, cache, reset=None):
+        """x [B, T, D] from the cache (reset [B, T] bool or None) -> (y [B, T, D], cache)."""
+        y, state, _ = self._sequence(x, cache["state"], reset)
         return y, {"state": state}
 
-    def decode_step(self, x, cache):
-        """One token x [B, D] through the cell's `step` -> (y [B, D], cache)."""
-        y, cache, _ = self.inspect_step(x, cache)
+    def decode_step(self, x, cache, reset=None):
+        """One token x [B, D] (reset [B] or None) through the cell's `step` -> (y [B, D], cache)."""
+        y, cache, _ = self.inspect_step(x, cache, reset)
         return y, cache
 
     # inspection: the fast weights and the per-token gates ------------------------------------
@@ -109,13 +111,13 @@ class PlasticMixer(nnx.Module):
         """S [B, H, K, V] of a cache."""
         return cache["state"]["S"]
 
-    def inspect_step(self, x, cache):
+    def inspect_step(self, x, cache, reset=None):
         """decode_step, plus the per-token gates {name: [B, H]}: the learning rate eta_t
         (eta times the modulator for the neuromodulated rule) and the decay lambda."""
         u, p = self._drive(x[:, None])
         p = None if p is None else p[:, 0]
         params = self.params()
-        state, h = plastic.step(self.kind, params, cache["state"], u[:, 0], p)
+        state, h = plastic.step(self.kind, params, cache["state"], u[:, 0], p, reset=reset)
         eta_t = jnp.broadcast_to(params["eta"], h.shape[:2])  # [B, H]
         if self.kind.rule == "neuromodulated":
             eta_t = eta_t * jnp.tanh(jnp.sum(params["w_mod"] * h, axis=-1))
@@ -151,15 +153,15 @@ class PlasticMixer(nnx.Module):
         p = z.reshape(B, T, self.H, self.K)  # [B, T, H, K]
         return jnp.einsum("bthk,hkv->bthv", p, self.W[...]) + self.b[...], p
 
-    def _sequence(self, x, state):
+    def _sequence(self, x, state, reset):
         u, p = self._drive(x)
         params = self.params()
         if self.form == "chunkwise":
             h, state = plastic.parallel(
-                self.kind, params, u, p, state=state, chunk_size=self.chunk_size
+                self.kind, params, u, p, state=state, chunk_size=self.chunk_size, reset=reset
             )
         else:
-            h, state = plastic.recurrent(self.kind, params, u, p, state=state)
+            h, state = plastic.recurrent(self.kind, params, u, p, state=state, reset=reset)
         stats = {
             "state_norm": jnp.mean(jnp.sqrt(jnp.sum(jnp.square(state["S"]), axis=(-2, -1)))),
             "eta_mean": jnp.mean(params["eta"]),

@@ -69,6 +69,16 @@ class ProgrammedMixer(nnx.Module):
         state, o = self._cell.step(cache, **at_0, **slow, phi=self.phi, reset=reset)
         return self._output(o[:, None])[:, 0], state
 
+    def fast_weights(self, cache):
+        """The fast weight matrix [B, H, *, *] of a cache (for fwpzoo inspect)."""
+        return cache["S"] if isinstance(cache, dict) else cache
+
+    def inspect_step(self, x, cache, reset=None):
+        """decode_step, plus the token's gates: none, as these cells make their gates inside
+        `step` from their own state."""
+        y, cache = self.decode_step(x, cache, reset)
+        return y, cache, {}
+
     def _sequence(self, x, state, reset):
         inputs, slow = self._inputs(x)
         if reset is None:
