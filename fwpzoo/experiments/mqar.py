@@ -86,8 +86,9 @@ def mqar_point(model, heads, pairs, seed, overrides=(), decay=None) -> object:
 
 
 def make_points(options) -> list:
-    """Seeds outermost and models innermost, so a sweep cut short compares every model at the
-    points it reached; the decay init study follows the first seed's first key dim."""
+    """Key dims outermost (8 first, where the pairs reach 4x it), then seeds, models innermost:
+    a sweep cut short has medians over every seed where it got to, and compares every model
+    there; the decay init study follows the first key dim."""
     if options.quick:
         return [
             mqar_point(model, heads, pairs, seed, QUICK_OVERRIDES)
@@ -97,15 +98,12 @@ def make_points(options) -> list:
             for model in QUICK_MODELS
         ]
     points = []
-    for seed in SEEDS:
-        for heads, grid in GRID.items():
-            points += [mqar_point(m, heads, n, seed) for n in grid for m in MODELS]
-            if seed == SEEDS[0] and heads == next(iter(GRID)):
-                points += [
-                    mqar_point(m, *STUDY_POINT, s, MAMBA2_DECAY, "mamba2")
-                    for s in SEEDS
-                    for m in GATED
-                ]
+    for heads, grid in GRID.items():
+        points += [mqar_point(m, heads, n, s) for s in SEEDS for n in grid for m in MODELS]
+        if heads == next(iter(GRID)):
+            points += [
+                mqar_point(m, *STUDY_POINT, s, MAMBA2_DECAY, "mamba2") for s in SEEDS for m in GATED
+            ]
     return points
 
 
