@@ -99,6 +99,12 @@ MAKERS = {
         )
     },
     "oja": {"": lambda r, s: oja_kv(r, s) | beta(r, s) | log_alpha(r, s)},
+    # eps up to e^3 on unnormalised keys: the implicit step stays stable where beta = eps would not
+    "longhorn": {
+        "": lambda r, s: (
+            hebbian_kv(r, s) | {"eps": np.exp(r.uniform(-3.0, 3.0, size=(s.B, s.T, s.H)))}
+        )
+    },
 }
 VARIANTS = [name + suffix for name in cells.CELLS for suffix in MAKERS[name]]
 ONE_VARIANT_PER_FAMILY = [name + next(iter(MAKERS[name])) for name in cells.CELLS]

@@ -3,7 +3,7 @@
 Every family module exposes GATES, step, recurrent (the reference), chunkwise and associative;
 see each module's docstring for its recurrence and shapes; the derivations of the fast forms are in
 linear_attention.md (linear_attn, gated_linear_attn), delta_rules.md (the delta-rule families)
-and learning_rules.md (momentum_delta and the rules after it). Each module also declares its gates
+and learning_rules.md (momentum_delta, oja, longhorn). Each module also declares its gates
 and its objective as data (_spec.py).
 
 PROGRAMMED holds the cells whose programmer reads its own past (the Recurrent DeltaNet and the
@@ -20,6 +20,7 @@ from fwpzoo.cells import (
     gated_delta_rule,
     gated_linear_attn,
     linear_attn,
+    longhorn,
     momentum_delta,
     oja,
     recurrent_delta,
@@ -34,6 +35,7 @@ CELLS: dict[str, ModuleType] = {
     "delta_product": delta_product,
     "momentum_delta": momentum_delta,
     "oja": oja,
+    "longhorn": longhorn,
 }
 
 PROGRAMMED: dict[str, ModuleType] = {"recurrent_delta": recurrent_delta, "srwm": srwm}
