@@ -44,21 +44,14 @@ TASK_PAIRS = (
 )
 TASKS = tuple(task for pair in TASK_PAIRS for task in pair)
 FWP = ("model.mixers=[fwp]",)
-# variant -> (record labels, overrides of the base config)
+# variant -> (record labels, overrides of the base config); the programmers and the linear
+# transformer first within each task, the paper's headline comparison
 MODELS = {
+    "rdn": ({"model": "rdn"}, ("model.mixers=[rdn]",)),
+    "srwm": ({"model": "srwm"}, ("model.mixers=[srwm]",)),
     "linear_attn": (
         {"model": "fwp", "cell": "linear_attn"},
         (*FWP, "model.cell=linear_attn", "model.feature_map=elu1", "model.qk_norm=sum"),
-    ),
-    "delta_rule-beta01": (
-        {"model": "fwp", "cell": "delta_rule", "beta_range": "0,1"},
-        (
-            *FWP,
-            "model.cell=delta_rule",
-            "model.beta_range=0,1",
-            "model.feature_map=identity",
-            "model.qk_norm=l2",
-        ),
     ),
     "delta_rule-beta02": (
         {"model": "fwp", "cell": "delta_rule", "beta_range": "0,2"},
@@ -70,8 +63,16 @@ MODELS = {
             "model.qk_norm=l2",
         ),
     ),
-    "rdn": ({"model": "rdn"}, ("model.mixers=[rdn]",)),
-    "srwm": ({"model": "srwm"}, ("model.mixers=[srwm]",)),
+    "delta_rule-beta01": (
+        {"model": "fwp", "cell": "delta_rule", "beta_range": "0,1"},
+        (
+            *FWP,
+            "model.cell=delta_rule",
+            "model.beta_range=0,1",
+            "model.feature_map=identity",
+            "model.qk_norm=l2",
+        ),
+    ),
     "attention": ({"model": "attention"}, ("model.mixers=[attention]",)),
     "ssm": ({"model": "ssm"}, ("model.mixers=[ssm]",)),
 }
