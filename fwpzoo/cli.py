@@ -183,15 +183,18 @@ def list_main(argv: list[str]) -> int:
         print(rules.markdown(), end="")
         return 0
     from fwpzoo.data import TASKS
+    from fwpzoo.data.config import LANGUAGE_NAMES
     from fwpzoo.layers import MIXERS
     from fwpzoo.layers.feature_maps import FEATURE_MAPS
 
     sections = {
         "cells": list(cells.CELLS),
+        "programmed cells (rdn, srwm)": list(cells.PROGRAMMED),
         "forms": list(cells.FORMS),
         "mixers": list(MIXERS),
         "feature maps": list(FEATURE_MAPS),
         "tasks": list(TASKS),
+        "formal languages (data.language)": list(LANGUAGE_NAMES),
         "configs": [
             str(p.relative_to(CONFIGS_DIR.parent)) for p in sorted(CONFIGS_DIR.rglob("*.yaml"))
         ],

@@ -48,8 +48,11 @@ def _undo(state, write):
     return {"S": state["S"] - a[..., :, None] * error[..., None, :], "y": y_previous}
 
 
-def zero_state(q, v, phi, dtype):
-    """{"S": [B, H, K', V], "y": [B, H, V]} zeros; K' is phi's output size."""
+def initial_state(state, q, v, phi, dtype):
+    """The state in `dtype`: {"S": [B, H, K', V], "y": [B, H, V]} zeros when None (K' is phi's
+    output size)."""
+    if state is not None:
+        return jax.tree.map(lambda s: s.astype(dtype), state)
     B, H, K = q.shape[0], q.shape[-2], q.shape[-1]
     V = v.shape[-1]
     features = jax.eval_shape(phi, jax.ShapeDtypeStruct((K,), dtype)).shape[-1]
@@ -58,12 +61,7 @@ def zero_state(q, v, phi, dtype):
 
 def step(state, q, k, v, *, reset=None, beta, R, phi=jax.nn.softmax):
     """One token: q, k [B, H, K], v [B, H, V], beta [B, H], reset [B] -> (state, y [B, H, V])."""
-    dtype = state_dtype(q, k, v, beta, R)
-    state = (
-        zero_state(q, v, phi, dtype)
-        if state is None
-        else jax.tree.map(lambda s: s.astype(dtype), state)
-    )
+    state = initial_state(state, q, v, phi, state_dtype(q, k, v, beta, R))
     state, y, _ = _core(
         phi, {"R": R}, state, {"q": q, "k": k, "v": v, "beta": beta, "reset": reset}
     )
@@ -71,12 +69,7 @@ def step(state, q, k, v, *, reset=None, beta, R, phi=jax.nn.softmax):
 
 
 def _scan(scan, q, k, v, beta, R, phi, state, reset):
-    dtype = state_dtype(q, k, v, beta, R)
-    state = (
-        zero_state(q, v, phi, dtype)
-        if state is None
-        else jax.tree.map(lambda s: s.astype(dtype), state)
-    )
+    state = initial_state(state, q, v, phi, state_dtype(q, k, v, beta, R))
     xs = {"q": q, "k": k, "v": v, "beta": beta}
     if reset is not None:
         xs["reset"] = reset
