@@ -9,7 +9,8 @@ Each pattern is a token (3 .. vocab_size - 1, drawn without replacement within a
 novel pattern is never one seen before); the model's embedding turns it into a random vector, as
 the paper's patterns are random binary vectors. Targets are NOVEL or FAMILIAR. Only steps
 t >= R are scored: before R nothing can repeat, and counting those steps would flatter long
-intervals. Always answering "novel" scores about 1 - p / (1 + p) (2/3 at p = 1/2).
+intervals. Always answering "novel" scores 1 - p / (1 + p) (2/3 at p = 1/2) once t >= 2R and
+1 - p at R <= t < 2R, where nothing shown had been a repeat itself.
 """
 
 import numpy as np
