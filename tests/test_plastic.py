@@ -231,6 +231,26 @@ def test_oja_input_layer_is_the_oja_cell_on_pre_and_post(activation):
     np.testing.assert_allclose(act_inverse(h[:, 1:]) - u[:, 1:], read, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("T_", [3, 11])
+def test_checkpointed_scan_equals_recurrent_with_its_gradients(T_):
+    kind = plastic.Plasticity("recurrent", "neuromodulated", "tanh")
+    params, u, x, state = draw(kind, T=T_)
+    reset = np.zeros((B, T_), bool)
+    reset[1, T_ // 2] = True
+
+    def loss(form, params, u, S):
+        h, final = form(kind, params, u, state={**state, "S": S}, reset=reset)
+        return jnp.sum(h * u) + jnp.sum(final["S"] ** 2)
+
+    forms = (plastic.recurrent, functools.partial(plastic.checkpointed, chunk_size=4))
+    values = [
+        jax.jit(jax.value_and_grad(functools.partial(loss, f), (0, 1, 2)))(params, u, state["S"])
+        for f in forms
+    ]
+    for a, b in zip(jax.tree.leaves(values[0]), jax.tree.leaves(values[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
 def test_gradients_of_the_scan_match_finite_differences():
     kind = plastic.Plasticity("recurrent", "oja", "tanh")
     params, u, x, state = draw(kind, T=4)

@@ -26,8 +26,9 @@ lam < 1 and by the rule itself.
 State: {"S": [B, H, K, V]} (input) or {"S": [B, H, V, V], "h": [B, H, V]} (recurrent), float32;
 None means zeros. `reset` [B, T] (or [B] for `step`) replaces the state before a token by zeros.
 
-Forms: `recurrent` (lax.scan over `step`, the spec) for every configuration; `parallel` where the
-rule is affine in S: input site, hebb, identity activation, no alpha. There
+Forms: `recurrent` (lax.scan over `step`, the spec) and `checkpointed` (the same scan, its
+backward recomputing chunks from their entering states) for every configuration; `parallel` where
+the rule is affine in S: input site, hebb, identity activation, no alpha. There
     S_t = lam (I - b x_t x_t^T) S_{t-1} + b x_t (-lam u_t)^T,   b = -eta / lam,
 the gated delta rule with keys x_t, so the layer runs on that cell's chunkwise form (derivation in
 docs/plasticity.md). An anti-Hebbian linear plastic layer is a delta-rule memory whose target is
@@ -39,7 +40,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from fwpzoo.cells import gated_delta_rule
+from fwpzoo.cells import _programmed, gated_delta_rule
+from fwpzoo.cells._programmed import batch_major, time_major
 from fwpzoo.cells._reference import reset_state, state_dtype
 
 RULES: tuple[str, ...] = ("hebb", "oja", "neuromodulated")
@@ -155,18 +157,36 @@ def initial_state(kind: Plasticity, state, u, x):
     return zero_state(kind, B, H, K, V, dtype)
 
 
+def _core(kind: Plasticity):
+    """`step` as a core of fwpzoo.cells._programmed: (params, state, (u_t, x_t, reset_t)) ->
+    (state, h_t, no write factors)."""
+
+    def core(params, state, xs):
+        u_t, x_t, reset_t = xs
+        state, h = step(kind, params, state, u_t, x_t, reset=reset_t)
+        return state, h, None
+
+    return core
+
+
 def recurrent(kind: Plasticity, params: dict, u, x=None, *, state=None, reset=None):
     """The reference: `step` over t. u [B, T, H, V], x [B, T, H, K] (input site; None at the
     recurrent site), reset [B, T] -> (h [B, T, H, V] in u's dtype, final state)."""
     state = initial_state(kind, state, u, x)
+    xs = jax.tree.map(time_major, (u, x, reset))
+    h, state = _programmed.plain(_core(kind), params, state, xs)
+    return batch_major(h).astype(u.dtype), state
 
-    def body(state, xs):
-        u_t, x_t, reset_t = xs
-        return step(kind, params, state, u_t, x_t, reset=reset_t)
 
-    time_major = lambda a: jnp.moveaxis(a, 1, 0)  # noqa: E731  [B, T, ...] -> [T, B, ...]
-    state, h = jax.lax.scan(body, state, jax.tree.map(time_major, (u, x, reset)))
-    return jnp.moveaxis(h, 0, 1).astype(u.dtype), state
+def checkpointed(
+    kind: Plasticity, params: dict, u, x=None, *, state=None, reset=None, chunk_size=64
+):
+    """`recurrent` (the same forward) with a backward that keeps only the state entering each
+    chunk of chunk_size tokens and reruns that chunk: T / C + C states live instead of T."""
+    state = initial_state(kind, state, u, x)
+    xs = jax.tree.map(time_major, (u, x, reset))
+    h, state = _programmed.checkpointed(_core(kind), params, state, xs, chunk_size)
+    return batch_major(h).astype(u.dtype), state
 
 
 def interleave(a, b):

@@ -9,9 +9,10 @@ eta per head takes either sign (model.plastic_eta=learned), or is held positive 
 negative (anti-Hebbian) by an exp parametrisation; it starts at model.plastic_eta_init / K (its
 magnitude for a fixed sign), not at 0, where no memory forms and the gradient on eta is too weak
 to leave; lambda = sigmoid(raw) in (0, 1); alpha [H, K, V] per synapse when model.plastic_alpha.
-model.form is `recurrent` (the scan) or, where the rule is affine in S (input site, hebb,
-identity activation, no alpha), `chunkwise` (the parallel form on the gated delta rule's chunk
-scan).
+model.form is `recurrent` (the scan, its backward recomputing chunks of model.chunk_size tokens
+from their entering states, so training keeps T / C + C states, not T) or, where the rule is
+affine in S (input site, hebb, identity activation, no alpha), `chunkwise` (the parallel form on
+the gated delta rule's chunk scan).
 """
 
 import math
@@ -161,7 +162,9 @@ class PlasticMixer(nnx.Module):
                 self.kind, params, u, p, state=state, chunk_size=self.chunk_size, reset=reset
             )
         else:
-            h, state = plastic.recurrent(self.kind, params, u, p, state=state, reset=reset)
+            h, state = plastic.checkpointed(
+                self.kind, params, u, p, state=state, reset=reset, chunk_size=self.chunk_size
+            )
         stats = {
             "state_norm": jnp.mean(jnp.sqrt(jnp.sum(jnp.square(state["S"]), axis=(-2, -1)))),
             "eta_mean": jnp.mean(params["eta"]),
