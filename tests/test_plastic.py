@@ -11,7 +11,7 @@ from flax import nnx
 from jax.test_util import check_grads
 
 from fwpzoo.cells import gated_linear_attn, linear_attn, oja, plastic
-from fwpzoo.models import ModelConfig, build_model
+from fwpzoo.models import ModelConfig, build_model, generate
 
 B, T, H, K, V = 2, 9, 2, 4, 3
 KINDS = [
@@ -294,6 +294,18 @@ def test_full_forward_equals_prefill_then_decode(fields):
             logits, cache = model.decode_step(toks[:, t], cache)
             pieces.append(logits[:, None])
         np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=2e-5)
+
+
+def test_sampling_reads_the_logits_of_the_full_forward():
+    """generate: the prompt through the parallel form, then one `step` per token."""
+    with jax.enable_x64(False):
+        fields = {"plastic_activation": "identity", "chunk_size": 4}
+        model = plastic_model(**fields)
+        model.blocks[0].mixer.form = "chunkwise"
+        prompt = jax.random.randint(jax.random.key(5), (2, 3), 0, VOCAB)
+        new, logits = generate(model, prompt, 5, rng=jax.random.key(0), temperature=1.0)
+        full = model(jnp.concatenate([prompt, new], axis=1))
+        np.testing.assert_allclose(logits, full[:, 2:7], atol=2e-5)
 
 
 def test_mixer_chunkwise_form_equals_recurrent():
