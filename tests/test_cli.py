@@ -199,6 +199,13 @@ BAD_TRAIN_ARGS = [
     (["model.mixers=[fwp,rnn]"], "unknown model.mixers 'rnn'; valid choices: fwp"),
     (["data.task=sort"], "unknown data.task 'sort'; valid tasks: mqar"),
     (["checkpoint.best_metric=bpc"], "checkpoint.best_metric 'bpc' is not an eval metric"),
+    (["model.mixers=[srwm]"], "srwm needs a probability feature map"),
+    (["data.task=formal_language", "data.language=anbn"], "unknown data.language 'anbn'"),
+    (
+        ["data.task=formal_language", "data.language=abab_star", "data.max_len=16"]
+        + ["eval.lengths=[17]"],
+        "abab_star has no strings of lengths 17..17",
+    ),
     (["train.steps"], "override 'train.steps' is not of the form key=value"),
     (
         ["--coordinator", "127.0.0.1:1"],

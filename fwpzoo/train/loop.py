@@ -50,6 +50,8 @@ def prepare(cfg: Config) -> Run:
     """
     try:
         task = make_task(cfg.data, cfg.train.seed)
+        for length in cfg.eval.lengths:  # a length the task cannot make: refused before training
+            next(task.eval_batches("valid", 1, 1, seq_len=length))
         mesh = make_mesh()
         graphdef, _ = abstract_model(cfg, task.vocab_size, mesh)
     except ConfigError:
