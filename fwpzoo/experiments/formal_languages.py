@@ -136,7 +136,7 @@ def plot(cells: dict, tasks, variants, path) -> None:
     grid = np.full((len(variants), len(tasks)), np.nan)
     for (task, name), values in cells.items():
         grid[variants.index(name), tasks.index(task)] = spread(values)[0]
-    fig, ax = plt.subplots(figsize=(1.1 * len(tasks) + 2, 0.45 * len(variants) + 1.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 2), 0.45 * len(variants) + 1.5))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(tasks)), tasks, rotation=35, ha="right")
     ax.set_yticks(range(len(variants)), variants)
@@ -151,7 +151,7 @@ def plot(cells: dict, tasks, variants, path) -> None:
                 fontsize=7,
                 color="black" if value > 0.5 else "white",
             )
-    ax.set_title("bin 1 (lengths 51..100): strings recognised, median over seeds")
+    ax.set_title("strings of lengths 51..100 recognised (median over seeds)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
