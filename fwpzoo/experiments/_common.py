@@ -23,6 +23,7 @@ import functools
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -113,11 +114,24 @@ def parse_options(name: str, argv: Sequence[str]) -> Options:
     )
 
 
+# XLA:CPU aborts a process whose devices wait more than 40 s for each other in a collective.
+# Sweeps run at low priority on shared machines, where one device's thread can be descheduled
+# that long: measured here, a state_tracking sweep with --cpu-devices 2 under nice 19 at load ~30
+# died in its second point's gradient all-reduce. Waiting is right; the neighbours finish.
+PATIENT_COLLECTIVES = (
+    "--xla_cpu_collective_call_terminate_timeout_seconds=86400",
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600",
+)
+
+
 def use_cpu_devices(count: int | None) -> None:
-    """Splits the host CPU into `count` devices, or checks that JAX already has that many (a
-    point recomputed inside a process that ran the sweep)."""
+    """Splits the host CPU into `count` devices with patient collectives, or checks that JAX
+    already has that many (a point recomputed inside a process that ran the sweep)."""
     if count is None:
         return
+    flags = os.environ.get("XLA_FLAGS", "")
+    missing = [flag for flag in PATIENT_COLLECTIVES if flag.split("=")[0] not in flags]
+    os.environ["XLA_FLAGS"] = " ".join([flags, *missing]).strip()  # read when JAX starts
     try:
         split_cpu(count)
     except ConfigError:
