@@ -40,17 +40,23 @@ def combine(earlier, later):
     return m2 @ m1, m2 @ x1 + x2
 
 
+def prefix_maps(elems, reset=None):
+    """The prefix compositions (M_t', X_t') [B, T, H, ...] of elements [B, T, H, ...]: S_t =
+    M_t' S_0 + X_t'. A reset [B, T] replaces M_t by 0 (S_t = X_t); a select, so no gradient
+    reaches the state before it."""
+    if reset is not None:
+        m, x = elems
+        elems = jnp.where(reset[:, :, None, None, None], 0.0, m), x
+    return jax.lax.associative_scan(combine, elems, axis=1)
+
+
 def scan(q, elems, state, v_dtype, reset=None):
     """Outputs and final state of S_t = M_t S_{t-1} + X_t for elements [B, T, H, K, K | V].
 
     o_t = S_t^T q_t = X_t'^T q_t + S_0^T (M_t'^T q_t) with the prefix maps (M_t', X_t'), so the T
-    intermediate states are never formed. A reset [B, T] replaces M_t by 0 (S_t = X_t); a select,
-    so no gradient reaches the state before it.
+    intermediate states are never formed. reset [B, T] or None, as in prefix_maps.
     """
-    if reset is not None:
-        m, x = elems
-        elems = jnp.where(reset[:, :, None, None, None], 0.0, m), x
-    m, x = jax.lax.associative_scan(combine, elems, axis=1)  # [B, T, H, K, K], [B, T, H, K, V]
+    m, x = prefix_maps(elems, reset)  # [B, T, H, K, K], [B, T, H, K, V]
     state = initial_state(state, q, x[..., 0, :])
     q = q.astype(jnp.float32)
     mq = jnp.einsum("bthjk,bthj->bthk", m, q)  # [B, T, H, K]

@@ -17,32 +17,6 @@ import jax.numpy as jnp
 from fwpzoo.cells._chunking import chunk_of, pad_to_chunks, put_chunk
 
 
-def segment_index(reset):
-    """The in-chunk segment index [B, 1, C] of a chunk's reset [B, 1, C] (the running count of
-    resets): row s reaches row t >= s only when both have the same index (no reset in (s, t]),
-    and the state entering the chunk reaches only the rows of index 0. None: one segment."""
-    return None if reset is None else jnp.cumsum(reset, axis=-1)
-
-
-def segment_decay(g, index):
-    """[B, H, C, C]: e^{g_t - g_s} where s <= t in the same segment, 0 elsewhere, from in-chunk
-    cumulative log decays g [B, H, C]. The exponent is masked to -inf before exp, so neither the
-    value nor its gradient ever sees exp of a positive number."""
-    size = g.shape[-1]
-    mask = jnp.tril(jnp.ones((size, size), bool))
-    if index is not None:
-        mask = mask & (index[..., :, None] == index[..., None, :])
-    return jnp.exp(jnp.where(mask, g[..., :, None] - g[..., None, :], -jnp.inf))
-
-
-def from_entering(x, index):
-    """x [B, H, C, ...] where the entering state reaches the row (segment 0), 0 elsewhere."""
-    if index is None:
-        return x
-    first = (index == 0).reshape(index.shape + (1,) * (x.ndim - index.ndim))
-    return jnp.where(first, x, 0.0)
-
-
 def scan_chunks(chunk_fn, inputs, state, chunk_size):
     """(o [B, T, H, V], final state) of chunk_fn(state, *chunk) -> (state, o_chunk [B, H, C, V])
     over the chunks of inputs: [B, T, ...] arrays (a chunk is [B, ..., C, ...] with C at axis

@@ -15,9 +15,10 @@ lower-triangular solve per chunk gives every d_i (derivation: learning_rules.md,
 import jax.numpy as jnp
 
 from fwpzoo.cells import _delta_assoc
+from fwpzoo.cells._chunking import Segments, causal_decay, keep
 from fwpzoo.cells._delta_chunk import unit_lower_inverse
 from fwpzoo.cells._reference import initial_parts, reset_state, scan_steps, upcast
-from fwpzoo.cells._remat_chunks import from_entering, scan_chunks, segment_decay, segment_index
+from fwpzoo.cells._remat_chunks import scan_chunks
 from fwpzoo.cells._spec import (
     BETA,
     LOG_DECAY,
@@ -80,19 +81,20 @@ def _chunk(state, q, k, v, beta, eta, log_alpha, log_mu, reset):
     """One chunk (learning_rules.md, section 1): q, k [B, H, C, K], v [B, H, C, V], gates [B, H, C],
     reset [B, 1, C] or None -> (leaving state, o [B, H, C, V])."""
     S0, M0 = state["S"], state["M"]
-    index = segment_index(reset)
+    seg = None if reset is None else Segments(reset)
+    same, first = (None, None) if seg is None else (seg.same, seg.first)
     ga, gm = jnp.cumsum(log_alpha, axis=-1), jnp.cumsum(log_mu, axis=-1)  # [B, H, C]
-    gamma_a = segment_decay(ga, index)  # [B, H, C, C]: prod of alpha over (j, t]
-    gamma_m = segment_decay(gm, index)  # [B, H, C, C]: prod of mu over (i, j]
+    gamma_a = keep(same, causal_decay(ga), ga.dtype)  # [B, H, C, C]: prod of alpha over (j, t]
+    gamma_m = keep(same, causal_decay(gm), gm.dtype)  # [B, H, C, C]: prod of mu over (i, j]
     w = gamma_a @ (beta[..., None] * gamma_m)  # [B, H, C, C]: d_i into S_t
-    ea = from_entering(jnp.exp(ga), index)  # [B, H, C]: S_0 into S_t
-    em = from_entering(jnp.exp(gm), index)  # [B, H, C]: M_0 into M_t
+    ea = keep(first, jnp.exp(ga), ga.dtype)  # [B, H, C]: S_0 into S_t
+    em = keep(first, jnp.exp(gm), gm.dtype)  # [B, H, C]: M_0 into M_t
     c = (gamma_a @ (beta * em)[..., None])[..., 0]  # [B, H, C]: M_0 into S_t
     # the state each token's gradient reads: S_{t-1} (after the reset at t, if any)
     seen = jnp.ones((), w.dtype) if reset is None else 1.0 - reset.astype(w.dtype)  # [B, 1, C]
     w_prev = jnp.pad(w[..., :-1, :], [(0, 0), (0, 0), (1, 0), (0, 0)]) * seen[..., None]
     c_prev = jnp.pad(c[..., :-1], [(0, 0), (0, 0), (1, 0)]) * seen
-    ea_prev = from_entering(jnp.exp(ga - log_alpha), index)
+    ea_prev = keep(first, jnp.exp(ga - log_alpha), ga.dtype)
     # (I + diag(eta) (W_prev . K K^T)) D = diag(eta) (diag(ea_prev) K S_0 - diag(c_prev) K M_0 - V)
     solve = unit_lower_inverse(eta[..., None] * w_prev * (k @ k.mT))  # [B, H, C, C]
     rhs = ea_prev[..., None] * (k @ S0) - c_prev[..., None] * (k @ M0) - v
@@ -112,13 +114,13 @@ def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, beta, eta, log_
     return o.astype(v.dtype), state
 
 
-def elements(k, v, beta, eta, log_alpha, log_mu, reset):
+def elements(k, v, beta, eta, log_alpha, log_mu):
     """One token as an affine map of the stacked state X = [S; M] [2K, V]:
 
-        A = [[alpha I - beta eta k k^T, -beta mu I], [eta k k^T, mu I]]   [..., 2K, 2K]
-        b = [beta eta k v^T; -eta k v^T]                                    [..., 2K, V]
+    A = [[alpha I - beta eta k k^T, -beta mu I], [eta k k^T, mu I]]   [..., 2K, 2K]
+    b = [beta eta k v^T; -eta k v^T]                                    [..., 2K, V]
 
-    A reset zeroes A (the state before the token is replaced by zeros)."""
+    """
     k, v, beta, eta, alpha, mu = upcast(k, v, beta, eta, jnp.exp(log_alpha), jnp.exp(log_mu))
     eye = jnp.eye(k.shape[-1], dtype=k.dtype)
     kk = k[..., :, None] * k[..., None, :]  # [..., K, K]
@@ -128,8 +130,6 @@ def elements(k, v, beta, eta, log_alpha, log_mu, reset):
     )
     bottom = jnp.concatenate([ek, _by_head(mu) * eye], axis=-1)
     a = jnp.concatenate([top, bottom], axis=-2)  # [..., 2K, 2K]
-    if reset is not None:
-        a = jnp.where(reset[..., None, None, None], 0.0, a)
     kv = (eta[..., None] * k)[..., :, None] * v[..., None, :]  # [..., K, V]
     return a, jnp.concatenate([_by_head(beta) * kv, -kv], axis=-2)
 
@@ -138,9 +138,9 @@ def associative(q, k, v, *, state=None, reset=None, beta, eta, log_alpha, log_mu
     """The delta-rule associative scan (_delta_assoc) on the stacked state [S; M] [2K, V], read
     by [q; 0]; memory O(T K^2)."""
     state = initial_parts(OBJECTIVE.state, state, q, v)
-    elems = elements(k, v, beta, eta, log_alpha, log_mu, reset)
+    elems = elements(k, v, beta, eta, log_alpha, log_mu)
     read = jnp.concatenate([q, jnp.zeros_like(q)], axis=-1)  # [B, T, H, 2K]
     stacked = jnp.concatenate([state["S"], state["M"]], axis=-2)  # [B, H, 2K, V]
-    o, stacked = _delta_assoc.scan(read, elems, stacked, v.dtype)
+    o, stacked = _delta_assoc.scan(read, elems, stacked, v.dtype, reset)
     S, M = jnp.split(stacked, 2, axis=-2)
     return o, {"S": S, "M": M}

@@ -15,13 +15,13 @@ q, k [B, T, H, K]; v [B, T, H, V]; beta, log_alpha [B, T, H] (log_alpha <= 0); s
 [B, H, K, V] float32; o [B, T, H, V] in v's dtype.
 """
 
-import jax
 import jax.numpy as jnp
 
 from fwpzoo.cells import _delta_assoc
+from fwpzoo.cells._chunking import Segments, causal_decay, keep
 from fwpzoo.cells._delta_chunk import unit_lower_inverse
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
-from fwpzoo.cells._remat_chunks import from_entering, scan_chunks, segment_decay, segment_index
+from fwpzoo.cells._remat_chunks import scan_chunks
 from fwpzoo.cells._spec import BETA, GRADIENT, LOG_DECAY, Gate, Objective, gate_names
 
 
@@ -63,10 +63,11 @@ def recurrent(q, k, v, *, state=None, reset=None, beta, log_alpha):
 def _chunk(s, q, k, v, beta, log_alpha, reset):
     """One chunk (learning_rules.md, section 2): q, k [B, H, C, K], v [B, H, C, V], beta,
     log_alpha [B, H, C], reset [B, 1, C] or None -> (leaving state, o [B, H, C, V])."""
-    index = segment_index(reset)
+    seg = None if reset is None else Segments(reset)
+    same, first = (None, None) if seg is None else (seg.same, seg.first)
     g = jnp.cumsum(log_alpha, axis=-1)  # [B, H, C]
-    gamma = segment_decay(g, index)  # [B, H, C, C]
-    e = from_entering(jnp.exp(g), index)  # [B, H, C]
+    gamma = keep(same, causal_decay(g), g.dtype)  # [B, H, C, C]
+    e = keep(first, jnp.exp(g), g.dtype)  # [B, H, C]
     strict = jnp.tril(gamma * (v @ v.mT), -1)  # [B, H, C, C]
     # (I + diag(beta) strict) U = diag(beta) (K - diag(e) V S_0^T), u_i = beta_i (k_i - S'_i v_i)
     u = unit_lower_inverse(beta[..., None] * strict) @ (
@@ -89,10 +90,8 @@ def associative(q, k, v, *, state=None, reset=None, beta, log_alpha):
     """The delta rule's affine maps on R = S^T with k and v exchanged, R_t = M_t R_{t-1} + X_t,
     composed by associative scan and read o_t = R_t q_t; memory O(T V^2)."""
     S0 = initial_state(state, q, v)
-    m, x = _delta_assoc.decayed(_delta_assoc.elements(v, k, beta), log_alpha)  # [.., V, V | K]
-    if reset is not None:  # the state before the token is replaced by zeros
-        m = jnp.where(reset[:, :, None, None, None], 0.0, m)
-    m, x = jax.lax.associative_scan(_delta_assoc.combine, (m, x), axis=1)
+    elems = _delta_assoc.decayed(_delta_assoc.elements(v, k, beta), log_alpha)
+    m, x = _delta_assoc.prefix_maps(elems, reset)  # [B, T, H, V, V], [B, T, H, V, K]
     (q32,) = upcast(q)
     r0q = jnp.einsum("bhkv,bthk->bthv", S0, q32)  # [B, T, H, V]: R_0 q_t
     o = jnp.einsum("bthvw,bthw->bthv", m, r0q) + jnp.einsum("bthvk,bthk->bthv", x, q32)
