@@ -309,3 +309,30 @@ def test_programmed_mixers_restart_at_a_reset(mixer):
     _, cache = layer.prefill(x[:, :3], cache)
     decoded, _ = layer.decode_step(x[:, 3], cache, reset[:, 3])
     np.testing.assert_allclose(decoded, y[:, 3], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kind", "low", "high"),
+    [
+        ("beta", 0.0, 2.0),
+        ("unit", 0.0, 1.0),
+        ("log decay", -np.inf, 0.0),
+        ("positive", 0.0, np.inf),
+    ],
+)
+def test_gate_activations_keep_their_range(kind, low, high):
+    from fwpzoo.layers.gates import activate
+
+    raw = jnp.linspace(-30.0, 30.0, 61)
+    gate = activate(kind, raw, beta_max=2.0)
+    assert bool(jnp.all((gate >= low) & (gate <= high)))
+    assert bool(jnp.all(jnp.diff(gate) >= 0))  # monotone: the projection sets the value
+
+
+def test_a_static_gate_is_a_trained_parameter_without_time_axis():
+    from fwpzoo.cells._spec import POSITIVE, STATIC, Gate
+    from fwpzoo.layers.gates import StaticGate
+
+    lam = StaticGate(Gate("lam", STATIC, POSITIVE), (2, 4), beta_max=1.0)
+    np.testing.assert_allclose(lam(), np.full((2, 4), np.log(2.0)), rtol=1e-6)
+    assert [p.shape for p in jax.tree.leaves(nnx.state(lam, nnx.Param))] == [(2, 4)]
