@@ -56,6 +56,7 @@ def test_delta_rule_flops_model():
     [
         (["--families", "delta_rule,nope"], "nope"),
         (["--forms", "sideways"], "sideways"),
+        (["--decay", "diagonal"], "diagonal"),
         (["--lengths", "0"], "--lengths"),
         (["--repeats", "x"], "--repeats"),
         (["--memory-limit-gb", "-1"], "--memory-limit-gb"),

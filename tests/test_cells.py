@@ -83,9 +83,15 @@ MAKERS = {
         "/per_key": lambda r, s: hebbian_kv(r, s) | log_alpha(r, s, (s.K,)),
     },
     "delta_rule": {"": lambda r, s: delta_kv(r, s) | beta(r, s)},
-    "gated_delta_rule": {"": lambda r, s: delta_kv(r, s) | beta(r, s) | log_alpha(r, s)},
+    "gated_delta_rule": {
+        "/scalar": lambda r, s: delta_kv(r, s) | beta(r, s) | log_alpha(r, s),
+        "/per_key": lambda r, s: delta_kv(r, s) | beta(r, s) | log_alpha(r, s, (s.K,)),
+    },
     "delta_product": {
         "/decay": lambda r, s: delta_kv(r, s, (s.N,)) | beta(r, s, (s.N,)) | log_alpha(r, s),
+        "/per_key": lambda r, s: (
+            delta_kv(r, s, (s.N,)) | beta(r, s, (s.N,)) | log_alpha(r, s, (s.K,))
+        ),
         "/no_decay": lambda r, s: delta_kv(r, s, (s.N,)) | beta(r, s, (s.N,)),
     },
     # eta * beta < 1 keeps gradient descent with momentum stable on unit keys
@@ -323,8 +329,11 @@ def test_chunkwise_jitted_and_eager_agree_with_reference(variant, jit):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_chunkwise_backward_keeps_no_per_chunk_intermediates(variant):
     """The chunk scans hold only the chunk-entering states across chunks and recompute the rest;
-    computing all chunks' [C, C] products at once would hold several sequence-sized arrays."""
-    s = Sizes(T=1024)
+    computing all chunks' [C, C] products at once would hold several sequence-sized arrays.
+
+    T = 4096 makes one chunk's working set, which does not grow with T (at these sizes mostly
+    the per-key products' pairwise blocks, about 0.1 MB), small beside those arrays."""
+    s = Sizes(T=4096)
     fn = form_of(variant, "chunkwise", 16)
 
     def run(inputs, cotangent):

@@ -82,6 +82,8 @@ def test_beta_range_0_2_doubles_beta():
         ("gated_linear_attn", {}, {"log_alpha": (B, T, 2)}),  # scalar (Mamba-2 SSD)
         ("gated_linear_attn", {"decay": "per_key"}, {"log_alpha": (B, T, 2, 4)}),  # GLA
         ("gated_delta_rule", {}, {"beta": (B, T, 2), "log_alpha": (B, T, 2)}),
+        # Kimi Delta Attention
+        ("gated_delta_rule", {"decay": "per_key"}, {"beta": (B, T, 2), "log_alpha": (B, T, 2, 4)}),
         ("delta_product", {"num_householder": 3}, {"beta": (B, T, 2, 3)}),
         (
             "delta_product",

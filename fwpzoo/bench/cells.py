@@ -3,6 +3,7 @@
     fwpzoo bench cells [--families delta_rule,...] [--forms recurrent,chunkwise,associative]
                        [--lengths 512,2048,8192] [--chunk-sizes 64] [--repeats 5]
                        [--batch 4] [--heads 4] [--key-dim 64] [--value-dim 64] [--sub-steps 2]
+                       [--decay scalar|per_key]
                        [--memory-limit-gb 8] [--peers] [--peer-length 2048]
                        [--cpu-devices N] [--out FILE.md]
     python -m fwpzoo.bench.cells ...          (the same)
@@ -12,7 +13,8 @@ rounds, each call timed right after an untimed one, medians), together with a 10
 matmul, so the load of a shared machine falls on all of them alike; the associative form, which
 allocates gigabytes per call, takes its rounds separately, right after. Inputs are float32 with
 L2-normalised keys, beta in (0, 1) and log_alpha near 0; gradients are taken wrt q, k, v and
-every gate.
+every gate. --decay per_key gives a key axis ([B, T, H, K]) to the decays that take either shape
+(gated_linear_attn, gated_delta_rule, delta_product); the other gates keep theirs.
 
     speedup     the recurrent form's time over the form's, same direction (fwd or fwd+bwd)
     efficiency  (chunk-algorithm FLOPs / time) / (the matmul's FLOP/s measured in the same
@@ -66,6 +68,7 @@ from fwpzoo.reports import write_page
 from fwpzoo.train.sharding import batch_sharded, make_mesh, split_cpu
 
 GATES = 8  # at most this many gates per family get their own random key
+DECAYS = ("scalar", "per_key")
 MATMUL_SIZE = 1024
 TARGET = {"speedup": 6.0, "efficiency": 0.35, "peers": 2.0}  # delta_rule fwd+bwd, T = 2048
 # every other family: chunkwise fwd+bwd over its own recurrent form at T = 2048; mesa solves a
@@ -85,6 +88,7 @@ class Options:
     key_dim: int = 64
     value_dim: int = 64
     sub_steps: int = 2
+    decay: str = "scalar"  # scalar | per_key: log_alpha's shape where the family takes either
     memory_limit_gb: float = 8.0
     peers: bool = False
     peer_length: int = 2048
@@ -116,6 +120,7 @@ def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
         "cpu_devices",
     ):  # fmt: skip
         parser.add_argument("--" + name.replace("_", "-"), type=positive_int)
+    parser.add_argument("--decay", type=str)
     parser.add_argument("--memory-limit-gb", type=positive_float)
     parser.add_argument("--peers", action="store_true", default=None)
     parser.add_argument("--seed", type=int)
@@ -127,6 +132,7 @@ def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
     options = Options(**{k: v for k, v in args.items() if v is not None})
     check_names(options.families, tuple(cells.CELLS), "family")
     check_names(options.forms, cells.FORMS, "form")
+    check_names((options.decay,), DECAYS, "decay")
     return options, out
 
 
@@ -146,9 +152,9 @@ GATE_DRAWS = {
 
 def cell_inputs(family: str, T: int, options: Options, *, key_dim=None, value_dim=None):
     """(q, k, v, gates) in float32: L2-normalised keys, every gate of the family's GATE_SPECS
-    (the optional ones too) drawn for its range and shape (a scalar decay where it may be per
-    key). Unit-range gates stay below 1/2, so that beta * eta < 1/2 keeps the momentum rule's
-    steps stable."""
+    (the optional ones too) drawn for its range and shape (per key where a decay may take
+    either shape and options.decay is per_key, scalar otherwise). Unit-range gates stay below
+    1/2, so that beta * eta < 1/2 keeps the momentum rule's steps stable."""
     module = cells.get(family)
     B, H = options.batch, options.heads
     K, V = key_dim or options.key_dim, value_dim or options.value_dim
@@ -160,8 +166,9 @@ def cell_inputs(family: str, T: int, options: Options, *, key_dim=None, value_di
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
     v = jax.random.normal(ks[2], (B, T, H, *sub, V))  # [B, T, H, (N,) V]
     gates = {}
+    per_key = options.decay == "per_key"  # for the gates that take either shape
     for key, gate in zip(ks[3:], module.GATE_SPECS, strict=False):
-        shape = gate.head_shape(H, K, N, per_key=False)
+        shape = gate.head_shape(H, K, N, per_key)
         shape = shape if gate.shape == _spec.STATIC else (B, T, *shape)
         gates[gate.name] = GATE_DRAWS[gate.range](jax.random.normal(key, shape))
     return q, k, v, gates

@@ -26,11 +26,14 @@ def elements(k, v, beta):
 
 
 def decayed(elems, log_alpha):
-    """Precedes the map by S <- alpha S: (M alpha, X); log_alpha None means no decay."""
+    """Precedes the map (M [..., K, K], X) by S <- Diag(alpha) S: (M Diag(alpha), X), for a
+    scalar log_alpha [...] or a per-key one [..., K]; None means no decay."""
     m, x = elems
     if log_alpha is None:
         return m, x
-    return jnp.exp(log_alpha.astype(jnp.float32))[..., None, None] * m, x
+    (alpha,) = upcast(jnp.exp(log_alpha))
+    # a scalar scales all of M; a per-key decay scales its columns
+    return m * (alpha[..., None, :] if alpha.ndim == m.ndim - 1 else alpha[..., None, None]), x
 
 
 def combine(earlier, later):

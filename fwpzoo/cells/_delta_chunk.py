@@ -1,6 +1,6 @@
 """Chunkwise parallel form of the gated delta rule, shared by the three delta-rule families.
 
-    S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t
+    S_t = (I - beta_t k_t k_t^T) Diag(alpha_t) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T q_t
 
 Inside a chunk the writes are rewritten as S_t = e^{g_t} S_0 + sum_{i<=t} e^{g_t - g_i} k_i u_i^T
 with pseudo-values U = T diag(beta) (V - diag(e^g) K S_0), T = (I + A)^{-1} the UT transform of
@@ -9,7 +9,10 @@ S_C = e^{g_C} S_0 + (diag(e^{g_C - g}) K)^T U. A jax.custom_vjp supplies the han
 backward, which keeps only the chunk-boundary states and recomputes each chunk's products.
 Resets (reset [B, T], True where the state before a token is zeroed) mask Gamma to the chunk's
 segments, e^g to the rows before its first reset and e^{g_C - g} to its last segment.
-Derivations: delta_rules.md.
+A per-key decay (alpha_t one factor per key row, Kimi Delta Attention) moves the decays inside
+the key sums: K K^T . Gamma and Q K^T . Gamma become the per-key decayed scores of the
+linear-attention chunk (its halving keeps every exponent <= 0), and e^g, e^{g_C - g} scale K and
+Q elementwise. Derivations: delta_rules.md (sections 1, 2, 5 and 6).
 
 A lax.scan walks the chunks in order, reading each one straight out of the [B, T, H, ...] inputs
 and writing its outputs in place, so every intermediate is a few [B, H, C, C] or [B, H, C, K]
@@ -41,6 +44,7 @@ from fwpzoo.cells._chunking import (
     put_chunk,
     reset_chunk,
 )
+from fwpzoo.cells._linear_chunk import PerKeyScores, scaled, summed_to
 
 # Diagonal blocks up to this size are inverted by forward substitution; larger ones by doubling.
 # 8 measured fastest on CPU for chunk 64 (fewer sequential rows than 16, fewer merges than 4).
@@ -81,13 +85,14 @@ def unit_lower_inverse(a):
 
 
 def _decays(g):
-    """From in-chunk cumulative log decays g [..., C]: Gamma [..., C, C] = e^{g_t - g_i} for
-    i <= t (0 above), e^g (decay since the chunk start), e^{g_C - g} (decay to the chunk end) and
-    e^{g_C} [...]. Only differences inside one chunk are exponentiated, so nothing overflows.
-    g None (no decay) gives None for all four: every factor is 1 and is skipped."""
+    """From in-chunk cumulative log decays g [B, H, C] (scalar) or [B, H, C, K] (per key): e^g
+    (decay since the chunk start), e^{g_C - g} (decay to the chunk end) and e^{g_C} [B, H(, K)].
+    Only differences inside one chunk are exponentiated, all <= 0, so nothing overflows. g None
+    (no decay) gives None for all three: every factor is 1 and is skipped."""
     if g is None:
-        return None, None, None, None
-    return causal_decay(g), jnp.exp(g), jnp.exp(g[..., -1:] - g), jnp.exp(g[..., -1])
+        return None, None, None
+    g_last = g[:, :, -1]  # [B, H(, K)]
+    return jnp.exp(g), jnp.exp(g_last[:, :, None] - g), jnp.exp(g_last)
 
 
 def _masked(x, gamma, mask):
@@ -95,14 +100,42 @@ def _masked(x, gamma, mask):
     return jnp.where(mask, x if gamma is None else x * gamma, 0.0)
 
 
-def _rows(scale, x):
-    """diag(scale) x for scale [..., C]; None means no scaling."""
-    return x if scale is None else scale[..., None] * x
+class _ScalarProducts:
+    """A = X Y^T . Gamma on a mask (0 outside): rows of X meet rows of Y decayed by a scalar
+    Gamma_ti = e^{g_t - g_i} [B, H, Cx, C] (segment-masked where there are resets), or by
+    nothing (gamma None)."""
+
+    def __init__(self, x, y, gamma, mask):
+        self.x, self.y, self.gamma, self.mask = x, y, gamma, mask
+        self.a = _masked(x @ y.mT, gamma, mask)  # [B, H, Cx, C]
+
+    def pullback(self, da):
+        """(dX, dY) from dA: dX reads with X's decay factor, dY writes with Y's."""
+        dp = _masked(da, self.gamma, self.mask)
+        return dp @ self.y, dp.mT @ self.x
 
 
-def _scaled(scale, s):
-    """scale [B, H] times the state s [B, H, K, V]; None means 1."""
-    return s if scale is None else scale[..., None, None] * s
+class _PerKeyProducts:
+    """A_ti = sum_k x_tk y_ik e^{g_tk - g_ik} on a mask (0 outside) for a per-key decay
+    g [B, H, C, K], by the halving of the linear-attention chunk (every exponent <= 0). X has a
+    row for every one of Y's C rows; with `read`, only those rows of A are kept (DeltaProduct's
+    queries: X is given on the read rows and placed there, the other rows zero)."""
+
+    def __init__(self, x, y, g, mask, read=None):
+        self.read, self.mask = read, mask
+        if read is not None:
+            x = jnp.zeros(y.shape[:-1] + x.shape[-1:], x.dtype).at[:, :, read].set(x)
+        self.scores = PerKeyScores(x, y, g)
+        a = jnp.where(mask, self.scores.a, 0.0)  # [B, H, C, C]
+        self.a = a if read is None else a[:, :, read]
+
+    def pullback(self, da):
+        """(dX, dY) from dA [B, H, Cx, C]: dX reads with X's decay factor, dY writes with Y's."""
+        if self.read is not None:  # back to a row per row of Y, zero on the rows not read
+            rows = jnp.zeros(da.shape[:-2] + (da.shape[-1],) * 2, da.dtype)  # [B, H, C, C]
+            da = rows.at[:, :, self.read].set(da)
+        dx, dy = self.scores.pullback(jnp.where(self.mask, da, 0.0))
+        return (dx if self.read is None else dx[:, :, self.read]), dy
 
 
 def _sub_steps(x, n, tokens, split):
@@ -113,10 +146,11 @@ def _sub_steps(x, n, tokens, split):
 
 
 def _on_first_sub_step(x, sub):
-    """x [B, H, tokens] per token as [B, H, C] per sub-step: each token's value on its first
-    sub-step, zero (False) on the others."""
-    x = jnp.pad(x[..., None], [(0, 0)] * 3 + [(0, sub - 1)])  # [B, H, tokens, N]
-    return x.reshape(*x.shape[:2], -1)
+    """x [B, H, tokens, ...] per token as [B, H, C, ...] per sub-step: each token's value on its
+    first sub-step, zero (False) on the others."""
+    x = jnp.expand_dims(x, 3)  # [B, H, tokens, 1, ...]
+    x = jnp.pad(x, [(0, 0)] * 3 + [(0, sub - 1)] + [(0, 0)] * (x.ndim - 4))  # [.., tokens, N, ..]
+    return x.reshape(*x.shape[:2], -1, *x.shape[4:])
 
 
 def _put_sub_steps(buffer, x, n, split):
@@ -133,58 +167,73 @@ def _sub_step_layout(beta):
 
 
 class _Chunk:
-    """One chunk's inputs in float32 and everything computed from them alone: P = Q K^T . Gamma
-    on the rows that are read, K K^T . Gamma below the diagonal, T = (I + A)^{-1} and the decays.
+    """One chunk's inputs in float32 and everything computed from them alone: the decayed
+    products P (Q with K, causal, on the rows that are read) and K K^T (strictly below the
+    diagonal), T = (I + A)^{-1} and the decay factors, masked to the chunk's segments where it
+    has resets.
 
     A chunk is `tokens` tokens of N sub-steps each, C = tokens * N rows: k, v [B, H, C, ...],
-    beta [B, H, C]; the decay rides on each token's first sub-step and the query reads after its
-    last, so q [B, H, tokens, K] meets only the rows `read` (every N-th, from N - 1)."""
+    beta [B, H, C]; the decay (and a reset) rides on each token's first sub-step and the query
+    reads after its last, so q [B, H, tokens, K] meets only the rows `read` (every N-th, from
+    N - 1). The decay is scalar (g [B, H, C]) or per key (g [B, H, C, K])."""
 
     def __init__(self, inputs, reset, n, tokens):
         q, k, v, beta, log_alpha = inputs
         split, sub = _sub_step_layout(beta)
         q = chunk_of(q, n, tokens, jnp.float32)  # [B, H, tokens, K]
         k, v, beta = (_sub_steps(x, n, tokens, split) for x in (k, v, beta))  # [B, H, C, ...]
-        g = None
+        self.g = None
         if log_alpha is not None:
-            la = chunk_of(log_alpha, n, tokens, jnp.float32)  # [B, H, tokens]
-            g = jnp.cumsum(_on_first_sub_step(la, sub), axis=-1)  # [B, H, C]
+            la = chunk_of(log_alpha, n, tokens, jnp.float32)  # [B, H, tokens(, K)]
+            self.g = jnp.cumsum(_on_first_sub_step(la, sub), axis=2)  # [B, H, C(, K)]
+        per_key = self.g is not None and self.g.ndim == k.ndim
         self.q, self.k, self.v, self.beta = q, k, v, beta
-        self.gamma, self.e, self.to_end, self.e_last = _decays(g)
-        if reset is not None:  # a token's reset zeroes the state before its first sub-step
-            seg = Segments(_on_first_sub_step(reset_chunk(reset, n, tokens), sub))
-            self.gamma = keep(seg.same, self.gamma, jnp.float32)
-            self.e = keep(seg.first, self.e, jnp.float32)
-            self.to_end = keep(seg.last, self.to_end, jnp.float32)
-            self.e_last = keep(seg.through, self.e_last, jnp.float32)
+        self.e, self.to_end, self.e_last = _decays(self.g)
+        gamma = None if self.g is None or per_key else causal_decay(self.g)  # [B, H, C, C]
         size = k.shape[-2]
         self.sub = sub
         self.read = slice(sub - 1, None, sub)  # the rows queries read
-        self.causal = lower_mask(size)
-        self.strict = lower_mask(size, strict=True)
-        self.gamma_read = None if self.gamma is None else self.gamma[..., self.read, :]
-        self.e_read = None if self.e is None else self.e[..., self.read]
-        self.causal_read = self.causal[self.read]
-        self.p = _masked(q @ k.mT, self.gamma_read, self.causal_read)  # [B, H, tokens, C]
-        self.kkg = _masked(k @ k.mT, self.gamma, self.strict)  # [B, H, C, C]
+        causal, self.strict = lower_mask(size), lower_mask(size, strict=True)
+        if reset is not None:  # a token's reset zeroes the state before its first sub-step
+            seg = Segments(_on_first_sub_step(reset_chunk(reset, n, tokens), sub))
+            gamma = None if per_key else keep(seg.same, gamma, jnp.float32)
+            self.e = keep(seg.first, self.e, jnp.float32)
+            self.to_end = keep(seg.last, self.to_end, jnp.float32)
+            self.e_last = keep(seg.through, self.e_last, jnp.float32)
+            causal, self.strict = causal & seg.same, self.strict & seg.same  # [B, 1, C, C]
+        self.e_read = None if self.e is None else self.e[:, :, self.read]
+        if per_key:
+            read = None if sub == 1 else self.read
+            self.qk = _PerKeyProducts(q, k, self.g, causal, read)
+            self.kk = _PerKeyProducts(k, k, self.g, self.strict)
+        else:
+            gamma_read = None if gamma is None else gamma[:, :, self.read]
+            self.qk = _ScalarProducts(q, k, gamma_read, causal[..., self.read, :])
+            self.kk = _ScalarProducts(k, k, gamma, self.strict)
+        self.p, self.kkg = self.qk.a, self.kk.a  # [B, H, tokens, C], [B, H, C, C]
         self.tri = unit_lower_inverse(beta[..., None] * self.kkg)  # [B, H, C, C]
-        self.k_end = _rows(self.to_end, k)  # [B, H, C, K]: diag(e^{g_C - g}) K
+        self.q_start = scaled(self.e_read, q)  # [B, H, tokens, K]: Q . e^g reads S_0
+        self.k_start = scaled(self.e, k)  # [B, H, C, K]: K . e^g, the writes' reads of S_0
+        self.k_end = scaled(self.to_end, k)  # [B, H, C, K]: K . e^{g_C - g}
 
     def pseudo_values(self, s):
-        """U = T diag(beta) (V - diag(e^g) K S_0) [B, H, C, V] for the entering state s."""
-        return self.tri @ (self.beta[..., None] * (self.v - _rows(self.e, self.k @ s)))
+        """U = T diag(beta) (V - (K . e^g) S_0) [B, H, C, V] for the entering state s."""
+        return self.tri @ scaled(self.beta, self.v - self.k_start @ s)
+
+    def outputs(self, s, u):
+        """O = (Q . e^g) S_0 + P U [B, H, tokens, V]."""
+        return self.q_start @ s + self.p @ u
 
     def leaving_state(self, s, u):
-        """S_C = e^{g_C} S_0 + K_end^T U [B, H, K, V]."""
-        return self.k_end.mT @ u + _scaled(self.e_last, s)
+        """S_C = Diag(e^{g_C}) S_0 + K_end^T U [B, H, K, V]."""
+        return self.k_end.mT @ u + scaled(self.e_last, s)
 
 
 def _forward(inputs, reset, state, tokens):
     """inputs q [B, T, H, K], k [B, T, H, (N,) K], v [B, T, H, (N,) V], beta [B, T, H, (N)],
-    log_alpha [B, T, H] or None, T a multiple of tokens; reset [B, T] or None; state
-    [B, H, K, V] float32. Returns
-    o [B, T, H, V] in v's dtype, the final state and the state entering every chunk
-    [chunks, B, H, K, V]."""
+    log_alpha [B, T, H(, K)] or None, T a multiple of tokens; reset [B, T] or None; state
+    [B, H, K, V] float32. Returns o [B, T, H, V] in v's dtype, the final state and the state
+    entering every chunk [chunks, B, H, K, V]."""
     q, _, v, _, _ = inputs
     o = jnp.zeros(q.shape[:3] + v.shape[-1:], v.dtype)
 
@@ -192,7 +241,7 @@ def _forward(inputs, reset, state, tokens):
         s, o = carry
         c = _Chunk(inputs, reset, n, tokens)
         u = c.pseudo_values(s)  # [B, H, C, V]
-        o = put_chunk(o, _rows(c.e_read, c.q) @ s + c.p @ u, n)  # [B, H, tokens, V] written
+        o = put_chunk(o, c.outputs(s, u), n)  # [B, H, tokens, V] written
         return (c.leaving_state(s, u), o), s
 
     chunks = jnp.arange(q.shape[1] // tokens)
@@ -205,7 +254,7 @@ def _backward(tokens, res, cotangents):
     do_all, d_final = cotangents
     q, _, _, beta, log_alpha = inputs
     put_sub_steps = functools.partial(_put_sub_steps, split=_sub_step_layout(beta)[0])
-    # dq [B, T, H, K] and d log_alpha [B, T, H] are per token; dk, dv, dbeta per sub-step
+    # dq [B, T, H, K] and d log_alpha [B, T, H(, K)] are per token; dk, dv, dbeta per sub-step
     puts = (put_chunk, put_sub_steps, put_sub_steps, put_sub_steps, put_chunk)
 
     def chunk_step(carry, xs):
@@ -215,48 +264,34 @@ def _backward(tokens, res, cotangents):
         do = chunk_of(do_all, n, tokens, jnp.float32)  # [B, H, tokens, V]
         u = c.pseudo_values(s)
         du = c.p.mT @ do + c.k_end @ ds  # (7): dO's path through P U, and ds's through S_C
-        dvb = c.tri.mT @ du  # cotangent of diag(beta) V, T^T dU
-        qe = _rows(c.e_read, c.q)  # [B, H, tokens, K]
-        ds_prev = qe.mT @ do - _rows(c.beta, _rows(c.e, c.k)).mT @ dvb + _scaled(c.e_last, ds)
-        do_u = do @ u.mT  # [B, H, tokens, C]
-        dqk = _masked(do_u, c.gamma_read, c.causal_read)
-        dqe = do @ s.mT  # [B, H, tokens, K]
-        dk_end = u @ ds.mT  # [B, H, C, K]
-        # The cotangent of diag(beta e^g) K is T^T dW with dW = -dU S_0^T, that is -dV_b S_0^T,
-        # and d(I + A)^{-1} = -T^T dT T^T regroups to -dV_b U^T (delta_rules.md, (8)).
-        minus_dkb = dvb @ s.mT  # [B, H, C, K]
+        dvb = c.tri.mT @ du  # cotangent of diag(beta) (V - (K . e^g) S_0), T^T dU
+        ds_prev = c.q_start.mT @ do - scaled(c.beta, c.k_start).mT @ dvb + scaled(c.e_last, ds)
+        dvb_s = dvb @ s.mT  # [B, H, C, K]
+        # d(I + A)^{-1} = -T^T dT T^T regroups to -dV_b U^T (delta_rules.md, (8))
         da = -jnp.where(c.strict, dvb @ u.mT, 0.0)  # [B, H, C, C]
-        dkk = _masked(c.beta[..., None] * da, c.gamma, c.strict)
-        dq = dqk @ c.k + _rows(c.e_read, dqe)
-        dk = (
-            dqk.mT @ c.q
-            + (dkk + dkk.mT) @ c.k
-            + _rows(c.to_end, dk_end)
-            - _rows(c.beta, _rows(c.e, minus_dkb))
-        )
-        k_dkb = -jnp.sum(c.k * minus_dkb, axis=-1)  # [B, H, C]
-        dbeta = jnp.sum(c.v * dvb, axis=-1) + _rows(c.e, k_dkb[..., None])[..., 0]
+        # every product splits into a reading side (rows t, decayed by e^{g_t}) and a writing
+        # side (rows i, by e^{-g_i}); d log_alpha needs the two apart (delta_rules.md, section 6)
+        dq_p, dk_p = c.qk.pullback(do @ u.mT)
+        dk_kk_read, dk_kk_write = c.kk.pullback(c.beta[..., None] * da)
+        dq = dq_p + scaled(c.e_read, do @ s.mT)
+        dk_end = u @ ds.mT  # [B, H, C, K]: cotangent of K_end
+        dk_read = dk_kk_read - scaled(c.e, scaled(c.beta, dvb_s))
+        dk_write = dk_p + dk_kk_write + scaled(c.to_end, dk_end)
+        dbeta = jnp.sum(c.v * dvb, axis=-1) - jnp.sum(c.k_start * dvb_s, axis=-1)
         dbeta = dbeta + jnp.sum(da * c.kkg, axis=-1)
-        chunk_grads = [dq, dk, c.beta[..., None] * dvb, dbeta]
+        chunk_grads = [dq, dk_read + dk_write, scaled(c.beta, dvb), dbeta]
         if log_alpha is not None:
-            # g enters through Gamma (z = dGamma . Gamma), e^g, e^{g_C - g} and e^{g_C}
-            z_read = do_u * c.p  # [B, H, tokens, C]
-            z = c.beta[..., None] * da * c.kkg  # [B, H, C, C]
-            to_end_dk = c.to_end * jnp.sum(c.k * dk_end, axis=-1)  # [B, H, C]
-            dg = (
-                jnp.sum(z, axis=-1)
-                - jnp.sum(z, axis=-2)
-                - jnp.sum(z_read, axis=-2)
-                + c.beta * c.e * k_dkb
-                - to_end_dk
-            )
-            dg = dg.at[..., c.read].add(jnp.sum(z_read, axis=-1) + jnp.sum(qe * dqe, axis=-1))
-            d_last = jnp.sum(to_end_dk, axis=-1) + c.e_last * jnp.sum(s * ds, axis=(-2, -1))
-            dg = dg.at[..., -1].add(d_last)
+            # g_t enters as e^{g_t} on a reading row and e^{-g_t} on a writing one, up to the
+            # chunk end's e^{g_C} (segment masks are constant factors), so
+            # dg = Q . dQ + K . (dK_read - dK_write) plus the chunk end's terms
+            dg = summed_to(c.k * (dk_read - dk_write), c.g)  # [B, H, C(, K)]
+            dg = dg.at[:, :, c.read].add(summed_to(c.q * dq, c.g))
+            end = jnp.sum(c.k_end * dk_end, axis=2) + scaled(c.e_last, jnp.sum(s * ds, -1))
+            dg = dg.at[:, :, -1].add(summed_to(end, c.e_last))
             # g is the in-chunk cumulative sum of the sub-steps' log decays, each token's on its
             # first sub-step: the transpose is the reversed cumulative sum, read there
-            d_sub = jax.lax.cumsum(dg, axis=dg.ndim - 1, reverse=True)  # [B, H, C]
-            chunk_grads.append(d_sub[..., :: c.sub])  # [B, H, tokens]
+            d_sub = jax.lax.cumsum(dg, axis=2, reverse=True)  # [B, H, C(, K)]
+            chunk_grads.append(d_sub[:, :, :: c.sub])  # [B, H, tokens(, K)]
         puts_used = puts[: len(grads)]  # no d log_alpha without a decay
         grads = [put(g, x, n) for put, g, x in zip(puts_used, grads, chunk_grads, strict=True)]
         return (ds_prev, grads), None
@@ -290,11 +325,11 @@ chunk_scan.defvjp(_chunk_scan_fwd, _backward)
 def chunkwise(q, k, v, beta, log_alpha, state, chunk_size, reset=None):
     """The gated delta rule in chunks; log_alpha None means no decay (the plain delta rule).
 
-    q [B, T, H, K]; log_alpha [B, T, H]; state [B, H, K, V] or None; reset [B, T] or None;
-    k [B, T, H, K],
-    v [B, T, H, V], beta [B, T, H] for one write per token, or k [B, T, H, N, K], v [B, T, H, N, V],
-    beta [B, T, H, N] for N sub-steps per token (DeltaProduct), where chunk_size counts sub-steps
-    and is rounded down to whole tokens. Returns (o [B, T, H, V] in v's dtype, state float32).
+    q [B, T, H, K]; log_alpha [B, T, H] (scalar) or [B, T, H, K] (per key); state [B, H, K, V]
+    or None; reset [B, T] or None; k [B, T, H, K], v [B, T, H, V], beta [B, T, H] for one write
+    per token, or k [B, T, H, N, K], v [B, T, H, N, V], beta [B, T, H, N] for N sub-steps per
+    token (DeltaProduct), where chunk_size counts sub-steps and is rounded down to whole tokens.
+    Returns (o [B, T, H, V] in v's dtype, state float32).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]

@@ -58,7 +58,7 @@ def _cumsum(x, reverse=False):
     return jnp.einsum("ts,bhs...->bht...", ones, x, precision=jax.lax.Precision.HIGHEST)
 
 
-def _scaled(decay, x):
+def scaled(decay, x):
     """x times decay broadcast over x's trailing axes; None means 1.
 
     A scalar decay [B, H, C] scales the rows of q, k [B, H, C, K]; a per-key one [B, H, C, K]
@@ -68,7 +68,7 @@ def _scaled(decay, x):
     return decay.reshape(decay.shape + (1,) * (x.ndim - decay.ndim)) * x
 
 
-def _summed_to(x, like):
+def summed_to(x, like):
     """x summed over its trailing axes down to like's rank (a scalar decay's gradient sums K)."""
     return jnp.sum(x, axis=tuple(range(like.ndim, x.ndim)))
 
@@ -92,7 +92,7 @@ class _Causal:
         return dp @ self.k, dp.mT @ self.q
 
 
-class _PerKey:
+class PerKeyScores:
     """A_ts = sum_k q_tk k_sk e^{g_tk - g_sk} for s <= t, for a per-key decay g [B, H, C, K].
 
     Halving: with m = g at the end of the first half, the pairs (t in the second half, s in the
@@ -202,9 +202,9 @@ class _Chunk:
             self.e_last = keep(seg.through, self.e_last, dtype)
             same = seg.same if per_key else seg.same & lower_mask(size)
             gamma = None if per_key else keep(same, gamma, dtype)
-        self.scores = _PerKey(q, k, self.g, same) if per_key else _Causal(q, k, gamma)
-        self.q_start = _scaled(self.e, q)  # [B, H, C, K]: Q . e^g reads the entering state
-        self.k_end = _scaled(self.to_end, k)  # [B, H, C, K]: K . e^{g_C - g} writes the leaving one
+        self.scores = PerKeyScores(q, k, self.g, same) if per_key else _Causal(q, k, gamma)
+        self.q_start = scaled(self.e, q)  # [B, H, C, K]: Q . e^g reads the entering state
+        self.k_end = scaled(self.to_end, k)  # [B, H, C, K]: K . e^{g_C - g} writes the leaving one
 
     def outputs(self, s):
         """O = (Q . e^g) S_0 + A V [B, H, C, V] for the entering state s [B, H, K, V]."""
@@ -212,7 +212,7 @@ class _Chunk:
 
     def leaving_state(self, s):
         """S_C = Diag(e^{g_C}) S_0 + (K . e^{g_C - g})^T V [B, H, K, V]."""
-        return _scaled(self.e_last, s) + self.k_end.mT @ self.v
+        return scaled(self.e_last, s) + self.k_end.mT @ self.v
 
 
 def _forward(inputs, reset, state, size):
@@ -245,18 +245,18 @@ def _backward(size, res, cotangents):
         dq, dk = c.scores.pullback(da)
         d_q_start = do @ s.mT  # [B, H, C, K]
         d_k_end = c.v @ ds.mT  # [B, H, C, K]
-        dq = dq + _scaled(c.e, d_q_start)
-        dk = dk + _scaled(c.to_end, d_k_end)
+        dq = dq + scaled(c.e, d_q_start)
+        dk = dk + scaled(c.to_end, d_k_end)
         dv = c.scores.a.mT @ do + c.k_end @ ds  # [B, H, C, V]
-        ds_prev = c.q_start.mT @ do + _scaled(c.e_last, ds)
+        ds_prev = c.q_start.mT @ do + scaled(c.e_last, ds)
         chunk_grads = [dq, dk, dv]
         if log_alpha is not None:
             # A, Q . e^g and K . e^{g_C - g} depend on g only through q_t e^{g_t} and k_s e^{-g_s}
             # up to factors of the chunk end (segment masks are constant factors), so
             # dg = Q . dQ - K . dK plus the chunk end's terms (linear_attention.md, section 3)
-            dg = _summed_to(c.q * dq - c.k * dk, c.g)  # [B, H, C(, K)]
-            end = jnp.sum(c.k_end * d_k_end, axis=2) + _scaled(c.e_last, jnp.sum(s * ds, -1))
-            dg = dg.at[:, :, -1].add(_summed_to(end, c.e_last))
+            dg = summed_to(c.q * dq - c.k * dk, c.g)  # [B, H, C(, K)]
+            end = jnp.sum(c.k_end * d_k_end, axis=2) + scaled(c.e_last, jnp.sum(s * ds, -1))
+            dg = dg.at[:, :, -1].add(summed_to(end, c.e_last))
             # g is the in-chunk cumulative sum of log_alpha: its transpose is the reversed one
             chunk_grads.append(_cumsum(dg, reverse=True))
         grads = [put_chunk(g, x, n) for g, x in zip(grads, chunk_grads, strict=True)]

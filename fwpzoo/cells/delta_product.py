@@ -1,11 +1,12 @@
 """DeltaProduct: per token an optional decay, then N delta-rule sub-steps (N Householder factors).
 
-    S_t^(0) = alpha_t S_{t-1}
+    S_t^(0) = Diag(alpha_t) S_{t-1}
     S_t^(j) = (I - beta_tj k_tj k_tj^T) S_t^(j-1) + beta_tj k_tj v_tj^T,   j = 1..N
     S_t = S_t^(N),   o_t = S_t^T q_t
 
-q [B, T, H, K]; k [B, T, H, N, K]; v [B, T, H, N, V]; beta [B, T, H, N]; log_alpha [B, T, H] or
-None (no decay); state S [B, H, K, V] float32; o [B, T, H, V] in v's dtype.
+q [B, T, H, K]; k [B, T, H, N, K]; v [B, T, H, N, V]; beta [B, T, H, N]; log_alpha [B, T, H]
+(scalar decay), [B, T, H, K] (per key row) or None (no decay); state S [B, H, K, V] float32;
+o [B, T, H, V] in v's dtype.
 """
 
 import functools
@@ -18,20 +19,22 @@ from fwpzoo.cells._spec import (
     BETA,
     GRADIENT_STEPS,
     LOG_DECAY,
+    SCALAR_OR_PER_KEY,
     Gate,
     Objective,
     gate_names,
     squared_error,
 )
 from fwpzoo.cells.delta_rule import delta_update
+from fwpzoo.cells.gated_linear_attn import decay_rows
 
 GATE_SPECS = (
     Gate("beta", range=BETA, per_sub_step=True),
-    Gate("log_alpha", range=LOG_DECAY, optional=True),
+    Gate("log_alpha", SCALAR_OR_PER_KEY, LOG_DECAY, optional=True),
 )
 GATES = gate_names(GATE_SPECS)
 OBJECTIVE = Objective(
-    update="S_t = prod_j (I - beta_tj k_tj k_tj^T) alpha_t S_{t-1} + writes",
+    update="S_t = prod_j (I - beta_tj k_tj k_tj^T) Diag(alpha_t) S_{t-1} + writes",
     loss="1/2 ||S^T k_tj - v_tj||^2, j = 1..N",
     step=GRADIENT_STEPS,
     loss_fn=squared_error,
@@ -42,11 +45,12 @@ OBJECTIVE = Objective(
 
 
 def step(state, q, k, v, *, reset=None, beta, log_alpha=None):
-    """One token: q [B, H, K], k [B, H, N, K], v [B, H, N, V], beta [B, H, N], log_alpha [B, H]."""
+    """One token: q [B, H, K], k [B, H, N, K], v [B, H, N, V], beta [B, H, N], log_alpha [B, H]
+    or [B, H, K]."""
     state = reset_state(state, reset)
     q, k, v, beta = upcast(q, k, v, beta)
     if log_alpha is not None:
-        state = jnp.exp(upcast(log_alpha)[0])[..., None, None] * state
+        state = decay_rows(log_alpha, q.ndim) * state
     for j in range(k.shape[-2]):
         state = delta_update(state, k[..., j, :], v[..., j, :], beta[..., j])
     return state, jnp.einsum("bhkv,bhk->bhv", state, q)
