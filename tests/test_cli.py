@@ -198,6 +198,8 @@ BAD_TRAIN_ARGS = [
     (["model.feature_map=elu"], "unknown model.feature_map 'elu'; valid choices: identity"),
     (["model.mixers=[fwp,rnn]"], "unknown model.mixers 'rnn'; valid choices: fwp"),
     (["data.task=sort"], "unknown data.task 'sort'; valid tasks: mqar"),
+    (["model.plasticity=bcm"], "unknown model.plasticity 'bcm'; valid choices: hebb, oja, neuro"),
+    (["model.plastic_on=soma"], "unknown model.plastic_on 'soma'; valid choices: input, recurrent"),
     (["checkpoint.best_metric=bpc"], "checkpoint.best_metric 'bpc' is not an eval metric"),
     (["model.mixers=[srwm]"], "srwm needs a probability feature map"),
     (["data.task=formal_language", "data.language=anbn"], "unknown data.language 'anbn'"),
