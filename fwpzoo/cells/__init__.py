@@ -9,7 +9,9 @@ and its objective as data (_spec.py).
 PROGRAMMED holds the cells whose programmer reads its own past (the Recurrent DeltaNet and the
 self-referential weight matrix): their slow weights act inside the scan, so they take their own
 inputs, have only `step`, `recurrent` and two memory-lean backwards (`reversible`,
-`checkpointed`), and are not in CELLS (see recurrent_fwp.md).
+`checkpointed`), and are not in CELLS (see recurrent_fwp.md). plastic.py (plastic networks:
+HebbFF, differentiable plasticity, backpropamine) is of that kind too: it takes a slow drive and
+presynaptic activity, not q, k, v (docs/plasticity.md).
 """
 
 from types import ModuleType
