@@ -7,14 +7,27 @@ a second process is the point.
 """
 
 import dataclasses
+import hashlib
+import json
+import os
+import shutil
 import subprocess
 import sys
 import typing
+from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
+import yaml
 
+from fwpzoo import cli
 from fwpzoo.config import Config, ConfigError, from_dict, load
 from fwpzoo.config_file import MAX_VALUES, apply_overrides
+from fwpzoo.train import restore_run
+from fwpzoo.train.checkpoint import fingerprint
+from fwpzoo.train.metrics import read_metrics
+from fwpzoo.train.workdir import WorkdirLock
 
 # ---------------------------------------------------------------------------------------------
 # Configs: every float finite and in range; the loader refuses what a careful engineer would.
@@ -127,3 +140,194 @@ def test_the_cli_reports_a_bad_float_in_one_line(refused, tmp_path):
     workdir = str(tmp_path / "w")
     refused(["train", "configs/mqar.yaml", "--workdir", workdir, "train.b1=nan"], "train.b1")
     assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Workdirs: refused in one line before anything is written; locked while a run uses them.
+
+TINY = {
+    "model": {"mixers": ["attention"], "d_model": 8, "num_heads": 1, "mlp_ratio": 0},
+    "data": {"task": "mqar", "seq_len": 8, "vocab_size": 8, "num_pairs": 2},
+    "train": {"steps": 4, "batch_size": 2, "warmup_steps": 0, "log_every": 1},
+    "checkpoint": {"every": 2, "async_save": False},
+    "eval": {"every": 2, "batch_size": 2, "num_batches": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_yaml(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("configs") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_yaml, tmp_path_factory) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4 (copy it before changing it)."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    assert cli.main(["train", str(tiny_yaml), "--workdir", str(workdir), "--no-progress"]) == 0
+    return workdir
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path) -> Path:
+    shutil.copytree(trained, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def snapshot(path: Path) -> dict:
+    """Every file under `path` with a hash of its bytes."""
+    return {
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*"))
+        if f.is_file()
+    }
+
+
+def without_speed(workdir: Path) -> list[dict]:
+    """metrics.jsonl without tokens_per_sec, the one value a repeated step may change."""
+    return [{k: v for k, v in m.items() if k != "tokens_per_sec"} for m in read_metrics(workdir)]
+
+
+def train_cli(capsys, tiny_yaml, workdir, *overrides) -> tuple[int, str]:
+    argv = ["train", str(tiny_yaml), "--workdir", str(workdir), "--no-progress", *overrides]
+    code = cli.main(argv)
+    return code, capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_workdir_that_is_a_file_or_under_one_is_refused(capsys, tiny_yaml, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    code, err = train_cli(capsys, tiny_yaml, tmp_path / "file")
+    assert code == 2 and "workdir " in one_line(err) and "is a file, not a folder" in err
+    code, err = train_cli(capsys, tiny_yaml, tmp_path / "file" / "run")
+    assert code == 2 and "cannot be made" in one_line(err)
+    code, err = train_cli(capsys, tiny_yaml, "/proc/fwpzoo-run")  # unwritable, even for root
+    assert code == 2 and "workdir /proc/fwpzoo-run" in one_line(err)
+    assert snapshot(tmp_path) == {"file": hashlib.sha256(b"mine").hexdigest()}
+
+
+def test_another_architecture_is_refused_by_the_config_inside_the_checkpoint(
+    capsys, tiny_yaml, run_copy
+):
+    (run_copy / "config.json").unlink()  # the checkpoint's own config still guards the run
+    before = snapshot(run_copy)
+    code, err = train_cli(capsys, tiny_yaml, run_copy, "model.cell=linear_attn", "train.steps=6")
+    assert code == 2
+    assert "holds a run with a different config; differing keys: model.cell" in one_line(err)
+    assert snapshot(run_copy) == before
+
+
+def test_a_second_run_into_a_locked_workdir_is_refused(capsys, tiny_yaml, run_copy):
+    with WorkdirLock(run_copy):  # as a running `fwpzoo train` holds it
+        before = snapshot(run_copy)
+        code, err = train_cli(capsys, tiny_yaml, run_copy, "train.steps=6")
+        assert code == 2
+        assert f"is in use by another run (process {os.getpid()} on" in one_line(err)
+        assert snapshot(run_copy) == before
+    assert not (run_copy / "lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: verified on restore; a damaged newest one is skipped, naming it.
+
+
+def largest_file(folder: Path) -> Path:
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def truncate(path: Path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def flip_a_byte(path: Path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def array_file(step: Path, item: str) -> Path:
+    """The largest array data file of checkpoint item `item` ("model" or "optimizer")."""
+    return largest_file(step / item / "d")  # the array data orbax reads back
+
+
+DAMAGE = {
+    "truncated array file": lambda step: truncate(array_file(step, "model")),
+    "flipped byte": lambda step: flip_a_byte(array_file(step, "model")),  # caught by OCDBT
+    "garbage meta": lambda step: (step / "meta" / "metadata").write_text("{garbage"),
+    "no model item": lambda step: shutil.rmtree(step / "model"),
+}
+
+
+def eval_cli(capsys, workdir, *args) -> tuple[int, str, str]:
+    code = cli.main(["eval", "--workdir", str(workdir), "--split", "valid", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning(capsys, run_copy, damage):
+    DAMAGE[damage](run_copy / "checkpoints" / "4")
+    _, step, _ = restore_run(run_copy)
+    assert step == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"checkpoint 4 in {run_copy} is unreadable (" in err and "trying step 2" in err
+
+
+def test_arrays_that_changed_on_disk_fail_their_fingerprint(capsys, run_copy):
+    """A change that still decodes (a flipped mantissa bit) is caught by the fingerprint saved
+    with the checkpoint; here the recorded fingerprint is changed instead, which is the same."""
+    meta_file = run_copy / "checkpoints" / "4" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["fingerprints"]["model"][0] ^= 1
+    meta_file.write_text(json.dumps(meta))
+    code, out, err = eval_cli(capsys, run_copy)
+    assert code == 0 and json.loads(out)["step"] == 2  # eval reports the step it restored
+    assert "its model arrays differ from the fingerprint saved with them" in one_line(err)
+
+
+def test_a_fingerprint_changes_with_any_single_bit(rng):
+    tree = {"w": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32), "n": jnp.arange(4)}
+    base = fingerprint(tree)
+    for index in [(0, 0), (2, 4), (1, 3)]:
+        for bit in (0, 22, 31):
+            words = np.asarray(tree["w"]).view(np.uint32).copy()
+            words[index] ^= np.uint32(1 << bit)
+            assert fingerprint({**tree, "w": jnp.asarray(words.view(np.float32))}) != base
+    swapped = np.asarray(tree["w"])[::-1].copy()
+    assert fingerprint({**tree, "w": jnp.asarray(swapped)}) != base  # moved values too
+
+
+def test_a_crashed_run_resumes_past_its_stale_lock_and_damaged_checkpoint(
+    capsys, tiny_yaml, trained, run_copy
+):
+    """As a kill -9 during a save can leave it: the lock file of a dead process, and a newest
+    checkpoint that does not restore (here: its optimizer state truncated)."""
+    (run_copy / "lock").write_text("4194305 on a-host-that-died\n")  # no process holds it
+    truncate(array_file(run_copy / "checkpoints" / "4", "optimizer"))
+    code, err = train_cli(capsys, tiny_yaml, run_copy)
+    assert code == 0, err
+    assert "taking over the stale lock of process 4194305 on a-host-that-died" in err
+    assert "checkpoint 4" in err and "moved unreadable checkpoints [4] to" in err
+    assert (run_copy / "unreadable_checkpoints" / "4").is_dir()
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == ["2", "4"]
+    assert without_speed(run_copy) == without_speed(trained)  # steps 3 and 4 again, exactly
+    assert not (run_copy / "lock").exists()
+
+
+def test_no_readable_checkpoint_is_one_line_and_exit_2(capsys, tiny_yaml, run_copy):
+    for step in ("2", "4"):
+        DAMAGE["garbage meta"](run_copy / "checkpoints" / step)
+    code, out, err = eval_cli(capsys, run_copy)
+    assert code == 2 and out == ""
+    assert err.splitlines()[-1].endswith(f"no readable checkpoint in {run_copy} (steps 2, 4)")
+    code, _, err = eval_cli(capsys, run_copy, "--step", "4")
+    assert code == 2 and f"checkpoint 4 in {run_copy} is unreadable: " in one_line(err)
+    before = snapshot(run_copy)
+    code, err = train_cli(capsys, tiny_yaml, run_copy, "train.steps=6")
+    assert code == 2 and "no readable checkpoint" in err.splitlines()[-1]
+    assert snapshot(run_copy) == before

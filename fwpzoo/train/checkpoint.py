@@ -4,17 +4,28 @@ Each checkpoint holds three items:
   model      {"params", "rest"}: the model's nnx.Param leaves and its other variables (RNG state,
              fixed random features);
   optimizer  the optax state;
-  meta       JSON: the data stream's next batch index and the resolved config.
+  meta       JSON: the data stream's next batch index, the resolved config and a fingerprint of
+             every array of the other two items.
 The data stream is a pure function of (seed, index), so its next index is its whole state.
+
+Orbax writes each checkpoint into a temporary folder and renames it when complete, so a killed save
+leaves no half checkpoint; it does not checksum what it wrote. A flipped byte in an array file
+restores without complaint (as NaN or as a wrong but finite value), so every restore here compares
+the arrays against their saved fingerprints and checks they are finite. Whatever goes wrong while
+reading a checkpoint is reported as UnreadableCheckpoint with a one-line reason.
 """
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-from fwpzoo.config import CheckpointConfig
+from fwpzoo.config import CheckpointConfig, ConfigError
+from fwpzoo.train.sharding import to_host
 
 MAXIMIZED_METRICS = ("accuracy",)  # every other eval metric (loss, bpc, perplexity) is minimized
 
@@ -30,6 +41,56 @@ def _preservation(cfg: CheckpointConfig):
         keep_checkpoints_without_metrics=False,
     )
     return ocp.checkpoint_managers.AnyPreservationPolicy([latest, best])
+
+
+class UnreadableCheckpoint(Exception):
+    """A checkpoint that cannot be restored as saved; the message is one line saying why."""
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _leaf_words(x):
+    """x as uint32 words, so any change of any bit changes them."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if jnp.iscomplexobj(x):
+        x = jnp.stack([x.real, x.imag])
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    unsigned = jnp.dtype(f"uint{x.dtype.itemsize * 8}")
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
+
+
+@jax.jit
+def _inspect(tree):
+    """(one uint32 per leaf: sum of its words times odd position weights, mod 2^32, so changing
+    any one word changes it; whether every float leaf is finite)."""
+    sums, finite = [], jnp.bool_(True)
+    for x in jax.tree.leaves(tree):
+        words = _leaf_words(x)  # [n]
+        weights = 2 * jnp.arange(words.size, dtype=jnp.uint32) + 1  # odd: invertible mod 2^32
+        sums.append(jnp.sum(words * weights, dtype=jnp.uint32))
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            finite &= jnp.all(jnp.isfinite(x))
+    return sums, finite
+
+
+def fingerprint(tree) -> list[int]:
+    """One integer per array of `tree`, computed on the devices; equal trees give equal lists."""
+    sums, _ = to_host(_inspect(tree))
+    return [int(value) for value in sums]
+
+
+def verify(tree, expected: list[int] | None, what: str) -> None:
+    """UnreadableCheckpoint unless `tree` matches its saved fingerprint and is finite."""
+    sums, finite = to_host(_inspect(tree))
+    if expected is not None and [int(v) for v in sums] != expected:
+        raise UnreadableCheckpoint(f"its {what} arrays differ from the fingerprint saved with them")
+    if not np.all(finite):
+        raise UnreadableCheckpoint(f"its {what} arrays hold NaN or inf")
 
 
 class Checkpoints:
@@ -65,31 +126,46 @@ class Checkpoints:
             # the train step donates its input state, so a background write gets its own copy
             # rather than buffers the next step overwrites
             state = jax.tree.map(jnp.copy, state)
+        model = {"params": state["params"], "rest": state["rest"]}
+        fingerprints = {"model": fingerprint(model), "optimizer": fingerprint(state["opt_state"])}
         args = ocp.args.Composite(
-            model=ocp.args.StandardSave({"params": state["params"], "rest": state["rest"]}),
+            model=ocp.args.StandardSave(model),
             optimizer=ocp.args.StandardSave(state["opt_state"]),
-            meta=ocp.args.JsonSave(meta),
+            meta=ocp.args.JsonSave({**meta, "fingerprints": fingerprints}),
         )
         self.manager.save(step, args=args, metrics=metrics, force=True)
 
+    def _restore(self, step: int, **items):
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as error:  # orbax, tensorstore and json each raise their own types
+            raise UnreadableCheckpoint(first_line(error)) from None
+
     def restore_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        meta = self._restore(step, meta=ocp.args.JsonRestore()).meta
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise UnreadableCheckpoint("its meta item holds no config")
+        return meta
 
-    def restore_model(self, step: int, abstract_model: dict) -> dict:
-        """{"params", "rest"} restored onto the shardings of `abstract_model`."""
-        args = ocp.args.Composite(model=ocp.args.StandardRestore(abstract_model))
-        return self.manager.restore(step, args=args).model
+    def restore_model(self, step: int, abstract_model: dict, meta: dict) -> dict:
+        """{"params", "rest"} restored onto the shardings of `abstract_model`, verified against
+        the fingerprints in `meta` (restore_meta of the same step)."""
+        model = self._restore(step, model=ocp.args.StandardRestore(abstract_model)).model
+        verify(model, meta.get("fingerprints", {}).get("model"), "model")
+        return model
 
-    def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
-        """(train state, meta) restored onto the shardings of `abstract_state`."""
+    def restore(self, step: int, abstract_state: dict, meta: dict) -> dict:
+        """The train state restored onto the shardings of `abstract_state`, verified."""
         abstract_model = {"params": abstract_state["params"], "rest": abstract_state["rest"]}
-        args = ocp.args.Composite(
+        restored = self._restore(
+            step,
             model=ocp.args.StandardRestore(abstract_model),
             optimizer=ocp.args.StandardRestore(abstract_state["opt_state"]),
-            meta=ocp.args.JsonRestore(),
         )
-        restored = self.manager.restore(step, args=args)
-        return {**restored.model, "opt_state": restored.optimizer}, restored.meta
+        expected = meta.get("fingerprints", {})
+        verify(restored.model, expected.get("model"), "model")
+        verify(restored.optimizer, expected.get("optimizer"), "optimizer")
+        return {**restored.model, "opt_state": restored.optimizer}
 
     def close(self) -> None:
         """Waits for background writes to finish, then releases the manager."""
@@ -100,3 +176,31 @@ class Checkpoints:
 def abstract_with_sharding(tree, sharding):
     """ShapeDtypeStructs of `tree` (arrays or structs) placed on `sharding`: a restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def warn(message: str) -> None:
+    print(f"fwpzoo: warning: {message}", file=sys.stderr)
+
+
+def saved_steps(directory: Path) -> list[int]:
+    """The checkpoint steps in `directory` (none if it does not exist), oldest first."""
+    if not Path(directory).is_dir():
+        return []
+    checkpoints = Checkpoints(directory)
+    steps = checkpoints.steps()
+    checkpoints.close()
+    return sorted(steps)
+
+
+def newest_readable(workdir: Path, steps: list[int], restore: Callable[[int], object]):
+    """(step, restore(step)) for the newest of `steps` whose restore raises no
+    UnreadableCheckpoint; each one skipped is warned about in one line; ConfigError if none is
+    readable. A damaged newer checkpoint never hides an older good one."""
+    for step in reversed(steps):
+        try:
+            return step, restore(step)
+        except UnreadableCheckpoint as error:
+            older = [s for s in steps if s < step]
+            then = f"trying step {older[-1]}" if older else "no older checkpoint"
+            warn(f"checkpoint {step} in {workdir} is unreadable ({error}); {then}")
+    raise ConfigError(f"no readable checkpoint in {workdir} (steps {', '.join(map(str, steps))})")

@@ -1,9 +1,13 @@
-"""The training loop: prepare (validate, write nothing), resume or init, step, log, eval, save.
+"""The training loop: prepare (validate, write nothing), lock, resume or init, step, log, save.
 
-Workdir layout: config.json (the resolved config), metrics.jsonl, tensorboard/, checkpoints/<step>/.
+Workdir layout and locking: workdir.py. Nothing is written to a workdir before the config has
+resolved, the workdir path is usable, and the config matches both config.json and the config
+stored inside the checkpoint the run resumes from (so a missing or edited config.json cannot let
+another architecture's weights be loaded).
 """
 
-import json
+import contextlib
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -14,18 +18,24 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from fwpzoo.config import Config, ConfigError, differing_keys, from_dict, to_dict
+from fwpzoo.config import Config, ConfigError, from_dict, to_dict
 from fwpzoo.data import make_task
-from fwpzoo.train.checkpoint import Checkpoints
+from fwpzoo.train.checkpoint import Checkpoints, newest_readable, saved_steps, warn
 from fwpzoo.train.evaluate import evaluate, summarize
 from fwpzoo.train.metrics import MetricsLog
 from fwpzoo.train.optim import learning_rate_schedule, make_optimizer
 from fwpzoo.train.sharding import make_mesh, shard_batch, to_host
 from fwpzoo.train.state import abstract_model, abstract_train_state, init_train_state
 from fwpzoo.train.steps import make_eval_step, make_train_step
-
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
+from fwpzoo.train.workdir import (
+    CHECKPOINT_DIR,
+    WorkdirLock,
+    check_path,
+    refuse_different,
+    set_aside,
+    stored_config,
+    write_config,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -84,40 +94,45 @@ def prepare(cfg: Config) -> Run:
     return Run(cfg, task, mesh, make_optimizer(cfg.train), graphdef)
 
 
-def stored_config(workdir: Path) -> Config | None:
-    path = Path(workdir) / CONFIG_FILE
-    if not path.exists():
-        return None
-    try:
-        return from_dict(Config, json.loads(path.read_text()))
-    except (json.JSONDecodeError, ConfigError) as error:
-        raise ConfigError(f"{path} is not a readable config: {error}") from None
-
-
 def check_workdir(cfg: Config, workdir: Path) -> None:
-    """Refuses a workdir whose run differs from `cfg` in more than length, or went past it."""
+    """Refuses, before anything is written, a workdir that cannot hold the run or whose
+    config.json holds a run that differs from `cfg` in more than length."""
+    check_path(workdir)
     stored = stored_config(workdir)
-    if stored is not None and differing_keys(stored, cfg):
-        keys = ", ".join(differing_keys(stored, cfg))
-        raise ConfigError(f"{workdir} holds a run with a different config; differing keys: {keys}")
-    if (Path(workdir) / CHECKPOINT_DIR).is_dir():
-        latest = Checkpoints(Path(workdir) / CHECKPOINT_DIR).latest_step()
-        if latest is not None and latest > cfg.train.steps:
-            raise ConfigError(
-                f"{workdir} already holds step {latest}, past train.steps={cfg.train.steps}"
-            )
+    if stored is not None:
+        refuse_different(stored, cfg, workdir)
 
 
-def restore_or_init(run: Run, checkpoints: Checkpoints) -> tuple[dict, int, int]:
-    """(train state, its step, the data stream's next batch index) from the latest checkpoint,
-    or a fresh state at step 0."""
-    cfg, vocab_size = run.cfg, run.task.vocab_size
-    latest = checkpoints.latest_step()
-    if latest is None:
-        return init_train_state(cfg, vocab_size, run.optimizer, run.mesh), 0, 0
+def restore_or_init(run: Run, workdir: Path) -> tuple[dict, int, dict]:
+    """(train state, its step, its checkpoint's meta) from the newest readable checkpoint, after
+    checking the config stored inside it, or (a fresh state, 0, {}). Unreadable newer
+    checkpoints are moved aside (process 0) so the resumed run can save those steps again."""
+    cfg, vocab_size, directory = run.cfg, run.task.vocab_size, workdir / CHECKPOINT_DIR
+    steps = saved_steps(directory)
+    if not steps:
+        return init_train_state(cfg, vocab_size, run.optimizer, run.mesh), 0, {}
     abstract = abstract_train_state(cfg, vocab_size, run.optimizer, run.mesh)
-    state, meta = checkpoints.restore(latest, abstract)
-    return state, latest, meta["next_batch_index"]
+    reader = Checkpoints(directory)
+
+    def restore(step):
+        meta = reader.restore_meta(step)
+        refuse_different(from_dict(Config, meta["config"]), cfg, directory / str(step))
+        return reader.restore(step, abstract, meta), meta
+
+    try:
+        step, (state, meta) = newest_readable(workdir, steps, restore)
+    finally:
+        reader.close()
+    if step > cfg.train.steps:
+        raise ConfigError(
+            f"{workdir} already holds step {step}, past train.steps={cfg.train.steps}"
+        )
+    unreadable = [s for s in steps if s > step]
+    if unreadable and jax.process_index() == 0:
+        where = set_aside(workdir, unreadable)
+        warn(f"moved unreadable checkpoints {unreadable} to {where}; resuming from step {step}")
+    multihost_utils.sync_global_devices("fwpzoo: checkpoints set aside")
+    return state, step, meta
 
 
 def first_nonfinite(losses: list, steps: list[int]) -> tuple[int, float] | None:
@@ -136,20 +151,33 @@ def describe(mesh, workdir: Path, start: int) -> str:
 
 
 def train(cfg: Config, workdir: Path, *, progress: bool = True) -> dict:
-    """Trains `cfg` into `workdir`, resuming from its latest checkpoint; returns the last logged
-    metrics. ConfigError before anything is written if the config or the workdir is refused."""
+    """Trains `cfg` into `workdir`, resuming from its newest readable checkpoint; returns the last
+    logged metrics. ConfigError, with nothing left written, if the config or the workdir is
+    refused; a workdir this call created is removed again if the run fails that way."""
     workdir = Path(workdir)
     run = prepare(cfg)
     check_workdir(cfg, workdir)
     multihost_utils.sync_global_devices("fwpzoo: workdir checked")  # before any process writes
     chief = jax.process_index() == 0
-    if chief:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, cfg.checkpoint)
-    state, start, data_index = restore_or_init(run, checkpoints)
-    if start and checkpoints.restore_meta(start).get("reached_stop_metric"):
+    created = not workdir.exists()
+    with WorkdirLock(workdir) if chief else contextlib.nullcontext():
+        try:
+            return _train(run, workdir, chief, progress)
+        except ConfigError:
+            if chief and created:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+
+
+def _train(run: Run, workdir: Path, chief: bool, progress: bool) -> dict:
+    cfg = run.cfg
+    state, start, meta = restore_or_init(run, workdir)
+    if meta.get("reached_stop_metric"):
         return {"step": start}  # an early-stopped run is finished: resuming trains no further
+    data_index = meta.get("next_batch_index", 0)
+    if chief:
+        write_config(workdir, cfg)
+    checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, cfg.checkpoint)
     log = MetricsLog(workdir, start, enabled=chief)
     if chief:
         print(describe(run.mesh, workdir, start), file=sys.stderr)

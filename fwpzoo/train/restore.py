@@ -1,31 +1,47 @@
-"""A trained model rebuilt from a checkpoint alone: its stored config, then its weights."""
+"""A trained model rebuilt from a checkpoint alone: its stored config, then its weights.
+
+Without a step, the newest checkpoint that restores is used: a damaged newer one is skipped with
+a one-line warning naming it and why, so a crash during a save or a corrupted disk never stops
+eval or sampling while an older good checkpoint exists.
+"""
 
 from pathlib import Path
 
 from fwpzoo.config import Config, ConfigError, from_dict
-from fwpzoo.train.checkpoint import Checkpoints
-from fwpzoo.train.loop import CHECKPOINT_DIR, Run, prepare
+from fwpzoo.train.checkpoint import Checkpoints, UnreadableCheckpoint, newest_readable, saved_steps
+from fwpzoo.train.loop import Run, prepare
 from fwpzoo.train.state import abstract_model
+from fwpzoo.train.workdir import CHECKPOINT_DIR
 
 
 def restore_run(workdir: Path, step: int | None = None) -> tuple[Run, int, dict]:
     """(the run of the stored config, the step restored, {"params", "rest"}) of checkpoint `step`
-    (the latest if None); ConfigError if the workdir has no such checkpoint."""
-    directory = Path(workdir) / CHECKPOINT_DIR
-    steps = Checkpoints(directory).steps() if directory.is_dir() else []
+    (the newest readable if None); ConfigError if the workdir has no such checkpoint."""
+    steps = saved_steps(Path(workdir) / CHECKPOINT_DIR)
     if not steps:
         raise ConfigError(f"no checkpoint in {workdir}")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
+    if step is not None and step not in steps:
         raise ConfigError(
-            f"no checkpoint at step {step} in {workdir}; "
-            f"saved steps: {', '.join(map(str, sorted(steps)))}"
+            f"no checkpoint at step {step} in {workdir}; saved steps: {', '.join(map(str, steps))}"
         )
-    checkpoints = Checkpoints(directory)
-    cfg = from_dict(Config, checkpoints.restore_meta(step)["config"])
-    run = prepare(cfg)
-    _, abstract = abstract_model(cfg, run.task.vocab_size, run.mesh)
-    model_state = checkpoints.restore_model(step, abstract)
-    checkpoints.close()
+    checkpoints = Checkpoints(Path(workdir) / CHECKPOINT_DIR)
+
+    def restore(step):
+        meta = checkpoints.restore_meta(step)
+        cfg = from_dict(Config, meta["config"])
+        run = prepare(cfg)
+        _, abstract = abstract_model(cfg, run.task.vocab_size, run.mesh)
+        return run, checkpoints.restore_model(step, abstract, meta)
+
+    try:
+        if step is None:
+            step, (run, model_state) = newest_readable(workdir, steps, restore)
+        else:
+            try:
+                run, model_state = restore(step)
+            except UnreadableCheckpoint as error:
+                message = f"checkpoint {step} in {workdir} is unreadable: {error}"
+                raise ConfigError(message) from None
+    finally:
+        checkpoints.close()
     return run, step, model_state
