@@ -1,7 +1,9 @@
 """The command line: fwpzoo train | eval | sample | list | bench NAME | experiment NAME.
 
-Exit codes: 0 done; 2 bad input (one line on stderr naming the problem, nothing written);
-3 training stopped on a NaN or inf loss (the last good checkpoint kept).
+Exit codes: 0 done; 2 bad input (one line on stderr naming the problem, nothing written),
+including a workdir in use and a run that does not fit in memory; 3 training stopped on a NaN
+or inf loss, gradient or parameter (the last good checkpoint kept); 128 + the signal's number
+(143 SIGTERM, 130 SIGINT) when a signal stopped training after saving the current step.
 """
 
 import argparse
@@ -9,6 +11,7 @@ import importlib
 import importlib.util
 import json
 import pkgutil
+import signal
 import sys
 from pathlib import Path
 
@@ -68,7 +71,7 @@ def train_main(argv: list[str]) -> int:
         start_processes(*distributed)
 
     from fwpzoo.config import from_data
-    from fwpzoo.train import TrainingDiverged, train
+    from fwpzoo.train import Interrupted, TrainingDiverged, train
 
     cfg = from_data(data, args.overrides)
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
@@ -77,6 +80,9 @@ def train_main(argv: list[str]) -> int:
     except TrainingDiverged as error:
         print(f"fwpzoo train: {error}", file=sys.stderr)
         return EXIT_DIVERGED
+    except Interrupted as error:
+        print(f"fwpzoo train: {error} in {workdir}; the same command resumes", file=sys.stderr)
+        return 128 + error.signum
     print(json.dumps(last) if last else f"{workdir} already holds step {cfg.train.steps}")
     return 0
 
@@ -265,3 +271,6 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError) as error:
         print(f"fwpzoo {verb}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop: nothing to save
+        print(f"fwpzoo {verb}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT

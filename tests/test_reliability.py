@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import typing
@@ -24,8 +25,8 @@ import yaml
 from fwpzoo import cli
 from fwpzoo.config import Config, ConfigError, from_dict, load
 from fwpzoo.config_file import MAX_VALUES, apply_overrides
-from fwpzoo.train import restore_run
-from fwpzoo.train.checkpoint import fingerprint
+from fwpzoo.train import loop, restore_run
+from fwpzoo.train.checkpoint import Checkpoints, fingerprint
 from fwpzoo.train.metrics import read_metrics
 from fwpzoo.train.workdir import WorkdirLock
 
@@ -331,3 +332,83 @@ def test_no_readable_checkpoint_is_one_line_and_exit_2(capsys, tiny_yaml, run_co
     code, err = train_cli(capsys, tiny_yaml, run_copy, "train.steps=6")
     assert code == 2 and "no readable checkpoint" in err.splitlines()[-1]
     assert snapshot(run_copy) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals: SIGTERM and SIGINT finish the step, save it, say so in one line and exit 128 + signum.
+
+
+def signal_during_step(monkeypatch, signum: int, step: int):
+    """Delivers `signum` to this process while step `step` is being fed to the devices."""
+    real, calls = loop.shard_batch, []
+
+    def shard_and_signal(batch, mesh):
+        calls.append(1)
+        if len(calls) == step:
+            signal.raise_signal(signum)
+        return real(batch, mesh)
+
+    monkeypatch.setattr(loop, "shard_batch", shard_and_signal)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_the_current_step_and_exits_128_plus_its_number(
+    capsys, monkeypatch, request, tiny_yaml, tmp_path, signum, code
+):
+    signal_during_step(monkeypatch, signum, 3)
+    got, err = train_cli(capsys, tiny_yaml, tmp_path / "run")
+    assert got == code
+    name = signal.Signals(signum).name
+    expected = f"stopped by {name} after step 3; saved checkpoint 3 in {tmp_path / 'run'}"
+    assert expected in err.splitlines()[-1] and "Traceback" not in err
+    assert Checkpoints(tmp_path / "run" / "checkpoints").steps() == [2, 3]
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    assert signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler)
+    if signum == signal.SIGTERM:  # resuming continues exactly where it stopped
+        monkeypatch.undo()
+        assert train_cli(capsys, tiny_yaml, tmp_path / "run")[0] == 0
+        assert without_speed(tmp_path / "run") == without_speed(request.getfixturevalue("trained"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Divergence: a NaN or inf loss, gradient or parameter stops the run before anything bad is saved.
+
+
+def test_a_diverged_run_saves_no_bad_weights_and_logs_strict_json(capsys, tiny_yaml, tmp_path):
+    # warmup from 0 to 1e30: step 1 is harmless, step 2 sends the weights to inf on a finite loss
+    workdir = tmp_path / "run"
+    overrides = ["train.learning_rate=1e30", "train.warmup_steps=4", "checkpoint.every=1"]
+    code, err = train_cli(capsys, tiny_yaml, workdir, *overrides)
+    assert code == 3
+    assert (
+        one_line(err.splitlines()[-1] + "\n")
+        .rstrip()
+        .endswith(
+            "param_norm is inf at step 2; training stopped, the last good checkpoint is step 1"
+        )
+    )
+    assert Checkpoints(workdir / "checkpoints").steps() == [1]
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    strict = [json.loads(line, parse_constant=pytest.fail) for line in lines]  # no NaN, Infinity
+    assert strict[-1]["step"] == 2 and strict[-1]["param_norm"] is None
+    assert strict[-1]["nonfinite"] == {"param_norm": "inf"}
+    code, out, _ = eval_cli(capsys, workdir)
+    assert code == 0 and json.loads(out)["step"] == 1 and np.isfinite(json.loads(out)["loss"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Re-running a finished run changes nothing; a run that does not fit in memory leaves nothing.
+
+
+def test_rerunning_a_finished_run_writes_nothing_new(capsys, tiny_yaml, run_copy):
+    before = snapshot(run_copy)
+    code = cli.main(["train", str(tiny_yaml), "--workdir", str(run_copy), "--no-progress"])
+    assert code == 0 and capsys.readouterr().out.strip() == f"{run_copy} already holds step 4"
+    assert snapshot(run_copy) == before  # no new TensorBoard event file among them
+
+
+def test_out_of_memory_is_one_line_and_removes_the_workdir_it_created(capsys, tiny_yaml, tmp_path):
+    huge = ["model.d_model=1048576"]  # attention projections of 4 TiB each
+    code, err = train_cli(capsys, tiny_yaml, tmp_path / "run", *huge)
+    assert code == 2 and "error: out of memory: " in one_line(err)
+    assert not (tmp_path / "run").exists()

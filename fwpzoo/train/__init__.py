@@ -1,11 +1,13 @@
 """Training, evaluation and checkpoints of config-driven runs (loop.py: the workdir layout)."""
 
 from fwpzoo.train.evaluate import evaluate, summarize
-from fwpzoo.train.loop import TrainingDiverged, prepare, train
+from fwpzoo.train.loop import Interrupted, OutOfMemory, TrainingDiverged, prepare, train
 from fwpzoo.train.restore import restore_run
 from fwpzoo.train.steps import make_eval_step, make_train_step
 
 __all__ = [
+    "Interrupted",
+    "OutOfMemory",
     "TrainingDiverged",
     "evaluate",
     "make_eval_step",

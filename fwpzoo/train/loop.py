@@ -8,19 +8,22 @@ another architecture's weights be loaded).
 
 import contextlib
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import numpy as np
+from jax._src import distributed
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from fwpzoo.config import Config, ConfigError, from_dict, to_dict
 from fwpzoo.data import make_task
-from fwpzoo.train.checkpoint import Checkpoints, newest_readable, saved_steps, warn
+from fwpzoo.train.checkpoint import Checkpoints, first_line, newest_readable, saved_steps, warn
 from fwpzoo.train.evaluate import evaluate, summarize
 from fwpzoo.train.metrics import MetricsLog
 from fwpzoo.train.optim import learning_rate_schedule, make_optimizer
@@ -37,9 +40,78 @@ from fwpzoo.train.workdir import (
     write_config,
 )
 
+# A step is good when these are finite: the loss it was taken on, its gradient, and the
+# parameters it produced (a finite loss with an inf gradient still writes NaN into the weights).
+WATCHED = ("loss", "grad_norm", "param_norm")
+
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
+    """A step's loss, gradient or parameters became NaN or inf; the message names the step, the
+    value and the last good checkpoint."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM or SIGINT stopped the run after a step, whose checkpoint was saved."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after step {step}; saved checkpoint {step}")
+
+
+class OutOfMemory(ConfigError):
+    """The run does not fit in memory: a config problem, reported in one line."""
+
+
+@contextlib.contextmanager
+def out_of_memory_as_config_error():
+    """Re-raises an allocation failure as OutOfMemory, one line."""
+    try:
+        yield
+    except Exception as error:
+        # XLA reports allocation failures as "RESOURCE_EXHAUSTED: ..." or, on CPU, as
+        # "INTERNAL: Error dispatching computation: Out of memory allocating N bytes"
+        text = first_line(error, limit=1000)
+        if (
+            isinstance(error, MemoryError)
+            or "RESOURCE_EXHAUSTED" in text
+            or "Out of memory" in text
+        ):
+            raise OutOfMemory(f"out of memory: {first_line(error)}") from None
+        raise
+
+
+class StopSignals(contextlib.AbstractContextManager):
+    """Turns SIGTERM (schedulers, preemption) and SIGINT (Ctrl-C) into a request the loop honours
+    after its current step: save, then stop. A second signal acts at once, as without this.
+
+    Several processes must stop at the same step, so there JAX's preemption service (which
+    catches SIGTERM and agrees on a step across processes) decides instead.
+    """
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.signal(signum, self._record)
+
+    def _record(self, signum, frame):
+        self.signum = signum
+        self._restore()
+
+    def _restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def requested(self, step: int) -> bool:
+        several = jax.process_count() > 1 and distributed.global_state.preemption_sync_manager
+        if several and multihost_utils.reached_preemption_sync_point(step):
+            self.signum = signal.SIGTERM
+        return self.signum is not None
+
+    def __exit__(self, *exc_info):
+        self._restore()
 
 
 @dataclass(frozen=True)
@@ -135,13 +207,14 @@ def restore_or_init(run: Run, workdir: Path) -> tuple[dict, int, dict]:
     return state, step, meta
 
 
-def first_nonfinite(losses: list, steps: list[int]) -> tuple[int, float] | None:
-    """(step, loss) of the first NaN or inf loss among device scalars, or None."""
-    values = [float(to_host(loss)) for loss in losses]
-    bad = [
-        (step, value) for step, value in zip(steps, values, strict=True) if not np.isfinite(value)
-    ]
-    return bad[0] if bad else None
+def first_nonfinite(pending: list[tuple[int, dict]]) -> tuple[int, dict] | None:
+    """(step, its metrics on the host) of the first pending (step, device metrics) whose loss,
+    gradient norm or parameter norm is NaN or inf, or None."""
+    for step, metrics in pending:
+        values = {name: float(value) for name, value in to_host(metrics).items()}
+        if not all(np.isfinite(values[name]) for name in WATCHED):
+            return step, values
+    return None
 
 
 def describe(mesh, workdir: Path, start: int) -> str:
@@ -152,24 +225,30 @@ def describe(mesh, workdir: Path, start: int) -> str:
 
 def train(cfg: Config, workdir: Path, *, progress: bool = True) -> dict:
     """Trains `cfg` into `workdir`, resuming from its newest readable checkpoint; returns the last
-    logged metrics. ConfigError, with nothing left written, if the config or the workdir is
-    refused; a workdir this call created is removed again if the run fails that way."""
+    logged metrics.
+
+    ConfigError, with nothing left written, if the config or the workdir is refused; OutOfMemory
+    (a ConfigError) if the run does not fit. A workdir this call created is removed again when it
+    fails that way before saving a checkpoint. Interrupted after SIGTERM or SIGINT, once the
+    current step is saved; TrainingDiverged on a NaN or inf, with no bad state saved.
+    """
     workdir = Path(workdir)
     run = prepare(cfg)
     check_workdir(cfg, workdir)
     multihost_utils.sync_global_devices("fwpzoo: workdir checked")  # before any process writes
     chief = jax.process_index() == 0
     created = not workdir.exists()
-    with WorkdirLock(workdir) if chief else contextlib.nullcontext():
+    with WorkdirLock(workdir) if chief else contextlib.nullcontext(), StopSignals() as stop:
         try:
-            return _train(run, workdir, chief, progress)
+            with out_of_memory_as_config_error():
+                return _train(run, workdir, chief, progress, stop)
         except ConfigError:
-            if chief and created:
+            if chief and created and not saved_steps(workdir / CHECKPOINT_DIR):
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
 
 
-def _train(run: Run, workdir: Path, chief: bool, progress: bool) -> dict:
+def _train(run: Run, workdir: Path, chief: bool, progress: bool, stop: StopSignals) -> dict:
     cfg = run.cfg
     state, start, meta = restore_or_init(run, workdir)
     if meta.get("reached_stop_metric"):
@@ -183,14 +262,14 @@ def _train(run: Run, workdir: Path, chief: bool, progress: bool) -> dict:
         print(describe(run.mesh, workdir, start), file=sys.stderr)
     bar = tqdm(total=cfg.train.steps, initial=start, unit="step", disable=not (chief and progress))
     try:
-        return _loop(run, state, start, data_index, checkpoints, log, bar)
+        return _loop(run, state, start, data_index, checkpoints, log, bar, stop)
     finally:
         checkpoints.close()  # lets async writes finish: the last good checkpoint stays complete
         log.close()
         bar.close()
 
 
-def _loop(run: Run, state, start: int, data_index: int, checkpoints, log, bar) -> dict:
+def _loop(run: Run, state, start: int, data_index: int, checkpoints, log, bar, stop) -> dict:
     cfg, task, mesh = run.cfg, run.task, run.mesh
     # The old state is dead once the step returns, so its buffers hold the new one: params and
     # optimizer state exist once on the device, not twice.
@@ -200,7 +279,7 @@ def _loop(run: Run, state, start: int, data_index: int, checkpoints, log, bar) -
     )
     eval_step = jax.jit(make_eval_step(run.graphdef))
     schedule = learning_rate_schedule(cfg.train)
-    pending_losses, pending_steps, tokens, clock = [], [], 0, time.perf_counter()
+    pending, tokens, clock = [], 0, time.perf_counter()
     track_best = cfg.checkpoint.best_metric is not None
     row = {}
     for step in range(start + 1, cfg.train.steps + 1):
@@ -208,42 +287,54 @@ def _loop(run: Run, state, start: int, data_index: int, checkpoints, log, bar) -
         data_index += 1
         tokens += batch["inputs"].size
         state, metrics = train_step(state, shard_batch(batch, mesh))
-        pending_losses.append(metrics["loss"])
-        pending_steps.append(step)
+        pending.append((step, metrics))
         last = step == cfg.train.steps
-        do_save = step % cfg.checkpoint.every == 0 or last
+        scheduled_save = step % cfg.checkpoint.every == 0 or last
+        stopping = stop.requested(step)
+        do_save = scheduled_save or stopping
         # a checkpoint ranked by an eval metric needs that metric at its step
-        do_eval = step % cfg.eval.every == 0 or last or (do_save and track_best)
-        if not (step % cfg.train.log_every == 0 or do_eval or do_save):
+        scheduled_eval = step % cfg.eval.every == 0 or last or (scheduled_save and track_best)
+        do_eval = scheduled_eval or (stopping and track_best)
+        # what a run logs does not depend on whether it was interrupted
+        do_log = step % cfg.train.log_every == 0 or scheduled_eval or scheduled_save
+        if not (do_log or do_save):
             continue
         # Checked before anything is saved, so no checkpoint holds a diverged state.
-        bad = first_nonfinite(pending_losses, pending_steps)
+        bad = first_nonfinite(pending)
         if bad is not None:
+            bad_step, values = bad
+            log.write({"step": bad_step, **values})  # the values that stopped it, as null
+            name = next(name for name in WATCHED if not np.isfinite(values[name]))
+            good = checkpoints.latest_step()
+            kept = "no checkpoint" if good is None else f"the last good checkpoint is step {good}"
             raise TrainingDiverged(
-                f"loss is {bad[1]} at step {bad[0]}; training stopped, the last good checkpoint "
-                f"is step {checkpoints.latest_step()}"
+                f"{name} is {values[name]} at step {bad_step}; training stopped, {kept}"
             )
-        elapsed = time.perf_counter() - clock
-        row = {
-            "step": step,
-            **{name: float(value) for name, value in to_host(metrics).items()},
-            "learning_rate": float(schedule(step - 1)),
-            "tokens_per_sec": tokens / elapsed,
-        }
         eval_metrics = None
         if do_eval:
             eval_metrics = evaluate(eval_step, state, task, cfg.eval, mesh, "valid")
-            row.update({f"valid_{name}": value for name, value in eval_metrics.items()})
-        log.write(row)
-        bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
-        stop = reached_stop_metric(cfg.train, eval_metrics)
-        if do_save or stop:
+        if do_log:
+            row = {
+                "step": step,
+                **{name: float(value) for name, value in to_host(metrics).items()},
+                "learning_rate": float(schedule(step - 1)),
+                "tokens_per_sec": tokens / (time.perf_counter() - clock),
+                **{f"valid_{k}": v for k, v in (eval_metrics or {}).items() if scheduled_eval},
+            }
+            log.write(row)
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
+            tokens, clock = 0, time.perf_counter()
+        # only a scheduled eval may end the run, so an interrupted run stops where it would have
+        reached = scheduled_eval and reached_stop_metric(cfg.train, eval_metrics)
+        if do_save or reached:
             meta = {"next_batch_index": data_index, "config": to_dict(cfg)}
-            checkpoints.save(step, state, meta | {"reached_stop_metric": stop}, eval_metrics)
-        if stop:
+            checkpoints.save(step, state, meta | {"reached_stop_metric": reached}, eval_metrics)
+        pending = []
+        if reached:
             break
-        pending_losses, pending_steps, tokens, clock = [], [], 0, time.perf_counter()
+        if stopping:
+            raise Interrupted(stop.signum, step)
     return row
 
 

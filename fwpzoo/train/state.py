@@ -45,7 +45,8 @@ def init_train_state(cfg: Config, vocab_size: int, optimizer: optax.GradientTran
         _, model_state = split_model(new_model(cfg, vocab_size))
         return {**model_state, "opt_state": optimizer.init(model_state["params"])}
 
-    return jax.jit(init, out_shardings=replicated(mesh))()
+    # waited for, so a model too large for memory fails here, before the run writes anything
+    return jax.block_until_ready(jax.jit(init, out_shardings=replicated(mesh))())
 
 
 def abstract_train_state(cfg: Config, vocab_size: int, optimizer, mesh: Mesh) -> dict:

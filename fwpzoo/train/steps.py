@@ -83,6 +83,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, grad_a
             "loss": sums["loss_sum"] / weight,
             "accuracy": sums["correct"] / weight,
             "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
         }
         return {"params": params, "rest": state["rest"], "opt_state": opt_state}, metrics
 
