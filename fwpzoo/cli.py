@@ -12,7 +12,9 @@ import importlib.util
 import json
 import pkgutil
 import signal
+import socket
 import sys
+import time
 from pathlib import Path
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -54,6 +56,12 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process runs)")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
+    parser.add_argument(
+        "--coordinator-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for the coordinator and the other processes (default 300)",
+    )
     args = parser.parse_intermixed_args(argv)
     from fwpzoo.config_file import apply_overrides, read_config_file
 
@@ -68,7 +76,7 @@ def train_main(argv: list[str]) -> int:
     if any(flag is not None for flag in distributed):
         if any(flag is None for flag in distributed):
             raise UsageError("--coordinator, --num-processes and --process-id go together")
-        start_processes(*distributed)
+        start_processes(*distributed, timeout=args.coordinator_timeout)
 
     from fwpzoo.config import from_data
     from fwpzoo.train import Interrupted, TrainingDiverged, train
@@ -87,15 +95,62 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-def start_processes(coordinator: str, num_processes: int, process_id: int) -> None:
-    """Joins this process to a multi-process run through JAX's distributed runtime."""
-    import jax
+def coordinator_host_port(address: str) -> tuple[str, int]:
+    """'10.0.0.1:1234' or '[::1]:1234' -> (host, port); UsageError if it is not HOST:PORT."""
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise UsageError(f"--coordinator {address!r} is not HOST:PORT, e.g. 10.0.0.1:1234")
+    return host, int(port)
 
+
+def wait_for_coordinator(address: str, timeout: float) -> None:
+    """Returns once process 0 accepts connections at `address`; UsageError after `timeout` s.
+
+    JAX's own wait ends the process with a fatal error and a stack trace, so the other
+    processes first wait here, where giving up is one line.
+    """
+    host, port = coordinator_host_port(address)
+    try:
+        socket.getaddrinfo(host, port)
+    except socket.gaierror as error:
+        raise UsageError(f"--coordinator {address!r}: unknown host ({error.strerror})") from None
+    print(f"fwpzoo: waiting up to {timeout:g} s for the coordinator at {address}", file=sys.stderr)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(
+                (host, port), timeout=max(deadline - time.monotonic(), 0.1)
+            ):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise UsageError(
+                    f"no coordinator answered at {address} within {timeout:g} s "
+                    "(--coordinator-timeout)"
+                ) from None
+            time.sleep(0.2)
+
+
+def start_processes(coordinator: str, num_processes: int, process_id: int, *, timeout: float):
+    """Joins this process to a multi-process run through JAX's distributed runtime."""
+    coordinator_host_port(coordinator)
+    if num_processes < 1:
+        raise UsageError(f"--num-processes must be >= 1, got {num_processes}")
     if not 0 <= process_id < num_processes:
         raise UsageError(f"--process-id {process_id} is not in 0..{num_processes - 1}")
+    if not 0 < timeout < float("inf"):
+        raise UsageError(f"--coordinator-timeout must be a positive number, got {timeout}")
+    if process_id != 0:
+        wait_for_coordinator(coordinator, timeout)
+    import jax
+
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process collectives
     jax.distributed.initialize(
-        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=max(1, round(timeout)),
     )
 
 

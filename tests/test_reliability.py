@@ -12,8 +12,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -412,3 +414,35 @@ def test_out_of_memory_is_one_line_and_removes_the_workdir_it_created(capsys, ti
     code, err = train_cli(capsys, tiny_yaml, tmp_path / "run", *huge)
     assert code == 2 and "error: out of memory: " in one_line(err)
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-process start-up: a malformed address is one line; waiting is announced and bounded.
+
+
+@pytest.mark.parametrize("address", ["garbage", "host:", ":1234", "host:99999", "host:http"])
+def test_a_malformed_coordinator_address_is_one_line(refused, tiny_yaml, tmp_path, address):
+    argv = ["train", str(tiny_yaml), "--workdir", str(tmp_path / "w"), "--coordinator", address]
+    refused([*argv, "--num-processes", "2", "--process-id", "1"], f"--coordinator {address!r}")
+    assert not (tmp_path / "w").exists()
+
+
+def test_waiting_for_an_absent_coordinator_is_announced_and_gives_up(capsys, tiny_yaml, tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    start = time.monotonic()
+    code, err = train_cli(
+        capsys,
+        tiny_yaml,
+        tmp_path / "w",
+        *("--coordinator", address, "--num-processes", "2", "--process-id", "1"),
+        *("--coordinator-timeout", "1"),
+    )
+    assert code == 2 and 1 <= time.monotonic() - start < 10
+    waiting, gave_up = err.splitlines()
+    assert waiting == f"fwpzoo: waiting up to 1 s for the coordinator at {address}"
+    assert gave_up.endswith(
+        f"no coordinator answered at {address} within 1 s (--coordinator-timeout)"
+    )
+    assert not (tmp_path / "w").exists()
