@@ -187,8 +187,8 @@ def sample_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.num_tokens < 1:
         raise UsageError(f"--num-tokens must be >= 1, got {args.num_tokens}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 <= args.temperature < float("inf"):  # also refuses nan
+        raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
 
     from fwpzoo.train.sample import sample
 

@@ -171,7 +171,7 @@ def test_bad_generate_arguments():
     model = model_of(tiny(mixers=("ssm",)))
     with pytest.raises(ValueError, match="num_tokens must be >= 1"):
         generate(model, tokens(), 0, rng=jax.random.key(0))
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         generate(model, tokens(), 2, rng=jax.random.key(0), temperature=-1.0)
 
 

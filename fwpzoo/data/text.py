@@ -35,11 +35,20 @@ class Text:
         self.seq_len = cfg.seq_len
         self.splits = load_corpus(cfg.corpus, cfg.data_dir)
         self.num_windows = (self.splits["train"].size - 1) // self.seq_len
+        sizes = ", ".join(f"{name} {data.size}" for name, data in self.splits.items())
         if self.num_windows < 1:
             raise DataConfigError(
                 f"the train split of {cfg.corpus!r} ({self.splits['train'].size} bytes) is "
-                f"shorter than data.seq_len + 1 = {self.seq_len + 1}"
+                f"shorter than data.seq_len + 1 = {self.seq_len + 1} (split sizes: {sizes} bytes)"
             )
+        for split in ("valid", "test"):
+            # evaluation predicts every byte after the first: one byte scores nothing, and an
+            # empty score would read as a perfect loss of 0
+            if self.splits[split].size < 2:
+                raise DataConfigError(
+                    f"the {split} split of {cfg.corpus!r} has {self.splits[split].size} bytes, "
+                    f"too few to evaluate (at least 2; split sizes: {sizes} bytes)"
+                )
 
     def train_batch(self, index: int, batch_size: int):
         example = index * batch_size + np.arange(batch_size)  # [B] positions in the stream

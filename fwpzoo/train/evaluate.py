@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from fwpzoo.config import EvalConfig
+from fwpzoo.config import ConfigError, EvalConfig
 from fwpzoo.train.sharding import shard_batch, to_host
 
 
@@ -48,7 +48,10 @@ def evaluate(eval_step, model_state: dict, task, cfg: EvalConfig, mesh, split: s
 
     def metrics_at(seq_len):
         batches = task.eval_batches(split, cfg.batch_size, cfg.num_batches, seq_len=seq_len)
-        return summarize(split_sums(eval_step, model_state, batches, mesh), task.metrics)
+        sums = split_sums(eval_step, model_state, batches, mesh)
+        if sums["weight"] == 0:  # summarize would report a perfect loss of 0
+            raise ConfigError(f"the {split} split has no token to score")
+        return summarize(sums, task.metrics)
 
     metrics = metrics_at(None)
     for length in cfg.lengths:

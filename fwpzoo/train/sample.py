@@ -50,7 +50,13 @@ def sample(workdir: Path, step, prompt, num_tokens: int, *, temperature: float, 
     model = nnx.merge(run.graphdef, model_state["params"], model_state["rest"])
     prompt_tokens = default_prompt(run.task) if prompt is None else parse_prompt(prompt, run.task)
     tokens, _ = generate(
-        model, prompt_tokens[None], num_tokens, rng=jax.random.key(seed), temperature=temperature
+        model,
+        prompt_tokens[None],
+        num_tokens,
+        rng=jax.random.key(seed),
+        temperature=temperature,
+        keep_logits=False,
+        progress=True,
     )
     tokens = np.asarray(jax.device_get(tokens))[0]
     out = {"step": step, "prompt": prompt_tokens.tolist(), "tokens": tokens.tolist()}
