@@ -10,6 +10,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import logging
 import pkgutil
 import signal
 import socket
@@ -321,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     from fwpzoo.config_file import ConfigError
 
+    # Orbax logs through absl (e.g. each unreadable metadata file, at ERROR level); the command
+    # reports every problem itself, in one line, so those records would only repeat it.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         return COMMANDS[verb](rest)
     except (UsageError, ConfigError) as error:
