@@ -217,7 +217,14 @@ def test_a_workdir_that_is_a_file_or_under_one_is_refused(capsys, tiny_yaml, tmp
     assert code == 2 and "cannot be made" in one_line(err)
     code, err = train_cli(capsys, tiny_yaml, "/proc/fwpzoo-run")  # unwritable, even for root
     assert code == 2 and "workdir /proc/fwpzoo-run" in one_line(err)
-    assert snapshot(tmp_path) == {"file": hashlib.sha256(b"mine").hexdigest()}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("mine too")
+    code, err = train_cli(capsys, tiny_yaml, tmp_path / "run")
+    assert code == 2 and "checkpoints should be a folder; move it out" in one_line(err)
+    assert snapshot(tmp_path) == {
+        "file": hashlib.sha256(b"mine").hexdigest(),
+        "run/checkpoints": hashlib.sha256(b"mine too").hexdigest(),
+    }
 
 
 def test_another_architecture_is_refused_by_the_config_inside_the_checkpoint(

@@ -20,6 +20,15 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = "lock"
 UNREADABLE_DIR = "unreadable_checkpoints"
+# what a run writes, and whether it is a folder (metrics.jsonl and tensorboard/: metrics.py)
+ENTRIES = {
+    CONFIG_FILE: False,
+    CHECKPOINT_DIR: True,
+    LOCK_FILE: False,
+    UNREADABLE_DIR: True,
+    "metrics.jsonl": False,
+    "tensorboard": True,
+}
 
 
 def check_path(workdir: Path) -> None:
@@ -31,6 +40,11 @@ def check_path(workdir: Path) -> None:
         raise ConfigError(f"workdir {workdir} cannot be made: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"workdir {workdir} is not writable: no write permission on {existing}")
+    for name, folder in ENTRIES.items():
+        path = workdir / name
+        if path.exists() and path.is_dir() != folder:
+            kind = "a folder" if folder else "a file"
+            raise ConfigError(f"{path} should be {kind}; move it out of the workdir")
 
 
 def stored_config(workdir: Path) -> Config | None:
