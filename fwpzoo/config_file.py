@@ -111,6 +111,9 @@ def check_finite(value, key: str = "") -> None:
     elif isinstance(value, list):
         for i, item in enumerate(value):
             check_finite(item, f"{key}[{i}]")
+    elif isinstance(value, str) and "," in value:  # a list override: "model.x=[1, nan]"
+        items = value.strip().removeprefix("[").removesuffix("]").split(",")
+        check_finite([item.strip() for item in items], key)
     elif isinstance(value, float | str) and not isinstance(value, bool):
         try:
             number = float(value)

@@ -42,14 +42,15 @@ from fwpzoo.train.workdir import WorkdirLock
 # Configs: every float finite and in range; the loader refuses what a careful engineer would.
 
 
-def float_keys(cls=Config, prefix="") -> list[str]:
-    """Every float field of the config schema, dotted; new fields are covered as they come."""
-    keys = []
+def float_keys(cls=Config, prefix="") -> dict[str, bool]:
+    """Every float field of the config schema, dotted, and whether it is a list of floats; new
+    fields are covered as they come."""
+    keys = {}
     for name, tp in typing.get_type_hints(cls).items():
         if dataclasses.is_dataclass(tp):
-            keys += float_keys(tp, f"{prefix}{name}.")
+            keys |= float_keys(tp, f"{prefix}{name}.")
         elif float in (tp, *typing.get_args(tp)):
-            keys.append(f"{prefix}{name}")
+            keys[f"{prefix}{name}"] = typing.get_origin(tp) is tuple
     return keys
 
 
@@ -60,12 +61,15 @@ def nested(key: str, value) -> dict:
 
 @pytest.mark.parametrize("key", float_keys())
 def test_every_float_setting_must_be_finite(key):
+    listed = float_keys()[key]  # a list field gets its bad value as the second item
     for value in ("nan", "inf", "-inf", "1e999"):
-        with pytest.raises(ConfigError, match=rf"^{key} must be a finite number, got {value}$"):
-            apply_overrides({}, [f"{key}={value}"])  # the file reader's check, before JAX
+        text = f"[1.0, {value}]" if listed else value
+        name = f"{key}\\[1\\]" if listed else key
+        with pytest.raises(ConfigError, match=rf"^{name} must be a finite number, got {value}$"):
+            apply_overrides({}, [f"{key}={text}"])  # the file reader's check, before JAX
     for value in (float("nan"), float("inf")):
-        with pytest.raises(ConfigError, match=rf"^{key} must be a finite number, got"):
-            from_dict(Config, nested(key, value))  # the schema's own check (config.json)
+        with pytest.raises(ConfigError, match=rf"^{key}.* must be a finite number, got"):
+            from_dict(Config, nested(key, [1.0, value] if listed else value))  # config.json
 
 
 @pytest.mark.parametrize(
