@@ -330,6 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError) as error:
         print(f"fwpzoo {verb}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:  # Ctrl-C outside a training loop: nothing to save
-        print(f"fwpzoo {verb}: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as error:  # Ctrl-C, or a training run stopped by a signal
+        print(f"fwpzoo {verb}: {error or 'interrupted'}", file=sys.stderr)
+        return 128 + getattr(error, "signum", signal.SIGINT)

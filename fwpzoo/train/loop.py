@@ -50,8 +50,10 @@ class TrainingDiverged(RuntimeError):
     value and the last good checkpoint."""
 
 
-class Interrupted(RuntimeError):
-    """SIGTERM or SIGINT stopped the run after a step, whose checkpoint was saved."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT stopped the run after a step, whose checkpoint was saved. A
+    KeyboardInterrupt, so callers that do not know it (a sweep, a notebook) stop as on Ctrl-C
+    and `except Exception` does not swallow it."""
 
     def __init__(self, signum: int, step: int):
         self.signum, self.step = signum, step
