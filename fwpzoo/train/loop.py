@@ -17,7 +17,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax._src import distributed
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -93,7 +92,8 @@ class StopSignals(contextlib.AbstractContextManager):
 
     def __init__(self):
         self.signum, self.previous = None, {}
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+        self.several = jax.process_count() > 1
+        if not self.several and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self.previous[signum] = signal.signal(signum, self._record)
 
@@ -107,8 +107,7 @@ class StopSignals(contextlib.AbstractContextManager):
         self.previous = {}
 
     def requested(self, step: int) -> bool:
-        several = jax.process_count() > 1 and distributed.global_state.preemption_sync_manager
-        if several and multihost_utils.reached_preemption_sync_point(step):
+        if self.several and multihost_utils.reached_preemption_sync_point(step):
             self.signum = signal.SIGTERM
         return self.signum is not None
 
