@@ -191,20 +191,19 @@ def sample_main(argv: list[str]) -> int:
     if not 0 <= args.temperature < float("inf"):  # also refuses nan
         raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
 
+    from fwpzoo.train.loop import out_of_memory_as_config_error
     from fwpzoo.train.sample import sample
 
-    print(
-        json.dumps(
-            sample(
-                Path(args.workdir),
-                args.step,
-                args.prompt,
-                args.num_tokens,
-                temperature=args.temperature,
-                seed=args.seed,
-            )
+    with out_of_memory_as_config_error():  # e.g. an attention cache for --num-tokens 10**8
+        result = sample(
+            Path(args.workdir),
+            args.step,
+            args.prompt,
+            args.num_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
         )
-    )
+    print(json.dumps(result))
     return 0
 
 
