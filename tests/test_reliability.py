@@ -555,3 +555,9 @@ def test_long_generations_go_by_chunks_with_progress(monkeypatch, capsys):
     full = model(jnp.concatenate([prompt, new], axis=1))  # [1, 8, 11]
     np.testing.assert_allclose(step_logits, full[:, 2:7], atol=2e-5)
     assert sampling.generate(model, prompt, 3, rng=jax.random.key(0), keep_logits=False)[1] is None
+
+
+def test_a_generation_whose_cache_cannot_fit_is_refused_before_allocating(refused, trained):
+    # the attention cache of 2e12 positions would need 116 TiB: refused by its shape alone
+    argv = ["sample", "--workdir", str(trained), "--num-tokens", "2000000000000"]
+    refused(argv, "--num-tokens 2000000000000 needs a 119,209.3 GiB decode cache, more than")

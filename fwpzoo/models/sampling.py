@@ -37,7 +37,7 @@ def generate(
     graphdef, state = nnx.split(model)
     chunk = min(CHUNK, num_tokens)
     num_chunks = math.ceil(num_tokens / chunk)
-    logits, cache = _prefill(graphdef, state, prompt, prompt.shape[1] + num_chunks * chunk)
+    logits, cache = _prefill(graphdef, state, prompt, cache_length(prompt.shape[1], num_tokens))
     tokens, step_logits = [], []
     with tqdm(total=num_tokens, unit="token", delay=2, disable=not progress) as bar:
         for c in range(num_chunks):
@@ -52,6 +52,18 @@ def generate(
     if not keep_logits:
         return tokens, None
     return tokens, jnp.concatenate(step_logits, axis=1)[:, :num_tokens]  # [B, N, vocab]
+
+
+def cache_length(prompt_len: int, num_tokens: int) -> int:
+    """The positions generate's cache holds: the prompt and every token of every chunk."""
+    chunk = min(CHUNK, num_tokens)
+    return prompt_len + math.ceil(num_tokens / chunk) * chunk
+
+
+def cache_bytes(model, batch_size: int, max_len: int) -> int:
+    """The bytes of model.init_cache(batch_size, max_len), computed without allocating it."""
+    shapes = jax.eval_shape(lambda: model.init_cache(batch_size, max_len))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 
 def sample_token(logits, key, temperature: float):

@@ -1,5 +1,6 @@
 """Sampling from a checkpoint: prompt in, tokens out, one decode_step per token."""
 
+import os
 from pathlib import Path
 
 import jax
@@ -8,6 +9,7 @@ from flax import nnx
 
 from fwpzoo.config import ConfigError
 from fwpzoo.models import generate
+from fwpzoo.models.sampling import cache_bytes, cache_length
 from fwpzoo.train.restore import restore_run
 
 
@@ -44,11 +46,29 @@ def default_prompt(task) -> np.ndarray:
     return batch["inputs"][0, : first_scored + 1]
 
 
+def memory_bytes() -> int:
+    """What the first device can hold: its own limit where it reports one, else the host's RAM."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_cache_fits(model, max_len: int, num_tokens: int) -> None:
+    """ConfigError, before any allocation, if the decode cache (attention's grows with the
+    tokens) needs more than the memory there is."""
+    needed, available = cache_bytes(model, 1, max_len), memory_bytes()
+    if needed > available:
+        raise ConfigError(
+            f"--num-tokens {num_tokens} needs a {needed / 2**30:,.1f} GiB decode cache, more "
+            f"than the {available / 2**30:,.1f} GiB of memory; ask for fewer tokens"
+        )
+
+
 def sample(workdir: Path, step, prompt, num_tokens: int, *, temperature: float, seed: int) -> dict:
     """{"step", "prompt", "tokens" (and "text" for a text task)} from checkpoint `step`."""
     run, step, model_state = restore_run(workdir, step)
     model = nnx.merge(run.graphdef, model_state["params"], model_state["rest"])
     prompt_tokens = default_prompt(run.task) if prompt is None else parse_prompt(prompt, run.task)
+    check_cache_fits(model, cache_length(len(prompt_tokens), num_tokens), num_tokens)
     tokens, _ = generate(
         model,
         prompt_tokens[None],
