@@ -20,7 +20,9 @@ every gate. --decay per_key gives a key axis ([B, T, H, K]) to the decays that t
     efficiency  (chunk-algorithm FLOPs / time) / (the matmul's FLOP/s measured in the same
                 rounds); FLOPs per token and head with chunk C: 6CK + 4CV + 6KV for the rules
                 with a quadratic loss (per sub-step for delta_product), 2CK + 2CV + 4KV for
-                the linear-loss (Hebbian) ones;
+                the linear-loss (Hebbian) ones, 8CK + 8CV + 8KV for dplr's affine step (four
+                per-key score matrices), 2CK^2 + 2K^3/3 + 2K^2 + 2CK + 2CV + 6KV for mesa's exact
+                minimiser (every token's K x K system formed and Cholesky-solved);
                 forward + backward counts 3x the forward
 
 --out FILE.md writes the report (hand notes after its notes marker are kept), the raw numbers
@@ -154,7 +156,9 @@ def cell_inputs(family: str, T: int, options: Options, *, key_dim=None, value_di
     """(q, k, v, gates) in float32: L2-normalised keys, every gate of the family's GATE_SPECS
     (the optional ones too) drawn for its range and shape (per key where a decay may take
     either shape and options.decay is per_key, scalar otherwise). Unit-range gates stay below
-    1/2, so that beta * eta < 1/2 keeps the momentum rule's steps stable."""
+    1/2, so that beta * eta < 1/2 keeps the momentum rule's steps stable. dplr's a and b are tied
+    as RWKV-7 ties them, a = -kappa and b = kappa * rate (kappa a unit vector, rate in (0, 1)):
+    free ones would make the transition expand."""
     module = cells.get(family)
     B, H = options.batch, options.heads
     K, V = key_dim or options.key_dim, value_dim or options.value_dim
@@ -171,6 +175,9 @@ def cell_inputs(family: str, T: int, options: Options, *, key_dim=None, value_di
         shape = gate.head_shape(H, K, N, per_key)
         shape = shape if gate.shape == _spec.STATIC else (B, T, *shape)
         gates[gate.name] = GATE_DRAWS[gate.range](jax.random.normal(key, shape))
+    if family == "dplr":
+        kappa = gates["a"] / jnp.linalg.norm(gates["a"], axis=-1, keepdims=True)
+        gates["a"], gates["b"] = -kappa, kappa * jax.nn.sigmoid(gates["b"])
     return q, k, v, gates
 
 
@@ -180,7 +187,11 @@ def chunk_flops(family: str, T: int, chunk: int, options: Options) -> float:
     objective = cells.get(family).OBJECTIVE
     steps = T * (options.sub_steps if objective.step == _spec.GRADIENT_STEPS else 1)
     C = min(chunk, steps)
-    if objective.loss_fn is not _spec.negative_correlation:
+    if objective.step == _spec.AFFINE:  # dplr: four per-key score matrices
+        per_step = 8 * C * K + 8 * C * V + 8 * K * V
+    elif objective.step == _spec.MINIMISER:  # mesa: every token's K x K system formed and solved
+        per_step = 2 * C * K * K + 2 * K**3 // 3 + 2 * K * K + 2 * C * K + 2 * C * V + 6 * K * V
+    elif objective.loss_fn is not _spec.negative_correlation:
         per_step = 6 * C * K + 4 * C * V + 6 * K * V
     else:
         per_step = 2 * C * K + 2 * C * V + 4 * K * V

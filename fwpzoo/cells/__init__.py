@@ -1,10 +1,10 @@
 """The fast-weight math: one module per update-rule family, pure JAX, no parameters.
 
-Every family module exposes GATES, step, recurrent (the reference), chunkwise and associative;
-see each module's docstring for its recurrence and shapes; the derivations of the fast forms are in
-linear_attention.md (linear_attn, gated_linear_attn), delta_rules.md (the delta-rule families)
-and learning_rules.md (momentum_delta, oja, longhorn). Each module also declares its gates
-and its objective as data (_spec.py).
+Every family module exposes GATES, step, recurrent (the reference), chunkwise and associative
+(where exact); see each module's docstring for its recurrence and shapes; the derivations of the
+fast forms are in linear_attention.md (linear_attn, gated_linear_attn), delta_rules.md (the
+delta-rule families), learning_rules.md (momentum_delta, oja, longhorn), dplr.md, mesa.md
+and mlstm.md. Each module also declares its gates and its objective as data (_spec.py).
 
 PROGRAMMED holds the cells whose programmer reads its own past (the Recurrent DeltaNet and the
 self-referential weight matrix): their slow weights act inside the scan, so they take their own
@@ -19,10 +19,13 @@ from types import ModuleType
 from fwpzoo.cells import (
     delta_product,
     delta_rule,
+    dplr,
     gated_delta_rule,
     gated_linear_attn,
     linear_attn,
     longhorn,
+    mesa,
+    mlstm,
     momentum_delta,
     oja,
     recurrent_delta,
@@ -38,6 +41,9 @@ CELLS: dict[str, ModuleType] = {
     "momentum_delta": momentum_delta,
     "oja": oja,
     "longhorn": longhorn,
+    "dplr": dplr,
+    "mesa": mesa,
+    "mlstm": mlstm,
 }
 
 PROGRAMMED: dict[str, ModuleType] = {"recurrent_delta": recurrent_delta, "srwm": srwm}

@@ -133,26 +133,41 @@ def _first_second(x):
     return x[: x.shape[0] // 2], x[x.shape[0] // 2 :]
 
 
-def _per_key_scores(q, k, g):
-    """(A [P, B, H, C, C], the decay factors its pullback reuses) for q, k, g [P, B, H, C, K]."""
+def _per_key_scores(q, k, g, g_query=None, strict=False):
+    """(A [P, B, H, C, C], the decay factors its pullback reuses) for q, k, g [P, B, H, C, K].
+
+    A_ts = sum_k q_tk k_sk e^{g'_tk - g_sk} for s <= t (s < t when strict), with the query side's
+    log decays g' = g_query (g when None). g' may run one step behind g (dplr reads the state
+    before a token's own decay), as long as g'_t <= g_s for every pair kept: no exponent is
+    positive."""
+    g_query = g if g_query is None else g_query
     size = q.shape[-2]
     if size <= LEAF_SIZE:
-        gap = g[..., :, None, :] - g[..., None, :, :]  # [..., C, C, K]
-        decay = jnp.exp(jnp.where(lower_mask(size)[:, :, None], gap, -jnp.inf))
+        gap = g_query[..., :, None, :] - g[..., None, :, :]  # [..., C, C, K]
+        decay = jnp.exp(jnp.where(lower_mask(size, strict=strict)[:, :, None], gap, -jnp.inf))
         return jnp.sum(q[..., :, None, :] * k[..., None, :, :] * decay, axis=-1), decay
     # An odd block gets one more row: q = k = 0 there adds nothing, and g repeats its last
     # value so that no exponent turns positive.
     h = -(-size // 2)
-    q, k, g = _pad_rows(q, 2 * h), _pad_rows(k, 2 * h), _pad_rows(g, 2 * h, mode="edge")
+    q, k = _pad_rows(q, 2 * h), _pad_rows(k, 2 * h)
+    g, g_query = _pad_rows(g, 2 * h, mode="edge"), _pad_rows(g_query, 2 * h, mode="edge")
     mid = g[..., h - 1 : h, :]  # [..., 1, K]: m, the log decay at the end of the first half
-    q_decay, k_decay = jnp.exp(g[..., h:, :] - mid), jnp.exp(mid - g[..., :h, :])  # [.., h, K]
+    q_decay = jnp.exp(g_query[..., h:, :] - mid)  # [..., h, K]
+    k_decay = jnp.exp(mid - g[..., :h, :])  # [..., h, K]
     q_far, k_far = q[..., h:, :] * q_decay, k[..., :h, :] * k_decay
-    diagonal, inner = _per_key_scores(_halves(q), _halves(k), _halves(g))  # [2P, B, H, h, h]
+    diagonal, inner = _per_key_scores(
+        _halves(q), _halves(k), _halves(g), _halves(g_query), strict
+    )  # [2P, B, H, h, h]
     a11, a22 = _first_second(diagonal)
     top = jnp.concatenate([a11, jnp.zeros_like(a11)], axis=-1)
     bottom = jnp.concatenate([q_far @ k_far.mT, a22], axis=-1)
     a = jnp.concatenate([top, bottom], axis=-2)[..., :size, :size]
     return a, (q_far, k_far, q_decay, k_decay, inner)
+
+
+def per_key_scores(q, k, g, g_query=None, strict=False):
+    """A [P, B, H, C, C] of _per_key_scores alone, for chunk math that autodiff differentiates."""
+    return _per_key_scores(q, k, g, g_query, strict)[0]
 
 
 def _per_key_pullback(da, q, k, factors):

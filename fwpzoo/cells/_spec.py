@@ -43,7 +43,8 @@ GRADIENT_STEPS = "gradient steps"  # N gradient steps per token, one per sub-ste
 IMPLICIT = "implicit"  # S_t = S_{t-1} - lr * dL/dS at S_t (the proximal step)
 MOMENTUM = "momentum"  # M <- mu M + momentum_lr * dL/dS at S; S <- S - lr * M
 MINIMISER = "exact minimiser"  # the read uses the exact minimiser of a regularised loss
-STEPS: tuple[str, ...] = (GRADIENT, GRADIENT_STEPS, IMPLICIT, MOMENTUM, MINIMISER)
+AFFINE = "affine"  # S <- M S + X with a learned M: a gradient step only in special cases
+STEPS: tuple[str, ...] = (GRADIENT, GRADIENT_STEPS, IMPLICIT, MOMENTUM, MINIMISER, AFFINE)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,9 @@ class Objective:
     log decay and the gate scaling the gradient into it. `weights`: the key of a dict state the
     loss is on (None: the state is the weight matrix itself). `unit_values`: the step contracts
     only for L2-normalised values, which the layer then feeds it (Oja's values play the delta
-    rule's keys)."""
+    rule's keys). `log_scale`: the key of a dict state's log scale m (mLSTM's stabiliser): the
+    weights are then e^m state[weights], and lr names a log learning rate. MINIMISER and AFFINE
+    rules have no per-token loss_fn."""
 
     update: str
     loss: str
@@ -151,11 +154,12 @@ class Objective:
     state: State = State()
     weights: str | None = None
     unit_values: bool = False
+    log_scale: str | None = None
 
     def __post_init__(self):
         if self.step not in STEPS:
             raise ValueError(f"unknown step kind {self.step!r}; valid: {', '.join(STEPS)}")
-        if self.step != MINIMISER and self.loss_fn is None:
+        if self.step not in (MINIMISER, AFFINE) and self.loss_fn is None:
             raise ValueError(f"a {self.step!r} step needs loss_fn")
 
     def describe_step(self) -> str:
