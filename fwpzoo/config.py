@@ -2,10 +2,12 @@
 
 A run is `Config(model, data, train, checkpoint, eval)`. Every value is typed by its field, both in
 YAML and in overrides: `train.learning_rate=3e-4` is a float (PyYAML alone would read `3e-4` as a
-string), `model.mixers=[fwp,attention]` a tuple, `model.key_dim=null` None. Every float must be
-finite, whatever its field: a NaN or inf setting would only show up as a diverged run. Reading the
-file itself (and refusing alias bombs, duplicate keys, empty files, unknown sections) happens in
-fwpzoo.config_file, before JAX is imported.
+string), `model.mixers=[fwp,attention]` a tuple, `model.key_dim=null` None. A mapping inside a
+section's field holds per-item values of that section's own fields (a layer's mixer fields in
+`model.mixers=[{mixer: fwp, cell: delta_rule}, attention]`), typed by those fields the same way.
+Every float must be finite, whatever its field: a NaN or inf setting would only show up as a
+diverged run. Reading the file itself (and refusing alias bombs, duplicate keys, empty files,
+unknown sections) happens in fwpzoo.config_file, before JAX is imported.
 
 Why a small schema-driven decoder and not draccus: draccus parses argparse-style `--key=value`
 flags, prints a multi-line usage text on an unknown key, and splits a bare string given for a tuple
@@ -22,7 +24,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fwpzoo.config_file import SECTIONS, ConfigError, apply_overrides, read_config_file
+from fwpzoo.config_file import (
+    SECTIONS,
+    ConfigError,
+    apply_overrides,
+    parse_yaml,
+    read_config_file,
+)
 from fwpzoo.data.config import DataConfig
 from fwpzoo.models.config import ModelConfig
 
@@ -150,6 +158,8 @@ _BOOLS = {"true": True, "false": False}
 def _describe(tp) -> str:
     if typing.get_origin(tp) is tuple:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if tp is Mapping:
+        return "a mapping"
     if _union_args(tp):
         return " or ".join(_describe(arg) for arg in _union_args(tp))
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -162,34 +172,67 @@ def _union_args(tp) -> tuple:
 
 
 def _split_list(text: str) -> list[str]:
-    """'[a, b]' or 'a,b' -> ['a', 'b']; '[]' -> []."""
+    """'[a, b]' or 'a,b' -> ['a', 'b']; '[]' -> []; commas inside {...} or [...] do not split."""
     text = text.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
-    return [item.strip() for item in text.split(",")] if text.strip() else []
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item.strip() for item in items] if text.strip() else []
 
 
-def _decode(tp, value, key: str):
-    """`value` converted to type `tp`; a ConfigError naming `key` if it does not fit."""
+def _as_mapping(value, key: str):
+    """A mapping, or a string in YAML flow style ('{mixer: fwp, cell: delta_rule}') read as one;
+    None for anything else."""
+    if isinstance(value, str) and value.strip().startswith("{"):
+        value = parse_yaml(value, key)  # the config file's strict reader, named by the key
+    return value if isinstance(value, Mapping) else None
+
+
+def _decode_fields(owner, mapping: Mapping, key: str) -> dict:
+    """A mapping of per-item values: the keys that are fields of dataclass `owner` typed by them,
+    the others kept as given (the owner's own checks name any it does not take)."""
+    hints = typing.get_type_hints(owner)
+    return {
+        name: _decode(hints[name], value, f"{key}.{name}", owner) if name in hints else value
+        for name, value in mapping.items()
+    }
+
+
+def _decode(tp, value, key: str, owner=None):
+    """`value` converted to type `tp`; a ConfigError naming `key` if it does not fit. `owner` is
+    the dataclass whose field is being decoded: a Mapping in it holds that dataclass's fields."""
     fail = ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
+    if tp is Mapping:
+        mapping = _as_mapping(value, key)
+        if mapping is None or not all(isinstance(name, str) for name in mapping):
+            raise fail
+        return _decode_fields(owner, mapping, key) if owner is not None else dict(mapping)
     if _union_args(tp):
         if value is None or (isinstance(value, str) and value.strip().lower() in _NULLS):
             if type(None) in _union_args(tp):
                 return None
             raise fail
         inner = [arg for arg in _union_args(tp) if arg is not type(None)]
-        return _decode(inner[0], value, key)
+        if Mapping in inner and _as_mapping(value, key) is not None:
+            return _decode(Mapping, value, key, owner)
+        return _decode(inner[0], value, key, owner)
     if typing.get_origin(tp) is tuple:
         (item_type, *_) = typing.get_args(tp)
         if isinstance(value, str):
             value = _split_list(value)
         if not isinstance(value, Sequence) or isinstance(value, str):
             raise fail
-        return tuple(_decode(item_type, item, f"{key}[{i}]") for i, item in enumerate(value))
+        return tuple(_decode(item_type, item, f"{key}[{i}]", owner) for i, item in enumerate(value))
     if tp is bool:
         if isinstance(value, str) and value.strip().lower() in _BOOLS:
             return _BOOLS[value.strip().lower()]
@@ -229,7 +272,7 @@ def from_dict(cls, data: Mapping, prefix: str = ""):
             raise ConfigError(
                 f"unknown key {prefix}{key!s}; valid keys in {section}: {', '.join(fields)}"
             )
-    values = {key: _decode(hints[key], value, f"{prefix}{key}") for key, value in data.items()}
+    values = {key: _decode(hints[key], value, f"{prefix}{key}", cls) for key, value in data.items()}
     try:
         return cls(**values)
     except ValueError as error:  # a section's own checks (__post_init__) refused the values

@@ -19,7 +19,7 @@ from fwpzoo import cli
 
 TINY_YAML = """\
 model:
-  mixers: [fwp, attention]
+  mixers: [{mixer: fwp, cell: gated_delta_rule}, attention]
   d_model: 16
   num_heads: 2
   chunk_size: 8
@@ -196,7 +196,7 @@ BAD_TRAIN_ARGS = [
     (["train.learning_rate=[1]"], "train.learning_rate: expected a number"),
     (["model.cell=delta"], "unknown model.cell 'delta'; valid choices: linear_attn"),
     (["model.feature_map=elu"], "unknown model.feature_map 'elu'; valid choices: identity"),
-    (["model.mixers=[fwp,rnn]"], "unknown model.mixers 'rnn'; valid choices: fwp"),
+    (["model.mixers=[fwp,rnn]"], "unknown model.mixers[1] 'rnn'; valid choices: fwp"),
     (["data.task=sort"], "unknown data.task 'sort'; valid tasks: mqar"),
     (["model.plasticity=bcm"], "unknown model.plasticity 'bcm'; valid choices: hebb, oja, neuro"),
     (["model.plastic_on=soma"], "unknown model.plastic_on 'soma'; valid choices: input, recurrent"),

@@ -1,5 +1,6 @@
 """The run config: YAML + typed overrides, one-line errors, and every committed config loads."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,25 @@ def test_yaml_and_overrides_are_typed_by_the_schema(tmp_path):
     assert cfg.data == Config().data  # an absent section keeps its defaults
 
 
+def test_per_layer_mixer_fields_from_yaml_and_overrides(tmp_path):
+    text = "model:\n  mixers:\n    - {mixer: fwp, cell: gated_delta_rule, qk_scale: 3e-1}\n"
+    from_yaml = load(write(tmp_path, text + "    - attention\n"))
+    from_override = load(
+        write(tmp_path, "model:\n  cell: linear_attn\n"),
+        ["model.mixers=[{mixer: fwp, cell: gated_delta_rule, qk_scale: 3e-1}, attention]"],
+    )
+    for cfg in (from_yaml, from_override):
+        first, second = cfg.model.layers()
+        assert cfg.model.mixers[0] == {"mixer": "fwp", "cell": "gated_delta_rule", "qk_scale": 0.3}
+        assert first == dataclasses.replace(
+            cfg.model, mixers=("fwp",), cell="gated_delta_rule", qk_scale=0.3
+        )
+        assert second == dataclasses.replace(cfg.model, mixers=("attention",))
+    assert from_override.model.layers()[1].cell == "linear_attn"
+    assert from_dict(Config, to_dict(from_yaml)) == from_yaml
+    assert differing_keys(from_yaml, from_override) == ["model.cell"]
+
+
 def test_a_later_override_wins_and_the_input_is_not_mutated():
     data = {"train": {"steps": 5}}
     out = apply_overrides(data, ["train.steps=6", "train.steps=7"])
@@ -71,7 +91,22 @@ def test_a_later_override_wins_and_the_input_is_not_mutated():
         (["train.steps.deeper=1"], "train.steps is not a section"),
         (["model.cell=delta_rul"], "unknown model.cell 'delta_rul'; valid choices: linear_attn,"),
         (["model.feature_map=elu"], "unknown model.feature_map 'elu'; valid choices: identity,"),
-        (["model.mixers=[fwp,transformer]"], "unknown model.mixers 'transformer'; valid choices"),
+        (
+            ["model.mixers=[fwp,transformer]"],
+            "unknown model.mixers[1] 'transformer'; valid choices",
+        ),
+        (["model.mixers=[fwp, {mixer: fwp, cel: x}]"], "unknown key model.mixers[1].cel; valid"),
+        (["model.mixers=[{mixer: fwp, cell: x}]"], "unknown model.mixers[0].cell 'x'; valid"),
+        (["model.mixers=[{mixer: rnn}]"], "unknown model.mixers[0].mixer 'rnn'; valid choices"),
+        (["model.mixers=[fwp, {cell: delta_rule}]"], "model.mixers[1] has no 'mixer' key; give"),
+        (["model.mixers=[{mixer: fwp, chunk_size: x}]"], "model.mixers[0].chunk_size: expected"),
+        (["model.mixers=[{mixer: fwp, chunk_size: 0}]"], "model.mixers[0].chunk_size must be >="),
+        (["model.mixers=[{mixer: fwp, d_model: 8}]"], "model.mixers[0].d_model cannot be set per"),
+        (["model.mixers=[{mixer: fwp, qk_norm: sum}]"], "model.mixers[0]: qk_norm 'sum' needs"),
+        (
+            ["model.mixers=[{mixer: fwp, cell: [x}]"],
+            "model.mixers[0]: '{mixer: fwp, cell: [x}' is not a",
+        ),
         (["data.task=sorting"], "unknown data.task 'sorting'; valid tasks: mqar,"),
         (["train.compute_dtype=float16"], "valid: float32, bfloat16"),
         (["train.batch_size=6", "train.grad_accum=4"], "not divisible by train.grad_accum=4"),

@@ -234,7 +234,9 @@ def test_rdn_with_zero_recurrence_is_a_delta_rule_layer():
     ],
 )
 def test_bad_names_raise_value_errors_listing_valid_ones(field, value, listing):
-    with pytest.raises(ValueError, match=f"unknown model.{field} .*valid choices: .*{listing}"):
+    with pytest.raises(
+        ValueError, match=f"unknown model.{field}(\\[1\\])? .*valid choices: .*{listing}"
+    ):
         tiny(**{field: value})
 
 
@@ -338,3 +340,71 @@ def test_a_static_gate_is_a_trained_parameter_without_time_axis():
     lam = StaticGate(Gate("lam", STATIC, POSITIVE), (2, 4), beta_max=1.0)
     np.testing.assert_allclose(lam(), np.full((2, 4), np.log(2.0)), rtol=1e-6)
     assert [p.shape for p in jax.tree.leaves(nnx.state(lam, nnx.Param))] == [(2, 4)]
+
+
+# Packed rows: row 0 starts a segment at t = 0 too, row 1 continues its initial (zero) state.
+SEGMENT_LENGTHS = ((3, 1, 4, 2), (5, 5))
+PACKED_T = 10
+RESETTING_MIXERS = [
+    pytest.param({"mixers": ("fwp",), "cell": "gated_delta_rule", "conv_size": 3}, id="fwp"),
+    pytest.param(
+        {"mixers": ("fwp",), "cell": "delta_product", "product_decay": True, "conv_size": 2},
+        id="fwp-delta_product",
+    ),
+    pytest.param({"mixers": ("mamba2",), "conv_size": 3}, id="mamba2"),
+    pytest.param({"mixers": ("ssm",), "ssm_state_dim": 4}, id="ssm"),
+    pytest.param({"mixers": ("attention",)}, id="attention"),
+]
+
+
+def segment_bounds(lengths):
+    ends = np.cumsum(lengths)
+    return list(zip(ends - np.asarray(lengths), ends, strict=True))
+
+
+def packed_reset():
+    """[B, T] True at each segment start of SEGMENT_LENGTHS, except t = 0 of row 1."""
+    reset = np.zeros((len(SEGMENT_LENGTHS), PACKED_T), bool)
+    for row, lengths in enumerate(SEGMENT_LENGTHS):
+        reset[row, [start for start, _ in segment_bounds(lengths)]] = True
+    reset[1, 0] = False
+    return jnp.asarray(reset)
+
+
+@pytest.mark.parametrize("overrides", RESETTING_MIXERS)
+def test_a_packed_row_equals_its_segments_run_alone(overrides):
+    """Every mixer that keeps state (the fast weights, the SSM state, the conv buffer, the
+    attention keys) forgets it at a reset: each segment's outputs equal a run of that segment
+    alone. Row 0 resets at t = 0 and at adjacent tokens (a one-token segment); the rows reset
+    at different places, so nothing leaks between rows either."""
+    mixer = get_mixer(overrides["mixers"][0])(tiny(**overrides), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(mixer)
+    x = inputs(7, (len(SEGMENT_LENGTHS), PACKED_T, D))
+
+    @jax.jit
+    def packed_and_alone(state, x, reset):
+        layer = nnx.merge(graphdef, state)
+        alone = [
+            [layer(x[row : row + 1, start:end])[0] for start, end in segment_bounds(lengths)]
+            for row, lengths in enumerate(SEGMENT_LENGTHS)
+        ]
+        return layer(x, reset=reset), alone
+
+    packed, alone = packed_and_alone(state, x, packed_reset())
+    for row, segments in enumerate(alone):
+        np.testing.assert_allclose(packed[row], jnp.concatenate(segments), atol=2e-6)
+
+
+def test_short_conv_with_resets_reads_zeros_before_each_segment_and_carries_its_buffer():
+    conv = ShortConv(3, 4, rngs=nnx.Rngs(0))
+    x = inputs(shape=(1, 7, 3))
+    reset = jnp.zeros((1, 7), bool).at[0, 5].set(True)
+    full, buffer = conv(x, reset=reset)
+    np.testing.assert_allclose(full[:, 5:], conv(x[:, 5:])[0], atol=1e-6)
+    np.testing.assert_allclose(full[:, :5], conv(x[:, :5])[0], atol=1e-6)
+    np.testing.assert_array_equal(buffer, jnp.concatenate([jnp.zeros((1, 1, 3)), x[:, 5:]], 1))
+    # in pieces: the reset inside the second piece, the buffer of the first carried
+    first, mid = conv(x[:, :4], reset=reset[:, :4])
+    second, end = conv(x[:, 4:], mid, reset=reset[:, 4:])
+    np.testing.assert_allclose(jnp.concatenate([first, second], 1), full, atol=1e-6)
+    np.testing.assert_array_equal(end, buffer)

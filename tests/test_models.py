@@ -157,6 +157,43 @@ def test_generate_logits_equal_the_full_forward():
     np.testing.assert_allclose(step_logits, full[:, 2:7], atol=2e-5)
 
 
+# (row, start, end) of each segment of a packed batch of 9 tokens
+PACKED = [(0, 0, 4), (0, 4, 5), (0, 5, 9), (1, 0, 6), (1, 6, 8), (1, 8, 9)]
+
+
+def packed_runs(model, toks, reset):
+    """The packed forward, each segment alone, and prefill(3 tokens) then decode_step with the
+    same resets."""
+    full = model(toks, reset=reset)
+    alone = [model(toks[row : row + 1, start:end])[0] for row, start, end in PACKED]
+    cache = model.init_cache(toks.shape[0], toks.shape[1])
+    logits, cache = model.prefill(toks[:, :3], cache, reset[:, :3])
+
+    def one_token(cache, token_and_reset):
+        token, reset_t = token_and_reset  # [B], [B]
+        logits, cache = model.decode_step(token, cache, reset_t)
+        return cache, logits
+
+    _, steps = jax.lax.scan(one_token, cache, (toks[:, 3:].T, reset[:, 3:].T))
+    return full, alone, jnp.concatenate([logits, jnp.swapaxes(steps, 0, 1)], axis=1)
+
+
+def test_a_packed_row_equals_its_segments_and_decodes_across_resets():
+    """With resets at segment starts (at t = 0, at adjacent tokens, at the last token, inside
+    the prefill and during decoding), every block of the hybrid forgets the earlier segments:
+    each segment's logits equal the segment run alone, and prefill-then-decode equals the packed
+    forward."""
+    model = model_of(tiny(mixers=HYBRID, form="recurrent"))
+    toks = tokens(8, (B, 9))
+    reset = jnp.zeros((B, 9), bool)
+    for row, start, _ in PACKED:
+        reset = reset.at[row, start].set(start > 0 or row == 0)
+    full, alone, decoded = jitted(packed_runs, model, toks, reset)
+    for (row, start, end), logits in zip(PACKED, alone, strict=True):
+        np.testing.assert_allclose(full[row, start:end], logits, atol=2e-5)
+    np.testing.assert_allclose(decoded, full, atol=2e-5)
+
+
 def test_sample_token_greedy_and_tempered():
     logits = jnp.array([[0.0, 3.0, 1.0], [2.0, 0.0, -1.0]])
     np.testing.assert_array_equal(sample_token(logits, jax.random.key(0), 0.0), [1, 0])
@@ -233,6 +270,15 @@ def test_decoding_state_is_constant_in_length_except_attention():
             assert a["k"] == (B, 8, 2, 4) and b["k"] == (B, 1000, 2, 4)
         else:
             assert a == b, kind
+
+
+def test_per_layer_mixer_fields_reach_only_their_layer():
+    per_layer = {"mixer": "fwp", "cell": "gated_delta_rule", "num_heads": 1}
+    cfg = tiny(mixers=(per_layer, "fwp", {"mixer": "attention", "rope_base": 100.0}))
+    first, second, third = (block.mixer for block in model_of(cfg).blocks)
+    assert (first.cell, first.H, first.decay is not None) == ("gated_delta_rule", 1, True)
+    assert (second.cell, second.H, second.decay is None) == ("delta_rule", 2, True)
+    assert (third.rope_base, third.H) == (100.0, 2)
 
 
 def test_build_model_rejects_bad_vocab():

@@ -540,9 +540,9 @@ def state_size(model, mixer: str, seq_len: int) -> int:
 
 
 def model_labels(cfg, seq_len: int | None = None) -> dict:
-    """Record fields of a config's model (named by its first layer's mixer): model, cell, rule,
+    """Record fields of a config's model (named by its first layer): model, cell, rule,
     feature_map, phi_dim, beta_range, state_size (per layer, at `seq_len` or data.seq_len)."""
-    model = cfg.model
+    model = cfg.model.layers()[0]
     mixer = model.mixers[0]
     size = state_size(model, mixer, seq_len or cfg.data.seq_len)
     if mixer == "attention":

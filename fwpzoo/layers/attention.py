@@ -6,19 +6,28 @@ in pieces and token-by-token decoding compute the same thing. Writing past max_l
 dynamic_update_slice clamp its index and silently overwrite the newest keys, so the outputs of a
 write that does not fit are NaN instead: visible under jit, where the position is traced and
 cannot raise (the sampler sizes the cache to prompt + generated tokens).
+
+Segment resets (packed rows): a token attends only to the keys of its own segment, and rotary
+positions restart at each segment start, so a packed row computes exactly what its segments
+compute alone (rotary scores depend on position differences only, but restarting keeps the
+angles, and so their float32 rounding, the same as well). The cache keeps each row's current
+segment start, so decoding goes on in the right segment.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fwpzoo.layers.conv import segment_starts
+
 
 def rope(x, positions, base: float):
-    """Rotates pairs (x_i, x_{i + K/2}) of x [B, T, H, K] by angle position * base^(-2i/K)."""
+    """Rotates pairs (x_i, x_{i + K/2}) of x [B, T, H, K] by angle position * base^(-2i/K);
+    positions [T] (shared by the rows) or [B, T]."""
     half = x.shape[-1] // 2
     inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [K/2]
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [T, K/2]
-    cos, sin = jnp.cos(angles)[:, None], jnp.sin(angles)[:, None]  # [T, 1, K/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(B,) T, K/2]
+    cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]  # [(B,) T, 1, K/2]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
@@ -27,9 +36,11 @@ def rope(x, positions, base: float):
 def attend(q, k, v, mask):
     """softmax(q k^T / sqrt(K), masked) v.
 
-    q [B, T, H, K], k [B, S, H, K], v [B, S, H, V], mask [T, S] (True where a query may look).
+    q [B, T, H, K], k [B, S, H, K], v [B, S, H, V], mask [T, S] or [B, T, S] (True where a
+    query may look).
     """
     scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+    mask = mask if mask.ndim == 2 else mask[:, None]  # [(B, 1,) T, S]
     weights = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)  # [B, H, T, S]
     return jnp.einsum("bhts,bshv->bthv", weights.astype(v.dtype), v)  # [B, T, H, V]
 
@@ -48,37 +59,51 @@ class Attention(nnx.Module):
         self.qkv_proj = linear(cfg.d_model, H * (2 * K + V))
         self.out_proj = linear(H * V, cfg.d_model)
 
-    def __call__(self, x, *, return_intermediates: bool = False):
+    def __call__(self, x, *, reset=None, return_intermediates: bool = False):
+        """x [B, T, D], reset [B, T] bool or None -> y [B, T, D] (and {} when asked)."""
         T = x.shape[1]
-        positions = jnp.arange(T)
+        positions = jnp.arange(T)  # [T]
+        mask = positions[:, None] >= positions[None, :]  # [T, T]
+        if reset is not None:
+            starts = segment_starts(reset, 0)  # [B, T]
+            mask = mask & (positions[None, None, :] >= starts[:, :, None])  # [B, T, T]
+            positions = positions - starts  # [B, T] restart at each segment
         q, k, v = self._qkv(x, positions)
-        y = self._output(attend(q, k, v, positions[:, None] >= positions[None, :]))
+        y = self._output(attend(q, k, v, mask))
         return (y, {}) if return_intermediates else y
 
     def init_cache(self, batch_size: int, max_len: int):
+        """max_len keys and values, the next slot, and each row's current segment start."""
         return {
             "k": jnp.zeros((batch_size, max_len, self.H, self.K), self.dtype),
             "v": jnp.zeros((batch_size, max_len, self.H, self.V), self.dtype),
             "pos": jnp.zeros((), jnp.int32),
+            "start": jnp.zeros((batch_size,), jnp.int32),  # [B]
         }
 
-    def prefill(self, x, cache):
-        """x [B, T, D] at positions pos .. pos + T - 1 -> (y [B, T, D], cache with pos + T)."""
+    def prefill(self, x, cache, reset=None):
+        """x [B, T, D] at slots pos .. pos + T - 1 (reset [B, T] bool or None)
+        -> (y [B, T, D], cache with pos + T)."""
         pos, T, max_len = cache["pos"], x.shape[1], cache["k"].shape[1]
         if max_len < T:
             raise ValueError(f"{T} tokens do not fit a KV cache of max_len {max_len}")
-        positions = pos + jnp.arange(T)  # [T]
-        q, k, v = self._qkv(x, positions)
+        slots = pos + jnp.arange(T)  # [T]
+        starts = jnp.broadcast_to(cache["start"][:, None], (x.shape[0], T))  # [B, T]
+        if reset is not None:  # a reset in this piece starts a segment at its slot
+            in_piece = segment_starts(reset, -1)  # [B, T]
+            starts = jnp.where(in_piece >= 0, pos + in_piece, starts)
+        q, k, v = self._qkv(x, slots - starts)
         keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, pos, axis=1)  # [B, L, H, K]
         values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, pos, axis=1)  # [B, L, H, V]
-        mask = positions[:, None] >= jnp.arange(max_len)[None, :]  # [T, L]
+        cached = jnp.arange(max_len)  # [L]
+        mask = (slots[None, :, None] >= cached) & (cached >= starts[:, :, None])  # [B, T, L]
         y = self._output(attend(q, keys, values, mask))
         y = jnp.where(pos + T <= max_len, y, jnp.nan)
-        return y, {"k": keys, "v": values, "pos": pos + T}
+        return y, {"k": keys, "v": values, "pos": pos + T, "start": starts[:, -1]}
 
-    def decode_step(self, x, cache):
-        """One token x [B, D] -> (y [B, D], cache)."""
-        y, cache = self.prefill(x[:, None], cache)
+    def decode_step(self, x, cache, reset=None):
+        """One token x [B, D] (reset [B] bool or None) -> (y [B, D], cache)."""
+        y, cache = self.prefill(x[:, None], cache, None if reset is None else reset[:, None])
         return y[:, 0], cache
 
     def _qkv(self, x, positions):

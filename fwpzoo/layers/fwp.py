@@ -46,10 +46,16 @@ def form_fn(cell: str, form: str):
     return getattr(module, form)
 
 
-def run_form(cell: str, form: str, chunk_size: int, q, k, v, state, gates):
-    """The cell's `form` over a whole sequence -> (o [B, T, H, V], state [B, H, K, V])."""
+def reset_option(reset) -> dict:
+    """The `reset` keyword for a cell form or step: only where there are resets to pass."""
+    return {} if reset is None else {"reset": reset}
+
+
+def run_form(cell: str, form: str, chunk_size: int, q, k, v, state, gates, reset=None):
+    """The cell's `form` over a whole sequence (segment resets [B, T] or None)
+    -> (o [B, T, H, V], state [B, H, K, V])."""
     options = {"chunk_size": chunk_size} if form == "chunkwise" else {}
-    return form_fn(cell, form)(q, k, v, state=state, **options, **gates)
+    return form_fn(cell, form)(q, k, v, state=state, **options, **reset_option(reset), **gates)
 
 
 def has_sub_steps(module) -> bool:
@@ -133,13 +139,15 @@ class CellMixer(nnx.Module):
     """The entry points shared by the mixers built on a cell (this one and Mamba-2).
 
     A subclass sets cell (the family's name), H, K, V and conv (a ShortConv or None) and defines
-    decode_step and _sequence(x, state, buffer) -> (y [B, T, D], cache, stats), which runs the
-    configured form from the cell's `state` and the conv `buffer`.
+    decode_step and _sequence(x, state, buffer, reset) -> (y [B, T, D], cache, stats), which runs
+    the configured form from the cell's `state` and the conv `buffer`, with segment resets
+    [B, T] (or None) in both.
     """
 
-    def __call__(self, x, *, return_intermediates: bool = False):
-        """x [B, T, D] -> y [B, T, D] (and a dict of scalar intermediates when asked)."""
-        y, _, stats = self._sequence(x, state=None, buffer=None)
+    def __call__(self, x, *, reset=None, return_intermediates: bool = False):
+        """x [B, T, D], reset [B, T] bool or None -> y [B, T, D] (and a dict of scalar
+        intermediates when asked)."""
+        y, _, stats = self._sequence(x, state=None, buffer=None, reset=reset)
         return (y, stats) if return_intermediates else y
 
     def init_cache(self, batch_size: int, max_len: int):
@@ -151,9 +159,9 @@ class CellMixer(nnx.Module):
             cache["conv"] = self.conv.init_buffer(batch_size)
         return cache
 
-    def prefill(self, x, cache):
+    def prefill(self, x, cache, reset=None):
         """The configured form over x [B, T, D], starting from and returning the cache."""
-        y, cache, _ = self._sequence(x, cache["state"], cache.get("conv"))
+        y, cache, _ = self._sequence(x, cache["state"], cache.get("conv"), reset)
         return y, cache
 
     def fast_weights(self, cache):
@@ -215,15 +223,17 @@ class FWPMixer(CellMixer):
 
     # the entry points: see fwpzoo.layers; the full forward and prefill come from CellMixer
 
-    def decode_step(self, x, cache):
-        """One token x [B, D] through the cell's `step` -> (y [B, D], cache)."""
-        y, cache, _ = self.inspect_step(x, cache)
+    def decode_step(self, x, cache, reset=None):
+        """One token x [B, D] (reset [B] bool or None) through the cell's `step`
+        -> (y [B, D], cache)."""
+        y, cache, _ = self.inspect_step(x, cache, reset)
         return y, cache
 
-    def inspect_step(self, x, cache):
+    def inspect_step(self, x, cache, reset=None):
         """decode_step, plus the token's gates {name: [B, H]} (a log decay as its factor, a gate
         with sub-steps or keys averaged over them)."""
-        q, k, v, gates, buffer = self._inputs(x[:, None], cache.get("conv"))
+        reset_t = None if reset is None else reset[:, None]  # [B, 1]
+        q, k, v, gates, buffer = self._inputs(x[:, None], cache.get("conv"), reset_t)
         at_0 = lambda a: a[:, 0]  # noqa: E731  drop the time axis of length 1
         step = cells.get(self.cell).step
         # per-token gates sliced at the token, static ones whole
@@ -231,15 +241,16 @@ class FWPMixer(CellMixer):
             name: gate if spec.shape == _spec.STATIC else at_0(gate)
             for spec, (name, gate) in zip(self.gate_specs, gates.items(), strict=True)
         }
-        state, o = step(cache["state"], at_0(q), at_0(k), at_0(v), **gates)
+        inputs = (at_0(q), at_0(k), at_0(v))
+        state, o = step(cache["state"], *inputs, **reset_option(reset), **gates)
         y = self._output(o[:, None], x[:, None])[:, 0]
         return y, self._cache(state, buffer), gate_values(self.gate_specs, gates)
 
     # the pieces ------------------------------------------------------------------------------
 
-    def _sequence(self, x, state, buffer):
-        q, k, v, gates, buffer = self._inputs(x, buffer)
-        o, state = run_form(self.cell, self.form, self.chunk_size, q, k, v, state, gates)
+    def _sequence(self, x, state, buffer, reset):
+        q, k, v, gates, buffer = self._inputs(x, buffer, reset)
+        o, state = run_form(self.cell, self.form, self.chunk_size, q, k, v, state, gates, reset)
         weights = fast_weights(cells.get(self.cell), state)
         stats = {"state_norm": mean_state_norm(weights)} | gate_means(self.gate_specs, gates)
         return self._output(o, x), self._cache(state, buffer), stats
@@ -247,14 +258,14 @@ class FWPMixer(CellMixer):
     def _cache(self, state, buffer):
         return {"state": state} if buffer is None else {"state": state, "conv": buffer}
 
-    def _inputs(self, x, buffer):
+    def _inputs(self, x, buffer, reset=None):
         """x [B, T, D] -> q [B, T, H, K], k, v ([B, T, H, (N,) K | V]: an N axis for a cell with
         sub-steps), the gates (per-token [B, T, ...], static [H, K])."""
         B, T, _ = x.shape
         H, N, head_dim, V = self.H, self.N, self.head_dim, self.V
         qkv = self.qkv_proj(x)  # [B, T, H (1 + N) head_dim + H N V]
         if self.conv is not None:
-            qkv, buffer = self.conv(qkv, buffer)
+            qkv, buffer = self.conv(qkv, buffer, reset)
         q, k, v = jnp.split(qkv, [H * head_dim, H * head_dim * (1 + N)], axis=-1)
         q = self._features(q.reshape(B, T, H, head_dim)) * self.scale  # [B, T, H, K]
         k = self._features(k.reshape(B, T, H, N, head_dim))  # [B, T, H, N, K]

@@ -15,7 +15,7 @@ from flax import nnx
 
 from fwpzoo import cells
 from fwpzoo.layers.conv import ShortConv
-from fwpzoo.layers.fwp import CellMixer, form_fn, mean_state_norm, run_form
+from fwpzoo.layers.fwp import CellMixer, form_fn, mean_state_norm, reset_option, run_form
 from fwpzoo.layers.gates import Decay
 from fwpzoo.layers.norms import RMSNorm
 
@@ -46,37 +46,40 @@ class Mamba2Mixer(CellMixer):
         self.norm = RMSNorm(self.inner)
         self.out_proj = linear(self.inner, cfg.d_model)
 
-    def decode_step(self, x, cache):
-        """One token x [B, D] through the cell's `step` -> (y [B, D], cache)."""
-        y, cache, _ = self.inspect_step(x, cache)
+    def decode_step(self, x, cache, reset=None):
+        """One token x [B, D] (reset [B] bool or None) through the cell's `step`
+        -> (y [B, D], cache)."""
+        y, cache, _ = self.inspect_step(x, cache, reset)
         return y, cache
 
-    def inspect_step(self, x, cache):
+    def inspect_step(self, x, cache, reset=None):
         """decode_step, plus the token's decay {"alpha": [B, H]}."""
-        z, xs, q, k, v, log_alpha, buffer = self._inputs(x[:, None], cache.get("conv"))
+        reset_t = None if reset is None else reset[:, None]  # [B, 1]
+        z, xs, q, k, v, log_alpha, buffer = self._inputs(x[:, None], cache.get("conv"), reset_t)
         at_0 = lambda a: a[:, 0]  # noqa: E731  drop the time axis of length 1
+        inputs = (at_0(q), at_0(k), at_0(v))
         state, o = cells.get(CELL).step(
-            cache["state"], at_0(q), at_0(k), at_0(v), log_alpha=at_0(log_alpha)
+            cache["state"], *inputs, **reset_option(reset), log_alpha=at_0(log_alpha)
         )
         y = self._output(o[:, None], xs, z)[:, 0]
         return y, self._cache(state, buffer), {"alpha": jnp.exp(at_0(log_alpha))}
 
-    def _sequence(self, x, state, buffer):
-        z, xs, q, k, v, log_alpha, buffer = self._inputs(x, buffer)
+    def _sequence(self, x, state, buffer, reset):
+        z, xs, q, k, v, log_alpha, buffer = self._inputs(x, buffer, reset)
         gates = {"log_alpha": log_alpha}
-        o, state = run_form(CELL, self.form, self.chunk_size, q, k, v, state, gates)
+        o, state = run_form(CELL, self.form, self.chunk_size, q, k, v, state, gates, reset)
         stats = {"state_norm": mean_state_norm(state), "alpha_mean": jnp.mean(jnp.exp(log_alpha))}
         return self._output(o, xs, z), self._cache(state, buffer), stats
 
     def _cache(self, state, buffer):
         return {"state": state} if buffer is None else {"state": state, "conv": buffer}
 
-    def _inputs(self, u, buffer):
+    def _inputs(self, u, buffer, reset=None):
         B, T, _ = u.shape
         H, K, V = self.H, self.K, self.V
         z, xbc, dt_raw = jnp.split(self.in_proj(u), [self.inner, self.inner + self.xbc_width], -1)
         if self.conv is not None:
-            xbc, buffer = self.conv(xbc, buffer)
+            xbc, buffer = self.conv(xbc, buffer, reset)
         xs, k, q = jnp.split(jax.nn.silu(xbc), [self.inner, self.inner + K], axis=-1)
         xs = xs.reshape(B, T, H, V)  # [B, T, H, V]
         heads = lambda a: jnp.broadcast_to(a[:, :, None], (B, T, H, K))  # noqa: E731  one group

@@ -49,8 +49,9 @@ class DiagonalSSM(nnx.Module):
         if self.is_complex:
             self.theta_log = nnx.Param(jnp.log(max_phase * jax.random.uniform(phase_key, (N,))))
 
-    def __call__(self, x, *, return_intermediates: bool = False):
-        h = linear_recurrence(*self._pairs(x), self._zeros(x.shape[0]))
+    def __call__(self, x, *, reset=None, return_intermediates: bool = False):
+        """x [B, T, D], reset [B, T] bool or None -> y [B, T, D] (and intermediates)."""
+        h = linear_recurrence(*self._pairs(x, reset), self._zeros(x.shape[0]))
         y = self._read(h, x)
         return (y, {"state_norm": jnp.mean(jnp.abs(h[:, -1]))}) if return_intermediates else y
 
@@ -59,13 +60,13 @@ class DiagonalSSM(nnx.Module):
         del max_len
         return {"state": self._zeros(batch_size)}
 
-    def prefill(self, x, cache):
-        h = linear_recurrence(*self._pairs(x), cache["state"])  # [B, T, N]
+    def prefill(self, x, cache, reset=None):
+        h = linear_recurrence(*self._pairs(x, reset), cache["state"])  # [B, T, N]
         return self._read(h, x), {"state": h[:, -1]}
 
-    def decode_step(self, x, cache):
-        """One token x [B, D] -> (y [B, D], cache)."""
-        a, b = self._pairs(x[:, None])
+    def decode_step(self, x, cache, reset=None):
+        """One token x [B, D] (reset [B] bool or None) -> (y [B, D], cache)."""
+        a, b = self._pairs(x[:, None], None if reset is None else reset[:, None])
         h = a[:, 0] * cache["state"] + b[:, 0]  # [B, N]
         return self._read(h[:, None], x[:, None])[:, 0], {"state": h}
 
@@ -78,13 +79,17 @@ class DiagonalSSM(nnx.Module):
             return jnp.exp(jax.lax.complex(log_radius, jnp.exp(self.theta_log[...])))
         return jnp.exp(log_radius)
 
-    def _pairs(self, x):
-        """x [B, T, D] -> (a, b) [B, T, N] of h_t = a_t h_{t-1} + b_t."""
+    def _pairs(self, x, reset=None):
+        """x [B, T, D] -> (a, b) [B, T, N] of h_t = a_t h_{t-1} + b_t; a_t = 0 where reset [B, T]
+        is True, so h_t starts from a zero state there."""
         Bx = jnp.einsum("btd,pdn->pbtn", x, self.B[...].astype(self.dtype))  # [P, B, T, N]
         Bx = Bx.astype(jnp.float32)
         Bx = jax.lax.complex(Bx[0], Bx[1]) if self.is_complex else Bx[0]
         b = jnp.exp(self.gamma_log[...]) * Bx
-        return jnp.broadcast_to(self._lambda(), b.shape), b
+        a = jnp.broadcast_to(self._lambda(), b.shape)
+        if reset is not None:
+            a = jnp.where(reset[..., None], jnp.zeros((), a.dtype), a)
+        return a, b
 
     def _read(self, h, x):
         """Re(C h) + D x: h [B, T, N], x [B, T, D] -> [B, T, D] in x's dtype."""

@@ -1,5 +1,7 @@
 """The model's part of the config: one frozen dataclass, every field typed and defaulted."""
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fwpzoo.cells import CELLS, FORMS
@@ -18,6 +20,10 @@ def _one_of(key: str, value: str, valid) -> None:
         raise ValueError(f"unknown model.{key} {value!r}; valid choices: {choices}")
 
 
+# Fields one layer cannot set for itself: the layer list, and the residual stream's width.
+MODEL_WIDE: tuple[str, ...] = ("mixers", "d_model")
+
+
 def _positive(key: str, value: int | None, minimum: int = 1) -> None:
     if value is not None and value < minimum:
         raise ValueError(f"model.{key} must be >= {minimum}, got {value}")
@@ -27,14 +33,16 @@ def _positive(key: str, value: int | None, minimum: int = 1) -> None:
 class ModelConfig:
     """A causal LM: embed -> blocks (norm -> mixer -> residual -> norm -> MLP -> residual) -> head.
 
-    `mixers` names the mixer of each layer in order, so a hybrid is one list, e.g.
-    ["fwp", "attention"]; its length is the number of layers.
+    `mixers` gives the mixer of each layer in order, so a hybrid is one list; its length is the
+    number of layers. An entry is a mixer name, or a mapping with a `mixer` key and any other
+    fields of this config for that layer only, e.g.
+    [{"mixer": "fwp", "cell": "gated_delta_rule"}, {"mixer": "fwp", "cell": "delta_rule"},
+    "attention"]. `layers()` resolves the entries into one config per layer.
     """
 
-    mixers: tuple[str, ...] = (
-        "fwp",
-        "fwp",
-    )  # each one of: fwp, attention, mamba2, ssm, plastic, rdn, srwm
+    # each a name (fwp, attention, mamba2, ssm, plastic, rdn, srwm) or
+    # {"mixer": name, field: value, ...}
+    mixers: tuple[str | Mapping, ...] = ("fwp", "fwp")
     d_model: int = 64
     num_heads: int = 2
     key_dim: int | None = None  # per head; None means d_model // num_heads
@@ -78,8 +86,45 @@ class ModelConfig:
     def __post_init__(self):
         if not self.mixers:
             raise ValueError("model.mixers is empty; name one mixer per layer")
-        for name in self.mixers:
-            _one_of("mixers", name, MIXERS)
+        self._check_fields()
+        self.layers()  # every layer's own fields checked the same way
+
+    def layers(self) -> tuple["ModelConfig", ...]:
+        """The config of each layer: this one with the layer's own fields applied and
+        `mixers` = (its mixer name,); a ValueError naming the layer index and key otherwise."""
+        return tuple(self._layer(i, entry) for i, entry in enumerate(self.mixers))
+
+    def _layer(self, i: int, entry) -> "ModelConfig":
+        where = f"model.mixers[{i}]"
+        if not isinstance(entry, Mapping):
+            _one_of(f"mixers[{i}]", entry, MIXERS)
+            if len(self.mixers) == 1:
+                return self
+            return dataclasses.replace(self, mixers=(entry,))
+        fields = dict(entry)
+        if "mixer" not in fields:
+            raise ValueError(f"{where} has no 'mixer' key; give one of: {', '.join(MIXERS)}")
+        name = fields.pop("mixer")
+        if not isinstance(name, str):
+            raise ValueError(f"{where}.mixer: expected a string, got {name!r}")
+        _one_of(f"mixers[{i}].mixer", name, MIXERS)
+        valid = [f.name for f in dataclasses.fields(self) if f.name not in MODEL_WIDE]
+        for key in fields:
+            if key in MODEL_WIDE:
+                raise ValueError(f"{where}.{key} cannot be set per layer; set model.{key}")
+            if key not in valid:
+                raise ValueError(
+                    f"unknown key {where}.{key}; valid keys: mixer, {', '.join(valid)}"
+                )
+        layer = dataclasses.replace(self, mixers=(name,))
+        try:  # the layer's fields pass the same checks, named by the layer
+            return dataclasses.replace(layer, **fields)
+        except ValueError as error:
+            message = str(error)
+            named = message.replace("model.", f"{where}.")
+            raise ValueError(named if named != message else f"{where}: {message}") from None
+
+    def _check_fields(self) -> None:
         _one_of("cell", self.cell, CELLS)
         _one_of("form", self.form, FORMS)
         _one_of("feature_map", self.feature_map, FEATURE_MAPS)

@@ -2,6 +2,10 @@
 
 Parameters are float32; `dtype` is the compute dtype; fast-weight and SSM states stay float32;
 logits come out float32.
+
+Packed rows: every entry point takes an optional `reset` ([B, T] bool; [B] for decode_step), True
+where a new segment (document) starts; every block passes it to its mixer, so no token sees
+anything of an earlier segment in its row.
 """
 
 import jax.numpy as jnp
@@ -11,26 +15,28 @@ from fwpzoo.layers import RMSNorm, SwiGLU, get_mixer
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg, mixer: str, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    """One layer of a layer config `cfg` (ModelConfig.layers(): its mixer is cfg.mixers[0])."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.mixer_norm = RMSNorm(cfg.d_model)
-        self.mixer = get_mixer(mixer)(cfg, rngs=rngs, dtype=dtype)
+        self.mixer = get_mixer(cfg.mixers[0])(cfg, rngs=rngs, dtype=dtype)
         hidden = int(cfg.mlp_ratio * cfg.d_model)
         self.mlp_norm = RMSNorm(cfg.d_model) if hidden > 0 else None
         self.mlp = SwiGLU(cfg.d_model, hidden, rngs=rngs, dtype=dtype) if hidden > 0 else None
 
-    def __call__(self, x, *, return_intermediates: bool = False):
+    def __call__(self, x, *, reset=None, return_intermediates: bool = False):
         """x [B, T, D] -> x [B, T, D] (and the mixer's intermediates when asked)."""
-        y, stats = self.mixer(self.mixer_norm(x), return_intermediates=True)
+        y, stats = self.mixer(self.mixer_norm(x), reset=reset, return_intermediates=True)
         x = self._mlp(x + y)
         return (x, stats) if return_intermediates else x
 
-    def prefill(self, x, cache):
-        y, cache = self.mixer.prefill(self.mixer_norm(x), cache)
+    def prefill(self, x, cache, reset=None):
+        y, cache = self.mixer.prefill(self.mixer_norm(x), cache, reset)
         return self._mlp(x + y), cache
 
-    def decode_step(self, x, cache):
+    def decode_step(self, x, cache, reset=None):
         """x [B, D] -> (x [B, D], cache)."""
-        y, cache = self.mixer.decode_step(self.mixer_norm(x), cache)
+        y, cache = self.mixer.decode_step(self.mixer_norm(x), cache, reset)
         return self._mlp(x + y), cache
 
     def inspect_step(self, x, cache):
@@ -43,24 +49,26 @@ class Block(nnx.Module):
 
 
 class CausalLM(nnx.Module):
-    """tokens [B, T] -> logits [B, T, vocab_size] float32; one block per name in cfg.mixers."""
+    """tokens [B, T] -> logits [B, T, vocab_size] float32; one block per entry of cfg.mixers."""
 
     def __init__(self, cfg, *, vocab_size: int, rngs: nnx.Rngs, dtype=jnp.float32):
         self.embed = nnx.Embed(vocab_size, cfg.d_model, dtype=dtype, rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, name, rngs=rngs, dtype=dtype) for name in cfg.mixers])
+        self.blocks = nnx.List([Block(layer, rngs=rngs, dtype=dtype) for layer in cfg.layers()])
         self.final_norm = RMSNorm(cfg.d_model)
         self.head = nnx.Linear(cfg.d_model, vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
         self.vocab_size = vocab_size
 
-    def __call__(self, tokens, *, return_intermediates: bool = False):
-        return self.from_embeddings(self.embed(tokens), return_intermediates=return_intermediates)
+    def __call__(self, tokens, *, reset=None, return_intermediates: bool = False):
+        """tokens [B, T], reset [B, T] bool or None -> logits [B, T, vocab]."""
+        x = self.embed(tokens)
+        return self.from_embeddings(x, reset=reset, return_intermediates=return_intermediates)
 
-    def from_embeddings(self, x, *, return_intermediates: bool = False):
+    def from_embeddings(self, x, *, reset=None, return_intermediates: bool = False):
         """The model after the embedding: x [B, T, D] -> logits [B, T, vocab] (and intermediates,
         {"block_{i}/{name}": scalar}, when asked)."""
         intermediates = {}
         for i, block in enumerate(self.blocks):
-            x, stats = block(x, return_intermediates=True)
+            x, stats = block(x, reset=reset, return_intermediates=True)
             intermediates.update({f"block_{i}/{name}": value for name, value in stats.items()})
         logits = self._logits(x)
         return (logits, intermediates) if return_intermediates else logits
@@ -69,22 +77,23 @@ class CausalLM(nnx.Module):
         """One cache per block; max_len bounds prompt + generated tokens for attention blocks."""
         return tuple(block.mixer.init_cache(batch_size, max_len) for block in self.blocks)
 
-    def prefill(self, tokens, cache):
-        """tokens [B, T] through every block's full-sequence form from `cache`
-        -> (logits [B, T, vocab], cache ready for decode_step)."""
+    def prefill(self, tokens, cache, reset=None):
+        """tokens [B, T] (reset [B, T] or None) through every block's full-sequence form from
+        `cache` -> (logits [B, T, vocab], cache ready for decode_step)."""
         x = self.embed(tokens)
         new_cache = []
         for block, block_cache in zip(self.blocks, cache, strict=True):
-            x, block_cache = block.prefill(x, block_cache)
+            x, block_cache = block.prefill(x, block_cache, reset)
             new_cache.append(block_cache)
         return self._logits(x), tuple(new_cache)
 
-    def decode_step(self, tokens, cache):
-        """tokens [B] -> (logits [B, vocab], cache), constant memory per token."""
+    def decode_step(self, tokens, cache, reset=None):
+        """tokens [B] (reset [B] or None) -> (logits [B, vocab], cache), constant memory per
+        token."""
         x = self.embed(tokens)  # [B, D]
         new_cache = []
         for block, block_cache in zip(self.blocks, cache, strict=True):
-            x, block_cache = block.decode_step(x, block_cache)
+            x, block_cache = block.decode_step(x, block_cache, reset)
             new_cache.append(block_cache)
         return self._logits(x), tuple(new_cache)
 
@@ -94,10 +103,6 @@ class CausalLM(nnx.Module):
 
 def build_model(cfg, *, vocab_size: int, rngs: nnx.Rngs, dtype=jnp.float32) -> CausalLM:
     """The CausalLM of a ModelConfig; ValueError naming the problem for a bad config."""
-    if not cfg.mixers:
-        raise ValueError("model.mixers is empty; name at least one mixer per layer")
-    for name in cfg.mixers:
-        get_mixer(name)
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     return CausalLM(cfg, vocab_size=vocab_size, rngs=rngs, dtype=dtype)

@@ -16,9 +16,10 @@ from flax import nnx
 
 def token_sums(graphdef, params, rest, batch) -> dict:
     """Sums over the batch's weighted target tokens: cross-entropy, weight and correct argmaxes;
-    and the sequences with a scored token and those whose every scored token is right."""
+    and the sequences with a scored token and those whose every scored token is right. A batch of
+    packed rows carries "reset" [B, T] (True at each document start) for the model."""
     model = nnx.merge(graphdef, params, rest)
-    logits = model(batch["inputs"])  # [B, T, vocab] float32
+    logits = model(batch["inputs"], reset=batch.get("reset"))  # [B, T, vocab] float32
     targets = batch["targets"]  # [B, T]
     weights = batch["weights"].astype(jnp.float32)  # [B, T]
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, T]
