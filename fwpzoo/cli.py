@@ -52,7 +52,9 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--workdir", help="default: runs/<config name>")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--cpu-devices", type=int, help="split the host CPU into this many devices (one per core)"
+        "--cpu-devices",
+        type=int,
+        help="split the host CPU into this many devices (default: one per core)",
     )
     parser.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process runs)")
     parser.add_argument("--num-processes", type=int)
@@ -64,25 +66,31 @@ def train_main(argv: list[str]) -> int:
         help="seconds to wait for the coordinator and the other processes (default 300)",
     )
     args = parser.parse_intermixed_args(argv)
+
     from fwpzoo.config_file import apply_overrides, read_config_file
 
     # The file and the override sections are checked before JAX is imported: refusals are fast.
     data = read_config_file(args.config)
     apply_overrides(data, args.overrides)
-    if args.cpu_devices is not None:
-        from fwpzoo.train.sharding import split_cpu
-
-        split_cpu(args.cpu_devices)
     distributed = (args.coordinator, args.num_processes, args.process_id)
-    if any(flag is not None for flag in distributed):
-        if any(flag is None for flag in distributed):
-            raise UsageError("--coordinator, --num-processes and --process-id go together")
-        start_processes(*distributed, timeout=args.coordinator_timeout)
+    if any(flag is not None for flag in distributed) and any(flag is None for flag in distributed):
+        raise UsageError("--coordinator, --num-processes and --process-id go together")
 
     from fwpzoo.config import from_data
+    from fwpzoo.train.sharding import use_cpu_devices
+
+    cfg = from_data(data, args.overrides)  # starts no JAX backend: the device count is open
+    micro_batch = "train.batch_size" + (" / train.grad_accum" if cfg.train.grad_accum > 1 else "")
+    batches = {
+        micro_batch: cfg.train.batch_size // cfg.train.grad_accum,
+        "eval.batch_size": cfg.eval.batch_size,
+    }
+    use_cpu_devices(args.cpu_devices, batches, processes=args.num_processes or 1)
+    if args.coordinator is not None:
+        start_processes(*distributed, timeout=args.coordinator_timeout)
+
     from fwpzoo.train import Interrupted, TrainingDiverged, train
 
-    cfg = from_data(data, args.overrides)
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     try:
         last = train(cfg, workdir, progress=not args.no_progress)

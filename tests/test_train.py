@@ -8,11 +8,19 @@ import numpy as np
 import pytest
 
 from fwpzoo.config import CheckpointConfig, Config, from_dict
-from fwpzoo.train import TrainingDiverged, evaluate, make_eval_step, prepare, restore_run, train
+from fwpzoo.train import (
+    TrainingDiverged,
+    evaluate,
+    make_eval_step,
+    prepare,
+    restore_run,
+    sharding,
+    train,
+)
 from fwpzoo.train.checkpoint import Checkpoints
 from fwpzoo.train.metrics import read_metrics, truncate_metrics
 from fwpzoo.train.optim import learning_rate_schedule
-from fwpzoo.train.sharding import shard_batch, to_host
+from fwpzoo.train.sharding import dividing_count, shard_batch, to_host
 from fwpzoo.train.state import init_train_state
 from fwpzoo.train.steps import make_train_step, micro_batches
 
@@ -201,3 +209,34 @@ def test_programmed_mixers_train_resume_and_evaluate_like_any_other(tmp_path):
     metrics = evaluate(eval_step, model_state, run.task, run.cfg.eval, run.mesh, "valid")
     assert step == 4 and metrics["loss"] == whole["valid_loss"]
     assert metrics["sequence_accuracy"] == whole["valid_sequence_accuracy"]
+
+
+def test_the_default_device_count_is_the_largest_that_divides_the_batches():
+    assert dividing_count(4, [32, 64]) == 4
+    assert dividing_count(4, [6, 64]) == 2
+    assert dividing_count(3, [8]) == 2
+    assert dividing_count(4, [7]) == 1
+    assert dividing_count(2, [8], processes=2) == 2
+    assert dividing_count(2, [6], processes=2) == 1
+
+
+def test_one_device_per_core_unless_told_and_one_line_when_the_batch_does_not_divide(
+    monkeypatch, capsys
+):
+    split = []
+    monkeypatch.setattr(sharding, "split_cpu", split.append)
+    monkeypatch.setattr(sharding, "cpu_cores", lambda: 4)
+    monkeypatch.setattr(sharding, "device_count_set_elsewhere", lambda: False)
+    sharding.use_cpu_devices(None, {"train.batch_size": 32, "eval.batch_size": 64})
+    sharding.use_cpu_devices(3, {"train.batch_size": 32})  # as told, checked later by prepare
+    assert split == [4, 3] and capsys.readouterr().err == ""
+    sharding.use_cpu_devices(None, {"train.batch_size": 6, "eval.batch_size": 64})
+    assert split[-1] == 2
+    message = capsys.readouterr().err
+    assert message == (
+        "fwpzoo: train.batch_size = 6, eval.batch_size = 64: not divisible by 4 CPU devices "
+        "(one per core); using 2\n"
+    )
+    monkeypatch.setattr(sharding, "device_count_set_elsewhere", lambda: True)
+    sharding.use_cpu_devices(None, {"train.batch_size": 6})  # XLA_FLAGS or a started backend
+    assert split[-1] == 2 and len(split) == 3

@@ -31,9 +31,9 @@ as FILE.json and a plot of the chunkwise speedups as FILE.png.
 A form whose compiled footprint (XLA's memory analysis) exceeds --memory-limit-gb is skipped
 with that reason in the table instead of being run.
 
---cpu-devices N splits the host CPU into N devices and every form runs data parallel over them,
-the batch split as `fwpzoo train --cpu-devices N` splits it; the matmul's FLOP/s is then the
-faster of one device and all N.
+The host CPU is split into one device per core (--cpu-devices N: into N) and every form runs
+data parallel over them, the batch split as `fwpzoo train` splits it; with several devices the
+matmul's FLOP/s is the faster of one device and all of them.
 
 --peers also times the pure-JAX chunked delta rule of jax-linear-attention
 (linear_attention("deltanet", impl="auto")) and of deltanet-tpu
@@ -67,7 +67,7 @@ from fwpzoo.bench._common import (
 from fwpzoo.cells import _spec
 from fwpzoo.config import ConfigError
 from fwpzoo.reports import write_page
-from fwpzoo.train.sharding import batch_sharded, make_mesh, split_cpu
+from fwpzoo.train.sharding import batch_sharded, make_mesh, use_cpu_devices
 
 GATES = 8  # at most this many gates per family get their own random key
 DECAYS = ("scalar", "per_key")
@@ -94,7 +94,7 @@ class Options:
     memory_limit_gb: float = 8.0
     peers: bool = False
     peer_length: int = 2048
-    cpu_devices: int | None = None  # None: JAX's default devices
+    cpu_devices: int | None = None  # None: one per core (the largest count dividing --batch)
     seed: int = 0
 
 
@@ -564,9 +564,9 @@ def write_report(result: dict, report: str, out: Path) -> None:
 
 
 def use_devices(options: Options) -> None:
-    """Splits the CPU as asked, before anything runs, and checks the batch splits evenly."""
-    if options.cpu_devices is not None:
-        split_cpu(options.cpu_devices)
+    """Splits the CPU as asked (one device per core by default), before anything runs, and
+    checks the batch splits evenly."""
+    use_cpu_devices(options.cpu_devices, {"--batch": options.batch})
     if options.batch % jax.device_count():
         raise ConfigError(
             f"--batch {options.batch} is not divisible by the {jax.device_count()} devices"
