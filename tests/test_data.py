@@ -1,5 +1,6 @@
 """Tasks and corpora: determinism, resumability, targets recomputed independently, splits."""
 
+import dataclasses
 import io
 import itertools
 import subprocess
@@ -362,11 +363,44 @@ def test_a_folder_of_books_is_split_per_book(tmp_path):
 def test_brown_is_split_by_words_with_tags_stripped(tmp_path, monkeypatch):
     (tmp_path / "ca01").write_text("\n\n\tThe/at jury/nn said/vbd ./.\n\n\tIt/pps 1/2/cd ran/vbd\n")
     (tmp_path / "ca02").write_text("\tYes/rb ./.\n")
-    monkeypatch.setattr(corpora, "BROWN_WORDS", (5, 7))
-    splits = corpora.split_brown(sorted(tmp_path.iterdir()))
-    assert splits["train"].tobytes() == b"The jury said .\nIt "
-    assert splits["valid"].tobytes() == b"1/2 ran\n"
-    assert splits["test"].tobytes() == b"Yes .\n"
+    (tmp_path / "ca03").write_text("\tNo/rb\n")
+    monkeypatch.setattr(corpora, "BROWN_WORDS", (5, 9))
+    documents = corpora.split_brown(sorted(tmp_path.iterdir()))
+    as_bytes = {split: [doc.tobytes() for doc in docs] for split, docs in documents.items()}
+    assert as_bytes == {  # one document per file and split it reaches
+        "train": [b"The jury said .\nIt "],
+        "valid": [b"1/2 ran\n", b"Yes .\n"],
+        "test": [b"No\n"],
+    }
+
+
+def test_packed_text_marks_document_starts_and_keeps_the_stream(tmp_path):
+    """Packing keeps the bytes, windows and their order of the plain stream; it adds a reset at
+    each input that starts a document and takes the weight off each target that does."""
+    for name, text in [("a.txt", b"a" * 200), ("b.txt", b"b" * 20), ("c.txt", b"c" * 100)]:
+        (tmp_path / name).write_bytes(text)
+    plain_cfg = DataConfig(task="text", corpus=str(tmp_path), seq_len=8)
+    plain = make_task(plain_cfg, seed=1)
+    packed = make_task(dataclasses.replace(plain_cfg, pack=True), seed=1)
+    np.testing.assert_array_equal(np.flatnonzero(packed.starts["train"]), [0, 180, 198])
+    batch, same_rows = packed.train_batch(2, 5), plain.train_batch(2, 5)
+    assert "reset" not in same_rows
+    for name in ("inputs", "targets"):
+        np.testing.assert_array_equal(batch[name], same_rows[name])
+    first = batch["inputs"] != np.roll(batch["inputs"], 1, axis=1)  # a letter change: a start
+    first[:, 0] = False
+    np.testing.assert_array_equal(batch["reset"][:, 1:], first[:, 1:])
+    np.testing.assert_array_equal(batch["weights"] == 0, batch["targets"] != batch["inputs"])
+    # evaluation scores every byte of the split once, except each document's first
+    for split in ("valid", "test"):
+        data, starts = packed.splits[split], packed.starts[split]
+        scored = [b["targets"][b["weights"] > 0] for b in packed.eval_batches(split, 4)]
+        np.testing.assert_array_equal(np.concatenate(scored), data[1:][~starts[1:]])
+
+
+def test_pack_is_only_for_text():
+    with pytest.raises(DataConfigError, match="data.pack is for the text task, not mqar"):
+        DataConfig(task="mqar", pack=True)
 
 
 def test_a_missing_corpus_says_how_to_fetch_it(tmp_path):

@@ -1,11 +1,14 @@
 """The training loop in-process: the step's arithmetic, checkpoints, resume, eval and divergence."""
 
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from fwpzoo.config import CheckpointConfig, Config, from_dict
 from fwpzoo.train import (
@@ -22,7 +25,9 @@ from fwpzoo.train.metrics import read_metrics, truncate_metrics
 from fwpzoo.train.optim import learning_rate_schedule
 from fwpzoo.train.sharding import dividing_count, shard_batch, to_host
 from fwpzoo.train.state import init_train_state
-from fwpzoo.train.steps import make_train_step, micro_batches
+from fwpzoo.train.steps import make_train_step, micro_batches, token_sums
+
+REPO = Path(__file__).resolve().parent.parent
 
 TINY = {
     "model": {"mixers": ["fwp", "attention"], "d_model": 16, "num_heads": 2, "chunk_size": 8},
@@ -240,3 +245,52 @@ def test_one_device_per_core_unless_told_and_one_line_when_the_batch_does_not_di
     monkeypatch.setattr(sharding, "device_count_set_elsewhere", lambda: True)
     sharding.use_cpu_devices(None, {"train.batch_size": 6})  # XLA_FLAGS or a started backend
     assert split[-1] == 2 and len(split) == 3
+
+
+def test_a_packed_batch_scores_each_document_as_if_it_ran_alone(tmp_path):
+    """Documents of a folder corpus packed into rows: every scored token's loss equals the loss
+    of the same token with its document's part of the row run alone (each mixer's own resets are
+    tested in test_layers); the targets that are a document's first byte are not scored."""
+    text = (REPO / "tests" / "fixtures" / "carroll-alice.txt").read_bytes()
+    for i, length in enumerate([30, 9, 45, 20, 12, 60]):  # train parts: 90% of each
+        (tmp_path / f"doc{i}.txt").write_bytes(text[1000 * i : 1000 * i + length])
+    data = {"task": "text", "corpus": str(tmp_path), "seq_len": 16, "pack": True}
+    cfg = tiny(data=data, model={"mixers": ["fwp", "attention"], "form": "recurrent"})
+    run = prepare(cfg)
+    starts = np.flatnonzero(run.task.starts["train"])
+    np.testing.assert_array_equal(starts, [0, 27, 35, 75, 93, 103])
+    rows = run.task.num_windows  # 9 windows of 16 + 1 bytes: one epoch in one batch
+    batch = run.task.train_batch(0, rows)
+    reset, weights = batch["reset"], batch["weights"]
+    # every document start is an input once (reset) and, but the first, a target once (unscored)
+    assert reset.sum() == 6 and (weights == 0).sum() == 5
+    assert sorted(batch["targets"][weights == 0]) == sorted(run.task.splits["train"][starts[1:]])
+    segments = [
+        (row, start, end)
+        for row in range(rows)
+        for start, end in zip(
+            [0, *np.flatnonzero(reset[row][1:]) + 1],
+            [*np.flatnonzero(reset[row][1:]) + 1, 16],
+            strict=True,
+        )
+    ]
+    state = init_train_state(cfg, run.task.vocab_size, run.optimizer, run.mesh)
+
+    @jax.jit
+    def losses(params, rest, batch):
+        model = nnx.merge(run.graphdef, params, rest)
+        token_loss = lambda logits, targets: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+            logits, targets
+        )
+        packed = token_loss(model(batch["inputs"], reset=batch["reset"]), batch["targets"])
+        alone = [
+            token_loss(model(batch["inputs"][r : r + 1, s:e]), batch["targets"][r : r + 1, s:e])[0]
+            for r, s, e in segments
+        ]
+        return packed, alone, token_sums(run.graphdef, params, rest, batch)["loss_sum"]
+
+    packed, alone, loss_sum = losses(state["params"], state["rest"], batch)
+    for (row, start, end), loss in zip(segments, alone, strict=True):
+        scored = weights[row, start:end] > 0
+        np.testing.assert_allclose(packed[row, start:end][scored], loss[scored], rtol=1e-5)
+    np.testing.assert_allclose(loss_sum, np.sum(np.asarray(packed) * weights), rtol=1e-5)

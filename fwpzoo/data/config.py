@@ -65,6 +65,8 @@ class DataConfig:
     corpus, data_dir (text): "gutenberg" or "brown" (fetched into data_dir by
         scripts/fetch_data.py), "fixture" (the small committed test text), or a path to a text
         file or to a directory of .txt files (each split 90/5/5 by bytes).
+    pack (text): rows of whole documents back to back with a reset at each document start, no
+        prediction across a boundary (see fwpzoo.data.text).
     """
 
     task: str = "mqar"
@@ -89,6 +91,7 @@ class DataConfig:
     # text
     corpus: str = "fixture"
     data_dir: str = "data"
+    pack: bool = False
 
     def __post_init__(self):
         for message in config_problems(self):
@@ -100,7 +103,10 @@ def config_problems(cfg: DataConfig) -> list[str]:
     seq_len = cfg.seq_len
     if cfg.task not in TASK_NAMES:
         return [f"unknown data.task {cfg.task!r}; valid tasks: {', '.join(TASK_NAMES)}"]
-    checks = [(seq_len >= 1, f"data.seq_len must be >= 1, got {seq_len}")]
+    checks = [
+        (seq_len >= 1, f"data.seq_len must be >= 1, got {seq_len}"),
+        (not cfg.pack or cfg.task == "text", f"data.pack is for the text task, not {cfg.task}"),
+    ]
     if cfg.task == "mqar":
         checks += mqar_checks(cfg)
     if cfg.task == "formal_language" and cfg.language not in LANGUAGE_NAMES:

@@ -8,6 +8,11 @@
 - "fixture": the small text committed under tests/fixtures, split 90/5/5 by bytes.
 - any other value is a path: a text file split 90/5/5, or a folder whose *.txt files are split
   like the Gutenberg books.
+
+Documents (for packing, data.pack): a Gutenberg book or a .txt file of a folder is a document, and
+so is a Brown file; a split holds each document's part of it, in file order (a Brown file the word
+cut passes through gives a document to both splits). The fixture, or a single text file, is one
+document. A split's bytes are its documents' bytes concatenated.
 """
 
 from pathlib import Path
@@ -23,6 +28,7 @@ BYTE_FRACTIONS = (0.9, 0.95)  # where valid and test begin
 BROWN_WORDS = (800_000, 1_000_000)  # where valid and test begin
 
 Splits = dict[str, np.ndarray]  # split name -> uint8 [n]
+Documents = dict[str, list[np.ndarray]]  # split name -> the documents' uint8 bytes, in order
 
 
 def split_bytes(data: bytes) -> list[bytes]:
@@ -31,40 +37,49 @@ def split_bytes(data: bytes) -> list[bytes]:
     return [data[: cuts[0]], data[cuts[0] : cuts[1]], data[cuts[1] :]]
 
 
-def to_splits(parts: list[bytes]) -> Splits:
+def to_documents(parts: list[list[bytes]]) -> Documents:
+    """[train, valid, test] lists of document bytes -> Documents (empty documents dropped)."""
     pairs = zip(SPLITS, parts, strict=True)
-    return {split: np.frombuffer(part, dtype=np.uint8) for split, part in pairs}
+    return {
+        split: [np.frombuffer(doc, dtype=np.uint8) for doc in docs if doc] for split, docs in pairs
+    }
 
 
-def split_files(files: list[Path]) -> Splits:
-    """Each file split 90/5/5 by bytes; the parts concatenated per split in the given order."""
+def split_files(files: list[Path]) -> Documents:
+    """Each file (a document) split 90/5/5 by bytes; each split holds every file's part, in the
+    given order."""
     per_file = [split_bytes(path.read_bytes()) for path in files]
-    return to_splits([b"".join(parts[i] for parts in per_file) for i in range(len(SPLITS))])
+    return to_documents([[parts[i] for parts in per_file] for i in range(len(SPLITS))])
 
 
-def brown_sentences(files: list[Path]) -> list[list[str]]:
-    """The words of every sentence (a non-empty line), tags (after the last '/') stripped."""
+def brown_sentences(path: Path) -> list[list[str]]:
+    """The words of every sentence (a non-empty line) of a file, tags (after the last '/')
+    stripped."""
     sentences = []
-    for path in files:
-        for line in path.read_text(encoding="latin-1").splitlines():
-            words = [token.rsplit("/", 1)[0] for token in line.split()]
-            if words:
-                sentences.append(words)
+    for line in path.read_text(encoding="latin-1").splitlines():
+        words = [token.rsplit("/", 1)[0] for token in line.split()]
+        if words:
+            sentences.append(words)
     return sentences
 
 
-def split_brown(files: list[Path]) -> Splits:
-    """Bengio et al. 2003 split by word count; words joined by spaces, sentences by newlines."""
-    words, separators = [], []
-    for sentence in brown_sentences(files):
-        words += sentence
-        separators += [" "] * (len(sentence) - 1) + ["\n"]
+def split_brown(files: list[Path]) -> Documents:
+    """Bengio et al. 2003 split by word count; words joined by spaces, sentences by newlines,
+    one document per file (per split it reaches)."""
+    words, separators, file_of = [], [], []
+    for i, path in enumerate(files):
+        for sentence in brown_sentences(path):
+            words += sentence
+            separators += [" "] * (len(sentence) - 1) + ["\n"]
+            file_of += [i] * len(sentence)
     bounds = [0, *BROWN_WORDS, len(words)]
-    parts = [
-        "".join(w + s for w, s in zip(words[a:b], separators[a:b], strict=True)).encode("latin-1")
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-    ]
-    return to_splits(parts)
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        docs = {}  # file index -> its text in this split, in file order
+        for w, s, i in zip(words[a:b], separators[a:b], file_of[a:b], strict=True):
+            docs.setdefault(i, []).append(w + s)
+        parts.append(["".join(doc).encode("latin-1") for doc in docs.values()])
+    return to_documents(parts)
 
 
 def fetched_files(name: str, data_dir: str) -> list[Path]:
@@ -79,13 +94,24 @@ def fetched_files(name: str, data_dir: str) -> list[Path]:
 
 def load_corpus(corpus: str, data_dir: str) -> Splits:
     """{"train", "valid", "test"} -> uint8 bytes of corpus `corpus` (a name or a path)."""
+    documents = load_documents(corpus, data_dir)
+    return {split: concatenated(docs) for split, docs in documents.items()}
+
+
+def concatenated(documents: list[np.ndarray]) -> np.ndarray:
+    """The documents' bytes back to back, uint8 [n]."""
+    return np.concatenate([np.zeros(0, np.uint8), *documents])
+
+
+def load_documents(corpus: str, data_dir: str) -> Documents:
+    """{"train", "valid", "test"} -> the documents of corpus `corpus` (a name or a path)."""
     if corpus == "gutenberg":
         return split_files(fetched_files(corpus, data_dir))
     if corpus == "brown":
         return split_brown(fetched_files(corpus, data_dir))
     path = FIXTURE if corpus == "fixture" else Path(corpus)
     if path.is_file():
-        return to_splits(split_bytes(path.read_bytes()))
+        return to_documents([[part] for part in split_bytes(path.read_bytes())])
     if path.is_dir() and any(path.glob("*.txt")):
         return split_files(sorted(path.glob("*.txt")))
     raise MissingCorpusError(

@@ -2,7 +2,8 @@
 
 A batch is {"inputs": int32 [B, T], "targets": int32 [B, T], "weights": float32 [B, T]}: the model
 reads inputs[:, t] and is scored on predicting targets[:, t] where weights[:, t] > 0. Token 0 is
-padding in every task but text.
+padding in every task but text. A task with packed rows adds "reset": bool [B, T], True where a
+new segment (document) starts, which the model passes to every layer.
 
 Every batch is a pure function of (seed, stream, index), so the data-iterator state a checkpoint
 needs is the next index, and resuming reproduces the uninterrupted stream exactly.
@@ -48,12 +49,16 @@ def eval_stream(split: str) -> int:
     return STREAMS[split]
 
 
-def make_batch(inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> Batch:
-    return {
+def make_batch(inputs: np.ndarray, targets: np.ndarray, weights: np.ndarray, reset=None) -> Batch:
+    """The batch dict; `reset` [B, T] bool (packed rows: True at each segment start) if given."""
+    batch = {
         "inputs": inputs.astype(np.int32),
         "targets": targets.astype(np.int32),
         "weights": weights.astype(np.float32),
     }
+    if reset is not None:
+        batch["reset"] = np.asarray(reset, bool)
+    return batch
 
 
 class SyntheticTask(ABC):

@@ -7,6 +7,12 @@ Example e of the stream is window order(e // W)[e % W], so batch `index` is a pu
 
 Evaluation predicts every byte of the split after the first exactly once: consecutive windows of
 T inputs, the last one and the last batch padded with weight 0.
+
+Packing (data.pack=true): the split is its documents (books, files; see corpora) back to back, cut
+into the same windows, so a row holds the end of one document and the start of the next wherever
+a boundary falls in it. Each batch then carries "reset" [B, T], True at every input that is a
+document's first byte, and the target that is a document's first byte gets weight 0: the model
+never sees across a boundary and is never scored on predicting one document from another.
 """
 
 import functools
@@ -15,7 +21,7 @@ import math
 import numpy as np
 
 from fwpzoo.data.config import DataConfigError
-from fwpzoo.data.corpora import load_corpus
+from fwpzoo.data.corpora import concatenated, load_documents
 from fwpzoo.data.task import STREAMS, eval_stream, make_batch
 
 
@@ -33,7 +39,11 @@ class Text:
     def __init__(self, cfg, seed):
         self.seed = seed
         self.seq_len = cfg.seq_len
-        self.splits = load_corpus(cfg.corpus, cfg.data_dir)
+        self.pack = cfg.pack
+        documents = load_documents(cfg.corpus, cfg.data_dir)
+        self.splits = {split: concatenated(docs) for split, docs in documents.items()}
+        # [n] True at each document's first byte of the split
+        self.starts = {split: document_starts(docs) for split, docs in documents.items()}
         self.num_windows = (self.splits["train"].size - 1) // self.seq_len
         sizes = ", ".join(f"{name} {data.size}" for name, data in self.splits.items())
         if self.num_windows < 1:
@@ -56,8 +66,8 @@ class Text:
         window = np.empty(batch_size, np.int64)
         for e in np.unique(epoch):  # a batch spans at most a few epochs
             window[epoch == e] = epoch_order(self.seed, int(e), self.num_windows)[slot[epoch == e]]
-        rows = self.splits["train"][window[:, None] * self.seq_len + np.arange(self.seq_len + 1)]
-        return make_batch(rows[:, :-1], rows[:, 1:], np.ones((batch_size, self.seq_len)))
+        at = window[:, None] * self.seq_len + np.arange(self.seq_len + 1)  # [B, T + 1]
+        return self._batch("train", at, np.ones((batch_size, self.seq_len), bool))
 
     def eval_batches(self, split, batch_size, num_batches=None, seq_len=None):
         eval_stream(split)  # refuses a split name other than valid and test
@@ -68,5 +78,21 @@ class Text:
         for b in range(available if num_batches is None else min(num_batches, available)):
             start = (b * batch_size + np.arange(batch_size)) * T  # [B]
             at = start[:, None] + np.arange(T + 1)  # [B, T + 1] byte positions
-            rows = np.where(at < data.size, data[np.minimum(at, data.size - 1)], 0)
-            yield make_batch(rows[:, :-1], rows[:, 1:], at[:, 1:] < data.size)
+            yield self._batch(split, at, at[:, 1:] < data.size)
+
+    def _batch(self, split: str, at: np.ndarray, weights: np.ndarray):
+        """The batch of byte positions at [B, T + 1] of `split` (past its end: byte 0), scored
+        where weights [B, T]; with packing, reset and no score at document starts."""
+        data, inside = self.splits[split], at < self.splits[split].size
+        rows = np.where(inside, data[np.minimum(at, data.size - 1)], 0)  # [B, T + 1]
+        if not self.pack:
+            return make_batch(rows[:, :-1], rows[:, 1:], weights)
+        starts = inside & self.starts[split][np.minimum(at, data.size - 1)]  # [B, T + 1]
+        return make_batch(rows[:, :-1], rows[:, 1:], weights & ~starts[:, 1:], starts[:, :-1])
+
+
+def document_starts(documents: list[np.ndarray]) -> np.ndarray:
+    """[n] bool over the concatenated documents, True at each one's first byte."""
+    starts = np.zeros(sum(doc.size for doc in documents), bool)
+    starts[np.cumsum([0] + [doc.size for doc in documents[:-1]])[: len(documents)]] = True
+    return starts
