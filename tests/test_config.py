@@ -105,7 +105,7 @@ def test_a_later_override_wins_and_the_input_is_not_mutated():
         (["model.mixers=[{mixer: fwp, qk_norm: sum}]"], "model.mixers[0]: qk_norm 'sum' needs"),
         (
             ["model.mixers=[{mixer: fwp, cell: [x}]"],
-            "model.mixers[0]: '{mixer: fwp, cell: [x}' is not a",
+            "malformed YAML in model.mixers[0] at line 1",
         ),
         (["data.task=sorting"], "unknown data.task 'sorting'; valid tasks: mqar,"),
         (["train.compute_dtype=float16"], "valid: float32, bfloat16"),
