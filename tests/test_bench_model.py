@@ -36,13 +36,19 @@ def test_report_tables_files_and_kept_notes(tmp_path, capsys):
 
     result = json.loads((tmp_path / "model.json").read_text())
     assert result["options"]["lengths"] == [8, 16]
-    for section, key in (("training", "tokens_per_s"), ("decoding", "ms_per_token")):
+    for section, key, models in (
+        ("training", "tokens_per_s", bench.MODELS),
+        ("decoding", "ms_per_token", bench.DECODERS),
+    ):
         rows = result[section]
         assert sorted((row["model"], row["T"]) for row in rows) == [
-            (name, T) for name in sorted(bench.MODELS) for T in (8, 16)
+            (name, T) for name in sorted(models) for T in (8, 16)
         ]
         assert all(row[key] > 0 for row in rows)
     assert all(row["batch"] * row["T"] == 32 for row in result["training"])
+    # in-process the devices are what JAX started with; each step uses those its batch splits
+    assert all(row["batch"] % row["devices"] == 0 for row in result["training"])
+    assert "transformer, blockwise" in report and "transformer, dot_product" in report
     assert all(row["memory_bytes"] > 0 for row in result["training"])
     cache_bytes = {(row["model"], row["T"]): row["cache_bytes"] for row in result["decoding"]}
     assert cache_bytes["deltanet", 8] == cache_bytes["deltanet", 16]  # the fast weights only
@@ -64,11 +70,13 @@ def test_report_tables_files_and_kept_notes(tmp_path, capsys):
 
 def test_models_differ_only_in_the_mixer():
     options = bench.Options()
-    deltanet, transformer = (bench.model_config(name, options) for name in bench.MODELS)
+    deltanet, *transformers = (bench.model_config(name, options) for name in bench.MODELS)
     assert deltanet.mixers == ("fwp",) * options.num_layers
-    assert transformer.mixers == ("attention",) * options.num_layers
-    for key in ("d_model", "num_heads", "mlp_ratio", "key_dim", "value_dim"):
-        assert getattr(deltanet, key) == getattr(transformer, key)
+    for transformer in transformers:
+        assert transformer.mixers == ("attention",) * options.num_layers
+        for key in ("d_model", "num_heads", "mlp_ratio", "key_dim", "value_dim"):
+            assert getattr(deltanet, key) == getattr(transformer, key)
+    assert [t.attention_kernel for t in transformers] == ["dense", "dot_product", "blockwise"]
     assert (deltanet.cell, deltanet.form) == ("delta_rule", "chunkwise")
 
 

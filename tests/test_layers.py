@@ -354,6 +354,10 @@ RESETTING_MIXERS = [
     pytest.param({"mixers": ("mamba2",), "conv_size": 3}, id="mamba2"),
     pytest.param({"mixers": ("ssm",), "ssm_state_dim": 4}, id="ssm"),
     pytest.param({"mixers": ("attention",)}, id="attention"),
+    pytest.param({"mixers": ("plastic",), "plastic_on": "recurrent"}, id="plastic-recurrent"),
+    pytest.param(
+        {"mixers": ("plastic",), "plasticity": "oja", "plastic_alpha": True}, id="plastic-input"
+    ),
 ]
 
 
@@ -408,3 +412,47 @@ def test_short_conv_with_resets_reads_zeros_before_each_segment_and_carries_its_
     second, end = conv(x[:, 4:], mid, reset=reset[:, 4:])
     np.testing.assert_allclose(jnp.concatenate([first, second], 1), full, atol=1e-6)
     np.testing.assert_array_equal(end, buffer)
+
+
+@pytest.mark.parametrize(("T", "block_size"), [(37, 8), (5, 8), (32, 16)])
+def test_blockwise_and_dot_product_attention_equal_the_dense_square(T, block_size):
+    """Outputs and gradients wrt q, k, v: odd T (padded last block), T below one block, and T a
+    multiple of the block."""
+    from fwpzoo.layers.attention import attend, blockwise_attention, dot_product_attention
+
+    q, k, v = (inputs(i, (B, T, 3, 4)) for i in range(3))
+    cotangent = inputs(3, (B, T, 3, 4))
+    positions = jnp.arange(T)
+    kernels = {
+        "dense": lambda q, k, v: attend(q, k, v, positions[:, None] >= positions[None, :]),
+        "blockwise": lambda q, k, v: blockwise_attention(q, k, v, block_size),
+        "dot_product": dot_product_attention,
+    }
+
+    @jax.jit
+    def outputs_and_grads(q, k, v):
+        def run(kernel):
+            loss = lambda *x: jnp.sum(kernel(*x) * cotangent)  # noqa: E731
+            return kernel(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+        return {name: run(kernel) for name, kernel in kernels.items()}
+
+    results = outputs_and_grads(q, k, v)
+    reference, reference_grads = results.pop("dense")
+    for name, (o, grads) in results.items():
+        np.testing.assert_allclose(o, reference, atol=2e-6, err_msg=name)
+        for got, want in zip(grads, reference_grads, strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+
+
+def test_the_attention_kernel_is_a_config_choice_with_the_same_parameters():
+    x = inputs(4, (B, 11, D))
+    dense = get_mixer("attention")(tiny(), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(dense)
+    for kernel in ("dot_product", "blockwise"):
+        cfg = tiny(attention_kernel=kernel, attention_block_size=4)
+        layer = get_mixer("attention")(cfg, rngs=nnx.Rngs(0))
+        assert jax.tree.map(jnp.shape, nnx.state(layer)) == jax.tree.map(jnp.shape, state)
+        np.testing.assert_allclose(layer(x), dense(x), atol=2e-6, err_msg=kernel)
+    with pytest.raises(ValueError, match="unknown model.attention_kernel 'flash'; valid"):
+        tiny(attention_kernel="flash")

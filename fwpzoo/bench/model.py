@@ -1,28 +1,34 @@
 """`fwpzoo bench model`: DeltaNet against a softmax transformer of the same size.
 
     fwpzoo bench model [--lengths 512,2048,8192] [--tokens-per-step 8192] [--repeats 3]
-                       [--d-model 256] [--num-heads 4] [--num-layers 2] [--out DIR]
+                       [--d-model 256] [--num-heads 4] [--num-layers 2]
+                       [--attention-block-size 256] [--cpu-devices N] [--out DIR]
 
 Both models share d_model, layers, heads and the SwiGLU MLP; only the mixer differs (the FWP
-mixer with the delta_rule cell in its chunkwise form, or causal softmax attention). At every
-length T it measures, side by side:
+mixer with the delta_rule cell in its chunkwise form, or causal softmax attention). The
+transformer trains with each of its attention kernels (model.attention_kernel): `dense` (the
+masked [T, T] square), `dot_product` (jax.nn.dot_product_attention, causal) and `blockwise`
+(blocks of --attention-block-size tokens, those wholly after their queries skipped), so DeltaNet
+is compared with the fastest. At every length T it measures, side by side:
 
     training   tokens/s of the project's jitted train step (AdamW, clipping), B = tokens / T, so
-               every step sees the same number of tokens; peak memory is XLA's compiled footprint
-               of that step (temp + arguments + outputs - aliased), which is what the device must
-               hold, not the process RSS (both models live in one process)
-    decoding   ms/token of decode_step (batch 1) after a prefill of T tokens, run as one jitted
-               lax.scan of --decode-tokens steps, so the time is the model's and not dispatch's
+               every step sees the same number of tokens, data parallel over the largest number
+               of devices (one per core by default, --cpu-devices N) that divides B; peak memory
+               is XLA's compiled footprint of that step (temp + arguments + outputs - aliased),
+               which is what a device must hold, not the process RSS (all models live in one
+               process)
+    decoding   ms/token of decode_step (batch 1, one device) after a prefill of T tokens, run as
+               one jitted lax.scan of --decode-tokens steps, so the time is the model's and not
+               dispatch's (every attention kernel decodes the same way, from the KV cache)
     kernels    one layer's mixer kernel at the longest T (forward and backward, training
-               shapes): the baseline's attention, jax.nn.dot_product_attention (to show the
-               baseline is not made slow) and the delta_rule chunkwise cell, each with its share
-               of its model's train step
+               shapes): each attention kernel and the delta_rule chunkwise cell, each with its
+               share of its model's train step
     programmers  the same training and decoding measurements for the FWPs whose programmer
                reads its own past, the Recurrent DeltaNet (rdn) and the SRWM, side by side with
                DeltaNet at the same width (softmax features; their scans are sequential)
 
 Every timing is the median of --repeats turns in which the runs alternate, each run called twice
-per turn and timed the second time (so the load of a shared machine falls on both models alike,
+per turn and timed the second time (so the load of a shared machine falls on all models alike,
 and neither pays for memory the other released). Prints the report as markdown;
 --out DIR also writes DIR/model.md (hand notes after NOTES_MARKER are kept), model.json, model.png.
 """
@@ -38,7 +44,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import matplotlib
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from fwpzoo.bench._common import (
@@ -51,19 +59,35 @@ from fwpzoo.bench._common import (
 )
 from fwpzoo.cells import delta_rule
 from fwpzoo.config import ConfigError, TrainConfig
-from fwpzoo.layers.attention import attend
+from fwpzoo.layers.attention import attend, blockwise_attention, dot_product_attention
 from fwpzoo.models import ModelConfig, build_model
 from fwpzoo.reports import write_page
 from fwpzoo.train.optim import make_optimizer
+from fwpzoo.train.sharding import (
+    batch_sharded,
+    dividing_count,
+    replicated,
+    use_cpu_devices,
+)
 from fwpzoo.train.state import split_model
 from fwpzoo.train.steps import make_train_step
 
 matplotlib.use("Agg")  # files only
 
-MODELS = ("deltanet", "transformer")
+# "transformer" is the dense kernel, the layer's default; the others name their kernel
+TRANSFORMERS = ("transformer", "transformer_dot_product", "transformer_blockwise")
+MODELS = ("deltanet", *TRANSFORMERS)  # trained
+DECODERS = ("deltanet", "transformer")  # decoding reads the KV cache whatever the kernel
 PROGRAMMERS = ("rdn", "srwm")  # measured against DeltaNet in their own section
-LABELS = {"deltanet": "DeltaNet", "rdn": "Recurrent DeltaNet", "srwm": "SRWM"}
-TARGET_SPEEDUP = 3.0  # DeltaNet training tokens/s over the transformer's at the longest T
+LABELS = {
+    "deltanet": "DeltaNet",
+    "transformer": "transformer, dense",
+    "transformer_dot_product": "transformer, dot_product",
+    "transformer_blockwise": "transformer, blockwise",
+    "rdn": "Recurrent DeltaNet",
+    "srwm": "SRWM",
+}
+TARGET_SPEEDUP = 3.0  # DeltaNet training tokens/s over the fastest transformer's at the longest T
 
 
 @dataclass(frozen=True)
@@ -77,6 +101,8 @@ class Options:
     vocab_size: int = 256
     repeats: int = 3
     decode_tokens: int = 128
+    attention_block_size: int = 256
+    cpu_devices: int | None = None  # None: one per core
     seed: int = 0
 
 
@@ -86,7 +112,7 @@ def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
     parser.add_argument("--lengths", type=int_list, default=defaults.lengths)
     for name in ("tokens_per_step", "d_model", "num_heads", "num_layers", "chunk_size"):
         parser.add_argument("--" + name.replace("_", "-"), type=positive_int)
-    for name in ("vocab_size", "repeats", "decode_tokens"):
+    for name in ("vocab_size", "repeats", "decode_tokens", "attention_block_size", "cpu_devices"):
         parser.add_argument("--" + name.replace("_", "-"), type=positive_int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--out", type=Path, help="write model.md, model.json and model.png here")
@@ -118,7 +144,11 @@ def model_config(name: str, options: Options) -> ModelConfig:
     if name in PROGRAMMERS:
         mixers = (name,) * options.num_layers
         return ModelConfig(mixers=mixers, feature_map="softmax", qk_norm="none", **shared)
-    return ModelConfig(mixers=("attention",) * options.num_layers, **shared)
+    kernel = name.removeprefix("transformer").removeprefix("_") or "dense"
+    return ModelConfig(
+        mixers=("attention",) * options.num_layers, attention_kernel=kernel,
+        attention_block_size=options.attention_block_size, **shared,
+    )  # fmt: skip
 
 
 def new_model(name: str, options: Options):
@@ -139,22 +169,36 @@ def random_tokens(options: Options, shape, salt: int):
     return jax.random.randint(key, shape, 0, options.vocab_size, dtype=jnp.int32)
 
 
+def data_mesh(batch_size: int) -> Mesh:
+    """A "data" mesh over the most devices that split batch_size evenly."""
+    count = dividing_count(jax.device_count(), [batch_size])
+    return Mesh(np.array(jax.devices()[:count]), ("data",))
+
+
 def training_run(name: str, options: Options, T: int) -> tuple[Callable, dict]:
-    """One train step at length T, compiled: (run, {"compile_s", "memory_bytes"})."""
+    """One train step at length T, compiled, data parallel:
+    (run, {"compile_s", "memory_bytes", "devices"})."""
     graphdef, model_state = split_model(new_model(name, options))
     optimizer = make_optimizer(TrainConfig())
-    state = {**model_state, "opt_state": optimizer.init(model_state["params"])}
     B = options.tokens_per_step // T
+    mesh = data_mesh(B)
+    state = {**model_state, "opt_state": optimizer.init(model_state["params"])}
+    state = jax.device_put(state, replicated(mesh))
     tokens = random_tokens(options, (B, T + 1), salt=2 * T)  # [B, T + 1]
     batch = {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
         "weights": jnp.ones((B, T), jnp.float32),
     }
+    batch = jax.device_put(batch, batch_sharded(mesh))
     start = time.perf_counter()
     step = jax.jit(make_train_step(graphdef, optimizer, grad_accum=1))
     compiled = step.lower(state, batch).compile()
-    info = {"compile_s": time.perf_counter() - start, "memory_bytes": footprint_bytes(compiled)}
+    info = {
+        "compile_s": time.perf_counter() - start,
+        "memory_bytes": footprint_bytes(compiled),
+        "devices": mesh.devices.size,
+    }
     return (lambda: compiled(state, batch)), info
 
 
@@ -204,37 +248,43 @@ def unit_rows(x):
     return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
 
 
-# name -> (the model whose layers run it, kernel(q, k, v, beta, chunk_size) -> o [B, T, H, V])
+# name -> (the model whose layers run it, kernel(q, k, v, beta, options) -> o [B, T, H, V])
 KERNELS: dict[str, tuple[str, Callable]] = {
-    "attention, the baseline's (layers.attention.attend)": (
+    "attention, dense (layers.attention.attend)": (
         "transformer",
-        lambda q, k, v, beta, C: attend(q, k, v, causal_mask(q.shape[1])),
+        lambda q, k, v, beta, options: attend(q, k, v, causal_mask(q.shape[1])),
     ),
-    "attention, jax.nn.dot_product_attention": (
-        "transformer",
-        lambda q, k, v, beta, C: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+    "attention, dot_product (jax.nn.dot_product_attention)": (
+        "transformer_dot_product",
+        lambda q, k, v, beta, options: dot_product_attention(q, k, v),
+    ),
+    "attention, blockwise (layers.attention.blockwise_attention)": (
+        "transformer_blockwise",
+        lambda q, k, v, beta, options: blockwise_attention(q, k, v, options.attention_block_size),
     ),
     "delta_rule chunkwise (DeltaNet's cell)": (
         "deltanet",
-        lambda q, k, v, beta, C: delta_rule.chunkwise(q, unit_rows(k), v, beta=beta, chunk_size=C)[
-            0
-        ],
+        lambda q, k, v, beta, options: delta_rule.chunkwise(
+            q, unit_rows(k), v, beta=beta, chunk_size=options.chunk_size
+        )[0],
     ),
 }
 
 
 def kernel_runs(options: Options, T: int) -> dict[str, Callable]:
-    """Forward and backward of one mixer kernel at training shapes, compiled, for each KERNEL."""
+    """Forward and backward of one mixer kernel at training shapes, compiled, for each KERNEL,
+    the batch split over the training step's devices."""
     B, H = options.tokens_per_step // T, options.num_heads
     K = options.d_model // H
     key = jax.random.key(options.seed)
     q, k, v = (jax.random.normal(jax.random.fold_in(key, i), (B, T, H, K)) for i in range(3))
     beta = jax.nn.sigmoid(jax.random.normal(jax.random.fold_in(key, 3), (B, T, H)))  # [B, T, H]
+    q, k, v, beta = jax.device_put((q, k, v, beta), batch_sharded(data_mesh(B)))
     runs = {}
     for name, (_, kernel) in KERNELS.items():
 
         def loss(q, k, v, beta, kernel=kernel):
-            return jnp.sum(kernel(q, k, v, beta, options.chunk_size))
+            return jnp.sum(kernel(q, k, v, beta, options))
 
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, beta).compile()
         runs[name] = lambda compiled=compiled: compiled(q, k, v, beta)
@@ -272,10 +322,10 @@ def measure(options: Options, progress: bool = True) -> dict:
         bar.update()
         bar.set_description(f"decoding T={T}")
         runs, infos = {}, {}
-        for name in MODELS:
+        for name in DECODERS:
             runs[name], infos[name] = decoding_run(name, options, T)
         seconds = alternating_medians(runs, options.repeats)
-        for name in MODELS:
+        for name in DECODERS:
             ms_per_token = 1e3 * seconds[name] / options.decode_tokens
             result["decoding"].append(
                 {"model": name, "T": T, "ms_per_token": ms_per_token, **infos[name]}
@@ -350,10 +400,16 @@ def mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:,.0f}"
 
 
+def fastest_transformer(result: dict, T: int) -> str:
+    """The transformer (attention kernel) with the most training tokens/s at length T."""
+    return max(TRANSFORMERS, key=lambda name: value(result["training"], name, T, "tokens_per_s"))
+
+
 def training_speedup(result: dict, T: int) -> float:
+    """DeltaNet's training tokens/s over the fastest transformer's at length T."""
     rows = result["training"]
     return value(rows, "deltanet", T, "tokens_per_s") / value(
-        rows, "transformer", T, "tokens_per_s"
+        rows, fastest_transformer(result, T), T, "tokens_per_s"
     )
 
 
@@ -366,7 +422,8 @@ def markdown(result: dict, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['device']}, jax {info['jax']}, "
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['devices']} x {info['device']}, "
+        f"jax {info['jax']}, "
         f"Python {info['python']}; 1-minute load average {result['load_before']:.1f} before, "
         f"{result['load_after']:.1f} after.",
         "",
@@ -380,24 +437,24 @@ def markdown(result: dict, command: str) -> str:
         f"### Training ({options['tokens_per_step']:,} tokens per step, median of "
         f"{options['repeats']} after a warm-up)",
         "",
-        "| T | batch | DeltaNet tokens/s | transformer tokens/s | DeltaNet / transformer "
-        "| DeltaNet peak MiB | transformer peak MiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| T | batch | devices | model | tokens/s | DeltaNet / this | peak MiB per device |",
+        "|---:|---:|---:|---|---:|---:|---:|",
     ]
     rows = result["training"]
     for T in lengths:
-        lines.append(
-            f"| {T} | {value(rows, 'deltanet', T, 'batch')} "
-            f"| {value(rows, 'deltanet', T, 'tokens_per_s'):,.0f} "
-            f"| {value(rows, 'transformer', T, 'tokens_per_s'):,.0f} "
-            f"| {training_speedup(result, T):.2f}x "
-            f"| {mib(value(rows, 'deltanet', T, 'memory_bytes'))} "
-            f"| {mib(value(rows, 'transformer', T, 'memory_bytes'))} |"
-        )
+        deltanet = value(rows, "deltanet", T, "tokens_per_s")
+        for name in MODELS:
+            tokens_per_s = value(rows, name, T, "tokens_per_s")
+            ratio = "" if name == "deltanet" else f"{deltanet / tokens_per_s:.2f}x"
+            lines.append(
+                f"| {T} | {value(rows, name, T, 'batch')} | {value(rows, name, T, 'devices')} "
+                f"| {LABELS[name]} | {tokens_per_s:,.0f} | {ratio} "
+                f"| {mib(value(rows, name, T, 'memory_bytes'))} |"
+            )
     lines += [
         "",
-        "Peak memory is XLA's compiled footprint of the train step (temp + arguments + outputs "
-        "- aliased buffers), from `compiled.memory_analysis()`.",
+        "Peak memory is XLA's compiled footprint of the train step on one device (temp + "
+        "arguments + outputs - aliased buffers), from `compiled.memory_analysis()`.",
         "",
         f"### Decoding (batch 1, {options['decode_tokens']} tokens after a prefill of T, "
         "one jitted scan)",
@@ -433,7 +490,8 @@ def markdown(result: dict, command: str) -> str:
 
 
 def verdict(result: dict) -> str:
-    """The target (training speed-up at the longest T) and how decoding scales with context."""
+    """The target (training speed-up over the fastest transformer at the longest T) and how
+    decoding scales with context."""
     lengths = result["options"]["lengths"]
     short, long = min(lengths), max(lengths)
     speedup = training_speedup(result, long)
@@ -441,11 +499,12 @@ def verdict(result: dict) -> str:
     growth = {
         name: value(result["decoding"], name, long, "ms_per_token")
         / value(result["decoding"], name, short, "ms_per_token")
-        for name in MODELS
+        for name in DECODERS
     }
     return (
-        f"At T={long} DeltaNet trains at {speedup:.2f}x the transformer's tokens/s "
-        f"(target {TARGET_SPEEDUP:g}x: {met}). From T={short} to T={long} decoding time per "
+        f"At T={long} DeltaNet trains at {speedup:.2f}x the tokens/s of the fastest transformer "
+        f"({LABELS[fastest_transformer(result, long)]}; target {TARGET_SPEEDUP:g}x: {met}). "
+        f"From T={short} to T={long} decoding time per "
         f"token changes by {growth['deltanet']:.2f}x for DeltaNet and "
         f"{growth['transformer']:.2f}x for the transformer."
     )
@@ -456,14 +515,16 @@ def plot(result: dict, path: Path) -> None:
 
     lengths = result["options"]["lengths"]
     fig, (train_ax, decode_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, style in zip(MODELS, ("o-", "s--"), strict=True):
+    styles = dict(zip(MODELS, ("o-", "s--", "^:", "v-."), strict=True))
+    for name in MODELS:
         train_ax.plot(
-            lengths, [value(result["training"], name, T, "tokens_per_s") for T in lengths], style,
-            label=name,
+            lengths, [value(result["training"], name, T, "tokens_per_s") for T in lengths],
+            styles[name], label=LABELS[name],
         )  # fmt: skip
+    for name in DECODERS:
         decode_ax.plot(
-            lengths, [value(result["decoding"], name, T, "ms_per_token") for T in lengths], style,
-            label=name,
+            lengths, [value(result["decoding"], name, T, "ms_per_token") for T in lengths],
+            styles[name], label=name,
         )  # fmt: skip
     train_ax.set(xlabel="T (tokens)", ylabel="training tokens/s", title="Training throughput")
     decode_ax.set(xlabel="context T (tokens)", ylabel="ms/token", title="Decoding, batch 1")
@@ -489,6 +550,7 @@ def write_report(result: dict, report: str, out: Path) -> None:
 
 def main(argv: list[str]) -> int:
     options, out = parse_options(argv)
+    use_cpu_devices(options.cpu_devices, {})  # each step then uses the devices its batch splits
     result = measure(options)
     command = " ".join(["fwpzoo bench model", *argv])
     report = markdown(result, command)

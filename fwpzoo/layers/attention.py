@@ -45,6 +45,49 @@ def attend(q, k, v, mask):
     return jnp.einsum("bhts,bshv->bthv", weights.astype(v.dtype), v)  # [B, T, H, V]
 
 
+def dot_product_attention(q, k, v):
+    """Causal softmax attention by jax.nn.dot_product_attention (XLA's fused implementation on
+    CPU, cuDNN's where it applies); needs K == V. q, k [B, T, H, K], v [B, T, H, V]."""
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
+def blockwise_attention(q, k, v, block_size: int):
+    """Causal softmax attention by blocks of `block_size` tokens that never computes a block of
+    keys wholly after its queries: the online softmax of flash attention (Dao et al. 2022), one
+    block diagonal at a time. Diagonal d pairs query block i with key block i - d, for every i at
+    once (one batched matmul); only d = 0 needs the causal mask inside the block. About half the
+    FLOPs of the dense [T, T] square. q, k [B, T, H, K], v [B, T, H, V] -> o [B, T, H, V].
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = min(block_size, T)
+    N = -(-T // C)  # blocks; the padded keys lie after every real query, so causality masks them
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, N * C - T), (0, 0), (0, 0)))  # noqa: E731
+    blocks = lambda x: pad(x).reshape(B, N, C, H, x.shape[-1])  # noqa: E731  [B, N, C, H, .]
+    qb, kb, vb = blocks(q * K**-0.5), blocks(k), blocks(v)
+    inside = jnp.tril(jnp.ones((C, C), bool))  # [C, C] the diagonal blocks' causal mask
+    m = jnp.full((B, N, H, C), -jnp.inf, jnp.float32)  # running max of each query's scores
+    l = jnp.zeros((B, N, H, C), jnp.float32)  # running sum of exp(score - m)
+    acc = jnp.zeros((B, N, H, C, V), jnp.float32)  # running sum of exp(score - m) v
+    for d in range(N):  # d = 0 first: every query then has a finite max (itself)
+        scores = jnp.einsum("bnchk,bnshk->bnhcs", qb[:, d:], kb[:, : N - d]).astype(jnp.float32)
+        if d == 0:
+            scores = jnp.where(inside, scores, -jnp.inf)  # [B, N - d, H, C, C]
+        m_new = jnp.maximum(m[:, d:], scores.max(axis=-1))  # [B, N - d, H, C]
+        p = jnp.exp(scores - m_new[..., None])
+        rescale = jnp.exp(m[:, d:] - m_new)
+        l = l.at[:, d:].set(l[:, d:] * rescale + p.sum(axis=-1))
+        values = jnp.einsum("bnhcs,bnshv->bnhcv", p.astype(v.dtype), vb[:, : N - d])
+        acc = acc.at[:, d:].set(acc[:, d:] * rescale[..., None] + values)
+        m = m.at[:, d:].set(m_new)
+    o = (acc / l[..., None]).astype(v.dtype)  # [B, N, H, C, V]
+    return jnp.moveaxis(o, 3, 2).reshape(B, N * C, H, V)[:, :T]
+
+
+# model.attention_kernel -> the causal full-sequence computation of the layer without resets
+KERNELS: tuple[str, ...] = ("dense", "dot_product", "blockwise")
+
+
 class Attention(nnx.Module):
     """Multi-head causal attention of a model config `cfg` (heads, key/value dims, rope_base)."""
 
@@ -54,7 +97,12 @@ class Attention(nnx.Module):
         V = cfg.value_dim or cfg.d_model // H
         if K % 2:
             raise ValueError(f"attention needs an even key_dim for rotary embeddings, got {K}")
+        if cfg.attention_kernel == "dot_product" and K != V:
+            raise ValueError(
+                f"model.attention_kernel 'dot_product' needs key_dim == value_dim, got {K}, {V}"
+            )
         self.H, self.K, self.V, self.rope_base, self.dtype = H, K, V, cfg.rope_base, dtype
+        self.kernel, self.block_size = cfg.attention_kernel, cfg.attention_block_size
         linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)  # noqa: E731
         self.qkv_proj = linear(cfg.d_model, H * (2 * K + V))
         self.out_proj = linear(H * V, cfg.d_model)
@@ -63,12 +111,13 @@ class Attention(nnx.Module):
         """x [B, T, D], reset [B, T] bool or None -> y [B, T, D] (and {} when asked)."""
         T = x.shape[1]
         positions = jnp.arange(T)  # [T]
-        mask = positions[:, None] >= positions[None, :]  # [T, T]
-        if reset is not None:
-            starts = segment_starts(reset, 0)  # [B, T]
-            mask = mask & (positions[None, None, :] >= starts[:, :, None])  # [B, T, T]
-            positions = positions - starts  # [B, T] restart at each segment
-        q, k, v = self._qkv(x, positions)
+        if reset is None:
+            q, k, v = self._qkv(x, positions)
+            y = self._output(self._causal(q, k, v))
+            return (y, {}) if return_intermediates else y
+        starts = segment_starts(reset, 0)  # [B, T]
+        mask = (positions[:, None] >= positions) & (positions >= starts[:, :, None])  # [B, T, T]
+        q, k, v = self._qkv(x, positions - starts)  # rotary positions restart per segment
         y = self._output(attend(q, k, v, mask))
         return (y, {}) if return_intermediates else y
 
@@ -105,6 +154,15 @@ class Attention(nnx.Module):
         """One token x [B, D] (reset [B] bool or None) -> (y [B, D], cache)."""
         y, cache = self.prefill(x[:, None], cache, None if reset is None else reset[:, None])
         return y[:, 0], cache
+
+    def _causal(self, q, k, v):
+        """Causal attention over the whole sequence by the configured kernel."""
+        if self.kernel == "dot_product":
+            return dot_product_attention(q, k, v)
+        if self.kernel == "blockwise":
+            return blockwise_attention(q, k, v, self.block_size)
+        positions = jnp.arange(q.shape[1])
+        return attend(q, k, v, positions[:, None] >= positions[None, :])
 
     def _qkv(self, x, positions):
         B, T, _ = x.shape

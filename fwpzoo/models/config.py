@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from fwpzoo.cells import CELLS, FORMS
 from fwpzoo.cells.plastic import ACTIVATIONS, RULES, SITES
 from fwpzoo.layers import MIXERS
+from fwpzoo.layers.attention import KERNELS as ATTENTION_KERNELS
 from fwpzoo.layers.feature_maps import FEATURE_MAPS
 from fwpzoo.layers.fwp import DECAYS, QK_NORMS, check_decay, check_qk_norm, form_fn
 from fwpzoo.layers.gates import BETA_RANGES
@@ -80,8 +81,12 @@ class ModelConfig:
         1.0  # eta K at init (K presynaptic; HebbFF: -5); a fixed sign keeps |.|
     )
     plastic_alpha: bool = False  # per-synapse plasticity coefficients alpha [H, K, V]
-    # attention: rotary position embedding base
+    # attention: rotary position embedding base; how the full causal sequence is computed
+    # (dense: the masked [T, T] square; dot_product: jax.nn.dot_product_attention; blockwise:
+    # blocks of attention_block_size tokens, those wholly after their queries skipped)
     rope_base: float = 10000.0
+    attention_kernel: str = "dense"
+    attention_block_size: int = 256
 
     def __post_init__(self):
         if not self.mixers:
@@ -131,6 +136,7 @@ class ModelConfig:
         _one_of("qk_norm", self.qk_norm, QK_NORMS)
         _one_of("beta_range", self.beta_range, BETA_RANGES)
         _one_of("decay", self.decay, DECAYS)
+        _one_of("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         check_qk_norm(self.qk_norm, self.feature_map)
         check_decay(self.cell, self.decay)
         if "fwp" in self.mixers:
@@ -145,7 +151,7 @@ class ModelConfig:
             check_probability_map(self.feature_map, self.qk_norm)
         for key in ("d_model", "num_heads", "key_dim", "value_dim", "chunk_size", "dpfp_nu"):
             _positive(key, getattr(self, key))
-        for key in ("favor_features", "num_householder", "ssm_state_dim"):
+        for key in ("favor_features", "num_householder", "ssm_state_dim", "attention_block_size"):
             _positive(key, getattr(self, key))
         _positive("conv_size", self.conv_size, minimum=0)
         if self.mlp_ratio < 0:
