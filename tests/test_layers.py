@@ -366,13 +366,37 @@ def segment_bounds(lengths):
     return list(zip(ends - np.asarray(lengths), ends, strict=True))
 
 
+PACKED_SEGMENTS = [  # (row, start, end) of every segment
+    (row, start, end)
+    for row, lengths in enumerate(SEGMENT_LENGTHS)
+    for start, end in segment_bounds(lengths)
+]
+
+
 def packed_reset():
     """[B, T] True at each segment start of SEGMENT_LENGTHS, except t = 0 of row 1."""
     reset = np.zeros((len(SEGMENT_LENGTHS), PACKED_T), bool)
-    for row, lengths in enumerate(SEGMENT_LENGTHS):
-        reset[row, [start for start, _ in segment_bounds(lengths)]] = True
+    for row, start, _ in PACKED_SEGMENTS:
+        reset[row, start] = True
     reset[1, 0] = False
     return jnp.asarray(reset)
+
+
+def one_segment_per_row(x):
+    """x [B, T, ...] -> [segments, T, ...]: each segment of PACKED_SEGMENTS alone at the start of
+    its own row, zeros after it (a causal layer's outputs there never see the zeros)."""
+    rows = np.zeros((len(PACKED_SEGMENTS), PACKED_T), int)
+    times = np.zeros((len(PACKED_SEGMENTS), PACKED_T), int)
+    inside = np.zeros((len(PACKED_SEGMENTS), PACKED_T), bool)
+    for i, (row, start, end) in enumerate(PACKED_SEGMENTS):
+        rows[i], times[i, : end - start], inside[i, : end - start] = row, range(start, end), True
+    return jnp.where(inside.reshape(inside.shape + (1,) * (x.ndim - 2)), x[rows, times], 0)
+
+
+def assert_segments_equal(packed, alone, **tolerance):
+    """packed [B, T, ...] from a packed run, alone [segments, T, ...] from one_segment_per_row."""
+    for i, (row, start, end) in enumerate(PACKED_SEGMENTS):
+        np.testing.assert_allclose(packed[row, start:end], alone[i, : end - start], **tolerance)
 
 
 @pytest.mark.parametrize("overrides", RESETTING_MIXERS)
@@ -388,15 +412,9 @@ def test_a_packed_row_equals_its_segments_run_alone(overrides):
     @jax.jit
     def packed_and_alone(state, x, reset):
         layer = nnx.merge(graphdef, state)
-        alone = [
-            [layer(x[row : row + 1, start:end])[0] for start, end in segment_bounds(lengths)]
-            for row, lengths in enumerate(SEGMENT_LENGTHS)
-        ]
-        return layer(x, reset=reset), alone
+        return layer(x, reset=reset), layer(one_segment_per_row(x))
 
-    packed, alone = packed_and_alone(state, x, packed_reset())
-    for row, segments in enumerate(alone):
-        np.testing.assert_allclose(packed[row], jnp.concatenate(segments), atol=2e-6)
+    assert_segments_equal(*packed_and_alone(state, x, packed_reset()), atol=2e-6)
 
 
 def test_short_conv_with_resets_reads_zeros_before_each_segment_and_carries_its_buffer():

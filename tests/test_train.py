@@ -283,14 +283,18 @@ def test_a_packed_batch_scores_each_document_as_if_it_ran_alone(tmp_path):
             logits, targets
         )
         packed = token_loss(model(batch["inputs"], reset=batch["reset"]), batch["targets"])
-        alone = [
-            token_loss(model(batch["inputs"][r : r + 1, s:e]), batch["targets"][r : r + 1, s:e])[0]
-            for r, s, e in segments
-        ]
+        # each segment alone at the start of its own row, byte 0 after it (causal: never seen)
+        inputs, targets = (
+            jnp.stack([jnp.pad(batch[name][r, s:e], (0, 16 - e + s)) for r, s, e in segments])
+            for name in ("inputs", "targets")
+        )  # [segments, 16]
+        alone = token_loss(model(inputs), targets)
         return packed, alone, token_sums(run.graphdef, params, rest, batch)["loss_sum"]
 
     packed, alone, loss_sum = losses(state["params"], state["rest"], batch)
     for (row, start, end), loss in zip(segments, alone, strict=True):
         scored = weights[row, start:end] > 0
-        np.testing.assert_allclose(packed[row, start:end][scored], loss[scored], rtol=1e-5)
+        np.testing.assert_allclose(
+            packed[row, start:end][scored], loss[: end - start][scored], rtol=1e-5
+        )
     np.testing.assert_allclose(loss_sum, np.sum(np.asarray(packed) * weights), rtol=1e-5)
