@@ -355,6 +355,8 @@ RESETTING_MIXERS = [
     pytest.param({"mixers": ("ssm",), "ssm_state_dim": 4}, id="ssm"),
     pytest.param({"mixers": ("attention",)}, id="attention"),
     pytest.param({"mixers": ("plastic",), "plastic_on": "recurrent"}, id="plastic-recurrent"),
+    pytest.param({"mixers": ("rdn",), "feature_map": "softmax", "qk_norm": "none"}, id="rdn"),
+    pytest.param({"mixers": ("srwm",), "feature_map": "softmax", "qk_norm": "none"}, id="srwm"),
     pytest.param(
         {"mixers": ("plastic",), "plasticity": "oja", "plastic_alpha": True}, id="plastic-input"
     ),

@@ -31,12 +31,12 @@ class Block(nnx.Module):
         return (x, stats) if return_intermediates else x
 
     def prefill(self, x, cache, reset=None):
-        y, cache = self.mixer.prefill(self.mixer_norm(x), cache, reset)
+        y, cache = self.mixer.prefill(self.mixer_norm(x), cache, reset=reset)
         return self._mlp(x + y), cache
 
     def decode_step(self, x, cache, reset=None):
         """x [B, D] -> (x [B, D], cache)."""
-        y, cache = self.mixer.decode_step(self.mixer_norm(x), cache, reset)
+        y, cache = self.mixer.decode_step(self.mixer_norm(x), cache, reset=reset)
         return self._mlp(x + y), cache
 
     def inspect_step(self, x, cache):
