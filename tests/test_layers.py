@@ -351,7 +351,15 @@ RESETTING_MIXERS = [
         {"mixers": ("fwp",), "cell": "delta_product", "product_decay": True, "conv_size": 2},
         id="fwp-delta_product",
     ),
+    pytest.param(  # chunks of 4: resets at a chunk's first token and inside chunks
+        {"mixers": ("fwp",), "cell": "gated_delta_rule", "form": "chunkwise", "chunk_size": 4},
+        id="fwp-chunkwise",
+    ),
+    pytest.param({"mixers": ("fwp",), "form": "associative"}, id="fwp-associative"),
     pytest.param({"mixers": ("mamba2",), "conv_size": 3}, id="mamba2"),
+    pytest.param(
+        {"mixers": ("mamba2",), "form": "chunkwise", "chunk_size": 4}, id="mamba2-chunkwise"
+    ),
     pytest.param({"mixers": ("ssm",), "ssm_state_dim": 4}, id="ssm"),
     pytest.param({"mixers": ("attention",)}, id="attention"),
     pytest.param({"mixers": ("plastic",), "plastic_on": "recurrent"}, id="plastic-recurrent"),
@@ -359,6 +367,10 @@ RESETTING_MIXERS = [
     pytest.param({"mixers": ("srwm",), "feature_map": "softmax", "qk_norm": "none"}, id="srwm"),
     pytest.param(
         {"mixers": ("plastic",), "plasticity": "oja", "plastic_alpha": True}, id="plastic-input"
+    ),
+    pytest.param(
+        {"mixers": ("plastic",), "plastic_activation": "identity", "form": "chunkwise"},
+        id="plastic-chunkwise",
     ),
 ]
 

@@ -190,7 +190,7 @@ def test_a_packed_row_equals_its_segments_and_decodes_across_resets():
     the prefill and during decoding), every block of the hybrid forgets the earlier segments:
     each segment's logits equal the segment run alone, and prefill-then-decode equals the packed
     forward."""
-    model = model_of(tiny(mixers=HYBRID, form="recurrent"))
+    model = model_of(tiny(mixers=HYBRID))  # chunkwise, chunks of 4
     toks = tokens(8, (B, 9))
     reset = jnp.zeros((B, 9), bool)
     for row, start, _ in PACKED:

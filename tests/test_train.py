@@ -255,7 +255,7 @@ def test_a_packed_batch_scores_each_document_as_if_it_ran_alone(tmp_path):
     for i, length in enumerate([30, 9, 45, 20, 12, 60]):  # train parts: 90% of each
         (tmp_path / f"doc{i}.txt").write_bytes(text[1000 * i : 1000 * i + length])
     data = {"task": "text", "corpus": str(tmp_path), "seq_len": 16, "pack": True}
-    cfg = tiny(data=data, model={"mixers": ["fwp", "attention"], "form": "recurrent"})
+    cfg = tiny(data=data, model={"mixers": ["fwp", "attention"]})  # chunkwise, chunks of 8
     run = prepare(cfg)
     starts = np.flatnonzero(run.task.starts["train"])
     np.testing.assert_array_equal(starts, [0, 27, 35, 75, 93, 103])
