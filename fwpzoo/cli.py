@@ -173,6 +173,9 @@ def eval_main(argv: list[str]) -> int:
     import jax
 
     from fwpzoo.train import evaluate, make_eval_step, restore_run
+    from fwpzoo.train.sharding import use_cpu_devices
+
+    use_cpu_devices(None, {})  # one device per core; the run uses those its batches divide
 
     run, step, model_state = restore_run(Path(args.workdir), args.step)
     eval_step = jax.jit(make_eval_step(run.graphdef))

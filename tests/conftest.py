@@ -2,10 +2,16 @@
 
 import zlib
 
+import jax
 import numpy as np
 import pytest
 
 from fwpzoo import cli
+
+# JAX's backends start now, with the devices the environment asks for: a CLI call made in-process
+# (fwpzoo train, eval or a benchmark) then keeps them rather than splitting the CPU per core for
+# every test that runs after it.
+jax.devices()
 
 
 @pytest.fixture

@@ -67,6 +67,7 @@ def test_bad_input_is_one_line_and_exit_code_2(args, culprit, refused):
     refused(["bench", "cells", *args], culprit)
 
 
+@pytest.mark.slow
 def test_cpu_devices_split_the_batch_and_the_matmul(tmp_path):
     """--cpu-devices 2 (a fresh process: JAX takes the split before it starts) runs every form
     on the batch split over two CPU devices and times the matmul both ways."""

@@ -15,6 +15,7 @@ TINY = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_report_tables_files_and_kept_notes(tmp_path, capsys):
     page = tmp_path / "model.md"
     page.write_text(f"old report\n{NOTES_MARKER}\nhand-written notes\n")

@@ -132,7 +132,7 @@ def test_inspect_draws_the_fast_weights_of_a_layer(reference, tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["layer"] == 0 and summary["mixer"] == "fwp" and summary["head"] == 1
     assert summary["state_shape"] == [2, 8, 8] and summary["prompt_tokens"] == 5
-    assert summary["gates"] == ["beta"] and summary["steps_drawn"] == [0, 1, 3, 4]
+    assert summary["gates"] == ["beta", "log_alpha"] and summary["steps_drawn"] == [0, 1, 3, 4]
     assert 1 <= summary["final_effective_rank"] <= 8
 
 
@@ -154,6 +154,7 @@ def test_inspect_refuses_bad_input_and_writes_nothing(reference, tmp_path, refus
     assert not out.exists() and snapshot(reference) == before
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(reference, tiny_yaml, tmp_path):
     workdir = tmp_path / "killed"
     command = [sys.executable, "-m", "fwpzoo", "train", str(tiny_yaml), "--workdir", str(workdir)]

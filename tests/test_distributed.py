@@ -37,6 +37,7 @@ eval:
   num_batches: 1
 """
 TIMEOUT = 600
+pytestmark = pytest.mark.slow  # trains in subprocesses, several at once
 
 
 def command(config: Path, workdir: Path, *extra) -> list[str]:

@@ -91,6 +91,7 @@ def test_delta_rule_overwrites_where_the_sum_rule_averages():
     assert float(summed) > 0.05
 
 
+@pytest.mark.slow
 def test_quick_sweep_writes_records_and_resumes(tmp_path, monkeypatch):
     workdir = tmp_path / "runs"
     assert capacity.main(["--quick", "--workdir", str(workdir), "--no-progress"]) == 0

@@ -51,6 +51,7 @@ def recompute(command, capsys):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_mqar_quick_records_resume_and_reproduce(tmp_path, capsys):
     out, records, report = run_quick("mqar", tmp_path)
     check_records(records, mqar.EXPERIMENT)
@@ -118,6 +119,7 @@ def test_a_record_of_another_spec_is_refused(tmp_path, capsys):
     assert len(err) == 1 and "another spec" in err[0] and point.name in err[0]
 
 
+@pytest.mark.slow
 def test_state_tracking_quick(tmp_path):
     _, records, _ = run_quick("state_tracking", tmp_path)
     check_records(records, state_tracking.EXPERIMENT)
@@ -133,6 +135,7 @@ def test_state_tracking_quick(tmp_path):
     assert all(r["beta_range"] == "0,2" and 0.0 <= r["value"] <= 1.0 for r in records)
 
 
+@pytest.mark.slow
 def test_formal_languages_quick(tmp_path, capsys):
     _, records, report = run_quick("formal_languages", tmp_path)
     check_records(records, formal_languages.EXPERIMENT)
@@ -149,6 +152,7 @@ def test_formal_languages_quick(tmp_path, capsys):
     assert metrics == {r["metric"]: pytest.approx(r["value"]) for r in rdn}
 
 
+@pytest.mark.slow
 def test_charlm_quick(tmp_path):
     _, records, report = run_quick("charlm", tmp_path)
     check_records(records, charlm.EXPERIMENT)

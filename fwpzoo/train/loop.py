@@ -126,8 +126,9 @@ class Run:
     graphdef: object
 
 
-def prepare(cfg: Config) -> Run:
+def prepare(cfg: Config, devices: int | None = None) -> Run:
     """Resolves every name and checks every size of `cfg`; ConfigError (one line) if one is bad.
+    The mesh spans all devices, or the first `devices`.
 
     Writes nothing, so a bad config leaves a workdir untouched.
     """
@@ -135,7 +136,7 @@ def prepare(cfg: Config) -> Run:
         task = make_task(cfg.data, cfg.train.seed)
         for length in cfg.eval.lengths:  # a length the task cannot make: refused before training
             next(task.eval_batches("valid", 1, 1, seq_len=length))
-        mesh = make_mesh()
+        mesh = make_mesh(devices)
         graphdef, _ = abstract_model(cfg, task.vocab_size, mesh)
     except ConfigError:
         raise

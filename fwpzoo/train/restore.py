@@ -7,9 +7,12 @@ eval or sampling while an older good checkpoint exists.
 
 from pathlib import Path
 
+import jax
+
 from fwpzoo.config import Config, ConfigError, from_dict
 from fwpzoo.train.checkpoint import Checkpoints, UnreadableCheckpoint, newest_readable, saved_steps
 from fwpzoo.train.loop import Run, prepare
+from fwpzoo.train.sharding import dividing_count
 from fwpzoo.train.state import abstract_model
 from fwpzoo.train.workdir import CHECKPOINT_DIR
 
@@ -29,7 +32,9 @@ def restore_run(workdir: Path, step: int | None = None) -> tuple[Run, int, dict]
     def restore(step):
         meta = checkpoints.restore_meta(step)
         cfg = from_dict(Config, meta["config"])
-        run = prepare(cfg)
+        # the device count training takes by default, so evaluation sums in the same order
+        micro_batch = cfg.train.batch_size // cfg.train.grad_accum
+        run = prepare(cfg, dividing_count(jax.device_count(), [micro_batch, cfg.eval.batch_size]))
         _, abstract = abstract_model(cfg, run.task.vocab_size, run.mesh)
         return run, checkpoints.restore_model(step, abstract, meta)
 

@@ -78,9 +78,10 @@ def use_cpu_devices(
     split_cpu(count)
 
 
-def make_mesh() -> Mesh:
-    """A 1-D mesh over all devices, in jax.devices() order (process by process)."""
-    return Mesh(np.array(jax.devices()), ("data",))
+def make_mesh(count: int | None = None) -> Mesh:
+    """A 1-D mesh over all devices (or the first `count`), in jax.devices() order (process by
+    process)."""
+    return Mesh(np.array(jax.devices()[:count]), ("data",))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
