@@ -283,8 +283,12 @@ def test_per_layer_mixer_fields_reach_only_their_layer():
     per_layer = {"mixer": "fwp", "cell": "gated_delta_rule", "num_heads": 1}
     cfg = tiny(mixers=(per_layer, "fwp", {"mixer": "attention", "rope_base": 100.0}))
     first, second, third = (block.mixer for block in model_of(cfg).blocks)
-    assert (first.cell, first.H, first.decay is not None) == ("gated_delta_rule", 1, True)
-    assert (second.cell, second.H, second.decay is None) == ("delta_rule", 2, True)
+    assert (first.cell, first.H, sorted(first.gates)) == (
+        "gated_delta_rule",
+        1,
+        ["beta", "log_alpha"],
+    )
+    assert (second.cell, second.H, sorted(second.gates)) == ("delta_rule", 2, ["beta"])
     assert (third.rope_base, third.H) == (100.0, 2)
 
 
