@@ -123,7 +123,7 @@ def inspect(workdir: Path, step, prompt, layer, head, out) -> dict:
     S = np.asarray(records["S"], np.float64)  # [T, H, K, V]
     gates = {name: np.asarray(g, np.float64) for name, g in records["gates"].items()}
     out = Path(out) if out else Path(workdir) / f"fast_weights-layer{layer}-head{head}.png"
-    mixer = run.cfg.model.mixers[layer]
+    mixer = run.cfg.model.layers()[layer].mixers[0]  # the name, also for a per-layer mapping
     title = f"{Path(workdir).name} step {step}: layer {layer} ({mixer}), head {head}"
     summary = plot(out, S, gates, head, token_labels(tokens, run.task), title)
     return {
