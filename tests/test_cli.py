@@ -19,7 +19,7 @@ from fwpzoo import cli
 
 TINY_YAML = """\
 model:
-  mixers: [{mixer: fwp, cell: gated_delta_rule}, attention]
+  mixers: [fwp, attention]
   d_model: 16
   num_heads: 2
   chunk_size: 8
@@ -132,7 +132,7 @@ def test_inspect_draws_the_fast_weights_of_a_layer(reference, tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["layer"] == 0 and summary["mixer"] == "fwp" and summary["head"] == 1
     assert summary["state_shape"] == [2, 8, 8] and summary["prompt_tokens"] == 5
-    assert summary["gates"] == ["beta", "log_alpha"] and summary["steps_drawn"] == [0, 1, 3, 4]
+    assert summary["gates"] == ["beta"] and summary["steps_drawn"] == [0, 1, 3, 4]
     assert 1 <= summary["final_effective_rank"] <= 8
 
 
