@@ -174,6 +174,7 @@ class Objective:
             GRADIENT_STEPS: "N gradient steps",
             IMPLICIT: "implicit step",
             MINIMISER: "exact minimiser",
+            AFFINE: "affine map",
         }[self.step]
         if self.loss_fn is negative_correlation:
             words = "Hebbian " + words
