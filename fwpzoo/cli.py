@@ -184,15 +184,21 @@ def eval_main(argv: list[str]) -> int:
     return 0
 
 
-def sample_main(argv: list[str]) -> int:
-    parser = Parser(prog="fwpzoo sample")
+def checkpoint_prompt_parser(prog: str, prompt_default_tail: str = "") -> Parser:
+    """The options shared by the verbs that run a checkpointed model on a prompt."""
+    parser = Parser(prog=prog)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--step", type=int, help="default: the latest checkpoint")
     parser.add_argument(
         "--prompt",
         help="text for a text task, token ids ('3 17 5') otherwise; default: the start of the "
-        "first valid sequence, up to its first scored position",
+        "first valid sequence" + prompt_default_tail,
     )
+    return parser
+
+
+def sample_main(argv: list[str]) -> int:
+    parser = checkpoint_prompt_parser("fwpzoo sample", ", up to its first scored position")
     parser.add_argument("--num-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--seed", type=int, default=0)
@@ -219,14 +225,7 @@ def sample_main(argv: list[str]) -> int:
 
 
 def inspect_main(argv: list[str]) -> int:
-    parser = Parser(prog="fwpzoo inspect")
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--step", type=int, help="default: the latest checkpoint")
-    parser.add_argument(
-        "--prompt",
-        help="text for a text task, token ids ('3 17 5') otherwise; default: the start of the "
-        "first valid sequence",
-    )
+    parser = checkpoint_prompt_parser("fwpzoo inspect")
     parser.add_argument("--layer", type=int, help="default: the first layer with fast weights")
     parser.add_argument("--head", type=int, default=0)
     parser.add_argument(
