@@ -11,10 +11,12 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import pkgutil
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -155,12 +157,33 @@ def start_processes(coordinator: str, num_processes: int, process_id: int, *, ti
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process collectives
+    print(
+        f"fwpzoo: process {process_id} of {num_processes} waiting up to {timeout:g} s for the "
+        "others to join",
+        file=sys.stderr,
+    )
+    # JAX gives up on absent processes by aborting with a stack trace; this process gives up
+    # first, in one line. Exiting from a thread is the only way out of the blocked call.
+    joined = threading.Event()
+
+    def give_up():
+        if not joined.wait(timeout):
+            print(
+                f"fwpzoo train: not all {num_processes} processes joined at {coordinator} within "
+                f"{timeout:g} s (--coordinator-timeout)",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(EXIT_BAD_INPUT)
+
+    threading.Thread(target=give_up, daemon=True).start()
     jax.distributed.initialize(
         coordinator_address=coordinator,
         num_processes=num_processes,
         process_id=process_id,
-        initialization_timeout=max(1, round(timeout)),
+        initialization_timeout=round(timeout) + 60,  # the watchdog above decides
     )
+    joined.set()
 
 
 def eval_main(argv: list[str]) -> int:

@@ -1,17 +1,38 @@
 """Fixtures shared by the test modules."""
 
+import os
+import shutil
+import tempfile
 import zlib
 
-import jax
 import numpy as np
 import pytest
 
-from fwpzoo import cli
+# One on-disk cache of compiled XLA programs for this run, shared by the xdist workers and by the
+# CLI subprocesses the tests start (both inherit the environment of the process that loads this
+# file first): a program that several tests or processes build is compiled once. The cache is
+# removed when the run ends, so every run starts cold.
+OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+# Tests check what is computed, on tiny shapes; compiling is most of their time, so XLA skips its
+# backend optimisations (for the subprocesses too).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+if OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fwpzoo-test-xla-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+
+import jax  # noqa: E402
+
+from fwpzoo import cli  # noqa: E402
 
 # JAX's backends start now, with the devices the environment asks for: a CLI call made in-process
 # (fwpzoo train, eval or a benchmark) then keeps them rather than splitting the CPU per core for
 # every test that runs after it.
 jax.devices()
+
+
+def pytest_unconfigure(config):
+    if OWN_CACHE and not hasattr(config, "workerinput"):  # the first process, after the workers
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture

@@ -4,9 +4,11 @@ runtime on 127.0.0.1) train to the same losses."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +163,39 @@ def test_the_two_process_run_writes_one_workdir_once(runs):
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [3, 6]
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 6  # written once
+
+
+def test_ctrl_c_on_one_process_stops_every_process_at_one_saved_step(config, tmp_path):
+    """SIGINT reaches one process (a terminal's Ctrl-C); JAX's preemption service, which hears
+    SIGTERM, makes every process stop after the same step and save it once."""
+    port, workdir = free_port(), tmp_path / "run"
+    long_run = ("train.steps=100000", "checkpoint.every=100000", "eval.every=100000")
+    processes = [
+        subprocess.Popen(
+            command(config, workdir, *long_run, "--coordinator", f"127.0.0.1:{port}")
+            + ["--num-processes", "2", "--process-id", str(i)],
+            env=environment(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (workdir / "metrics.jsonl").exists() or not logged(workdir)[1:]:
+            assert time.monotonic() < deadline and processes[0].poll() is None
+            time.sleep(0.1)
+        processes[0].send_signal(signal.SIGINT)
+        errors = [p.communicate(timeout=TIMEOUT)[1] for p in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert [p.returncode for p in processes] == [130, 143]
+    last = [err.strip().splitlines()[-1] for err in errors]
+    step = int(last[0].split("after step ")[1].split(";")[0])
+    for line, name in zip(last, ("SIGINT", "SIGTERM"), strict=True):
+        assert f"stopped by {name} after step {step}; saved checkpoint {step}" in line
+    assert "Traceback" not in errors[0] + errors[1]
+    assert str(step) in os.listdir(workdir / "checkpoints")
+    assert [m["step"] for m in logged(workdir)] == list(range(1, step + 1))

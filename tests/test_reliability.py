@@ -465,6 +465,25 @@ def test_waiting_for_an_absent_coordinator_is_announced_and_gives_up(capsys, tin
     assert not (tmp_path / "w").exists()
 
 
+def test_process_0_gives_up_on_absent_peers_in_one_line(tiny_yaml, tmp_path):
+    """JAX's own wait aborts the process with a stack trace; a fresh interpreter shows what a
+    user sees."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    argv = [sys.executable, "-m", "fwpzoo", "train", str(tiny_yaml), "--workdir"]
+    argv += [str(tmp_path / "w"), "--coordinator", address, "--num-processes", "2"]
+    argv += ["--process-id", "0", "--coordinator-timeout", "1"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    waiting, gave_up = done.stderr.splitlines()[-2:]  # after any line on the device count
+    assert waiting == "fwpzoo: process 0 of 2 waiting up to 1 s for the others to join"
+    assert gave_up == (
+        f"fwpzoo train: not all 2 processes joined at {address} within 1 s (--coordinator-timeout)"
+    )
+    assert not (tmp_path / "w").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: splits too small to evaluate are refused at load; fetching never half-writes or trusts.
 

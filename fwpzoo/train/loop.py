@@ -7,6 +7,7 @@ another architecture's weights be loaded).
 """
 
 import contextlib
+import os
 import shutil
 import signal
 import sys
@@ -93,7 +94,11 @@ class StopSignals(contextlib.AbstractContextManager):
     def __init__(self):
         self.signum, self.previous = None, {}
         self.several = jax.process_count() > 1
-        if not self.several and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if self.several:  # the preemption service hears SIGTERM only: Ctrl-C is passed on as one
+            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward)
+        else:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self.previous[signum] = signal.signal(signum, self._record)
 
@@ -101,15 +106,23 @@ class StopSignals(contextlib.AbstractContextManager):
         self.signum = signum
         self._restore()
 
+    def _forward(self, signum, frame):
+        self._record(signum, frame)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     def _restore(self):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         self.previous = {}
 
     def requested(self, step: int) -> bool:
-        if self.several and multihost_utils.reached_preemption_sync_point(step):
-            self.signum = signal.SIGTERM
-        return self.signum is not None
+        if not self.several:
+            return self.signum is not None
+        # every process stops at the step the service agreed on, whichever signal it was sent
+        if multihost_utils.reached_preemption_sync_point(step):
+            self.signum = self.signum or signal.SIGTERM
+            return True
+        return False
 
     def __exit__(self, *exc_info):
         self._restore()
