@@ -57,7 +57,8 @@ def command(config: Path, workdir: Path, *extra) -> list[str]:
 
 
 def environment(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return {**os.environ, "XLA_FLAGS": flags.strip()}
 
 
 def logged(workdir: Path) -> list[dict]:
