@@ -6,6 +6,7 @@ run in-process on a tiny model; a subprocess is used only where a fresh interpre
 a second process is the point.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -229,6 +230,34 @@ def test_a_workdir_that_is_a_file_or_under_one_is_refused(capsys, tiny_yaml, tmp
         "file": hashlib.sha256(b"mine").hexdigest(),
         "run/checkpoints": hashlib.sha256(b"mine too").hexdigest(),
     }
+
+
+@contextlib.contextmanager
+def unwritable(path: Path):
+    """`path` made unwritable for this process: read-only mode bits, or for root (whom mode bits
+    do not stop) the immutable attribute; skips the test where neither can be had."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        undo = lambda: path.chmod(0o644)  # noqa: E731
+    elif subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
+        undo = lambda: subprocess.run(["chattr", "-i", str(path)], check=True)  # noqa: E731
+    else:
+        pytest.skip("chattr +i is not available here")
+    try:
+        yield
+    finally:
+        undo()
+
+
+def test_a_file_the_run_must_write_but_cannot_is_refused_before_training(
+    capsys, tiny_yaml, run_copy
+):
+    before = snapshot(run_copy)
+    with unwritable(run_copy / "metrics.jsonl"):
+        code, err = train_cli(capsys, tiny_yaml, run_copy, "train.steps=6")
+    assert code == 2
+    assert f"{run_copy / 'metrics.jsonl'} is not writable" in one_line(err)
+    assert snapshot(run_copy) == before
 
 
 def test_another_architecture_is_refused_by_the_config_inside_the_checkpoint(

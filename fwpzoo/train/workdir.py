@@ -45,6 +45,25 @@ def check_path(workdir: Path) -> None:
         if path.exists() and path.is_dir() != folder:
             kind = "a folder" if folder else "a file"
             raise ConfigError(f"{path} should be {kind}; move it out of the workdir")
+    for path in (workdir, *(workdir / name for name in ENTRIES)):
+        if path.exists():
+            try_writing(path)
+
+
+def try_writing(path: Path) -> None:
+    """ConfigError unless a run can write `path` (a folder: add a file to it; a file: append).
+    Tried rather than read from the mode bits, which pass for root even where a write fails (an
+    immutable file, a read-only mount); nothing is changed."""
+    try:
+        if path.is_dir():
+            probe = path / f".write-probe-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        else:
+            with open(path, "a"):
+                pass
+    except OSError as error:
+        raise ConfigError(f"{path} is not writable ({error.strerror}); a run writes it") from None
 
 
 def stored_config(workdir: Path) -> Config | None:
