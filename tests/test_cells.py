@@ -343,6 +343,26 @@ def test_long_sequence_strong_decay_and_beta_near_two(variant, form, chunk_size)
     assert_close(jitted(variant, form, chunk_size)(inputs), expected, TOLERANCE[form])
 
 
+def test_dplr_chunk_beyond_the_factored_spread_takes_the_halving():
+    """dplr factors a chunk's decays into one score product only while every key decays by at
+    most e^{-FACTORED_SPREAD} across the chunk; a chunk of stronger decays (here the middle one,
+    log_w down to -10 per token) takes the per-key halving, between two factored chunks. Outputs,
+    final state and gradients equal `recurrent`, without and with resets."""
+    from fwpzoo.cells import dplr
+
+    variant, C = "dplr/rwkv7", 16
+    sizes = Sizes(3 * C - 1)
+    inputs = draw(variant, sizes)
+    inputs["log_w"] = inputs["log_w"].at[:, C : 2 * C].multiply(10.0)
+    chunks = [jnp.swapaxes(inputs["log_w"][:, a : a + C], 1, 2) for a in range(0, sizes.T, C)]
+    assert [bool(dplr.factorable(chunk)) for chunk in chunks] == [True, False, True]
+    cotangent = cotangents(variant, sizes)
+    for reset in (None, reset_mask(sizes)):
+        actual = jitted_vjp(variant, "chunkwise", C)(inputs, cotangent, reset)
+        expected = jitted_vjp(variant, "recurrent")(inputs, cotangent, reset)
+        assert_close(actual, expected, TOLERANCE["chunkwise"])
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_reference_gradients_match_finite_differences(variant):
     """check_grads in float64 on tiny shapes (B = T = H = 1 is not enough to mix tokens: T = 3).

@@ -1,11 +1,12 @@
-"""The chunk loop of the chunkwise forms whose backward is left to autodiff (oja, momentum_delta,
-dplr, mesa, mlstm).
+"""The chunk loop of the chunkwise forms that write one chunk's math and get the sequence's from
+it (oja, momentum_delta, dplr, mesa, mlstm).
 
 A lax.scan walks the chunks in order, reading each chunk straight out of the [B, T, H, ...]
 inputs and writing its outputs in place. A jax.custom_vjp keeps only the state entering every
-chunk; the backward walks the chunks in reverse, recomputes each one's forward from its entering
-state and pulls it back with jax.vjp, writing the input cotangents in place: the memory pattern
-of the hand-derived backwards of _linear_chunk and _delta_chunk, with autodiff inside a chunk.
+chunk; the backward walks the chunks in reverse and pulls each one back from its entering state,
+writing the input cotangents in place: the memory pattern of the hand-derived backwards of
+_linear_chunk and _delta_chunk. A chunk's pullback is jax.vjp of its forward (recomputed, autodiff
+inside the chunk) unless the cell supplies a hand-derived one.
 
 Dimension letters: B batch, T time, H heads, K key dim, V value dim, N chunks, C chunk size.
 """
@@ -18,18 +19,43 @@ import jax.numpy as jnp
 from fwpzoo.cells._chunking import chunk_of, pad_to_chunks, put_chunk
 
 
-def scan_chunks(chunk_fn, inputs, state, chunk_size, static=()):
+def scan_chunks(chunk_fn, inputs, state, chunk_size, static=(), pullback=None):
     """(o [B, T, H, V], final state) of chunk_fn(state, *chunk, *static) -> (state, o_chunk
     [B, H, C, V]) over the chunks of inputs: [B, T, ...] arrays (a chunk is [B, ..., C, ...] with
     C at axis 2, float in the state's dtype, bool stays bool) or None; inputs[2] is v. `static`:
     arrays without a time axis (mesa's lam [H, K]) passed whole to every chunk; their gradient
     sums over the chunks. Padded tokens are zeros, which the callers' recurrences treat as
-    identity steps."""
+    identity steps.
+
+    pullback((d_state, d_o_chunk), state, *chunk, *static) -> (the entering state's cotangent,
+    [the cotangent of every float among *chunk, *static, in order]) is the chunk's backward;
+    None means vjp_pullback(chunk_fn)."""
     T = inputs[0].shape[1]
     size = min(chunk_size, T)
     inputs = tuple(pad_to_chunks(x, size) for x in inputs)
-    o, state = _chunk_scan(chunk_fn, size, inputs, tuple(static), state)
+    pullback = vjp_pullback(chunk_fn) if pullback is None else pullback
+    o, state = _chunk_scan(chunk_fn, pullback, size, inputs, tuple(static), state)
     return o[:, :T], state
+
+
+def vjp_pullback(chunk_fn):
+    """scan_chunks' pullback of chunk_fn by jax.vjp: the chunk's forward recomputed and
+    differentiated by autodiff."""
+
+    def pullback(cotangents, state, *args):
+        args = list(args)
+        floats = [i for i, x in enumerate(args) if _is_float(x)]
+
+        def run(state, *differentiable):
+            for i, x in zip(floats, differentiable, strict=True):
+                args[i] = x
+            return chunk_fn(state, *args)
+
+        _, vjp = jax.vjp(run, state, *(args[i] for i in floats))
+        d_state, *d_floats = vjp(cotangents)
+        return d_state, d_floats
+
+    return pullback
 
 
 def _read(inputs, n, size, dtype):
@@ -56,13 +82,13 @@ def _forward(chunk_fn, size, inputs, static, state):
     return o, final, entering
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chunk_scan(chunk_fn, size, inputs, static, state):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunk_scan(chunk_fn, pullback, size, inputs, static, state):
     o, final, _ = _forward(chunk_fn, size, inputs, static, state)
     return o, final
 
 
-def _chunk_scan_fwd(chunk_fn, size, inputs, static, state):
+def _chunk_scan_fwd(chunk_fn, pullback, size, inputs, static, state):
     o, final, entering = _forward(chunk_fn, size, inputs, static, state)
     return (o, final), (inputs, static, entering)
 
@@ -71,9 +97,9 @@ def _is_float(x):
     return x is not None and x.dtype != bool
 
 
-def _chunk_scan_bwd(chunk_fn, size, res, cotangents):
-    """Backward over the chunks in reverse: each chunk's forward is recomputed from the state
-    entering it and pulled back by jax.vjp; its input cotangents are written in place."""
+def _chunk_scan_bwd(chunk_fn, pullback, size, res, cotangents):
+    """Backward over the chunks in reverse: each chunk pulled back from the state entering it;
+    its input cotangents are written in place."""
     inputs, static, entering = res
     do_all, d_final = cotangents
     dtype = jax.tree.leaves(d_final)[0].dtype
@@ -82,15 +108,10 @@ def _chunk_scan_bwd(chunk_fn, size, res, cotangents):
     def chunk_step(carry, xs):
         ds, grads, d_static = carry  # ds: cotangent of the state leaving chunk n
         n, s = xs  # s: the state entering chunk n
-        chunk = list(_read(inputs, n, size, dtype))
-
-        def run(s, static, *differentiable):
-            for i, x in zip(floats, differentiable, strict=True):
-                chunk[i] = x
-            return chunk_fn(s, *chunk, *static)
-
-        _, pullback = jax.vjp(run, s, static, *(chunk[i] for i in floats))
-        ds_prev, d_static_n, *d_chunk = pullback((ds, chunk_of(do_all, n, size, dtype)))
+        chunk = _read(inputs, n, size, dtype)
+        do = chunk_of(do_all, n, size, dtype)
+        ds_prev, d_floats = pullback((ds, do), s, *chunk, *static)
+        d_chunk, d_static_n = d_floats[: len(floats)], tuple(d_floats[len(floats) :])
         grads = [put_chunk(g, d, n) for g, d in zip(grads, d_chunk, strict=True)]
         d_static = jax.tree.map(jnp.add, d_static, d_static_n)
         return (ds_prev, grads, d_static), None
