@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fwpzoo.cells import _delta_assoc
-from fwpzoo.cells._chunking import Segments, keep
+from fwpzoo.cells._chunking import Segments, keep, pad_to_chunks
 from fwpzoo.cells._delta_chunk import unit_lower_inverse
 from fwpzoo.cells._linear_chunk import per_key_scores, prefix_sum
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
@@ -206,31 +206,42 @@ def _pairs(size):
 
 def factorable(log_w):
     """Whether the chunk log_w [B, H, C, K] takes the factored form: every key's log decay over
-    the chunk at least -FACTORED_SPREAD (a single flag for the chunk, as lax.cond needs)."""
+    the chunk at least -FACTORED_SPREAD (one flag for the whole chunk, as lax.cond needs)."""
     return jnp.all(jnp.sum(log_w, axis=-2) >= -FACTORED_SPREAD)
 
 
-def _chunk(s, q, k, v, log_w, a, b, reset):
-    """One chunk -> (leaving state, o [B, H, C, V]): factored where the decays allow, halved
-    otherwise."""
+def _factored_chunks(log_w, size):
+    """[1, T, 1] bool: per token, whether its chunk of `size` tokens takes the factored form.
 
-    def factored(s, q, k, v, log_w, a, b, reset):
+    All chunks at once, before the chunk loop: one reduction over the batch (a single exchange
+    when the batch is split over devices) instead of one per chunk inside it."""
+    B, T, H, K = log_w.shape
+    per_chunk = pad_to_chunks(log_w, size).reshape(B, -1, size, H, K)  # [B, N, C, H, K]
+    flags = jnp.all(jnp.sum(per_chunk, axis=2) >= -FACTORED_SPREAD, axis=(0, 2, 3))  # [N]
+    return jnp.repeat(flags, size)[None, :T, None]
+
+
+def _chunk(s, q, k, v, log_w, a, b, reset, factored):
+    """One chunk -> (leaving state, o [B, H, C, V]): factored where the decays allow (factored
+    [1, 1, C], its chunk's flag on every token), halved otherwise."""
+
+    def by_factors(s, q, k, v, log_w, a, b, reset):
         return _Factored(q, k, log_w, a, b, reset).forward(s, v)
 
-    return jax.lax.cond(factorable(log_w), factored, _halved_chunk, s, q, k, v, log_w, a, b, reset)
+    args = (s, q, k, v, log_w, a, b, reset)
+    return jax.lax.cond(factored[0, 0, 0], by_factors, _halved_chunk, *args)
 
 
-def _pullback(cotangents, s, q, k, v, log_w, a, b, reset):
+def _pullback(cotangents, s, q, k, v, log_w, a, b, reset, factored):
     """The chunk's backward (scan_chunks' contract): hand-derived for a factored chunk, autodiff
     of the halved one otherwise."""
 
-    def factored(cotangents, s, q, k, v, log_w, a, b, reset):
+    def by_factors(cotangents, s, q, k, v, log_w, a, b, reset):
         ds, do = cotangents
         return _Factored(q, k, log_w, a, b, reset).pullback(s, v, log_w, ds, do)
 
-    halved = vjp_pullback(_halved_chunk)
     args = (cotangents, s, q, k, v, log_w, a, b, reset)
-    return jax.lax.cond(factorable(log_w), factored, halved, *args)
+    return jax.lax.cond(factored[0, 0, 0], by_factors, vjp_pullback(_halved_chunk), *args)
 
 
 def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, log_w, a, b):
@@ -238,7 +249,8 @@ def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, log_w, a, b):
     per-key gated linear attention; the state carried across chunks. Padded tokens are
     identities (no decay, no write, a = b = 0)."""
     resets = None if reset is None else reset[:, :, None]  # [B, T, 1]: one row for all heads
-    inputs = (q, k, v, log_w, a, b, resets)
+    factored = _factored_chunks(log_w, min(chunk_size, q.shape[1]))
+    inputs = (q, k, v, log_w, a, b, resets, factored)
     state = initial_state(state, q, v)
     return scan_chunks(_chunk, inputs, state, chunk_size, pullback=_pullback)
 
