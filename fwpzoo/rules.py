@@ -35,7 +35,7 @@ def rows() -> list[dict[str, str]]:
 def gate_line(name: str, module) -> str:
     gates = [
         f"`{g.name}` ({g.shape}, {g.range}{', per sub-step' if g.per_sub_step else ''}"
-        f"{', optional' if g.optional else ''})"
+        f"{', optional' if g.optional else ''}{f', times `{g.times}`' if g.times else ''})"
         for g in module.GATE_SPECS
     ]
     return f"- `{name}`: {', '.join(gates) if gates else 'no gates'}"
@@ -71,8 +71,10 @@ def markdown() -> str:
         "",
         "Ranges: `beta` is a sigmoid scaled by `model.beta_range`, `unit` a sigmoid, `log decay`",
         "the Mamba-2 parametrisation -exp(A) softplus(x + dt_bias) (<= 0), `positive` a softplus,",
-        "`real` no activation. A `scalar or per key` gate is [B, T, H] or [B, T, H, K] as",
-        "`model.decay` says; a static gate is a parameter [H, K] of the layer.",
+        "`real` no activation, `negative unit` a sigmoid minus 1, `direction` the projection",
+        "L2-normalised over the key axis. A gate `times` another is multiplied by it. A `scalar",
+        "or per key` gate is [B, T, H] or [B, T, H, K] as `model.decay` says; a static gate is a",
+        "parameter [H, K] of the layer.",
         "",
     ]
     return "\n".join(lines)

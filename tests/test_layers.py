@@ -298,6 +298,38 @@ def test_a_rule_stable_only_for_unit_values_is_fed_unit_values():
     np.testing.assert_allclose(jnp.linalg.norm(v, axis=-1), 1.0, rtol=1e-5)
 
 
+def test_dplr_low_rank_pair_is_tied_as_rwkv7_ties_it():
+    """a is a unit direction kappa and b = -rate * kappa with per-key rates in (0, 1), so the
+    transition Diag(w) - (rate * kappa) kappa^T does not expand: with free projections the
+    state of a 64-token sequence was inf at init."""
+    cfg = tiny(cell="dplr", d_model=64)  # K = 32 per head
+    mixer = FWPMixer(cfg, rngs=nnx.Rngs(0))
+    x = inputs(shape=(B, 64, 64))
+    gates = mixer._inputs(x, None)[3]
+    a, b = gates["a"], gates["b"]  # [B, T, H, K]
+    np.testing.assert_allclose(jnp.linalg.norm(a, axis=-1), 1.0, rtol=1e-5)
+    rate = -b / a
+    assert bool(jnp.all((rate > 0) & (rate < 1)))
+    transition = jax.vmap(jnp.diag)(jnp.exp(gates["log_w"]).reshape(-1, 32)) + jnp.einsum(
+        "nk,nj->nkj", b.reshape(-1, 32), a.reshape(-1, 32)
+    )
+    assert float(jnp.abs(jnp.linalg.eigvals(transition)).max()) <= 1.0 + 1e-5
+    y, stats = mixer(x, return_intermediates=True)
+    assert bool(jnp.all(jnp.isfinite(y)))
+    assert float(stats["state_norm"]) < 64.0  # at most one unit write per token, never expanded
+
+
+def test_a_tied_gate_names_an_earlier_gate_of_its_shape():
+    from fwpzoo import cells
+
+    for name, module in cells.CELLS.items():
+        seen = {}
+        for gate in module.GATE_SPECS:
+            if gate.times is not None:
+                assert seen.get(gate.times) == gate.shape, (name, gate.name)
+            seen[gate.name] = gate.shape
+
+
 @pytest.mark.parametrize("mixer", ["rdn", "srwm"])
 def test_programmed_mixers_restart_at_a_reset(mixer):
     """A reset at t: the rest of that row equals the row's tail run alone (prefill and decode),
@@ -322,6 +354,7 @@ def test_programmed_mixers_restart_at_a_reset(mixer):
         ("unit", 0.0, 1.0),
         ("log decay", -np.inf, 0.0),
         ("positive", 0.0, np.inf),
+        ("negative unit", -1.0, 0.0),
     ],
 )
 def test_gate_activations_keep_their_range(kind, low, high):

@@ -66,6 +66,7 @@ from fwpzoo.bench._common import (
 )
 from fwpzoo.cells import _spec
 from fwpzoo.config import ConfigError
+from fwpzoo.layers.norms import l2_normalize
 from fwpzoo.reports import write_page
 from fwpzoo.train.sharding import batch_sharded, make_mesh, use_cpu_devices
 
@@ -142,13 +143,16 @@ def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
 
 
 # A gate drawn for its range (fwpzoo.cells._spec.RANGES) from a standard normal x: beta and
-# unit-range gates in (0, 1), log decays near 0 (factors around 0.98), positive ones by softplus.
+# unit-range gates in (0, 1), log decays near 0 (factors around 0.98), positive ones by softplus,
+# directions as unit vectors.
 GATE_DRAWS = {
     _spec.BETA: jax.nn.sigmoid,
     _spec.UNIT: lambda x: 0.5 * jax.nn.sigmoid(x),
     _spec.LOG_DECAY: lambda x: jax.nn.log_sigmoid(4.0 + x),
     _spec.POSITIVE: jax.nn.softplus,
     _spec.REAL: lambda x: x,
+    _spec.NEGATIVE_UNIT: lambda x: jax.nn.sigmoid(x) - 1.0,
+    _spec.DIRECTION: l2_normalize,
 }
 
 
@@ -156,9 +160,9 @@ def cell_inputs(family: str, T: int, options: Options, *, key_dim=None, value_di
     """(q, k, v, gates) in float32: L2-normalised keys, every gate of the family's GATE_SPECS
     (the optional ones too) drawn for its range and shape (per key where a decay may take
     either shape and options.decay is per_key, scalar otherwise). Unit-range gates stay below
-    1/2, so that beta * eta < 1/2 keeps the momentum rule's steps stable. dplr's a and b are tied
-    as RWKV-7 ties them, a = -kappa and b = kappa * rate (kappa a unit vector, rate in (0, 1)):
-    free ones would make the transition expand."""
+    1/2, so that beta * eta < 1/2 keeps the momentum rule's steps stable. Gates that name
+    `times` are tied as the FWP layer ties them (dplr: b = -rate * a, a a unit direction, RWKV-7's
+    transition; free ones would make it expand)."""
     module = cells.get(family)
     B, H = options.batch, options.heads
     K, V = key_dim or options.key_dim, value_dim or options.value_dim
@@ -175,10 +179,7 @@ def cell_inputs(family: str, T: int, options: Options, *, key_dim=None, value_di
         shape = gate.head_shape(H, K, N, per_key)
         shape = shape if gate.shape == _spec.STATIC else (B, T, *shape)
         gates[gate.name] = GATE_DRAWS[gate.range](jax.random.normal(key, shape))
-    if family == "dplr":
-        kappa = gates["a"] / jnp.linalg.norm(gates["a"], axis=-1, keepdims=True)
-        gates["a"], gates["b"] = -kappa, kappa * jax.nn.sigmoid(gates["b"])
-    return q, k, v, gates
+    return q, k, v, _spec.tie(module.GATE_SPECS, gates)
 
 
 def chunk_flops(family: str, T: int, chunk: int, options: Options) -> float:

@@ -35,7 +35,9 @@ UNIT = "unit"  # (0, 1): sigmoid
 LOG_DECAY = "log decay"  # <= 0: log of a decay factor in (0, 1]
 POSITIVE = "positive"  # > 0: softplus
 REAL = "real"  # any value: no activation
-RANGES: tuple[str, ...] = (BETA, UNIT, LOG_DECAY, POSITIVE, REAL)
+NEGATIVE_UNIT = "negative unit"  # (-1, 0): a sigmoid minus 1
+DIRECTION = "direction"  # a unit vector along the key axis: the projection L2-normalised
+RANGES: tuple[str, ...] = (BETA, UNIT, LOG_DECAY, POSITIVE, REAL, NEGATIVE_UNIT, DIRECTION)
 
 # What one token's update is, in optimisation terms.
 GRADIENT = "gradient"  # S <- S - lr * dL/dS (a linear loss makes it Hebbian)
@@ -50,13 +52,16 @@ STEPS: tuple[str, ...] = (GRADIENT, GRADIENT_STEPS, IMPLICIT, MOMENTUM, MINIMISE
 @dataclass(frozen=True)
 class Gate:
     """One gate input of a cell. `optional`: the cell runs without it (delta_product's decay,
-    turned on by model.product_decay)."""
+    turned on by model.product_decay). `times`: the layer multiplies the gate by the gate of
+    that name, listed before it in GATE_SPECS (dplr's b = -rate * a: RWKV-7's tie of the
+    low-rank pair, which keeps the transition from expanding)."""
 
     name: str
     shape: str = PER_TOKEN
     range: str = REAL
     per_sub_step: bool = False
     optional: bool = False
+    times: str | None = None
 
     def __post_init__(self):
         if self.shape not in SHAPES:
@@ -65,6 +70,8 @@ class Gate:
             raise ValueError(f"gate {self.name!r}: unknown range {self.range!r}; valid: {RANGES}")
         if self.per_sub_step and self.shape != PER_TOKEN:
             raise ValueError(f"gate {self.name!r}: only per-token gates can be per sub-step")
+        if self.range == DIRECTION and self.shape != PER_TOKEN_KEY:
+            raise ValueError(f"gate {self.name!r}: a direction needs the shape {PER_TOKEN_KEY!r}")
 
     @property
     def takes_per_key(self) -> bool:
@@ -81,6 +88,15 @@ class Gate:
 
 def gate_names(specs: tuple[Gate, ...]) -> tuple[str, ...]:
     return tuple(gate.name for gate in specs)
+
+
+def tie(specs: tuple[Gate, ...], gates: dict) -> dict:
+    """The gates with each one that names `times` multiplied by that gate (in spec order)."""
+    gates = dict(gates)
+    for gate in specs:
+        if gate.times is not None:
+            gates[gate.name] = gates[gate.name] * gates[gate.times]
+    return gates
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,11 @@
     S_t = (Diag(exp(log_w_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T,   o_t = S_t^T q_t
 
 RWKV-7 takes a = -kappa and b = kappa * (in-context learning rate), with kappa a normalised key:
-the delta rule's I - beta k k^T, with a per-key decay in place of I. Here a and b are free.
+the delta rule's I - beta k k^T, with a per-key decay in place of I. The cell takes a and b free;
+the FWP layer ties them as RWKV-7 does (GATE_SPECS): a = kappa, a unit direction, and
+b = -rate * kappa with per-key rates in (0, 1), so b a^T = -(rate * kappa) kappa^T is RWKV-7's
+and the transition does not expand. (Free projections give |a^T b| ~ sqrt(K) at init, and the
+state of a 64-token sequence overflows to inf before any training.)
 
 q, k, a, b [B, T, H, K]; v [B, T, H, V]; log_w [B, T, H, K] (log per-key decay, <= 0); state S
 [B, H, K, V] float32; o [B, T, H, V] in v's dtype. The chunkwise form (a UT transform of the
@@ -25,12 +29,21 @@ from fwpzoo.cells._delta_chunk import unit_lower_inverse
 from fwpzoo.cells._linear_chunk import per_key_scores, prefix_sum
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells._remat_chunks import scan_chunks, vjp_pullback
-from fwpzoo.cells._spec import AFFINE, LOG_DECAY, PER_TOKEN_KEY, REAL, Gate, Objective, gate_names
+from fwpzoo.cells._spec import (
+    AFFINE,
+    DIRECTION,
+    LOG_DECAY,
+    NEGATIVE_UNIT,
+    PER_TOKEN_KEY,
+    Gate,
+    Objective,
+    gate_names,
+)
 
 GATE_SPECS = (
     Gate("log_w", shape=PER_TOKEN_KEY, range=LOG_DECAY),
-    Gate("a", shape=PER_TOKEN_KEY, range=REAL),
-    Gate("b", shape=PER_TOKEN_KEY, range=REAL),
+    Gate("a", shape=PER_TOKEN_KEY, range=DIRECTION),  # kappa
+    Gate("b", shape=PER_TOKEN_KEY, range=NEGATIVE_UNIT, times="a"),  # -rate * kappa
 )
 GATES = gate_names(GATE_SPECS)
 OBJECTIVE = Objective(

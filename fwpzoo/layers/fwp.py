@@ -22,7 +22,7 @@ from fwpzoo.cells import _spec
 from fwpzoo.layers.conv import ShortConv
 from fwpzoo.layers.feature_maps import apply_feature_map, favor_projection, feature_dim
 from fwpzoo.layers.gates import StaticGate, TokenGate, beta_scale
-from fwpzoo.layers.norms import RMSNorm
+from fwpzoo.layers.norms import RMSNorm, l2_normalize
 
 QK_NORMS: tuple[str, ...] = ("none", "sum", "l2")
 # sum-normalisation divides by sum(phi); only maps with phi >= 0 keep that sum away from zero
@@ -116,7 +116,7 @@ def qk_normalize(x, kind: str):
     if kind == "sum":
         return x / (jnp.sum(x, axis=-1, keepdims=True) + EPS)
     if kind == "l2":
-        return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + EPS)
+        return l2_normalize(x, EPS)
     raise ValueError(f"unknown qk_norm {kind!r}; valid qk norms: {', '.join(QK_NORMS)}")
 
 
@@ -278,6 +278,7 @@ class FWPMixer(CellMixer):
             else self.gates[spec.name](x)
             for spec in self.gate_specs
         }  # [B, T, H(, N | K)] per token, [H, K] static
+        gates = _spec.tie(self.gate_specs, gates)
         if not self.sub_steps:  # one write per token: drop the N axis
             k, v = k[:, :, :, 0], v[:, :, :, 0]
         return q.astype(self.dtype), k.astype(self.dtype), v, gates, buffer

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fwpzoo.cells import _spec
+from fwpzoo.layers.norms import l2_normalize
 
 BETA_RANGES: dict[str, float] = {"0,1": 1.0, "0,2": 2.0}
 
@@ -57,6 +58,10 @@ def activate(kind: str, raw, beta_max: float | None = None):
         return jax.nn.log_sigmoid(raw)
     if kind == _spec.POSITIVE:
         return jax.nn.softplus(raw)
+    if kind == _spec.NEGATIVE_UNIT:
+        return jax.nn.sigmoid(raw) - 1.0  # increasing, like every other range
+    if kind == _spec.DIRECTION:  # over the key axis, the last
+        return l2_normalize(raw)
     return raw
 
 

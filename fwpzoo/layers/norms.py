@@ -1,4 +1,5 @@
-"""RMSNorm over the last axis, computed in float32 whatever the input dtype."""
+"""RMSNorm over the last axis, computed in float32 whatever the input dtype, and L2
+normalisation."""
 
 import jax
 import jax.numpy as jnp
@@ -16,3 +17,8 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return (normed * self.weight[...]).astype(x.dtype)
+
+
+def l2_normalize(x, eps: float = 1e-6):
+    """x / ||x|| over the last axis."""
+    return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
