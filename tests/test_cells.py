@@ -343,19 +343,30 @@ def test_long_sequence_strong_decay_and_beta_near_two(variant, form, chunk_size)
     assert_close(jitted(variant, form, chunk_size)(inputs), expected, TOLERANCE[form])
 
 
-def test_dplr_chunk_beyond_the_factored_spread_takes_the_halving():
-    """dplr factors a chunk's decays into one score product only while every key decays by at
-    most e^{-FACTORED_SPREAD} across the chunk; a chunk of stronger decays (here the middle one,
-    log_w down to -10 per token) takes the per-key halving, between two factored chunks. Outputs,
-    final state and gradients equal `recurrent`, without and with resets."""
-    from fwpzoo.cells import dplr
+def per_key_decay(variant):
+    """The name of the variant's per-key log-decay gate ([B, T, H, K]), or None."""
+    decay = cells.get(family(variant)).OBJECTIVE.decay
+    inputs = draw(variant, Sizes(1))
+    return decay if decay in inputs and inputs[decay].ndim == 4 else None
 
-    variant, C = "dplr/rwkv7", 16
+
+PER_KEY = [variant for variant in VARIANTS if per_key_decay(variant)]
+
+
+@pytest.mark.parametrize("variant", PER_KEY)
+def test_chunks_beyond_the_factored_spread_take_the_halving(variant):
+    """A per-key decay's chunk products come from factored rows only while every key decays by
+    at most e^{-FACTORED_SPREAD} across the chunk; chunks of stronger decays (here tokens 16-31,
+    log decays down to -20 per token) take the per-key halving, beside factored ones. Outputs,
+    final state and gradients equal `recurrent`, without and with resets."""
+    from fwpzoo.cells._chunking import factored_chunks
+
+    C, decay = 16, per_key_decay(variant)
     sizes = Sizes(3 * C - 1)
     inputs = draw(variant, sizes)
-    inputs["log_w"] = inputs["log_w"].at[:, C : 2 * C].multiply(10.0)
-    chunks = [jnp.swapaxes(inputs["log_w"][:, a : a + C], 1, 2) for a in range(0, sizes.T, C)]
-    assert [bool(dplr.factorable(chunk)) for chunk in chunks] == [True, False, True]
+    inputs[decay] = inputs[decay].at[:, C : 2 * C].multiply(20.0)
+    tokens = C // (sizes.N if family(variant) == "delta_product" else 1)
+    assert set(np.asarray(factored_chunks(inputs[decay], tokens)).tolist()) == {True, False}
     cotangent = cotangents(variant, sizes)
     for reset in (None, reset_mask(sizes)):
         actual = jitted_vjp(variant, "chunkwise", C)(inputs, cotangent, reset)

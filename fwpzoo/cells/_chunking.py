@@ -33,6 +33,32 @@ def causal_decay(g):
     return jnp.exp(jnp.where(lower_mask(g.shape[-1]), g[..., :, None] - g[..., None, :], -jnp.inf))
 
 
+# A chunk's per-key decayed products come from factored rows, e^{g'_t - g_s} = e^{g'_t - m}
+# e^{m - g_s} with m = g_C / 2, when every key decays by at most e^{-this} across the chunk: every
+# factor then lies within e^{+-30}, far inside float32's range (e^{+-87}). A chunk of stronger
+# decays takes the per-key halving, which never multiplies factors of opposite sign.
+FACTORED_SPREAD = 60.0
+
+
+def factored_chunks(log_decay, size):
+    """[N] bool: per chunk of `size` tokens of log_decay [B, T, H, K] (zero-padded to whole
+    chunks), whether every key's log decay summed over the chunk is at least -FACTORED_SPREAD.
+
+    Computed for all chunks before the chunk loop: a batch split over devices exchanges the
+    flags once per call rather than once per chunk."""
+    B, _, H, K = log_decay.shape
+    per_chunk = pad_to_chunks(log_decay, size).reshape(B, -1, size, H, K)  # [B, N, C, H, K]
+    return jnp.all(jnp.sum(per_chunk, axis=2) >= -FACTORED_SPREAD, axis=(0, 2, 3))
+
+
+def by_flag(flags, n, run):
+    """run(factored) for chunk n: run(False) when flags is None (no per-key decay), else one
+    lax.cond on flags[n] between run(True) and run(False)."""
+    if flags is None:
+        return run(False)
+    return jax.lax.cond(flags[n], lambda: run(True), lambda: run(False))
+
+
 def chunk_of(x, n, size, dtype):
     """Chunk n of x [B, T, H, ...] as [B, H, C, ...] in dtype; None stays None.
 

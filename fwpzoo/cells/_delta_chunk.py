@@ -36,15 +36,17 @@ import jax.numpy as jnp
 
 from fwpzoo.cells._chunking import (
     Segments,
+    by_flag,
     causal_decay,
     chunk_of,
+    factored_chunks,
     keep,
     lower_mask,
     pad_to_chunks,
     put_chunk,
     reset_chunk,
 )
-from fwpzoo.cells._linear_chunk import PerKeyScores, scaled, summed_to
+from fwpzoo.cells._linear_chunk import FactoredScores, PerKeyScores, scaled, summed_to
 
 # Diagonal blocks up to this size are inverted by forward substitution; larger ones by doubling.
 # 8 measured fastest on CPU for chunk 64 (fewer sequential rows than 16, fewer merges than 4).
@@ -117,12 +119,20 @@ class _ScalarProducts:
 
 class _PerKeyProducts:
     """A_ti = sum_k x_tk y_ik e^{g_tk - g_ik} on a mask (0 outside) for a per-key decay
-    g [B, H, C, K], by the halving of the linear-attention chunk (every exponent <= 0). X has a
-    row for every one of Y's C rows; with `read`, only those rows of A are kept (DeltaProduct's
-    queries: X is given on the read rows and placed there, the other rows zero)."""
+    g [B, H, C, K]: from factored rows where the chunk's decays allow (`factored`,
+    _linear_chunk.FactoredScores), else by the halving of the linear-attention chunk (every
+    exponent <= 0). X has a row for every one of Y's C rows; with `read`, only those rows of A
+    are kept (DeltaProduct's queries: X is given on the read rows, which the factored product
+    takes as they are and the halving places on zero rows)."""
 
-    def __init__(self, x, y, g, mask, read=None):
-        self.read, self.mask = read, mask
+    def __init__(self, x, y, g, mask, read=None, factored=False):
+        self.read, self.mask, self.factored = read, mask, factored
+        if factored:
+            rows = mask if read is None else mask[..., read, :]
+            g_x = None if read is None else g[:, :, read]
+            self.scores = FactoredScores(x, y, g, rows, g_query=g_x)
+            self.a = self.scores.a  # [B, H, Cx, C]
+            return
         if read is not None:
             x = jnp.zeros(y.shape[:-1] + x.shape[-1:], x.dtype).at[:, :, read].set(x)
         self.scores = PerKeyScores(x, y, g)
@@ -131,6 +141,8 @@ class _PerKeyProducts:
 
     def pullback(self, da):
         """(dX, dY) from dA [B, H, Cx, C]: dX reads with X's decay factor, dY writes with Y's."""
+        if self.factored:
+            return self.scores.pullback(da)
         if self.read is not None:  # back to a row per row of Y, zero on the rows not read
             rows = jnp.zeros(da.shape[:-2] + (da.shape[-1],) * 2, da.dtype)  # [B, H, C, C]
             da = rows.at[:, :, self.read].set(da)
@@ -175,9 +187,10 @@ class _Chunk:
     A chunk is `tokens` tokens of N sub-steps each, C = tokens * N rows: k, v [B, H, C, ...],
     beta [B, H, C]; the decay (and a reset) rides on each token's first sub-step and the query
     reads after its last, so q [B, H, tokens, K] meets only the rows `read` (every N-th, from
-    N - 1). The decay is scalar (g [B, H, C]) or per key (g [B, H, C, K])."""
+    N - 1). The decay is scalar (g [B, H, C]) or per key (g [B, H, C, K]); a per-key decay's
+    products come from factored rows when `factored` (the chunk's flag from factored_chunks)."""
 
-    def __init__(self, inputs, reset, n, tokens):
+    def __init__(self, inputs, reset, n, tokens, factored=False):
         q, k, v, beta, log_alpha = inputs
         split, sub = _sub_step_layout(beta)
         q = chunk_of(q, n, tokens, jnp.float32)  # [B, H, tokens, K]
@@ -204,8 +217,8 @@ class _Chunk:
         self.e_read = None if self.e is None else self.e[:, :, self.read]
         if per_key:
             read = None if sub == 1 else self.read
-            self.qk = _PerKeyProducts(q, k, self.g, causal, read)
-            self.kk = _PerKeyProducts(k, k, self.g, self.strict)
+            self.qk = _PerKeyProducts(q, k, self.g, causal, read, factored)
+            self.kk = _PerKeyProducts(k, k, self.g, self.strict, factored=factored)
         else:
             gamma_read = None if gamma is None else gamma[:, :, self.read]
             self.qk = _ScalarProducts(q, k, gamma_read, causal[..., self.read, :])
@@ -237,16 +250,67 @@ def _forward(inputs, reset, state, tokens):
     q, _, v, _, _ = inputs
     o = jnp.zeros(q.shape[:3] + v.shape[-1:], v.dtype)
 
+    flags = _factored_flags(inputs, tokens)
+
     def chunk_step(carry, n):
         s, o = carry
-        c = _Chunk(inputs, reset, n, tokens)
-        u = c.pseudo_values(s)  # [B, H, C, V]
-        o = put_chunk(o, c.outputs(s, u), n)  # [B, H, tokens, V] written
-        return (c.leaving_state(s, u), o), s
+
+        def run(factored):
+            c = _Chunk(inputs, reset, n, tokens, factored)
+            u = c.pseudo_values(s)  # [B, H, C, V]
+            return c.leaving_state(s, u), c.outputs(s, u)
+
+        leaving, o_chunk = by_flag(flags, n, run)
+        return (leaving, put_chunk(o, o_chunk, n)), s  # [B, H, tokens, V] written
 
     chunks = jnp.arange(q.shape[1] // tokens)
     (final, o), entering = jax.lax.scan(chunk_step, (state, o), chunks)
     return o, final, entering
+
+
+def _factored_flags(inputs, tokens):
+    """Per chunk of `tokens` tokens, whether a per-key decay's products factor
+    (factored_chunks); None without a per-key decay."""
+    q, log_alpha = inputs[0], inputs[4]
+    per_key = log_alpha is not None and log_alpha.ndim == q.ndim
+    return factored_chunks(log_alpha, tokens) if per_key else None
+
+
+def _pullback(inputs, reset, n, tokens, s, ds, do, factored):
+    """(ds entering, [dq, dk, dv, dbeta(, dlog_alpha)]) of chunk n from its entering state s
+    and the cotangents of its leaving state ds and of its outputs do [B, H, tokens, V]."""
+    c = _Chunk(inputs, reset, n, tokens, factored)
+    u = c.pseudo_values(s)
+    du = c.p.mT @ do + c.k_end @ ds  # (7): dO's path through P U, and ds's through S_C
+    dvb = c.tri.mT @ du  # cotangent of diag(beta) (V - (K . e^g) S_0), T^T dU
+    ds_prev = c.q_start.mT @ do - scaled(c.beta, c.k_start).mT @ dvb + scaled(c.e_last, ds)
+    dvb_s = dvb @ s.mT  # [B, H, C, K]
+    # d(I + A)^{-1} = -T^T dT T^T regroups to -dV_b U^T (delta_rules.md, (8))
+    da = -jnp.where(c.strict, dvb @ u.mT, 0.0)  # [B, H, C, C]
+    # every product splits into a reading side (rows t, decayed by e^{g_t}) and a writing
+    # side (rows i, by e^{-g_i}); d log_alpha needs the two apart (delta_rules.md, section 6)
+    dq_p, dk_p = c.qk.pullback(do @ u.mT)
+    dk_kk_read, dk_kk_write = c.kk.pullback(c.beta[..., None] * da)
+    dq = dq_p + scaled(c.e_read, do @ s.mT)
+    dk_end = u @ ds.mT  # [B, H, C, K]: cotangent of K_end
+    dk_read = dk_kk_read - scaled(c.e, scaled(c.beta, dvb_s))
+    dk_write = dk_p + dk_kk_write + scaled(c.to_end, dk_end)
+    dbeta = jnp.sum(c.v * dvb, axis=-1) - jnp.sum(c.k_start * dvb_s, axis=-1)
+    dbeta = dbeta + jnp.sum(da * c.kkg, axis=-1)
+    chunk_grads = [dq, dk_read + dk_write, scaled(c.beta, dvb), dbeta]
+    if c.g is not None:
+        # g_t enters as e^{g_t} on a reading row and e^{-g_t} on a writing one, up to the
+        # chunk end's e^{g_C} (segment masks are constant factors), so
+        # dg = Q . dQ + K . (dK_read - dK_write) plus the chunk end's terms
+        dg = summed_to(c.k * (dk_read - dk_write), c.g)  # [B, H, C(, K)]
+        dg = dg.at[:, :, c.read].add(summed_to(c.q * dq, c.g))
+        end = jnp.sum(c.k_end * dk_end, axis=2) + scaled(c.e_last, jnp.sum(s * ds, -1))
+        dg = dg.at[:, :, -1].add(summed_to(end, c.e_last))
+        # g is the in-chunk cumulative sum of the sub-steps' log decays, each token's on its
+        # first sub-step: the transpose is the reversed cumulative sum, read there
+        d_sub = jax.lax.cumsum(dg, axis=2, reverse=True)  # [B, H, C(, K)]
+        chunk_grads.append(d_sub[:, :, :: c.sub])  # [B, H, tokens(, K)]
+    return ds_prev, chunk_grads
 
 
 def _backward(tokens, res, cotangents):
@@ -257,41 +321,17 @@ def _backward(tokens, res, cotangents):
     # dq [B, T, H, K] and d log_alpha [B, T, H(, K)] are per token; dk, dv, dbeta per sub-step
     puts = (put_chunk, put_sub_steps, put_sub_steps, put_sub_steps, put_chunk)
 
+    flags = _factored_flags(inputs, tokens)
+
     def chunk_step(carry, xs):
         ds, grads = carry  # ds: cotangent of the state leaving chunk n
         n, s = xs  # s: the state entering chunk n
-        c = _Chunk(inputs, reset, n, tokens)
         do = chunk_of(do_all, n, tokens, jnp.float32)  # [B, H, tokens, V]
-        u = c.pseudo_values(s)
-        du = c.p.mT @ do + c.k_end @ ds  # (7): dO's path through P U, and ds's through S_C
-        dvb = c.tri.mT @ du  # cotangent of diag(beta) (V - (K . e^g) S_0), T^T dU
-        ds_prev = c.q_start.mT @ do - scaled(c.beta, c.k_start).mT @ dvb + scaled(c.e_last, ds)
-        dvb_s = dvb @ s.mT  # [B, H, C, K]
-        # d(I + A)^{-1} = -T^T dT T^T regroups to -dV_b U^T (delta_rules.md, (8))
-        da = -jnp.where(c.strict, dvb @ u.mT, 0.0)  # [B, H, C, C]
-        # every product splits into a reading side (rows t, decayed by e^{g_t}) and a writing
-        # side (rows i, by e^{-g_i}); d log_alpha needs the two apart (delta_rules.md, section 6)
-        dq_p, dk_p = c.qk.pullback(do @ u.mT)
-        dk_kk_read, dk_kk_write = c.kk.pullback(c.beta[..., None] * da)
-        dq = dq_p + scaled(c.e_read, do @ s.mT)
-        dk_end = u @ ds.mT  # [B, H, C, K]: cotangent of K_end
-        dk_read = dk_kk_read - scaled(c.e, scaled(c.beta, dvb_s))
-        dk_write = dk_p + dk_kk_write + scaled(c.to_end, dk_end)
-        dbeta = jnp.sum(c.v * dvb, axis=-1) - jnp.sum(c.k_start * dvb_s, axis=-1)
-        dbeta = dbeta + jnp.sum(da * c.kkg, axis=-1)
-        chunk_grads = [dq, dk_read + dk_write, scaled(c.beta, dvb), dbeta]
-        if log_alpha is not None:
-            # g_t enters as e^{g_t} on a reading row and e^{-g_t} on a writing one, up to the
-            # chunk end's e^{g_C} (segment masks are constant factors), so
-            # dg = Q . dQ + K . (dK_read - dK_write) plus the chunk end's terms
-            dg = summed_to(c.k * (dk_read - dk_write), c.g)  # [B, H, C(, K)]
-            dg = dg.at[:, :, c.read].add(summed_to(c.q * dq, c.g))
-            end = jnp.sum(c.k_end * dk_end, axis=2) + scaled(c.e_last, jnp.sum(s * ds, -1))
-            dg = dg.at[:, :, -1].add(summed_to(end, c.e_last))
-            # g is the in-chunk cumulative sum of the sub-steps' log decays, each token's on its
-            # first sub-step: the transpose is the reversed cumulative sum, read there
-            d_sub = jax.lax.cumsum(dg, axis=2, reverse=True)  # [B, H, C(, K)]
-            chunk_grads.append(d_sub[:, :, :: c.sub])  # [B, H, tokens(, K)]
+
+        def run(factored):
+            return _pullback(inputs, reset, n, tokens, s, ds, do, factored)
+
+        ds_prev, chunk_grads = by_flag(flags, n, run)
         puts_used = puts[: len(grads)]  # no d log_alpha without a decay
         grads = [put(g, x, n) for put, g, x in zip(puts_used, grads, chunk_grads, strict=True)]
         return (ds_prev, grads), None

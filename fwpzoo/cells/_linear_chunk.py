@@ -19,7 +19,9 @@ measured 1.5-5x slower on CPU at T = 2048: those intermediates go through main m
 page faults on every call; linear_attention.md, section 7.)
 
 log_alpha is [B, T, H] (scalar decay), [B, T, H, K] (per-key decay) or None (no decay: plain
-linear attention, every decay factor skipped). Dimension letters: B batch, T time, H heads,
+linear attention, every decay factor skipped). A per-key decay's scores are one product of
+factored rows in a chunk whose decays allow it (FactoredScores), the halving otherwise
+(PerKeyScores); the choice is made per chunk. Dimension letters: B batch, T time, H heads,
 K key dim, V value dim, C chunk, N chunks, P blocks of a chunk (per-key scores).
 """
 
@@ -30,8 +32,10 @@ import jax.numpy as jnp
 
 from fwpzoo.cells._chunking import (
     Segments,
+    by_flag,
     causal_decay,
     chunk_of,
+    factored_chunks,
     keep,
     lower_mask,
     pad_to_chunks,
@@ -120,6 +124,31 @@ class PerKeyScores:
         return dq[0], dk[0]
 
 
+class FactoredScores:
+    """PerKeyScores' A, restricted to `mask`, for a chunk whose decays factor (every key's
+    log decay over the chunk at least -FACTORED_SPREAD, _chunking.factored_chunks): with
+    m = g_C / 2 per key, e^{g'_t - g_s} = e^{g'_t - m} e^{m - g_s} and both factors lie within
+    e^{+-FACTORED_SPREAD / 2}, so A = mask . ((Q . e^{g' - m}) (K . e^{m - g})^T), one product.
+
+    q [B, H, Cq, K] with its log decays g_query (g when None: a query per row of k; DeltaProduct
+    reads every N-th row); k, g [B, H, C, K]; mask [(B, 1,) Cq, C] bool, the pairs kept. Each kept
+    entry is the sum of the same terms as the halving's; the pairs outside the mask never pass
+    its select, in either direction."""
+
+    def __init__(self, q, k, g, mask, g_query=None):
+        g_query = g if g_query is None else g_query
+        m = jax.lax.stop_gradient(g[..., -1:, :] / 2)  # [B, H, 1, K]: A does not depend on m
+        self.q_decay, self.k_decay = jnp.exp(g_query - m), jnp.exp(m - g)  # [B, H, C(q), K]
+        self.q, self.k = q * self.q_decay, k * self.k_decay
+        self.mask = mask
+        self.a = jnp.where(mask, self.q @ self.k.mT, 0.0)  # [B, H, Cq, C]
+
+    def pullback(self, da):
+        """(dQ [B, H, Cq, K], dK [B, H, C, K]) from dA [B, H, Cq, C]."""
+        da = jnp.where(self.mask, da, 0.0)
+        return (da @ self.k) * self.q_decay, (da.mT @ self.q) * self.k_decay
+
+
 def _pad_rows(x, rows, mode="constant"):
     """x [..., C, K] padded at the end of its C axis to `rows` rows."""
     return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, rows - x.shape[-2]), (0, 0)], mode=mode)
@@ -199,9 +228,10 @@ def _per_key_pullback(da, q, k, factors):
 class _Chunk:
     """One chunk's inputs [B, H, C, ...] and everything computed from them alone: the decays
     e^g, e^{g_C - g}, e^{g_C} (all exponents <= 0, None without decay), masked to the chunk's
-    segments where it has resets, and the scores A."""
+    segments where it has resets, and the scores A (a per-key decay's from factored rows when
+    `factored`, by the halving otherwise)."""
 
-    def __init__(self, inputs, reset, n, size, dtype):
+    def __init__(self, inputs, reset, n, size, dtype, factored=False):
         q, k, v, log_alpha = (chunk_of(x, n, size, dtype) for x in inputs)
         self.q, self.k, self.v = q, k, v
         self.g = None if log_alpha is None else prefix_sum(log_alpha)  # [B, H, C(, K)]
@@ -222,7 +252,13 @@ class _Chunk:
             self.e_last = keep(seg.through, self.e_last, dtype)
             same = seg.same if per_key else seg.same & lower_mask(size)
             gamma = None if per_key else keep(same, gamma, dtype)
-        self.scores = PerKeyScores(q, k, self.g, same) if per_key else _Causal(q, k, gamma)
+        if not per_key:
+            self.scores = _Causal(q, k, gamma)
+        elif factored:  # the chunk's decays factor (FactoredScores): one product
+            causal = lower_mask(size) if same is None else same & lower_mask(size)
+            self.scores = FactoredScores(q, k, self.g, causal)
+        else:
+            self.scores = PerKeyScores(q, k, self.g, same)
         self.q_start = scaled(self.e, q)  # [B, H, C, K]: Q . e^g reads the entering state
         self.k_end = scaled(self.to_end, k)  # [B, H, C, K]: K . e^{g_C - g} writes the leaving one
 
@@ -241,44 +277,68 @@ def _forward(inputs, reset, state, size):
     entering every chunk [N, B, H, K, V]."""
     q, _, v, _ = inputs
     o = jnp.zeros(q.shape[:3] + v.shape[3:], v.dtype)
+    flags = _factored_flags(inputs, size)
 
     def chunk_step(carry, n):
         s, o = carry
-        c = _Chunk(inputs, reset, n, size, s.dtype)
-        return (c.leaving_state(s), put_chunk(o, c.outputs(s), n)), s
+
+        def run(factored):
+            c = _Chunk(inputs, reset, n, size, s.dtype, factored)
+            return c.leaving_state(s), c.outputs(s)
+
+        leaving, o_chunk = by_flag(flags, n, run)
+        return (leaving, put_chunk(o, o_chunk, n)), s
 
     (final, o), entering = jax.lax.scan(chunk_step, (state, o), jnp.arange(q.shape[1] // size))
     return o, final, entering
+
+
+def _factored_flags(inputs, size):
+    """Per chunk, whether a per-key decay's scores factor (_chunking.factored_chunks); None
+    without a per-key decay."""
+    q, log_alpha = inputs[0], inputs[-1]
+    per_key = log_alpha is not None and log_alpha.ndim == q.ndim
+    return factored_chunks(log_alpha, size) if per_key else None
+
+
+def _pullback(inputs, reset, n, size, s, ds, do, factored):
+    """(ds entering, [dq, dk, dv(, dlog_alpha)] [B, H, C, ...]) of chunk n from its entering
+    state s and the cotangents of its leaving state ds and of its outputs do [B, H, C, V]."""
+    c = _Chunk(inputs, reset, n, size, s.dtype, factored)
+    da = jnp.where(lower_mask(size), do @ c.v.mT, 0.0)  # [B, H, C, C]
+    dq, dk = c.scores.pullback(da)
+    d_q_start = do @ s.mT  # [B, H, C, K]
+    d_k_end = c.v @ ds.mT  # [B, H, C, K]
+    dq = dq + scaled(c.e, d_q_start)
+    dk = dk + scaled(c.to_end, d_k_end)
+    dv = c.scores.a.mT @ do + c.k_end @ ds  # [B, H, C, V]
+    ds_prev = c.q_start.mT @ do + scaled(c.e_last, ds)
+    chunk_grads = [dq, dk, dv]
+    if c.g is not None:
+        # A, Q . e^g and K . e^{g_C - g} depend on g only through q_t e^{g_t} and k_s e^{-g_s}
+        # up to factors of the chunk end (segment masks are constant factors), so
+        # dg = Q . dQ - K . dK plus the chunk end's terms (linear_attention.md, section 3)
+        dg = summed_to(c.q * dq - c.k * dk, c.g)  # [B, H, C(, K)]
+        end = jnp.sum(c.k_end * d_k_end, axis=2) + scaled(c.e_last, jnp.sum(s * ds, -1))
+        dg = dg.at[:, :, -1].add(summed_to(end, c.e_last))
+        # g is the in-chunk cumulative sum of log_alpha: its transpose is the reversed one
+        chunk_grads.append(prefix_sum(dg, reverse=True))
+    return ds_prev, chunk_grads
 
 
 def _backward(size, res, cotangents):
     inputs, reset, entering = res
     do_all, d_final = cotangents
     log_alpha = inputs[-1]
+    flags = _factored_flags(inputs, size)
 
     def chunk_step(carry, xs):
         ds, grads = carry  # ds: cotangent of the state leaving chunk n
         n, s = xs  # s: the state entering chunk n
-        c = _Chunk(inputs, reset, n, size, s.dtype)
         do = chunk_of(do_all, n, size, s.dtype)  # [B, H, C, V]
-        da = jnp.where(lower_mask(size), do @ c.v.mT, 0.0)  # [B, H, C, C]
-        dq, dk = c.scores.pullback(da)
-        d_q_start = do @ s.mT  # [B, H, C, K]
-        d_k_end = c.v @ ds.mT  # [B, H, C, K]
-        dq = dq + scaled(c.e, d_q_start)
-        dk = dk + scaled(c.to_end, d_k_end)
-        dv = c.scores.a.mT @ do + c.k_end @ ds  # [B, H, C, V]
-        ds_prev = c.q_start.mT @ do + scaled(c.e_last, ds)
-        chunk_grads = [dq, dk, dv]
-        if log_alpha is not None:
-            # A, Q . e^g and K . e^{g_C - g} depend on g only through q_t e^{g_t} and k_s e^{-g_s}
-            # up to factors of the chunk end (segment masks are constant factors), so
-            # dg = Q . dQ - K . dK plus the chunk end's terms (linear_attention.md, section 3)
-            dg = summed_to(c.q * dq - c.k * dk, c.g)  # [B, H, C(, K)]
-            end = jnp.sum(c.k_end * d_k_end, axis=2) + scaled(c.e_last, jnp.sum(s * ds, -1))
-            dg = dg.at[:, :, -1].add(summed_to(end, c.e_last))
-            # g is the in-chunk cumulative sum of log_alpha: its transpose is the reversed one
-            chunk_grads.append(prefix_sum(dg, reverse=True))
+        ds_prev, chunk_grads = by_flag(
+            flags, n, lambda f: _pullback(inputs, reset, n, size, s, ds, do, f)
+        )
         grads = [put_chunk(g, x, n) for g, x in zip(grads, chunk_grads, strict=True)]
         return (ds_prev, grads), None
 

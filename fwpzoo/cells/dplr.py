@@ -12,9 +12,9 @@ state of a 64-token sequence overflows to inf before any training.)
 q, k, a, b [B, T, H, K]; v [B, T, H, V]; log_w [B, T, H, K] (log per-key decay, <= 0); state S
 [B, H, K, V] float32; o [B, T, H, V] in v's dtype. The chunkwise form (a UT transform of the
 low-rank reads, with per-key decays; flash-linear-attention's chunked DPLR delta rule) and the
-associative form are derived in dplr.md. A chunk whose decays stay within FACTORED_SPREAD gets
-its four score matrices from one product and a hand-derived backward; a chunk of stronger decays
-takes the per-key halving, differentiated by autodiff.
+associative form are derived in dplr.md. A chunk whose decays stay within
+_chunking.FACTORED_SPREAD gets its four score matrices from one product and a hand-derived
+backward; a chunk of stronger decays takes the per-key halving, differentiated by autodiff.
 """
 
 import functools
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fwpzoo.cells import _delta_assoc
-from fwpzoo.cells._chunking import Segments, keep, pad_to_chunks
+from fwpzoo.cells._chunking import Segments, factored_chunks, keep
 from fwpzoo.cells._delta_chunk import unit_lower_inverse
 from fwpzoo.cells._linear_chunk import per_key_scores, prefix_sum
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
@@ -72,12 +72,6 @@ def recurrent(q, k, v, *, state=None, reset=None, log_w, a, b):
     gates = {"log_w": log_w, "a": a, "b": b}
     o, state = scan_steps(step, initial_state(state, q, v), q, k, v, gates, reset)
     return o.astype(v.dtype), state
-
-
-# A chunk takes the factored form when the log decay of every key across it stays above -this:
-# every factor e^{+-(g - m)} lies in [e^{-30}, e^{30}], far from float32's range limits
-# (dplr.md, section 5). RWKV-7's decays (log_w >= -e^{-1/2}) always pass at chunk size 64.
-FACTORED_SPREAD = 60.0
 
 
 @jax.custom_vjp
@@ -131,7 +125,7 @@ class _Factored:
     With m = g_C / 2 per key, every decay e^{g'_t - g_s} splits into e^{g'_t - m} e^{m - g_s}
     (reads: g' = g_before; queries: g' = g), so the four score matrices are the blocks of one
     [2C, 2C] product X Y^T with X = [A; Q] . e^{g' - m} and Y = [B; K] . e^{m - g}: exact while
-    the chunk's decay spread |g_C| stays within FACTORED_SPREAD (`factorable`). Holds what both
+    the chunk's decay spread |g_C| stays within _chunking.FACTORED_SPREAD. Holds what both
     directions need: X, Y, the masked scores, the entering and leaving state's factors and the
     UT transform."""
 
@@ -217,26 +211,10 @@ def _pairs(size):
     return np.block([[strict, strict], [lower, lower]])
 
 
-def factorable(log_w):
-    """Whether the chunk log_w [B, H, C, K] takes the factored form: every key's log decay over
-    the chunk at least -FACTORED_SPREAD (one flag for the whole chunk, as lax.cond needs)."""
-    return jnp.all(jnp.sum(log_w, axis=-2) >= -FACTORED_SPREAD)
-
-
-def _factored_chunks(log_w, size):
-    """[1, T, 1] bool: per token, whether its chunk of `size` tokens takes the factored form.
-
-    All chunks at once, before the chunk loop: one reduction over the batch (a single exchange
-    when the batch is split over devices) instead of one per chunk inside it."""
-    B, T, H, K = log_w.shape
-    per_chunk = pad_to_chunks(log_w, size).reshape(B, -1, size, H, K)  # [B, N, C, H, K]
-    flags = jnp.all(jnp.sum(per_chunk, axis=2) >= -FACTORED_SPREAD, axis=(0, 2, 3))  # [N]
-    return jnp.repeat(flags, size)[None, :T, None]
-
-
 def _chunk(s, q, k, v, log_w, a, b, reset, factored):
     """One chunk -> (leaving state, o [B, H, C, V]): factored where the decays allow (factored
-    [1, 1, C], its chunk's flag on every token), halved otherwise."""
+    [1, 1, C]: its chunk's flag from _chunking.factored_chunks on every token), halved
+    otherwise."""
 
     def by_factors(s, q, k, v, log_w, a, b, reset):
         return _Factored(q, k, log_w, a, b, reset).forward(s, v)
@@ -262,7 +240,8 @@ def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, log_w, a, b):
     per-key gated linear attention; the state carried across chunks. Padded tokens are
     identities (no decay, no write, a = b = 0)."""
     resets = None if reset is None else reset[:, :, None]  # [B, T, 1]: one row for all heads
-    factored = _factored_chunks(log_w, min(chunk_size, q.shape[1]))
+    size = min(chunk_size, q.shape[1])
+    factored = jnp.repeat(factored_chunks(log_w, size), size)[None, : q.shape[1], None]  # [1, T, 1]
     inputs = (q, k, v, log_w, a, b, resets, factored)
     state = initial_state(state, q, v)
     return scan_chunks(_chunk, inputs, state, chunk_size, pullback=_pullback)
