@@ -17,30 +17,7 @@ import pytest
 
 from fwpzoo import cli
 
-TINY_YAML = """\
-model:
-  mixers: [fwp, attention]
-  d_model: 16
-  num_heads: 2
-  chunk_size: 8
-data:
-  task: mqar
-  seq_len: 16
-  vocab_size: 16
-  num_pairs: 3
-train:
-  steps: 30
-  batch_size: 8
-  learning_rate: 1e-2
-  warmup_steps: 2
-  log_every: 1
-checkpoint:
-  every: 5
-eval:
-  every: 10
-  batch_size: 8
-  num_batches: 1
-"""
+TINY_CONFIG = Path(__file__).parent / "fixtures" / "tiny.yaml"
 
 
 def fwpzoo(*args, check=True) -> subprocess.CompletedProcess:
@@ -69,10 +46,8 @@ def snapshot(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny_yaml(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("configs") / "tiny.yaml"
-    path.write_text(TINY_YAML)
-    return path
+def tiny_yaml() -> Path:
+    return TINY_CONFIG
 
 
 @pytest.fixture(scope="module")

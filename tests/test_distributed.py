@@ -13,31 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-TINY_YAML = """\
-model:
-  mixers: [fwp, attention]
-  d_model: 16
-  num_heads: 2
-  chunk_size: 8
-data:
-  task: mqar
-  seq_len: 16
-  vocab_size: 16
-  num_pairs: 3
-train:
-  steps: 6
-  batch_size: 8
-  learning_rate: 1e-2
-  warmup_steps: 2
-  log_every: 1
-checkpoint:
-  every: 3
-eval:
-  every: 3
-  batch_size: 8
-  num_batches: 1
-"""
+TINY_CONFIG = Path(__file__).parent / "fixtures" / "tiny.yaml"
 TIMEOUT = 600
 pytestmark = pytest.mark.slow  # trains in subprocesses, several at once
 
@@ -73,8 +51,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
+    """The tests' tiny run cut to 6 steps, with a checkpoint and an evaluation every 3."""
+    cfg = yaml.safe_load(TINY_CONFIG.read_text())
+    cfg["train"]["steps"] = 6
+    cfg["checkpoint"]["every"] = cfg["eval"]["every"] = 3
     path = tmp_path_factory.mktemp("configs") / "tiny.yaml"
-    path.write_text(TINY_YAML)
+    path.write_text(yaml.safe_dump(cfg))
     return path
 
 

@@ -61,6 +61,7 @@ from fwpzoo.bench._common import (
     footprint_bytes,
     int_list,
     machine,
+    machine_line,
     positive_float,
     positive_int,
 )
@@ -527,10 +528,7 @@ def markdown(result: dict, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['devices']} x {info['device']}, "
-        f"jax {info['jax']}, "
-        f"Python {info['python']}; 1-minute load average {result['load_before']:.1f} before, "
-        f"{result['load_after']:.1f} after. {MATMUL_SIZE}^3 float32 matmul: median "
+        f"{machine_line(result)} {MATMUL_SIZE}^3 float32 matmul: median "
         f"{statistics.median(rates) / 1e9:.0f} GFLOP/s over the groups"
         + (" (the faster of one device and all of them)." if info["devices"] > 1 else "."),
         "",

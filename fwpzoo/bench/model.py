@@ -55,6 +55,7 @@ from fwpzoo.bench._common import (
     footprint_bytes,
     int_list,
     machine,
+    machine_line,
     positive_int,
 )
 from fwpzoo.cells import delta_rule
@@ -415,17 +416,14 @@ def training_speedup(result: dict, T: int) -> float:
 
 def markdown(result: dict, command: str) -> str:
     """The report: command, machine, the three tables and the verdict on the target."""
-    options, info = result["options"], result["machine"]
+    options = result["options"]
     lengths = options["lengths"]
     lines = [
         "## Results",
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['devices']} x {info['device']}, "
-        f"jax {info['jax']}, "
-        f"Python {info['python']}; 1-minute load average {result['load_before']:.1f} before, "
-        f"{result['load_after']:.1f} after.",
+        machine_line(result),
         "",
         f"Models: d_model {options['d_model']}, {options['num_layers']} layers, "
         f"{options['num_heads']} heads, SwiGLU MLP 4 x d_model, vocabulary "

@@ -23,7 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fwpzoo.bench._common import BenchArgs, alternating_medians, int_list, machine, positive_int
+from fwpzoo.bench._common import (
+    BenchArgs,
+    alternating_medians,
+    int_list,
+    machine,
+    machine_line,
+    positive_int,
+)
 from fwpzoo.cells import recurrent_delta, srwm
 from fwpzoo.reports import write_page
 
@@ -109,15 +116,13 @@ def measure(options: Options) -> dict:
 
 
 def markdown(result: dict, command: str) -> str:
-    options, info = result["options"], result["machine"]
+    options = result["options"]
     lines = [
         "## Results",
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['device']}, jax {info['jax']}; "
-        f"1-minute load average {result['load_before']:.1f} before, "
-        f"{result['load_after']:.1f} after.",
+        machine_line(result),
         "",
         f"B = {options['batch']}, T = {options['length']}, H = {options['num_heads']}, "
         f"dim = {options['dim']}; forward + backward, median of {options['repeats']}.",
