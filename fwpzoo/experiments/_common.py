@@ -116,11 +116,15 @@ def parse_options(name: str, argv: Sequence[str]) -> Options:
 
 # XLA:CPU aborts a process whose devices wait more than 40 s for each other in a collective.
 # Sweeps run at low priority on shared machines, where one device's thread can be descheduled
-# that long: measured here, a state_tracking sweep with --cpu-devices 2 under nice 19 at load ~30
-# died in its second point's gradient all-reduce. Waiting is right; the neighbours finish.
+# that long (a state_tracking sweep with --cpu-devices 2 under nice 19 at load ~30 died in a
+# gradient all-reduce), so they wait longer; but not forever: with jaxlib 0.10.2, two CPU
+# devices on two cores can also deadlock for good (a state_tracking run sat in a collective with
+# every thread asleep at load 0), and an abort after 30 minutes lets a rerun resume the point
+# from its last checkpoint instead of hanging. (A deadlock with no collective pending, such as
+# a batched LAPACK Cholesky holding both pool threads, is not caught: mesa runs on one device.)
 PATIENT_COLLECTIVES = (
-    "--xla_cpu_collective_call_terminate_timeout_seconds=86400",
-    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600",
+    "--xla_cpu_collective_call_terminate_timeout_seconds=1800",
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300",
 )
 
 
