@@ -8,7 +8,7 @@ import pytest
 
 from fwpzoo.data import DataConfig, DataConfigError, make_task
 from fwpzoo.data.config import LANGUAGE_NAMES
-from fwpzoo.data.formal_languages import END, dyck_paths, dyck_word
+from fwpzoo.data.formal_languages import END, depths, dyck_paths, dyck_word
 
 
 def balanced(s, opening="(", closing=")"):
@@ -84,6 +84,16 @@ def test_dyck_words_are_uniform():
     counts = np.array([words.count(w) for w in set(words)])
     assert len(counts) == dyck_paths(6, 0) == 5
     assert counts.min() > 2500 / 5 * 0.85
+
+
+def test_resets_erase_open_counts():
+    """The reset comes at the depths a cut through a Dyck word leaves, not only at 0 or 1: a
+    reset at depth <= 1 would leave nothing to recognise beyond Dyck-1."""
+    t = task("reset_dyck_1")
+    for batch in (t.train_batch(0, 256), next(t.eval_batches("test", 256, 1, seq_len=100))):
+        prefixes = [s[: s.index("1")] for s, _ in decoded(t, batch)]
+        at_reset = np.array([depths(p)[-1] if p else 0 for p in prefixes])  # [256]
+        assert np.mean(at_reset >= 2) > 0.3 and np.mean(at_reset == 0) > 0.02, at_reset
 
 
 @pytest.mark.parametrize(

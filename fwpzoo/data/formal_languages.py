@@ -28,8 +28,10 @@ Generators (deterministic from the task's seed, stream and batch index): parity 
 bits and sets the last one so the count of 1s is even; dyck_1 draws uniformly among the Dyck
 words of the drawn length (each step's bracket with the probability its completions carry);
 shuffle_2 splits the length into two even parts, draws a Dyck word for each and interleaves
-them at uniformly chosen positions; reset_dyck_1 draws the prefix as the start of a Dyck word
-and the part after the reset as a whole Dyck word. Bhattamishra et al. draw Dyck words from a
+them at uniformly chosen positions; reset_dyck_1 places the reset uniformly, draws the prefix as
+the first half of a Dyck word of twice its length (so the reset erases an open count: depth 0, 2
+and 6 before it at the 10th, 50th and 90th percentile of bin 0, 1, 5 and 11 of bin 1) and the
+part after the reset as a whole Dyck word. Bhattamishra et al. draw Dyck words from a
 branching grammar instead and keep a fixed set of 10,000 training strings; here every batch is
 fresh (aa_star, abab_star and the counters have one string per length anyway).
 """
@@ -148,7 +150,10 @@ def reset_dyck(rng, n):
     after = n - 1 - prefix
     if after % 2:  # the part after the reset is a whole Dyck word: even
         prefix, after = prefix + 1, after - 1
-    start = dyck_word(rng, prefix + prefix % 2)[:prefix]
+    # the first half of a Dyck word: the reset cuts an open count, as a reset at a random point
+    # of a word does in Bhattamishra et al.'s data (a prefix of a word of its own length would
+    # end at depth 0 or 1 and leave the reset nothing to erase)
+    start = dyck_word(rng, 2 * prefix)[:prefix]
     return start + "1" + dyck_word(rng, after)
 
 
