@@ -116,6 +116,8 @@ def test_eval_splits_are_fixed_and_apart_from_training(name):
         ({"task": "familiarity", "repeat_interval": 64}, "data.repeat_interval"),
         ({"task": "familiarity", "repeat_prob": 1.0}, "data.repeat_prob"),
         ({"task": "familiarity", "vocab_size": 50}, "data.vocab_size"),
+        ({"task": "parity", "bos": True}, "data.bos"),
+        ({"task": "s3", "bos": True, "seq_len": 40, "max_len": 40}, "data.seq_len"),
     ],
 )
 def test_configs_that_cannot_make_their_task_are_refused_naming_the_field(changes, culprit):
@@ -240,6 +242,26 @@ def test_cyclic_targets_are_the_running_sum_mod_m_at_every_position():
             assert targets[t] == 1 + total
         assert (weights[:n] == 1).all() and (weights[n:] == 0).all() and (inputs[n:] == 0).all()
         assert set(inputs[:n]) <= {1, 2, 3}
+
+
+@pytest.mark.parametrize("name", ["s3", "cyclic"])
+def test_a_start_token_comes_before_the_same_words_and_is_never_scored(name):
+    cfg = SYNTHETIC[name]
+    plain = make_task(cfg, seed=0)
+    task = make_task(dataclasses.replace(cfg, seq_len=cfg.max_len + 1, bos=True), seed=0)
+    start = plain.vocab_size  # one token id more
+    assert task.vocab_size == start + 1
+    for batch, words in [
+        (task.train_batch(0, 16), plain.train_batch(0, 16)),
+        (
+            next(task.eval_batches("test", 16, seq_len=50)),
+            next(plain.eval_batches("test", 16, seq_len=50)),
+        ),
+    ]:
+        assert (batch["inputs"][:, 0] == start).all() and (batch["inputs"][:, 1:] != start).all()
+        assert (batch["targets"][:, 0] == 0).all() and (batch["weights"][:, 0] == 0).all()
+        assert same({key: value[:, 1:] for key, value in batch.items()}, words)
+    assert batch["inputs"].shape == (16, 51)  # an eval length counts the elements
 
 
 def test_copy_reproduces_the_string_after_the_separator():

@@ -60,6 +60,8 @@ class DataConfig:
         lengths are drawn uniformly from this range (copy: the length of the string to copy).
     modulus (mod_arith, cyclic), operators (mod_arith): answers mod `modulus`; expressions use
         the operators in `operators` (a subset of "+-*"; `*` binds tighter, no brackets).
+    bos (s3, cyclic): a start token (the last token id, never scored) before every word, which
+        then takes max_len + 1 <= seq_len tokens; an eval length counts the word's elements.
     repeat_interval, repeat_prob (familiarity): a pattern comes back R steps later with
         probability p (Tyulmankov et al. 2022).
     corpus, data_dir (text): "gutenberg" or "brown" (fetched into data_dir by
@@ -85,6 +87,8 @@ class DataConfig:
     # mod_arith, cyclic
     modulus: int = 3
     operators: str = OPERATORS
+    # s3, cyclic
+    bos: bool = False
     # familiarity
     repeat_interval: int = 3
     repeat_prob: float = 0.5
@@ -120,7 +124,21 @@ def config_problems(cfg: DataConfig) -> list[str]:
                 f"data.min_len={cfg.min_len} > data.max_len={cfg.max_len}",
             ),
         ]
-    if cfg.task in ("parity", "s3", "cyclic", "formal_language"):
+    checks.append(
+        (
+            not cfg.bos or cfg.task in ("s3", "cyclic"),
+            f"data.bos is for s3 and cyclic, not {cfg.task}",
+        )
+    )
+    if cfg.bos:
+        checks.append(
+            (
+                cfg.max_len + 1 <= seq_len,
+                f"data.max_len + 1 = {cfg.max_len + 1} (with the start token of data.bos) > "
+                f"data.seq_len={seq_len}",
+            )
+        )
+    elif cfg.task in ("parity", "s3", "cyclic", "formal_language"):
         checks.append(
             (cfg.max_len <= seq_len, f"data.max_len={cfg.max_len} > data.seq_len={seq_len}")
         )

@@ -9,12 +9,16 @@ Parity and mod_arith follow the formal-language setup of Beck et al. 2024 (xLSTM
 al. 2025 train on: the answer is scored at the final position only. S3 follows Merrill et al.
 2024 and Siems et al. 2025: the running product is the target at every position; cyclic counting
 is the same word problem for the cyclic group Z_m (a number n rotates by n / m of a turn).
+With data.bos a start token (the last token id, scored nowhere) comes before each word, as the
+tokenizer of Merrill et al. 2024 prepends one (and so Siems et al. 2025): a model can write its
+initial state there and leave the elements to transform it, with no write of their own.
 
 Prefix results are computed with doubling (Hillis-Steele) scans: log2(T) vectorised steps
 instead of a Python loop over tokens.
 """
 
 import itertools
+from abc import abstractmethod
 
 import numpy as np
 
@@ -87,19 +91,52 @@ class Parity(SyntheticTask):
         return make_batch(inputs, targets, last)
 
 
-class S3(SyntheticTask):
+class WordProblem(SyntheticTask):
+    """Elements of a group in (element i is token 1 + i), their running product out at every
+    position; with data.bos a start token before each word, so a word of L elements takes L + 1
+    tokens (an eval length L counts the elements)."""
+
+    group_size: int
+
+    def __init__(self, cfg, seed):
+        super().__init__(cfg, seed)
+        self.start_token = 1 + self.group_size if cfg.bos else None
+        self.vocab_size = 1 + self.group_size + int(cfg.bos)
+
+    @abstractmethod
+    def running_product(self, g: np.ndarray) -> np.ndarray:
+        """[B, T] index of the product of g[:, :t + 1] for element indices g [B, T]."""
+
+    def generate(self, rng, batch_size, length):
+        T = length or self.seq_len - int(self.cfg.bos)  # elements per row
+        lengths = draw_lengths(rng, batch_size, self.cfg.min_len, self.cfg.max_len, length)
+        valid = np.arange(T) < lengths[:, None]  # [B, T]
+        g = rng.integers(0, self.group_size, size=(batch_size, T))
+        product = self.running_product(g)  # the prefix up to t ignores what comes after the padding
+        inputs, targets = np.where(valid, 1 + g, 0), np.where(valid, 1 + product, 0)
+        if self.start_token is not None:
+            inputs, targets, valid = after_start_token(inputs, targets, valid, self.start_token)
+        return make_batch(inputs, targets, valid)
+
+
+def after_start_token(inputs, targets, weights, token: int):
+    """[B, T] arrays -> [B, 1 + T]: `token` in, target 0 and weight 0 before every row."""
+    first = np.zeros((inputs.shape[0], 1), inputs.dtype)
+    return (
+        np.concatenate([first + token, inputs], axis=1),
+        np.concatenate([first, targets], axis=1),
+        np.concatenate([first.astype(weights.dtype), weights], axis=1),
+    )
+
+
+class S3(WordProblem):
     """Permutations of three elements in, their running product out at every position."""
 
     name = "s3"
-    vocab_size = 1 + len(PERMUTATIONS)
+    group_size = len(PERMUTATIONS)
 
-    def generate(self, rng, batch_size, length):
-        T = length or self.seq_len
-        lengths = draw_lengths(rng, batch_size, self.cfg.min_len, self.cfg.max_len, length)
-        valid = np.arange(T) < lengths[:, None]  # [B, T]
-        g = rng.integers(0, len(PERMUTATIONS), size=(batch_size, T))
-        product = running_product(g)  # the prefix up to t ignores what comes after the padding
-        return make_batch(np.where(valid, 1 + g, 0), np.where(valid, 1 + product, 0), valid)
+    def running_product(self, g):
+        return running_product(g)
 
 
 class ModArith(SyntheticTask):
@@ -156,7 +193,7 @@ def expression_value(numbers: np.ndarray, ops: np.ndarray, count: np.ndarray, m:
     return np.sum(np.where(ends, sign * term, 0), axis=1) % m
 
 
-class Cyclic(SyntheticTask):
+class Cyclic(WordProblem):
     """Numbers mod m in (number n is token 1 + n), their running sum mod m out at every position:
     the word problem of the cyclic group Z_m, with no operator tokens between the numbers, so
     each token must apply its whole rotation."""
@@ -164,13 +201,8 @@ class Cyclic(SyntheticTask):
     name = "cyclic"
 
     def __init__(self, cfg, seed):
+        self.group_size = cfg.modulus
         super().__init__(cfg, seed)
-        self.vocab_size = 1 + cfg.modulus
 
-    def generate(self, rng, batch_size, length):
-        T = length or self.seq_len
-        lengths = draw_lengths(rng, batch_size, self.cfg.min_len, self.cfg.max_len, length)
-        valid = np.arange(T) < lengths[:, None]  # [B, T]
-        numbers = rng.integers(0, self.cfg.modulus, size=(batch_size, T)) * valid
-        total = np.cumsum(numbers, axis=1) % self.cfg.modulus  # [B, T] sum of each prefix
-        return make_batch(np.where(valid, 1 + numbers, 0), np.where(valid, 1 + total, 0), valid)
+    def running_product(self, g):
+        return np.cumsum(g, axis=1) % self.group_size
