@@ -10,6 +10,7 @@ from fwpzoo.layers import MIXERS, FWPMixer, get_mixer
 from fwpzoo.layers.conv import ShortConv
 from fwpzoo.layers.feature_maps import FEATURE_MAPS, feature_dim
 from fwpzoo.layers.fwp import qk_normalize
+from fwpzoo.layers.programmed import initial_matrix
 from fwpzoo.layers.ssm import linear_recurrence
 from fwpzoo.models import ModelConfig
 
@@ -203,6 +204,17 @@ def test_srwm_refuses_a_feature_map_that_is_not_a_probability_map(feature_map, q
     with pytest.raises(ValueError, match="srwm needs a probability feature map"):
         tiny(mixers=("srwm",), feature_map=feature_map, qk_norm=qk_norm)
     tiny(mixers=("rdn",), feature_map=feature_map, qk_norm=qk_norm)  # rdn takes any map
+
+
+def test_srwm_initial_matrix_follows_the_papers_code():
+    """Rows for y and k N(0, 1/D), for q 100x smaller, learning-rate entries N(-1, 1/D)."""
+    H, D = 64, 16
+    W0 = np.asarray(initial_matrix(jax.random.key(0), H, D))  # [H, 3D + 4, D]
+    y_k, q, beta = W0[:, : 2 * D], W0[:, 2 * D : 3 * D], W0[:, 3 * D :]
+    std = 1 / np.sqrt(D)
+    assert abs(y_k.mean()) < 0.02 and abs(y_k.std() / std - 1) < 0.05
+    assert abs(q.std() / (0.01 * std) - 1) < 0.05
+    assert abs(beta.mean() + 1) < 0.03 and abs(beta.std() / std - 1) < 0.1
 
 
 def test_rdn_with_zero_recurrence_is_a_delta_rule_layer():
