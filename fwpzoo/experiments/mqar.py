@@ -1,8 +1,8 @@
 """Multi-query associative recall (Arora et al. 2024, "Zoology") across the architectures.
 
-Two-layer models of each mixer (d_model 32) are trained on MQAR with a vocabulary of 256 and x
-key-value pairs per sequence, at 8, 4 and 2 heads (key dim 4, 8, 16 per head, so fast weights of
-32 x key dim numbers per layer); the metric is the accuracy at the query positions of held-out
+Two-layer models of each mixer (d_model 64) are trained on MQAR with a vocabulary of 256 and x
+key-value pairs in 64 tokens, at 16, 8 and 4 heads (key dim 4, 8, 16 per head, so fast weights of
+64 x key dim numbers per layer); the metric is the accuracy at the query positions of held-out
 (test-split) sequences, recorded with the layer's state size. A decay init study trains the gated
 models from Mamba-2's own init at one point. Configs: configs/experiments/mqar/<model>.yaml.
 """
@@ -47,14 +47,15 @@ KEYS = (
 )
 MODELS = ("attention", "delta_rule", "linear_attn", "gated_delta_rule", "mamba2")
 GATED = ("gated_delta_rule", "mamba2")
-# num_heads at d_model 32 (key dim per head 8, 16, 4: the fast weights hold 32 x key dim numbers
-# per layer) -> the pairs swept at it; key dim 8 first, where the pairs reach 4x the key dim
-GRID = {4: (8, 16, 32), 2: (8, 16, 32), 8: (8, 16, 32)}
+# num_heads at d_model 64 (key dim per head 8, 4, 16: the fast weights hold 64 x key dim numbers
+# per layer) -> the pairs swept at it (16 pairs fill the 64 tokens); key dim 8 first, where the
+# pairs run from half the key dim to twice it; at key dim 4 they reach 4x
+GRID = {8: (4, 8, 16), 16: (4, 8, 16), 4: (4, 8, 16)}
 SEEDS = (0, 1, 2)
 # the decay init study: Mamba-2's own init against the grid's long-memory one, at one point
 LONG_DECAY = "long"  # the configs': A in [1, 2], dt in [0.001, 0.005], alpha in [0.99, 0.999]
 MAMBA2_DECAY = ("model.decay_a_range=[1,16]", "model.decay_dt_range=[0.001,0.1]")
-STUDY_POINT = (4, 16)  # (num_heads, pairs)
+STUDY_POINT = (8, 16)  # (num_heads, pairs): key dim 8, twice as many pairs
 QUICK_MODELS, QUICK_GRID, QUICK_SEEDS = ("attention", "delta_rule"), {2: (4,)}, (0,)
 QUICK_OVERRIDES = (
     "data.seq_len=16",
@@ -86,7 +87,7 @@ def mqar_point(model, heads, pairs, seed, overrides=(), decay=None) -> object:
 
 
 def make_points(options) -> list:
-    """Key dims outermost (8 first, where the pairs reach 4x it), then seeds, models innermost:
+    """Key dims outermost (8 first, where the pairs straddle it), then seeds, models innermost:
     a sweep cut short has medians over every seed where it got to, and compares every model
     there; the decay init study follows the first key dim."""
     if options.quick:
