@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import types
 import typing
 from pathlib import Path
 
@@ -35,7 +36,12 @@ from fwpzoo.config_file import MAX_VALUES, apply_overrides
 from fwpzoo.data import fetch
 from fwpzoo.models import build_model, sampling
 from fwpzoo.train import loop, restore_run
-from fwpzoo.train.checkpoint import Checkpoints, fingerprint
+from fwpzoo.train.checkpoint import (
+    Checkpoints,
+    UnreadableCheckpoint,
+    fingerprint,
+    newest_readable,
+)
 from fwpzoo.train.metrics import read_metrics
 from fwpzoo.train.workdir import WorkdirLock
 
@@ -325,6 +331,32 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning(capsys, run_cop
     assert step == 2
     err = one_line(capsys.readouterr().err)
     assert f"checkpoint 4 in {run_copy} is unreadable (" in err and "trying step 2" in err
+
+
+def test_a_skipped_checkpoint_leaves_only_its_warning(monkeypatch, capsys):
+    """A failed restore's late tensorstore callbacks ("Event loop is closed", one per array, after
+    the warning) are dropped; any other unraisable exception still reaches the previous hook."""
+    reached = []
+    monkeypatch.setattr(sys, "unraisablehook", reached.append)
+
+    def restore(step):
+        if step == 4:
+            raise UnreadableCheckpoint("DATA_LOSS: a damaged array")
+        return "state"
+
+    assert newest_readable(Path("run"), [2, 4], restore) == (2, "state")
+    assert "checkpoint 4 in run is unreadable" in one_line(capsys.readouterr().err)
+
+    def unraisable(error):
+        return types.SimpleNamespace(
+            exc_type=type(error), exc_value=error, exc_traceback=None, err_msg=None, object=None
+        )
+
+    sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
+    assert reached == []
+    other = unraisable(RuntimeError("something else"))
+    sys.unraisablehook(other)
+    assert reached == [other]
 
 
 def test_arrays_that_changed_on_disk_fail_their_fingerprint(capsys, run_copy):

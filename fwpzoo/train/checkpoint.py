@@ -203,4 +203,25 @@ def newest_readable(workdir: Path, steps: list[int], restore: Callable[[int], ob
             older = [s for s in steps if s < step]
             then = f"trying step {older[-1]}" if older else "no older checkpoint"
             warn(f"checkpoint {step} in {workdir} is unreadable ({error}); {then}")
+            silence_closed_loop_callbacks()
     raise ConfigError(f"no readable checkpoint in {workdir} (steps {', '.join(map(str, steps))})")
+
+
+def silence_closed_loop_callbacks() -> None:
+    """Drops the unraisable "Event loop is closed" errors a failed restore leaves behind.
+
+    An orbax restore that fails on one array returns while tensorstore is still reading the
+    others; each of those reads then calls back into the restore's asyncio loop, already closed,
+    and Python would print one traceback per array after the one-line warning. Every other
+    unraisable exception still reaches the hook that was installed before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
