@@ -137,7 +137,8 @@ def plot_curves(records: list[dict], options: Options, path) -> None:
                 rec["model"], (0.01, rec["value"]), xycoords=("axes fraction", "data"), fontsize=7
             )
         ax.set(title=corpus, xlabel="seconds into the point (wall)", ylabel="train bits per byte")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[1]:  # a corpus with no model recorded yet has none
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
