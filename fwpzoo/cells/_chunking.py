@@ -51,6 +51,13 @@ def factored_chunks(log_decay, size):
     return jnp.all(jnp.sum(per_chunk, axis=2) >= -FACTORED_SPREAD, axis=(0, 2, 3))
 
 
+def per_key_flags(q, log_decay, size):
+    """factored_chunks(log_decay, size) for a per-key decay (log_decay with as many axes as
+    q [B, T, H, K]); None for a scalar decay or none, where no chunk branches (by_flag)."""
+    per_key = log_decay is not None and log_decay.ndim == q.ndim
+    return factored_chunks(log_decay, size) if per_key else None
+
+
 def by_flag(flags, n, run):
     """run(factored) for chunk n: run(False) when flags is None (no per-key decay), else one
     lax.cond on flags[n] between run(True) and run(False)."""

@@ -39,10 +39,10 @@ from fwpzoo.cells._chunking import (
     by_flag,
     causal_decay,
     chunk_of,
-    factored_chunks,
     keep,
     lower_mask,
     pad_to_chunks,
+    per_key_flags,
     put_chunk,
     reset_chunk,
 )
@@ -247,10 +247,9 @@ def _forward(inputs, reset, state, tokens):
     log_alpha [B, T, H(, K)] or None, T a multiple of tokens; reset [B, T] or None; state
     [B, H, K, V] float32. Returns o [B, T, H, V] in v's dtype, the final state and the state
     entering every chunk [chunks, B, H, K, V]."""
-    q, _, v, _, _ = inputs
+    q, _, v, _, log_alpha = inputs
     o = jnp.zeros(q.shape[:3] + v.shape[-1:], v.dtype)
-
-    flags = _factored_flags(inputs, tokens)
+    flags = per_key_flags(q, log_alpha, tokens)
 
     def chunk_step(carry, n):
         s, o = carry
@@ -266,14 +265,6 @@ def _forward(inputs, reset, state, tokens):
     chunks = jnp.arange(q.shape[1] // tokens)
     (final, o), entering = jax.lax.scan(chunk_step, (state, o), chunks)
     return o, final, entering
-
-
-def _factored_flags(inputs, tokens):
-    """Per chunk of `tokens` tokens, whether a per-key decay's products factor
-    (factored_chunks); None without a per-key decay."""
-    q, log_alpha = inputs[0], inputs[4]
-    per_key = log_alpha is not None and log_alpha.ndim == q.ndim
-    return factored_chunks(log_alpha, tokens) if per_key else None
 
 
 def _pullback(inputs, reset, n, tokens, s, ds, do, factored):
@@ -320,8 +311,7 @@ def _backward(tokens, res, cotangents):
     put_sub_steps = functools.partial(_put_sub_steps, split=_sub_step_layout(beta)[0])
     # dq [B, T, H, K] and d log_alpha [B, T, H(, K)] are per token; dk, dv, dbeta per sub-step
     puts = (put_chunk, put_sub_steps, put_sub_steps, put_sub_steps, put_chunk)
-
-    flags = _factored_flags(inputs, tokens)
+    flags = per_key_flags(q, log_alpha, tokens)
 
     def chunk_step(carry, xs):
         ds, grads = carry  # ds: cotangent of the state leaving chunk n

@@ -35,10 +35,10 @@ from fwpzoo.cells._chunking import (
     by_flag,
     causal_decay,
     chunk_of,
-    factored_chunks,
     keep,
     lower_mask,
     pad_to_chunks,
+    per_key_flags,
     put_chunk,
     reset_chunk,
 )
@@ -275,9 +275,9 @@ def _forward(inputs, reset, state, size):
     """inputs (q, k, v, log_alpha or None) [B, T, H, ...], reset [B, T] or None, T a multiple of
     size; state [B, H, K, V]. Returns o [B, T, H, V] in v's dtype, the final state and the state
     entering every chunk [N, B, H, K, V]."""
-    q, _, v, _ = inputs
+    q, _, v, log_alpha = inputs
     o = jnp.zeros(q.shape[:3] + v.shape[3:], v.dtype)
-    flags = _factored_flags(inputs, size)
+    flags = per_key_flags(q, log_alpha, size)
 
     def chunk_step(carry, n):
         s, o = carry
@@ -291,14 +291,6 @@ def _forward(inputs, reset, state, size):
 
     (final, o), entering = jax.lax.scan(chunk_step, (state, o), jnp.arange(q.shape[1] // size))
     return o, final, entering
-
-
-def _factored_flags(inputs, size):
-    """Per chunk, whether a per-key decay's scores factor (_chunking.factored_chunks); None
-    without a per-key decay."""
-    q, log_alpha = inputs[0], inputs[-1]
-    per_key = log_alpha is not None and log_alpha.ndim == q.ndim
-    return factored_chunks(log_alpha, size) if per_key else None
 
 
 def _pullback(inputs, reset, n, size, s, ds, do, factored):
@@ -330,7 +322,7 @@ def _backward(size, res, cotangents):
     inputs, reset, entering = res
     do_all, d_final = cotangents
     log_alpha = inputs[-1]
-    flags = _factored_flags(inputs, size)
+    flags = per_key_flags(inputs[0], log_alpha, size)
 
     def chunk_step(carry, xs):
         ds, grads = carry  # ds: cotangent of the state leaving chunk n
