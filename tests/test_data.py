@@ -110,6 +110,9 @@ def test_eval_splits_are_fixed_and_apart_from_training(name):
         ({"task": "parity", "max_len": 80}, "data.max_len"),
         ({"task": "mqar", "num_pairs": 20}, "data.seq_len"),
         ({"task": "mqar", "vocab_size": 16}, "data.vocab_size"),
+        ({"task": "mqar", "rebinds": 9}, "data.rebinds"),
+        ({"task": "mqar", "num_pairs": 14, "rebinds": 6}, "data.seq_len"),
+        ({"task": "mqar", "vocab_size": 30, "num_pairs": 8, "rebinds": 8}, "data.vocab_size"),
         ({"task": "mod_arith", "operators": "+/"}, "data.operators"),
         ({"task": "mod_arith", "modulus": 1}, "data.modulus"),
         ({"task": "copy", "max_len": 40}, "data.seq_len"),
@@ -154,6 +157,25 @@ def test_mqar_random_fillers_keep_the_structure():
     assert np.array_equal(noisy["inputs"][kept], quiet["inputs"][kept])
     assert np.array_equal(noisy["targets"], quiet["targets"])
     assert len(np.unique(noisy["inputs"][~kept])) > cfg.vocab_size // 2  # spread over the vocab
+
+
+def test_mqar_rebinds_ask_for_each_keys_latest_value():
+    cfg = DataConfig(
+        task="mqar", seq_len=64, vocab_size=64, num_pairs=8, rebinds=5, random_non_queries=False
+    )
+    N, R = cfg.num_pairs, cfg.rebinds
+    batch = make_task(cfg, seed=2).train_batch(0, 32)
+    for inputs, targets, weights in zip(*batch.values(), strict=True):
+        keys, values = inputs[0 : 2 * N : 2], inputs[1 : 2 * N : 2]
+        again, new = inputs[2 * N : 2 * (N + R) : 2], inputs[2 * N + 1 : 2 * (N + R) : 2]
+        assert len(set(keys)) == N and len(set(again)) == R and set(again) <= set(keys)
+        assert len(set(values) | set(new)) == N + R  # every binding gets a value not used before
+        latest = {**dict(zip(keys, values, strict=True)), **dict(zip(again, new, strict=True))}
+        asked = np.flatnonzero(weights)
+        assert len(asked) == N and (asked >= 2 * (N + R)).all()
+        assert sorted(inputs[asked]) == sorted(keys)
+        assert all(targets[t] == latest[inputs[t]] for t in asked)
+        assert sum(targets[t] in new for t in asked) == R  # R answers changed
 
 
 def test_mqar_gaps_favour_recent_pairs_under_the_power_law():

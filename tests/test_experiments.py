@@ -1,6 +1,7 @@
 """The sweep machinery and the quick versions of mqar, state_tracking and charlm, end to end."""
 
 import json
+import re
 import shlex
 import shutil
 
@@ -55,7 +56,11 @@ def recompute(command, capsys):
 def test_mqar_quick_records_resume_and_reproduce(tmp_path, capsys):
     out, records, report = run_quick("mqar", tmp_path)
     check_records(records, mqar.EXPERIMENT)
+    (rebound,) = [r for r in records if r["rebinds"]]
+    records = [r for r in records if not r["rebinds"]]
     assert {r["model"] for r in records} == {"attention", "delta_rule"}
+    assert (rebound["model"], rebound["x"], rebound["rebinds"]) == ("delta_rule", 2, 2)
+    assert re.search(r"^\| delta_rule \| - \| [0-9.]+ \|$", report, re.M)  # no plain point
     by_model = {r["model"]: r for r in records}
     assert by_model["delta_rule"]["rule"] == "delta"
     assert by_model["attention"]["cell"] is None
@@ -67,7 +72,7 @@ def test_mqar_quick_records_resume_and_reproduce(tmp_path, capsys):
     assert by_model["delta_rule"]["decay_init"] is None
     assert all(r["task"] == "mqar" and r["metric"] == "accuracy" for r in records)
     assert all(0.0 <= r["value"] <= 1.0 and r["x"] == 4 and r["seed"] == 0 for r in records)
-    assert "Recorded: 2 of 2 points." in report
+    assert "Recorded: 3 of 3 points." in report
 
     # the record's command recomputes its value alone, in a fresh workdir
     rec = by_model["delta_rule"]
@@ -84,7 +89,7 @@ def test_mqar_quick_records_resume_and_reproduce(tmp_path, capsys):
 
     assert cli.main(["experiment", "mqar", "--quick", "--workdir", str(tmp_path), "--list"]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert listed == [f"done    {r['point']}" for r in records]
+    assert listed == [f"done    {r['point']}" for r in [*records, rebound]]
 
 
 def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
@@ -106,6 +111,12 @@ def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
     assert len({p.labels["state_size"] for p in points if p.labels["model"] == "delta_rule"}) >= 3
     study = [p for p in points if p.labels["decay_init"] == "mamba2"]
     assert {p.labels["model"] for p in study} == set(mqar.GATED) and len(study) == 6
+    # every key re-bound, at a point whose plain twin is in the grid, for every model and seed
+    rebound = [p for p in points if p.labels["rebinds"]]
+    assert len(rebound) == len(mqar.MODELS) * 3
+    assert all(p.labels["rebinds"] == p.labels["x"] <= p.labels["key_dim"] for p in rebound)
+    names = {p.name for p in points}
+    assert all(p.name.replace(f"-r{p.labels['rebinds']}", "") in names for p in rebound)
 
 
 def test_a_record_of_another_spec_is_refused(tmp_path, capsys):
@@ -214,5 +225,5 @@ def test_report_only_without_records_says_every_point_is_pending(tmp_path):
     assert cli.main([*argv, "--no-progress"]) == 0
     assert json.loads((tmp_path / "mqar" / "mqar.json").read_text()) == []
     page = (tmp_path / "mqar" / "mqar.md").read_text()
-    assert page.startswith(f"# {mqar.TITLE}") and "Recorded: 0 of 2 points; pending:" in page
+    assert page.startswith(f"# {mqar.TITLE}") and "Recorded: 0 of 3 points; pending:" in page
     assert not (tmp_path / "mqar" / "points").exists()

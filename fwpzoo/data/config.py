@@ -54,6 +54,8 @@ class DataConfig:
     num_pairs, power_alpha, random_non_queries (mqar): key-value pairs per sequence; exponent a of
         the query-gap law p(gap = g) ~ a * g^(a - 1) (small a: recall soon after the pair is
         likely); filler positions drawn uniformly from the vocabulary instead of token 0.
+    rebinds (mqar): how many of the keys are bound again, to a new value, after the pairs and
+        before the queries; a query's answer is its key's latest value.
     language (formal_language): one of LANGUAGE_NAMES (character prediction; lengths min_len..
         max_len for training, max_len + 1..L at an eval length L).
     min_len, max_len (parity, mod_arith, s3, cyclic, copy, formal_language): training sequence
@@ -79,6 +81,7 @@ class DataConfig:
     num_pairs: int = 8
     power_alpha: float = 0.01
     random_non_queries: bool = True
+    rebinds: int = 0
     # formal_language
     language: str = "parity"
     # parity, mod_arith, s3, cyclic, copy, formal_language
@@ -173,19 +176,22 @@ def familiarity_checks(cfg: DataConfig) -> list[tuple[bool, str]]:
 
 
 def mqar_checks(cfg: DataConfig) -> list[tuple[bool, str]]:
-    seq_len = cfg.seq_len
+    N, R, seq_len = cfg.num_pairs, cfg.rebinds, cfg.seq_len
     key_tokens = cfg.vocab_size // 2 - 1  # token 0 is the filler, so keys are 1 .. V/2 - 1
+    value_tokens = cfg.vocab_size - cfg.vocab_size // 2
     return [
-        (cfg.num_pairs >= 1, f"data.num_pairs must be >= 1, got {cfg.num_pairs}"),
+        (N >= 1, f"data.num_pairs must be >= 1, got {N}"),
+        (0 <= R <= N, f"data.rebinds must be in 0..data.num_pairs = {N}, got {R}"),
         (
-            cfg.num_pairs <= key_tokens,
-            f"data.num_pairs={cfg.num_pairs} needs data.vocab_size >= {2 * cfg.num_pairs + 2}",
+            key_tokens >= N and value_tokens >= N + R,
+            f"data.num_pairs={N} with data.rebinds={R} needs data.vocab_size >= "
+            f"{max(2 * N + 2, 2 * (N + R))}",
         ),
-        # pairs take 2N positions, then N queries sit on distinct even offsets
+        # N + R bindings take 2(N + R) positions, then N queries sit on distinct even offsets
         (
-            4 * cfg.num_pairs <= seq_len + 1,
-            f"mqar needs data.seq_len >= 4 * data.num_pairs - 1 = {4 * cfg.num_pairs - 1}, "
-            f"got {seq_len}",
+            seq_len + 1 >= 4 * N + 2 * R,
+            f"mqar needs data.seq_len >= 4 * data.num_pairs + 2 * data.rebinds - 1 = "
+            f"{4 * N + 2 * R - 1}, got {seq_len}",
         ),
         (cfg.power_alpha > 0, f"data.power_alpha must be > 0, got {cfg.power_alpha}"),
     ]

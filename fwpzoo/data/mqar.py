@@ -7,6 +7,12 @@ p(g) ~ a * (g + 1)^(a - 1) over the (T - 2N + 1) // 2 even slots. The target at 
 value; only query positions carry weight. Filler positions hold token 0, or with
 `random_non_queries` a token drawn uniformly from the whole vocabulary, as in Zoology.
 
+With `rebinds` R > 0, R of the N keys (a uniform subset, in random order) are bound again after
+the pairs, each to a value not used before in the sequence, and the queries start after these
+2(N + R) tokens; the target is the latest value. A sum of outer products then holds both values of
+a re-bound key with equal weight, while the delta rule replaces the old one: here overwriting is the
+point. With R = 0 the draws are exactly those of plain MQAR.
+
 Both samples without replacement are vectorised with the same distribution as sequential draws:
 a uniform ordered subset is the N smallest of iid uniforms in order, and sequential weighted
 draws without replacement are the top N of log p + Gumbel noise in order (Gumbel-top-k).
@@ -46,24 +52,30 @@ class MQAR(SyntheticTask):
     def __init__(self, cfg, seed):
         super().__init__(cfg, seed)
         self.vocab_size = cfg.vocab_size
-        self.min_eval_len = 4 * cfg.num_pairs - 1
+        self.min_eval_len = 4 * cfg.num_pairs + 2 * cfg.rebinds - 1
 
     def generate(self, rng, batch_size, length):
-        cfg, B, N = self.cfg, batch_size, self.cfg.num_pairs
+        cfg, B, N, R = self.cfg, batch_size, self.cfg.num_pairs, self.cfg.rebinds
         T = length or self.seq_len
         half = cfg.vocab_size // 2
         keys = 1 + ordered_sample(rng, B, half - 1, N)  # [B, N]
-        values = half + ordered_sample(rng, B, cfg.vocab_size - half, N)  # [B, N]
-        context = 2 * N
+        values = half + ordered_sample(rng, B, cfg.vocab_size - half, N + R)  # [B, N + R]
+        context = 2 * (N + R)
         gaps = weighted_ordered_sample(rng, B, gap_law((T - context + 1) // 2, cfg.power_alpha), N)
         query_at = context + 2 * gaps  # [B, N] where key i is asked: query_at[:, i]
 
         inputs = np.zeros((B, T), np.int64)
-        inputs[:, 0:context:2] = keys
-        inputs[:, 1:context:2] = values
+        inputs[:, 0 : 2 * N : 2] = keys
+        inputs[:, 1 : 2 * N : 2] = values[:, :N]
+        latest = values[:, :N].copy()  # [B, N] the value each key holds at the queries
+        if R:
+            rebound = ordered_sample(rng, B, N, R)  # [B, R] which pairs, in the order re-bound
+            inputs[:, 2 * N : context : 2] = np.take_along_axis(keys, rebound, axis=1)
+            inputs[:, 2 * N + 1 : context : 2] = values[:, N:]
+            np.put_along_axis(latest, rebound, values[:, N:], axis=1)
         np.put_along_axis(inputs, query_at, keys, axis=1)
         targets = np.zeros((B, T), np.int64)
-        np.put_along_axis(targets, query_at, values, axis=1)
+        np.put_along_axis(targets, query_at, latest, axis=1)
         weights = np.zeros((B, T), np.float32)
         np.put_along_axis(weights, query_at, 1.0, axis=1)
         if cfg.random_non_queries:

@@ -3,8 +3,10 @@
 Two-layer models of each mixer (d_model 64) are trained on MQAR with a vocabulary of 256 and x
 key-value pairs in 64 tokens, at 16, 8 and 4 heads (key dim 4, 8, 16 per head, so fast weights of
 64 x key dim numbers per layer); the metric is the accuracy at the query positions of held-out
-(test-split) sequences, recorded with the layer's state size. A decay init study trains the gated
-models from Mamba-2's own init at one point. Configs: configs/experiments/mqar/<model>.yaml.
+(test-split) sequences, recorded with the layer's state size. A re-binding study asks, at one
+point, for values that were overwritten mid-sequence (every key bound twice), and a decay init study
+trains the gated models from Mamba-2's own init at one point.
+Configs: configs/experiments/mqar/<model>.yaml.
 """
 
 import matplotlib.pyplot as plt
@@ -34,7 +36,7 @@ KEYS = (
     "rule",
     "decay_init",
     "task",
-    "setting",
+    "rebinds",
     "d_model",
     "num_heads",
     "key_dim",
@@ -57,7 +59,11 @@ SEEDS = (0, 1, 2)
 LONG_DECAY = "long"  # the configs': A in [1, 2], dt in [0.001, 0.005], alpha in [0.99, 0.999]
 MAMBA2_DECAY = ("model.decay_a_range=[1,16]", "model.decay_dt_range=[0.001,0.1]")
 STUDY_POINT = (8, 16)  # (num_heads, pairs): key dim 8, twice as many pairs
+# the re-binding study: (num_heads, pairs, rebinds) at key dim 16, where 8 pairs fit the fast
+# weights without interference, every key bound a second time; beside the plain point
+REBIND_POINT = (4, 8, 8)
 QUICK_MODELS, QUICK_GRID, QUICK_SEEDS = ("attention", "delta_rule"), {2: (4,)}, (0,)
+QUICK_REBIND = ("delta_rule", 2, 2, 2)  # model, heads, pairs, rebinds
 QUICK_OVERRIDES = (
     "data.seq_len=16",
     "data.vocab_size=32",
@@ -68,45 +74,65 @@ QUICK_OVERRIDES = (
 )
 
 
-def mqar_point(model, heads, pairs, seed, overrides=(), decay=None) -> object:
-    """One seed of one model at (num_heads, pairs); `decay` names a decay init override."""
+def mqar_point(model, heads, pairs, seed, overrides=(), decay=None, rebinds=0) -> object:
+    """One seed of one model at (num_heads, pairs), with `rebinds` keys bound again; `decay`
+    names a decay init override."""
     path = CONFIGS / NAME / f"{model}.yaml"
-    overrides = (f"data.num_pairs={pairs}", f"model.num_heads={heads}", *overrides)
+    rebind = (f"data.rebinds={rebinds}",) if rebinds else ()
+    overrides = (f"data.num_pairs={pairs}", f"model.num_heads={heads}", *rebind, *overrides)
     cfg = load(path, overrides)
     labels = {
         **model_labels(cfg),
         "decay_init": (decay or LONG_DECAY) if model in GATED else None,
         "task": "mqar",
+        "rebinds": rebinds,
         "d_model": cfg.model.d_model,
         "num_heads": heads,
         "key_dim": cfg.model.d_model // heads,
         "vocab_size": cfg.data.vocab_size,
         "x": pairs,
     }
-    name = f"{model}{f'-{decay}_init' if decay else ''}-h{heads}-n{pairs}-s{seed}"
+    variant = f"-{decay}_init" * bool(decay) + f"-r{rebinds}" * bool(rebinds)
+    name = f"{model}{variant}-h{heads}-n{pairs}-s{seed}"
     return train_point(name, path, overrides, labels, {"accuracy": {}}, seed)
 
 
 def make_points(options) -> list:
-    """Key dims outermost (8 first, where the pairs straddle it), then seeds, models innermost:
-    a sweep cut short has medians over every seed where it got to, and compares every model
-    there; the decay init study follows the first key dim."""
+    """Seeds, then settings, models innermost: a sweep cut short has medians over every seed
+    where it got to, and compares every model there. Key dim 8 (where the pairs straddle it) and
+    the re-binding study beside its plain point come first, seed by seed; then the decay init
+    study; then the other key dims, each seed by seed."""
     if options.quick:
+        model, heads, pairs, rebinds = QUICK_REBIND
         return [
-            mqar_point(model, heads, pairs, seed, QUICK_OVERRIDES)
-            for seed in QUICK_SEEDS
-            for heads, grid in QUICK_GRID.items()
-            for pairs in grid
-            for model in QUICK_MODELS
+            *(
+                mqar_point(model, heads, pairs, seed, QUICK_OVERRIDES)
+                for seed in QUICK_SEEDS
+                for heads, grid in QUICK_GRID.items()
+                for pairs in grid
+                for model in QUICK_MODELS
+            ),
+            mqar_point(model, heads, pairs, QUICK_SEEDS[0], QUICK_OVERRIDES, rebinds=rebinds),
         ]
-    points = []
-    for heads, grid in GRID.items():
-        points += [mqar_point(m, heads, n, s) for s in SEEDS for n in grid for m in MODELS]
-        if heads == next(iter(GRID)):
-            points += [
-                mqar_point(m, *STUDY_POINT, s, MAMBA2_DECAY, "mamba2") for s in SEEDS for m in GATED
-            ]
-    return points
+    (first_heads, first_grid), *rest = GRID.items()
+    heads, pairs, rebinds = REBIND_POINT
+    points = [
+        *(
+            point
+            for s in SEEDS
+            for point in (
+                *(mqar_point(m, first_heads, n, s) for n in first_grid for m in MODELS),
+                *(mqar_point(m, heads, pairs, s, rebinds=r) for r in (0, rebinds) for m in MODELS),
+            )
+        ),
+        *(mqar_point(m, *STUDY_POINT, s, MAMBA2_DECAY, "mamba2") for s in SEEDS for m in GATED),
+        *(point for item in rest for point in grid_points(*item)),
+    ]
+    return list({point.name: point for point in points}.values())  # each point where first listed
+
+
+def grid_points(heads, grid) -> list:
+    return [mqar_point(m, heads, n, s) for s in SEEDS for n in grid for m in MODELS]
 
 
 def plot(records: list[dict], path) -> None:
@@ -160,14 +186,25 @@ def grid_tables(records: list[dict], seeds: int) -> str:
     return "\n\n".join(sections)
 
 
+def rebind_table(records: list[dict], seeds: int, options) -> str:
+    """At the re-binding point: a row per model, plain MQAR beside every key re-bound."""
+    _, heads, pairs, rebinds = QUICK_REBIND if options.quick else (None, *REBIND_POINT)
+    here = [r for r in records if r["num_heads"] == heads and r["x"] == pairs]
+    cells = group([{**r, "rebinds": r["rebinds"] or 0} for r in here], ["model", "rebinds"])
+    models = list(dict.fromkeys(r["model"] for r in here))
+    rows = [[m, *(spread_cell(cells.get((m, r)), seeds) for r in (0, rebinds))] for m in models]
+    header = ["model", "plain", f"{rebinds} of {pairs} keys re-bound"]
+    return markdown_table(header, rows) if rows else "No point of the study is recorded yet."
+
+
 def report(records: list[dict], points: list, options) -> str:
-    grid = [r for r in records if r["decay_init"] in (None, LONG_DECAY)]
+    plain = [r for r in records if not r["rebinds"]]  # 0, or None in records before the study
+    grid = [r for r in plain if r["decay_init"] in (None, LONG_DECAY)]
     plot(grid, options.out / f"{NAME}.png")
     seeds = len(QUICK_SEEDS if options.quick else SEEDS)
     heads, pairs = STUDY_POINT
-    study = [
-        r for r in records if r["model"] in GATED and r["num_heads"] == heads and r["x"] == pairs
-    ]
+    here = [r for r in plain if r["num_heads"] == heads and r["x"] == pairs]
+    study = [r for r in here if r["model"] in GATED]
     study_rows = [
         [model, decay, spread_cell(values, seeds)]
         for (model, decay), values in group(study, ["model", "decay_init"]).items()
@@ -187,6 +224,14 @@ Test accuracy at the query positions after {steps} training steps: the median ov
 ![accuracy]({NAME}.png)
 
 {grid_tables(grid, seeds)}
+
+### Re-binding: every key bound again before the queries
+
+After the pairs each key is bound a second time, to a new value, in random order; the queries ask
+for the latest value (`data.rebinds`). A sum of outer products holds the old and the new value of
+a key with equal weight; the delta rule replaces the old one.
+
+{rebind_table([r for r in records if r["decay_init"] in (None, LONG_DECAY)], seeds, options)}
 
 ### Decay init of the gated models ({heads} heads, {pairs} pairs)
 
