@@ -96,7 +96,7 @@ def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
     """The full sweeps (configs only, nothing trained): distinct point names, every setting at
     least three seeds (two for charlm, whose points cost more than 10 CPU-minutes), MQAR pairs up
     to 4x the key dim per head with the vocabulary at 256 or more."""
-    for module, seeds in ((mqar, 3), (state_tracking, 3), (charlm, 2), (formal_languages, 2)):
+    for module, seeds in ((mqar, 3), (state_tracking, 3), (charlm, 2), (formal_languages, 3)):
         points = module.make_points(_common.parse_options(module.NAME, []))
         assert len({p.name for p in points}) == len(points)
         settings = {}

@@ -76,7 +76,7 @@ MODELS = {
     "attention": ({"model": "attention"}, ("model.mixers=[attention]",)),
     "ssm": ({"model": "ssm"}, ("model.mixers=[ssm]",)),
 }
-SEEDS = (0, 1)
+SEEDS = (0, 1, 2)
 QUICK_TASKS, QUICK_MODELS, QUICK_SEEDS = ("parity",), ("rdn", "srwm"), (0,)
 QUICK_OVERRIDES = ("train.steps=2", "train.warmup_steps=1", "eval.every=2", "eval.num_batches=1")
 TEST_BATCHES = 16  # 512 test strings per bin
