@@ -103,17 +103,15 @@ def make_points(options) -> list:
     the re-binding study beside its plain point come first, seed by seed; then the decay init
     study; then the other key dims, each seed by seed."""
     if options.quick:
-        model, heads, pairs, rebinds = QUICK_REBIND
-        return [
-            *(
-                mqar_point(model, heads, pairs, seed, QUICK_OVERRIDES)
-                for seed in QUICK_SEEDS
-                for heads, grid in QUICK_GRID.items()
-                for pairs in grid
-                for model in QUICK_MODELS
-            ),
-            mqar_point(model, heads, pairs, QUICK_SEEDS[0], QUICK_OVERRIDES, rebinds=rebinds),
+        plain = [
+            mqar_point(m, h, n, s, QUICK_OVERRIDES)
+            for s in QUICK_SEEDS
+            for h, grid in QUICK_GRID.items()
+            for n in grid
+            for m in QUICK_MODELS
         ]
+        model, heads, pairs, rebinds = QUICK_REBIND
+        return [*plain, mqar_point(model, heads, pairs, 0, QUICK_OVERRIDES, rebinds=rebinds)]
     (first_heads, first_grid), *rest = GRID.items()
     heads, pairs, rebinds = REBIND_POINT
     points = [
