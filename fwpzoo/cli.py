@@ -362,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError) as error:
         print(f"fwpzoo {verb}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # stdout's reader left early (`fwpzoo list | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt as error:  # Ctrl-C, or a training run stopped by a signal
         print(f"fwpzoo {verb}: {error or 'interrupted'}", file=sys.stderr)
         return 128 + getattr(error, "signum", signal.SIGINT)

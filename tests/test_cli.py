@@ -29,6 +29,19 @@ def fwpzoo(*args, check=True) -> subprocess.CompletedProcess:
     return done
 
 
+def test_a_reader_that_leaves_early_stops_the_command_quietly():
+    """`fwpzoo list | head -1`: a closed pipe ends the command with 128 + SIGPIPE, no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write fails: the reader is gone before the first line
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "fwpzoo", "list"], stdout=write_end, stderr=subprocess.PIPE
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 128 + signal.SIGPIPE and done.stderr == b""
+
+
 def losses(workdir: Path) -> list[tuple[int, float]]:
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     return [(m["step"], m["loss"]) for m in map(json.loads, lines)]
