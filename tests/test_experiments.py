@@ -199,6 +199,7 @@ def test_spread_cells_and_groups():
     assert _common.spread([0.5, 0.9, 0.7]) == (0.7, 0.5, 0.9)
     assert _common.spread_cell([0.5, 0.9, 0.7]) == "0.700 (0.500-0.900)"
     assert _common.spread_cell([0.5], seeds=3) == "0.500 [1/3 seeds]"
+    assert _common.spread_cell([17.46, 15.91], seeds=2, decimals=1) == "16.7 (15.9-17.5)"
     assert _common.spread_cell([]) is None
     records = [{"a": 1, "value": 0.1}, {"a": 2, "value": 0.2}, {"a": 1, "value": 0.3}]
     assert _common.group(records, ["a"]) == {(1,): [0.1, 0.3], (2,): [0.2]}

@@ -446,14 +446,16 @@ def number(value: float) -> str:
     return f"{value:.3f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2g}"
 
 
-def spread_cell(values: Sequence[float] | None, seeds: int | None = None) -> str | None:
-    """ "median (min-max)" over seeds, with the count where it falls short of `seeds`."""
+def spread_cell(
+    values: Sequence[float] | None, seeds: int | None = None, decimals: int | None = None
+) -> str | None:
+    """ "median (min-max)" over seeds, with the count where it falls short of `seeds`; numbers
+    as `number` writes them, or with `decimals` places."""
     if not values:
         return None
+    show = number if decimals is None else lambda value: f"{value:.{decimals}f}"
     middle, low, high = spread(values)
-    text = (
-        number(middle) if len(values) == 1 else f"{number(middle)} ({number(low)}-{number(high)})"
-    )
+    text = show(middle) if len(values) == 1 else f"{show(middle)} ({show(low)}-{show(high)})"
     if seeds is not None and len(values) < seeds:
         text += f" [{len(values)}/{seeds} seeds]"
     return text

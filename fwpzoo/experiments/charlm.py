@@ -168,7 +168,7 @@ def report(records: list[dict], points: list, options: Options) -> str:
                     mine[0]["num_params"],
                     mine[0]["state_size"],
                     max(r["steps"] for r in mine),
-                    spread_cell(train_cpu_minutes(mine, options), seeds),
+                    spread_cell(train_cpu_minutes(mine, options), seeds, decimals=1),
                     *(spread_cell(cells.get((corpus, model, m)), seeds) for m in metrics),
                 ]
             )
