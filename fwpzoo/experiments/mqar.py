@@ -63,7 +63,7 @@ STUDY_POINT = (8, 16)  # (num_heads, pairs): key dim 8, twice as many pairs
 # weights without interference, every key bound a second time; beside the plain point
 REBIND_POINT = (4, 8, 8)
 QUICK_MODELS, QUICK_GRID, QUICK_SEEDS = ("attention", "delta_rule"), {2: (4,)}, (0,)
-QUICK_REBIND = ("delta_rule", 2, 2, 2)  # model, heads, pairs, rebinds
+QUICK_REBIND_MODEL, QUICK_REBIND_POINT = "delta_rule", (2, 2, 2)
 QUICK_OVERRIDES = (
     "data.seq_len=16",
     "data.vocab_size=32",
@@ -110,27 +110,19 @@ def make_points(options) -> list:
             for n in grid
             for m in QUICK_MODELS
         ]
-        model, heads, pairs, rebinds = QUICK_REBIND
-        return [*plain, mqar_point(model, heads, pairs, 0, QUICK_OVERRIDES, rebinds=rebinds)]
+        heads, pairs, rebinds = QUICK_REBIND_POINT
+        rebound = mqar_point(QUICK_REBIND_MODEL, heads, pairs, 0, QUICK_OVERRIDES, rebinds=rebinds)
+        return [*plain, rebound]
     (first_heads, first_grid), *rest = GRID.items()
     heads, pairs, rebinds = REBIND_POINT
-    points = [
-        *(
-            point
-            for s in SEEDS
-            for point in (
-                *(mqar_point(m, first_heads, n, s) for n in first_grid for m in MODELS),
-                *(mqar_point(m, heads, pairs, s, rebinds=r) for r in (0, rebinds) for m in MODELS),
-            )
-        ),
-        *(mqar_point(m, *STUDY_POINT, s, MAMBA2_DECAY, "mamba2") for s in SEEDS for m in GATED),
-        *(point for item in rest for point in grid_points(*item)),
-    ]
+    points = []
+    for s in SEEDS:
+        points += [mqar_point(m, first_heads, n, s) for n in first_grid for m in MODELS]
+        points += [mqar_point(m, heads, pairs, s, rebinds=r) for r in (0, rebinds) for m in MODELS]
+    points += [mqar_point(m, *STUDY_POINT, s, MAMBA2_DECAY, "mamba2") for s in SEEDS for m in GATED]
+    for grid_heads, grid in rest:
+        points += [mqar_point(m, grid_heads, n, s) for s in SEEDS for n in grid for m in MODELS]
     return list({point.name: point for point in points}.values())  # each point where first listed
-
-
-def grid_points(heads, grid) -> list:
-    return [mqar_point(m, heads, n, s) for s in SEEDS for n in grid for m in MODELS]
 
 
 def plot(records: list[dict], path) -> None:
@@ -186,9 +178,9 @@ def grid_tables(records: list[dict], seeds: int) -> str:
 
 def rebind_table(records: list[dict], seeds: int, options) -> str:
     """At the re-binding point: a row per model, plain MQAR beside every key re-bound."""
-    _, heads, pairs, rebinds = QUICK_REBIND if options.quick else (None, *REBIND_POINT)
+    heads, pairs, rebinds = QUICK_REBIND_POINT if options.quick else REBIND_POINT
     here = [r for r in records if r["num_heads"] == heads and r["x"] == pairs]
-    cells = group([{**r, "rebinds": r["rebinds"] or 0} for r in here], ["model", "rebinds"])
+    cells = group(here, ["model", "rebinds"])
     models = list(dict.fromkeys(r["model"] for r in here))
     rows = [[m, *(spread_cell(cells.get((m, r)), seeds) for r in (0, rebinds))] for m in models]
     header = ["model", "plain", f"{rebinds} of {pairs} keys re-bound"]
@@ -196,8 +188,10 @@ def rebind_table(records: list[dict], seeds: int, options) -> str:
 
 
 def report(records: list[dict], points: list, options) -> str:
-    plain = [r for r in records if not r["rebinds"]]  # 0, or None in records before the study
-    grid = [r for r in plain if r["decay_init"] in (None, LONG_DECAY)]
+    records = [{**r, "rebinds": r["rebinds"] or 0} for r in records]  # None: from before it
+    long_decay = [r for r in records if r["decay_init"] in (None, LONG_DECAY)]
+    plain = [r for r in records if r["rebinds"] == 0]
+    grid = [r for r in long_decay if r["rebinds"] == 0]
     plot(grid, options.out / f"{NAME}.png")
     seeds = len(QUICK_SEEDS if options.quick else SEEDS)
     heads, pairs = STUDY_POINT
@@ -229,7 +223,7 @@ After the pairs each key is bound a second time, to a new value, in random order
 for the latest value (`data.rebinds`). A sum of outer products holds the old and the new value of
 a key with equal weight; the delta rule replaces the old one.
 
-{rebind_table([r for r in records if r["decay_init"] in (None, LONG_DECAY)], seeds, options)}
+{rebind_table(long_decay, seeds, options)}
 
 ### Decay init of the gated models ({heads} heads, {pairs} pairs)
 
