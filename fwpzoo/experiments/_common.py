@@ -164,7 +164,8 @@ class Point:
 class Outcome:
     metrics: dict  # {name: value}: what `--point` prints
     steps: int
-    stop_reason: str  # "steps" (the planned length), "stop_loss", "plateau", "diverged", ...
+    # "steps" (the planned length), "reached_stop_metric", "diverged", or capacity's own
+    stop_reason: str
     labels: dict = field(default_factory=dict)  # record fields known once computed (num_params)
     details: dict = field(default_factory=dict)  # what the report reads besides the records
 
@@ -226,6 +227,8 @@ def run_training(point: Point, workdir: Path) -> Outcome:
         "tokens_per_sec": median_throughput(workdir),
         "curve": [[row["step"], row["loss"]] for row in read_metrics(workdir)],  # training loss
     }
+    if stop_reason == "steps" and test["step"] < cfg.train.steps:
+        stop_reason = "reached_stop_metric"  # train.stop_metric met at an eval before the budget
     metrics = {name: test[name] for name in point.metrics}
     return Outcome(metrics, test["step"], stop_reason, {"num_params": size}, details)
 

@@ -8,7 +8,6 @@ tested on fresh bin-0 and bin-1 sets. The metric is the fraction of strings whos
 is predicted right (`sequence_accuracy`). Config: configs/experiments/formal_languages/base.yaml.
 """
 
-from dataclasses import replace
 from itertools import product
 
 import matplotlib.pyplot as plt
@@ -23,7 +22,6 @@ from fwpzoo.experiments._common import (
     group,
     markdown_table,
     progress_note,
-    run_training,
     spread,
     spread_cell,
     sweep_command,
@@ -116,15 +114,6 @@ def make_points(options) -> list:
             )
             points.append(point)
     return points
-
-
-def execute(point, workdir):
-    """Training to the bin-1 target or the step budget; a run that met the target stops early."""
-    outcome = run_training(point, workdir)
-    budget = load(point.config, point.overrides).train.steps
-    if outcome.stop_reason == "steps" and outcome.steps < budget:
-        return replace(outcome, stop_reason="reached_stop_metric")
-    return outcome
 
 
 def variant(record) -> str:
@@ -231,7 +220,7 @@ Software: {versions_line(records)}.
 """
 
 
-EXPERIMENT = Experiment(NAME, KEYS, make_points, report, execute=execute, title=TITLE)
+EXPERIMENT = Experiment(NAME, KEYS, make_points, report, title=TITLE)
 
 
 def main(argv) -> int:
