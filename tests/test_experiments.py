@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from fwpzoo import cells, cli
+from fwpzoo.config import ConfigError
 from fwpzoo.experiments import _common, charlm, formal_languages, mqar, state_tracking
 from fwpzoo.reports import write_page
 
@@ -140,6 +141,26 @@ def test_a_record_of_another_spec_is_refused(tmp_path, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another spec" in err[0] and point.name in err[0]
+
+
+def test_a_record_goes_stale_when_its_config_file_is_edited(tmp_path):
+    """The spec holds the settings of the file and the overrides: a record made before an edit
+    of its config is refused, naming the setting that changed."""
+    config = tmp_path / "delta_rule.yaml"
+    shutil.copy(_common.CONFIGS / "mqar" / "delta_rule.yaml", config)
+    labels, metrics = {"model": "delta_rule"}, {"accuracy": {}}
+    before = _common.train_point("p", config, ["data.num_pairs=8"], labels, metrics, seed=0)
+    assert before.spec["settings"]["data.num_pairs"] == 8
+    assert before.spec["settings"]["train.steps"] == 4000
+    _common.write_json(tmp_path / "p.json", {"spec": before.spec})
+    config.write_text(config.read_text().replace("steps: 4000", "steps: 3000"))
+    after = _common.train_point("p", config, ["data.num_pairs=8"], labels, metrics, seed=0)
+    with pytest.raises(ConfigError, match=r"another spec \(settings train.steps: 4000 -> 3000\)"):
+        _common.read_point(tmp_path / "p.json", after)
+    # a comment or the layout changes no setting: the record stays valid
+    config.write_text("# edited\n" + config.read_text().replace("steps: 3000", "steps:   4000"))
+    again = _common.train_point("p", config, ["data.num_pairs=8"], labels, metrics, seed=0)
+    assert _common.read_point(tmp_path / "p.json", again) == {"spec": before.spec}
 
 
 @pytest.mark.slow

@@ -19,8 +19,10 @@ from fwpzoo.train import (
     restore_run,
     sharding,
     train,
+    training_time,
 )
 from fwpzoo.train.checkpoint import Checkpoints
+from fwpzoo.train.loop import TrainingClock
 from fwpzoo.train.metrics import read_metrics, truncate_metrics
 from fwpzoo.train.optim import learning_rate_schedule
 from fwpzoo.train.sharding import dividing_count, shard_batch, to_host
@@ -180,6 +182,22 @@ def test_training_stops_when_the_stop_metric_is_reached_and_stays_stopped(tmp_pa
     assert Checkpoints(tmp_path / "checkpoints").latest_step() == 2
     assert train(cfg, tmp_path, progress=False) == {"step": 2}
     assert [row["step"] for row in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_a_resumed_run_counts_the_training_time_of_every_segment(tmp_path):
+    """The checkpoints carry the wall and CPU seconds spent so far: a run resumed from step 2
+    adds its own to those of the segment before, rather than starting from zero."""
+    train(tiny(train={"steps": 2}), tmp_path, progress=False)
+    first = training_time(tmp_path, 2)
+    assert set(first) == {"train_seconds", "train_cpu_seconds"}
+    assert all(seconds > 0 for seconds in first.values())
+    train(tiny(train={"steps": 4}), tmp_path, progress=False)
+    both = training_time(tmp_path, 4)
+    assert all(both[key] > first[key] for key in first)
+    clock = TrainingClock()
+    clock.resume({"train_seconds": 1e6, "train_cpu_seconds": 2e6})
+    spent = clock.spent()
+    assert 1e6 <= spent["train_seconds"] < 1e6 + 60 and 2e6 <= spent["train_cpu_seconds"] < 2e6 + 60
 
 
 def test_an_unknown_stop_metric_is_refused():

@@ -38,10 +38,18 @@ import jax
 import matplotlib
 from tqdm import tqdm
 
-from fwpzoo.config import ConfigError, load
+from fwpzoo.config import ConfigError, flatten, load, to_dict
+from fwpzoo.config_file import apply_overrides, read_config_file
 from fwpzoo.layers.feature_maps import feature_dim
 from fwpzoo.reports import write_page
-from fwpzoo.train import TrainingDiverged, evaluate, make_eval_step, restore_run, train
+from fwpzoo.train import (
+    TrainingDiverged,
+    evaluate,
+    make_eval_step,
+    restore_run,
+    train,
+    training_time,
+)
 from fwpzoo.train.metrics import read_metrics
 from fwpzoo.train.sharding import split_cpu
 
@@ -180,9 +188,19 @@ def train_point(
     test_batches: int | None = None,
 ) -> Point:
     """A point that trains `config` with `overrides` and train.seed=`seed`, then evaluates its
-    final checkpoint on the test split."""
+    final checkpoint on the test split. Its spec holds the settings the file and the overrides
+    give, so a record goes stale when its config file is edited (the code's defaults are not
+    included: a new setting with a default that keeps the old behaviour leaves records valid)."""
     overrides = (*overrides, f"train.seed={seed}")
-    spec = {"config": repo_path(config), "overrides": list(overrides), "test_batches": test_batches}
+    given = flatten(apply_overrides(read_config_file(config), overrides))  # values as written
+    typed = flatten(to_dict(load(config, overrides)))
+    settings = {key: typed[key] for key in given}
+    spec = {
+        "config": repo_path(config),
+        "overrides": list(overrides),
+        "settings": settings,
+        "test_batches": test_batches,
+    }
     labels = {**labels, "seed": seed}
     return Point(name, labels, metrics, spec, Path(config), overrides, test_batches)
 
@@ -220,10 +238,12 @@ def run_training(point: Point, workdir: Path) -> Outcome:
         stop_reason = "diverged"  # evaluated at the last good checkpoint
     train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     test, size = evaluate_checkpoint(workdir, point.test_batches)
+    # the run's own count covers the segments before a resume; this process's, older checkpoints
+    spent = {"train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds}
     details = {
         "test": test,
-        "train_seconds": train_seconds,
-        "train_cpu_seconds": train_cpu_seconds,
+        **spent,
+        **training_time(workdir, test["step"]),
         "tokens_per_sec": median_throughput(workdir),
         "curve": [[row["step"], row["loss"]] for row in read_metrics(workdir)],  # training loss
     }
@@ -326,10 +346,23 @@ def read_point(path: Path, point: Point) -> dict | None:
     stored = json.loads(path.read_text())
     if stored["spec"] != point.spec:
         raise ConfigError(
-            f"{path} was computed from another spec ({stored['spec']} != {point.spec}); "
+            f"{path} was computed from another spec ({spec_changes(stored['spec'], point.spec)}); "
             "remove it to recompute the point"
         )
     return stored
+
+
+def spec_changes(old: dict, new: dict) -> str:
+    """What differs between two specs, one `key: old -> new` per change (settings by name)."""
+    old_flat = {**old, **{f"settings {k}": v for k, v in old.get("settings", {}).items()}}
+    new_flat = {**new, **{f"settings {k}": v for k, v in new.get("settings", {}).items()}}
+    keys = [k for k in dict.fromkeys([*old_flat, *new_flat]) if k != "settings"]
+    missing = "(none)"
+    return ", ".join(
+        f"{k}: {old_flat.get(k, missing)} -> {new_flat.get(k, missing)}"
+        for k in keys
+        if old_flat.get(k, missing) != new_flat.get(k, missing)
+    )
 
 
 def read_details(options: Options, point: str) -> dict:

@@ -189,7 +189,8 @@ Compute here: {compute_seconds(records)}.
 Test bits per byte over the whole test split, the median over {seeds} seeds (min-max in
 brackets): `bpc` in windows of the training length, `bpc@L` in windows of L bytes (the state
 runs across the whole window); the compressors compress the same test bytes as one stream. State
-size is per layer; train CPU-min is the process time of the training, over every thread.
+size is per layer; train CPU-min is the process time of the training, over every thread and,
+where a run was resumed, every segment.
 
 {chr(10).join(s + chr(10) for s in sections)}
 ![training curves]({NAME}.png)

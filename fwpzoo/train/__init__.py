@@ -2,7 +2,7 @@
 
 from fwpzoo.train.evaluate import evaluate, summarize
 from fwpzoo.train.loop import Interrupted, OutOfMemory, TrainingDiverged, prepare, train
-from fwpzoo.train.restore import restore_run
+from fwpzoo.train.restore import restore_run, training_time
 from fwpzoo.train.steps import make_eval_step, make_train_step
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "restore_run",
     "summarize",
     "train",
+    "training_time",
 ]

@@ -265,7 +265,9 @@ def train(cfg: Config, workdir: Path, *, progress: bool = True) -> dict:
 
 def _train(run: Run, workdir: Path, chief: bool, progress: bool, stop: StopSignals) -> dict:
     cfg = run.cfg
+    training_clock = TrainingClock()
     state, start, meta = restore_or_init(run, workdir)
+    training_clock.resume(meta)
     if meta.get("reached_stop_metric"):
         return {"step": start}  # an early-stopped run is finished: resuming trains no further
     data_index = meta.get("next_batch_index", 0)
@@ -277,14 +279,33 @@ def _train(run: Run, workdir: Path, chief: bool, progress: bool, stop: StopSigna
         print(describe(run.mesh, workdir, start), file=sys.stderr)
     bar = tqdm(total=cfg.train.steps, initial=start, unit="step", disable=not (chief and progress))
     try:
-        return _loop(run, state, start, data_index, checkpoints, log, bar, stop)
+        return _loop(run, state, start, data_index, checkpoints, log, bar, stop, training_clock)
     finally:
         checkpoints.close()  # lets async writes finish: the last good checkpoint stays complete
         log.close()
         bar.close()
 
 
-def _loop(run: Run, state, start: int, data_index: int, checkpoints, log, bar, stop) -> dict:
+class TrainingClock:
+    """Wall and CPU (process) seconds spent on a run, carried in its checkpoints so a resumed run
+    counts every segment that led to its state (the work after the last checkpoint of an
+    interrupted segment is redone, and counted once)."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        self.before = {"train_seconds": 0.0, "train_cpu_seconds": 0.0}
+
+    def resume(self, meta: dict) -> None:
+        self.before = {key: meta.get(key, 0.0) for key in self.before}
+
+    def spent(self) -> dict:
+        return {
+            "train_seconds": self.before["train_seconds"] + time.perf_counter() - self.wall,
+            "train_cpu_seconds": self.before["train_cpu_seconds"] + time.process_time() - self.cpu,
+        }
+
+
+def _loop(run: Run, state, start, data_index, checkpoints, log, bar, stop, training_clock) -> dict:
     cfg, task, mesh = run.cfg, run.task, run.mesh
     # The old state is dead once the step returns, so its buffers hold the new one: params and
     # optimizer state exist once on the device, not twice.
@@ -343,8 +364,12 @@ def _loop(run: Run, state, start: int, data_index: int, checkpoints, log, bar, s
         # only a scheduled eval may end the run, so an interrupted run stops where it would have
         reached = scheduled_eval and reached_stop_metric(cfg.train, eval_metrics)
         if do_save or reached:
-            meta = {"next_batch_index": data_index, "config": to_dict(cfg)}
-            checkpoints.save(step, state, meta | {"reached_stop_metric": reached}, eval_metrics)
+            meta = {
+                "next_batch_index": data_index,
+                "config": to_dict(cfg),
+                "reached_stop_metric": reached,
+            }
+            checkpoints.save(step, state, meta | training_clock.spent(), eval_metrics)
         pending = []
         if reached:
             break

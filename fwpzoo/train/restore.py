@@ -50,3 +50,15 @@ def restore_run(workdir: Path, step: int | None = None) -> tuple[Run, int, dict]
     finally:
         checkpoints.close()
     return run, step, model_state
+
+
+def training_time(workdir: Path, step: int) -> dict:
+    """{"train_seconds", "train_cpu_seconds"}: the wall and CPU seconds a run spent training up
+    to its checkpoint `step`, over every segment it was resumed in; {} for a checkpoint saved
+    before they were kept."""
+    checkpoints = Checkpoints(Path(workdir) / CHECKPOINT_DIR)
+    try:
+        meta = checkpoints.restore_meta(step)
+    finally:
+        checkpoints.close()
+    return {key: meta[key] for key in ("train_seconds", "train_cpu_seconds") if key in meta}
