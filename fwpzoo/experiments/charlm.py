@@ -117,9 +117,11 @@ def compressor_records(options: Options) -> list[dict]:
     ]
 
 
-def plot_curves(records: list[dict], options: Options, path) -> None:
-    """Training bpc against the point's seconds, a panel per corpus, a line per model and seed;
-    the compressors' test bpc dashed."""
+def plot_curves(records: list[dict], points: list, options: Options, path) -> None:
+    """Training bpc against the bytes trained on, a panel per corpus, a line per model and seed;
+    the compressors' test bpc dashed. Bytes rather than seconds: time depends on the machine's
+    load, the data a model has seen does not."""
+    configs = {p.name: load(p.config, p.overrides) for p in points if p.config is not None}
     corpora = list(dict.fromkeys(r["corpus"] for r in records))
     fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), squeeze=False)
     colours = {}
@@ -127,9 +129,10 @@ def plot_curves(records: list[dict], options: Options, path) -> None:
         mine = [r for r in records if r["corpus"] == corpus]
         for rec in (r for r in mine if r["metric"] == "bpc" and r["model"] not in COMPRESSORS):
             curve = read_details(options, rec["point"])["curve"]
-            seconds_per_step = rec["seconds"] / max(curve[-1][0], 1)
+            cfg = configs[rec["point"]]
+            bytes_per_step = cfg.train.batch_size * cfg.data.seq_len
             colour = colours.setdefault(rec["model"], f"C{len(colours)}")
-            xs = [step * seconds_per_step for step, _ in curve]
+            xs = [step * bytes_per_step / 1e6 for step, _ in curve]
             label = rec["model"] if rec["model"] not in ax.get_legend_handles_labels()[1] else None
             ax.plot(xs, [loss / LN2 for _, loss in curve], color=colour, lw=0.8, label=label)
         for rec in (r for r in mine if r["model"] in COMPRESSORS):
@@ -137,7 +140,7 @@ def plot_curves(records: list[dict], options: Options, path) -> None:
             ax.annotate(
                 rec["model"], (0.01, rec["value"]), xycoords=("axes fraction", "data"), fontsize=7
             )
-        ax.set(title=corpus, xlabel="seconds into the point (wall)", ylabel="train bits per byte")
+        ax.set(title=corpus, xlabel="bytes trained on (millions)", ylabel="train bits per byte")
         if ax.get_legend_handles_labels()[1]:  # a corpus with no model recorded yet has none
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -152,7 +155,7 @@ def train_cpu_minutes(records: list[dict], options: Options) -> list[float]:
 
 
 def report(records: list[dict], points: list, options: Options) -> str:
-    plot_curves(records, options, options.out / f"{NAME}.png")
+    plot_curves(records, points, options, options.out / f"{NAME}.png")
     seeds = len(QUICK_SEEDS if options.quick else SEEDS)
     models = [r for r in records if r["model"] not in COMPRESSORS]
     metrics = list(dict.fromkeys(r["metric"] for r in models))
