@@ -212,10 +212,10 @@ Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml
 `{NAME}.json` names the command that recomputes its point alone.
 {progress_note(points, records, options)}
 Compute here: {compute_seconds(records)}.
-Test accuracy at the query positions after training to a validation accuracy of
-{budget.train.stop_at} (checked every {budget.eval.every} steps) or for {budget.train.steps} steps,
-whichever came first (each record's `steps`): the median over {seeds} seeds (min-max in brackets;
-[n/{seeds} seeds] where seeds are still pending). State size is per layer (attention: its
+Test accuracy at the query positions, the median over {seeds} seeds (min-max in brackets;
+[n/{seeds} seeds] where seeds are still pending). A run trains {budget.train.steps} steps or stops
+at the first eval (every {budget.eval.every} steps) with validation accuracy {budget.train.stop_at}
+or more; each record's `steps` says where it ended. State size is per layer (attention: its
 key-value cache at the training length).
 
 ![accuracy]({NAME}.png)
