@@ -38,7 +38,7 @@ import jax
 import matplotlib
 from tqdm import tqdm
 
-from fwpzoo.config import ConfigError, flatten, load, to_dict
+from fwpzoo.config import ConfigError, flatten, from_data, load, to_dict
 from fwpzoo.config_file import apply_overrides, read_config_file
 from fwpzoo.layers.feature_maps import feature_dim
 from fwpzoo.reports import write_page
@@ -192,8 +192,9 @@ def train_point(
     give, so a record goes stale when its config file is edited (the code's defaults are not
     included: a new setting with a default that keeps the old behaviour leaves records valid)."""
     overrides = (*overrides, f"train.seed={seed}")
-    given = flatten(apply_overrides(read_config_file(config), overrides))  # values as written
-    typed = flatten(to_dict(load(config, overrides)))
+    data = read_config_file(config)
+    given = flatten(apply_overrides(data, overrides))  # the keys set, their values as written
+    typed = flatten(to_dict(from_data(data, overrides)))
     settings = {key: typed[key] for key in given}
     spec = {
         "config": repo_path(config),
