@@ -101,10 +101,10 @@ def mqar_point(model, heads, pairs, seed, overrides=(), decay=None, rebinds=0) -
 
 
 def make_points(options) -> list:
-    """Seeds, then settings, models innermost: a sweep cut short has medians over every seed
-    where it got to, and compares every model there. Key dim 8 (where the pairs straddle it) and
-    the re-binding study beside its plain point come first, seed by seed; then the decay init
-    study; then the other key dims, each seed by seed."""
+    """Seed by seed, the whole grid, models innermost: a sweep cut short has every setting on
+    its first seed before it spends time on a second, and compares every model where it got to.
+    Within a seed: key dim 8 (where the pairs straddle it), the re-binding study beside its plain
+    point, key dim 4 (pairs up to 4x), the rest of key dim 16; then the decay init study."""
     if options.quick:
         plain = [
             mqar_point(m, h, n, s, QUICK_OVERRIDES)
@@ -122,9 +122,9 @@ def make_points(options) -> list:
     for s in SEEDS:
         points += [mqar_point(m, first_heads, n, s) for n in first_grid for m in MODELS]
         points += [mqar_point(m, heads, pairs, s, rebinds=r) for r in (0, rebinds) for m in MODELS]
-    points += [mqar_point(m, *STUDY_POINT, s, MAMBA2_DECAY, "mamba2") for s in SEEDS for m in GATED]
-    for grid_heads, grid in rest:
-        points += [mqar_point(m, grid_heads, n, s) for s in SEEDS for n in grid for m in MODELS]
+        for grid_heads, grid in rest:
+            points += [mqar_point(m, grid_heads, n, s) for n in grid for m in MODELS]
+        points += [mqar_point(m, *STUDY_POINT, s, MAMBA2_DECAY, "mamba2") for m in GATED]
     return list({point.name: point for point in points}.values())  # each point where first listed
 
 
