@@ -105,6 +105,18 @@ def test_a_run_that_meets_its_stop_metric_early_says_so(tmp_path):
     assert (outcome.steps, outcome.stop_reason) == (4, "steps")
 
 
+def test_a_point_does_not_resume_a_run_of_another_length(tmp_path):
+    """A point's workdir holding a shorter run of its config is refused, not extended: a cosine
+    schedule resumed at another length would not give what the point's command recomputes."""
+    quick = (*mqar.QUICK_OVERRIDES, "train.steps=2")
+    _common.run_training(mqar.mqar_point("delta_rule", 2, 4, 0, quick), tmp_path)
+    longer = mqar.mqar_point("delta_rule", 2, 4, 0, (*quick, "train.steps=3"))
+    with pytest.raises(ConfigError, match=r"another config \(train.steps: 2 -> 3\); remove it"):
+        _common.run_training(longer, tmp_path)
+    again = _common.run_training(mqar.mqar_point("delta_rule", 2, 4, 0, quick), tmp_path)
+    assert again.steps == 2
+
+
 def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
     """The full sweeps (configs only, nothing trained): distinct point names, every setting at
     least three seeds (two for charlm and mqar, whose points cost more than 10 CPU-minutes), MQAR

@@ -52,6 +52,7 @@ from fwpzoo.train import (
 )
 from fwpzoo.train.metrics import read_metrics
 from fwpzoo.train.sharding import split_cpu
+from fwpzoo.train.workdir import stored_config
 
 matplotlib.use("Agg")  # files only: no display on the machines that run sweeps
 
@@ -228,9 +229,27 @@ def evaluate_checkpoint(workdir: Path, num_batches: int | None = None) -> tuple[
     return {"step": step, **metrics}, size
 
 
+def refuse_other_run(workdir: Path, cfg) -> None:
+    """ConfigError if `workdir` holds a run of a config other than `cfg`, run length included:
+    `fwpzoo train` may extend a run, but a point resumed under a longer schedule would not be
+    the point its command recomputes from the first step."""
+    stored = stored_config(workdir)
+    if stored is None or stored == cfg:
+        return
+    old, new = flatten(to_dict(stored)), flatten(to_dict(cfg))
+    changes = [
+        f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old | new) if old.get(k) != new.get(k)
+    ]
+    raise ConfigError(
+        f"{workdir} holds a run of another config ({', '.join(changes)}); "
+        "remove it to recompute the point from its first step"
+    )
+
+
 def run_training(point: Point, workdir: Path) -> Outcome:
     """Trains (or resumes) a train_point in `workdir` and evaluates its last checkpoint."""
     cfg = load(point.config, point.overrides)
+    refuse_other_run(workdir, cfg)
     start, cpu_start = time.perf_counter(), time.process_time()
     stop_reason = "steps"
     try:
