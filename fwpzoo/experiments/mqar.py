@@ -56,8 +56,10 @@ GATED = ("gated_delta_rule", "mamba2")
 # sequence, left even attention short of learning in 2000 steps); key dim 8 first, where the
 # pairs are once and twice the key dim; at key dim 4 they reach 4x
 GRID = {8: (8, 16), 16: (8, 16), 4: (8, 16)}
-# two seeds: a point trains up to 4000 steps, 15-20 CPU-minutes here where it does not stop early
+# two seeds: a point trains up to 4000 steps, 15-20 CPU-minutes here where it does not stop early;
+# attention stops early at every grid point (3.5-7.4 CPU-minutes), so it gets a third there
 SEEDS = (0, 1)
+ATTENTION_SEEDS = (0, 1, 2)
 # the decay init study: Mamba-2's own init against the grid's long-memory one, at one point
 LONG_DECAY = "long"  # the configs': A in [1, 2], dt in [0.001, 0.005], alpha in [0.99, 0.999]
 MAMBA2_DECAY = ("model.decay_a_range=[1,16]", "model.decay_dt_range=[0.001,0.1]")
@@ -65,6 +67,9 @@ STUDY_POINT = (8, 16)  # (num_heads, pairs): key dim 8, twice as many pairs
 # the re-binding study: (num_heads, pairs, rebinds) at key dim 16, where 8 pairs fit the fast
 # weights without interference, every key bound a second time; beside the plain point
 REBIND_POINT = (4, 8, 8)
+# attention learns to pick the later of two bindings of a key late (0.328 at step 4000), so at the
+# re-binding point it trains up to 12000 steps, still stopping at validation accuracy 0.99
+REBIND_ATTENTION = ("train.steps=12000",)
 QUICK_MODELS, QUICK_GRID, QUICK_SEEDS = ("attention", "delta_rule"), {2: (4,)}, (0,)
 QUICK_REBIND_MODEL, QUICK_REBIND_POINT = "delta_rule", (2, 2, 2)
 QUICK_OVERRIDES = (
@@ -104,7 +109,8 @@ def make_points(options) -> list:
     """Seed by seed, the whole grid, models innermost: a sweep cut short has every setting on
     its first seed before it spends time on a second, and compares every model where it got to.
     Within a seed: key dim 8 (where the pairs straddle it), the re-binding study beside its plain
-    point, key dim 4 (pairs up to 4x), the rest of key dim 16; then the decay init study."""
+    point, key dim 4 (pairs up to 4x), the rest of key dim 16; then the decay init study. Last,
+    attention's third seed on the grid."""
     if options.quick:
         plain = [
             mqar_point(m, h, n, s, QUICK_OVERRIDES)
@@ -117,15 +123,33 @@ def make_points(options) -> list:
         rebound = mqar_point(QUICK_REBIND_MODEL, heads, pairs, 0, QUICK_OVERRIDES, rebinds=rebinds)
         return [*plain, rebound]
     (first_heads, first_grid), *rest = GRID.items()
-    heads, pairs, rebinds = REBIND_POINT
+    heads, pairs, r = REBIND_POINT
     points = []
     for s in SEEDS:
         points += [mqar_point(m, first_heads, n, s) for n in first_grid for m in MODELS]
-        points += [mqar_point(m, heads, pairs, s, rebinds=r) for r in (0, rebinds) for m in MODELS]
+        points += [mqar_point(m, heads, pairs, s) for m in MODELS]
+        points += [mqar_point(m, heads, pairs, s, rebind_budget(m), rebinds=r) for m in MODELS]
         for grid_heads, grid in rest:
             points += [mqar_point(m, grid_heads, n, s) for n in grid for m in MODELS]
         points += [mqar_point(m, *STUDY_POINT, s, MAMBA2_DECAY, "mamba2") for m in GATED]
+    points += [
+        mqar_point("attention", grid_heads, n, s)
+        for s in ATTENTION_SEEDS[len(SEEDS) :]
+        for grid_heads, grid in GRID.items()
+        for n in grid
+    ]
     return list({point.name: point for point in points}.values())  # each point where first listed
+
+
+def rebind_budget(model: str) -> tuple[str, ...]:
+    return REBIND_ATTENTION if model == "attention" else ()
+
+
+def planned_seeds(model: str, rebinds: int, options) -> int:
+    """How many seeds a cell of the page waits for."""
+    if options.quick:
+        return len(QUICK_SEEDS)
+    return len(ATTENTION_SEEDS if model == "attention" and not rebinds else SEEDS)
 
 
 def plot(records: list[dict], path) -> None:
@@ -155,7 +179,7 @@ def plot(records: list[dict], path) -> None:
     plt.close(fig)
 
 
-def grid_tables(records: list[dict], seeds: int) -> str:
+def grid_tables(records: list[dict], options) -> str:
     """A table per key dim: a row per model, a column per pairs count."""
     cells = group(records, ["model", "key_dim", "x"])
     sizes = {(r["model"], r["key_dim"]): r["state_size"] for r in records}
@@ -167,7 +191,10 @@ def grid_tables(records: list[dict], seeds: int) -> str:
             [
                 model,
                 sizes[model, key_dim],
-                *(spread_cell(cells.get((model, key_dim, n)), seeds) for n in pairs),
+                *(
+                    spread_cell(cells.get((model, key_dim, n)), planned_seeds(model, 0, options))
+                    for n in pairs
+                ),
             ]
             for model in models
             if (model, key_dim) in sizes
@@ -179,13 +206,16 @@ def grid_tables(records: list[dict], seeds: int) -> str:
     return "\n\n".join(sections)
 
 
-def rebind_table(records: list[dict], seeds: int, options) -> str:
+def rebind_table(records: list[dict], options) -> str:
     """At the re-binding point: a row per model, plain MQAR beside every key re-bound."""
     heads, pairs, rebinds = QUICK_REBIND_POINT if options.quick else REBIND_POINT
     here = [r for r in records if r["num_heads"] == heads and r["x"] == pairs]
     cells = group(here, ["model", "rebinds"])
     models = list(dict.fromkeys(r["model"] for r in here))
-    rows = [[m, *(spread_cell(cells.get((m, r)), seeds) for r in (0, rebinds))] for m in models]
+    rows = [
+        [m, *(spread_cell(cells.get((m, r)), planned_seeds(m, r, options)) for r in (0, rebinds))]
+        for m in models
+    ]
     header = ["model", "plain", f"{rebinds} of {pairs} keys re-bound"]
     return markdown_table(header, rows) if rows else "No point of the study is recorded yet."
 
@@ -197,6 +227,7 @@ def report(records: list[dict], points: list, options) -> str:
     grid = [r for r in long_decay if r["rebinds"] == 0]
     plot(grid, options.out / f"{NAME}.png")
     seeds = len(QUICK_SEEDS if options.quick else SEEDS)
+    attention_seeds = planned_seeds("attention", 0, options)
     heads, pairs = STUDY_POINT
     here = [r for r in plain if r["num_heads"] == heads and r["x"] == pairs]
     study = [r for r in here if r["model"] in GATED]
@@ -205,6 +236,7 @@ def report(records: list[dict], points: list, options) -> str:
         for (model, decay), values in group(study, ["model", "decay_init"]).items()
     ]
     budget = load(points[0].config, points[0].overrides)
+    rebind_steps = load(CONFIGS / NAME / "attention.yaml", REBIND_ATTENTION).train.steps
     study_table = markdown_table(["model", "decay init", "accuracy"], study_rows)
     return f"""# {TITLE}
 
@@ -212,23 +244,26 @@ Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml
 `{NAME}.json` names the command that recomputes its point alone.
 {progress_note(points, records, options)}
 Compute here: {compute_seconds(records)}.
-Test accuracy at the query positions, the median over {seeds} seeds (min-max in brackets;
-[n/{seeds} seeds] where seeds are still pending). A run trains {budget.train.steps} steps or stops
+Test accuracy at the query positions, the median over {seeds} seeds ({attention_seeds} for attention
+in the grid, whose points stop early; min-max in brackets; [n/m seeds] where seeds are still
+pending). A run trains {budget.train.steps} steps or stops
 at the first eval (every {budget.eval.every} steps) with validation accuracy {budget.train.stop_at}
 or more; each record's `steps` says where it ended. State size is per layer (attention: its
 key-value cache at the training length).
 
 ![accuracy]({NAME}.png)
 
-{grid_tables(grid, seeds)}
+{grid_tables(grid, options)}
 
 ### Re-binding: every key bound again before the queries
 
 After the pairs each key is bound a second time, to a new value, in random order; the queries ask
 for the latest value (`data.rebinds`). A sum of outer products holds the old and the new value of
-a key with equal weight; the delta rule replaces the old one.
+a key with equal weight; the delta rule replaces the old one. Attention, which learns to pick the
+later binding slowly, trains up to {rebind_steps} steps here (still stopping at
+{budget.train.stop_at}).
 
-{rebind_table(long_decay, seeds, options)}
+{rebind_table(long_decay, options)}
 
 ### Decay init of the gated models ({heads} heads, {pairs} pairs)
 
