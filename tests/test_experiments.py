@@ -117,6 +117,17 @@ def test_a_point_does_not_resume_a_run_of_another_length(tmp_path):
     assert again.steps == 2
 
 
+def test_a_resumed_point_records_the_seconds_of_every_process(tmp_path):
+    """A point whose training an earlier process did (stopped before its record was written)
+    counts that training in its record's seconds, not only the evaluation left to do."""
+    options = _common.parse_options("mqar", ["--quick", "--workdir", str(tmp_path)])
+    point = mqar.mqar_point("delta_rule", 2, 4, 0, (*mqar.QUICK_OVERRIDES, "train.steps=2"))
+    first = _common.run_training(point, tmp_path / "run")
+    record = _common.compute_point(point, tmp_path / "run", options, _common.run_training)
+    assert record["details"]["train_seconds"] == first.details["train_seconds"]
+    assert record["seconds"] >= first.details["train_seconds"]
+
+
 def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
     """The full sweeps (configs only, nothing trained): distinct point names, every setting at
     least three seeds (two for charlm and mqar, whose points cost more than 10 CPU-minutes), MQAR

@@ -177,6 +177,7 @@ class Outcome:
     stop_reason: str
     labels: dict = field(default_factory=dict)  # record fields known once computed (num_params)
     details: dict = field(default_factory=dict)  # what the report reads besides the records
+    earlier_seconds: float = 0.0  # wall seconds earlier processes spent on it (a resumed run)
 
 
 def train_point(
@@ -260,17 +261,18 @@ def run_training(point: Point, workdir: Path) -> Outcome:
     test, size = evaluate_checkpoint(workdir, point.test_batches)
     # the run's own count covers the segments before a resume; this process's, older checkpoints
     spent = {"train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds}
+    every_segment = {**spent, **training_time(workdir, test["step"])}
     details = {
         "test": test,
-        **spent,
-        **training_time(workdir, test["step"]),
+        **every_segment,
         "tokens_per_sec": median_throughput(workdir),
         "curve": [[row["step"], row["loss"]] for row in read_metrics(workdir)],  # training loss
     }
     if stop_reason == "steps" and test["step"] < cfg.train.steps:
         stop_reason = "reached_stop_metric"  # train.stop_metric met at an eval before the budget
     metrics = {name: test[name] for name in point.metrics}
-    return Outcome(metrics, test["step"], stop_reason, {"num_params": size}, details)
+    earlier = every_segment["train_seconds"] - train_seconds
+    return Outcome(metrics, test["step"], stop_reason, {"num_params": size}, details, earlier)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +354,7 @@ def compute_point(point: Point, workdir: Path, options: Options, execute) -> dic
         "seed": point.labels.get("seed"),
         "steps": outcome.steps,
         "stop_reason": outcome.stop_reason,
-        "seconds": time.perf_counter() - start,
+        "seconds": time.perf_counter() - start + outcome.earlier_seconds,  # over every process
         "versions": versions(),
         "command": point_command(options, point),
         "details": outcome.details,
