@@ -15,6 +15,7 @@ import lzma
 import math
 
 import matplotlib.pyplot as plt
+import numpy as np
 
 from fwpzoo.config import load
 from fwpzoo.data.corpora import load_corpus
@@ -24,6 +25,7 @@ from fwpzoo.experiments._common import (
     Experiment,
     Options,
     compute_seconds,
+    errorbars,
     group,
     markdown_table,
     model_labels,
@@ -118,34 +120,51 @@ def compressor_records(options: Options) -> list[dict]:
 
 
 def plot_curves(records: list[dict], points: list, options: Options, path) -> None:
-    """Training bpc against the bytes trained on, a panel per corpus, a line per model and seed;
-    the compressors' test bpc dashed. Bytes rather than seconds: time depends on the machine's
-    load, the data a model has seen does not."""
+    """A panel per corpus: each model's training bpc against the bytes trained on (the median
+    over seeds, shaded to the min and max) and its test bpc where its training ended (the median,
+    bars to the min and max); the compressors' test bpc dashed. Bytes rather than seconds: time
+    depends on the machine's load, the data a model has seen does not."""
     configs = {p.name: load(p.config, p.overrides) for p in points if p.config is not None}
     corpora = list(dict.fromkeys(r["corpus"] for r in records))
     fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), squeeze=False)
-    colours = {}
+    models = [r for r in records if r["metric"] == "bpc" and r["model"] not in COMPRESSORS]
+    colours = {model: f"C{i}" for i, model in enumerate(dict.fromkeys(r["model"] for r in models))}
     for ax, corpus in zip(axes[0], corpora, strict=True):
-        mine = [r for r in records if r["corpus"] == corpus]
-        for rec in (r for r in mine if r["metric"] == "bpc" and r["model"] not in COMPRESSORS):
-            curve = read_details(options, rec["point"])["curve"]
-            cfg = configs[rec["point"]]
-            bytes_per_step = cfg.train.batch_size * cfg.data.seq_len
-            colour = colours.setdefault(rec["model"], f"C{len(colours)}")
-            xs = [step * bytes_per_step / 1e6 for step, _ in curve]
-            label = rec["model"] if rec["model"] not in ax.get_legend_handles_labels()[1] else None
-            ax.plot(xs, [loss / LN2 for _, loss in curve], color=colour, lw=0.8, label=label)
-        for rec in (r for r in mine if r["model"] in COMPRESSORS):
+        for model, colour in colours.items():
+            seeds = [r for r in models if r["corpus"] == corpus and r["model"] == model]
+            if seeds:
+                plot_model(ax, seeds, configs[seeds[0]["point"]], options, colour, model)
+        compressors = [r for r in records if r["corpus"] == corpus and r["model"] in COMPRESSORS]
+        for rec in compressors:
             ax.axhline(rec["value"], color="grey", ls="--", lw=0.8)
             ax.annotate(
                 rec["model"], (0.01, rec["value"]), xycoords=("axes fraction", "data"), fontsize=7
             )
-        ax.set(title=corpus, xlabel="bytes trained on (millions)", ylabel="train bits per byte")
+        if compressors:  # the first steps' bpc, far above, would squeeze where models differ
+            ax.set_ylim(top=max(r["value"] for r in compressors) + 0.3)
+        ax.set(
+            title=corpus,
+            xlabel="bytes trained on (millions)",
+            ylabel="bits per byte: training (lines), test (dots)",
+        )
         if ax.get_legend_handles_labels()[1]:  # a corpus with no model recorded yet has none
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_model(ax, seeds: list[dict], cfg, options: Options, colour: str, label: str) -> None:
+    """One model's curve over its seeds' records (one config, so the same logged steps) and its
+    test bpc at the bytes it trained on."""
+    curves = [dict(read_details(options, r["point"])["curve"]) for r in seeds]
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    bits = np.array([[c[step] / LN2 for step in steps] for c in curves])  # [seeds, steps]
+    megabytes = np.array(steps) * cfg.train.batch_size * cfg.data.seq_len / 1e6
+    ax.plot(megabytes, np.median(bits, axis=0), color=colour, lw=0.8, label=label)
+    ax.fill_between(megabytes, bits.min(axis=0), bits.max(axis=0), color=colour, alpha=0.2, lw=0)
+    end = max(r["steps"] for r in seeds) * cfg.train.batch_size * cfg.data.seq_len / 1e6
+    errorbars(ax, {end: [r["value"] for r in seeds]}, color=colour)
 
 
 def train_cpu_minutes(records: list[dict], options: Options) -> list[float]:
