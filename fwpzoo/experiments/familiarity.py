@@ -141,6 +141,48 @@ def plot(records: list[dict], settings, baseline: dict, path) -> None:
     plt.close(fig)
 
 
+def papers_table(cells: dict, seeds: int, anti: int, learned: int) -> str:
+    """The paper's findings, ours beside them from the records: at the longest training interval,
+    HebbFF with eta learned against eta held Hebbian, at twice that interval and at 1.5 times it."""
+    R = max(setting for setting, _, _ in cells) if cells else None
+    learned_eta, hebbian = (
+        variant({"model": "plastic", "eta_sign": s}) for s in ("learned", "fixed_positive")
+    )
+
+    def at(name, x):
+        return spread_cell(cells.get((R, name, x)), seeds) or "-"
+
+    longer = f"trained at R = {R}, at R = {2 * R}: eta learned {at(learned_eta, 2 * R)}, held"
+    longer += f" Hebbian {at(hebbian, 2 * R)}"
+    beyond = f"trained at R = {R}: at R = {3 * R // 2} {at(learned_eta, 3 * R // 2)}, at R ="
+    beyond += f" {R // 2} {at(learned_eta, R // 2)} (eta learned)"
+    rows = [
+        [
+            "meta-learning turns the plasticity anti-Hebbian (eta < 0)",
+            "learnt eta is negative; anti-Hebbian is the solution found most readily",
+            f"{anti} of {learned} runs with eta learned, each started Hebbian",
+            "not every run: 800 Adam steps here, far less than the paper's training; the others "
+            "kept a smaller Hebbian eta (the eta table)",
+        ],
+        [
+            "anti-Hebbian plasticity detects repeats over longer intervals than Hebbian",
+            "anti-Hebbian HebbFF holds its accuracy to far longer intervals",
+            longer,
+            "agrees where eta turned negative (the best seed); the median mixes in Hebbian runs",
+        ],
+        [
+            "HebbFF trained at one interval generalises to others",
+            "accuracy holds at intervals it was not trained on",
+            beyond,
+            "agrees for the anti-Hebbian runs; within 64-pattern streams, intervals past half "
+            "the stream leave few scored repeats",
+        ],
+    ]
+    return markdown_table(
+        ["finding", "Tyulmankov, Yang & Abbott 2022", "here", "where we differ, why"], rows
+    )
+
+
 def report(records: list[dict], points: list, options) -> str:
     records = [{**r, "variant": variant(r)} for r in records]
     settings = sorted({r["setting"] for r in records})
@@ -206,11 +248,11 @@ the presynaptic dimension):
 
 ## The paper's findings beside ours
 
-- Tyulmankov, Yang & Abbott (Neuron 2022) meta-learn HebbFF and find an anti-Hebbian rule
-  (eta < 0): it detects repeats over much longer intervals than a Hebbian one and is the solution
-  meta-learning finds most readily; the hidden layer then shows repetition suppression.
-- HebbFF trained at a single interval generalises to other intervals, unlike recurrent networks
-  without plasticity.
+Tyulmankov, Yang & Abbott (Neuron 2022) meta-learn HebbFF on continual familiarity detection;
+they show these findings in figures, so their column states the claim. Ours are medians over
+{seeds} seeds (min-max) from the table above.
+
+{papers_table(cells, seeds, anti, len(learned))}
 
 Software: {versions_line(records)}.
 """
