@@ -13,6 +13,7 @@ import bz2
 import gzip
 import lzma
 import math
+import statistics
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -173,6 +174,67 @@ def train_cpu_minutes(records: list[dict], options: Options) -> list[float]:
     return [read_details(options, point)["train_cpu_seconds"] / 60 for point in points]
 
 
+def papers_table(records: list[dict]) -> str:
+    """The papers' findings beside ours, from the median test bpc (windows of the training
+    length) on each corpus, and the compressors on the same bytes."""
+    bpc = [r for r in records if r["metric"] == "bpc"]
+    cells = {key: statistics.median(v) for key, v in group(bpc, ["corpus", "model"]).items()}
+    corpora = list(dict.fromkeys(corpus for corpus, _ in cells))
+
+    def less(model: str, baseline: str) -> dict[str, float]:
+        return {
+            c: cells[c, model] - cells[c, baseline]
+            for c in corpora
+            if (c, model) in cells and (c, baseline) in cells
+        }
+
+    def signed(diffs: dict[str, float]) -> str:
+        return "; ".join(f"{c} {value:+.3f}" for c, value in diffs.items()) or "-"
+
+    def verdict(holds: dict[str, bool], why: str) -> str:
+        failing = [c for c, ok in holds.items() if not ok]
+        if not holds:
+            return "no corpus recorded yet"
+        return (
+            f"agrees on {', '.join(holds)}"
+            if not failing
+            else f"differs on {', '.join(failing)}: {why}"
+        )
+
+    delta_sum, gating = less("delta_rule", "linear_attn"), less("gated_delta_rule", "delta_rule")
+    best = {c: min(cells[c, name] for name in COMPRESSORS if (c, name) in cells) for c in corpora}
+    models = {c: [m for (c2, m) in cells if c2 == c and m not in COMPRESSORS] for c in corpora}
+    ahead = {c: [m for m in models[c] if cells[c, m] < best[c]] for c in corpora if models[c]}
+    rows = [
+        [
+            "the delta rule models language better than the sum rule",
+            "Schlag, Irie & Schmidhuber 2021 (WikiText-103); Yang et al. 2024 (DeltaNet)",
+            f"delta_rule less linear_attn: {signed(delta_sum)}",
+            verdict({c: d < 0 for c, d in delta_sum.items()}, "see the notes"),
+        ],
+        [
+            "gating helps the delta rule",
+            "Yang, Kautz & Hatamizadeh 2025 (Gated DeltaNet)",
+            f"gated_delta_rule less delta_rule: {signed(gating)}",
+            verdict({c: d < 0 for c, d in gating.items()}, "see the notes"),
+        ],
+        [
+            "a byte-level LM beats general-purpose compressors",
+            "the compressors on the same test bytes",
+            "; ".join(
+                f"{c}: {len(a)} of {len(models[c])} below {best[c]:.3f}" for c, a in ahead.items()
+            )
+            or "-",
+            verdict(
+                {c: len(a) == len(models[c]) for c, a in ahead.items()},
+                "the models fit Brown's training text far better than its test text (the notes)",
+            ),
+        ],
+    ]
+    header = ["finding", "paper", "here (median bpc, lower is better)", "where we differ, why"]
+    return markdown_table(header, rows)
+
+
 def report(records: list[dict], points: list, options: Options) -> str:
     plot_curves(records, points, options, options.out / f"{NAME}.png")
     seeds = len(QUICK_SEEDS if options.quick else SEEDS)
@@ -216,6 +278,13 @@ where a run was resumed, every segment.
 
 {chr(10).join(s + chr(10) for s in sections)}
 ![training curves]({NAME}.png)
+
+### The papers beside ours
+
+The papers report other corpora at far larger scale (hundreds of millions of parameters, billions
+of tokens), so their column states the finding; "here" computes it from the medians above.
+
+{papers_table(records)}
 
 Software: {versions_line(records)}.
 """
