@@ -173,6 +173,9 @@ def plot(records: list[dict], path) -> None:
         hardest = group([r for r in mine if r["x"] == most_pairs], ["state_size"])
         errorbars(axes[-1], {s: v for (s,), v in hardest.items()}, label=model, color=f"C{i}")
     axes[-1].set(xscale="log", title=f"{most_pairs} pairs", xlabel="state size per layer")
+    sizes = sorted({r["state_size"] for r in records if r["x"] == most_pairs})
+    axes[-1].set_xticks(sizes, [str(size) for size in sizes])  # log scale's minor labels collide
+    axes[-1].minorticks_off()
     axes[-1].legend(fontsize=7)
     for ax in axes:
         ax.set_ylim(-0.02, 1.02)
