@@ -121,26 +121,28 @@ def variant(record) -> str:
 
 
 def plot(cells: dict, tasks, variants, path) -> None:
-    """A grid of median bin-1 accuracy, tasks by models."""
+    """A grid of bin-1 accuracy, tasks by models: the colour and the upper number the median over
+    seeds, the lower numbers the min and max."""
     grid = np.full((len(variants), len(tasks)), np.nan)
+    ranges = {}
     for (task, name), values in cells.items():
-        grid[variants.index(name), tasks.index(task)] = spread(values)[0]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 2), 0.45 * len(variants) + 1.5))
+        middle, low, high = spread(values)
+        grid[variants.index(name), tasks.index(task)] = middle
+        ranges[variants.index(name), tasks.index(task)] = (low, high)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 2), 0.6 * len(variants) + 1.5))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(tasks)), tasks, rotation=35, ha="right")
     ax.set_yticks(range(len(variants)), variants)
     for (i, j), value in np.ndenumerate(grid):
         if not np.isnan(value):
-            ax.text(
-                j,
-                i,
-                f"{value:.2f}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="black" if value > 0.5 else "white",
-            )
-    ax.set_title("strings of lengths 51..100 recognised (median over seeds)", fontsize=9)
+            low, high = ranges[i, j]
+            colour = "black" if value > 0.5 else "white"
+            ax.text(j, i - 0.12, f"{value:.2f}", ha="center", va="center", fontsize=7, color=colour)
+            text = f"{low:.2f}-{high:.2f}"
+            ax.text(j, i + 0.22, text, ha="center", va="center", fontsize=6, color=colour)
+    ax.set_title(
+        "strings of lengths 51..100 recognised: median over seeds (min-max below)", fontsize=9
+    )
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
