@@ -105,27 +105,21 @@ def test_a_run_that_meets_its_stop_metric_early_says_so(tmp_path):
     assert (outcome.steps, outcome.stop_reason) == (4, "steps")
 
 
-def test_a_point_does_not_resume_a_run_of_another_length(tmp_path):
-    """A point's workdir holding a shorter run of its config is refused, not extended: a cosine
-    schedule resumed at another length would not give what the point's command recomputes."""
-    quick = (*mqar.QUICK_OVERRIDES, "train.steps=2")
-    _common.run_training(mqar.mqar_point("delta_rule", 2, 4, 0, quick), tmp_path)
-    longer = mqar.mqar_point("delta_rule", 2, 4, 0, (*quick, "train.steps=3"))
-    with pytest.raises(ConfigError, match=r"another config \(train.steps: 2 -> 3\); remove it"):
-        _common.run_training(longer, tmp_path)
-    again = _common.run_training(mqar.mqar_point("delta_rule", 2, 4, 0, quick), tmp_path)
-    assert again.steps == 2
-
-
-def test_a_resumed_point_records_the_seconds_of_every_process(tmp_path):
-    """A point whose training an earlier process did (stopped before its record was written)
-    counts that training in its record's seconds, not only the evaluation left to do."""
+def test_a_resumed_point_counts_every_process_and_refuses_another_length(tmp_path):
+    """A point whose training an earlier process did counts that training in its record's
+    seconds; a workdir holding a shorter run of its config is refused, not extended (a cosine
+    schedule resumed at another length would not give what the point's command recomputes)."""
     options = _common.parse_options("mqar", ["--quick", "--workdir", str(tmp_path)])
-    point = mqar.mqar_point("delta_rule", 2, 4, 0, (*mqar.QUICK_OVERRIDES, "train.steps=2"))
+    quick = (*mqar.QUICK_OVERRIDES, "train.steps=2")
+    point = mqar.mqar_point("delta_rule", 2, 4, 0, quick)
     first = _common.run_training(point, tmp_path / "run")
     record = _common.compute_point(point, tmp_path / "run", options, _common.run_training)
+    assert record["steps"] == 2
     assert record["details"]["train_seconds"] == first.details["train_seconds"]
     assert record["seconds"] >= first.details["train_seconds"]
+    longer = mqar.mqar_point("delta_rule", 2, 4, 0, (*quick, "train.steps=3"))
+    with pytest.raises(ConfigError, match=r"another config \(train.steps: 2 -> 3\); remove it"):
+        _common.run_training(longer, tmp_path / "run")
 
 
 def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
