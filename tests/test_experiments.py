@@ -9,6 +9,7 @@ import pytest
 
 from fwpzoo import cells, cli
 from fwpzoo.config import ConfigError
+from fwpzoo.data.corpora import load_corpus
 from fwpzoo.experiments import _common, charlm, formal_languages, mqar, state_tracking
 from fwpzoo.reports import write_page
 
@@ -38,10 +39,13 @@ def check_records(records, experiment):
         for key, valid in SPELLINGS.items():
             assert rec.get(key) in valid, (key, rec[key])
         assert isinstance(rec["value"], float)
-        if rec["point"] is not None:  # a trained point, not a compressor
-            assert rec["stop_reason"] == "steps" and rec["steps"] == 2 and rec["seconds"] > 0
-            assert {"python", "jax", "flax", "optax", "fwpzoo"} <= set(rec["versions"])
-            assert rec["command"].endswith(f"--point {rec['point']}")
+        trained = rec["stop_reason"] != "compressed"  # charlm's compressors train nothing
+        assert (rec["stop_reason"], rec["steps"]) == (
+            ("steps", 2) if trained else ("compressed", 0)
+        )
+        assert rec["seconds"] > 0
+        assert {"python", "jax", "flax", "optax", "fwpzoo"} <= set(rec["versions"])
+        assert rec["command"].endswith(f"--point {rec['point']}")
 
 
 def recompute(command, capsys):
@@ -223,7 +227,7 @@ def test_formal_languages_quick(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_charlm_quick(tmp_path):
+def test_charlm_quick(tmp_path, capsys):
     _, records, report = run_quick("charlm", tmp_path)
     check_records(records, charlm.EXPERIMENT)
     assert all(r["task"] == "text" and r["corpus"] == "fixture" for r in records)
@@ -232,11 +236,13 @@ def test_charlm_quick(tmp_path):
         *((m, metric) for m in ("delta_rule", "attention") for metric in ("bpc", "bpc@64")),
         *((c, "bpc") for c in charlm.COMPRESSORS),
     }
-    # the compressor records are the compressors' sizes on the same test bytes
-    expected = charlm.compressor_bpc("fixture", "data")
-    for name in charlm.COMPRESSORS:
-        assert models[name, "bpc"]["value"] == pytest.approx(expected[name])
-        assert 1.0 < models[name, "bpc"]["value"] < 8.0 and models[name, "bpc"]["point"] is None
+    # the compressor records are the compressors' sizes on the same test bytes as one stream,
+    # and their command recomputes them
+    test = load_corpus("fixture", charlm.DATA_DIR)["test"].tobytes()
+    for name, compress in charlm.COMPRESSORS.items():
+        rec = models[name, "bpc"]
+        assert rec["value"] == 8 * len(compress(test)) / len(test) and 1.0 < rec["value"] < 8.0
+        assert recompute(rec["command"] + f" --workdir {tmp_path}", capsys) == {"bpc": rec["value"]}
     # a model after two steps: between a good compressor and far above a uniform guess
     assert 1.0 < models["delta_rule", "bpc"]["value"] < 9.0
     assert models["delta_rule", "bpc@64"]["x"] == 64 and models["delta_rule", "bpc"]["x"] == 32

@@ -411,7 +411,6 @@ class Experiment:
     points: Callable[[Options], list[Point]]  # its grid, in the order to compute it
     report: Callable[[list[dict], list[Point], Options], str]  # (records, grid, options) -> page
     execute: Callable[[Point, Path], Outcome] = run_training
-    extra_records: Callable[[Options], list[dict]] = lambda options: []  # e.g. compressors
     title: str = ""  # the page's title while no point is recorded (the report has its own)
 
 
@@ -474,7 +473,6 @@ def main(experiment: Experiment, argv: Sequence[str]) -> int:
         return 0
     keys = (*experiment.keys, *(k for k in RUN_FIELDS if k not in experiment.keys))
     records = [rec for s in stored for rec in records_of(s, keys)]
-    records += [{key: rec.get(key) for key in keys} for rec in experiment.extra_records(options)]
     write_json(options.out / f"{options.name}.json", records)
     write_page(page, experiment.report(records, points, options))
     return 0

@@ -14,6 +14,7 @@ import gzip
 import lzma
 import math
 import statistics
+import zlib
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -25,6 +26,8 @@ from fwpzoo.experiments._common import (
     CONFIGS,
     Experiment,
     Options,
+    Outcome,
+    Point,
     compute_seconds,
     errorbars,
     group,
@@ -32,6 +35,7 @@ from fwpzoo.experiments._common import (
     model_labels,
     progress_note,
     read_details,
+    run_training,
     spread_cell,
     sweep_command,
     train_point,
@@ -67,6 +71,7 @@ MODELS = (
 CORPORA = ("gutenberg", "brown")
 SEEDS = (0, 1)  # a point costs more than 10 CPU-minutes
 LN2 = math.log(2)
+DATA_DIR = "data"  # the configs' data.data_dir (scripts/fetch_data.py), from the working directory
 WHOLE_SPLIT = 10**9  # more batches than any split has: text evaluation stops at the split's end
 QUICK_MODELS, QUICK_CORPORA, QUICK_SEEDS = ("delta_rule", "attention"), ("fixture",), (0,)
 QUICK_OVERRIDES = (
@@ -86,10 +91,12 @@ COMPRESSORS = {
 
 
 def make_points(options: Options) -> list:
-    points = []
+    """The compressors on each corpus first (seconds), then seeds, corpora and models."""
     quick = options.quick
+    corpora = QUICK_CORPORA if quick else CORPORA
+    points = [compressor_point(corpus, name) for corpus in corpora for name in COMPRESSORS]
     for seed in QUICK_SEEDS if quick else SEEDS:
-        for corpus in QUICK_CORPORA if quick else CORPORA:
+        for corpus in corpora:
             for model in QUICK_MODELS if quick else MODELS:
                 path = CONFIGS / NAME / f"{model}.yaml"
                 overrides = (f"data.corpus={corpus}", *(QUICK_OVERRIDES if quick else ()))
@@ -104,20 +111,21 @@ def make_points(options: Options) -> list:
     return points
 
 
-def compressor_bpc(corpus: str, data_dir: str) -> dict[str, float]:
-    """Bits per byte of each compressor on the corpus's test split."""
-    test = load_corpus(corpus, data_dir)["test"].tobytes()
-    return {name: 8 * len(compress(test)) / len(test) for name, compress in COMPRESSORS.items()}
+def compressor_point(corpus: str, name: str) -> Point:
+    """A general-purpose compressor's bits per byte on the corpus's test split, as one stream."""
+    labels = {"model": name, "task": "text", "corpus": corpus}
+    return Point(f"{corpus}-{name}", labels, {"bpc": {}}, {"compressor": name, "corpus": corpus})
 
 
-def compressor_records(options: Options) -> list[dict]:
-    """The compressors' bpc on each corpus's test split, as records."""
-    corpora = QUICK_CORPORA if options.quick else CORPORA
-    return [
-        {"model": name, "task": "text", "corpus": corpus, "metric": "bpc", "value": value}
-        for corpus in corpora
-        for name, value in compressor_bpc(corpus, "data").items()
-    ]
+def execute(point: Point, workdir) -> Outcome:
+    """A model point trains and is evaluated; a compressor point compresses the test split."""
+    if point.config is not None:
+        return run_training(point, workdir)
+    name, corpus = point.spec["compressor"], point.spec["corpus"]
+    test = load_corpus(corpus, DATA_DIR)["test"].tobytes()
+    bpc = 8 * len(COMPRESSORS[name](test)) / len(test)
+    details = {"test_bytes": len(test), "zlib": zlib.ZLIB_RUNTIME_VERSION}
+    return Outcome({"bpc": bpc}, 0, "compressed", details=details)
 
 
 def plot_curves(records: list[dict], points: list, options: Options, path) -> None:
@@ -290,9 +298,7 @@ Software: {versions_line(records)}.
 """
 
 
-EXPERIMENT = Experiment(
-    NAME, KEYS, make_points, report, extra_records=compressor_records, title=TITLE
-)
+EXPERIMENT = Experiment(NAME, KEYS, make_points, report, execute, title=TITLE)
 
 
 def main(argv) -> int:
