@@ -4,9 +4,11 @@
 
 WORKDIR is a parity run's workdir (e.g. runs/experiments/state_tracking/<point>). Beta comes from
 a projection of the token's normalised embedding alone (not through the short convolution), so it
-depends only on the bit; printed
-per head: beta for a 0 bit and for a 1 bit. A head that tracks parity reflects on a 1 bit (beta
-near 2) and, to keep the sign over long strings, leaves its state alone on a 0 bit (beta near 0).
+depends only on the bit; printed per head: beta for a 0 bit and for a 1 bit. A head that tracks
+parity reflects on a 1 bit (beta near 2) and, to keep the sign over long strings, leaves the
+tracked direction alone on a 0 bit: with beta near 0, or with a key orthogonal to the 1 bit's
+(the write I - beta k k^T then moves nothing along it). Without a short convolution a key too
+depends on the bit alone, and the cosine between the two bits' keys is printed as well.
 """
 
 import sys
@@ -25,10 +27,17 @@ def main(workdir: str) -> None:
     tokens = jnp.asarray([BIT_TOKENS])  # [1, 2]: bit 0, then bit 1
     x = block.mixer_norm(model.embed(tokens))  # [1, 2, D]
     beta = block.mixer.gates["beta"](x)[0]  # [2, H]
+    keys = None
+    if block.mixer.conv is None:  # keys of the bits alone, L2-normalised: [2, H, K]
+        _, k, _, _, _ = block.mixer._inputs(x, None)
+        keys = k[0]
     print(f"{workdir} at step {step}")
     for head in range(beta.shape[-1]):
         b0, b1 = float(beta[0, head]), float(beta[1, head])
-        print(f"head {head}: beta(0) = {b0:.4f}, beta(1) = {b1:.4f}")
+        line = f"head {head}: beta(0) = {b0:.4f}, beta(1) = {b1:.4f}"
+        if keys is not None:
+            line += f", cos(k(0), k(1)) = {float(jnp.dot(keys[0, head], keys[1, head])):+.4f}"
+        print(line)
 
 
 if __name__ == "__main__":

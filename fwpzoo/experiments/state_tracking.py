@@ -1,10 +1,10 @@
 """State tracking and length generalisation (Grazzi et al. 2025; Siems et al. 2025).
 
 One-layer models (d_model 16, 4 heads) trained on sequences of lengths 3..40 and tested at longer
-lengths (x): parity (with a short conv) for DeltaNet with beta in (0, 1) and in (0, 2) (with and
-without weight decay, which holds beta for a 0 bit away from 0) and for a Mamba-2-style layer; the
-S3 word problem and cyclic counting mod 3 (no short conv, a start token before each word) for
-DeltaProduct with N = 1, 2, 3 Householder steps per token, beta in (0, 2). Configs:
+lengths (x): parity for DeltaNet with beta in (0, 1) and in (0, 2), without a short convolution
+and with one (with and without weight decay), and for a Mamba-2-style layer; the S3 word problem
+and cyclic counting mod 3 (no short conv, a start token before each word) for DeltaProduct with
+N = 1, 2, 3 Householder steps per token, beta in (0, 2). Configs:
 configs/experiments/state_tracking/.
 """
 
@@ -31,8 +31,10 @@ NAME = "state_tracking"
 TITLE = "State tracking: parity, S3, cyclic counting mod 3"
 # config file -> (task label, model label)
 RUNS = {
+    "parity-delta_rule-beta02-noconv": ("parity", "delta_rule"),
     "parity-delta_rule-beta02": ("parity", "delta_rule"),
     "parity-delta_rule-beta02-wd": ("parity", "delta_rule"),
+    "parity-delta_rule-beta01-noconv": ("parity", "delta_rule"),
     "parity-delta_rule-beta01": ("parity", "delta_rule"),
     "parity-mamba2": ("parity", "mamba2"),
     "s3-delta_product-n1": ("s3", "delta_product_n1"),
