@@ -99,14 +99,12 @@ def test_mqar_quick_records_resume_and_reproduce(tmp_path, capsys):
 
 def test_a_run_that_meets_its_stop_metric_early_says_so(tmp_path):
     """A point whose valid accuracy reaches train.stop_at at an eval before the last step ends
-    there and is recorded as stopped by the metric, not by the budget."""
+    there and is recorded as stopped by the metric, not by the budget (the quick sweeps' points,
+    which miss the configs' 0.99, are recorded as stopped by "steps")."""
     quick = (*mqar.QUICK_OVERRIDES, "train.steps=4", "eval.every=2")
     met = mqar.mqar_point("delta_rule", 2, 4, 0, (*quick, "train.stop_at=0.0"))
     outcome = _common.run_training(met, tmp_path / "met")
     assert (outcome.steps, outcome.stop_reason) == (2, "reached_stop_metric")
-    unmet = mqar.mqar_point("delta_rule", 2, 4, 0, quick)  # the configs' 0.99, out of reach
-    outcome = _common.run_training(unmet, tmp_path / "unmet")
-    assert (outcome.steps, outcome.stop_reason) == (4, "steps")
 
 
 def test_a_resumed_point_counts_every_process_and_refuses_another_length(tmp_path):
