@@ -237,12 +237,9 @@ def refuse_other_run(workdir: Path, cfg) -> None:
     stored = stored_config(workdir)
     if stored is None or stored == cfg:
         return
-    old, new = flatten(to_dict(stored)), flatten(to_dict(cfg))
-    changes = [
-        f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old | new) if old.get(k) != new.get(k)
-    ]
+    changes = spec_changes(flatten(to_dict(stored)), flatten(to_dict(cfg)))
     raise ConfigError(
-        f"{workdir} holds a run of another config ({', '.join(changes)}); "
+        f"{workdir} holds a run of another config ({changes}); "
         "remove it to recompute the point from its first step"
     )
 
@@ -375,7 +372,8 @@ def read_point(path: Path, point: Point) -> dict | None:
 
 
 def spec_changes(old: dict, new: dict) -> str:
-    """What differs between two specs, one `key: old -> new` per change (settings by name)."""
+    """What differs between two specs, or two flat configs, one `key: old -> new` per change
+    (a spec's settings by name)."""
     old_flat = {**old, **{f"settings {k}": v for k, v in old.get("settings", {}).items()}}
     new_flat = {**new, **{f"settings {k}": v for k, v in new.get("settings", {}).items()}}
     keys = [k for k in dict.fromkeys([*old_flat, *new_flat]) if k != "settings"]
@@ -494,6 +492,16 @@ def group(records: Sequence[dict], by: Sequence[str]) -> dict[tuple, list[float]
 def spread(values: Sequence[float]) -> tuple[float, float, float]:
     """(median, min, max)."""
     return statistics.median(values), min(values), max(values)
+
+
+def medians(records: Sequence[dict], by: Sequence[str]) -> dict[tuple, float]:
+    """{values of the fields `by`: the median value of the records that share them}."""
+    return {key: statistics.median(values) for key, values in group(records, by).items()}
+
+
+def signed(differences: dict[str, float]) -> str:
+    """ "name +0.123; name -0.045" for a papers table, "-" where there is none."""
+    return "; ".join(f"{name} {value:+.3f}" for name, value in differences.items()) or "-"
 
 
 def number(value: float) -> str:

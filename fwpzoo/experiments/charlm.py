@@ -13,7 +13,6 @@ import bz2
 import gzip
 import lzma
 import math
-import statistics
 import zlib
 
 import matplotlib.pyplot as plt
@@ -32,10 +31,12 @@ from fwpzoo.experiments._common import (
     errorbars,
     group,
     markdown_table,
+    medians,
     model_labels,
     progress_note,
     read_details,
     run_training,
+    signed,
     spread_cell,
     sweep_command,
     train_point,
@@ -169,10 +170,11 @@ def plot_model(ax, seeds: list[dict], cfg, options: Options, colour: str, label:
     curves = [dict(read_details(options, r["point"])["curve"]) for r in seeds]
     steps = sorted(set.intersection(*(set(c) for c in curves)))
     bits = np.array([[c[step] / LN2 for step in steps] for c in curves])  # [seeds, steps]
-    megabytes = np.array(steps) * cfg.train.batch_size * cfg.data.seq_len / 1e6
+    megabytes_per_step = cfg.train.batch_size * cfg.data.seq_len / 1e6
+    megabytes = np.array(steps) * megabytes_per_step
     ax.plot(megabytes, np.median(bits, axis=0), color=colour, lw=0.8, label=label)
     ax.fill_between(megabytes, bits.min(axis=0), bits.max(axis=0), color=colour, alpha=0.2, lw=0)
-    end = max(r["steps"] for r in seeds) * cfg.train.batch_size * cfg.data.seq_len / 1e6
+    end = max(r["steps"] for r in seeds) * megabytes_per_step
     errorbars(ax, {end: [r["value"] for r in seeds]}, color=colour)
 
 
@@ -186,7 +188,7 @@ def papers_table(records: list[dict]) -> str:
     """The papers' findings beside ours, from the median test bpc (windows of the training
     length) on each corpus, and the compressors on the same bytes."""
     bpc = [r for r in records if r["metric"] == "bpc"]
-    cells = {key: statistics.median(v) for key, v in group(bpc, ["corpus", "model"]).items()}
+    cells = medians(bpc, ["corpus", "model"])
     corpora = list(dict.fromkeys(corpus for corpus, _ in cells))
 
     def less(model: str, baseline: str) -> dict[str, float]:
@@ -195,9 +197,6 @@ def papers_table(records: list[dict]) -> str:
             for c in corpora
             if (c, model) in cells and (c, baseline) in cells
         }
-
-    def signed(diffs: dict[str, float]) -> str:
-        return "; ".join(f"{c} {value:+.3f}" for c, value in diffs.items()) or "-"
 
     def verdict(holds: dict[str, bool], why: str) -> str:
         failing = [c for c, ok in holds.items() if not ok]

@@ -11,8 +11,6 @@ trains the gated models from Mamba-2's own init at one point.
 Configs: configs/experiments/mqar/<model>.yaml.
 """
 
-import statistics
-
 import matplotlib.pyplot as plt
 
 from fwpzoo.config import load
@@ -24,8 +22,10 @@ from fwpzoo.experiments._common import (
     errorbars,
     group,
     markdown_table,
+    medians,
     model_labels,
     progress_note,
+    signed,
     spread_cell,
     sweep_command,
     train_point,
@@ -225,10 +225,6 @@ def rebind_table(records: list[dict], options) -> str:
     return markdown_table(header, rows) if rows else "No point of the study is recorded yet."
 
 
-def medians(records: list[dict], by: list[str]) -> dict[tuple, float]:
-    return {key: statistics.median(values) for key, values in group(records, by).items()}
-
-
 def column_name(key_dim: int, pairs: int, rebinds: int = 0) -> str:
     return f"key dim {key_dim}, {pairs} pairs" + f", {rebinds} re-bound" * bool(rebinds)
 
@@ -250,10 +246,6 @@ def verdict(holds: dict[str, bool], why: str) -> str:
     if not failing:
         return f"agrees in all {len(holds)} columns recorded"
     return f"differs in {len(failing)} of {len(holds)} ({'; '.join(failing)}): {why}"
-
-
-def signed(diffs: dict[str, float]) -> str:
-    return "; ".join(f"{column} {value:+.3f}" for column, value in diffs.items()) or "-"
 
 
 def papers_table(records: list[dict]) -> str:
