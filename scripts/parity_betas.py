@@ -9,6 +9,10 @@ parity reflects on a 1 bit (beta near 2) and, to keep the sign over long strings
 tracked direction alone on a 0 bit: with beta near 0, or with a key orthogonal to the 1 bit's
 (the write I - beta k k^T then moves nothing along it). Without a short convolution a key too
 depends on the bit alone, and the cosine between the two bits' keys is printed as well.
+
+For a mamba2 model the decay alpha is printed instead (its dt, too, bypasses the convolution): a
+head that tracks parity with model.decay_range -1,1 flips its state's sign on a 1 bit (alpha
+near -1) and keeps it on a 0 bit (alpha near 1).
 """
 
 import sys
@@ -16,8 +20,18 @@ import sys
 import jax.numpy as jnp
 from flax import nnx
 
+from fwpzoo.config_file import ConfigError
 from fwpzoo.data.state_tracking import BIT_TOKENS
+from fwpzoo.layers.mamba2 import Mamba2Mixer, signed_decay
 from fwpzoo.train import restore_run
+
+
+def print_decays(mixer: Mamba2Mixer, x) -> None:
+    """alpha of a 0 bit and of a 1 bit per head, x [1, 2, D] the bits' normalised embeddings."""
+    _, _, _, _, _, log_alpha, _ = mixer._inputs(x, None)  # [1, 2, H]
+    alpha = (signed_decay(log_alpha) if mixer.signed else jnp.exp(log_alpha))[0]
+    for head, (a0, a1) in enumerate(alpha.T.tolist()):  # alpha [2, H]
+        print(f"head {head}: alpha(0) = {a0:+.4f}, alpha(1) = {a1:+.4f}")
 
 
 def main(workdir: str) -> None:
@@ -26,12 +40,15 @@ def main(workdir: str) -> None:
     block = model.blocks[0]
     tokens = jnp.asarray([BIT_TOKENS])  # [1, 2]: bit 0, then bit 1
     x = block.mixer_norm(model.embed(tokens))  # [1, 2, D]
+    print(f"{workdir} at step {step}")
+    if isinstance(block.mixer, Mamba2Mixer):
+        print_decays(block.mixer, x)
+        return
     beta = block.mixer.gates["beta"](x)[0]  # [2, H]
     keys = None
     if block.mixer.conv is None:  # keys of the bits alone, L2-normalised: [2, H, K]
         _, k, _, _, _ = block.mixer._inputs(x, None)
         keys = k[0]
-    print(f"{workdir} at step {step}")
     for head in range(beta.shape[-1]):
         b0, b1 = float(beta[0, head]), float(beta[1, head])
         line = f"head {head}: beta(0) = {b0:.4f}, beta(1) = {b1:.4f}"
@@ -41,4 +58,9 @@ def main(workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) != 2:
+        sys.exit("usage: python scripts/parity_betas.py WORKDIR")
+    try:
+        main(sys.argv[1])
+    except ConfigError as error:
+        sys.exit(f"parity_betas: {error}")

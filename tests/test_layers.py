@@ -9,7 +9,8 @@ from flax import nnx
 from fwpzoo.layers import MIXERS, FWPMixer, get_mixer
 from fwpzoo.layers.conv import ShortConv
 from fwpzoo.layers.feature_maps import FEATURE_MAPS, feature_dim
-from fwpzoo.layers.fwp import qk_normalize
+from fwpzoo.layers.fwp import qk_normalize, run_form
+from fwpzoo.layers.mamba2 import signed_run
 from fwpzoo.layers.programmed import initial_matrix
 from fwpzoo.layers.ssm import linear_recurrence
 from fwpzoo.models import ModelConfig
@@ -123,6 +124,62 @@ def test_decay_init_ranges_set_where_alpha_starts(mixer):
     assert bool(jnp.all(alpha >= np.exp(-2.0 * 0.005) - 1e-6) and jnp.all(alpha <= np.exp(-0.001)))
     with pytest.raises(ValueError, match="model.decay_dt_range must be \\[low, high\\]"):
         tiny(decay_dt_range=(0.1, 0.01))
+
+
+def signed_recurrence(q, k, v, alpha, state, reset):
+    """Mamba-2's recurrence written out with a decay of either sign, alpha [B, T, H]:
+    S_t = alpha_t S_{t-1} + k_t v_t^T (S_{t-1} = 0 at a reset), o_t = S_t^T q_t."""
+    outputs = []
+    for t in range(q.shape[1]):
+        keep = 1.0 - reset[:, t, None, None, None]
+        write = k[:, t, :, :, None] * v[:, t, :, None, :]
+        state = alpha[:, t, :, None, None] * keep * state + write
+        outputs.append(jnp.einsum("bhkv,bhk->bhv", state, q[:, t]))
+    return jnp.stack(outputs, 1), state
+
+
+@pytest.mark.parametrize("form", ["recurrent", "chunkwise", "associative"])
+def test_a_negative_decay_runs_through_every_form_as_the_signed_recurrence(form):
+    """model.decay_range -1,1 runs the cell's log-space forms on |alpha| with the sign product
+    folded into the values, outputs and final state: outputs, final state and the gradients of
+    q, k, v, alpha and the initial state equal the signed recurrence's, with resets and a state
+    carried in. Chunks of 4 over 11 tokens: padding included."""
+    Bs, Ts, H, K, V = 2, 11, 3, 4, 5
+    keys = jax.random.split(jax.random.key(0), 6)
+    q, k = (jax.random.normal(key, (Bs, Ts, H, K)) for key in keys[:2])
+    v = jax.random.normal(keys[2], (Bs, Ts, H, V))
+    alpha = jax.random.uniform(keys[3], (Bs, Ts, H), minval=-1.0, maxval=1.0)
+    state = jax.random.normal(keys[4], (Bs, H, K, V))
+    reset = jnp.zeros((Bs, Ts), bool).at[0, 4].set(True).at[1, 0].set(True).at[1, 9].set(True)
+    assert bool(jnp.any(alpha < -0.5) and jnp.any(alpha > 0.5))
+
+    def through_the_form(q, k, v, alpha, state):
+        def run(v, log_decay):
+            gates = {"log_alpha": log_decay}
+            return run_form("gated_linear_attn", form, 4, q, k, v, state, gates, reset)
+
+        return signed_run(run, v, alpha)
+
+    def loss(fn):
+        cotangent = jax.random.normal(keys[5], (Bs, Ts, H, V))
+        return lambda *args: jnp.sum(fn(*args)[0] * cotangent) + jnp.sum(fn(*args)[1] ** 2)
+
+    args = (q, k, v, alpha, state)
+    written_out = lambda *args: signed_recurrence(*args, reset)  # noqa: E731
+    for got, want in zip(through_the_form(*args), written_out(*args), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    grads = jax.grad(loss(through_the_form), argnums=range(5))(*args)
+    expected = jax.grad(loss(written_out), argnums=range(5))(*args)
+    for name, got, want in zip(["q", "k", "v", "alpha", "state"], grads, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_decay_range_is_a_mamba2_option():
+    assert tiny(mixers=("mamba2",), decay_range="-1,1").decay_range == "-1,1"
+    with pytest.raises(ValueError, match="model.decay_range '-1,1' is an option of the mamba2"):
+        tiny(mixers=("fwp", "mamba2"), decay_range="-1,1")
+    hybrid = tiny(mixers=("fwp", {"mixer": "mamba2", "decay_range": "-1,1"}))
+    assert [layer.decay_range for layer in hybrid.layers()] == ["0,1", "-1,1"]
 
 
 def test_delta_product_takes_n_keys_and_values_per_token():
@@ -404,6 +461,10 @@ RESETTING_MIXERS = [
     pytest.param({"mixers": ("mamba2",), "conv_size": 3}, id="mamba2"),
     pytest.param(
         {"mixers": ("mamba2",), "form": "chunkwise", "chunk_size": 4}, id="mamba2-chunkwise"
+    ),
+    pytest.param(
+        {"mixers": ("mamba2",), "decay_range": "-1,1", "form": "chunkwise", "chunk_size": 4},
+        id="mamba2-negative",
     ),
     pytest.param({"mixers": ("ssm",), "ssm_state_dim": 4}, id="ssm"),
     pytest.param({"mixers": ("attention",)}, id="attention"),

@@ -83,6 +83,7 @@ MIXER_CASES = [
     pytest.param({"mixers": ("fwp",)}, id="fwp"),
     pytest.param({"mixers": ("attention",)}, id="attention"),
     pytest.param({"mixers": ("mamba2",)}, id="mamba2"),
+    pytest.param({"mixers": ("mamba2",), "decay_range": "-1,1"}, id="mamba2-negative"),
     pytest.param({"mixers": ("ssm",)}, id="ssm-complex"),
     pytest.param({"mixers": ("ssm",), "ssm_complex": False}, id="ssm-real"),
     pytest.param({"mixers": ("fwp",), "conv_size": 0, "output_norm": False}, id="fwp-plain"),

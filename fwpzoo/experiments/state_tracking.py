@@ -2,7 +2,8 @@
 
 One-layer models (d_model 16, 4 heads) trained on sequences of lengths 3..40 and tested at longer
 lengths (x): parity for DeltaNet with beta in (0, 1) and in (0, 2), without a short convolution
-and with one (with and without weight decay), and for a Mamba-2-style layer; the S3 word problem
+and with one (with and without weight decay), and for a Mamba-2-style layer with its decay in
+(0, 1) and extended to (-1, 1); the S3 word problem
 and cyclic counting mod 3 (no short conv, a start token before each word) for DeltaProduct with
 N = 1, 2, 3 Householder steps per token, beta in (0, 2). Configs:
 configs/experiments/state_tracking/.
@@ -36,6 +37,7 @@ RUNS = {
     "parity-delta_rule-beta02-wd": ("parity", "delta_rule"),
     "parity-delta_rule-beta01-noconv": ("parity", "delta_rule"),
     "parity-delta_rule-beta01": ("parity", "delta_rule"),
+    "parity-mamba2-negative": ("parity", "mamba2"),
     "parity-mamba2": ("parity", "mamba2"),
     "s3-delta_product-n1": ("s3", "delta_product_n1"),
     "s3-delta_product-n2": ("s3", "delta_product_n2"),
@@ -82,6 +84,17 @@ def variant(point_name: str) -> str:
     return point_name.split("-", 1)[1].rsplit("-s", 1)[0]
 
 
+def eigenvalues(config_name: str) -> str:
+    """The range of the state transition's eigenvalues a config allows, Grazzi et al.'s axis:
+    [-1, 1] for beta in (0, 2) or a decay in (-1, 1), [0, 1] otherwise; DeltaProduct's is that
+    of each Householder step (their product rotates: complex eigenvalues)."""
+    model = load(CONFIGS / NAME / f"{config_name}.yaml").model.layers()[0]
+    if model.mixers[0] == "mamba2":
+        return "[-1, 1]" if model.decay_range == "-1,1" else "[0, 1]"
+    interval = "[-1, 1]" if model.beta_range == "0,2" else "[0, 1]"
+    return f"{interval} per step" if model.cell == "delta_product" else interval
+
+
 def plot(records: list[dict], path) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in records))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
@@ -113,12 +126,13 @@ def report(records: list[dict], points: list, options) -> str:
             [
                 task,
                 name,
-                mine[0]["beta_range"],
+                eigenvalues(f"{task}-{name}"),
                 max(r["steps"] for r in mine),
                 *(spread_cell(cells.get((task, name, x)), seeds) for x in (TRAIN_LENGTHS, *xs)),
             ]
         )
-    header = ["task", "model", "beta", "steps", "train lengths", *(f"length {x}" for x in xs)]
+    lengths = [f"length {x}" for x in xs]
+    header = ["task", "model", "eigenvalues", "steps", "train lengths", *lengths]
     cfg = load(CONFIGS / NAME / f"{next(iter(RUNS))}.yaml")
     num_sequences = cfg.eval.batch_size * cfg.eval.num_batches
     return f"""# {TITLE}

@@ -7,6 +7,16 @@
     y = out_proj(RMSNorm((o + D x) * silu(z)))
 
 In the cell's language K is the SSM state size and V the head dim; one group of B and C.
+
+model.decay_range "-1,1" takes alpha_t = 2 exp(log_alpha_t) - 1 in (-1, 1), the extension of
+Grazzi et al. 2025 that lets a diagonal recurrence flip its state's sign (parity). The cell's
+forms take a decay in log space, so a negative one runs through the identity below: with c_t the
+product of sign(alpha_s) over s <= t since the segment's start,
+
+    S_t = c_t S~_t,   S~_t = |alpha_t| S~_{t-1} + c_t k_t v_t^T,   o_t = c_t S~_t^T q_t
+
+(c_t^2 = 1; S~_0 = S_0), so every form runs on |alpha|, the values times c and its outputs and
+final state times c again. A reset zeroes S and S~ alike, so c runs on across it.
 """
 
 import jax
@@ -20,6 +30,25 @@ from fwpzoo.layers.gates import Decay
 from fwpzoo.layers.norms import RMSNorm
 
 CELL = "gated_linear_attn"
+DECAY_RANGES: tuple[str, ...] = ("0,1", "-1,1")
+# |alpha| is floored here before its log: alpha is exactly 0 only by chance, where the log's
+# -inf would make the chunkwise form's differences of log sums nan
+SMALLEST_DECAY = float(jnp.finfo(jnp.float32).tiny)
+
+
+def signed_decay(log_alpha):
+    """log_alpha [B, T, H] (<= 0) -> alpha = 2 exp(log_alpha) - 1 in (-1, 1)."""
+    return 2.0 * jnp.exp(log_alpha) - 1.0
+
+
+def signed_run(run, v, alpha):
+    """A run of the cell, run(v, log_decay) -> (o [B, T, H, V], state [B, H, K, V]), with a
+    decay alpha [B, T, H] of either sign, by the identity in the module docstring."""
+    sign = jax.lax.stop_gradient(jnp.where(alpha < 0, -1.0, 1.0))  # flat: no gradient
+    c = jnp.cumprod(sign, axis=1)  # [B, T, H]
+    log_abs = jnp.log(jnp.maximum(jnp.abs(alpha), SMALLEST_DECAY))
+    o, state = run(v * c[..., None].astype(v.dtype), log_abs)
+    return o * c[..., None].astype(o.dtype), state * c[:, -1, :, None, None]
 
 
 class Mamba2Mixer(CellMixer):
@@ -42,6 +71,7 @@ class Mamba2Mixer(CellMixer):
             else None
         )
         self.decay = Decay((H,), cfg.decay_a_range, cfg.decay_dt_range, rngs=rngs)
+        self.signed = cfg.decay_range == "-1,1"
         self.D = nnx.Param(jnp.ones((H,), jnp.float32))
         self.norm = RMSNorm(self.inner)
         self.out_proj = linear(self.inner, cfg.d_model)
@@ -56,20 +86,36 @@ class Mamba2Mixer(CellMixer):
         """decode_step, plus the token's decay {"alpha": [B, H]}."""
         reset_t = None if reset is None else reset[:, None]  # [B, 1]
         z, xs, q, k, v, log_alpha, buffer = self._inputs(x[:, None], cache.get("conv"), reset_t)
+
         at_0 = lambda a: a[:, 0]  # noqa: E731  drop the time axis of length 1
-        inputs = (at_0(q), at_0(k), at_0(v))
-        state, o = cells.get(CELL).step(
-            cache["state"], *inputs, **reset_option(reset), log_alpha=at_0(log_alpha)
-        )
-        y = self._output(o[:, None], xs, z)[:, 0]
-        return y, self._cache(state, buffer), {"alpha": jnp.exp(at_0(log_alpha))}
+
+        def run(v, log_decay):  # the cell's step, its output given the time axis back
+            inputs = (at_0(q), at_0(k), at_0(v))
+            options = {**reset_option(reset), "log_alpha": at_0(log_decay)}
+            state, o = cells.get(CELL).step(cache["state"], *inputs, **options)
+            return o[:, None], state
+
+        o, state, alpha = self._run(run, v, log_alpha)
+        y = self._output(o, xs, z)[:, 0]
+        return y, self._cache(state, buffer), {"alpha": alpha[:, 0]}
 
     def _sequence(self, x, state, buffer, reset):
         z, xs, q, k, v, log_alpha, buffer = self._inputs(x, buffer, reset)
-        gates = {"log_alpha": log_alpha}
-        o, state = run_form(CELL, self.form, self.chunk_size, q, k, v, state, gates, reset)
-        stats = {"state_norm": mean_state_norm(state), "alpha_mean": jnp.mean(jnp.exp(log_alpha))}
+
+        def run(v, log_decay):
+            gates = {"log_alpha": log_decay}
+            return run_form(CELL, self.form, self.chunk_size, q, k, v, state, gates, reset)
+
+        o, state, alpha = self._run(run, v, log_alpha)
+        stats = {"state_norm": mean_state_norm(state), "alpha_mean": jnp.mean(alpha)}
         return self._output(o, xs, z), self._cache(state, buffer), stats
+
+    def _run(self, run, v, log_alpha):
+        """run(v, log_decay) with this layer's decay -> (o, state, alpha [B, T, H])."""
+        if not self.signed:
+            return *run(v, log_alpha), jnp.exp(log_alpha)
+        alpha = signed_decay(log_alpha)
+        return *signed_run(run, v, alpha), alpha
 
     def _cache(self, state, buffer):
         return {"state": state} if buffer is None else {"state": state, "conv": buffer}

@@ -11,6 +11,7 @@ from fwpzoo.layers.attention import KERNELS as ATTENTION_KERNELS
 from fwpzoo.layers.feature_maps import FEATURE_MAPS
 from fwpzoo.layers.fwp import DECAYS, QK_NORMS, check_decay, check_qk_norm, form_fn
 from fwpzoo.layers.gates import BETA_RANGES
+from fwpzoo.layers.mamba2 import DECAY_RANGES
 from fwpzoo.layers.plastic import ETA_SIGNS, check_plastic
 from fwpzoo.layers.programmed import check_probability_map
 
@@ -66,6 +67,8 @@ class ModelConfig:
     # decay_a_range and dt log-uniform in decay_dt_range (alpha = exp(-A dt) at the start)
     decay_a_range: tuple[float, ...] = (1.0, 16.0)
     decay_dt_range: tuple[float, ...] = (0.001, 0.1)
+    # mamba2: "0,1" alpha = exp(-A dt); "-1,1" alpha = 2 exp(-A dt) - 1 (negative eigenvalues)
+    decay_range: str = "0,1"
     conv_size: int = 4  # short causal depthwise conv on q, k, v; 0 disables it
     output_norm: bool = True
     output_gate: bool = False
@@ -136,6 +139,14 @@ class ModelConfig:
         _one_of("qk_norm", self.qk_norm, QK_NORMS)
         _one_of("beta_range", self.beta_range, BETA_RANGES)
         _one_of("decay", self.decay, DECAYS)
+        _one_of("decay_range", self.decay_range, DECAY_RANGES)
+        one_mixer = self.mixers[0] if len(self.mixers) == 1 else None
+        if self.decay_range != "0,1" and isinstance(one_mixer, str) and one_mixer != "mamba2":
+            raise ValueError(
+                f"model.decay_range {self.decay_range!r} is an option of the mamba2 mixer, not "
+                f"of {one_mixer} (in a hybrid, set it on the mamba2 layers: "
+                f"{{mixer: mamba2, decay_range: {self.decay_range!r}}})"
+            )
         _one_of("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         check_qk_norm(self.qk_norm, self.feature_map)
         check_decay(self.cell, self.decay)
