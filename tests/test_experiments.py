@@ -279,12 +279,21 @@ def test_spread_cells_and_groups():
         (["experiment", "mqar", "--bogus"], "unrecognized arguments: --bogus"),
         (["experiment", "mqar", "--quick", "--point", "nope"], "unknown point 'nope'"),
         (["experiment", "mqar", "--point", "x", "--list"], "not allowed with argument"),
+        (["experiment", "mqar", "--quick", "--only", "*-s9"], "no point of mqar matches --only"),
     ],
 )
 def test_bad_experiment_arguments(argv, expected, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0]
+
+
+def test_only_computes_the_pending_points_it_matches(tmp_path):
+    """--only GLOB records the matching points and leaves the rest pending, on a page that
+    reports what is recorded (how a sweep is split between processes or machines)."""
+    _, records, report = run_quick("mqar", tmp_path, "--only", "attention-*")
+    assert [r["point"] for r in records] == ["attention-h2-n4-s0"]
+    assert "Recorded: 1 of 3 points; pending:" in report
 
 
 def test_report_only_without_records_says_every_point_is_pending(tmp_path):

@@ -4,6 +4,7 @@ An experiment is a grid of `Point`s (one seed of one setting each). Running it
 
     fwpzoo experiment NAME [--quick] [--cpu-devices N]  # every point not yet recorded
     fwpzoo experiment NAME --point POINT                # one point alone; prints its metrics
+    fwpzoo experiment NAME --only GLOB                  # only the pending points matching GLOB
     fwpzoo experiment NAME --list                       # the grid, each point done or pending
 
 computes each point in <workdir>/NAME/<point>/ and, as soon as it finishes, writes its record file
@@ -19,6 +20,7 @@ to NAME.md.
 """
 
 import argparse
+import fnmatch
 import functools
 import importlib.metadata
 import json
@@ -82,6 +84,7 @@ class Options:
     point: str | None = None  # compute this point alone and print its metrics
     list_points: bool = False
     cpu_devices: int | None = None
+    only: str | None = None  # compute only the pending points whose names match this glob
 
     @property
     def points_dir(self) -> Path:
@@ -89,8 +92,8 @@ class Options:
 
 
 def parse_options(name: str, argv: Sequence[str]) -> Options:
-    """`[--quick] [--workdir DIR] [--cpu-devices N] [--point P | --list | --report-only]
-    [--no-progress]`.
+    """`[--quick] [--workdir DIR] [--cpu-devices N]
+    [--point P | --list | --report-only | --only GLOB] [--no-progress]`.
 
     The full sweep runs in runs/experiments/NAME and records into docs/results; --quick runs in
     runs/experiments-quick/NAME and records next to its runs, so it never touches docs/results.
@@ -104,6 +107,12 @@ def parse_options(name: str, argv: Sequence[str]) -> Options:
     what.add_argument("--report-only", action="store_true", help="report the recorded points")
     what.add_argument("--point", help="compute one point alone; last stdout line: its metrics")
     what.add_argument("--list", action="store_true", help="the points, each done or pending")
+    what.add_argument(
+        "--only",
+        metavar="GLOB",
+        help="compute and record only the pending points whose names match GLOB (e.g. '*-s1'); "
+        "the page reports every recorded point",
+    )
     args = parser.parse_args(list(argv))
     base = (
         Path(args.workdir) if args.workdir else Path("runs", f"experiments{'-quick' * args.quick}")
@@ -120,6 +129,7 @@ def parse_options(name: str, argv: Sequence[str]) -> Options:
         args.point,
         args.list,
         args.cpu_devices,
+        args.only,
     )
 
 
@@ -414,19 +424,23 @@ class Experiment:
 
 def run_points(experiment: Experiment, points: Sequence[Point], options: Options) -> list[dict]:
     """The stored record of every point that has one, computing the others first (unless
-    report_only), each written as soon as it is done."""
+    report_only; with `only`, those whose names match it), each written as soon as it is done."""
     stored = []
     bar = tqdm(points, unit="point", disable=not options.progress, desc=options.name)
     for point in bar:
         bar.set_postfix_str(point.name)
         path = options.points_dir / f"{point.name}.json"
         done = read_point(path, point)
-        if done is None and not options.report_only:
+        if done is None and not options.report_only and selected(point, options):
             done = compute_point(point, options.root / point.name, options, experiment.execute)
             write_json(path, done)
         if done is not None:
             stored.append(done)
     return stored
+
+
+def selected(point: Point, options: Options) -> bool:
+    return options.only is None or fnmatch.fnmatchcase(point.name, options.only)
 
 
 def recompute_point(experiment: Experiment, points: Sequence[Point], options: Options) -> int:
@@ -457,6 +471,10 @@ def main(experiment: Experiment, argv: Sequence[str]) -> int:
     # Identical computations compile once: every seed of a setting, and a resumed sweep.
     jax.config.update("jax_compilation_cache_dir", str(options.root.parent / ".jax_cache"))
     points = experiment.points(options)
+    if options.only is not None and not any(selected(p, options) for p in points):
+        raise ConfigError(
+            f"no point of {options.name} matches --only {options.only!r}; `--list` shows the points"
+        )
     if options.point is not None:
         return recompute_point(experiment, points, options)
     if options.list_points:
