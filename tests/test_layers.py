@@ -129,13 +129,15 @@ def test_decay_init_ranges_set_where_alpha_starts(mixer):
 def signed_recurrence(q, k, v, alpha, state, reset):
     """Mamba-2's recurrence written out with a decay of either sign, alpha [B, T, H]:
     S_t = alpha_t S_{t-1} + k_t v_t^T (S_{t-1} = 0 at a reset), o_t = S_t^T q_t."""
-    outputs = []
-    for t in range(q.shape[1]):
-        keep = 1.0 - reset[:, t, None, None, None]
-        write = k[:, t, :, :, None] * v[:, t, :, None, :]
-        state = alpha[:, t, :, None, None] * keep * state + write
-        outputs.append(jnp.einsum("bhkv,bhk->bhv", state, q[:, t]))
-    return jnp.stack(outputs, 1), state
+
+    def step(state, token):
+        q, k, v, alpha, reset = token
+        write = k[..., :, None] * v[..., None, :]
+        state = jnp.where(reset[:, None, None, None], 0.0, alpha[..., None, None] * state) + write
+        return state, jnp.einsum("bhkv,bhk->bhv", state, q)
+
+    state, o = jax.lax.scan(step, state, [jnp.swapaxes(x, 0, 1) for x in (q, k, v, alpha, reset)])
+    return jnp.swapaxes(o, 0, 1), state
 
 
 @pytest.mark.parametrize("form", ["recurrent", "chunkwise", "associative"])
@@ -151,6 +153,7 @@ def test_a_negative_decay_runs_through_every_form_as_the_signed_recurrence(form)
     alpha = jax.random.uniform(keys[3], (Bs, Ts, H), minval=-1.0, maxval=1.0)
     state = jax.random.normal(keys[4], (Bs, H, K, V))
     reset = jnp.zeros((Bs, Ts), bool).at[0, 4].set(True).at[1, 0].set(True).at[1, 9].set(True)
+    cotangent = jax.random.normal(keys[5], (Bs, Ts, H, V))
     assert bool(jnp.any(alpha < -0.5) and jnp.any(alpha > 0.5))
 
     def through_the_form(q, k, v, alpha, state):
@@ -160,18 +163,20 @@ def test_a_negative_decay_runs_through_every_form_as_the_signed_recurrence(form)
 
         return signed_run(run, v, alpha)
 
-    def loss(fn):
-        cotangent = jax.random.normal(keys[5], (Bs, Ts, H, V))
-        return lambda *args: jnp.sum(fn(*args)[0] * cotangent) + jnp.sum(fn(*args)[1] ** 2)
+    @jax.jit
+    def outputs_and_grads(args):
+        def run_and_grad(fn):
+            loss = lambda *a: jnp.sum(fn(*a)[0] * cotangent) + jnp.sum(fn(*a)[1] ** 2)  # noqa: E731
+            return fn(*args), jax.grad(loss, argnums=range(5))(*args)
 
-    args = (q, k, v, alpha, state)
-    written_out = lambda *args: signed_recurrence(*args, reset)  # noqa: E731
-    for got, want in zip(through_the_form(*args), written_out(*args), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    grads = jax.grad(loss(through_the_form), argnums=range(5))(*args)
-    expected = jax.grad(loss(written_out), argnums=range(5))(*args)
-    for name, got, want in zip(["q", "k", "v", "alpha", "state"], grads, expected, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
+        written_out = lambda *a: signed_recurrence(*a, reset)  # noqa: E731
+        return run_and_grad(through_the_form), run_and_grad(written_out)
+
+    (got, grads), (want, expected) = outputs_and_grads((q, k, v, alpha, state))
+    for name, a, b in zip(["o", "state"], got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    for name, a, b in zip(["q", "k", "v", "alpha", "state"], grads, expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
 def test_decay_range_is_a_mamba2_option():
