@@ -22,14 +22,14 @@ from flax import nnx
 
 from fwpzoo.config_file import ConfigError
 from fwpzoo.data.state_tracking import BIT_TOKENS
-from fwpzoo.layers.mamba2 import Mamba2Mixer, signed_decay
+from fwpzoo.layers.mamba2 import Mamba2Mixer
 from fwpzoo.train import restore_run
 
 
 def print_decays(mixer: Mamba2Mixer, x) -> None:
     """alpha of a 0 bit and of a 1 bit per head, x [1, 2, D] the bits' normalised embeddings."""
     _, _, _, _, _, log_alpha, _ = mixer._inputs(x, None)  # [1, 2, H]
-    alpha = (signed_decay(log_alpha) if mixer.signed else jnp.exp(log_alpha))[0]
+    alpha = mixer.alpha(log_alpha)[0]
     for head, (a0, a1) in enumerate(alpha.T.tolist()):  # alpha [2, H]
         print(f"head {head}: alpha(0) = {a0:+.4f}, alpha(1) = {a1:+.4f}")
 

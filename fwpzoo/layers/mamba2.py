@@ -11,7 +11,7 @@ In the cell's language K is the SSM state size and V the head dim; one group of 
 model.decay_range "-1,1" takes alpha_t = 2 exp(log_alpha_t) - 1 in (-1, 1), the extension of
 Grazzi et al. 2025 that lets a diagonal recurrence flip its state's sign (parity). The cell's
 forms take a decay in log space, so a negative one runs through the identity below: with c_t the
-product of sign(alpha_s) over s <= t since the segment's start,
+product of sign(alpha_s) over s <= t,
 
     S_t = c_t S~_t,   S~_t = |alpha_t| S~_{t-1} + c_t k_t v_t^T,   o_t = c_t S~_t^T q_t
 
@@ -110,11 +110,15 @@ class Mamba2Mixer(CellMixer):
         stats = {"state_norm": mean_state_norm(state), "alpha_mean": jnp.mean(alpha)}
         return self._output(o, xs, z), self._cache(state, buffer), stats
 
+    def alpha(self, log_alpha):
+        """The decay of this layer's range from Decay's log_alpha [B, T, H]."""
+        return signed_decay(log_alpha) if self.signed else jnp.exp(log_alpha)
+
     def _run(self, run, v, log_alpha):
         """run(v, log_decay) with this layer's decay -> (o, state, alpha [B, T, H])."""
+        alpha = self.alpha(log_alpha)
         if not self.signed:
-            return *run(v, log_alpha), jnp.exp(log_alpha)
-        alpha = signed_decay(log_alpha)
+            return *run(v, log_alpha), alpha
         return *signed_run(run, v, alpha), alpha
 
     def _cache(self, state, buffer):
