@@ -59,7 +59,7 @@ GATED = ("gated_delta_rule", "mamba2")
 # pairs are once and twice the key dim; at key dim 4 they reach 4x
 GRID = {8: (8, 16), 16: (8, 16), 4: (8, 16)}
 # two seeds: a point trains up to 4000 steps, 15-20 CPU-minutes here where it does not stop early;
-# attention stops early at every grid point (3.5-7.4 CPU-minutes), so it gets a third there
+# attention stops early on its 4000-step budget (3.5-7.4 CPU-minutes), so it gets a third there
 SEEDS = (0, 1)
 ATTENTION_SEEDS = (0, 1, 2)
 # the decay init study: Mamba-2's own init against the grid's long-memory one, at one point
@@ -147,6 +147,7 @@ def make_points(options) -> list:
         mqar_point("attention", grid_heads, n, s)
         for s in ATTENTION_SEEDS[len(SEEDS) :]
         for grid_heads, grid in GRID.items()
+        if not attention_budget("attention", grid_heads, 0)
         for n in grid
     ]
     return list({point.name: point for point in points}.values())  # each point where first listed
@@ -158,11 +159,12 @@ def attention_budget(model: str, heads: int, rebinds: int) -> tuple[str, ...]:
     return LONG_ATTENTION if model == "attention" and late else ()
 
 
-def planned_seeds(model: str, rebinds: int, options) -> int:
+def planned_seeds(model: str, heads: int, rebinds: int, options) -> int:
     """How many seeds a cell of the page waits for."""
     if options.quick:
         return len(QUICK_SEEDS)
-    return len(ATTENTION_SEEDS if model == "attention" and not rebinds else SEEDS)
+    third = model == "attention" and not attention_budget(model, heads, rebinds)
+    return len(ATTENTION_SEEDS if third else SEEDS)
 
 
 def plot(records: list[dict], path) -> None:
@@ -203,12 +205,15 @@ def grid_tables(records: list[dict], options) -> str:
     sections = []
     for key_dim in sorted({r["key_dim"] for r in records}):
         pairs = sorted({r["x"] for r in records if r["key_dim"] == key_dim})
+        heads = next(r["num_heads"] for r in records if r["key_dim"] == key_dim)
         rows = [
             [
                 model,
                 sizes[model, key_dim],
                 *(
-                    spread_cell(cells.get((model, key_dim, n)), planned_seeds(model, 0, options))
+                    spread_cell(
+                        cells.get((model, key_dim, n)), planned_seeds(model, heads, 0, options)
+                    )
                     for n in pairs
                 ),
             ]
@@ -216,7 +221,6 @@ def grid_tables(records: list[dict], options) -> str:
             if (model, key_dim) in sizes
         ]
         header = ["model", "state size", *(f"{n} pairs" for n in pairs)]
-        heads = next(r["num_heads"] for r in records if r["key_dim"] == key_dim)
         title = f"### key dim {key_dim} per head ({heads} heads)"
         sections.append(f"{title}\n\n{markdown_table(header, rows)}")
     return "\n\n".join(sections)
@@ -229,7 +233,13 @@ def rebind_table(records: list[dict], options) -> str:
     cells = group(here, ["model", "rebinds"])
     models = list(dict.fromkeys(r["model"] for r in here))
     rows = [
-        [m, *(spread_cell(cells.get((m, r)), planned_seeds(m, r, options)) for r in (0, rebinds))]
+        [
+            m,
+            *(
+                spread_cell(cells.get((m, r)), planned_seeds(m, heads, r, options))
+                for r in (0, rebinds)
+            ),
+        ]
         for m in models
     ]
     header = ["model", "plain", f"{rebinds} of {pairs} keys re-bound"]
@@ -329,7 +339,7 @@ def report(records: list[dict], points: list, options) -> str:
     grid = [r for r in long_decay if r["rebinds"] == 0]
     plot(grid, options.out / f"{NAME}.png")
     seeds = len(QUICK_SEEDS if options.quick else SEEDS)
-    attention_seeds = planned_seeds("attention", 0, options)
+    attention_seeds = planned_seeds("attention", STUDY_POINT[0], 0, options)
     heads, pairs = STUDY_POINT
     here = [r for r in plain if r["num_heads"] == heads and r["x"] == pairs]
     study = [r for r in here if r["model"] in GATED]
@@ -347,12 +357,12 @@ Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml
 {progress_note(points, records, options)}
 Compute here: {compute_seconds(records)}.
 Test accuracy at the query positions, the median over {seeds} seeds ({attention_seeds} for attention
-in the grid, whose points stop early; min-max in brackets; [n/m seeds] where seeds are still
-pending). A run trains {budget.train.steps} steps or stops
-at the first eval (every {budget.eval.every} steps) with validation accuracy {budget.train.stop_at}
-or more; each record's `steps` says where it ended. Attention, which leaves its plateau late with
-{LONG_ATTENTION_HEADS} heads and where keys are re-bound, trains up to {long_steps} steps there.
-State size is per layer (attention: its key-value cache at the training length).
+where its points stop early; min-max in brackets; [n/m seeds] where seeds are still pending). A
+run trains {budget.train.steps} steps or stops at the first eval (every {budget.eval.every} steps)
+with validation accuracy {budget.train.stop_at} or more; each record's `steps` says where it
+ended. Attention, which leaves its plateau late with {LONG_ATTENTION_HEADS} heads and where keys
+are re-bound, trains up to {long_steps} steps there, with {seeds} seeds. State size is per layer
+(attention: its key-value cache at the training length).
 
 ![accuracy]({NAME}.png)
 
