@@ -296,7 +296,7 @@ def papers_table(records: list[dict]) -> str:
             f"lowest median {lowest[1]:.3f} ({lowest[0]})" if lowest else "-",
             verdict(
                 {column: value >= 0.9 for column, value in attention.items()},
-                "below 0.9 the budget is too short (see Re-binding)",
+                "below 0.9 the budget is too short there: see the notes on its longer schedule",
             ),
         ],
         [
