@@ -139,9 +139,8 @@ def make_points(options) -> list:
         points += [mqar_point(m, *STUDY_POINT, s, MAMBA2_DECAY, "mamba2") for m in GATED]
     points += [
         mqar_point("attention", grid_heads, n, s)
-        for s in ATTENTION_SEEDS[len(SEEDS) :]
         for grid_heads, grid in GRID.items()
-        if grid_heads != NARROW_HEADS
+        for s in ATTENTION_SEEDS[len(SEEDS) : planned_seeds("attention", grid_heads, 0, options)]
         for n in grid
     ]
     return list({point.name: point for point in points}.values())  # each point where first listed
