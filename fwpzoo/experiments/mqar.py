@@ -331,7 +331,7 @@ def report(records: list[dict], points: list, options) -> str:
     grid = [r for r in long_decay if r["rebinds"] == 0]
     plot(grid, options.out / f"{NAME}.png")
     seeds = len(QUICK_SEEDS if options.quick else SEEDS)
-    attention_seeds = planned_seeds("attention", STUDY_POINT[0], 0, options)
+    attention_seeds = len(QUICK_SEEDS if options.quick else ATTENTION_SEEDS)
     heads, pairs = STUDY_POINT
     here = [r for r in plain if r["num_heads"] == heads and r["x"] == pairs]
     study = [r for r in here if r["model"] in GATED]
