@@ -163,6 +163,33 @@ def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
     assert all(len(s) == (2 if key_dim == 4 else 3) for (key_dim, _), s in grid_seeds.items())
     steps = {p.labels["model"]: p.spec["settings"].get("train.steps", 4000) for p in rebound}
     assert steps["attention"] > steps["delta_rule"]
+    # the write strength study: the delta rule from a low beta, at both key dim 4 grid points,
+    # each beside its grid twin (same name less the variant)
+    low = [p for p in points if p.labels["beta_init"] is not None]
+    assert {(p.labels["key_dim"], p.labels["x"], p.labels["seed"]) for p in low} == {
+        (4, n, s) for n in (8, 16) for s in (0, 1)
+    }
+    assert all(p.spec["settings"]["model.beta_init"] == mqar.LOW_BETA for p in low)
+    assert all(p.name.replace(f"-beta{mqar.LOW_BETA}_init", "") in names for p in low)
+
+
+def test_mqar_beta_table_puts_the_study_beside_the_grid():
+    """Rows: the grid's default start, then the low start; columns: the pairs; a cell still
+    waiting for a seed says so."""
+    options = _common.parse_options("mqar", [])
+    record = {"model": "delta_rule", "num_heads": mqar.BETA_HEADS}
+    records = [
+        {**record, "beta_init": None, "x": 8, "value": 0.02},
+        {**record, "beta_init": None, "x": 8, "value": 0.03},
+        {**record, "beta_init": 0.1, "x": 8, "value": 0.9},
+        {**record, "beta_init": 0.1, "x": 16, "value": 0.5},
+        {**record, "num_heads": 8, "beta_init": None, "x": 8, "value": 0.95},  # not key dim 4
+    ]
+    assert mqar.beta_table(records, options).splitlines()[2:] == [
+        "| delta_rule | about 0.5 (no bias) | 0.025 (0.020-0.030) | - |",
+        "| delta_rule | 0.1 | 0.900 [1/2 seeds] | 0.500 [1/2 seeds] |",
+    ]
+    assert mqar.beta_table(records[:2], options) == "No point of the study is recorded yet."
 
 
 def test_a_record_of_another_spec_is_refused(tmp_path, capsys):

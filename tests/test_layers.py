@@ -76,6 +76,37 @@ def test_beta_range_0_2_doubles_beta():
     assert float(beta_02.max()) > 1.0
 
 
+@pytest.mark.parametrize(("cell", "beta_range"), [("delta_rule", "0,1"), ("delta_product", "0,2")])
+def test_beta_init_sets_where_beta_starts(cell, beta_range):
+    """beta starts at beta_init for a token whose projection is 0, and the bias it adds is a
+    trained parameter; without beta_init the projection has no bias and beta starts at half."""
+    top = 2.0 if beta_range == "0,2" else 1.0
+    cfg = tiny(cell=cell, beta_range=beta_range, beta_init=0.1 * top)
+    gate = FWPMixer(cfg, rngs=nnx.Rngs(0)).gates["beta"]
+    zero = jnp.zeros((1, 1, cfg.d_model))
+    np.testing.assert_allclose(gate(zero), 0.1 * top, rtol=1e-5)
+    assert isinstance(gate.bias, nnx.Param)
+    plain = FWPMixer(tiny(cell=cell, beta_range=beta_range), rngs=nnx.Rngs(0)).gates["beta"]
+    assert plain.bias is None
+    np.testing.assert_allclose(plain(zero), 0.5 * top, rtol=1e-6)
+    # the bias shifts every token's beta the same way: lower than without it, token by token
+    default = _gates(tiny(cell=cell, beta_range=beta_range))["beta"]
+    assert bool(jnp.all(_gates(cfg)["beta"] < default))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"beta_init": 1.0}, "model.beta_init must be in \\(0, 1\\) for beta_range '0,1', got 1.0"),
+        ({"beta_init": 0.0, "beta_range": "0,2"}, "must be in \\(0, 2\\) .* got 0.0"),
+        ({"beta_init": 0.1, "cell": "linear_attn"}, "cell 'linear_attn' has none; .*delta_rule"),
+    ],
+)
+def test_bad_beta_init_is_one_clear_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**overrides)
+
+
 @pytest.mark.parametrize(
     ("cell", "overrides", "shapes"),
     [

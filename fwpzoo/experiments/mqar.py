@@ -6,8 +6,9 @@ key-value pairs in 64 tokens, at 16, 8 and 4 heads (key dim 4, 8, 16 per head, s
 (test-split) sequences, recorded with the layer's state size. Each run trains until its
 validation accuracy reaches 0.99 or for 4000 steps, so a slow learner is not cut short where a
 fast one has converged. A re-binding study asks, at one
-point, for values that were overwritten mid-sequence (every key bound twice), and a decay init study
-trains the gated models from Mamba-2's own init at one point.
+point, for values that were overwritten mid-sequence (every key bound twice), a decay init study
+trains the gated models from Mamba-2's own init at one point, and a write strength study starts
+the delta rule's beta low at key dim 4, where from its default start it stays at chance.
 Configs: configs/experiments/mqar/<model>.yaml.
 """
 
@@ -39,6 +40,7 @@ KEYS = (
     "cell",
     "rule",
     "decay_init",
+    "beta_init",
     "task",
     "rebinds",
     "d_model",
@@ -66,6 +68,11 @@ ATTENTION_SEEDS = (0, 1, 2)
 LONG_DECAY = "long"  # the configs': A in [1, 2], dt in [0.001, 0.005], alpha in [0.99, 0.999]
 MAMBA2_DECAY = ("model.decay_a_range=[1,16]", "model.decay_dt_range=[0.001,0.1]")
 STUDY_POINT = (8, 16)  # (num_heads, pairs): key dim 8, twice as many pairs
+# the write strength study: at key dim 4 (16 heads) the delta rule never leaves chance from beta
+# near 0.5, where each later token erases about beta / 4 of a pair along its key; starting beta
+# at 0.1 keeps as much of a pair until its query as the default start does at key dim 16
+LOW_BETA = 0.1
+BETA_HEADS, BETA_MODELS = 16, ("delta_rule",)
 # the re-binding study: (num_heads, pairs, rebinds) at key dim 16, where 8 pairs fit the fast
 # weights without interference, every key bound a second time; beside the plain point
 REBIND_POINT = (4, 8, 8)
@@ -87,16 +94,25 @@ QUICK_OVERRIDES = (
 )
 
 
-def mqar_point(model, heads, pairs, seed, overrides=(), decay=None, rebinds=0) -> object:
+def mqar_point(model, heads, pairs, seed, overrides=(), decay=None, rebinds=0, beta=None) -> object:
     """One seed of one model at (num_heads, pairs), with `rebinds` keys bound again; `decay`
-    names a decay init override."""
+    names a decay init override, `beta` is where the write strength starts (None: the
+    config's)."""
     path = CONFIGS / NAME / f"{model}.yaml"
     rebind = (f"data.rebinds={rebinds}",) if rebinds else ()
-    overrides = (f"data.num_pairs={pairs}", f"model.num_heads={heads}", *rebind, *overrides)
+    beta_init = (f"model.beta_init={beta}",) if beta is not None else ()
+    overrides = (
+        f"data.num_pairs={pairs}",
+        f"model.num_heads={heads}",
+        *rebind,
+        *beta_init,
+        *overrides,
+    )
     cfg = load(path, overrides)
     labels = {
         **model_labels(cfg),
         "decay_init": (decay or LONG_DECAY) if model in GATED else None,
+        "beta_init": cfg.model.beta_init,
         "task": "mqar",
         "rebinds": rebinds,
         "d_model": cfg.model.d_model,
@@ -105,7 +121,11 @@ def mqar_point(model, heads, pairs, seed, overrides=(), decay=None, rebinds=0) -
         "vocab_size": cfg.data.vocab_size,
         "x": pairs,
     }
-    variant = f"-{decay}_init" * bool(decay) + f"-r{rebinds}" * bool(rebinds)
+    variant = (
+        f"-{decay}_init" * bool(decay)
+        + f"-beta{beta}_init" * (beta is not None)
+        + f"-r{rebinds}" * bool(rebinds)
+    )
     name = f"{model}{variant}-h{heads}-n{pairs}-s{seed}"
     return train_point(name, path, overrides, labels, {"accuracy": {}}, seed)
 
@@ -114,8 +134,8 @@ def make_points(options) -> list:
     """Seed by seed, the whole grid, models innermost: a sweep cut short has every setting on
     its first seed before it spends time on a second, and compares every model where it got to.
     Within a seed: key dim 8 (where the pairs straddle it), the re-binding study beside its plain
-    point, key dim 4 (pairs up to 4x), the rest of key dim 16; then the decay init study. Last,
-    attention's third seed on the grid."""
+    point, key dim 4 (pairs up to 4x), the rest of key dim 16; then the decay init study and the
+    write strength study. Last, attention's third seed on the grid."""
     if options.quick:
         plain = [
             mqar_point(m, h, n, s, QUICK_OVERRIDES)
@@ -137,6 +157,11 @@ def make_points(options) -> list:
         for grid_heads, grid in rest:
             points += [mqar_point(m, grid_heads, n, s) for n in grid for m in MODELS]
         points += [mqar_point(m, *STUDY_POINT, s, MAMBA2_DECAY, "mamba2") for m in GATED]
+        points += [
+            mqar_point(m, BETA_HEADS, n, s, beta=LOW_BETA)
+            for n in GRID[BETA_HEADS]
+            for m in BETA_MODELS
+        ]
     points += [
         mqar_point("attention", grid_heads, n, s)
         for grid_heads, grid in GRID.items()
@@ -237,6 +262,27 @@ def rebind_table(records: list[dict], options) -> str:
     return markdown_table(header, rows) if rows else "No point of the study is recorded yet."
 
 
+def beta_table(records: list[dict], options) -> str:
+    """At key dim 4: a row per (model, where beta starts), a column per pairs count; the grid's
+    points are the default start."""
+    here = [r for r in records if r["num_heads"] == BETA_HEADS and r["model"] in BETA_MODELS]
+    if not any(r["beta_init"] is not None for r in here):
+        return "No point of the study is recorded yet."
+    cells = group(here, ["model", "beta_init", "x"])
+    pairs = sorted({r["x"] for r in here})
+    seeds = len(QUICK_SEEDS if options.quick else SEEDS)
+    rows = [
+        [
+            model,
+            "about 0.5 (no bias)" if beta is None else f"{beta:g}",
+            *(spread_cell(cells.get((model, beta, n)), seeds) for n in pairs),
+        ]
+        for model, beta in dict.fromkeys((r["model"], r["beta_init"]) for r in here)
+    ]
+    header = ["model", "beta at init", *(f"{n} pairs" for n in pairs)]
+    return markdown_table(header, rows)
+
+
 def column_name(key_dim: int, pairs: int, rebinds: int = 0) -> str:
     return f"key dim {key_dim}, {pairs} pairs" + f", {rebinds} re-bound" * bool(rebinds)
 
@@ -326,7 +372,9 @@ def papers_table(records: list[dict]) -> str:
 
 def report(records: list[dict], points: list, options) -> str:
     records = [{**r, "rebinds": r["rebinds"] or 0} for r in records]  # None: from before it
-    long_decay = [r for r in records if r["decay_init"] in (None, LONG_DECAY)]
+    long_decay = [
+        r for r in records if r["decay_init"] in (None, LONG_DECAY) and r["beta_init"] is None
+    ]
     plain = [r for r in records if r["rebinds"] == 0]
     grid = [r for r in long_decay if r["rebinds"] == 0]
     plot(grid, options.out / f"{NAME}.png")
@@ -374,6 +422,13 @@ alpha = exp(-A dt) in [0.99, 0.999]; `mamba2`: Mamba-2's init, A in [1, 16] and 
 [0.001, 0.1], alpha from about 0.2 to 0.999.
 
 {study_table if study_rows else "No point of the study is recorded yet."}
+
+### Write strength init of the delta rule (key dim 4, {BETA_HEADS} heads)
+
+The grid's beta = sigmoid(projection) starts near 0.5; here a trained bias on the projection
+starts it at {LOW_BETA} (`model.beta_init={LOW_BETA}`).
+
+{beta_table([r for r in plain if r["decay_init"] in (None, LONG_DECAY)], options)}
 
 ### The papers beside ours
 

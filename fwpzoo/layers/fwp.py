@@ -13,6 +13,8 @@ range; a cell whose OBJECTIVE takes N gradient steps per token gets N keys and v
 the zero state and the cache follow OBJECTIVE.state. No code here names a cell.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -79,6 +81,33 @@ def check_decay(cell: str, decay: str) -> None:
             f"model.decay='per_key' needs a cell with a per-key decay, and cell {cell!r} has "
             f"none; cells with one: {valid}"
         )
+
+
+def check_beta_init(cell: str, beta_init: float | None, beta_range: str) -> None:
+    """model.beta_init: None, or a value inside beta's range for a cell that has a beta."""
+    if beta_init is None:
+        return
+    has_beta = lambda m: any(g.range == _spec.BETA for g in m.GATE_SPECS)  # noqa: E731
+    if not has_beta(cells.get(cell)):
+        valid = ", ".join(name for name, m in cells.CELLS.items() if has_beta(m))
+        raise ValueError(
+            f"model.beta_init needs a cell with a write strength beta, and cell {cell!r} has "
+            f"none; cells with one: {valid}"
+        )
+    top = beta_scale(beta_range)
+    if not 0 < beta_init < top:
+        raise ValueError(
+            f"model.beta_init must be in (0, {top:g}) for beta_range {beta_range!r}, "
+            f"got {beta_init}"
+        )
+
+
+def beta_bias(beta_init: float | None, beta_max: float) -> float | None:
+    """The pre-activation bias that starts beta = beta_max * sigmoid(bias) at beta_init."""
+    if beta_init is None:
+        return None
+    p = beta_init / beta_max
+    return math.log(p / (1 - p))
 
 
 def fast_weights(module, state):
@@ -209,12 +238,13 @@ class FWPMixer(CellMixer):
         gates = {}
         for gate in self.gate_specs:
             shape = gate.head_shape(H, K, N, per_key)
+            bias = beta_bias(cfg.beta_init, beta_max) if gate.range == _spec.BETA else None
             if gate.shape == _spec.STATIC:
-                gates[gate.name] = StaticGate(gate, shape, beta_max)
+                gates[gate.name] = StaticGate(gate, shape, beta_max, bias)
             else:
                 decay_init = (cfg.decay_a_range, cfg.decay_dt_range)
                 gates[gate.name] = TokenGate(
-                    gate, cfg.d_model, shape, beta_max, decay_init, rngs=rngs, dtype=dtype
+                    gate, cfg.d_model, shape, beta_max, decay_init, bias, rngs=rngs, dtype=dtype
                 )
         self.gates = nnx.Dict(gates)
         self.out_norm = RMSNorm(V) if cfg.output_norm else None

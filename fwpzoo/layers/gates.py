@@ -69,16 +69,20 @@ class TokenGate(nnx.Module):
     """A per-token gate from the layer input: a projection to `shape` per token, then its
     range's activation; log decays take the Mamba-2 parametrisation (Decay)."""
 
-    def __init__(self, gate, d_model: int, shape, beta_max, decay_init, *, rngs, dtype):
-        """decay_init: (A range, dt range) of a log decay's Decay."""
+    def __init__(self, gate, d_model: int, shape, beta_max, decay_init, bias=None, *, rngs, dtype):
+        """decay_init: (A range, dt range) of a log decay's Decay; bias: None (no bias), or the
+        start of a trained bias added before the activation (model.beta_init)."""
         self.proj = nnx.Linear(d_model, math.prod(shape), use_bias=False, dtype=dtype, rngs=rngs)
+        self.bias = None if bias is None else nnx.Param(jnp.full(shape, bias, jnp.float32))
         is_decay = gate.range == _spec.LOG_DECAY
         self.decay = Decay(shape, *decay_init, rngs=rngs) if is_decay else None
         self.shape, self.range, self.beta_max = shape, gate.range, beta_max
 
     def __call__(self, x):
         """x [B, T, D] -> the gate [B, T, *shape] float32."""
-        raw = self.proj(x).reshape(*x.shape[:2], *self.shape)
+        raw = self.proj(x).reshape(*x.shape[:2], *self.shape).astype(jnp.float32)
+        if self.bias is not None:
+            raw = raw + self.bias[...]
         return (
             self.decay(raw)[1]
             if self.decay is not None
@@ -88,10 +92,11 @@ class TokenGate(nnx.Module):
 
 class StaticGate(nnx.Module):
     """A static gate (per head and key, no time axis): a trained parameter through its range's
-    activation, starting at the activation of 0 (e.g. softplus(0) = log 2 for a positive one)."""
+    activation, starting at the activation of `start` (default 0: e.g. softplus(0) = log 2 for a
+    positive one)."""
 
-    def __init__(self, gate, shape, beta_max):
-        self.raw = nnx.Param(jnp.zeros(shape, jnp.float32))
+    def __init__(self, gate, shape, beta_max, start=None):
+        self.raw = nnx.Param(jnp.full(shape, start or 0.0, jnp.float32))
         self.range, self.beta_max = gate.range, beta_max
 
     def __call__(self):

@@ -9,7 +9,14 @@ from fwpzoo.cells.plastic import ACTIVATIONS, RULES, SITES
 from fwpzoo.layers import MIXERS
 from fwpzoo.layers.attention import KERNELS as ATTENTION_KERNELS
 from fwpzoo.layers.feature_maps import FEATURE_MAPS
-from fwpzoo.layers.fwp import DECAYS, QK_NORMS, check_decay, check_qk_norm, form_fn
+from fwpzoo.layers.fwp import (
+    DECAYS,
+    QK_NORMS,
+    check_beta_init,
+    check_decay,
+    check_qk_norm,
+    form_fn,
+)
 from fwpzoo.layers.gates import BETA_RANGES
 from fwpzoo.layers.mamba2 import DECAY_RANGES
 from fwpzoo.layers.plastic import ETA_SIGNS, check_plastic
@@ -60,6 +67,9 @@ class ModelConfig:
     qk_norm: str = "l2"  # none | sum | l2
     qk_scale: float | None = None  # multiplies q; None means key feature dim ** -0.5
     beta_range: str = "0,1"  # "0,1": sigmoid; "0,2": 2 * sigmoid (negative eigenvalues)
+    # beta's value at init, through a trained bias on its projection; None: no bias, so beta
+    # starts near the middle of its range (0.5 for "0,1")
+    beta_init: float | None = None
     decay: str = "scalar"  # scalar | per_key: the decay's shape for cells that take either
     num_householder: int = 2  # delta_product sub-steps N
     product_decay: bool = False  # delta_product: a per-head decay before the sub-steps
@@ -150,6 +160,7 @@ class ModelConfig:
         _one_of("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         check_qk_norm(self.qk_norm, self.feature_map)
         check_decay(self.cell, self.decay)
+        check_beta_init(self.cell, self.beta_init, self.beta_range)
         if "fwp" in self.mixers:
             form_fn(self.cell, self.form)
         _one_of("plastic_on", self.plastic_on, SITES)
