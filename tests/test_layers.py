@@ -100,6 +100,7 @@ def test_beta_init_sets_where_beta_starts(cell, beta_range):
         ({"beta_init": 1.0}, "model.beta_init must be in \\(0, 1\\) for beta_range '0,1', got 1.0"),
         ({"beta_init": 0.0, "beta_range": "0,2"}, "must be in \\(0, 2\\) .* got 0.0"),
         ({"beta_init": 0.1, "cell": "linear_attn"}, "cell 'linear_attn' has none; .*delta_rule"),
+        ({"beta_init": 0.1, "mixers": ("rdn",)}, "beta_init is an option of the fwp mixer, not"),
     ],
 )
 def test_bad_beta_init_is_one_clear_error(overrides, message):

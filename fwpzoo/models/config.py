@@ -157,6 +157,11 @@ class ModelConfig:
                 f"of {one_mixer} (in a hybrid, set it on the mamba2 layers: "
                 f"{{mixer: mamba2, decay_range: {self.decay_range!r}}})"
             )
+        if self.beta_init is not None and isinstance(one_mixer, str) and one_mixer != "fwp":
+            raise ValueError(
+                f"model.beta_init is an option of the fwp mixer, not of {one_mixer} (in a "
+                f"hybrid, set it on the fwp layers: {{mixer: fwp, beta_init: {self.beta_init}}})"
+            )
         _one_of("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         check_qk_norm(self.qk_norm, self.feature_map)
         check_decay(self.cell, self.decay)
