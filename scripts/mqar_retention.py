@@ -11,8 +11,12 @@ beta / K of it. This prints the median r over the pairs, heads and sequences of 
 the first layer of the MQAR delta_rule config at init (its keys and betas as the layer makes them),
 at each key dim of the grid (docs/results/mqar.md) and with `model.beta_init` lowered.
 
-    python scripts/mqar_retention.py
+    python scripts/mqar_retention.py [--seed 1]
+
+The seed is train.seed: the same initial weights and first training batch as a point of that seed.
 """
+
+import argparse
 
 import numpy as np
 from flax import nnx
@@ -51,11 +55,19 @@ def retentions(inputs, weights, k, beta, num_pairs):
     return np.array(out)
 
 
-def main(batch_size=32, seed=0):
+def main(argv=None, batch_size=32):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0, help="train.seed (default 0)")
+    seed = parser.parse_args(argv).seed
     print("| key dim | pairs | beta at init (mean) | median distance | median retention |")
     print("|---|---|---|---|---|")
     for heads, pairs, extra in SETTINGS:
-        overrides = [f"model.num_heads={heads}", f"data.num_pairs={pairs}", *extra]
+        overrides = [
+            f"model.num_heads={heads}",
+            f"data.num_pairs={pairs}",
+            f"train.seed={seed}",
+            *extra,
+        ]
         cfg = config.load(CONFIG, overrides)
         batch = make_task(cfg.data, seed).train_batch(0, batch_size)
         k, beta = first_layer_writes(cfg, batch, seed)
