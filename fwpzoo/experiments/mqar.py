@@ -270,12 +270,16 @@ def beta_table(records: list[dict], options) -> str:
         return "No point of the study is recorded yet."
     cells = group(here, ["model", "beta_init", "x"])
     pairs = sorted({r["x"] for r in here})
-    seeds = len(QUICK_SEEDS if options.quick else SEEDS)
     rows = [
         [
             model,
             "about 0.5 (no bias)" if beta is None else f"{beta:g}",
-            *(spread_cell(cells.get((model, beta, n)), seeds) for n in pairs),
+            *(
+                spread_cell(
+                    cells.get((model, beta, n)), planned_seeds(model, BETA_HEADS, 0, options)
+                )
+                for n in pairs
+            ),
         ]
         for model, beta in dict.fromkeys((r["model"], r["beta_init"]) for r in here)
     ]
@@ -431,7 +435,7 @@ alpha = exp(-A dt) in [0.99, 0.999]; `mamba2`: Mamba-2's init, A in [1, 16] and 
 The grid's beta = sigmoid(projection) starts near 0.5; here a trained bias on the projection
 starts it at {LOW_BETA} (`model.beta_init={LOW_BETA}`).
 
-{beta_table([r for r in plain if r["decay_init"] in (None, LONG_DECAY)], options)}
+{beta_table(plain, options)}
 
 ### The papers beside ours
 
