@@ -17,13 +17,15 @@ import pytest
 #   processes build is compiled once; it is removed when the run ends, so every run starts cold;
 # - XLA skips its backend optimisations;
 # - XLA:CPU emits fusions with its elemental emitters, which compile these small programs about
-#   2.5 times faster than the MLIR fusion emitters, where this XLA has the flag.
+#   2.5 times faster than the MLIR fusion emitters, and compiles each program as one LLVM module
+#   rather than splitting it for parallel codegen: the xdist workers already fill the cores, and
+#   the split costs test_cells.py about 15 % more CPU time; both where this XLA has the flags.
 OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="fwpzoo-test-xla-cache-")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-    FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false"
+    FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
     flags = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
     probe = [sys.executable, "-c", "import jax; jax.devices()"]  # XLA aborts on unknown flags
     known = subprocess.run(probe, env={**os.environ, "XLA_FLAGS": flags}, capture_output=True)
