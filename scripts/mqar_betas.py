@@ -39,8 +39,7 @@ def layer_betas(model, inputs):
     x = model.embed(jnp.asarray(inputs))
     betas = []
     for block in model.blocks:
-        _, _, _, gates, _ = block.mixer._inputs(block.mixer_norm(x), None)
-        betas.append(np.asarray(gates["beta"]))
+        betas.append(np.asarray(block.mixer.cell_inputs(block.mixer_norm(x))["beta"]))
         x = block(x)
     return betas
 

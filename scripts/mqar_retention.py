@@ -36,8 +36,8 @@ def first_layer_writes(cfg, batch, seed):
     """The first layer's keys k [B, T, H, K] and betas [B, T, H] at init, float64."""
     model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, rngs=nnx.Rngs(seed))
     block = model.blocks[0]
-    _, k, _, gates, _ = block.mixer._inputs(block.mixer_norm(model.embed(batch["inputs"])), None)
-    return np.asarray(k, np.float64), np.asarray(gates["beta"], np.float64)
+    written = block.mixer.cell_inputs(block.mixer_norm(model.embed(batch["inputs"])))
+    return np.asarray(written["k"], np.float64), np.asarray(written["beta"], np.float64)
 
 
 def retentions(inputs, weights, k, beta, num_pairs):

@@ -28,8 +28,7 @@ from fwpzoo.train import restore_run
 
 def print_decays(mixer: Mamba2Mixer, x) -> None:
     """alpha of a 0 bit and of a 1 bit per head, x [1, 2, D] the bits' normalised embeddings."""
-    _, _, _, _, _, log_alpha, _ = mixer._inputs(x, None)  # [1, 2, H]
-    alpha = mixer.alpha(log_alpha)[0]
+    alpha = mixer.alpha(mixer.cell_inputs(x)["log_alpha"])[0]  # [2, H]
     for head, (a0, a1) in enumerate(alpha.T.tolist()):  # alpha [2, H]
         print(f"head {head}: alpha(0) = {a0:+.4f}, alpha(1) = {a1:+.4f}")
 
@@ -44,11 +43,10 @@ def main(workdir: str) -> None:
     if isinstance(block.mixer, Mamba2Mixer):
         print_decays(block.mixer, x)
         return
-    beta = block.mixer.gates["beta"](x)[0]  # [2, H]
-    keys = None
-    if block.mixer.conv is None:  # keys of the bits alone, L2-normalised: [2, H, K]
-        _, k, _, _, _ = block.mixer._inputs(x, None)
-        keys = k[0]
+    written = block.mixer.cell_inputs(x)
+    beta = written["beta"][0]  # [2, H]
+    # keys of the bits alone, L2-normalised [2, H, K]; with a conv each mixes in its neighbour
+    keys = written["k"][0] if block.mixer.conv is None else None
     for head in range(beta.shape[-1]):
         b0, b1 = float(beta[0, head]), float(beta[1, head])
         line = f"head {head}: beta(0) = {b0:.4f}, beta(1) = {b1:.4f}"

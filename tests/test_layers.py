@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fwpzoo import cells
 from fwpzoo.layers import MIXERS, FWPMixer, get_mixer
 from fwpzoo.layers.conv import ShortConv
 from fwpzoo.layers.feature_maps import FEATURE_MAPS, feature_dim
@@ -64,8 +65,9 @@ def test_sum_norm_needs_a_non_negative_feature_map():
 
 
 def _gates(cfg):
-    mixer = FWPMixer(cfg, rngs=nnx.Rngs(3))
-    return mixer._inputs(inputs(), None)[3]
+    """The gates an FWP layer of `cfg` writes on inputs(): its cell inputs but q, k and v."""
+    written = FWPMixer(cfg, rngs=nnx.Rngs(3)).cell_inputs(inputs())
+    return {name: x for name, x in written.items() if name not in ("q", "k", "v")}
 
 
 def test_beta_range_0_2_doubles_beta():
@@ -131,6 +133,22 @@ def test_gate_shapes_follow_the_family(cell, overrides, shapes):
     assert {name: g.shape for name, g in gates.items()} == shapes
     if "log_alpha" in gates:
         assert bool(jnp.all(gates["log_alpha"] < 0))
+
+
+@pytest.mark.parametrize(
+    "mixer, cell", [("fwp", "delta_rule"), ("fwp", "gated_delta_rule"), ("mamba2", None)]
+)
+def test_cell_inputs_are_what_the_layer_feeds_its_cell(mixer, cell):
+    """The cell's reference form on a layer's cell_inputs ends in the state the layer's own
+    prefill leaves: the inputs are the ones its forms run on, gates included."""
+    layer = get_mixer(mixer)(
+        tiny(mixers=(mixer,), **({"cell": cell} if cell else {})), rngs=nnx.Rngs(1)
+    )
+    x = inputs(seed=4)
+    _, cache = layer.prefill(x, layer.init_cache(B, T))
+    _, state = cells.get(layer.cell).recurrent(**layer.cell_inputs(x))
+    np.testing.assert_allclose(state, cache["state"], rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(state))) > 0  # a state something was written into
 
 
 def test_per_key_decay_is_refused_for_a_cell_without_one():
@@ -221,10 +239,10 @@ def test_decay_range_is_a_mamba2_option():
 
 def test_delta_product_takes_n_keys_and_values_per_token():
     mixer = FWPMixer(tiny(cell="delta_product", num_householder=3), rngs=nnx.Rngs(0))
-    q, k, v, _, _ = mixer._inputs(inputs(), None)
-    assert q.shape == (B, T, 2, 4)
-    assert k.shape == (B, T, 2, 3, 4)
-    assert v.shape == (B, T, 2, 3, 4)
+    written = mixer.cell_inputs(inputs())
+    assert written["q"].shape == (B, T, 2, 4)
+    assert written["k"].shape == (B, T, 2, 3, 4)
+    assert written["v"].shape == (B, T, 2, 3, 4)
 
 
 def test_short_conv_is_causal_and_resumable():
@@ -400,7 +418,7 @@ def test_attention_cache_refuses_writes_past_max_len():
 def test_a_rule_stable_only_for_unit_values_is_fed_unit_values():
     """Oja's values play the delta rule's keys: its OBJECTIVE asks for unit values."""
     mixer = FWPMixer(tiny(cell="oja"), rngs=nnx.Rngs(0))
-    _, _, v, _, _ = mixer._inputs(inputs(), None)
+    v = mixer.cell_inputs(inputs())["v"]
     np.testing.assert_allclose(jnp.linalg.norm(v, axis=-1), 1.0, rtol=1e-5)
 
 
@@ -411,7 +429,7 @@ def test_dplr_low_rank_pair_is_tied_as_rwkv7_ties_it():
     cfg = tiny(cell="dplr", d_model=64)  # K = 32 per head
     mixer = FWPMixer(cfg, rngs=nnx.Rngs(0))
     x = inputs(shape=(B, 64, 64))
-    gates = mixer._inputs(x, None)[3]
+    gates = mixer.cell_inputs(x)
     a, b = gates["a"], gates["b"]  # [B, T, H, K]
     np.testing.assert_allclose(jnp.linalg.norm(a, axis=-1), 1.0, rtol=1e-5)
     rate = -b / a

@@ -9,6 +9,8 @@ Every mixer maps x [B, T, D] -> [B, T, D] and offers the same four entry points:
 Mixers with a matrix state (fast weights) also offer, for `fwpzoo inspect`:
     mixer.fast_weights(cache)              the fast weights S [B, H, K, V] of a cache
     mixer.inspect_step(x [B, D], cache)    decode_step plus the token's gates {name: [B, H]}
+    mixer.cell_inputs(x [B, T, D])         what the layer feeds its cell over a sequence read from
+                                           the start: {"q", "k", "v", gate name: array}
 """
 
 from fwpzoo.layers.attention import Attention

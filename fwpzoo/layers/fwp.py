@@ -168,9 +168,9 @@ class CellMixer(nnx.Module):
     """The entry points shared by the mixers built on a cell (this one and Mamba-2).
 
     A subclass sets cell (the family's name), H, K, V and conv (a ShortConv or None) and defines
-    decode_step and _sequence(x, state, buffer, reset) -> (y [B, T, D], cache, stats), which runs
-    the configured form from the cell's `state` and the conv `buffer`, with segment resets
-    [B, T] (or None) in both.
+    decode_step, cell_inputs and _sequence(x, state, buffer, reset) -> (y [B, T, D], cache,
+    stats), which runs the configured form from the cell's `state` and the conv `buffer`, with
+    segment resets [B, T] (or None) in both.
     """
 
     def __call__(self, x, *, reset=None, return_intermediates: bool = False):
@@ -275,6 +275,13 @@ class FWPMixer(CellMixer):
         state, o = step(cache["state"], *inputs, **reset_option(reset), **gates)
         y = self._output(o[:, None], x[:, None])[:, 0]
         return y, self._cache(state, buffer), gate_values(self.gate_specs, gates)
+
+    def cell_inputs(self, x):
+        """x [B, T, D], read from the start -> the cell's inputs: {"q": [B, T, H, K], "k", "v":
+        [B, T, H, (N,) K | V], each gate: per-token [B, T, H, ...] or static [H, K]}; the
+        family's forms map them, with a state, to this layer's outputs before its projection."""
+        q, k, v, gates, _ = self._inputs(x, None)
+        return {"q": q, "k": k, "v": v, **gates}
 
     # the pieces ------------------------------------------------------------------------------
 

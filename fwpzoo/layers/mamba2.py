@@ -99,6 +99,13 @@ class Mamba2Mixer(CellMixer):
         y = self._output(o, xs, z)[:, 0]
         return y, self._cache(state, buffer), {"alpha": alpha[:, 0]}
 
+    def cell_inputs(self, x):
+        """x [B, T, D], read from the start -> {"q", "k": [B, T, H, K], "v": [B, T, H, V] (the
+        values times dt), "log_alpha": [B, T, H]}; `alpha` gives the decay of log_alpha, which
+        is the cell's own gate where the range is (0, 1)."""
+        _, _, q, k, v, log_alpha, _ = self._inputs(x, None)
+        return {"q": q, "k": k, "v": v, "log_alpha": log_alpha}
+
     def _sequence(self, x, state, buffer, reset):
         z, xs, q, k, v, log_alpha, buffer = self._inputs(x, buffer, reset)
 
