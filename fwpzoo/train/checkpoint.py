@@ -196,6 +196,9 @@ def newest_readable(workdir: Path, steps: list[int], restore: Callable[[int], ob
     """(step, restore(step)) for the newest of `steps` whose restore raises no
     UnreadableCheckpoint; each one skipped is warned about in one line; ConfigError if none is
     readable. A damaged newer checkpoint never hides an older good one."""
+    # before the first restore: a failed one's late callbacks can start before its error is
+    # raised here
+    silence_closed_loop_callbacks()
     for step in reversed(steps):
         try:
             return step, restore(step)
@@ -203,7 +206,6 @@ def newest_readable(workdir: Path, steps: list[int], restore: Callable[[int], ob
             older = [s for s in steps if s < step]
             then = f"trying step {older[-1]}" if older else "no older checkpoint"
             warn(f"checkpoint {step} in {workdir} is unreadable ({error}); {then}")
-            silence_closed_loop_callbacks()
     raise ConfigError(f"no readable checkpoint in {workdir} (steps {', '.join(map(str, steps))})")
 
 
