@@ -19,11 +19,10 @@ The seed is train.seed: the same initial weights and first training batch as a p
 import argparse
 
 import numpy as np
-from flax import nnx
 
 from fwpzoo import config
 from fwpzoo.data import make_task
-from fwpzoo.models.lm import build_model
+from fwpzoo.train.state import new_model
 
 CONFIG = "configs/experiments/mqar/delta_rule.yaml"
 SETTINGS = [  # (heads, pairs, extra overrides)
@@ -32,9 +31,10 @@ SETTINGS = [  # (heads, pairs, extra overrides)
 ]
 
 
-def first_layer_writes(cfg, batch, seed):
-    """The first layer's keys k [B, T, H, K] and betas [B, T, H] at init, float64."""
-    model = build_model(cfg.model, vocab_size=cfg.data.vocab_size, rngs=nnx.Rngs(seed))
+def first_layer_writes(cfg, batch):
+    """The first layer's keys k [B, T, H, K] and betas [B, T, H] at init (the weights training
+    draws from train.seed), float64."""
+    model = new_model(cfg, cfg.data.vocab_size)
     block = model.blocks[0]
     written = block.mixer.cell_inputs(block.mixer_norm(model.embed(batch["inputs"])))
     return np.asarray(written["k"], np.float64), np.asarray(written["beta"], np.float64)
@@ -69,8 +69,8 @@ def main(argv=None, batch_size=32):
             *extra,
         ]
         cfg = config.load(CONFIG, overrides)
-        batch = make_task(cfg.data, seed).train_batch(0, batch_size)
-        k, beta = first_layer_writes(cfg, batch, seed)
+        batch = make_task(cfg.data, cfg.train.seed).train_batch(0, batch_size)  # as training
+        k, beta = first_layer_writes(cfg, batch)
         found = retentions(batch["inputs"], batch["weights"], k, beta, pairs)
         distance, retention = np.median(found, axis=0)
         key_dim = cfg.model.d_model // heads
