@@ -300,6 +300,16 @@ def test_spread_cells_and_groups():
     assert _common.group(records, ["a"]) == {(1,): [0.1, 0.3], (2,): [0.2]}
 
 
+def test_versions_line_names_each_field_once_with_every_value():
+    records = [
+        {"versions": {"jax": "0.10.2", "fwpzoo": "b2"}},
+        {"versions": {"jax": "0.10.2", "fwpzoo": "a1"}},
+        {"versions": {"jax": "0.10.2", "fwpzoo": "b2"}},
+        {},
+    ]
+    assert _common.versions_line(records) == "jax 0.10.2, fwpzoo a1 / b2"
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [

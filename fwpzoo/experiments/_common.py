@@ -593,10 +593,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def versions_line(records: Sequence[dict]) -> str:
-    """The software of the records, one line per distinct set."""
-    seen = {json.dumps(rec["versions"], sort_keys=True) for rec in records if rec.get("versions")}
-    sets = [json.loads(s) for s in sorted(seen)]
-    return "; ".join(", ".join(f"{k} {v}" for k, v in s.items()) for s in sets)
+    """The software of the records: each field once, with every value it takes among them
+    ("fwpzoo 1880e6e40be9 / 425cfb4ef05c"); each record keeps its own set."""
+    values: dict[str, set[str]] = {}
+    for rec in records:
+        for name, value in (rec.get("versions") or {}).items():
+            values.setdefault(name, set()).add(str(value))
+    return ", ".join(f"{name} {' / '.join(sorted(vs))}" for name, vs in values.items())
 
 
 # ---------------------------------------------------------------------------------------------
