@@ -163,11 +163,12 @@ def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
     assert all(len(s) == (2 if key_dim == 4 else 3) for (key_dim, _), s in grid_seeds.items())
     steps = {p.labels["model"]: p.spec["settings"].get("train.steps", 4000) for p in rebound}
     assert steps["attention"] > steps["delta_rule"]
-    # the write strength study: the delta rule from a low beta, at both key dim 4 grid points,
+    # the write strength study: both delta rules from a low beta, at both key dim 4 grid points,
     # each beside its grid twin (same name less the variant)
     low = [p for p in points if p.labels["beta_init"] is not None]
-    assert {(p.labels["key_dim"], p.labels["x"], p.labels["seed"]) for p in low} == {
-        (4, n, s) for n in (8, 16) for s in (0, 1)
+    studied = {tuple(p.labels[k] for k in ("model", "key_dim", "x", "seed")) for p in low}
+    assert studied == {
+        (m, 4, n, s) for m in ("delta_rule", "gated_delta_rule") for n in (8, 16) for s in (0, 1)
     }
     assert all(p.spec["settings"]["model.beta_init"] == mqar.LOW_BETA for p in low)
     assert all(p.name.replace(f"-beta{mqar.LOW_BETA}_init", "") in names for p in low)

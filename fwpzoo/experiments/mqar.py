@@ -70,9 +70,10 @@ MAMBA2_DECAY = ("model.decay_a_range=[1,16]", "model.decay_dt_range=[0.001,0.1]"
 STUDY_POINT = (8, 16)  # (num_heads, pairs): key dim 8, twice as many pairs
 # the write strength study: at key dim 4 (16 heads) the delta rule never leaves chance from beta
 # near 0.5, where each later token erases about beta / 4 of a pair along its key; starting beta
-# at 0.1 keeps as much of a pair until its query as the default start does at key dim 16
+# at 0.1 keeps as much of a pair until its query as the default start does at key dim 16; the
+# gated delta rule, which erases the same way (and decays besides), sits at chance there too
 LOW_BETA = 0.1
-BETA_HEADS, BETA_MODELS = 16, ("delta_rule",)
+BETA_HEADS, BETA_MODELS = 16, ("delta_rule", "gated_delta_rule")
 # the re-binding study: (num_heads, pairs, rebinds) at key dim 16, where 8 pairs fit the fast
 # weights without interference, every key bound a second time; beside the plain point
 REBIND_POINT = (4, 8, 8)
@@ -281,7 +282,10 @@ def beta_table(records: list[dict], options) -> str:
                 for n in pairs
             ),
         ]
-        for model, beta in dict.fromkeys((r["model"], r["beta_init"]) for r in here)
+        for model, beta in sorted(
+            {(r["model"], r["beta_init"]) for r in here},
+            key=lambda row: (BETA_MODELS.index(row[0]), row[1] is not None, row[1]),
+        )
     ]
     header = ["model", "beta at init", *(f"{n} pairs" for n in pairs)]
     return markdown_table(header, rows)
@@ -430,7 +434,7 @@ alpha = exp(-A dt) in [0.99, 0.999]; `mamba2`: Mamba-2's init, A in [1, 16] and 
 
 {study_table if study_rows else "No point of the study is recorded yet."}
 
-### Write strength init of the delta rule (key dim 4, {BETA_HEADS} heads)
+### Write strength init of the delta rules (key dim 4, {BETA_HEADS} heads)
 
 The grid's beta = sigmoid(projection) starts near 0.5; here a trained bias on the projection
 starts it at {LOW_BETA} (`model.beta_init={LOW_BETA}`).
