@@ -343,3 +343,44 @@ def test_report_only_without_records_says_every_point_is_pending(tmp_path):
     page = (tmp_path / "mqar" / "mqar.md").read_text()
     assert page.startswith(f"# {mqar.TITLE}") and "Recorded: 0 of 3 points; pending:" in page
     assert not (tmp_path / "mqar" / "points").exists()
+
+
+def test_records_are_written_only_from_a_committed_tree(tmp_path, monkeypatch, capsys):
+    """A sweep that records into docs/results refuses, in one line and before computing any
+    point, a tree whose code or configs differ from its commit; --allow-dirty records the point
+    with the uncommitted paths listed and the commit marked with "+"."""
+    monkeypatch.setattr(_common, "checkout_state", lambda: ("f" * 40, ("fwpzoo/x.py",)))
+    monkeypatch.setattr(_common, "in_main_history", lambda commit: True)
+    argv = ["experiment", "mqar", "--workdir", str(tmp_path), "--no-progress", "--only", "x*"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "uncommitted changes in 1 file(s) under" in err[0]
+    assert "fwpzoo/x.py" in err[0]
+    options = _common.parse_options("mqar", ["--quick", "--workdir", str(tmp_path)])
+    point = mqar.make_points(options)[0]
+    outcome = _common.Outcome({"accuracy": 0.5}, 2, "steps")
+    record = _common.compute_point(point, tmp_path, options, lambda point, workdir: outcome)
+    assert record["versions"]["fwpzoo"] == "f" * 12 + "+"
+    assert record["uncommitted"] == ["fwpzoo/x.py"]
+    monkeypatch.setattr(_common, "in_main_history", lambda commit: False)
+    assert cli.main([*argv, "--allow-dirty"]) == 2
+    assert "is not in main's history" in capsys.readouterr().err
+
+
+def test_every_record_names_a_commit_in_main_history():
+    """Each recorded point names the commit it was computed from, a commit of main, and a record
+    made from an uncommitted tree says so: the code behind every number can be checked out."""
+    try:
+        history = _common.git("rev-list", _common.MAIN_BRANCH).split()
+    except (OSError, _common.subprocess.CalledProcessError):
+        pytest.skip("not a git checkout with a main branch")
+    short = {commit[:12] for commit in history}
+    problems = []
+    for path in sorted(_common.RESULTS.glob("*/points/*.json")):
+        record = json.loads(path.read_text())
+        commit = record["versions"]["fwpzoo"] or ""
+        if commit.rstrip("+") not in short:
+            problems.append(f"{path.name}: {commit or 'no commit'} is not in main's history")
+        elif commit.endswith("+") and not record.get("uncommitted"):
+            problems.append(f"{path.name}: made from an uncommitted tree, not marked")
+    assert not problems, problems

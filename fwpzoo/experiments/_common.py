@@ -85,6 +85,12 @@ class Options:
     list_points: bool = False
     cpu_devices: int | None = None
     only: str | None = None  # compute only the pending points whose names match this glob
+    allow_dirty: bool = False  # record points from a tree with uncommitted changes, marked
+
+    @property
+    def records(self) -> bool:
+        """Whether this run computes points and writes their records into the repository."""
+        return not (self.quick or self.report_only or self.point or self.list_points)
 
     @property
     def points_dir(self) -> Path:
@@ -92,7 +98,7 @@ class Options:
 
 
 def parse_options(name: str, argv: Sequence[str]) -> Options:
-    """`[--quick] [--workdir DIR] [--cpu-devices N]
+    """`[--quick] [--workdir DIR] [--cpu-devices N] [--allow-dirty]
     [--point P | --list | --report-only | --only GLOB] [--no-progress]`.
 
     The full sweep runs in runs/experiments/NAME and records into docs/results; --quick runs in
@@ -103,6 +109,12 @@ def parse_options(name: str, argv: Sequence[str]) -> Options:
     parser.add_argument("--workdir", help="where the runs go (default: runs/experiments[-quick])")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--cpu-devices", type=int, help="split the host CPU into N devices")
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="record points although fwpzoo/ or configs/ differ from the commit; each record "
+        "lists the uncommitted paths",
+    )
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--report-only", action="store_true", help="report the recorded points")
     what.add_argument("--point", help="compute one point alone; last stdout line: its metrics")
@@ -130,6 +142,7 @@ def parse_options(name: str, argv: Sequence[str]) -> Options:
         args.list,
         args.cpu_devices,
         args.only,
+        args.allow_dirty,
     )
 
 
@@ -300,26 +313,75 @@ def versions() -> dict:
     return found
 
 
+def git(*args: str) -> str:
+    """stdout of a git command in the checkout this code runs from; CalledProcessError/OSError."""
+    return subprocess.run(
+        ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+# What a point's computation reads from the checkout besides installed packages: the code and
+# the configs (a record's spec holds the settings, but not a new module or an edited default).
+TRACKED_INPUTS = ("fwpzoo", "configs")
+MAIN_BRANCH = "main"
+
+
 @functools.cache
-def git_commit() -> str | None:
-    """The repository's commit, "+" if its fwpzoo/ differs from it; None outside a checkout.
-    Cached: read once when a sweep starts, it names the code the sweep's process runs."""
+def checkout_state() -> tuple[str, tuple[str, ...]] | None:
+    """(HEAD's full commit, the paths under TRACKED_INPUTS that differ from it, untracked ones
+    included); None outside a git checkout. Cached: read once when a sweep starts, it names
+    the code the sweep's process runs."""
     try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "fwpzoo"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        head = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=all", "--", *TRACKED_INPUTS)
     except (OSError, subprocess.CalledProcessError):
         return None
-    return head + "+" * bool(dirty)
+    return head, tuple(line[3:] for line in status.splitlines())
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (12 digits), "+" if its code or configs differ from it."""
+    state = checkout_state()
+    if state is None:
+        return None
+    head, changed = state
+    return head[:12] + "+" * bool(changed)
+
+
+def in_main_history(commit: str) -> bool:
+    """Whether `commit` is reachable from the main branch (True where there is no such branch,
+    as in a checkout made from an archive of one commit)."""
+    try:
+        git("rev-parse", "--verify", "--quiet", f"refs/heads/{MAIN_BRANCH}")
+    except (OSError, subprocess.CalledProcessError):
+        return True
+    try:
+        git("merge-base", "--is-ancestor", commit, MAIN_BRANCH)
+    except subprocess.CalledProcessError:
+        return False
+    return True
+
+
+def refuse_unrecoverable_code(options: Options) -> None:
+    """ConfigError, before any point is computed, where a record would name code that cannot be
+    checked out again: no git checkout, a commit outside main's history, or uncommitted changes
+    to the code or configs (unless --allow-dirty, which lists them in each record)."""
+    state = checkout_state()
+    if state is None:
+        raise ConfigError(f"{REPO} is not a git checkout: records name the commit they ran")
+    head, changed = state
+    if not in_main_history(head):
+        raise ConfigError(
+            f"HEAD {head[:12]} is not in {MAIN_BRANCH}'s history: records must name a commit of "
+            f"{MAIN_BRANCH} (sweep from a checkout of it)"
+        )
+    if changed and not options.allow_dirty:
+        shown = ", ".join(changed[:3]) + ", ..." * (len(changed) > 3)
+        raise ConfigError(
+            f"uncommitted changes in {len(changed)} file(s) under "
+            f"{'/, '.join(TRACKED_INPUTS)}/ ({shown}): commit them, sweep from a clean checkout, "
+            "or pass --allow-dirty to record points marked as made from an uncommitted tree"
+        )
 
 
 def point_command(options: Options, point: Point) -> str:
@@ -364,8 +426,16 @@ def compute_point(point: Point, workdir: Path, options: Options, execute) -> dic
         "seconds": time.perf_counter() - start + outcome.earlier_seconds,  # over every process
         "versions": versions(),
         "command": point_command(options, point),
+        **uncommitted_mark(),
         "details": outcome.details,
     }
+
+
+def uncommitted_mark() -> dict:
+    """{"uncommitted": paths} for a record made from a tree that differs from its commit
+    (--allow-dirty), else nothing."""
+    state = checkout_state()
+    return {"uncommitted": list(state[1])} if state and state[1] else {}
 
 
 def read_point(path: Path, point: Point) -> dict | None:
@@ -466,7 +536,9 @@ def list_points(points: Sequence[Point], options: Options) -> int:
 def main(experiment: Experiment, argv: Sequence[str]) -> int:
     """The `fwpzoo experiment NAME` entry point of an experiment."""
     options = parse_options(experiment.name, argv)
-    git_commit()  # the code this process runs, before anything can change the checkout
+    checkout_state()  # the code this process runs, before anything can change the checkout
+    if options.records:
+        refuse_unrecoverable_code(options)
     use_cpu_devices(options.cpu_devices)
     # Identical computations compile once: every seed of a setting, and a resumed sweep.
     jax.config.update("jax_compilation_cache_dir", str(options.root.parent / ".jax_cache"))
