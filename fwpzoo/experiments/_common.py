@@ -296,6 +296,59 @@ def run_training(point: Point, workdir: Path) -> Outcome:
 
 
 # ---------------------------------------------------------------------------------------------
+# The tuning protocol: where a page compares models, each model's learning rate is chosen from
+# the same grid, on seed TUNING_SEED, at the point that decides the page's finding; a model whose
+# best rate is not its config's is rerun at that rate on every seed of the compared points.
+
+LEARNING_RATES = (1e-3, 3e-3, 1e-2)
+TUNING_SEED = 0
+# another rate replaces the config's only if it beats it by more than this (accuracy, or bits):
+# runs that stop at a validation threshold differ by less than this at the threshold
+TUNING_MARGIN = 0.01
+
+
+def rate_label(rate: float) -> str:
+    return f"{rate:g}"
+
+
+def rate_override(rate: float) -> str:
+    return f"train.learning_rate={rate_label(rate)}"
+
+
+def other_rates(config_rate: float) -> tuple[float, ...]:
+    """The grid's rates a model's config does not already train at (its own points do)."""
+    return tuple(rate for rate in LEARNING_RATES if not math.isclose(rate, config_rate))
+
+
+def best_rate(values: dict[float, float | None], config_rate: float, lower_is_better=False):
+    """The rate a model is rerun at: None until every rate of the grid is recorded; the config's
+    unless another beats it by more than TUNING_MARGIN (then the best of those)."""
+    if set(values) != set(LEARNING_RATES) or any(v is None for v in values.values()):
+        return None
+    sign = -1 if lower_is_better else 1
+    own = next(v for r, v in values.items() if math.isclose(r, config_rate))
+    better = {r: v for r, v in values.items() if sign * (v - own) > TUNING_MARGIN}
+    return max(better, key=lambda r: sign * better[r]) if better else config_rate
+
+
+def recorded_metric(options: "Options", point: str, metric: str) -> float | None:
+    """A recorded point's metric, None while the point is pending."""
+    path = options.points_dir / f"{point}.json"
+    return json.loads(path.read_text())["metrics"][metric] if path.exists() else None
+
+
+def protocol_text(deciding: str, metric: str) -> str:
+    """The tuning protocol as a page states it."""
+    rates = ", ".join(rate_label(r) for r in LEARNING_RATES)
+    return (
+        f"Tuning protocol: every model compared here gets the same learning-rate grid ({rates}) "
+        f"on seed {TUNING_SEED} at {deciding}; a rate other than the config's is taken only if "
+        f"its {metric} beats the config's by more than {TUNING_MARGIN}, and a model whose best "
+        "rate is not its config's is rerun at that rate on every seed of the compared points."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Records
 
 

@@ -12,6 +12,8 @@ the delta rule's beta low at key dim 4, where from its default start it stays at
 Configs: configs/experiments/mqar/<model>.yaml.
 """
 
+import math
+
 import matplotlib.pyplot as plt
 
 from fwpzoo.config import load
@@ -41,6 +43,7 @@ KEYS = (
     "rule",
     "decay_init",
     "beta_init",
+    "learning_rate",
     "task",
     "rebinds",
     "d_model",
@@ -68,6 +71,10 @@ ATTENTION_SEEDS = (0, 1, 2)
 LONG_DECAY = "long"  # the configs': A in [1, 2], dt in [0.001, 0.005], alpha in [0.99, 0.999]
 MAMBA2_DECAY = ("model.decay_a_range=[1,16]", "model.decay_dt_range=[0.001,0.1]")
 STUDY_POINT = (8, 16)  # (num_heads, pairs): key dim 8, twice as many pairs
+# the tuning protocol's deciding point: key dim 8 with 16 pairs, where the sum and delta rules
+# are compared at equal state and neither is at chance or at 1.0
+TUNE_POINT = STUDY_POINT
+TUNE_ORDER = ("delta_rule", "linear_attn", "gated_delta_rule", "mamba2", "attention")
 # the write strength study: at key dim 4 (16 heads) the delta rule never leaves chance from beta
 # near 0.5, where each later token erases about beta / 4 of a pair along its key; starting beta
 # at 0.1 keeps as much of a pair until its query as the default start does at key dim 16; the
@@ -95,18 +102,22 @@ QUICK_OVERRIDES = (
 )
 
 
-def mqar_point(model, heads, pairs, seed, overrides=(), decay=None, rebinds=0, beta=None) -> object:
+def mqar_point(
+    model, heads, pairs, seed, overrides=(), decay=None, rebinds=0, beta=None, rate=None
+) -> object:
     """One seed of one model at (num_heads, pairs), with `rebinds` keys bound again; `decay`
-    names a decay init override, `beta` is where the write strength starts (None: the
-    config's)."""
+    names a decay init override, `beta` is where the write strength starts, `rate` the learning
+    rate (None: the config's)."""
     path = CONFIGS / NAME / f"{model}.yaml"
     rebind = (f"data.rebinds={rebinds}",) if rebinds else ()
     beta_init = (f"model.beta_init={beta}",) if beta is not None else ()
+    learning_rate = (_common.rate_override(rate),) if rate is not None else ()
     overrides = (
         f"data.num_pairs={pairs}",
         f"model.num_heads={heads}",
         *rebind,
         *beta_init,
+        *learning_rate,
         *overrides,
     )
     cfg = load(path, overrides)
@@ -114,6 +125,7 @@ def mqar_point(model, heads, pairs, seed, overrides=(), decay=None, rebinds=0, b
         **model_labels(cfg),
         "decay_init": (decay or LONG_DECAY) if model in GATED else None,
         "beta_init": cfg.model.beta_init,
+        "learning_rate": rate,
         "task": "mqar",
         "rebinds": rebinds,
         "d_model": cfg.model.d_model,
@@ -123,7 +135,8 @@ def mqar_point(model, heads, pairs, seed, overrides=(), decay=None, rebinds=0, b
         "x": pairs,
     }
     variant = (
-        f"-{decay}_init" * bool(decay)
+        (f"-lr{_common.rate_label(rate)}" if rate is not None else "")
+        + f"-{decay}_init" * bool(decay)
         + f"-beta{beta}_init" * (beta is not None)
         + f"-r{rebinds}" * bool(rebinds)
     )
@@ -150,7 +163,7 @@ def make_points(options) -> list:
         return [*plain, rebound]
     (first_heads, first_grid), *rest = GRID.items()
     heads, pairs, r = REBIND_POINT
-    points = []
+    points = [*tuning_points(), *retuned_points(options)]
     for s in SEEDS:
         points += [mqar_point(m, first_heads, n, s) for n in first_grid for m in MODELS]
         points += [mqar_point(m, heads, pairs, s) for m in MODELS]
@@ -170,6 +183,53 @@ def make_points(options) -> list:
         for n in grid
     ]
     return list({point.name: point for point in points}.values())  # each point where first listed
+
+
+def config_rate(model: str) -> float:
+    return load(CONFIGS / NAME / f"{model}.yaml").train.learning_rate
+
+
+def tuning_points() -> list:
+    """The learning-rate grid at the deciding point, seed 0, every model (the rate its config
+    already has is the grid's own point); the delta and sum rules first, the finding at stake."""
+    heads, pairs = TUNE_POINT
+    return [
+        mqar_point(m, heads, pairs, _common.TUNING_SEED, rate=rate)
+        for m in TUNE_ORDER
+        for rate in _common.other_rates(config_rate(m))
+    ]
+
+
+def tuned_rates(options) -> dict:
+    """{model: its best rate at the deciding point}, for the models whose every rate is recorded."""
+    heads, pairs = TUNE_POINT
+    seed = _common.TUNING_SEED
+    rates = {}
+    for m in TUNE_ORDER:
+        own = config_rate(m)
+        others = _common.other_rates(own)
+        names = {r: mqar_point(m, heads, pairs, seed, rate=r).name for r in others}
+        names[own] = mqar_point(m, heads, pairs, seed).name
+        values = {
+            r: _common.recorded_metric(options, name, "accuracy") for r, name in names.items()
+        }
+        best = _common.best_rate(values, own)
+        if best is not None:
+            rates[m] = best
+    return rates
+
+
+def retuned_points(options) -> list:
+    """A model whose best rate is not its config's, at that rate on every seed of the compared
+    points (the deciding key dim, both pair counts)."""
+    heads, _ = TUNE_POINT
+    return [
+        mqar_point(m, heads, n, s, rate=rate)
+        for m, rate in tuned_rates(options).items()
+        if not math.isclose(rate, config_rate(m))
+        for n in GRID[heads]
+        for s in range(planned_seeds(m, heads, 0, options))
+    ]
 
 
 def rebind_budget(model: str) -> tuple[str, ...]:
@@ -291,6 +351,49 @@ def beta_table(records: list[dict], options) -> str:
     return markdown_table(header, rows)
 
 
+def tuning_table(records: list[dict], options) -> str:
+    """At the deciding point, seed 0: a row per model, a column per rate of the grid, its best
+    rate, and where that is not its config's, the key dim 8 points rerun at it."""
+    heads, pairs = TUNE_POINT
+    here = [
+        r
+        for r in records
+        if (r["num_heads"], r["x"], r["seed"]) == (heads, pairs, _common.TUNING_SEED)
+        and not r["rebinds"]
+        and r["beta_init"] is None
+        and r["decay_init"] in (None, LONG_DECAY)
+    ]
+    best = tuned_rates(options)
+    rows = []
+    for m in TUNE_ORDER:
+        own = config_rate(m)
+        values = {r["learning_rate"] or own: r["value"] for r in here if r["model"] == m}
+        retuned = m in best and not math.isclose(best[m], own)
+        rerun = group(
+            [r for r in records if r["model"] == m and retuned and r["learning_rate"] == best[m]],
+            ["x"],
+        )
+        rows.append(
+            [
+                m,
+                *(values.get(rate) for rate in _common.LEARNING_RATES),
+                _common.rate_label(best[m]) if m in best else "pending",
+                "; ".join(
+                    f"{n} pairs {spread_cell(v, planned_seeds(m, heads, 0, options))}"
+                    for (n,), v in sorted(rerun.items())
+                )
+                or "-",
+            ]
+        )
+    header = [
+        "model",
+        *(f"lr {_common.rate_label(rate)}" for rate in _common.LEARNING_RATES),
+        "best",
+        "at the best rate, key dim 8 (when not the config's)",
+    ]
+    return markdown_table(header, rows)
+
+
 def column_name(key_dim: int, pairs: int, rebinds: int = 0) -> str:
     return f"key dim {key_dim}, {pairs} pairs" + f", {rebinds} re-bound" * bool(rebinds)
 
@@ -383,6 +486,8 @@ def papers_table(records: list[dict]) -> str:
 
 def report(records: list[dict], points: list, options) -> str:
     records = [{**r, "rebinds": r["rebinds"] or 0} for r in records]  # None: from before it
+    tuning = tuning_table(records, options) if not options.quick else ""
+    records = [r for r in records if r["learning_rate"] is None]  # at the configs' rate
     long_decay = [
         r for r in records if r["decay_init"] in (None, LONG_DECAY) and r["beta_init"] is None
     ]
@@ -414,6 +519,14 @@ with validation accuracy {budget.train.stop_at} or more; each record's `steps` s
 ended. State size is per layer (attention: its key-value cache at the training length).
 
 ![accuracy]({NAME}.png)
+
+### Learning rate: the tuning protocol
+
+{_common.protocol_text(f"key dim 8 with {TUNE_POINT[1]} pairs", "accuracy")} The configs train at
+3e-3; the tables below are at the configs' rate, and this table holds the grid (seed 0 accuracy)
+and the reruns.
+
+{tuning}
 
 {grid_tables(grid, options)}
 
