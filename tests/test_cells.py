@@ -99,6 +99,21 @@ def mlstm_inputs(r, s):
     return delta_kv(r, s) | gates
 
 
+def gdn2_inputs(r, s):
+    """Unit keys, per-key decays, erase gates in beta's range (the transition's eigenvalue along
+    k, 1 - k^T (erase * k), stays in (-1, 1)) and write gates in (0, 1)."""
+    erase = r.uniform(*s.beta_range, size=(s.B, s.T, s.H, s.K))
+    write = r.uniform(0.0, 1.0, size=(s.B, s.T, s.H, s.V))
+    return delta_kv(r, s) | log_alpha(r, s, (s.K,)) | {"erase": erase, "write": write}
+
+
+def comba_inputs(r, s):
+    """Unit keys and Comba's feedback key p = c * k with c in (0, 1) per key (the layer's tie)."""
+    kv = delta_kv(r, s)
+    p = kv["k"] * r.uniform(0.05, 1.0, size=(s.B, s.T, s.H, s.K))
+    return kv | beta(r, s) | log_alpha(r, s) | {"p": p}
+
+
 # Per family, its variants and how to draw k, v and the gates: [B, T, H, ...] numpy arrays.
 MAKERS = {
     "linear_attn": {"": hebbian_kv},
@@ -138,6 +153,8 @@ MAKERS = {
     "dplr": {"/rwkv7": lambda r, s: delta_kv(r, s) | rwkv7_transition(r, s)},
     "mesa": {"": mesa_inputs},
     "mlstm": {"": mlstm_inputs},
+    "gdn2": {"": gdn2_inputs},
+    "comba": {"": comba_inputs},
 }
 # A padded token must be an identity step; zero is one for every input but these.
 IDENTITY_PAD = {"log_i": -np.inf}  # mlstm: an input gate of -inf writes nothing, leaves m alone
@@ -434,7 +451,19 @@ def test_chunkwise_backward_keeps_no_per_chunk_intermediates(variant):
     # states) twice over: two sequences for a [K, V] state, as much again for mesa's [K, K]
     sequence = s.B * s.T * s.H * max(s.K, s.V) * 4
     entering = s.T // 16 * sum(x.size * 4 for x in jax.tree.leaves(inputs["state"]))
-    assert stats.temp_size_in_bytes <= sequence + 2 * entering
+    assert stats.temp_size_in_bytes <= sequence + 2 * entering + 2 * mapped_bytes(variant, inputs)
+
+
+def mapped_bytes(variant, inputs):
+    """Bytes of the inputs a cell that runs on dplr's forms (gdn2, comba: `as_dplr`) maps its
+    gates to, over the whole sequence before dplr's chunk scan: they and their cotangents are
+    sequence-sized by design, not per-chunk intermediates. 0 for every other cell."""
+    module = cells.get(family(variant))
+    if not hasattr(module, "as_dplr"):
+        return 0
+    gates = {name: inputs[name] for name in module.GATES}
+    mapped = jax.eval_shape(lambda: module.as_dplr(inputs["k"], inputs["v"], **gates))
+    return sum(x.size * 4 for x in jax.tree.leaves(mapped))
 
 
 # Resets at t = 0, at the chunk edges 16 and 32 (C = 16; also DeltaProduct's 8-token chunks),

@@ -177,10 +177,10 @@ def cell_inputs(family: str, T: int, options: Options, *, key_dim=None, value_di
     gates = {}
     per_key = options.decay == "per_key"  # for the gates that take either shape
     for key, gate in zip(ks[3:], module.GATE_SPECS, strict=False):
-        shape = gate.head_shape(H, K, N, per_key)
+        shape = gate.head_shape(H, K, N, per_key, V)
         shape = shape if gate.shape == _spec.STATIC else (B, T, *shape)
         gates[gate.name] = GATE_DRAWS[gate.range](jax.random.normal(key, shape))
-    return q, k, v, _spec.tie(module.GATE_SPECS, gates)
+    return q, k, v, _spec.tie(module.GATE_SPECS, gates, k)
 
 
 def chunk_flops(family: str, T: int, chunk: int, options: Options) -> float:

@@ -17,11 +17,13 @@ presynaptic activity, not q, k, v (docs/plasticity.md).
 from types import ModuleType
 
 from fwpzoo.cells import (
+    comba,
     delta_product,
     delta_rule,
     dplr,
     gated_delta_rule,
     gated_linear_attn,
+    gdn2,
     linear_attn,
     longhorn,
     mesa,
@@ -44,6 +46,8 @@ CELLS: dict[str, ModuleType] = {
     "dplr": dplr,
     "mesa": mesa,
     "mlstm": mlstm,
+    "gdn2": gdn2,
+    "comba": comba,
 }
 
 PROGRAMMED: dict[str, ModuleType] = {"recurrent_delta": recurrent_delta, "srwm": srwm}

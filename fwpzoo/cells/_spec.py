@@ -25,9 +25,11 @@ import jax.numpy as jnp
 # Gate shapes (trailing the [B, T] of a per-token gate).
 PER_TOKEN = "per token"  # [B, T, H] ([B, T, H, N] when per sub-step)
 PER_TOKEN_KEY = "per token and key"  # [B, T, H, K]
+PER_TOKEN_VALUE = "per token and value"  # [B, T, H, V]
 SCALAR_OR_PER_KEY = "scalar or per key"  # [B, T, H] or [B, T, H, K]: model.decay chooses
 STATIC = "static per head and key"  # [H, K]: a parameter of the layer, no time axis
-SHAPES: tuple[str, ...] = (PER_TOKEN, PER_TOKEN_KEY, SCALAR_OR_PER_KEY, STATIC)
+SHAPES: tuple[str, ...] = (PER_TOKEN, PER_TOKEN_KEY, PER_TOKEN_VALUE, SCALAR_OR_PER_KEY, STATIC)
+KEY = "k"  # a `times` that names the key: the gate scales k channel by channel (Comba's p)
 
 # Gate ranges, and so the activation the layer puts on the gate's projection.
 BETA = "beta"  # (0, top of model.beta_range): sigmoid times 1 or 2
@@ -54,7 +56,9 @@ class Gate:
     """One gate input of a cell. `optional`: the cell runs without it (delta_product's decay,
     turned on by model.product_decay). `times`: the layer multiplies the gate by the gate of
     that name, listed before it in GATE_SPECS (dplr's b = -rate * a: RWKV-7's tie of the
-    low-rank pair, which keeps the transition from expanding)."""
+    low-rank pair, which keeps the transition from expanding), or KEY: the gate times the key
+    (Comba's p = c * k, which keeps its transition from expanding likewise). `start`: a static
+    gate's value before training, as its raw parameter (None: 0; LayerNorm weights start at 1)."""
 
     name: str
     shape: str = PER_TOKEN
@@ -62,6 +66,7 @@ class Gate:
     per_sub_step: bool = False
     optional: bool = False
     times: str | None = None
+    start: float | None = None
 
     def __post_init__(self):
         if self.shape not in SHAPES:
@@ -78,9 +83,16 @@ class Gate:
         """Whether model.decay=per_key may give this gate a key axis."""
         return self.shape == SCALAR_OR_PER_KEY
 
-    def head_shape(self, H: int, K: int, N: int, per_key: bool) -> tuple[int, ...]:
+    def head_shape(
+        self, H: int, K: int, N: int, per_key: bool, V: int | None = None
+    ) -> tuple[int, ...]:
         """The gate's shape after [B, T] ([H, K] whole for a static gate): per_key chooses for
-        a gate that takes either a scalar or a per-key decay; N counts sub-steps."""
+        a gate that takes either a scalar or a per-key decay; N counts sub-steps; V is needed
+        for a per-value gate only."""
+        if self.shape == PER_TOKEN_VALUE:
+            if V is None:
+                raise ValueError(f"gate {self.name!r} is per value: its shape needs V")
+            return (H, V)
         if self.shape in (PER_TOKEN_KEY, STATIC) or (self.takes_per_key and per_key):
             return (H, K)
         return (H, N) if self.per_sub_step else (H,)
@@ -90,11 +102,14 @@ def gate_names(specs: tuple[Gate, ...]) -> tuple[str, ...]:
     return tuple(gate.name for gate in specs)
 
 
-def tie(specs: tuple[Gate, ...], gates: dict) -> dict:
-    """The gates with each one that names `times` multiplied by that gate (in spec order)."""
+def tie(specs: tuple[Gate, ...], gates: dict, k=None) -> dict:
+    """The gates with each one that names `times` multiplied by that gate (in spec order), or
+    by the keys k [B, T, H, K] where it names KEY."""
     gates = dict(gates)
     for gate in specs:
-        if gate.times is not None:
+        if gate.times == KEY:
+            gates[gate.name] = gates[gate.name] * k
+        elif gate.times is not None:
             gates[gate.name] = gates[gate.name] * gates[gate.times]
     return gates
 

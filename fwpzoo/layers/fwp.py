@@ -237,7 +237,7 @@ class FWPMixer(CellMixer):
         per_key = cfg.decay == "per_key"
         gates = {}
         for gate in self.gate_specs:
-            shape = gate.head_shape(H, K, N, per_key)
+            shape = gate.head_shape(H, K, N, per_key, V)
             bias = beta_bias(cfg.beta_init, beta_max) if gate.range == _spec.BETA else None
             if gate.shape == _spec.STATIC:
                 gates[gate.name] = StaticGate(gate, shape, beta_max, bias)
@@ -315,9 +315,9 @@ class FWPMixer(CellMixer):
             else self.gates[spec.name](x)
             for spec in self.gate_specs
         }  # [B, T, H(, N | K)] per token, [H, K] static
-        gates = _spec.tie(self.gate_specs, gates)
         if not self.sub_steps:  # one write per token: drop the N axis
             k, v = k[:, :, :, 0], v[:, :, :, 0]
+        gates = _spec.tie(self.gate_specs, gates, k)
         return q.astype(self.dtype), k.astype(self.dtype), v, gates, buffer
 
     def _features(self, x):

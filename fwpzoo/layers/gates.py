@@ -96,6 +96,7 @@ class StaticGate(nnx.Module):
     positive one)."""
 
     def __init__(self, gate, shape, beta_max, start=None):
+        start = gate.start if start is None else start  # the spec's start unless beta_init
         self.raw = nnx.Param(jnp.full(shape, start or 0.0, jnp.float32))
         self.range, self.beta_max = gate.range, beta_max
 
