@@ -33,6 +33,7 @@ MEMBER = {
         and balanced(s.replace("(", "").replace(")", ""), "[", "]")
     ),
     "reset_dyck_1": lambda s: balanced(s.rsplit("1", 1)[-1]),
+    "reset_dyck_1_grammar": lambda s: balanced(s.rsplit("1", 1)[-1]),
 }
 
 

@@ -18,6 +18,7 @@ predicts one token per position; a string counts as recognised only if every pos
                                                             [-depth > 0, $ if both are 0
     reset_dyck_1  a Dyck-1 prefix, the reset 1, a Dyck-1    (1$ at depth 0, ()1 deeper; depth
                   word                                      counts from the last reset
+    reset_dyck_1_grammar  the same language, drawn as Bhattamishra et al.'s code draws it
 
 Lengths: training strings have lengths uniform over the language's lengths in
 data.min_len..data.max_len ("bin 0": 1..50); an evaluation at eval length L draws lengths in
@@ -34,9 +35,14 @@ and 6 before it at the 10th, 50th and 90th percentile of bin 0, 1, 5 and 11 of b
 part after the reset as a whole Dyck word. Bhattamishra et al. draw Dyck words from a
 branching grammar instead and keep a fixed set of 10,000 training strings; here every batch is
 fresh (aa_star, abab_star and the counters have one string per length anyway).
+reset_dyck_1_grammar is their generator (S -> (S) with p 0.5, SS with q 0.25, else empty; a
+uniform cut of one word, the reset, a second word), each string redrawn until its length falls
+in the bin, so lengths follow the grammar (most training strings are short) rather than being
+uniform; batches are fresh, not their fixed, de-duplicated set.
 """
 
 import math
+import random
 from dataclasses import dataclass
 from functools import cache
 
@@ -157,6 +163,37 @@ def reset_dyck(rng, n):
     return start + "1" + dyck_word(rng, after)
 
 
+# Bhattamishra, Ahuja & Goyal's generator (their code's reset Dyck-1 language): a Dyck word from
+# the branching grammar S -> (S) | SS | empty with these probabilities
+GRAMMAR_P, GRAMMAR_Q = 0.5, 0.25
+
+
+def grammar_dyck(draw: random.Random, size: int, max_size: int) -> str:
+    """A Dyck-1 word from the grammar, `size` characters already around it; a part that would
+    outgrow max_size becomes the empty word, as in their generator."""
+    if size >= max_size:
+        return ""
+    u = draw.random()
+    if u < GRAMMAR_P:
+        word = "(" + grammar_dyck(draw, size + 2, max_size) + ")"
+    elif u < GRAMMAR_P + GRAMMAR_Q:
+        word = grammar_dyck(draw, size, max_size) + grammar_dyck(draw, size, max_size)
+    else:
+        return ""
+    return word if len(word) <= max_size else ""
+
+
+def grammar_reset_dyck(draw: random.Random, low: int, high: int) -> str:
+    """Their reset Dyck-1 string: a prefix of one grammar word (cut uniformly), the reset, a
+    second word (each of at most `high` characters); drawn again until its length is in
+    low..high, so a bin holds the lengths their generator gives there, not uniform ones."""
+    while True:
+        first, second = grammar_dyck(draw, 0, high), grammar_dyck(draw, 0, high)
+        string = first[: draw.randint(0, len(first))] + "1" + second
+        if low <= len(string) <= high:
+            return string
+
+
 def dyck_targets(extra=""):
     def targets(s):
         return ["(" + extra + END if d == 0 else "()" + extra for d in depths(s)]
@@ -197,6 +234,11 @@ LANGUAGES = {
 }
 
 
+# languages drawn as their source's generator draws them: a string of any length in a bin,
+# draw(random.Random, low, high) -> string, with its language and targets in LANGUAGES
+BINNED = {"reset_dyck_1_grammar": grammar_reset_dyck}
+LANGUAGES["reset_dyck_1_grammar"] = (LANGUAGES["reset_dyck_1"][0], None, dyck_targets("1"))
+
 assert tuple(LANGUAGES) == LANGUAGE_NAMES
 
 
@@ -230,12 +272,19 @@ class FormalLanguage(SyntheticTask):
 
     def generate(self, rng, batch_size, length):
         T = length or self.seq_len
-        lengths = rng.choice(self.lengths(length), size=batch_size)
+        lengths = self.lengths(length)
+        if self.cfg.language in BINNED:
+            draw = random.Random(int(rng.integers(2**63)))  # a pure-Python grammar: its own RNG
+            strings = [
+                BINNED[self.cfg.language](draw, lengths[0], lengths[-1]) for _ in range(batch_size)
+            ]
+        else:
+            strings = [self.draw(rng, int(n)) for n in rng.choice(lengths, size=batch_size)]
         inputs = np.zeros((batch_size, T), np.int64)
         targets = np.zeros((batch_size, T), np.int64)
         first_class = 1 + len(self.language.symbols)
-        for row, n in enumerate(lengths):
-            string = self.draw(rng, int(n))
+        for row, string in enumerate(strings):
+            n = len(string)
             inputs[row, :n] = [1 + self.language.symbols.index(ch) for ch in string]
             targets[row, :n] = [
                 first_class + self.language.classes.index(c) for c in self.targets(string)

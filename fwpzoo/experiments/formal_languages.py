@@ -8,6 +8,7 @@ tested on fresh bin-0 and bin-1 sets. The metric is the fraction of strings whos
 is predicted right (`sequence_accuracy`). Config: configs/experiments/formal_languages/base.yaml.
 """
 
+import math
 from itertools import product
 
 import matplotlib.pyplot as plt
@@ -78,7 +79,17 @@ SEEDS = (0, 1, 2)
 QUICK_TASKS, QUICK_MODELS, QUICK_SEEDS = ("parity",), ("rdn", "srwm"), (0,)
 QUICK_OVERRIDES = ("train.steps=2", "train.warmup_steps=1", "eval.every=2", "eval.num_batches=1")
 TEST_BATCHES = 16  # 512 test strings per bin
-KEYS = ("model", "cell", "beta_range", "task", "setting", "seed", "metric", "value")
+KEYS = (
+    "model",
+    "cell",
+    "beta_range",
+    "task",
+    "learning_rate",
+    "setting",
+    "seed",
+    "metric",
+    "value",
+)
 BIN1 = "sequence_accuracy@100"
 METRICS = {"sequence_accuracy": {"setting": "bin0"}, BIN1: {"setting": "bin1"}}
 # Irie, Csordas & Schmidhuber 2023 (text of section 4): which models reach 100% on bin 1
@@ -94,30 +105,142 @@ PAPER = {
 }
 
 
+# Reset Dyck-1 drawn by Bhattamishra et al.'s own generator (p 0.5, q 0.25), with a longer
+# budget: the models the paper's reset Dyck-1 finding is about
+GRAMMAR_TASK = "reset_dyck_1_grammar"
+GRAMMAR_MODELS = ("linear_attn", "delta_rule-beta01", "delta_rule-beta02", "rdn", "srwm")
+GRAMMAR_STEPS = 3000
+# the tuning protocol's deciding points: parity (the recurrent models' finding) and reset Dyck-1
+# from the paper's generator (DeltaNet against the linear transformer); every model
+TUNE_TASKS = ("parity", GRAMMAR_TASK)
+
+
+def task_overrides(task: str) -> tuple[str, ...]:
+    return (f"train.steps={GRAMMAR_STEPS}",) if task == GRAMMAR_TASK else ()
+
+
+def language_point(task, variant, seed, options, rate=None):
+    labels, overrides = MODELS[variant]
+    quick = QUICK_OVERRIDES if options.quick else ()
+    learning_rate = (_common.rate_override(rate),) if rate is not None else ()
+    overrides = (
+        *overrides,
+        f"data.language={task}",
+        *task_overrides(task),
+        *learning_rate,
+        *quick,
+    )
+    lr = f"-lr{_common.rate_label(rate)}" if rate is not None else ""
+    return train_point(
+        f"{task}-{variant}{lr}-s{seed}",
+        CONFIG,
+        overrides,
+        {**labels, "task": task, "learning_rate": rate},
+        METRICS,
+        seed,
+        TEST_BATCHES if not options.quick else 1,
+    )
+
+
 def make_points(options) -> list:
+    """Reset Dyck-1 from the paper's generator first, then the learning-rate grid at the
+    deciding points, a model's reruns at a better rate, then the grid task pair by task pair."""
     pairs = (QUICK_TASKS,) if options.quick else TASK_PAIRS
     models = QUICK_MODELS if options.quick else tuple(MODELS)
-    quick = QUICK_OVERRIDES if options.quick else ()
+    seeds = QUICK_SEEDS if options.quick else SEEDS
     points = []
+    if not options.quick:
+        points += [
+            language_point(GRAMMAR_TASK, v, s, options) for s in seeds for v in GRAMMAR_MODELS
+        ]
+        points += [
+            language_point(task, v, _common.TUNING_SEED, options, rate)
+            for task in TUNE_TASKS
+            for v in models
+            for rate in _common.other_rates(config_rate())
+        ]
+        points += [
+            language_point(task, v, s, options, rate)
+            for (task, v), rate in tuned_rates(options).items()
+            if not math.isclose(rate, config_rate())
+            for s in seeds
+        ]
     for tasks in pairs:
-        for seed, task, variant in product(QUICK_SEEDS if options.quick else SEEDS, tasks, models):
-            labels, overrides = MODELS[variant]
-            overrides = (*overrides, f"data.language={task}", *quick)
-            point = train_point(
-                f"{task}-{variant}-s{seed}",
-                CONFIG,
-                overrides,
-                {**labels, "task": task},
-                METRICS,
-                seed,
-                TEST_BATCHES if not options.quick else 1,
-            )
-            points.append(point)
-    return points
+        points += [
+            language_point(task, v, seed, options)
+            for seed, task, v in product(seeds, tasks, models)
+        ]
+    return list({point.name: point for point in points}.values())
+
+
+def config_rate() -> float:
+    return load(CONFIG).train.learning_rate
+
+
+def tuned_rates(options) -> dict:
+    """{(task, variant): best rate at that deciding point}, where every rate is recorded."""
+    rates = {}
+    for task, v in product(TUNE_TASKS, MODELS):
+        own, seed = config_rate(), _common.TUNING_SEED
+        names = {
+            r: language_point(task, v, seed, options, r).name for r in _common.other_rates(own)
+        }
+        names[own] = language_point(task, v, seed, options).name
+        values = {r: _common.recorded_metric(options, n, BIN1) for r, n in names.items()}
+        best = _common.best_rate(values, own)
+        if best is not None:
+            rates[task, v] = best
+    return rates
+
+
+def tuning_table(records: list[dict], options) -> str:
+    """Bin-1 accuracy on seed 0 at each deciding point: a row per (task, model), a column per
+    rate, the best rate, and the median over seeds at it where it is not the config's."""
+    own = config_rate()
+    cells = group(
+        [r for r in records if r["setting"] == "bin1"],
+        ["task", "variant", "learning_rate", "seed"],
+    )
+    best = tuned_rates(options)
+    rows = []
+    for task, v in product(TUNE_TASKS, MODELS):
+        seed0 = [
+            cells.get((task, v, None if math.isclose(rate, own) else rate, _common.TUNING_SEED))
+            for rate in _common.LEARNING_RATES
+        ]
+        rate = best.get((task, v))
+        rerun = [
+            value
+            for (t, name, r, _), values in cells.items()
+            if (t, name) == (task, v)
+            and rate is not None
+            and r is not None
+            and math.isclose(r, rate)
+            for value in values
+        ]
+        rows.append(
+            [
+                task,
+                v,
+                *(values[0] if values else None for values in seed0),
+                _common.rate_label(rate) if rate is not None else "pending",
+                spread_cell(rerun, len(SEEDS)) if rate is not None and rate != own else "-",
+            ]
+        )
+    header = [
+        "task",
+        "model",
+        *(f"lr {_common.rate_label(r)}" for r in _common.LEARNING_RATES),
+        "best",
+        "bin 1 at the best rate (when not the config's)",
+    ]
+    return markdown_table(header, rows)
 
 
 def variant(record) -> str:
-    return record["point"].split("-", 1)[1].rsplit("-s", 1)[0]
+    """The model variant of a record's point (its task, rate and seed left out)."""
+    name = record["point"].split("-", 1)[1].rsplit("-s", 1)[0]
+    return name.split("-lr", 1)[0]
 
 
 def plot(cells: dict, tasks, variants, path) -> None:
@@ -159,8 +282,10 @@ def steps_cell(values) -> str | None:
 
 def report(records: list[dict], points: list, options) -> str:
     records = [{**r, "variant": variant(r)} for r in records]
+    tuning = tuning_table(records, options) if not options.quick else ""
+    records = [r for r in records if r["learning_rate"] is None]  # at the config's rate
     seeds = len(QUICK_SEEDS if options.quick else SEEDS)
-    tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
+    tasks = [t for t in (*TASKS, GRAMMAR_TASK) if any(r["task"] == t for r in records)]
     variants = [v for v in MODELS if any(r["variant"] == v for r in records)]
     by_setting = group(records, ["task", "variant", "setting"])
     steps = group(
@@ -179,7 +304,7 @@ def report(records: list[dict], points: list, options) -> str:
             spread_cell(by_setting.get((task, name, "bin0")), seeds),
             spread_cell(by_setting.get((task, name, "bin1")), seeds),
             steps_cell(steps.get((task, name))),
-            PAPER.get((task, name), "-"),
+            PAPER.get((task.removesuffix("_grammar"), name), "-"),
         ]
         for task in tasks
         for name in variants
@@ -203,6 +328,18 @@ short convolution) on strings of lengths 1..50 for at most {cfg.train.steps} ste
 lengths 51..100 are recognised. The table gives the fraction of {test_strings}
 fresh test strings per bin whose every position is right (a string counts only if all are): the
 median over {seeds} seeds, min-max in brackets; `steps` is where training ended.
+`{GRAMMAR_TASK}` is reset Dyck-1 drawn by Bhattamishra et al.'s own generator (the branching
+grammar S -> (S) with p 0.5, SS with q 0.25, else empty; a uniform cut of one word, the reset, a
+second word; `fwpzoo/data/formal_languages.py`), trained up to {GRAMMAR_STEPS} steps, for the
+models the paper's reset Dyck-1 finding is about; `reset_dyck_1` is our earlier generator
+(lengths uniform over the bin, the reset cutting the first half of a uniform Dyck word).
+
+### Learning rate: the tuning protocol
+
+{_common.protocol_text("parity and at reset Dyck-1 from the paper's generator", "bin-1 accuracy")}
+The base config trains at {_common.rate_label(config_rate())}; the main table is at that rate.
+
+{tuning}
 
 Models: `linear_attn` is the linear transformer (sum rule, elu + 1 features, sum-normalised),
 `delta_rule-beta01`/`-beta02` DeltaNet (L2-normalised keys, beta in (0, 1) or (0, 2)), `rdn` the
