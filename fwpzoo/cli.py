@@ -47,17 +47,21 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def add_cpu_devices(parser: Parser, default: str) -> None:
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        help=f"split the host CPU into this many devices (default: {default})",
+    )
+
+
 def train_main(argv: list[str]) -> int:
     parser = Parser(prog="fwpzoo train")
     parser.add_argument("config", help="a YAML file, e.g. configs/mqar.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.steps=100")
     parser.add_argument("--workdir", help="default: runs/<config name>")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--cpu-devices",
-        type=int,
-        help="split the host CPU into this many devices (default: one per core)",
-    )
+    add_cpu_devices(parser, "one per core")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process runs)")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
@@ -191,6 +195,7 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--step", type=int, help="default: the latest checkpoint")
     parser.add_argument("--split", choices=("valid", "test"), default="test")
+    add_cpu_devices(parser, "one per core; the run uses those its batches divide")
     args = parser.parse_args(argv)
 
     import jax
@@ -198,7 +203,7 @@ def eval_main(argv: list[str]) -> int:
     from fwpzoo.train import evaluate, make_eval_step, restore_run
     from fwpzoo.train.sharding import use_cpu_devices
 
-    use_cpu_devices(None, {})  # one device per core; the run uses those its batches divide
+    use_cpu_devices(args.cpu_devices, {})
 
     run, step, model_state = restore_run(Path(args.workdir), args.step)
     eval_step = jax.jit(make_eval_step(run.graphdef))
@@ -211,6 +216,7 @@ def checkpoint_prompt_parser(prog: str, prompt_default_tail: str = "") -> Parser
     """The options shared by the verbs that run a checkpointed model on a prompt."""
     parser = Parser(prog=prog)
     parser.add_argument("--workdir", required=True)
+    add_cpu_devices(parser, "1")
     parser.add_argument("--step", type=int, help="default: the latest checkpoint")
     parser.add_argument(
         "--prompt",
@@ -218,6 +224,14 @@ def checkpoint_prompt_parser(prog: str, prompt_default_tail: str = "") -> Parser
         "first valid sequence" + prompt_default_tail,
     )
     return parser
+
+
+def use_given_cpu_devices(count: int | None) -> None:
+    """Splits the CPU into `count` devices if asked; JAX's one device otherwise."""
+    if count is not None:
+        from fwpzoo.train.sharding import split_cpu
+
+        split_cpu(count)
 
 
 def sample_main(argv: list[str]) -> int:
@@ -234,6 +248,7 @@ def sample_main(argv: list[str]) -> int:
     from fwpzoo.train.loop import out_of_memory_as_config_error
     from fwpzoo.train.sample import sample
 
+    use_given_cpu_devices(args.cpu_devices)
     with out_of_memory_as_config_error():  # e.g. an attention cache for --num-tokens 10**8
         result = sample(
             Path(args.workdir),
@@ -260,6 +275,7 @@ def inspect_main(argv: list[str]) -> int:
 
     from fwpzoo.train.inspect import inspect
 
+    use_given_cpu_devices(args.cpu_devices)
     summary = inspect(Path(args.workdir), args.step, args.prompt, args.layer, args.head, args.out)
     print(json.dumps(summary))
     return 0

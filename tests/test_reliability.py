@@ -649,3 +649,64 @@ def test_a_generation_whose_cache_cannot_fit_is_refused_before_allocating(refuse
     # the attention cache of 2e12 positions would need 116 TiB: refused by its shape alone
     argv = ["sample", "--workdir", str(trained), "--num-tokens", "2000000000000"]
     refused(argv, "--num-tokens 2000000000000 needs a 119,209.3 GiB decode cache, more than")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hangs: nothing runs on the CPU device threads' own pool (a batched LAPACK call waits there for
+# threads that wait on the other devices); a bounded subprocess proves mesa runs on two devices.
+
+
+def test_the_cholesky_of_matmuls_matches_lapack_in_float64(rng):
+    from fwpzoo.cells._cholesky import cholesky_and_inverse, spd_solve
+
+    with jax.enable_x64(True):
+        for n in (1, 5, 8, 9, 24):  # a leaf, an odd split, a leaf's size, past it, two levels
+            x = rng.normal(size=(3, n, n))
+            a = x @ x.transpose(0, 2, 1) + 0.1 * np.eye(n)  # [3, N, N] symmetric positive definite
+            lower, inverse = cholesky_and_inverse(jnp.asarray(a))
+            np.testing.assert_allclose(lower, np.linalg.cholesky(a), rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(inverse @ lower, np.broadcast_to(np.eye(n), a.shape),
+                                       atol=1e-10)
+            q = rng.normal(size=(3, n))
+            np.testing.assert_allclose(
+                spd_solve(jnp.asarray(a), jnp.asarray(q)), np.linalg.solve(a, q[..., None])[..., 0],
+                rtol=1e-9,
+            )
+
+
+def test_no_cell_form_calls_lapack_on_cpu():
+    """LAPACK custom calls (potrf, trsm, ...) are what deadlock several CPU devices: no form of
+    the rule that solves a system per token may lower to one, forward or backward."""
+    from fwpzoo.cells import mesa
+
+    b, t, h, k = 1, 5, 1, 4
+    q = k_ = jnp.ones((b, t, h, k))
+    v = jnp.ones((b, t, h, 3))
+    gates = {"beta": jnp.full((b, t, h), 0.5), "log_alpha": jnp.full((b, t, h), -0.1),
+             "lam": jnp.ones((h, k))}
+    for form in (mesa.recurrent, mesa.chunkwise):
+        loss = lambda q, form=form: form(q, k_, v, **gates)[0].sum()  # noqa: E731
+        text = jax.jit(jax.grad(loss)).lower(q).as_text()
+        assert "lapack" not in text.lower(), form.__name__
+
+
+@pytest.mark.slow
+def test_mesa_trains_evaluates_and_samples_on_two_cpu_devices(tmp_path):
+    """Once a deadlock at step 0 that no signal ended; each command is bounded by a timeout."""
+    config = dict(TINY, model={**TINY["model"], "mixers": ["fwp"], "cell": "mesa"})
+    config["train"] = {**TINY["train"], "steps": 2}
+    path = tmp_path / "mesa.yaml"
+    path.write_text(yaml.safe_dump(config))
+    workdir = tmp_path / "run"
+    fwpzoo = [sys.executable, "-m", "fwpzoo"]
+    commands = [
+        ["train", str(path), "--workdir", str(workdir), "--no-progress"],
+        ["eval", "--workdir", str(workdir)],
+        ["sample", "--workdir", str(workdir), "--num-tokens", "3"],
+    ]
+    for command in commands:
+        done = subprocess.run(
+            [*fwpzoo, *command, "--cpu-devices", "2"], capture_output=True, text=True, timeout=240
+        )
+        assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1])["tokens"]

@@ -18,6 +18,7 @@ q, k [B, T, H, K]; v [B, T, H, V]; beta, log_alpha [B, T, H] (beta >= 0, log_alp
 import jax
 import jax.numpy as jnp
 
+from fwpzoo.cells._cholesky import cholesky_and_inverse, inverse_solve, spd_solve
 from fwpzoo.cells._chunking import Segments, causal_decay, keep
 from fwpzoo.cells._reference import initial_parts, reset_state, scan_steps, upcast
 from fwpzoo.cells._remat_chunks import scan_chunks
@@ -65,15 +66,11 @@ def regularised(kk, lam):
 
 
 def solve(a, q):
-    """a^{-1} q for symmetric positive definite a [..., K, K] and q [..., K], by Cholesky.
+    """a^{-1} q for symmetric positive definite a [..., K, K] and q [..., K], by Cholesky
+    (_cholesky.py: matmuls, not LAPACK, so it runs on any number of CPU devices).
 
-    jnp.linalg.cholesky reads a as (a + a^T) / 2, so the gradient w.r.t. a is symmetric."""
-    return _cholesky_solve(jnp.linalg.cholesky(a), q)
-
-
-def _cholesky_solve(factor, q):
-    """a^{-1} q from a's lower Cholesky factor [..., K, K], q [..., K]."""
-    return jax.scipy.linalg.cho_solve((factor, True), q[..., None])[..., 0]
+    a is read as (a + a^T) / 2, so the gradient w.r.t. a is symmetric."""
+    return spd_solve(a, q)
 
 
 def step(state, q, k, v, *, reset=None, beta, log_alpha, lam):
@@ -97,21 +94,21 @@ def recurrent(q, k, v, *, state=None, reset=None, beta, log_alpha, lam):
 
 @jax.custom_vjp
 def _spd_solve(a, q):
-    """solve(a, q) whose backward reuses the factorisation, dq = a^{-1} dx, instead of
+    """solve(a, q) whose backward reuses the factor's inverse, dq = a^{-1} dx, instead of
     differentiating through it. da = -(dq x^T + x dq^T) / 2: the gradient among symmetric
     matrices, as `solve` has it."""
     return solve(a, q)
 
 
 def _spd_solve_fwd(a, q):
-    factor = jnp.linalg.cholesky(a)
-    x = _cholesky_solve(factor, q)
-    return x, (factor, x)
+    _, inverse = cholesky_and_inverse(a)
+    x = inverse_solve(inverse, q)
+    return x, (inverse, x)
 
 
 def _spd_solve_bwd(res, dx):
-    factor, x = res
-    dq = _cholesky_solve(factor, dx)
+    inverse, x = res
+    dq = inverse_solve(inverse, dx)
     outer = dq[..., :, None] * x[..., None, :]  # [..., K, K]
     return -(outer + outer.mT) / 2, dq
 

@@ -81,5 +81,5 @@ def sample(workdir: Path, step, prompt, num_tokens: int, *, temperature: float, 
     tokens = np.asarray(jax.device_get(tokens))[0]
     out = {"step": step, "prompt": prompt_tokens.tolist(), "tokens": tokens.tolist()}
     if text_task(run.task):
-        out["text"] = bytes(tokens.astype(np.uint8)).decode("latin-1")
+        out["text"] = bytes(tokens.astype(np.uint8)).decode("utf-8", errors="replace")
     return out
