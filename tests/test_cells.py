@@ -18,6 +18,7 @@ from jax.test_util import check_grads
 
 from fwpzoo import cells
 from fwpzoo.cells import _spec
+from fwpzoo.cells.chunked import summary
 
 # What jax_disable_most_optimizations sets, for these functions only.
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -714,3 +715,58 @@ def test_step_is_the_optimiser_step_on_its_objective(variant):
         else:
             expected = optimiser_step(objective, state, at_0["k"], at_0["v"], gates)
             np.testing.assert_allclose(weights, expected, rtol=1e-12, atol=1e-12)
+
+
+# Chunk summaries (cells/chunked/summary.py): what a span does to its entering state ------------
+
+# RESET_T tokens padded with identity tokens to three equal pieces
+SUMMARY_PIECES = 3
+SUMMARY_T = -(-RESET_T // SUMMARY_PIECES) * SUMMARY_PIECES
+
+
+@functools.cache
+def jitted_fold(variant):
+    """(inputs [B, SUMMARY_T, ...] without q, reset [B, SUMMARY_T]) -> the state left by folding
+    the summaries of the three pieces into the initial state. The pieces ride on the batch axis,
+    so one compiled summary serves all three."""
+    name = family(variant)
+
+    def pieces(x):  # [B, 3 L, ...] -> [3 B, L, ...], piece-major
+        x = x.reshape(x.shape[0], SUMMARY_PIECES, -1, *x.shape[2:])
+        return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+    def run(inputs, reset):
+        inputs = dict(inputs)
+        state = inputs.pop("state")
+        spans = {key: pieces(x) if timed(key, x) else x for key, x in inputs.items()}
+        summaries = summary.summarize(name, reset=pieces(reset), chunk_size=16, **spans)
+        by_piece = jax.tree.map(lambda x: x.reshape(SUMMARY_PIECES, -1, *x.shape[1:]), summaries)
+        return summary.fold(name, by_piece, state)[1]
+
+    return quick_jit(run)
+
+
+# one variant per family, and the per-key decay of gated linear attention (a per-row factor)
+SUMMARY_VARIANTS = ONE_VARIANT_PER_FAMILY + ["gated_linear_attn/per_key"]
+
+
+@pytest.mark.parametrize("variant", SUMMARY_VARIANTS)
+def test_folded_summaries_of_pieces_equal_recurrent_final_state(variant):
+    """Summaries of three pieces, folded from the initial state, give `recurrent`'s final state,
+    without resets and with RESET_AT's (pieces that reset and pieces the state passes through)."""
+    sizes = Sizes(RESET_T)
+    inputs = draw(variant, sizes)
+    del inputs["q"]
+
+    def pad(x, value=0.0):
+        widths = [(0, 0), (0, SUMMARY_T - RESET_T)] + [(0, 0)] * (x.ndim - 2)
+        return jnp.pad(x, widths, constant_values=value)
+
+    padded = {
+        key: pad(x, IDENTITY_PAD.get(key, 0.0)) if timed(key, x) else x for key, x in inputs.items()
+    }
+    run = jitted_fold(variant)
+    no_reset = jnp.zeros((sizes.B, SUMMARY_T), bool)
+    assert_close(run(padded, no_reset), reference(variant, RESET_T)[0][1], TOLERANCE["chunkwise"])
+    resets = pad(reset_mask(sizes), False)
+    assert_close(run(padded, resets), segment_reference(variant)[0][1], TOLERANCE["chunkwise"])

@@ -50,6 +50,14 @@ MINIMISER = "exact minimiser"  # the read uses the exact minimiser of a regulari
 AFFINE = "affine"  # S <- M S + X with a learned M: a gradient step only in special cases
 STEPS: tuple[str, ...] = (GRADIENT, GRADIENT_STEPS, IMPLICIT, MOMENTUM, MINIMISER, AFFINE)
 
+# How a span of tokens acts on the state it starts from (what its chunk summary holds,
+# cells/chunked/summary.py): S_end = transition(S_start) + contribution, where
+LEFT = "left matrix"  # M [R, R] S: the parts stacked along their rows (R = K, or 2K for S; M)
+RIGHT = "right matrix"  # S M, M [V, V]: the rows of S evolve apart (Oja's rule)
+DECAY = "decay"  # f S, f one factor per head or per key row, applied to every part
+LOG_SCALE = "log scale"  # e^{F + m - m'} S with the state's log scale m (mLSTM's stabiliser)
+TRANSITIONS: tuple[str, ...] = (LEFT, RIGHT, DECAY, LOG_SCALE)
+
 
 @dataclass(frozen=True)
 class Gate:
@@ -117,10 +125,17 @@ def tie(specs: tuple[Gate, ...], gates: dict, k=None) -> dict:
 @dataclass(frozen=True)
 class State:
     """The fast-weight state of one head: named parts with their axes after [B, H], e.g.
-    (("S", "K V"),) for a matrix; `is_dict` when the cell takes and returns {name: array}."""
+    (("S", "K V"),) for a matrix; `is_dict` when the cell takes and returns {name: array};
+    `transition`: how a span of tokens acts on it (one of TRANSITIONS; every rule whose update
+    is S <- A_t S + X_t with A_t independent of S is LEFT)."""
 
     parts: tuple[tuple[str, str], ...] = (("S", "K V"),)
     is_dict: bool = False
+    transition: str = LEFT
+
+    def __post_init__(self):
+        if self.transition not in TRANSITIONS:
+            raise ValueError(f"unknown transition {self.transition!r}; valid: {TRANSITIONS}")
 
     def zeros(self, B: int, H: int, K: int, V: int, dtype=jnp.float32):
         """The zero state (the cell's state=None) as an array or a dict of arrays."""

@@ -13,11 +13,13 @@ from fwpzoo.cells import _linear_chunk
 from fwpzoo.cells._chunking import associative_states, resets_as_rows
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells._spec import (
+    DECAY,
     GRADIENT,
     LOG_DECAY,
     SCALAR_OR_PER_KEY,
     Gate,
     Objective,
+    State,
     gate_names,
     negative_correlation,
 )
@@ -30,6 +32,7 @@ OBJECTIVE = Objective(
     step=GRADIENT,
     loss_fn=negative_correlation,
     decay="log_alpha",
+    state=State(transition=DECAY),
     paper="Yang et al. 2024 (GLA); Dao & Gu 2024 (Mamba-2)",
 )
 

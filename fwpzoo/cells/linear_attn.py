@@ -11,7 +11,15 @@ import jax.numpy as jnp
 from fwpzoo.cells import _linear_chunk
 from fwpzoo.cells._chunking import associative_states, resets_as_rows
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
-from fwpzoo.cells._spec import GRADIENT, Gate, Objective, gate_names, negative_correlation
+from fwpzoo.cells._spec import (
+    DECAY,
+    GRADIENT,
+    Gate,
+    Objective,
+    State,
+    gate_names,
+    negative_correlation,
+)
 
 GATE_SPECS: tuple[Gate, ...] = ()
 GATES = gate_names(GATE_SPECS)
@@ -20,6 +28,7 @@ OBJECTIVE = Objective(
     loss="-v_t^T S^T k_t",
     step=GRADIENT,
     loss_fn=negative_correlation,
+    state=State(transition=DECAY),
     paper="Schmidhuber 1992; Katharopoulos et al. 2020; Schlag, Irie & Schmidhuber 2021",
 )
 

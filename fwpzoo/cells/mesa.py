@@ -23,6 +23,7 @@ from fwpzoo.cells._chunking import Segments, causal_decay, keep
 from fwpzoo.cells._reference import initial_parts, reset_state, scan_steps, upcast
 from fwpzoo.cells._remat_chunks import scan_chunks
 from fwpzoo.cells._spec import (
+    DECAY,
     LOG_DECAY,
     MINIMISER,
     POSITIVE,
@@ -50,7 +51,7 @@ OBJECTIVE = Objective(
         "+ 1/2 ||Diag(lam)^{1/2} W||^2, read as W^T q_t"
     ),
     step=MINIMISER,
-    state=State(parts=(("kk", "K K"), ("kv", "K V")), is_dict=True),
+    state=State(parts=(("kk", "K K"), ("kv", "K V")), is_dict=True, transition=DECAY),
     paper="von Oswald et al. 2023; MesaNet (von Oswald et al. 2025)",
 )
 

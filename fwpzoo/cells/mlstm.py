@@ -23,6 +23,7 @@ from fwpzoo.cells._remat_chunks import scan_chunks
 from fwpzoo.cells._spec import (
     GRADIENT,
     LOG_DECAY,
+    LOG_SCALE,
     REAL,
     Gate,
     Objective,
@@ -43,7 +44,9 @@ OBJECTIVE = Objective(
     loss_fn=negative_correlation,
     lr="log_i",
     decay="log_f",
-    state=State(parts=(("C", "K V"), ("n", "K"), ("m", "")), is_dict=True),
+    state=State(
+        parts=(("C", "K V"), ("n", "K"), ("m", "")), is_dict=True, transition=LOG_SCALE
+    ),
     weights="C",
     log_scale="m",
     paper="Beck et al. 2024 (xLSTM); chunkwise: Beck et al. 2025 (Tiled Flash Linear Attention)",

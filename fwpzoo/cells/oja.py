@@ -22,7 +22,16 @@ from fwpzoo.cells._chunking import Segments, causal_decay, keep
 from fwpzoo.cells._delta_chunk import unit_lower_inverse
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells._remat_chunks import scan_chunks
-from fwpzoo.cells._spec import BETA, GRADIENT, LOG_DECAY, Gate, Objective, gate_names
+from fwpzoo.cells._spec import (
+    BETA,
+    GRADIENT,
+    LOG_DECAY,
+    RIGHT,
+    Gate,
+    Objective,
+    State,
+    gate_names,
+)
 
 
 def reconstruction_error(S, k, v):
@@ -40,6 +49,7 @@ OBJECTIVE = Objective(
     lr="beta",
     decay="log_alpha",
     unit_values=True,
+    state=State(transition=RIGHT),
     paper="Oja 1982; Oja 1989 (subspace rule)",
 )
 
