@@ -267,7 +267,7 @@ def test_charlm_quick(tmp_path, capsys):
     models = {(r["model"], r["metric"]): r for r in records}
     assert set(models) == {
         *((m, metric) for m in ("delta_rule", "attention") for metric in ("bpc", "bpc@64")),
-        *((c, "bpc") for c in charlm.COMPRESSORS),
+        *((c, "bpc") for c in charlm.COMPRESSOR_MODELS),
     }
     # the compressor records are the compressors' sizes on the same test bytes as one stream,
     # and their command recomputes them
@@ -276,6 +276,11 @@ def test_charlm_quick(tmp_path, capsys):
         rec = models[name, "bpc"]
         assert rec["value"] == 8 * len(compress(test)) / len(test) and 1.0 < rec["value"] < 8.0
         assert recompute(rec["command"] + f" --workdir {tmp_path}", capsys) == {"bpc": rec["value"]}
+    # after the training text: the test bytes' share of the compressed train + test stream
+    train = load_corpus("fixture", charlm.DATA_DIR)["train"].tobytes()
+    xz = charlm.COMPRESSORS["xz"]
+    after = 8 * (len(xz(train + test)) - len(xz(train))) / len(test)
+    assert models["xz+train", "bpc"]["value"] == after < models["xz", "bpc"]["value"]
     # a model after two steps: between a good compressor and far above a uniform guess
     assert 1.0 < models["delta_rule", "bpc"]["value"] < 9.0
     assert models["delta_rule", "bpc@64"]["x"] == 64 and models["delta_rule", "bpc"]["x"] == 32

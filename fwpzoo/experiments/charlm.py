@@ -52,6 +52,7 @@ KEYS = (
     "corpus",
     "state_size",
     "num_params",
+    "learning_rate",
     "x",
     "seed",
     "metric",
@@ -89,33 +90,91 @@ COMPRESSORS = {
     "bz2": lambda data: bz2.compress(data, compresslevel=9),
     "xz": lambda data: lzma.compress(data, preset=9 | lzma.PRESET_EXTREME),
 }
+# a compressor that has seen the training text, as the models have: its output on train + test
+# less its output on train alone (gzip's 32 KiB window and bz2's 900 kB blocks see little of it;
+# xz's 64 MiB dictionary sees all of it)
+AFTER_TRAIN = "+train"
+COMPRESSOR_MODELS = (*COMPRESSORS, *(f"{name}{AFTER_TRAIN}" for name in COMPRESSORS))
+# the tuning protocol: the five main models on Gutenberg, seed 0, where the page's findings are
+TUNE_MODELS, TUNE_CORPUS = MODELS[:5], "gutenberg"
 
 
 def make_points(options: Options) -> list:
-    """The compressors on each corpus first (seconds), then seeds, corpora and models."""
+    """The compressors on each corpus first (seconds; then after the training text), the
+    learning-rate grid and a model's reruns at a better rate, then seeds, corpora and models."""
     quick = options.quick
     corpora = QUICK_CORPORA if quick else CORPORA
     points = [compressor_point(corpus, name) for corpus in corpora for name in COMPRESSORS]
+    points += [compressor_point(c, name, after_train=True) for c in corpora for name in COMPRESSORS]
+    if not quick:
+        points += [
+            model_point(TUNE_CORPUS, m, _common.TUNING_SEED, options, rate)
+            for m in TUNE_MODELS
+            for rate in _common.other_rates(config_rate(m))
+        ]
+        points += [
+            model_point(TUNE_CORPUS, m, s, options, rate)
+            for m, rate in tuned_rates(options).items()
+            if not math.isclose(rate, config_rate(m))
+            for s in SEEDS
+        ]
+    models = QUICK_MODELS if quick else MODELS
     for seed in QUICK_SEEDS if quick else SEEDS:
         for corpus in corpora:
-            for model in QUICK_MODELS if quick else MODELS:
-                path = CONFIGS / NAME / f"{model}.yaml"
-                overrides = (f"data.corpus={corpus}", *(QUICK_OVERRIDES if quick else ()))
-                cfg = load(path, overrides)
-                labels = {**model_labels(cfg), "model": model, "task": "text", "corpus": corpus}
-                metrics = {"bpc": {"x": cfg.data.seq_len}}
-                metrics |= {f"bpc@{n}": {"x": n} for n in cfg.eval.lengths}
-                name = f"{corpus}-{model}-s{seed}"
-                points.append(
-                    train_point(name, path, overrides, labels, metrics, seed, WHOLE_SPLIT)
-                )
-    return points
+            points += [model_point(corpus, m, seed, options) for m in models]
+    return list({point.name: point for point in points}.values())
 
 
-def compressor_point(corpus: str, name: str) -> Point:
-    """A general-purpose compressor's bits per byte on the corpus's test split, as one stream."""
-    labels = {"model": name, "task": "text", "corpus": corpus}
-    return Point(f"{corpus}-{name}", labels, {"bpc": {}}, {"compressor": name, "corpus": corpus})
+def model_point(corpus: str, model: str, seed: int, options: Options, rate=None) -> Point:
+    """One seed of one model on a corpus, at its config's learning rate or at `rate`."""
+    path = CONFIGS / NAME / f"{model}.yaml"
+    learning_rate = (_common.rate_override(rate),) if rate is not None else ()
+    quick = QUICK_OVERRIDES if options.quick else ()
+    overrides = (f"data.corpus={corpus}", *learning_rate, *quick)
+    cfg = load(path, overrides)
+    labels = {
+        **model_labels(cfg),
+        "model": model,
+        "task": "text",
+        "corpus": corpus,
+        "learning_rate": rate,
+    }
+    metrics = {"bpc": {"x": cfg.data.seq_len}}
+    metrics |= {f"bpc@{n}": {"x": n} for n in cfg.eval.lengths}
+    lr = f"-lr{_common.rate_label(rate)}" if rate is not None else ""
+    return train_point(
+        f"{corpus}-{model}{lr}-s{seed}", path, overrides, labels, metrics, seed, WHOLE_SPLIT
+    )
+
+
+def config_rate(model: str) -> float:
+    return load(CONFIGS / NAME / f"{model}.yaml").train.learning_rate
+
+
+def tuned_rates(options: Options) -> dict:
+    """{model: its best rate on Gutenberg, seed 0}, for the models whose every rate is recorded
+    (bits per byte: lower is better)."""
+    rates = {}
+    for m in TUNE_MODELS:
+        own, seed = config_rate(m), _common.TUNING_SEED
+        others = _common.other_rates(own)
+        names = {r: model_point(TUNE_CORPUS, m, seed, options, r).name for r in others}
+        names[own] = model_point(TUNE_CORPUS, m, seed, options).name
+        values = {r: _common.recorded_metric(options, n, "bpc") for r, n in names.items()}
+        best = _common.best_rate(values, own, lower_is_better=True)
+        if best is not None:
+            rates[m] = best
+    return rates
+
+
+def compressor_point(corpus: str, name: str, after_train: bool = False) -> Point:
+    """A general-purpose compressor's bits per byte on the corpus's test split, as one stream;
+    `after_train`: the test bytes' share of its output on the training split then the test
+    split (what it adds for the test bytes once it has seen the training text)."""
+    model = f"{name}{AFTER_TRAIN}" if after_train else name
+    labels = {"model": model, "task": "text", "corpus": corpus}
+    spec = {"compressor": name, "corpus": corpus, **({"after_train": True} if after_train else {})}
+    return Point(f"{corpus}-{model}", labels, {"bpc": {}}, spec)
 
 
 def execute(point: Point, workdir) -> Outcome:
@@ -123,10 +182,52 @@ def execute(point: Point, workdir) -> Outcome:
     if point.config is not None:
         return run_training(point, workdir)
     name, corpus = point.spec["compressor"], point.spec["corpus"]
-    test = load_corpus(corpus, DATA_DIR)["test"].tobytes()
-    bpc = 8 * len(COMPRESSORS[name](test)) / len(test)
+    splits = load_corpus(corpus, DATA_DIR)
+    test, compress = splits["test"].tobytes(), COMPRESSORS[name]
     details = {"test_bytes": len(test), "zlib": zlib.ZLIB_RUNTIME_VERSION}
-    return Outcome({"bpc": bpc}, 0, "compressed", details=details)
+    if point.spec.get("after_train"):
+        train = splits["train"].tobytes()
+        alone = len(compress(train))
+        bits = 8 * (len(compress(train + test)) - alone)
+        details |= {"train_bytes": len(train), "train_compressed": alone}
+    else:
+        bits = 8 * len(compress(test))
+    return Outcome({"bpc": bits / len(test)}, 0, "compressed", details=details)
+
+
+def tuning_table(records: list[dict], options: Options) -> str:
+    """Test bpc on Gutenberg, seed 0: a row per model, a column per rate, the best rate, and the
+    median over seeds at it where it is not the config's."""
+    here = [r for r in records if r["corpus"] == TUNE_CORPUS and r["metric"] == "bpc"]
+    best = tuned_rates(options)
+    rows = []
+    for m in TUNE_MODELS:
+        own = config_rate(m)
+        seed0 = {
+            r["learning_rate"] or own: r["value"]
+            for r in here
+            if r["model"] == m and r["seed"] == _common.TUNING_SEED
+        }
+        rate = best.get(m)
+        retuned = rate is not None and not math.isclose(rate, own)
+        rerun = [
+            r["value"] for r in here if r["model"] == m and retuned and r["learning_rate"] == rate
+        ]
+        rows.append(
+            [
+                m,
+                *(seed0.get(r) for r in _common.LEARNING_RATES),
+                _common.rate_label(rate) if rate is not None else "pending",
+                spread_cell(rerun, len(SEEDS)) if retuned else "-",
+            ]
+        )
+    header = [
+        "model",
+        *(f"lr {_common.rate_label(r)}" for r in _common.LEARNING_RATES),
+        "best",
+        "Gutenberg bpc at the best rate (when not the config's)",
+    ]
+    return markdown_table(header, rows)
 
 
 def plot_curves(records: list[dict], points: list, options: Options, path) -> None:
@@ -137,14 +238,16 @@ def plot_curves(records: list[dict], points: list, options: Options, path) -> No
     configs = {p.name: load(p.config, p.overrides) for p in points if p.config is not None}
     corpora = list(dict.fromkeys(r["corpus"] for r in records))
     fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), squeeze=False)
-    models = [r for r in records if r["metric"] == "bpc" and r["model"] not in COMPRESSORS]
+    models = [r for r in records if r["metric"] == "bpc" and r["model"] not in COMPRESSOR_MODELS]
     colours = {model: f"C{i}" for i, model in enumerate(dict.fromkeys(r["model"] for r in models))}
     for ax, corpus in zip(axes[0], corpora, strict=True):
         for model, colour in colours.items():
             seeds = [r for r in models if r["corpus"] == corpus and r["model"] == model]
             if seeds:
                 plot_model(ax, seeds, configs[seeds[0]["point"]], options, colour, model)
-        compressors = [r for r in records if r["corpus"] == corpus and r["model"] in COMPRESSORS]
+        compressors = [
+            r for r in records if r["corpus"] == corpus and r["model"] in COMPRESSOR_MODELS
+        ]
         for rec in compressors:
             ax.axhline(rec["value"], color="grey", ls="--", lw=0.8)
             ax.annotate(
@@ -209,7 +312,9 @@ def papers_table(records: list[dict]) -> str:
         )
 
     delta_sum, gating = less("delta_rule", "linear_attn"), less("gated_delta_rule", "delta_rule")
-    best = {c: min(cells[c, name] for name in COMPRESSORS if (c, name) in cells) for c in corpora}
+    best = {
+        c: min(cells[c, name] for name in COMPRESSOR_MODELS if (c, name) in cells) for c in corpora
+    }
     models = {c: [m for (c2, m) in cells if c2 == c and m not in COMPRESSORS] for c in corpora}
     ahead = {c: [m for m in models[c] if cells[c, m] < best[c]] for c in corpora if models[c]}
     rows = [
@@ -243,9 +348,11 @@ def papers_table(records: list[dict]) -> str:
 
 
 def report(records: list[dict], points: list, options: Options) -> str:
+    tuning = tuning_table(records, options) if not options.quick else ""
+    records = [r for r in records if r["learning_rate"] is None]  # at the configs' rates
     plot_curves(records, points, options, options.out / f"{NAME}.png")
     seeds = len(QUICK_SEEDS if options.quick else SEEDS)
-    models = [r for r in records if r["model"] not in COMPRESSORS]
+    models = [r for r in records if r["model"] not in COMPRESSOR_MODELS]
     metrics = list(dict.fromkeys(r["metric"] for r in models))
     cells = group(models, ["corpus", "model", "metric"])
     sections = []
@@ -266,7 +373,7 @@ def report(records: list[dict], points: list, options: Options) -> str:
         rows += [
             [r["model"], None, None, None, None, *([r["value"]] * len(metrics))]
             for r in records
-            if r["corpus"] == corpus and r["model"] in COMPRESSORS
+            if r["corpus"] == corpus and r["model"] in COMPRESSOR_MODELS
         ]
         header = ["model", "parameters", "state size", "steps", "train CPU-min"]
         header += [f"test {m}" for m in metrics]
@@ -284,7 +391,18 @@ size is per layer; train CPU-min is the process time of the training, over every
 where a run was resumed, every segment.
 
 {chr(10).join(s + chr(10) for s in sections)}
+`NAME{AFTER_TRAIN}`: the compressor's output on the training split followed by the test split,
+less its output on the training split alone, over the test bytes: the compressor, like the models,
+has seen the training text first.
+
 ![training curves]({NAME}.png)
+
+### Learning rate: the tuning protocol
+
+{_common.protocol_text(f"{TUNE_CORPUS} (test bpc, lower is better)", "bpc")} The configs train
+at 3e-3; the tables above are at the configs' rates.
+
+{tuning}
 
 ### The papers beside ours
 
