@@ -47,6 +47,10 @@ RUN_LENGTH_KEYS = (
     "eval.num_batches",
     "eval.lengths",
 )
+# Keys that may also differ on resume: where the same computation runs (the device mesh) and what
+# it keeps for the backward pass (model.remat). A checkpoint restores onto any mesh.
+LAYOUT_KEYS = ("mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.context", "model.remat")
+MESH_AXES = ("data", "fsdp", "tensor", "context")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -136,12 +140,48 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh: batch over data x fsdp, parameters' largest axis over fsdp, heads and the
+    MLP's hidden axis over tensor, the sequence over context. One axis may be -1: the devices
+    the others leave."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    context: int = 1
+
+    def __post_init__(self):
+        for name in MESH_AXES:
+            size = getattr(self, name)
+            _require(size >= 1 or size == -1, f"mesh.{name} must be >= 1 or -1, got {size}")
+        rest = [name for name in MESH_AXES if getattr(self, name) == -1]
+        _require(len(rest) <= 1, f"only one mesh axis may be -1, got {', '.join(rest)}")
+
+    def shape(self, devices: int) -> dict[str, int]:
+        """{axis: size} over `devices` devices, -1 resolved; ConfigError if they do not match."""
+        sizes = {name: getattr(self, name) for name in MESH_AXES}
+        fixed = math.prod(size for size in sizes.values() if size != -1)
+        rest = [name for name, size in sizes.items() if size == -1]
+        if rest and devices % fixed == 0:
+            sizes[rest[0]] = devices // fixed
+        if math.prod(sizes.values()) != devices:
+            given = " x ".join(f"{name}={getattr(self, name)}" for name in MESH_AXES)
+            product = f"a multiple of {fixed}" if rest else f"product {fixed}"
+            raise ConfigError(
+                f"mesh {given} ({product}) does not match the run's {devices} devices; make "
+                f"the product {devices} or set one axis to -1 (on a CPU: --cpu-devices N)"
+            )
+        return sizes
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
 assert tuple(f.name for f in dataclasses.fields(Config)) == SECTIONS
@@ -309,4 +349,5 @@ def differing_keys(a: Config, b: Config) -> list[str]:
     """Dotted keys whose values differ between two configs, run-length keys left out."""
     flat_a, flat_b = flatten(to_dict(a)), flatten(to_dict(b))
     keys = sorted(set(flat_a) | set(flat_b))
-    return [k for k in keys if flat_a.get(k) != flat_b.get(k) and k not in RUN_LENGTH_KEYS]
+    free = (*RUN_LENGTH_KEYS, *LAYOUT_KEYS)
+    return [k for k in keys if flat_a.get(k) != flat_b.get(k) and k not in free]

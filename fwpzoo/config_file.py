@@ -21,7 +21,7 @@ import yaml
 from yaml.nodes import MappingNode, SequenceNode
 
 # The sections of fwpzoo.config.Config, in order (that module checks the two agree).
-SECTIONS = ("model", "data", "train", "checkpoint", "eval")
+SECTIONS = ("model", "data", "train", "checkpoint", "eval", "mesh")
 MAX_BYTES = 1 << 20  # a config is a few hundred bytes; the committed ones are under 2 KiB
 MAX_VALUES = 10_000  # values after alias expansion; a config holds a few dozen
 YAML_MERGE_TAG = "tag:yaml.org,2002:merge"

@@ -33,6 +33,9 @@ def _one_of(key: str, value: str, valid) -> None:
 MODEL_WIDE: tuple[str, ...] = ("mixers", "d_model")
 
 
+REMATS: tuple[str, ...] = ("none", "block", "mixer")
+
+
 def _positive(key: str, value: int | None, minimum: int = 1) -> None:
     if value is not None and value < minimum:
         raise ValueError(f"model.{key} must be >= {minimum}, got {value}")
@@ -100,6 +103,9 @@ class ModelConfig:
     rope_base: float = 10000.0
     attention_kernel: str = "dense"
     attention_block_size: int = 256
+    # activation checkpointing: none; block (each block's activations recomputed in the backward
+    # pass from its input); mixer (only the mixer's)
+    remat: str = "none"
 
     def __post_init__(self):
         if not self.mixers:
@@ -163,6 +169,7 @@ class ModelConfig:
                 f"hybrid, set it on the fwp layers: {{mixer: fwp, beta_init: {self.beta_init}}})"
             )
         _one_of("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
+        _one_of("remat", self.remat, REMATS)
         check_qk_norm(self.qk_norm, self.feature_map)
         check_decay(self.cell, self.decay)
         check_beta_init(self.cell, self.beta_init, self.beta_range)

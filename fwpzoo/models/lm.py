@@ -23,12 +23,23 @@ class Block(nnx.Module):
         hidden = int(cfg.mlp_ratio * cfg.d_model)
         self.mlp_norm = RMSNorm(cfg.d_model) if hidden > 0 else None
         self.mlp = SwiGLU(cfg.d_model, hidden, rngs=rngs, dtype=dtype) if hidden > 0 else None
+        self.remat = cfg.remat
 
     def __call__(self, x, *, reset=None, return_intermediates: bool = False):
-        """x [B, T, D] -> x [B, T, D] (and the mixer's intermediates when asked)."""
-        y, stats = self.mixer(self.mixer_norm(x), reset=reset, return_intermediates=True)
-        x = self._mlp(x + y)
+        """x [B, T, D] -> x [B, T, D] (and the mixer's intermediates when asked).
+
+        model.remat "block" keeps only x for the backward pass and recomputes the block from
+        it; "mixer" does so for the mixer alone (its per-chunk states, gates, conv)."""
+        forward = nnx.remat(Block._forward) if self.remat == "block" else Block._forward
+        x, stats = forward(self, x, reset)
         return (x, stats) if return_intermediates else x
+
+    def _forward(self, x, reset):
+        mix = lambda mixer, h, reset: mixer(h, reset=reset, return_intermediates=True)  # noqa: E731
+        y, stats = (nnx.remat(mix) if self.remat == "mixer" else mix)(
+            self.mixer, self.mixer_norm(x), reset
+        )
+        return self._mlp(x + y), stats
 
     def prefill(self, x, cache, reset=None):
         y, cache = self.mixer.prefill(self.mixer_norm(x), cache, reset=reset)

@@ -27,7 +27,14 @@ from fwpzoo.train.checkpoint import Checkpoints, first_line, newest_readable, sa
 from fwpzoo.train.evaluate import evaluate, summarize
 from fwpzoo.train.metrics import MetricsLog
 from fwpzoo.train.optim import learning_rate_schedule, make_optimizer
-from fwpzoo.train.sharding import make_mesh, shard_batch, to_host
+from fwpzoo.train.sharding import (
+    axis_size,
+    check_layout,
+    run_mesh,
+    shard_batch,
+    state_shardings,
+    to_host,
+)
 from fwpzoo.train.state import abstract_model, abstract_train_state, init_train_state
 from fwpzoo.train.steps import make_eval_step, make_train_step
 from fwpzoo.train.workdir import (
@@ -141,7 +148,7 @@ class Run:
 
 def prepare(cfg: Config, devices: int | None = None) -> Run:
     """Resolves every name and checks every size of `cfg`; ConfigError (one line) if one is bad.
-    The mesh spans all devices, or the first `devices`.
+    The mesh (cfg.mesh) spans all devices, or the first `devices`.
 
     Writes nothing, so a bad config leaves a workdir untouched.
     """
@@ -149,23 +156,25 @@ def prepare(cfg: Config, devices: int | None = None) -> Run:
         task = make_task(cfg.data, cfg.train.seed)
         for length in cfg.eval.lengths:  # a length the task cannot make: refused before training
             next(task.eval_batches("valid", 1, 1, seq_len=length))
-        mesh = make_mesh(devices)
+        mesh = run_mesh(cfg.mesh, devices)
         graphdef, _ = abstract_model(cfg, task.vocab_size, mesh)
     except ConfigError:
         raise
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    devices = mesh.devices.size
+    check_layout(cfg, mesh)
+    # the batch is split over data x fsdp; tensor and context devices share their rows
+    devices = axis_size(mesh, "data") * axis_size(mesh, "fsdp")
+    split = f"mesh.data x mesh.fsdp = {devices}"
+    if devices == mesh.devices.size:
+        split = f"the {devices} devices"
     micro_batch = cfg.train.batch_size // cfg.train.grad_accum
     if micro_batch % devices:
         raise ConfigError(
-            f"train.batch_size / train.grad_accum = {micro_batch} is not divisible by the "
-            f"{devices} devices"
+            f"train.batch_size / train.grad_accum = {micro_batch} is not divisible by {split}"
         )
     if cfg.eval.batch_size % devices:
-        raise ConfigError(
-            f"eval.batch_size={cfg.eval.batch_size} is not divisible by the {devices} devices"
-        )
+        raise ConfigError(f"eval.batch_size={cfg.eval.batch_size} is not divisible by {split}")
     metrics = summarize({"loss_sum": 0, "weight": 1, "correct": 0}, task.metrics)
     if cfg.checkpoint.best_metric not in (None, *metrics):
         raise ConfigError(
@@ -309,8 +318,10 @@ def _loop(run: Run, state, start, data_index, checkpoints, log, bar, stop, train
     cfg, task, mesh = run.cfg, run.task, run.mesh
     # The old state is dead once the step returns, so its buffers hold the new one: params and
     # optimizer state exist once on the device, not twice.
+    # the new state keeps the old one's shardings (parameters and optimizer state by the rules)
     train_step = jax.jit(
         make_train_step(run.graphdef, run.optimizer, grad_accum=cfg.train.grad_accum),
+        out_shardings=(state_shardings(state, mesh), None),
         donate_argnums=0,
     )
     eval_step = jax.jit(make_eval_step(run.graphdef))

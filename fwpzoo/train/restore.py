@@ -5,11 +5,12 @@ a one-line warning naming it and why, so a crash during a save or a corrupted di
 eval or sampling while an older good checkpoint exists.
 """
 
+import dataclasses
 from pathlib import Path
 
 import jax
 
-from fwpzoo.config import Config, ConfigError, from_dict
+from fwpzoo.config import Config, ConfigError, MeshConfig, from_dict
 from fwpzoo.train.checkpoint import Checkpoints, UnreadableCheckpoint, newest_readable, saved_steps
 from fwpzoo.train.loop import Run, prepare
 from fwpzoo.train.sharding import dividing_count
@@ -31,8 +32,9 @@ def restore_run(workdir: Path, step: int | None = None) -> tuple[Run, int, dict]
 
     def restore(step):
         meta = checkpoints.restore_meta(step)
-        cfg = from_dict(Config, meta["config"])
-        # the device count training takes by default, so evaluation sums in the same order
+        # data parallel whatever mesh trained it (a checkpoint restores onto any mesh), over the
+        # device count training takes by default, so evaluation sums in the same order
+        cfg = dataclasses.replace(from_dict(Config, meta["config"]), mesh=MeshConfig())
         micro_batch = cfg.train.batch_size // cfg.train.grad_accum
         run = prepare(cfg, dividing_count(jax.device_count(), [micro_batch, cfg.eval.batch_size]))
         _, abstract = abstract_model(cfg, run.task.vocab_size, run.mesh)

@@ -1,17 +1,66 @@
-"""Data parallelism: one Mesh over every device of every process, batch split on its "data" axis.
+"""The device mesh and where every array lives on it.
 
-Parameters and optimizer state are replicated; jit's SPMD partitioner adds the gradient all-reduce.
+One Mesh with axes (data, fsdp, tensor, context) over every device of every process (MeshConfig).
+Every parameter has logical axis names (vocab, embed, heads, kv, mlp, conv, state), given by the
+end of its path in LOGICAL_AXES; RULES maps them to mesh axes: heads and the MLP's hidden axis over
+`tensor`, then the largest remaining axis of each parameter over `fsdp` (an axis that does not
+divide by its mesh axis stays whole). The optimizer state of a parameter has the parameter's
+sharding. The batch is split over (data, fsdp) and, with context > 1, the sequence over
+`context`. jit's SPMD partitioner places the collectives (all-gathers of FSDP shards, the
+gradient reduce-scatter, tensor-parallel reductions); only a scan over a sharded sequence needs
+more (fwpzoo.train.context).
 """
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fwpzoo.config import ConfigError
+from fwpzoo.config import MESH_AXES, ConfigError, MeshConfig
+
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both; parameters are sharded over fsdp
+# Logical axis names of a parameter, by the last names of its path (list indices left out): the
+# first entry whose names end the path gives them, one per axis from the first (fewer names than
+# axes: the rest are unnamed). A parameter no entry names is sharded by FSDP alone.
+LOGICAL_AXES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("embed", "embedding"), ("vocab", "embed")),
+    (("head", "kernel"), ("embed", "vocab")),
+    (("mlp", "gate", "kernel"), ("embed", "mlp")),
+    (("mlp", "up", "kernel"), ("embed", "mlp")),
+    (("mlp", "down", "kernel"), ("mlp", "embed")),
+    (("out_proj", "kernel"), ("heads", "embed")),
+    (("qkv_proj", "kernel"), ("embed", "heads")),  # q, k, v of every head, head-major per part
+    (("in_proj", "kernel"), ("embed", "heads")),
+    (("gate_proj", "kernel"), ("embed", "heads")),
+    (("proj", "kernel"), ("embed", "heads")),  # a per-token gate's projection
+    (("conv", "kernel"), ("conv", "heads")),  # the short conv over the q, k, v channels
+    (("out_norm", "weight"), ("kv",)),
+    (("mixer", "norm", "weight"), ("heads",)),  # Mamba-2's gated norm over every head's values
+    (("weight",), ("embed",)),  # the blocks' and the final RMSNorm
+    (("B",), (None, "embed", "state")),  # the diagonal SSM's input and output maps
+    (("C",), (None, "state", "embed")),
+    (("W",), ("heads", "kv", "kv")),  # plastic and programmed mixers' slow weights per head
+    (("W0",), ("heads", "kv", "kv")),
+    (("R",), ("heads", "kv", "kv")),
+    (("alpha",), ("heads", "kv", "kv")),
+    (("bias",), ("heads", "kv")),  # a gate's bias, decay and static value: [H] or [H, K]
+    (("A_log",), ("heads", "kv")),
+    (("dt_bias",), ("heads", "kv")),
+    (("raw",), ("heads", "kv")),
+    (("b",), ("heads", "kv")),
+    (("w_mod",), ("heads", "kv")),
+    (("eta_raw",), ("heads",)),
+    (("lambda_raw",), ("heads",)),
+    (("D",), ("heads",)),
+    (("nu_log",), ("state",)),
+    (("gamma_log",), ("state",)),
+    (("theta_log",), ("state",)),
+)
+# logical axis -> mesh axis; FSDP then takes the largest axis left unsharded
+RULES: dict[str, str] = {"heads": "tensor", "mlp": "tensor"}
 
 
 def split_cpu(count: int) -> None:
@@ -78,35 +127,195 @@ def use_cpu_devices(
     split_cpu(count)
 
 
-def make_mesh(count: int | None = None) -> Mesh:
-    """A 1-D mesh over all devices (or the first `count`), in jax.devices() order (process by
-    process)."""
-    return Mesh(np.array(jax.devices()[:count]), ("data",))
+def make_mesh(count: int | None = None, shape: Mapping[str, int] | None = None) -> Mesh:
+    """A mesh with axes MESH_AXES over all devices (or the first `count`), in jax.devices() order
+    (process by process): `shape` ({axis: size}, product = the devices), or all along data."""
+    devices = jax.devices()[:count]
+    sizes = dict(shape) if shape is not None else {"data": len(devices)}
+    dims = tuple(sizes.get(name, 1) for name in MESH_AXES)
+    return Mesh(np.array(devices).reshape(dims), MESH_AXES)
+
+
+def run_mesh(cfg: MeshConfig, count: int | None = None) -> Mesh:
+    """The mesh of a run's `mesh` section over all devices (or the first `count`); ConfigError
+    (one line) if its axes do not multiply to the device count."""
+    devices = len(jax.devices()[:count])
+    return make_mesh(count, cfg.shape(devices))
+
+
+def axis_size(mesh, name: str) -> int:
+    return dict(mesh.shape).get(name, 1)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_axes(mesh) -> tuple[str, ...]:
+    return tuple(name for name in BATCH_AXES if name in mesh.axis_names)
+
+
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec("data"))
+    """The leading (batch) axis split over data x fsdp."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
+
+
+def sequence_sharded(mesh: Mesh) -> NamedSharding:
+    """[B, T, ...]: the batch over data x fsdp, the sequence over context."""
+    context = "context" if axis_size(mesh, "context") > 1 else None
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh), context))
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """A global batch of host arrays [B, ...] -> global jax Arrays split over the "data" axis.
+    """A global batch of host arrays [B, T, ...] -> global jax Arrays, the batch split over
+    data x fsdp and the sequence over context.
 
     Every process holds the same global batch (the data stream is a pure function of seed and
-    index) and feeds only the rows of its own devices.
+    index) and feeds only the pieces of its own devices.
     """
-    sharding = batch_sharded(mesh)
 
     def put(x):
         x = np.asarray(x)
+        sharding = sequence_sharded(mesh) if x.ndim >= 2 else batch_sharded(mesh)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return {name: put(x) for name, x in batch.items()}
 
 
+def path_names(path) -> tuple[str, ...]:
+    """A pytree key path -> its names, list indices and nnx's `value` left out."""
+    names = []
+    for key in path:
+        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
+        if isinstance(name, str) and name != "value":
+            names.append(name)
+    return tuple(names)
+
+
+def logical_axes(names: Sequence[str], ndim: int) -> tuple[str | None, ...]:
+    """The logical axis names of a parameter at path `names` with `ndim` axes (LOGICAL_AXES)."""
+    for suffix, axes in LOGICAL_AXES:
+        if tuple(names[-len(suffix) :]) == suffix:
+            return (tuple(axes) + (None,) * ndim)[:ndim]
+    return (None,) * ndim
+
+
+def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh) -> PartitionSpec:
+    """RULES applied to one parameter: each named axis to its mesh axis where that divides it,
+    then the largest remaining axis that divides by fsdp to fsdp."""
+    spec = []
+    for name, size in zip(axes, shape, strict=True):
+        target = RULES.get(name)
+        divides = target is not None and axis_size(mesh, target) > 1
+        spec.append(target if divides and size % axis_size(mesh, target) == 0 else None)
+    fsdp = axis_size(mesh, "fsdp")
+    free = [i for i, size in enumerate(shape) if spec[i] is None and size % fsdp == 0]
+    if fsdp > 1 and free:
+        spec[max(free, key=lambda i: shape[i])] = "fsdp"  # the first of the largest
+    return PartitionSpec(*spec)
+
+
+def param_shardings(params, mesh: Mesh):
+    """A NamedSharding for every leaf of `params` (arrays or shapes), by RULES."""
+
+    def place(path, x):
+        axes = logical_axes(path_names(path), len(x.shape))
+        return NamedSharding(mesh, partition_spec(axes, x.shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(place, params)
+
+
+def like_params(tree, params, shardings, mesh: Mesh):
+    """A sharding for every leaf of `tree` (optimizer state): the sharding of the parameter whose
+    path ends its own path and whose shape it has (Adam's moments), else replicated (counts)."""
+    by_path = {}
+    for (path, x), sharding in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(shardings), strict=True
+    ):
+        by_path[tuple(map(str, path))] = (x.shape, sharding)
+
+    def place(path, x):
+        path = tuple(map(str, path))
+        for start in range(len(path)):
+            shape, sharding = by_path.get(path[start:], (None, None))
+            if shape == x.shape:
+                return sharding
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(place, tree)
+
+
+def state_shardings(abstract_state: dict, mesh: Mesh) -> dict:
+    """The shardings of a train state {"params", "rest"(, "opt_state")} of arrays or shapes:
+    parameters by RULES, the other model variables replicated, the optimizer state like its
+    parameters."""
+    params = param_shardings(abstract_state["params"], mesh)
+    out = {
+        "params": params,
+        "rest": jax.tree.map(lambda _: replicated(mesh), abstract_state["rest"]),
+    }
+    if "opt_state" in abstract_state:
+        out["opt_state"] = like_params(
+            abstract_state["opt_state"], abstract_state["params"], params, mesh
+        )
+    return out
+
+
 def to_host(tree):
     """Replicated jax Arrays -> numpy, in any process (a global array may not be fully local)."""
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+# mixers whose every token reads the state the previous token left through a nonlinearity: no
+# summary of a sequence piece composes, so their sequence cannot be split
+SEQUENTIAL_MIXERS = ("rdn", "srwm")
+
+
+def check_layout(cfg, mesh: Mesh) -> None:
+    """ConfigError (one line) unless the run's model and data fit its mesh: the batch splits over
+    data x fsdp (checked by the caller), `tensor` divides every layer's heads, and with
+    context > 1 the sequence splits into whole chunks of a mixer that can run split."""
+    tensor, context = axis_size(mesh, "tensor"), axis_size(mesh, "context")
+    for i, layer in enumerate(cfg.model.layers()):
+        mixer = layer.mixers[0]
+        heads = {"num_heads": layer.num_heads}
+        for key in ("num_kv_heads", "num_value_heads"):
+            if getattr(layer, key, None) is not None:
+                heads[key] = getattr(layer, key)
+        for key, count in heads.items():
+            if mixer != "ssm" and count % tensor:
+                raise ConfigError(
+                    f"mesh.tensor={tensor} does not divide model.mixers[{i}] ({mixer}) "
+                    f"{key}={count}; use a tensor size that divides {count}"
+                )
+        if context == 1:
+            continue
+        sequential = mixer in SEQUENTIAL_MIXERS or (
+            mixer == "plastic" and layer.form != "chunkwise"
+        )
+        if sequential:
+            raise ConfigError(
+                f"model.mixers[{i}] ({mixer}) is sequential by nature (each token reads the "
+                f"state through a nonlinearity) and cannot split its sequence: use mesh.context=1"
+            )
+    if context > 1:
+        for length in (cfg.data.seq_len, *cfg.eval.lengths):
+            check_context_length(cfg.model, length, context)
+
+
+def check_context_length(model, length: int, context: int) -> None:
+    """The sequence of `length` tokens splits over `context` devices into whole chunks."""
+    if length % context:
+        raise ConfigError(
+            f"mesh.context={context} does not divide the sequence length {length}; use a "
+            f"context size that divides it"
+        )
+    local = length // context
+    for i, layer in enumerate(model.layers()):
+        chunked = layer.mixers[0] in ("fwp", "mamba2") and local > layer.chunk_size
+        if chunked and local % layer.chunk_size:
+            raise ConfigError(
+                f"mesh.context={context} splits {length} tokens into pieces of {local}, not "
+                f"whole chunks of model.mixers[{i}] chunk_size={layer.chunk_size}; make "
+                f"{length} / context a multiple of {layer.chunk_size}"
+            )

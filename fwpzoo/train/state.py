@@ -8,8 +8,7 @@ from jax.sharding import Mesh
 
 from fwpzoo.config import Config
 from fwpzoo.models import build_model
-from fwpzoo.train.checkpoint import abstract_with_sharding
-from fwpzoo.train.sharding import replicated
+from fwpzoo.train.sharding import state_shardings
 
 
 def new_model(cfg: Config, vocab_size: int):
@@ -28,29 +27,46 @@ def split_model(model) -> tuple[nnx.GraphDef, dict]:
     return graphdef, {"params": params, "rest": rest}
 
 
+def placed(abstract, shardings):
+    """ShapeDtypeStructs of `abstract` on `shardings` (a tree of the same structure)."""
+    return jax.tree.map(
+        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        abstract,
+        shardings,
+    )
+
+
 def abstract_model(cfg: Config, vocab_size: int, mesh: Mesh) -> tuple[nnx.GraphDef, dict]:
-    """(graphdef, {"params", "rest"} as replicated shapes) without allocating any parameter.
+    """(graphdef, {"params", "rest"} as shapes on their shardings) without allocating any
+    parameter.
 
     Building it runs every name check of the model registries, so this is also how a config's
     model section is validated before anything is written.
     """
     graphdef, model_state = split_model(nnx.eval_shape(lambda: new_model(cfg, vocab_size)))
-    return graphdef, abstract_with_sharding(model_state, replicated(mesh))
+    return graphdef, placed(model_state, state_shardings(model_state, mesh))
 
 
-def init_train_state(cfg: Config, vocab_size: int, optimizer: optax.GradientTransformation, mesh):
-    """{"params", "rest", "opt_state"}, created directly on the mesh, replicated."""
+def train_state_fn(cfg: Config, vocab_size: int, optimizer: optax.GradientTransformation):
+    """() -> {"params", "rest", "opt_state"}: the fresh train state of `cfg`."""
 
     def init():
         _, model_state = split_model(new_model(cfg, vocab_size))
         return {**model_state, "opt_state": optimizer.init(model_state["params"])}
 
-    # waited for, so a model too large for memory fails here, before the run writes anything
-    return jax.block_until_ready(jax.jit(init, out_shardings=replicated(mesh))())
+    return init
 
 
 def abstract_train_state(cfg: Config, vocab_size: int, optimizer, mesh: Mesh) -> dict:
-    """The shapes of init_train_state, replicated on the mesh: the target of a restore."""
-    _, model_state = abstract_model(cfg, vocab_size, mesh)
-    opt_state = jax.eval_shape(optimizer.init, model_state["params"])
-    return {**model_state, "opt_state": abstract_with_sharding(opt_state, replicated(mesh))}
+    """The shapes of init_train_state on their shardings (parameters by the rules table, the
+    optimizer state like its parameters): the target of a restore, onto any mesh."""
+    abstract = jax.eval_shape(train_state_fn(cfg, vocab_size, optimizer))
+    return placed(abstract, state_shardings(abstract, mesh))
+
+
+def init_train_state(cfg: Config, vocab_size: int, optimizer: optax.GradientTransformation, mesh):
+    """{"params", "rest", "opt_state"}, created directly on the mesh, each array on its shards."""
+    init = train_state_fn(cfg, vocab_size, optimizer)
+    shardings = state_shardings(jax.eval_shape(init), mesh)
+    # waited for, so a model too large for memory fails here, before the run writes anything
+    return jax.block_until_ready(jax.jit(init, out_shardings=shardings)())
