@@ -150,16 +150,24 @@ def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
     assert {p.labels["model"] for p in study} == set(mqar.GATED) and len(study) == 4
     # every key re-bound, at a point whose plain twin is in the grid, for every model and seed
     rebound = [p for p in points if p.labels["rebinds"]]
-    assert len(rebound) == len(mqar.MODELS) * 2
-    assert all(p.labels["rebinds"] == p.labels["x"] <= p.labels["key_dim"] for p in rebound)
+    assert len(rebound) == len(mqar.MODELS) * len(mqar.REBIND_GRID) * len(mqar.REBIND_SEEDS)
+    assert {(p.labels["key_dim"], p.labels["x"]) for p in rebound} == {
+        (8, 8),
+        (8, 16),
+        (16, 8),
+        (16, 16),
+    }
+    assert all(p.labels["rebinds"] == p.labels["x"] for p in rebound)
     names = {p.name for p in points}
-    assert all(p.name.replace(f"-r{p.labels['rebinds']}", "") in names for p in rebound)
+    twins = [p for p in rebound if p.labels["seed"] in mqar.SEEDS]  # the grid's seeds
+    assert all(p.name.replace(f"-r{p.labels['rebinds']}", "") in names for p in twins)
     # attention, cheap where it stops early, gets three seeds on the grid; with 4-dim heads, where
     # it runs the whole budget, the two of the other models; and a longer budget where it must
     # pick the later binding
     grid_seeds = {}
     for p in points:
-        if p.labels["model"] == "attention" and not p.labels["rebinds"]:
+        standard = p.labels["learning_rate"] is None and p.labels["budget"] is None
+        if p.labels["model"] == "attention" and not p.labels["rebinds"] and standard:
             grid_seeds.setdefault((p.labels["key_dim"], p.labels["x"]), set()).add(p.labels["seed"])
     assert len(grid_seeds) == 6
     assert all(len(s) == (2 if key_dim == 4 else 3) for (key_dim, _), s in grid_seeds.items())
@@ -167,7 +175,7 @@ def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
     assert steps["attention"] > steps["delta_rule"]
     # the write strength study: both delta rules from a low beta, at both key dim 4 grid points,
     # each beside its grid twin (same name less the variant)
-    low = [p for p in points if p.labels["beta_init"] is not None]
+    low = [p for p in points if p.labels["beta_init"] is not None and p.labels["budget"] is None]
     studied = {tuple(p.labels[k] for k in ("model", "key_dim", "x", "seed")) for p in low}
     assert studied == {
         (m, 4, n, s) for m in ("delta_rule", "gated_delta_rule") for n in (8, 16) for s in (0, 1)

@@ -676,7 +676,8 @@ def errorbars(ax, curve: dict, **style) -> None:
     middle, low, high = zip(*(spread(curve[x]) for x in xs), strict=True)
     below = [m - lo for m, lo in zip(middle, low, strict=True)]
     above = [hi - m for m, hi in zip(middle, high, strict=True)]
-    ax.errorbar(xs, middle, yerr=[below, above], capsize=2, marker="o", markersize=3, **style)
+    style = {"marker": "o", "markersize": 3, **style}
+    ax.errorbar(xs, middle, yerr=[below, above], capsize=2, **style)
 
 
 def progress_note(points: Sequence[Point], records: Sequence[dict], options: Options) -> str:

@@ -44,6 +44,7 @@ KEYS = (
     "decay_init",
     "beta_init",
     "learning_rate",
+    "budget",
     "task",
     "rebinds",
     "d_model",
@@ -84,6 +85,16 @@ BETA_HEADS, BETA_MODELS = 16, ("delta_rule", "gated_delta_rule")
 # the re-binding study: (num_heads, pairs, rebinds) at key dim 16, where 8 pairs fit the fast
 # weights without interference, every key bound a second time; beside the plain point
 REBIND_POINT = (4, 8, 8)
+# extended to key dims 8 and 16 with 8 and 16 pairs, every key re-bound, three seeds; 16 pairs
+# re-bound need 4 * 16 + 2 * 16 - 1 = 95 tokens, so those sequences are 96 long (their plain twins
+# in the grid keep 64: the same pairs and queries, without the second bindings)
+REBIND_GRID = ((4, 8), (8, 8), (8, 16), (4, 16))
+REBIND_SEEDS = (0, 1, 2)
+REBIND_LONG_SEQ = 96
+# a longer budget at key dim 4, where the sum rule and the delta rules' low-beta start were still
+# falling at step 4000: (model, beta init) at 16 heads, 16 pairs, two seeds
+LONG_STEPS = 12000
+LONG_MODELS = (("delta_rule", None), ("linear_attn", None), ("delta_rule", LOW_BETA))
 # attention learns to pick the later of two bindings of a key late (0.328 at step 4000), so at the
 # re-binding point it trains up to 12000 steps, still stopping at validation accuracy 0.99
 REBIND_ATTENTION = ("train.steps=12000",)
@@ -103,7 +114,7 @@ QUICK_OVERRIDES = (
 
 
 def mqar_point(
-    model, heads, pairs, seed, overrides=(), decay=None, rebinds=0, beta=None, rate=None
+    model, heads, pairs, seed, overrides=(), decay=None, rebinds=0, beta=None, rate=None, steps=None
 ) -> object:
     """One seed of one model at (num_heads, pairs), with `rebinds` keys bound again; `decay`
     names a decay init override, `beta` is where the write strength starts, `rate` the learning
@@ -112,12 +123,15 @@ def mqar_point(
     rebind = (f"data.rebinds={rebinds}",) if rebinds else ()
     beta_init = (f"model.beta_init={beta}",) if beta is not None else ()
     learning_rate = (_common.rate_override(rate),) if rate is not None else ()
+    budget = (f"train.steps={steps}",) if steps is not None else ()
     overrides = (
         f"data.num_pairs={pairs}",
         f"model.num_heads={heads}",
         *rebind,
+        *rebind_length(pairs, rebinds),
         *beta_init,
         *learning_rate,
+        *budget,
         *overrides,
     )
     cfg = load(path, overrides)
@@ -126,6 +140,7 @@ def mqar_point(
         "decay_init": (decay or LONG_DECAY) if model in GATED else None,
         "beta_init": cfg.model.beta_init,
         "learning_rate": rate,
+        "budget": steps,
         "task": "mqar",
         "rebinds": rebinds,
         "d_model": cfg.model.d_model,
@@ -136,6 +151,7 @@ def mqar_point(
     }
     variant = (
         (f"-lr{_common.rate_label(rate)}" if rate is not None else "")
+        + (f"-steps{steps}" if steps is not None else "")
         + f"-{decay}_init" * bool(decay)
         + f"-beta{beta}_init" * (beta is not None)
         + f"-r{rebinds}" * bool(rebinds)
@@ -163,7 +179,14 @@ def make_points(options) -> list:
         return [*plain, rebound]
     (first_heads, first_grid), *rest = GRID.items()
     heads, pairs, r = REBIND_POINT
-    points = [*tuning_points(), *retuned_points(options)]
+    points = [*tuning_points(), *retuned_points(options), *long_points(SEEDS[:1])]
+    points += [
+        mqar_point(m, h, n, s, rebind_budget(m), rebinds=n)
+        for s in REBIND_SEEDS
+        for h, n in REBIND_GRID
+        for m in MODELS
+    ]
+    points += long_points(SEEDS[1:])
     for s in SEEDS:
         points += [mqar_point(m, first_heads, n, s) for n in first_grid for m in MODELS]
         points += [mqar_point(m, heads, pairs, s) for m in MODELS]
@@ -236,11 +259,27 @@ def rebind_budget(model: str) -> tuple[str, ...]:
     return REBIND_ATTENTION if model == "attention" else ()
 
 
+def rebind_length(pairs: int, rebinds: int) -> tuple[str, ...]:
+    """The longer sequence re-binding needs where the grid's 64 tokens cannot hold it."""
+    return (f"data.seq_len={REBIND_LONG_SEQ}",) if 4 * pairs + 2 * rebinds - 1 > 64 else ()
+
+
+def long_points(seeds) -> list:
+    """The longer budget at key dim 4 with 16 pairs."""
+    return [
+        mqar_point(m, BETA_HEADS, 16, s, beta=beta, steps=LONG_STEPS)
+        for s in seeds
+        for m, beta in LONG_MODELS
+    ]
+
+
 def planned_seeds(model: str, heads: int, rebinds: int, options) -> int:
     """How many seeds a cell of the page waits for."""
     if options.quick:
         return len(QUICK_SEEDS)
-    third = model == "attention" and not rebinds and heads != NARROW_HEADS
+    if rebinds:
+        return len(REBIND_SEEDS)
+    third = model == "attention" and heads != NARROW_HEADS
     return len(ATTENTION_SEEDS if third else SEEDS)
 
 
@@ -260,8 +299,23 @@ def plot(records: list[dict], path) -> None:
         for ax, key_dim in zip(axes, key_dims, strict=False):
             curve = group([r for r in mine if r["key_dim"] == key_dim], ["x"])
             errorbars(ax, {x: v for (x,), v in curve.items()}, color=f"C{i}")
-        hardest = group([r for r in mine if r["x"] == most_pairs], ["state_size"])
-        errorbars(axes[-1], {s: v for (s,), v in hardest.items()}, label=model, color=f"C{i}")
+        hardest = [r for r in mine if r["x"] == most_pairs]
+        if model != "attention":
+            curve = group(hardest, ["state_size"])
+            errorbars(axes[-1], {s: v for (s,), v in curve.items()}, label=model, color=f"C{i}")
+            continue
+        # attention's cache is the same size at every head setting: one marker per setting,
+        # spread sideways, so three settings do not read as one bar of seed spread
+        markers = dict(zip(sorted({r["key_dim"] for r in hardest}), "^so", strict=False))
+        for (key_dim, size), values in group(hardest, ["key_dim", "state_size"]).items():
+            shift = 1.12 ** (list(markers).index(key_dim) - 1)
+            errorbars(
+                axes[-1],
+                {size * shift: values},
+                label=f"attention, key dim {key_dim}",
+                color=f"C{i}",
+                marker=markers[key_dim],
+            )
     axes[-1].set(xscale="log", title=f"{most_pairs} pairs", xlabel="state size per layer")
     sizes = sorted({r["state_size"] for r in records if r["x"] == most_pairs})
     axes[-1].set_xticks(sizes, [str(size) for size in sizes])  # log scale's minor labels collide
@@ -303,24 +357,94 @@ def grid_tables(records: list[dict], options) -> str:
     return "\n\n".join(sections)
 
 
+def rebind_settings(options) -> list[tuple[int, int]]:
+    """(num_heads, pairs) of the re-binding study, every key re-bound at each."""
+    if options.quick:
+        heads, pairs, _ = QUICK_REBIND_POINT
+        return [(heads, pairs)]
+    return sorted(REBIND_GRID, key=lambda setting: (-setting[0], setting[1]))
+
+
 def rebind_table(records: list[dict], options) -> str:
-    """At the re-binding point: a row per model, plain MQAR beside every key re-bound."""
-    heads, pairs, rebinds = QUICK_REBIND_POINT if options.quick else REBIND_POINT
-    here = [r for r in records if r["num_heads"] == heads and r["x"] == pairs]
-    cells = group(here, ["model", "rebinds"])
-    models = list(dict.fromkeys(r["model"] for r in here))
+    """A row per model, for each re-binding setting the plain point beside every key re-bound."""
+    settings = rebind_settings(options)
+    cells = group(records, ["model", "num_heads", "x", "rebinds"])
+    models = [m for m in MODELS + QUICK_MODELS if any(r["model"] == m for r in records)]
     rows = [
         [
             m,
             *(
-                spread_cell(cells.get((m, r)), planned_seeds(m, heads, r, options))
-                for r in (0, rebinds)
+                spread_cell(cells.get((m, h, n, r)), planned_seeds(m, h, r, options))
+                for h, n in settings
+                for r in (0, n)
             ),
         ]
-        for m in models
+        for m in dict.fromkeys(models)
+        if any((m, h, n, n) in cells for h, n in settings)
     ]
-    header = ["model", "plain", f"{rebinds} of {pairs} keys re-bound"]
+    header = ["model"]
+    for heads, pairs in settings:
+        key_dim = 64 // heads if not options.quick else None
+        where = f"key dim {key_dim}, {pairs} pairs" if key_dim else f"{pairs} pairs"
+        header += [f"{where}: plain", f"{where}: all re-bound"]
     return markdown_table(header, rows) if rows else "No point of the study is recorded yet."
+
+
+def plot_rebinds(records: list[dict], options, path) -> None:
+    """Accuracy with every key re-bound (solid) and plain (dotted) against pairs, a panel per
+    key dim; medians over seeds with bars to the min and max."""
+    settings = {(r["key_dim"], r["x"]) for r in records if r["rebinds"]}
+    if not settings:
+        return
+    key_dims = sorted({key_dim for key_dim, _ in settings})
+    fig, axes = plt.subplots(1, len(key_dims), figsize=(4 * len(key_dims), 3.4), squeeze=False)
+    for ax, key_dim in zip(axes[0], key_dims, strict=True):
+        pairs = sorted({n for k, n in settings if k == key_dim})
+        ax.set(title=f"key dim {key_dim}: every key re-bound", xlabel="pairs", ylabel="accuracy")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(pairs, [str(n) for n in pairs])
+        ax.set_ylim(-0.02, 1.02)
+        for i, model in enumerate(MODELS):
+            mine = [r for r in records if r["model"] == model and r["key_dim"] == key_dim]
+            for rebound, style in ((True, "-"), (False, ":")):
+                curve = {
+                    n: [r["value"] for r in mine if r["x"] == n and bool(r["rebinds"]) == rebound]
+                    for n in pairs
+                }
+                label = model if rebound else None
+                errorbars(
+                    ax, {n: v for n, v in curve.items() if v}, color=f"C{i}", ls=style, label=label
+                )
+    if axes[0][-1].get_legend_handles_labels()[1]:
+        axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def long_table(records: list[dict], options) -> str:
+    """At key dim 4 with 16 pairs: each model of the longer-budget study at the grid's 4000
+    steps (its grid or write strength point) beside LONG_STEPS."""
+    rows = []
+    for model, beta in LONG_MODELS:
+        here = [
+            r
+            for r in records
+            if (r["model"], r["beta_init"], r["num_heads"], r["x"]) == (model, beta, BETA_HEADS, 16)
+            and r["learning_rate"] is None
+            and not r["rebinds"]
+        ]
+        by_budget = group(here, ["budget"])
+        start = "about 0.5 (no bias)" if beta is None else f"{beta:g}"
+        rows.append(
+            [
+                model,
+                start if model != "linear_attn" else "-",
+                *(spread_cell(by_budget.get((b,)), len(SEEDS)) for b in (None, LONG_STEPS)),
+            ]
+        )
+    header = ["model", "beta at init", "4000 steps", f"{LONG_STEPS} steps"]
+    return markdown_table(header, rows)
 
 
 def beta_table(records: list[dict], options) -> str:
@@ -417,6 +541,37 @@ def verdict(holds: dict[str, bool], why: str) -> str:
     return f"differs in {len(failing)} of {len(holds)} ({'; '.join(failing)}): {why}"
 
 
+PLAIN_TIE = 0.01  # a median gap this small between two rules is a tie
+
+
+def delta_sum_statement(records: list[dict]) -> str:
+    """What the medians say about the delta rule against the sum rule, plain and re-bound."""
+    cells = medians(records, ["model", "key_dim", "x", "rebinds"])
+    gaps = differences(cells, "delta_rule", "linear_attn")
+    plain = {c: v for c, v in gaps.items() if "re-bound" not in c}
+    rebound = {c: v for c, v in gaps.items() if "re-bound" in c}
+
+    def ahead(columns: dict[str, float]) -> str:
+        wins = [f"{c} ({v:+.3f})" for c, v in columns.items() if v > 0]
+        return f"{len(wins)} of {len(columns)}" + (f": {'; '.join(wins)}" if wins else "")
+
+    if not plain:
+        return ""
+    text = (
+        "**Delta rule against sum rule, at equal state size (medians, delta_rule less "
+        f"linear_attn).** Plain MQAR: the delta rule is ahead in {ahead(plain)}; elsewhere the sum "
+        f"rule matches or beats it. Every key re-bound: the delta rule is ahead in "
+        f"{ahead(rebound)}."
+    )
+    if max(plain.values()) <= PLAIN_TIE and rebound and min(rebound.values()) > 0:
+        text += (
+            f" So at this scale the delta rule is never more than {PLAIN_TIE} ahead of the sum"
+            " rule where each key is bound once, and ahead wherever a key's value must be"
+            " replaced: its advantage here is replacement, not capacity."
+        )
+    return text
+
+
 def papers_table(records: list[dict]) -> str:
     """The papers' findings beside ours, from the medians of every column recorded (grid and
     re-binding, long decay init)."""
@@ -441,6 +596,7 @@ def papers_table(records: list[dict]) -> str:
         [
             "softmax attention solves MQAR at every size",
             "Arora et al. 2024 (Zoology): near 1.0, d_model 64 to 512, up to 64 pairs",
+            "every median >= 0.9",
             f"lowest median {lowest[1]:.3f} ({lowest[0]})" if lowest else "-",
             verdict(
                 {column: value >= 0.9 for column, value in attention.items()},
@@ -451,6 +607,7 @@ def papers_table(records: list[dict]) -> str:
         [
             "a fixed-state model needs its state to grow with the pairs",
             "Zoology: accuracy falls as pairs outgrow the state",
+            "median at 16 pairs <= median at 8 pairs + 0.005",
             f"accuracy at 16 pairs no higher than at 8 in {sum(drops.values())} of {len(drops)}"
             " (model, key dim)",
             verdict(drops, "not explained yet: see the notes"),
@@ -458,6 +615,7 @@ def papers_table(records: list[dict]) -> str:
         [
             "the delta rule recalls better than the sum rule at equal state",
             "Yang et al. 2024 (DeltaNet), on Zoology's MQAR",
+            "delta_rule median - linear_attn median >= 0",
             f"delta_rule less linear_attn: {signed(delta_sum)}",
             verdict(
                 {column: value >= 0 for column, value in delta_sum.items()},
@@ -471,6 +629,7 @@ def papers_table(records: list[dict]) -> str:
         [
             "gated models recall as well as or better than ungated ones",
             "Yang, Kautz & Hatamizadeh 2025 (Gated DeltaNet); Dao & Gu 2024 (Mamba-2)",
+            "gated median - delta_rule median >= -0.01",
             f"less delta_rule: {signed(gated)}",
             verdict(
                 {column: value >= -0.01 for column, value in gated.items()},
@@ -480,7 +639,14 @@ def papers_table(records: list[dict]) -> str:
         ],
     ]
     return markdown_table(
-        ["finding", "paper", "here (medians over seeds)", "where we differ, why"], rows
+        [
+            "finding",
+            "paper",
+            "holds where (tolerance)",
+            "here (medians over seeds)",
+            "where we differ, why",
+        ],
+        rows,
     )
 
 
@@ -488,12 +654,15 @@ def report(records: list[dict], points: list, options) -> str:
     records = [{**r, "rebinds": r["rebinds"] or 0} for r in records]  # None: from before it
     tuning = tuning_table(records, options) if not options.quick else ""
     records = [r for r in records if r["learning_rate"] is None]  # at the configs' rate
+    longer = records  # the longer-budget study's table reads both budgets
+    records = [r for r in records if r["budget"] is None]  # at the configs' budget
     long_decay = [
         r for r in records if r["decay_init"] in (None, LONG_DECAY) and r["beta_init"] is None
     ]
     plain = [r for r in records if r["rebinds"] == 0]
     grid = [r for r in long_decay if r["rebinds"] == 0]
     plot(grid, options.out / f"{NAME}.png")
+    plot_rebinds(long_decay, options, options.out / f"{NAME}_rebinds.png")
     seeds = len(QUICK_SEEDS if options.quick else SEEDS)
     attention_seeds = len(QUICK_SEEDS if options.quick else ATTENTION_SEEDS)
     heads, pairs = STUDY_POINT
@@ -535,9 +704,24 @@ and the reruns.
 After the pairs each key is bound a second time, to a new value, in random order; the queries ask
 for the latest value (`data.rebinds`). A sum of outer products holds the old and the new value of
 a key with equal weight; the delta rule replaces the old one. Attention, which learns to pick the
-later binding slowly, trains up to {rebind_steps} steps here, with {seeds} seeds.
+later binding slowly, trains up to {rebind_steps} steps here. Every model has
+{len(REBIND_SEEDS) if not options.quick else 1} seeds at each setting; with 16 pairs re-bound the
+sequences are {REBIND_LONG_SEQ} tokens long (64 cannot hold them), while the plain twin beside
+them is the grid's 64-token point.
 
 {rebind_table(long_decay, options)}
+
+![accuracy with every key re-bound]({NAME}_rebinds.png)
+
+{delta_sum_statement(long_decay)}
+
+### A longer budget at key dim 4 ({BETA_HEADS} heads, 16 pairs)
+
+The sum rule and the low-beta delta rule were still falling at step 4000; here they (and the delta
+rule from its default start) train up to {LONG_STEPS} steps, with the same stop at validation
+accuracy {budget.train.stop_at}.
+
+{long_table(longer, options)}
 
 ### Decay init of the gated models ({heads} heads, {pairs} pairs)
 
