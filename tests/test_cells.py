@@ -115,6 +115,12 @@ def comba_inputs(r, s):
     return kv | beta(r, s) | log_alpha(r, s) | {"p": p}
 
 
+def ttt_inputs(r, s):
+    """Unit keys (V = K), learning rates in (0.05, 0.5) and LayerNorm weights around 1 [H, K]."""
+    ln = {"ln_w": r.uniform(0.5, 1.5, size=(s.H, s.K)), "ln_b": 0.1 * r.normal(size=(s.H, s.K))}
+    return delta_kv(r, s) | {"eta": r.uniform(0.05, 0.5, size=(s.B, s.T, s.H))} | ln
+
+
 # Per family, its variants and how to draw k, v and the gates: [B, T, H, ...] numpy arrays.
 MAKERS = {
     "linear_attn": {"": hebbian_kv},
@@ -156,6 +162,7 @@ MAKERS = {
     "mlstm": {"": mlstm_inputs},
     "gdn2": {"": gdn2_inputs},
     "comba": {"": comba_inputs},
+    "ttt_linear": {"": ttt_inputs},  # mini_batch 1 here; tests/test_deep_cells.py: larger ones
 }
 # A padded token must be an identity step; zero is one for every input but these.
 IDENTITY_PAD = {"log_i": -np.inf}  # mlstm: an input gate of -inf writes nothing, leaves m alone
@@ -691,7 +698,13 @@ def optimiser_step(objective, state, k, v, gates):
     return new - (W - times(lr, loss_gradient(objective, new, k, v)))
 
 
-OPTIMISER_VARIANTS = [v for v in VARIANTS if cells.get(family(v)).OBJECTIVE.loss_fn is not None]
+# the inner-optimiser cells (cells/deep) have their oracles in tests/test_deep_cells.py
+OPTIMISER_VARIANTS = [
+    v
+    for v in VARIANTS
+    if cells.get(family(v)).OBJECTIVE.loss_fn is not None
+    and cells.get(family(v)).OBJECTIVE.step != _spec.INNER
+]
 
 
 @pytest.mark.parametrize("variant", OPTIMISER_VARIANTS)
@@ -747,7 +760,11 @@ def jitted_fold(variant):
 
 
 # one variant per family, and the per-key decay of gated linear attention (a per-row factor)
-SUMMARY_VARIANTS = ONE_VARIANT_PER_FAMILY + ["gated_linear_attn/per_key"]
+SUMMARY_VARIANTS = [
+    v
+    for v in ONE_VARIANT_PER_FAMILY
+    if cells.get(family(v)).OBJECTIVE.state.transition != _spec.NOT_AFFINE
+] + ["gated_linear_attn/per_key"]
 
 
 @pytest.mark.parametrize("variant", SUMMARY_VARIANTS)

@@ -33,6 +33,7 @@ from fwpzoo.cells import (
     recurrent_delta,
     srwm,
 )
+from fwpzoo.cells.deep import ttt_linear
 
 CELLS: dict[str, ModuleType] = {
     "linear_attn": linear_attn,
@@ -48,6 +49,7 @@ CELLS: dict[str, ModuleType] = {
     "mlstm": mlstm,
     "gdn2": gdn2,
     "comba": comba,
+    "ttt_linear": ttt_linear,
 }
 
 PROGRAMMED: dict[str, ModuleType] = {"recurrent_delta": recurrent_delta, "srwm": srwm}

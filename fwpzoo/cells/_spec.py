@@ -48,7 +48,10 @@ IMPLICIT = "implicit"  # S_t = S_{t-1} - lr * dL/dS at S_t (the proximal step)
 MOMENTUM = "momentum"  # M <- mu M + momentum_lr * dL/dS at S; S <- S - lr * M
 MINIMISER = "exact minimiser"  # the read uses the exact minimiser of a regularised loss
 AFFINE = "affine"  # S <- M S + X with a learned M: a gradient step only in special cases
-STEPS: tuple[str, ...] = (GRADIENT, GRADIENT_STEPS, IMPLICIT, MOMENTUM, MINIMISER, AFFINE)
+# the state is a fast net's parameters and the step one of a named inner optimiser on its loss
+# over a mini-batch or a window of tokens (cells/deep)
+INNER = "inner optimiser"
+STEPS: tuple[str, ...] = (GRADIENT, GRADIENT_STEPS, IMPLICIT, MOMENTUM, MINIMISER, AFFINE, INNER)
 
 # How a span of tokens acts on the state it starts from (what its chunk summary holds,
 # cells/chunked/summary.py): S_end = transition(S_start) + contribution, where
@@ -56,7 +59,10 @@ LEFT = "left matrix"  # M [R, R] S: the parts stacked along their rows (R = K, o
 RIGHT = "right matrix"  # S M, M [V, V]: the rows of S evolve apart (Oja's rule)
 DECAY = "decay"  # f S, f one factor per head or per key row, applied to every part
 LOG_SCALE = "log scale"  # e^{F + m - m'} S with the state's log scale m (mLSTM's stabiliser)
-TRANSITIONS: tuple[str, ...] = (LEFT, RIGHT, DECAY, LOG_SCALE)
+# the update is not affine in the state (a fast net trained by an inner optimiser, cells/deep):
+# a span has no summary, and the cell cannot split a sequence over context
+NOT_AFFINE = "not affine"
+TRANSITIONS: tuple[str, ...] = (LEFT, RIGHT, DECAY, LOG_SCALE, NOT_AFFINE)
 
 
 @dataclass(frozen=True)
@@ -221,6 +227,7 @@ class Objective:
             IMPLICIT: "implicit step",
             MINIMISER: "exact minimiser",
             AFFINE: "affine map",
+            INNER: "inner optimiser step",
         }[self.step]
         if self.loss_fn is negative_correlation:
             words = "Hebbian " + words

@@ -75,6 +75,8 @@ def summarize(cell, k, v, *, reset=None, chunk_size=64, **gates) -> Summary:
     chunkwise form takes them ([B, T, H, ...], static gates whole), reset [B, T] bool or None.
     Returns a Summary with [B, H, ...] leaves (see the module docstring), float32."""
     module = rule(cell)
+    if transition_of(module) == _spec.NOT_AFFINE:
+        raise ValueError(f"cell {module.__name__!r} is not affine in its state: no span summary")
     return _SUMMARIZE[transition_of(module)](module, k, v, reset, chunk_size, gates)
 
 
