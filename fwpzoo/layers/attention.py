@@ -19,18 +19,32 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fwpzoo.layers.conv import segment_starts
+from fwpzoo.layers.norms import RMSNorm
+
+GATE_ACTIVATIONS = {"silu": jax.nn.silu, "sigmoid": jax.nn.sigmoid}  # model.gate_activation
 
 
-def rope(x, positions, base: float):
-    """Rotates pairs (x_i, x_{i + K/2}) of x [B, T, H, K] by angle position * base^(-2i/K);
-    positions [T] (shared by the rows) or [B, T]."""
-    half = x.shape[-1] // 2
-    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [K/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(B,) T, K/2]
-    cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]  # [(B,) T, 1, K/2]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+def rope(x, positions, base: float, dim: int | None = None):
+    """Rotates pairs (x_i, x_{i + R/2}), i < R/2, of the first R = dim features of x [B, T, H, K]
+    (None: R = K) by angle position * base^(-2i/R) and leaves the other K - R as they are
+    (partial rotary: Qwen3.5 rotates a quarter); positions [T] (shared by the rows) or [B, T]."""
+    R = x.shape[-1] if dim is None else dim
+    if R == 0:
+        return x
+    half = R // 2
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [R/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(B,) T, R/2]
+    cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]  # [(B,) T, 1, R/2]
+    x1, x2, rest = jnp.split(x.astype(jnp.float32), [half, R], axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
     return rotated.astype(x.dtype)
+
+
+def repeat_heads(x, num_heads: int):
+    """x [B, S, G, .] -> [B, S, num_heads, .]: each of the G heads serves num_heads / G
+    consecutive heads (grouped-query attention)."""
+    groups = num_heads // x.shape[2]
+    return x if groups == 1 else jnp.repeat(x, groups, axis=2)
 
 
 def attend(q, k, v, mask):
@@ -89,23 +103,38 @@ KERNELS: tuple[str, ...] = ("dense", "dot_product", "blockwise")
 
 
 class Attention(nnx.Module):
-    """Multi-head causal attention of a model config `cfg` (heads, key/value dims, rope_base)."""
+    """Multi-head causal attention of a model config `cfg` (heads, key/value dims, rope_base,
+    rotary_dim, num_kv_heads, attention_qk_norm, output_gate with gate_activation).
+
+    q, k, v come from one projection [D, H K + G K + G V] (G key/value heads, G = H unless
+    grouped); the optional q/k RMSNorms act before the rotary embedding; the optional output
+    gate multiplies o by act(W_g x) before the output projection. The cache holds G heads.
+    """
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
         H = cfg.num_heads
+        G = cfg.num_kv_heads or H
         K = cfg.key_dim or cfg.d_model // H
         V = cfg.value_dim or cfg.d_model // H
-        if K % 2:
+        if cfg.rotary_dim is None and K % 2:
             raise ValueError(f"attention needs an even key_dim for rotary embeddings, got {K}")
         if cfg.attention_kernel == "dot_product" and K != V:
             raise ValueError(
                 f"model.attention_kernel 'dot_product' needs key_dim == value_dim, got {K}, {V}"
             )
-        self.H, self.K, self.V, self.rope_base, self.dtype = H, K, V, cfg.rope_base, dtype
+        self.H, self.G, self.K, self.V, self.dtype = H, G, K, V, dtype
+        self.rope_base, self.rotary_dim = cfg.rope_base, cfg.rotary_dim
         self.kernel, self.block_size = cfg.attention_kernel, cfg.attention_block_size
         linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)  # noqa: E731
-        self.qkv_proj = linear(cfg.d_model, H * (2 * K + V))
+        self.qkv_proj = linear(cfg.d_model, H * K + G * (K + V))
         self.out_proj = linear(H * V, cfg.d_model)
+        norm = lambda dim: RMSNorm(dim, eps=cfg.norm_eps, zero_centred=cfg.zero_centred_norm)  # noqa: E731
+        self.qk_norm = cfg.attention_qk_norm
+        per_head = self.qk_norm == "head"
+        self.q_norm = None if self.qk_norm == "none" else norm(K if per_head else H * K)
+        self.k_norm = None if self.qk_norm == "none" else norm(K if per_head else G * K)
+        self.gate_proj = linear(cfg.d_model, H * V) if cfg.output_gate else None
+        self.gate_activation = GATE_ACTIVATIONS[cfg.gate_activation]
 
     def __call__(self, x, *, reset=None, return_intermediates: bool = False):
         """x [B, T, D], reset [B, T] bool or None -> y [B, T, D] (and {} when asked)."""
@@ -113,19 +142,19 @@ class Attention(nnx.Module):
         positions = jnp.arange(T)  # [T]
         if reset is None:
             q, k, v = self._qkv(x, positions)
-            y = self._output(self._causal(q, k, v))
+            y = self._output(self._causal(q, *self._grouped(k, v)), x)
             return (y, {}) if return_intermediates else y
         starts = segment_starts(reset, 0)  # [B, T]
         mask = (positions[:, None] >= positions) & (positions >= starts[:, :, None])  # [B, T, T]
         q, k, v = self._qkv(x, positions - starts)  # rotary positions restart per segment
-        y = self._output(attend(q, k, v, mask))
+        y = self._output(attend(q, *self._grouped(k, v), mask), x)
         return (y, {}) if return_intermediates else y
 
     def init_cache(self, batch_size: int, max_len: int):
         """max_len keys and values, the next slot, and each row's current segment start."""
         return {
-            "k": jnp.zeros((batch_size, max_len, self.H, self.K), self.dtype),
-            "v": jnp.zeros((batch_size, max_len, self.H, self.V), self.dtype),
+            "k": jnp.zeros((batch_size, max_len, self.G, self.K), self.dtype),
+            "v": jnp.zeros((batch_size, max_len, self.G, self.V), self.dtype),
             "pos": jnp.zeros((), jnp.int32),
             "start": jnp.zeros((batch_size,), jnp.int32),  # [B]
         }
@@ -142,11 +171,11 @@ class Attention(nnx.Module):
             in_piece = segment_starts(reset, -1)  # [B, T]
             starts = jnp.where(in_piece >= 0, pos + in_piece, starts)
         q, k, v = self._qkv(x, slots - starts)
-        keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, pos, axis=1)  # [B, L, H, K]
-        values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, pos, axis=1)  # [B, L, H, V]
+        keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, pos, axis=1)  # [B, L, G, K]
+        values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, pos, axis=1)  # [B, L, G, V]
         cached = jnp.arange(max_len)  # [L]
         mask = (slots[None, :, None] >= cached) & (cached >= starts[:, :, None])  # [B, T, L]
-        y = self._output(attend(q, keys, values, mask))
+        y = self._output(attend(q, *self._grouped(keys, values), mask), x)
         y = jnp.where(pos + T <= max_len, y, jnp.nan)
         return y, {"k": keys, "v": values, "pos": pos + T, "start": starts[:, -1]}
 
@@ -165,13 +194,28 @@ class Attention(nnx.Module):
         return attend(q, k, v, positions[:, None] >= positions[None, :])
 
     def _qkv(self, x, positions):
+        """x [B, T, D] -> q [B, T, H, K], k [B, T, G, K], v [B, T, G, V]."""
         B, T, _ = x.shape
-        H, K = self.H, self.K
-        q, k, v = jnp.split(self.qkv_proj(x), [H * K, 2 * H * K], axis=-1)
-        q = rope(q.reshape(B, T, H, K), positions, self.rope_base)  # [B, T, H, K]
-        k = rope(k.reshape(B, T, H, K), positions, self.rope_base)  # [B, T, H, K]
-        return q, k, v.reshape(B, T, H, self.V)  # [B, T, H, V]
+        H, G, K = self.H, self.G, self.K
+        q, k, v = jnp.split(self.qkv_proj(x), [H * K, (H + G) * K], axis=-1)
+        q, k = q.reshape(B, T, H, K), k.reshape(B, T, G, K)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        elif self.qk_norm == "all":  # over every head's features at once
+            q = self.q_norm(q.reshape(B, T, H * K)).reshape(B, T, H, K)
+            k = self.k_norm(k.reshape(B, T, G * K)).reshape(B, T, G, K)
+        q = rope(q, positions, self.rope_base, self.rotary_dim)  # [B, T, H, K]
+        k = rope(k, positions, self.rope_base, self.rotary_dim)  # [B, T, G, K]
+        return q, k, v.reshape(B, T, G, self.V)  # [B, T, G, V]
 
-    def _output(self, o):
+    def _grouped(self, k, v):
+        """k, v of G heads -> of H heads (each shared by H / G query heads)."""
+        return repeat_heads(k, self.H), repeat_heads(v, self.H)
+
+    def _output(self, o, x):
+        """o [B, T, H, V] (and the layer input x [B, T, D], read by the gate) -> y [B, T, D]."""
         B, T = o.shape[:2]
-        return self.out_proj(o.reshape(B, T, self.H * self.V))
+        o = o.reshape(B, T, self.H * self.V)
+        if self.gate_proj is not None:
+            o = o * self.gate_activation(self.gate_proj(x))
+        return self.out_proj(o)

@@ -21,6 +21,8 @@ from flax import nnx
 
 from fwpzoo import cells
 from fwpzoo.cells import _spec
+from fwpzoo.layers import context
+from fwpzoo.layers.attention import GATE_ACTIVATIONS
 from fwpzoo.layers.conv import ShortConv
 from fwpzoo.layers.feature_maps import apply_feature_map, favor_projection, feature_dim
 from fwpzoo.layers.gates import StaticGate, TokenGate, beta_scale
@@ -206,9 +208,10 @@ class FWPMixer(CellMixer):
         form_fn(cfg.cell, cfg.form)
         check_qk_norm(cfg.qk_norm, cfg.feature_map)
         check_decay(cfg.cell, cfg.decay)
-        H = cfg.num_heads
-        head_dim = cfg.key_dim or cfg.d_model // H  # before the feature map
-        V = cfg.value_dim or cfg.d_model // H
+        H_k = cfg.num_heads  # key (and query) heads
+        H = cfg.num_value_heads or H_k  # value heads: the cell's heads, each its own state
+        head_dim = cfg.key_dim or cfg.d_model // H_k  # before the feature map
+        V = cfg.value_dim or cfg.d_model // H_k
         K = feature_dim(cfg.feature_map, head_dim, nu=cfg.dpfp_nu, num_features=cfg.favor_features)
         self.sub_steps = has_sub_steps(module)
         self.unit_values = module.OBJECTIVE.unit_values
@@ -216,11 +219,13 @@ class FWPMixer(CellMixer):
         self.cell, self.form, self.chunk_size = cfg.cell, cfg.form, cfg.chunk_size
         self.feature_map, self.dpfp_nu, self.qk_norm = cfg.feature_map, cfg.dpfp_nu, cfg.qk_norm
         self.H, self.head_dim, self.K, self.V, self.N = H, head_dim, K, V, N
+        self.H_k = H_k
+        self.conv_activation = cfg.conv_activation
         self.scale = cfg.qk_scale if cfg.qk_scale is not None else K**-0.5
         self.dtype = dtype
         linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)  # noqa: E731
 
-        self.qkv_width = H * head_dim * (1 + N) + H * N * V
+        self.qkv_width = H_k * head_dim * (1 + N) + H * N * V
         self.qkv_proj = linear(cfg.d_model, self.qkv_width)
         self.conv = (
             ShortConv(self.qkv_width, cfg.conv_size, rngs=rngs, dtype=dtype)
@@ -247,8 +252,10 @@ class FWPMixer(CellMixer):
                     gate, cfg.d_model, shape, beta_max, decay_init, bias, rngs=rngs, dtype=dtype
                 )
         self.gates = nnx.Dict(gates)
-        self.out_norm = RMSNorm(V) if cfg.output_norm else None
+        out_eps = cfg.output_norm_eps or cfg.norm_eps
+        self.out_norm = RMSNorm(V, eps=out_eps) if cfg.output_norm else None
         self.gate_proj = linear(cfg.d_model, H * V) if cfg.output_gate else None
+        self.gate_activation = GATE_ACTIVATIONS[cfg.gate_activation]
         self.out_proj = linear(H * V, cfg.d_model)
 
     # the entry points: see fwpzoo.layers; the full forward and prefill come from CellMixer
@@ -287,10 +294,17 @@ class FWPMixer(CellMixer):
 
     def _sequence(self, x, state, buffer, reset):
         q, k, v, gates, buffer = self._inputs(x, buffer, reset)
-        o, state = run_form(self.cell, self.form, self.chunk_size, q, k, v, state, gates, reset)
+        if state is None and context.context_mesh() is not None:  # the sequence split: exact
+            inputs = (q, k, v, gates, reset)
+            o, state = context.run_cell(self.cell, self.chunk_size, self._form, *inputs)
+        else:
+            o, state = self._form(q, k, v, state, gates, reset)
         weights = fast_weights(cells.get(self.cell), state)
         stats = {"state_norm": mean_state_norm(weights)} | gate_means(self.gate_specs, gates)
         return self._output(o, x), self._cache(state, buffer), stats
+
+    def _form(self, q, k, v, state, gates, reset):
+        return run_form(self.cell, self.form, self.chunk_size, q, k, v, state, gates, reset)
 
     def _cache(self, state, buffer):
         return {"state": state} if buffer is None else {"state": state, "conv": buffer}
@@ -299,13 +313,17 @@ class FWPMixer(CellMixer):
         """x [B, T, D] -> q [B, T, H, K], k, v ([B, T, H, (N,) K | V]: an N axis for a cell with
         sub-steps), the gates (per-token [B, T, ...], static [H, K])."""
         B, T, _ = x.shape
-        H, N, head_dim, V = self.H, self.N, self.head_dim, self.V
-        qkv = self.qkv_proj(x)  # [B, T, H (1 + N) head_dim + H N V]
+        H, H_k, N, head_dim, V = self.H, self.H_k, self.N, self.head_dim, self.V
+        qkv = self.qkv_proj(x)  # [B, T, H_k (1 + N) head_dim + H N V]
         if self.conv is not None:
-            qkv, buffer = self.conv(qkv, buffer, reset)
-        q, k, v = jnp.split(qkv, [H * head_dim, H * head_dim * (1 + N)], axis=-1)
-        q = self._features(q.reshape(B, T, H, head_dim)) * self.scale  # [B, T, H, K]
-        k = self._features(k.reshape(B, T, H, N, head_dim))  # [B, T, H, N, K]
+            qkv, buffer = context.short_conv(self.conv, qkv, buffer, reset)
+        if self.conv_activation == "silu":  # on q, k and v alike (gated DeltaNet)
+            qkv = jax.nn.silu(qkv)
+        q, k, v = jnp.split(qkv, [H_k * head_dim, H_k * head_dim * (1 + N)], axis=-1)
+        q = self._features(q.reshape(B, T, H_k, head_dim)) * self.scale  # [B, T, H_k, K]
+        k = self._features(k.reshape(B, T, H_k, N, head_dim))  # [B, T, H_k, N, K]
+        if H_k != H:  # each key head serves H / H_k consecutive value heads
+            q, k = jnp.repeat(q, H // H_k, axis=2), jnp.repeat(k, H // H_k, axis=2)
         v = v.reshape(B, T, H, N, V)  # [B, T, H, N, V]
         if self.unit_values:  # the rule is stable only for unit values (its OBJECTIVE says)
             v = qk_normalize(v.astype(jnp.float32), "l2")
@@ -335,5 +353,5 @@ class FWPMixer(CellMixer):
         if self.out_norm is not None:
             o = self.out_norm(o)
         if self.gate_proj is not None:
-            o = o * jax.nn.silu(self.gate_proj(x).reshape(B, T, self.H, self.V))
+            o = o * self.gate_activation(self.gate_proj(x).reshape(B, T, self.H, self.V))
         return self.out_proj(o.reshape(B, T, self.H * self.V))

@@ -7,16 +7,23 @@ from flax import nnx
 
 
 class RMSNorm(nnx.Module):
-    """x / rms(x) * weight over the last axis of size `dim`; returns the input's dtype."""
+    """x / rms(x) * weight over the last axis of size `dim`; returns the input's dtype.
 
-    def __init__(self, dim: int, *, eps: float = 1e-6):
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+    zero_centred: the scale is 1 + weight, the weight starting at 0 (Qwen3.5's norms), so weight
+    decay pulls the scale towards 1 rather than 0; the stored weight is the released one as is.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, zero_centred: bool = False):
+        start = jnp.zeros if zero_centred else jnp.ones
+        self.weight = nnx.Param(start((dim,), jnp.float32))
         self.eps = eps
+        self.zero_centred = zero_centred
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (normed * self.weight[...]).astype(x.dtype)
+        scale = self.weight[...] + 1.0 if self.zero_centred else self.weight[...]
+        return (normed * scale).astype(x.dtype)
 
 
 def l2_normalize(x, eps: float = 1e-6):

@@ -29,8 +29,13 @@ def _one_of(key: str, value: str, valid) -> None:
         raise ValueError(f"unknown model.{key} {value!r}; valid choices: {choices}")
 
 
-# Fields one layer cannot set for itself: the layer list, and the residual stream's width.
-MODEL_WIDE: tuple[str, ...] = ("mixers", "d_model")
+# Fields one layer cannot set for itself: the layer list, the residual stream's width, and the
+# embedding and head around the blocks.
+MODEL_WIDE: tuple[str, ...] = ("mixers", "d_model", "vocab_size", "tie_embeddings")
+BLOCK_NORMS: tuple[str, ...] = ("pre", "post")
+ATTENTION_QK_NORMS: tuple[str, ...] = ("none", "head", "all")
+GATE_ACTIVATIONS: tuple[str, ...] = ("silu", "sigmoid")
+CONV_ACTIVATIONS: tuple[str, ...] = ("none", "silu")
 
 
 REMATS: tuple[str, ...] = ("none", "block", "mixer")
@@ -60,6 +65,17 @@ class ModelConfig:
     key_dim: int | None = None  # per head; None means d_model // num_heads
     value_dim: int | None = None  # per head; None means d_model // num_heads
     mlp_ratio: float = 4.0  # SwiGLU hidden width = mlp_ratio * d_model (0 disables the MLP)
+    mlp_hidden: int | None = None  # SwiGLU hidden width, given as is (overrides mlp_ratio)
+    # the token vocabulary of the embedding and head; None: the task's. It may exceed the
+    # task's (released models pad theirs), never fall short of it
+    vocab_size: int | None = None
+    tie_embeddings: bool = False  # the head reads the embedding matrix (no head parameter)
+    # every RMSNorm of the blocks, the final norm and attention's q/k norms: its epsilon, and
+    # zero-centred (scale 1 + weight, weight starting at 0: Qwen3.5) or not (scale = weight)
+    norm_eps: float = 1e-6
+    zero_centred_norm: bool = False
+    # pre: x + mixer(norm(x)) and x + mlp(norm(x)); post (OLMo 2): x + norm(mixer(x)), and so on
+    block_norm: str = "pre"
     # fwp mixer
     cell: str = "delta_rule"  # a name in fwpzoo.cells.CELLS
     form: str = "chunkwise"  # recurrent | chunkwise | associative
@@ -84,7 +100,17 @@ class ModelConfig:
     decay_range: str = "0,1"
     conv_size: int = 4  # short causal depthwise conv on q, k, v; 0 disables it
     output_norm: bool = True
+    output_norm_eps: float | None = None  # the fwp output norm's epsilon; None: norm_eps
+    # fwp and attention: y = o * act(W_g x) before the output projection, act = gate_activation
+    # (silu: with fwp's output norm, the gated RMSNorm of gated DeltaNet; sigmoid: Qwen3.5's
+    # output-gated attention)
     output_gate: bool = False
+    gate_activation: str = "silu"
+    # fwp: value heads, a multiple of num_heads (the key heads); each key head serves
+    # num_value_heads / num_heads consecutive value heads, each with its own state and gates.
+    # None: num_heads
+    num_value_heads: int | None = None
+    conv_activation: str = "none"  # none | silu: after the short convolution on q, k, v
     # ssm (diagonal vector state) mixer
     ssm_state_dim: int = 64
     ssm_complex: bool = True  # complex diagonal (LRU) or real diagonal recurrence
@@ -101,6 +127,13 @@ class ModelConfig:
     # (dense: the masked [T, T] square; dot_product: jax.nn.dot_product_attention; blockwise:
     # blocks of attention_block_size tokens, those wholly after their queries skipped)
     rope_base: float = 10000.0
+    # attention: rotate the first rotary_dim features of each q/k head (None: all, 0: none,
+    # i.e. no position embedding); key and value heads for grouped-query attention (None:
+    # num_heads); RMSNorm on q and k after projection: none, head (each head's features,
+    # Qwen3) or all (all heads' features at once, OLMo 2)
+    rotary_dim: int | None = None
+    num_kv_heads: int | None = None
+    attention_qk_norm: str = "none"
     attention_kernel: str = "dense"
     attention_block_size: int = 256
     # activation checkpointing: none; block (each block's activations recomputed in the backward
@@ -170,6 +203,11 @@ class ModelConfig:
             )
         _one_of("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
         _one_of("remat", self.remat, REMATS)
+        _one_of("block_norm", self.block_norm, BLOCK_NORMS)
+        _one_of("attention_qk_norm", self.attention_qk_norm, ATTENTION_QK_NORMS)
+        _one_of("gate_activation", self.gate_activation, GATE_ACTIVATIONS)
+        _one_of("conv_activation", self.conv_activation, CONV_ACTIVATIONS)
+        self._check_heads()
         check_qk_norm(self.qk_norm, self.feature_map)
         check_decay(self.cell, self.decay)
         check_beta_init(self.cell, self.beta_init, self.beta_range)
@@ -187,6 +225,12 @@ class ModelConfig:
             _positive(key, getattr(self, key))
         for key in ("favor_features", "num_householder", "ssm_state_dim", "attention_block_size"):
             _positive(key, getattr(self, key))
+        for key in ("vocab_size", "num_value_heads", "num_kv_heads"):
+            _positive(key, getattr(self, key))
+        _positive("mlp_hidden", self.mlp_hidden, minimum=0)
+        for key in ("norm_eps", "output_norm_eps"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ValueError(f"model.{key} must be > 0, got {getattr(self, key)}")
         _positive("conv_size", self.conv_size, minimum=0)
         if self.mlp_ratio < 0:
             raise ValueError(f"model.mlp_ratio must be >= 0, got {self.mlp_ratio}")
@@ -206,3 +250,27 @@ class ModelConfig:
                     f"model.{key}=None needs d_model ({self.d_model}) divisible by "
                     f"num_heads ({self.num_heads})"
                 )
+
+    def _check_heads(self) -> None:
+        """Grouped heads divide evenly; the rotary features are an even part of a key head."""
+        for key, grouped in (("num_value_heads", True), ("num_kv_heads", False)):
+            count = getattr(self, key)
+            if count is None:
+                continue
+            many, few = (count, self.num_heads) if grouped else (self.num_heads, count)
+            if many % few:
+                raise ValueError(
+                    f"model.{key}={count} and model.num_heads={self.num_heads}: the "
+                    f"{'value' if grouped else 'query'} heads must be a multiple of the "
+                    f"{'key' if grouped else 'key/value'} heads"
+                )
+        head_dim = self.key_dim or self.d_model // self.num_heads
+        rotates = self.mixers == ("attention",)  # the one layer kind with rotary embeddings
+        odd_or_long = self.rotary_dim is not None and (
+            self.rotary_dim % 2 or self.rotary_dim > head_dim
+        )
+        if rotates and odd_or_long:
+            raise ValueError(
+                f"model.rotary_dim must be even and at most the key head dim {head_dim}, got "
+                f"{self.rotary_dim}"
+            )

@@ -18,10 +18,12 @@ class Block(nnx.Module):
     """One layer of a layer config `cfg` (ModelConfig.layers(): its mixer is cfg.mixers[0])."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.mixer_norm = RMSNorm(cfg.d_model)
+        norm = lambda: RMSNorm(cfg.d_model, eps=cfg.norm_eps, zero_centred=cfg.zero_centred_norm)  # noqa: E731
+        self.mixer_norm = norm()
         self.mixer = get_mixer(cfg.mixers[0])(cfg, rngs=rngs, dtype=dtype)
-        hidden = int(cfg.mlp_ratio * cfg.d_model)
-        self.mlp_norm = RMSNorm(cfg.d_model) if hidden > 0 else None
+        hidden = cfg.mlp_hidden if cfg.mlp_hidden is not None else int(cfg.mlp_ratio * cfg.d_model)
+        self.mlp_norm = norm() if hidden > 0 else None
+        self.post_norm = cfg.block_norm == "post"
         self.mlp = SwiGLU(cfg.d_model, hidden, rngs=rngs, dtype=dtype) if hidden > 0 else None
         self.remat = cfg.remat
 
@@ -37,26 +39,35 @@ class Block(nnx.Module):
     def _forward(self, x, reset):
         mix = lambda mixer, h, reset: mixer(h, reset=reset, return_intermediates=True)  # noqa: E731
         y, stats = (nnx.remat(mix) if self.remat == "mixer" else mix)(
-            self.mixer, self.mixer_norm(x), reset
+            self.mixer, self._in(self.mixer_norm, x), reset
         )
-        return self._mlp(x + y), stats
+        return self._mlp(x + self._out(self.mixer_norm, y)), stats
 
     def prefill(self, x, cache, reset=None):
-        y, cache = self.mixer.prefill(self.mixer_norm(x), cache, reset=reset)
-        return self._mlp(x + y), cache
+        y, cache = self.mixer.prefill(self._in(self.mixer_norm, x), cache, reset=reset)
+        return self._mlp(x + self._out(self.mixer_norm, y)), cache
 
     def decode_step(self, x, cache, reset=None):
         """x [B, D] -> (x [B, D], cache)."""
-        y, cache = self.mixer.decode_step(self.mixer_norm(x), cache, reset=reset)
-        return self._mlp(x + y), cache
+        y, cache = self.mixer.decode_step(self._in(self.mixer_norm, x), cache, reset=reset)
+        return self._mlp(x + self._out(self.mixer_norm, y)), cache
 
     def inspect_step(self, x, cache):
         """decode_step through a mixer with fast weights, plus the token's gates {name: [B, H]}."""
-        y, cache, gates = self.mixer.inspect_step(self.mixer_norm(x), cache)
-        return self._mlp(x + y), cache, gates
+        y, cache, gates = self.mixer.inspect_step(self._in(self.mixer_norm, x), cache)
+        return self._mlp(x + self._out(self.mixer_norm, y)), cache, gates
 
     def _mlp(self, x):
-        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
+        if self.mlp is None:
+            return x
+        return x + self._out(self.mlp_norm, self.mlp(self._in(self.mlp_norm, x)))
+
+    # model.block_norm: a pre-norm normalises what enters a sublayer, a post-norm what leaves it
+    def _in(self, norm, x):
+        return x if self.post_norm else norm(x)
+
+    def _out(self, norm, y):
+        return norm(y) if self.post_norm else y
 
 
 class CausalLM(nnx.Module):
@@ -65,8 +76,12 @@ class CausalLM(nnx.Module):
     def __init__(self, cfg, *, vocab_size: int, rngs: nnx.Rngs, dtype=jnp.float32):
         self.embed = nnx.Embed(vocab_size, cfg.d_model, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([Block(layer, rngs=rngs, dtype=dtype) for layer in cfg.layers()])
-        self.final_norm = RMSNorm(cfg.d_model)
-        self.head = nnx.Linear(cfg.d_model, vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, zero_centred=cfg.zero_centred_norm)
+        self.head = (
+            None
+            if cfg.tie_embeddings
+            else nnx.Linear(cfg.d_model, vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+        )
         self.vocab_size = vocab_size
 
     def __call__(self, tokens, *, reset=None, return_intermediates: bool = False):
@@ -109,11 +124,19 @@ class CausalLM(nnx.Module):
         return self._logits(x), tuple(new_cache)
 
     def _logits(self, x):
-        return self.head(self.final_norm(x)).astype(jnp.float32)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.head is None else self.head(x)  # [..., vocab]
+        return logits.astype(jnp.float32)
 
 
 def build_model(cfg, *, vocab_size: int, rngs: nnx.Rngs, dtype=jnp.float32) -> CausalLM:
-    """The CausalLM of a ModelConfig; ValueError naming the problem for a bad config."""
+    """The CausalLM of a ModelConfig over the task's `vocab_size` tokens (model.vocab_size, where
+    set, sizes the embedding and head instead); ValueError naming the problem for a bad config."""
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-    return CausalLM(cfg, vocab_size=vocab_size, rngs=rngs, dtype=dtype)
+    if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
+        raise ValueError(
+            f"model.vocab_size {cfg.vocab_size} is smaller than the task's vocabulary of "
+            f"{vocab_size} tokens"
+        )
+    return CausalLM(cfg, vocab_size=cfg.vocab_size or vocab_size, rngs=rngs, dtype=dtype)
