@@ -149,3 +149,13 @@ def test_bad_sweep_files_name_the_problem(tmp_path):
         capacity.load_sweep(path)
     with pytest.raises(ConfigError, match="cannot read sweep"):
         capacity.load_sweep(tmp_path / "missing.yaml")
+
+
+def test_largest_s_solved_is_the_largest_that_passes():
+    """Not the last S before the first failure: a larger S that passes counts, and the smaller
+    ones that failed are named; a larger S still pending leaves it open."""
+    ok, bad = [0.001, 0.002, 0.003], [0.02, 0.03, 0.05]
+    assert capacity.capacity_of({8: ok, 16: bad, 32: ok}, [8, 16, 32], 1e-3) == "32 (16 failed)"
+    assert capacity.capacity_of({8: ok, 16: bad}, [8, 16, 32], 1e-3) == ">= 8"
+    assert capacity.capacity_of({8: bad, 16: bad}, [8, 16], 1e-3) == "-"
+    assert capacity.capacity_of({}, [8], 1e-3) is None

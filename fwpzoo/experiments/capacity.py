@@ -369,6 +369,7 @@ KEYS = (
     "feature_map",
     "phi_dim",
     "beta_range",
+    "d_key",
     "setting",
     "state_size",
     "x",
@@ -406,17 +407,21 @@ def labels_of(sweep: Sweep, setting: str, model: str, s: int) -> dict:
 
 
 def make_points(options) -> list[Point]:
-    """Seeds outermost, so a sweep cut short has every (setting, model, S) once first."""
-    file = sweep_file(options)
-    sweep = load_sweep(CONFIGS / NAME / file)
-    training = {name: getattr(sweep, name) for name in TRAINING_FIELDS}
+    """Sweep by sweep; within one, seeds outermost, so a sweep cut short has every (setting,
+    model, S) once first."""
     points = []
-    for seed in sweep.seeds:
-        for setting, model, s in grid(sweep):
-            spec = {"sweep": file, **training, "setting": setting, "model": model, "S": s}
-            spec["seed"] = seed
-            labels = {**labels_of(sweep, setting, model, s), "seed": seed}
-            points.append(Point(f"{setting}-{model}-S{s}-s{seed}", labels, {"loss": {}}, spec))
+    for prefix, file in sweep_files(options):
+        sweep = load_sweep(CONFIGS / NAME / file)
+        training = {name: getattr(sweep, name) for name in TRAINING_FIELDS}
+        # the first sweep's records predate the d_key field, so only the others carry it
+        d_key = {"d_key": sweep.d_key} if prefix else {}
+        for seed in sweep.seeds:
+            for setting, model, s in grid(sweep):
+                spec = {"sweep": file, **training, "setting": setting, "model": model, "S": s}
+                spec["seed"] = seed
+                labels = {**labels_of(sweep, setting, model, s), **d_key, "seed": seed}
+                name = f"{prefix}{setting}-{model}-S{s}-s{seed}"
+                points.append(Point(name, labels, {"loss": {}}, spec))
     return points
 
 
@@ -469,16 +474,20 @@ def plot(records: list[dict], sweep: Sweep, path: Path) -> None:
 
 
 def capacity_of(losses: dict[int, list[float]], grid: list[int], stop_loss: float) -> str | None:
-    """The largest S of the grid up to which the median loss over seeds ended below
-    10 x stop_loss ("-" if the smallest S already failed); ">= S" while the next S is pending."""
-    best = None
-    for s in grid:
-        if s not in losses:
-            return f">= {best}" if best else None
-        if spread(losses[s])[0] > stop_loss * 10:
-            break
-        best = s
-    return str(best) if best else "-"
+    """The largest S of the grid whose median loss over seeds ended below 10 x stop_loss, with
+    any smaller S that failed named beside it ("-" if none passed; ">= S" while a larger S is
+    pending)."""
+    recorded = [s for s in grid if s in losses]
+    if not recorded:
+        return None
+    passed = [s for s in recorded if spread(losses[s])[0] <= stop_loss * 10]
+    best = max(passed, default=None)
+    pending = [s for s in grid if s not in losses and (best is None or s > best)]
+    text = "-" if best is None else str(best)
+    failed_below = [s for s in recorded if best is not None and s < best and s not in passed]
+    if failed_below:
+        text += f" ({', '.join(map(str, failed_below))} failed)"
+    return f">= {text}" if pending and best is not None else text
 
 
 def loss_cell(losses: list[float] | None, seeds: int) -> str | None:
@@ -491,8 +500,11 @@ def loss_cell(losses: list[float] | None, seeds: int) -> str | None:
 
 
 def report(records: list[dict], points: list[Point], options) -> str:
-    sweep = load_sweep(CONFIGS / NAME / sweep_file(options))
+    (_, main_file), *others = sweep_files(options)
+    sweep = load_sweep(CONFIGS / NAME / main_file)
     records = [{**rec, "sweep_model": sweep_model(rec)} for rec in records]
+    extra = "\n\n".join(other_sweep(records, prefix, file, options) for prefix, file in others)
+    records = [rec for rec in records if rec.get("d_key") is None]  # the main sweep's
     plot(records, sweep, options.out / f"{NAME}.png")
     losses = group(records, ["setting", "sweep_model", "x"])
     seeds = len(sweep.seeds)
@@ -502,8 +514,9 @@ def report(records: list[dict], points: list[Point], options) -> str:
         all_s = sorted({s for grid in sweep.num_pairs[setting].values() for s in grid})
         for model in sweep.models:
             mine = {s: v for (st, m, s), v in losses.items() if st == setting and m == model}
+            own = pairs_of(sweep, setting, model)  # the model's own S grid
             rows.append(
-                [model, phi_dim(model, sweep), capacity_of(mine, all_s, sweep.stop_loss)]
+                [model, phi_dim(model, sweep), capacity_of(mine, own, sweep.stop_loss)]
                 + [loss_cell(mine.get(s), seeds) for s in all_s]
             )
         header = ["model", "dim phi", "largest S solved", *(f"S={s}" for s in all_s)]
@@ -523,8 +536,9 @@ Setup: d_key = {sweep.d_key}, FAVOR+ with {sweep.favor_features} random features
 {", ".join(map(str, sweep.seeds))}. A run stops when the loss on {sweep.eval_sequences} fresh
 sequences (every {sweep.eval_every} steps) reaches {sweep.stop_loss:g}, after {sweep.patience}
 evaluations without improvement, or at {sweep.max_steps} steps; reported is the loss on
-{sweep.final_sequences} further fresh sequences. "Largest S solved": the largest S up to which
-the median over seeds ended below {10 * sweep.stop_loss:g}.
+{sweep.final_sequences} further fresh sequences. "Largest S solved": the largest S whose median
+loss over seeds ended below {10 * sweep.stop_loss:g} (a smaller S that did not is named beside
+it; until this definition, the table stopped at the first S that failed).
 How runs ended: {", ".join(f"{k} {v}" for k, v in sorted(stopped.items()))}.
 
 ![final loss against S]({NAME}.png)
@@ -533,8 +547,53 @@ Final loss (1/2 squared error to the one-hot value, averaged over sequences), me
 (min-max in brackets; [n/{seeds}] where seeds are missing):
 
 {chr(10).join(s + chr(10) for s in sections)}
+{extra}
+
 Software: {versions_line(records)}.
 """
+
+
+def other_sweep(records: list[dict], prefix: str, file: str, options) -> str:
+    """A further sweep's section: its setup, plot and table."""
+    sweep = load_sweep(CONFIGS / NAME / file)
+    mine = [rec for rec in records if rec.get("d_key") == sweep.d_key]
+    if not mine:
+        return f"### d_key {sweep.d_key} (`{file}`)\n\nNo point of this sweep is recorded yet."
+    plot(mine, sweep, options.out / f"{NAME}_{prefix.strip('-')}.png")
+    losses = group(mine, ["setting", "sweep_model", "x"])
+    sections = []
+    for setting in sweep.settings:
+        rows = []
+        for model in sweep.models:
+            grid_s = pairs_of(sweep, setting, model)
+            here = {s: v for (st, m, s), v in losses.items() if st == setting and m == model}
+            phi = phi_dim(model, sweep)
+            rows.append(
+                [model, phi, capacity_of(here, grid_s, sweep.stop_loss)]
+                + [
+                    f"S={s} ({s / phi:g} phi): {loss_cell(here.get(s), len(sweep.seeds))}"
+                    for s in grid_s
+                ]
+            )
+        width = max(len(row) for row in rows)
+        rows = [row + [None] * (width - len(row)) for row in rows]
+        header = ["model", "dim phi", "largest S solved", *(["S: loss"] * (width - 3))]
+        sections.append(markdown_table(header, rows))
+    ratios = [
+        s / phi_dim(m, sweep)
+        for st in sweep.settings
+        for m in sweep.models
+        for s in pairs_of(sweep, st, m)
+    ]
+    return f"""### d_key {sweep.d_key}, the paper's key size (`{file}`)
+
+The same task and training as above at d_key = {sweep.d_key} (Schlag et al. 2021 use 64), the
+sum rule with each feature map, S from {min(ratios):g} to {max(ratios):g} x dim phi, seeds
+{", ".join(map(str, sweep.seeds))}.
+
+![final loss against S, d_key {sweep.d_key}]({NAME}_{prefix.strip("-")}.png)
+
+{chr(10).join(sections)}"""
 
 
 def sweep_model(rec: dict) -> str:
@@ -542,8 +601,15 @@ def sweep_model(rec: dict) -> str:
     return SOFTMAX if rec["model"] == "attention" else f"{rec['rule']}-{rec['feature_map']}"
 
 
+def sweep_files(options) -> tuple[tuple[str, str], ...]:
+    """(point name prefix, sweep file) of each sweep: the main one first."""
+    return (
+        (("", "quick.yaml"),) if options.quick else (("", "sweep.yaml"), ("dk64-", "dkey64.yaml"))
+    )
+
+
 def sweep_file(options) -> str:
-    return "quick.yaml" if options.quick else "sweep.yaml"
+    return sweep_files(options)[0][1]
 
 
 EXPERIMENT = Experiment(NAME, KEYS, make_points, report, execute, title=TITLE)
