@@ -18,7 +18,7 @@ from jax.test_util import check_grads
 
 from fwpzoo import cells
 from fwpzoo.cells import _spec
-from fwpzoo.cells.chunked import summary
+from fwpzoo.cells.chunked import engine, summary
 
 # What jax_disable_most_optimizations sets, for these functions only.
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -787,3 +787,25 @@ def test_folded_summaries_of_pieces_equal_recurrent_final_state(variant):
     assert_close(run(padded, no_reset), reference(variant, RESET_T)[0][1], TOLERANCE["chunkwise"])
     resets = pad(reset_mask(sizes), False)
     assert_close(run(padded, resets), segment_reference(variant)[0][1], TOLERANCE["chunkwise"])
+
+
+# The chunk engine's accelerator layout (cells/chunked/engine.py): every chunk in one block ------
+
+ENGINE_FAMILIES = ("linear_attn", "gated_linear_attn")  # the families on the engine
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if family(v) in ENGINE_FAMILIES])
+def test_chunkwise_with_all_chunks_in_one_block_equals_recurrent(variant, monkeypatch):
+    """One block of every chunk (prepared at once, a scan of state-sized steps, outputs at once)
+    gives `recurrent`'s outputs, final state and gradients, with resets. The CPU's default is a
+    block per chunk, which the other tests run."""
+    monkeypatch.setattr(engine, "default_block", lambda chunks: chunks)
+    fn = form_of(variant, "chunkwise", 16)
+
+    def run(inputs, cotangent, reset):
+        out, pullback = jax.vjp(lambda x: fn(**x, reset=reset), inputs)
+        return out, pullback(cotangent)[0]
+
+    sizes = Sizes(RESET_T)
+    actual = quick_jit(run)(draw(variant, sizes), cotangents(variant, sizes), reset_mask(sizes))
+    assert_close(actual, segment_reference(variant), TOLERANCE["chunkwise"])

@@ -11,38 +11,35 @@ segments: the decay factors are masked so that no pair of tokens across a reset 
 entering state reaches only the rows before the first reset and the leaving state is built from
 the last segment alone. Derivations and measurements: linear_attention.md.
 
-A lax.scan walks the chunks in order, reading each one straight out of the [B, T, H, ...] inputs
-and writing its outputs in place, so every intermediate is a few [B, H, C, C] or [B, H, C, K]
-blocks that stay in cache; nothing sequence-sized is materialised besides the outputs and the
-entering states. (Computing every chunk's products at once as [B, H, N, C, ...] batched matmuls
-measured 1.5-5x slower on CPU at T = 2048: those intermediates go through main memory and cost
-page faults on every call; linear_attention.md, section 7.)
+It runs on the chunk engine (chunked/engine.py): _Chunks is the prepare stage for a batch of
+chunks, holding each chunk's summary (transition e^{g_C}, write (K . e^{g_C - g})^T V), its
+outputs from the entering state and its pullback; the engine scans the states between them.
+On a CPU the engine takes one chunk per block, read straight out of the [B, T, H, ...] inputs
+and written back in place, so every intermediate is a few [B, H, C, C] or [B, H, C, K] blocks
+that stay in cache. (Computing every chunk's products at once as [B, H, N, C, ...] batched
+matmuls measured 1.5-5x slower on CPU at T = 2048: those intermediates go through main memory
+and cost page faults on every call; linear_attention.md, section 7.)
 
 log_alpha is [B, T, H] (scalar decay), [B, T, H, K] (per-key decay) or None (no decay: plain
 linear attention, every decay factor skipped). A per-key decay's scores are one product of
 factored rows in a chunk whose decays allow it (FactoredScores), the halving otherwise
-(PerKeyScores); the choice is made per chunk. Dimension letters: B batch, T time, H heads,
+(PerKeyScores); the choice is made per block of the engine. Dimension letters: B batch, T time, H heads,
 K key dim, V value dim, C chunk, N chunks, P blocks of a chunk (per-key scores).
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
 
 from fwpzoo.cells._chunking import (
     Segments,
-    by_flag,
     causal_decay,
-    chunk_of,
     keep,
     lower_mask,
     pad_to_chunks,
     per_key_flags,
-    put_chunk,
-    reset_chunk,
 )
 from fwpzoo.cells._reference import initial_state
+from fwpzoo.cells.chunked import engine
 
 # Per-key decay: blocks of at most this many tokens take the pairwise (non-matmul) form.
 LEAF_SIZE = 8
@@ -225,28 +222,31 @@ def _per_key_pullback(da, q, k, factors):
     return dq[..., :size, :], dk[..., :size, :]
 
 
-class _Chunk:
-    """One chunk's inputs [B, H, C, ...] and everything computed from them alone: the decays
-    e^g, e^{g_C - g}, e^{g_C} (all exponents <= 0, None without decay), masked to the chunk's
-    segments where it has resets, and the scores A (a per-key decay's from factored rows when
-    `factored`, by the halving otherwise)."""
+class _Chunks:
+    """A batch of chunks [G B, H, C, ...] (the engine's prepare stage) and everything computed
+    from their inputs alone: the decays e^g, e^{g_C - g}, e^{g_C} (all exponents <= 0, None
+    without decay), masked to each chunk's segments where it has resets, the scores A (a per-key
+    decay's from factored rows when `factored`, by the halving otherwise), and the chunk's
+    summary: its transition e^{g_C} (diagonal) and its write (K . e^{g_C - g})^T V."""
 
-    def __init__(self, inputs, reset, n, size, dtype, factored=False):
-        q, k, v, log_alpha = (chunk_of(x, n, size, dtype) for x in inputs)
+    def __init__(self, inputs, reset, factored=False):
+        q, k, v, log_alpha = inputs
+        size = q.shape[-2]
+        dtype = q.dtype
         self.q, self.k, self.v = q, k, v
-        self.g = None if log_alpha is None else prefix_sum(log_alpha)  # [B, H, C(, K)]
+        self.g = None if log_alpha is None else prefix_sum(log_alpha)  # [G B, H, C(, K)]
         self.e = self.to_end = self.e_last = gamma = None
         if self.g is not None:
-            g_last = self.g[:, :, -1]  # [B, H(, K)]
+            g_last = self.g[:, :, -1]  # [G B, H(, K)]
             self.e = jnp.exp(self.g)
             self.to_end = jnp.exp(g_last[:, :, None] - self.g)
             self.e_last = jnp.exp(g_last)
         per_key = self.g is not None and self.g.ndim == q.ndim
         if self.g is not None and not per_key:
-            gamma = causal_decay(self.g)  # [B, H, C, C]
+            gamma = causal_decay(self.g)  # [G B, H, C, C]
         same = None
         if reset is not None:
-            seg = Segments(reset_chunk(reset, n, size))
+            seg = Segments(reset)
             self.e = keep(seg.first, self.e, dtype)
             self.to_end = keep(seg.last, self.to_end, dtype)
             self.e_last = keep(seg.through, self.e_last, dtype)
@@ -259,115 +259,68 @@ class _Chunk:
             self.scores = FactoredScores(q, k, self.g, causal)
         else:
             self.scores = PerKeyScores(q, k, self.g, same)
-        self.q_start = scaled(self.e, q)  # [B, H, C, K]: Q . e^g reads the entering state
-        self.k_end = scaled(self.to_end, k)  # [B, H, C, K]: K . e^{g_C - g} writes the leaving one
+        self.q_start = scaled(self.e, q)  # [G B, H, C, K]: Q . e^g reads the entering state
+        self.k_end = scaled(
+            self.to_end, k
+        )  # [G B, H, C, K]: K . e^{g_C - g} writes the leaving one
+        self.transition = self.e_last  # [G B, H(, K)] or None: S_C = Diag(e^{g_C}) S_0 + write
+        self.write = self.k_end.mT @ v  # [G B, H, K, V]
 
     def outputs(self, s):
-        """O = (Q . e^g) S_0 + A V [B, H, C, V] for the entering state s [B, H, K, V]."""
+        """O = (Q . e^g) S_0 + A V [G B, H, C, V] for the entering states s [G B, H, K, V]."""
         return self.q_start @ s + self.scores.a @ self.v
 
-    def leaving_state(self, s):
-        """S_C = Diag(e^{g_C}) S_0 + (K . e^{g_C - g})^T V [B, H, K, V]."""
-        return scaled(self.e_last, s) + self.k_end.mT @ self.v
+    def pull(self, do):
+        """The outputs' cotangent do [G B, H, C, V] pulled to the entering state: (Q . e^g)^T dO."""
+        return self.q_start.mT @ do
+
+    def pullback(self, s, ds, do):
+        """[dq, dk, dv(, dlog_alpha)] [G B, H, C, ...] from the entering states s, the
+        cotangents of the leaving states ds [G B, H, K, V] and of the outputs do."""
+        size = self.q.shape[-2]
+        da = jnp.where(lower_mask(size), do @ self.v.mT, 0.0)  # [G B, H, C, C]
+        dq, dk = self.scores.pullback(da)
+        d_q_start = do @ s.mT  # [G B, H, C, K]
+        d_k_end = self.v @ ds.mT  # [G B, H, C, K]
+        dq = dq + scaled(self.e, d_q_start)
+        dk = dk + scaled(self.to_end, d_k_end)
+        dv = self.scores.a.mT @ do + self.k_end @ ds  # [G B, H, C, V]
+        grads = [dq, dk, dv]
+        if self.g is not None:
+            # A, Q . e^g and K . e^{g_C - g} depend on g only through q_t e^{g_t} and k_s e^{-g_s}
+            # up to factors of the chunk end (segment masks are constant factors), so
+            # dg = Q . dQ - K . dK plus the chunk end's terms (linear_attention.md, section 3)
+            dg = summed_to(self.q * dq - self.k * dk, self.g)  # [G B, H, C(, K)]
+            end = jnp.sum(self.k_end * d_k_end, axis=2)
+            end = end + scaled(self.e_last, jnp.sum(s * ds, -1))
+            dg = dg.at[:, :, -1].add(summed_to(end, self.e_last))
+            # g is the in-chunk cumulative sum of log_alpha: its transpose is the reversed one
+            grads.append(prefix_sum(dg, reverse=True))
+        return grads
 
 
-def _forward(inputs, reset, state, size):
-    """inputs (q, k, v, log_alpha or None) [B, T, H, ...], reset [B, T] or None, T a multiple of
-    size; state [B, H, K, V]. Returns o [B, T, H, V] in v's dtype, the final state and the state
-    entering every chunk [N, B, H, K, V]."""
-    q, _, v, log_alpha = inputs
-    o = jnp.zeros(q.shape[:3] + v.shape[3:], v.dtype)
-    flags = per_key_flags(q, log_alpha, size)
-
-    def chunk_step(carry, n):
-        s, o = carry
-
-        def run(factored):
-            c = _Chunk(inputs, reset, n, size, s.dtype, factored)
-            return c.leaving_state(s), c.outputs(s)
-
-        leaving, o_chunk = by_flag(flags, n, run)
-        return (leaving, put_chunk(o, o_chunk, n)), s
-
-    (final, o), entering = jax.lax.scan(chunk_step, (state, o), jnp.arange(q.shape[1] // size))
-    return o, final, entering
+RULE = engine.Rule(
+    prepare=_Chunks,
+    carry=scaled,  # the transition is diagonal: its transpose is itself
+    carry_transpose=scaled,
+    flags=lambda inputs, size: per_key_flags(inputs[0], inputs[3], size),
+)
 
 
-def _pullback(inputs, reset, n, size, s, ds, do, factored):
-    """(ds entering, [dq, dk, dv(, dlog_alpha)] [B, H, C, ...]) of chunk n from its entering
-    state s and the cotangents of its leaving state ds and of its outputs do [B, H, C, V]."""
-    c = _Chunk(inputs, reset, n, size, s.dtype, factored)
-    da = jnp.where(lower_mask(size), do @ c.v.mT, 0.0)  # [B, H, C, C]
-    dq, dk = c.scores.pullback(da)
-    d_q_start = do @ s.mT  # [B, H, C, K]
-    d_k_end = c.v @ ds.mT  # [B, H, C, K]
-    dq = dq + scaled(c.e, d_q_start)
-    dk = dk + scaled(c.to_end, d_k_end)
-    dv = c.scores.a.mT @ do + c.k_end @ ds  # [B, H, C, V]
-    ds_prev = c.q_start.mT @ do + scaled(c.e_last, ds)
-    chunk_grads = [dq, dk, dv]
-    if c.g is not None:
-        # A, Q . e^g and K . e^{g_C - g} depend on g only through q_t e^{g_t} and k_s e^{-g_s}
-        # up to factors of the chunk end (segment masks are constant factors), so
-        # dg = Q . dQ - K . dK plus the chunk end's terms (linear_attention.md, section 3)
-        dg = summed_to(c.q * dq - c.k * dk, c.g)  # [B, H, C(, K)]
-        end = jnp.sum(c.k_end * d_k_end, axis=2) + scaled(c.e_last, jnp.sum(s * ds, -1))
-        dg = dg.at[:, :, -1].add(summed_to(end, c.e_last))
-        # g is the in-chunk cumulative sum of log_alpha: its transpose is the reversed one
-        chunk_grads.append(prefix_sum(dg, reverse=True))
-    return ds_prev, chunk_grads
-
-
-def _backward(size, res, cotangents):
-    inputs, reset, entering = res
-    do_all, d_final = cotangents
-    log_alpha = inputs[-1]
-    flags = per_key_flags(inputs[0], log_alpha, size)
-
-    def chunk_step(carry, xs):
-        ds, grads = carry  # ds: cotangent of the state leaving chunk n
-        n, s = xs  # s: the state entering chunk n
-        do = chunk_of(do_all, n, size, s.dtype)  # [B, H, C, V]
-        ds_prev, chunk_grads = by_flag(
-            flags, n, lambda f: _pullback(inputs, reset, n, size, s, ds, do, f)
-        )
-        grads = [put_chunk(g, x, n) for g, x in zip(grads, chunk_grads, strict=True)]
-        return (ds_prev, grads), None
-
-    grads = [jnp.zeros(x.shape, x.dtype) for x in inputs if x is not None]
-    xs = (jnp.arange(inputs[0].shape[1] // size), entering)
-    (d_state, grads), _ = jax.lax.scan(chunk_step, (d_final, grads), xs, reverse=True)
-    if log_alpha is None:
-        grads.append(None)
-    return (*grads, None, d_state)  # reset: no cotangent
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def chunk_scan(q, k, v, log_alpha, reset, state, size):
-    """o [B, T, H, V] and the final state [B, H, K, V], T a multiple of size."""
-    o, final, _ = _forward((q, k, v, log_alpha), reset, state, size)
-    return o, final
-
-
-def _chunk_scan_fwd(q, k, v, log_alpha, reset, state, size):
-    inputs = (q, k, v, log_alpha)
-    o, final, entering = _forward(inputs, reset, state, size)
-    return (o, final), (inputs, reset, entering)
-
-
-chunk_scan.defvjp(_chunk_scan_fwd, _backward)
-
-
-def chunkwise(q, k, v, log_alpha, state, chunk_size, reset=None):
+def chunkwise(q, k, v, log_alpha, state, chunk_size, reset=None, block=None):
     """Gated linear attention in chunks of chunk_size tokens; log_alpha None means no decay.
 
     q, k [B, T, H, K]; v [B, T, H, V]; log_alpha [B, T, H], [B, T, H, K] or None; state
-    [B, H, K, V] or None (zeros); reset [B, T] bool or None. Returns (o [B, T, H, V] in v's
-    dtype, state [B, H, K, V] in float32, float64 for float64 inputs).
+    [B, H, K, V] or None (zeros); reset [B, T] bool or None; block: chunks per block of the
+    engine (None: engine.default_block). Returns (o [B, T, H, V] in v's dtype, state [B, H, K, V]
+    in float32, float64 for float64 inputs).
     """
     T = q.shape[1]
     size = min(chunk_size, T)
+    block = block or engine.default_block(-(-T // size))
     state = initial_state(state, q, v)
-    q, k, v, log_alpha, reset = (pad_to_chunks(x, size) for x in (q, k, v, log_alpha, reset))
-    o, state = chunk_scan(q, k, v, log_alpha, reset, state, size)
+    q, k, v, log_alpha, reset = (
+        pad_to_chunks(x, size * block) for x in (q, k, v, log_alpha, reset)
+    )
+    o, state = engine.run_chunks(RULE, (q, k, v, log_alpha), reset, state, size, block)
     return o[:, :T], state

@@ -1,0 +1,225 @@
+"""The chunk engine: a chunkwise form in three stages, forward and backward.
+
+A rule's chunk (its own module) is a batch of chunks, computed from their inputs alone:
+
+    prepare   everything inside the chunks, batched over every chunk of a block: decays, score
+              matrices, triangular inverses, and each chunk's summary, its transition M_n and
+              its write X_n (cells/chunked/summary.py: S_leaving = M_n S_entering + X_n)
+    scan      the states entering every chunk, S_{n+1} = M_n S_n + X_n: the loop body holds
+              only state-sized work (no [C, C] matrix, no inverse)
+    outputs   every chunk's outputs from its entering state, batched again
+
+and the backward runs the same three stages: the chunks prepared again, the state's cotangent
+scanned in reverse (dS_n = M_n^T dS_{n+1} + R_n with R_n the outputs' pull on the entering
+state), then every chunk's input cotangents, batched, from its entering state and the cotangent
+of its leaving state. A jax.custom_vjp keeps only the entering states between the passes.
+
+Chunks are taken `block` at a time: an outer scan walks the blocks, each one prepared and
+finished as one batch. block = all chunks (one block, no outer loop) is the layout an
+accelerator wants: T / C chunks in parallel, a sequential loop of state-sized steps. On a CPU,
+where XLA runs each device's work on one thread, a block of one chunk keeps every intermediate
+in cache: computing all chunks at once measured 1.5-5x slower there (linear_attention.md,
+section 7), so `block=None` means one chunk per block on the CPU and all chunks elsewhere.
+
+Dimension letters: B batch, T time, H heads, K key dim, V value dim, C chunk size, G chunks
+per block, N chunks.
+"""
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from fwpzoo.cells._chunking import by_flag
+
+
+def default_block(chunks: int) -> int:
+    """Chunks per block: 1 on the CPU (cache-resident chunks), all of them on an accelerator."""
+    return 1 if jax.default_backend() == "cpu" else chunks
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What the engine needs from a rule (all functions of one block of chunks, [G B, ...]):
+
+    prepare(inputs, reset, factored) -> a chunk batch with
+        .transition   a pytree [G B, ...] (None: identity), each chunk's M_n
+        .write        [G B, H, K, V]: each chunk's X_n
+        .outputs(entering) -> [G B, H, C, V] from the entering states [G B, H, K, V]
+        .pull(do) -> [G B, H, K, V]: R_n, the outputs' cotangent pulled to the entering state
+        .pullback(entering, d_leaving, do) -> [the input cotangents [G B, H, C, ...]], without
+            the entering state's (the scan supplies it)
+    carry(M, S) -> M S and carry_transpose(M, dS) -> M^T dS for one chunk's M [B, ...].
+
+    inputs: [B, T, H, ...] arrays or None; read(x, b, size, block, dtype) and
+    put(buffer, x, b) lay a block of chunks out and back (lay_out and lay_back below by default,
+    per input in `puts`); flags(inputs, size) -> [N] bool per chunk or None (the `factored`
+    branch, by_flag: a block takes the factored branch when all its chunks may)."""
+
+    prepare: Callable
+    carry: Callable
+    carry_transpose: Callable
+    flags: Callable
+    reads: tuple[Callable, ...] | None = None
+    puts: tuple[Callable, ...] | None = None
+
+
+def lay_out(x, b, size, block, dtype):
+    """Chunks b G .. b G + G - 1 of x [B, T, H, ...] as [G B, H, C, ...] in dtype (chunk-major);
+    None stays None. With G = 1 this is a slice and a transpose, as a per-chunk loop reads."""
+    if x is None:
+        return None
+    width = size * block
+    x = jax.lax.dynamic_slice_in_dim(x, b * width, width, axis=1)  # [B, G C, H, ...]
+    x = x.reshape(x.shape[0], block, size, *x.shape[2:])  # [B, G, C, H, ...]
+    x = jnp.swapaxes(jnp.moveaxis(x, 1, 0), 2, 3)  # [G, B, H, C, ...]
+    return x.reshape(-1, *x.shape[2:]).astype(dtype)  # [G B, H, C, ...]
+
+
+def lay_back(buffer, x, b):
+    """buffer [B, T, H, ...] with the block b of chunks replaced by x [G B, H, C, ...]."""
+    B = buffer.shape[0]
+    x = x.reshape(-1, B, *x.shape[1:])  # [G, B, H, C, ...]
+    x = jnp.moveaxis(jnp.swapaxes(x, 2, 3), 0, 1)  # [B, G, C, H, ...]
+    x = x.reshape(B, -1, *x.shape[3:]).astype(buffer.dtype)  # [B, G C, H, ...]
+    return jax.lax.dynamic_update_slice_in_dim(buffer, x, b * x.shape[1], axis=1)
+
+
+def reset_rows(reset):
+    """reset [B, T] as [B, T, 1], so that a block of it is [G B, 1, C] (one row for all heads)."""
+    return None if reset is None else reset[:, :, None]
+
+
+def _by_chunk(tree, block):
+    """[G B, ...] leaves as [G, B, ...], to scan over the chunks of a block."""
+    return jax.tree.map(lambda x: x.reshape(block, -1, *x.shape[1:]), tree)
+
+
+def _flat(x):
+    """[G, B, ...] -> [G B, ...]."""
+    return x.reshape(-1, *x.shape[2:])
+
+
+def _state_scan(rule, chunks, state, block):
+    """(entering [G, B, H, K, V], leaving) of S_{n+1} = M_n S_n + X_n over one block."""
+
+    def step(s, xs):
+        m, x = xs
+        return rule.carry(m, s) + x, s
+
+    xs = _by_chunk((chunks.transition, chunks.write), block)
+    if block == 1:  # one chunk: no loop inside the blocks' loop
+        leaving, entering = step(state, jax.tree.map(lambda x: x[0], xs))
+        return entering[None], leaving
+    leaving, entering = jax.lax.scan(step, state, xs)
+    return entering, leaving
+
+
+def _cotangent_scan(rule, chunks, d_state, pulls, block):
+    """(d_leaving [G, B, H, K, V], d_entering the block) of dS_n = M_n^T dS_{n+1} + R_n, the
+    chunks of one block in reverse; d_state is the cotangent of the state leaving the block."""
+
+    def step(ds, xs):
+        m, r = xs
+        return rule.carry_transpose(m, ds) + r, ds
+
+    xs = _by_chunk((chunks.transition, pulls), block)
+    if block == 1:
+        d_entering, d_leaving = step(d_state, jax.tree.map(lambda x: x[0], xs))
+        return d_leaving[None], d_entering
+    d_entering, d_leaving = jax.lax.scan(step, d_state, xs, reverse=True)
+    return d_leaving, d_entering
+
+
+def _block_flags(rule, inputs, size, block):
+    flags = rule.flags(inputs, size)
+    return None if flags is None else jnp.all(flags.reshape(-1, block), axis=1)
+
+
+def _reads(rule, inputs, reset, b, size, block, dtype):
+    reads = rule.reads or (lay_out,) * len(inputs)
+    chunk = tuple(read(x, b, size, block, dtype) for read, x in zip(reads, inputs, strict=True))
+    return chunk, lay_out(reset_rows(reset), b, size, block, bool)
+
+
+def _forward(rule, inputs, reset, state, out, size, block):
+    """out: the zero outputs [B, T, H, V]. Returns (o, final state, entering [N/G, G, B, ...])."""
+    flags = _block_flags(rule, inputs, size, block)
+    dtype = state.dtype
+
+    def block_step(carry, b):
+        s, o = carry
+        chunk, r = _reads(rule, inputs, reset, b, size, block, dtype)
+
+        def run(factored):
+            chunks = rule.prepare(chunk, r, factored)
+            entering, leaving = _state_scan(rule, chunks, s, block)
+            return leaving, chunks.outputs(_flat(entering)), entering
+
+        leaving, o_block, entering = by_flag(flags, b, run)
+        return (leaving, lay_back(o, o_block, b)), entering
+
+    blocks = jnp.arange(out.shape[1] // (size * block))
+    (final, o), entering = jax.lax.scan(block_step, (state, out), blocks)
+    return o, final, entering
+
+
+def _backward(rule, inputs, reset, entering, cotangents, size, block):
+    """(input cotangents [B, T, ...] for every input that is not None, d initial state)."""
+    do_all, d_final = cotangents
+    flags = _block_flags(rule, inputs, size, block)
+    dtype = d_final.dtype
+    present = [i for i, x in enumerate(inputs) if x is not None]
+    puts = rule.puts or (lay_back,) * len(inputs)
+
+    def block_step(carry, xs):
+        ds, grads = carry  # ds: cotangent of the state leaving block b
+        b, s = xs  # s: the states entering the block's chunks [G, B, H, K, V]
+        chunk, r = _reads(rule, inputs, reset, b, size, block, dtype)
+        do = lay_out(do_all, b, size, block, dtype)  # [G B, H, C, V]
+
+        def run(factored):
+            chunks = rule.prepare(chunk, r, factored)
+            d_leaving, d_entering = _cotangent_scan(rule, chunks, ds, chunks.pull(do), block)
+            return d_entering, chunks.pullback(_flat(s), _flat(d_leaving), do)
+
+        ds_prev, chunk_grads = by_flag(flags, b, run)
+        grads = [puts[i](g, x, b) for i, g, x in zip(present, grads, chunk_grads, strict=True)]
+        return (ds_prev, grads), None
+
+    grads = [jnp.zeros(inputs[i].shape, inputs[i].dtype) for i in present]
+    xs = (jnp.arange(do_all.shape[1] // (size * block)), entering)
+    (d_state, grads), _ = jax.lax.scan(block_step, (d_final, grads), xs, reverse=True)
+    d_inputs = [None] * len(inputs)
+    for i, g in zip(present, grads, strict=True):
+        d_inputs[i] = g
+    return d_inputs, d_state
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
+def run_chunks(rule, inputs, reset, state, size, block):
+    """(o [B, T, H, V] in v's dtype, final state) of the rule over inputs (a tuple of [B, T, H,
+    ...] arrays or None; inputs[0] is q, inputs[2] is v), T a multiple of size * block."""
+    o, final, _ = _forward(rule, inputs, reset, state, _zero_outputs(inputs), size, block)
+    return o, final
+
+
+def _zero_outputs(inputs):
+    q, v = inputs[0], inputs[2]
+    return jnp.zeros(q.shape[:3] + v.shape[-1:], v.dtype)  # [B, T, H, V]
+
+
+def _run_chunks_fwd(rule, inputs, reset, state, size, block):
+    o, final, entering = _forward(rule, inputs, reset, state, _zero_outputs(inputs), size, block)
+    return (o, final), (inputs, reset, entering)
+
+
+def _run_chunks_bwd(rule, size, block, res, cotangents):
+    inputs, reset, entering = res
+    d_inputs, d_state = _backward(rule, inputs, reset, entering, cotangents, size, block)
+    return tuple(d_inputs), None, d_state  # reset: no cotangent
+
+
+run_chunks.defvjp(_run_chunks_fwd, _run_chunks_bwd)
