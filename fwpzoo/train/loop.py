@@ -34,6 +34,7 @@ from fwpzoo.train.sharding import (
     shard_batch,
     state_shardings,
     to_host,
+    under_mesh,
 )
 from fwpzoo.train.state import abstract_model, abstract_train_state, init_train_state
 from fwpzoo.train.steps import make_eval_step, make_train_step
@@ -324,7 +325,9 @@ def _loop(run: Run, state, start, data_index, checkpoints, log, bar, stop, train
         out_shardings=(state_shardings(state, mesh), None),
         donate_argnums=0,
     )
-    eval_step = jax.jit(make_eval_step(run.graphdef))
+    # traced with the mesh set: a layer under mesh.context > 1 splits its sequence
+    train_step = under_mesh(train_step, mesh)
+    eval_step = under_mesh(jax.jit(make_eval_step(run.graphdef)), mesh)
     schedule = learning_rate_schedule(cfg.train)
     pending, tokens, clock = [], 0, time.perf_counter()
     track_best = cfg.checkpoint.best_metric is not None

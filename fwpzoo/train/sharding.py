@@ -319,3 +319,14 @@ def check_context_length(model, length: int, context: int) -> None:
                 f"whole chunks of model.mixers[{i}] chunk_size={layer.chunk_size}; make "
                 f"{length} / context a multiple of {layer.chunk_size}"
             )
+
+
+def under_mesh(fn, mesh: Mesh):
+    """fn called with `mesh` set (jax.set_mesh), so the layers traced inside see its axes (a
+    layer splits its sequence over `context`, fwpzoo.layers.context)."""
+
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return call
