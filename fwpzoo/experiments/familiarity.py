@@ -35,17 +35,24 @@ from fwpzoo.experiments._common import (
 from fwpzoo.train import evaluate, make_eval_step, restore_run
 
 NAME = "familiarity"
-# config file -> (model, eta_sign) record labels
+# variant -> (model, eta_sign) record labels; a variant's config is configs/.../<variant>.yaml
 MODELS = {
     "hebbff": ("plastic", "learned"),
     "hebbff-hebbian": ("plastic", "fixed_positive"),
+    "hebbff-antihebbian": ("plastic", "fixed_negative"),
     "delta_rule": ("delta_rule", None),
     "linear_attn": ("linear_attn", None),
     "ssm": ("ssm", None),
 }
+# the anti-Hebbian control is the Hebbian one with the sign flipped: eta held at a fixed sign
+# with the same parametrisation and magnitude (|eta K| = 5 at the start), so the two differ in
+# the sign alone (the learned-sign model parametrises eta directly)
+VARIANT_CONFIG = {"hebbff-antihebbian": ("hebbff-hebbian", ("model.plastic_eta=negative",))}
+HEBBFF = ("hebbff", "hebbff-hebbian", "hebbff-antihebbian")
 TRAIN_INTERVALS = (2, 8)
 TEST_INTERVALS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 SEEDS = (0, 1, 2)
+HEBBFF_SEEDS = (0, 1, 2, 3, 4)  # the sign question gets five seeds a variant
 QUICK_MODELS, QUICK_TRAIN, QUICK_TEST, QUICK_SEEDS = ("hebbff", "delta_rule"), (2,), (1, 2, 4), (0,)
 QUICK_OVERRIDES = ("train.steps=2", "train.warmup_steps=1", "eval.num_batches=1")
 KEYS = (
@@ -67,12 +74,19 @@ def make_points(options) -> list:
     tests = QUICK_TEST if quick else TEST_INTERVALS
     points = []
     # seeds outermost, so a sweep cut short has every model and interval at least once
-    for seed in QUICK_SEEDS if quick else SEEDS:
+    for seed in QUICK_SEEDS if quick else HEBBFF_SEEDS:
         for R in QUICK_TRAIN if quick else TRAIN_INTERVALS:
             for name in QUICK_MODELS if quick else MODELS:
+                if not quick and seed not in SEEDS and name not in HEBBFF:
+                    continue
                 model, eta_sign = MODELS[name]
-                path = CONFIGS / NAME / f"{name}.yaml"
-                overrides = (f"data.repeat_interval={R}", *(QUICK_OVERRIDES if quick else ()))
+                config, extra = VARIANT_CONFIG.get(name, (name, ()))
+                path = CONFIGS / NAME / f"{config}.yaml"
+                overrides = (
+                    f"data.repeat_interval={R}",
+                    *extra,
+                    *(QUICK_OVERRIDES if quick else ()),
+                )
                 cfg = load(path, overrides).model
                 labels = {"model": model, "eta_sign": eta_sign, "task": NAME, "setting": R}
                 if model == "plastic":
@@ -141,6 +155,18 @@ def plot(records: list[dict], settings, baseline: dict, path) -> None:
     plt.close(fig)
 
 
+def twice_table(cells: dict, planned: dict, settings) -> str:
+    """Each HebbFF variant's accuracy at twice each training interval."""
+    names = [variant({"model": "plastic", "eta_sign": e}) for _, e in (MODELS[n] for n in HEBBFF)]
+    rows = [
+        [name, *(spread_cell(cells.get((R, name, 2 * R)), planned[name]) for R in settings)]
+        for name in names
+        if any((R, name, 2 * R) in cells for R in settings)
+    ]
+    header = ["model", *(f"trained at R = {R}, tested at R = {2 * R}" for R in settings)]
+    return markdown_table(header, rows) if rows else "No HebbFF point is recorded yet."
+
+
 def papers_table(cells: dict, seeds: int, anti: int, learned: int) -> str:
     """The paper's findings, ours beside them from the records: at the longest training interval,
     HebbFF with eta learned against eta held Hebbian, at twice that interval and at 1.5 times it."""
@@ -192,11 +218,18 @@ def report(records: list[dict], points: list, options) -> str:
     baseline = {x: always_novel(cfg, x) for x in xs}
     plot(records, settings, baseline, options.out / f"{NAME}.png")
     seeds = len(QUICK_SEEDS if options.quick else SEEDS)
+    planned = {
+        variant({"model": m, "eta_sign": e}): (
+            len(QUICK_SEEDS) if options.quick else len(HEBBFF_SEEDS if n in HEBBFF else SEEDS)
+        )
+        for n, (m, e) in MODELS.items()
+    }
     cells = group(accuracy, ["setting", "variant", "x"])
     rows = [
-        [R, name, *(spread_cell(cells.get((R, name, x)), seeds) for x in xs)]
+        [R, name, *(spread_cell(cells.get((R, name, x)), planned[name]) for x in xs)]
         for R, name in dict.fromkeys((r["setting"], r["variant"]) for r in accuracy)
     ]
+    twice = twice_table(cells, planned, settings)
     rows.append(["-", 'always "novel" (seed 0)', *(baseline[x] for x in xs)])
     table = markdown_table(["train R", "model", *(f"R={x}" for x in xs)], rows)
     eta_rows = []
@@ -216,6 +249,13 @@ def report(records: list[dict], points: list, options) -> str:
         r["value"] for r in records if r["metric"] == "learned_eta" and r["eta_sign"] == "learned"
     ]
     anti = sum(value < 0 for value in learned)
+    by_interval = "; ".join(
+        f"trained at R = {R}: {sum(v < 0 for v in values)} of {len(values)}"
+        for (R,), values in group(
+            [r for r in records if r["metric"] == "learned_eta" and r["eta_sign"] == "learned"],
+            ["setting"],
+        ).items()
+    )
     return f"""# Continual familiarity detection (HebbFF)
 
 Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`); each record
@@ -238,8 +278,15 @@ stream is short against R (the last row, and the dashed line in the plot).
 Medians over seeds with bars to the min and max. Dotted: the training interval; dashed: always
 "novel".
 
-HebbFF with eta learned ended anti-Hebbian (eta < 0) in {anti} of {len(learned)} recorded runs,
-each started Hebbian (eta K = +5).
+HebbFF with eta learned ended anti-Hebbian (eta < 0) in {anti} of {len(learned)} recorded runs
+({by_interval}), each started Hebbian (eta K = +5).
+
+Controls: `eta fixed_positive` and `eta fixed_negative` hold eta at one sign with the same
+parametrisation and starting magnitude (|eta K| = 5), so they differ in the sign alone; `eta
+learned` parametrises eta directly, free to change sign. Accuracy at twice the training
+interval, median over seeds (min-max):
+
+{twice}
 
 The learned plasticity of each HebbFF run (eta starts at +5 / K, Hebbian, in both variants; K is
 the presynaptic dimension):
