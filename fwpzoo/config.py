@@ -40,6 +40,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 RUN_LENGTH_KEYS = (
     "train.steps",
     "train.log_every",
+    "train.stall_timeout",
     "checkpoint.every",
     "checkpoint.keep",
     "checkpoint.async_save",
@@ -76,6 +77,9 @@ class TrainConfig:
     # stop at the first eval where this valid-split metric reaches stop_at (None: run all steps)
     stop_metric: str | None = None
     stop_at: float = 1.0
+    # seconds without progress (a step, an eval, a save, the first compilation) after which the
+    # run names what it was doing and exits (code 4): a deadlock never holds a machine overnight
+    stall_timeout: float = 900.0
 
     def __post_init__(self):
         _require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
@@ -109,6 +113,9 @@ class TrainConfig:
             f"valid: {', '.join(COMPUTE_DTYPES)}",
         )
         _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _require(
+            self.stall_timeout > 0, f"train.stall_timeout must be > 0, got {self.stall_timeout}"
+        )
 
 
 @dataclass(frozen=True)

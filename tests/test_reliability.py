@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -710,3 +711,147 @@ def test_mesa_trains_evaluates_and_samples_on_two_cpu_devices(tmp_path):
         )
         assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1])["tokens"]
+
+
+# Stalls and second signals end the process from a thread: each test runs its own interpreter,
+# with step 3 held up inside shard_batch (a compiled loop that runs for minutes, or a sleep).
+HELD = """
+import sys, time
+import jax, jax.numpy as jnp
+from fwpzoo import cli
+from fwpzoo.train import loop
+real, calls = loop.shard_batch, []
+spin = jax.jit(lambda x: jax.lax.fori_loop(0, 10**7, lambda i, x: jnp.tanh(x @ x), x))
+def held(batch, mesh):
+    calls.append(1)
+    if len(calls) == 3:
+        print("held", file=sys.stderr, flush=True)
+        {hold}
+    return real(batch, mesh)
+loop.shard_batch = held
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def held_run(tiny_yaml, workdir, hold: str, *overrides) -> subprocess.Popen:
+    """`fwpzoo train` of the tiny config in a child process whose step 3 runs `hold`."""
+    argv = ["train", str(tiny_yaml), "--workdir", str(workdir), "--no-progress", *overrides]
+    code = HELD.format(hold=hold)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *argv], stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_held(process) -> list[str]:
+    lines = []
+    while not lines or lines[-1] != "held\n":
+        lines.append(process.stderr.readline())
+        assert lines[-1], "".join(lines)  # the child ended before step 3
+    return lines
+
+
+@pytest.mark.slow
+def test_a_stalled_step_is_named_in_one_line_and_exits_4(tiny_yaml, tmp_path):
+    # long enough for the first step's compilation, which is watched as well
+    process = held_run(tiny_yaml, tmp_path / "run", "time.sleep(600)", "train.stall_timeout=15")
+    wait_for_held(process)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 4
+    assert re.fullmatch(
+        r"fwpzoo train: no progress for \d+ s while running step 3 \(train.stall_timeout=15\); "
+        r"stopped; checkpoint 2 is the last one kept\n",
+        err,
+    ), err
+    assert Checkpoints(tmp_path / "run" / "checkpoints").steps() == [2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_second_signal_ends_a_compiled_step_at_once(tiny_yaml, tmp_path, signum, code):
+    spinning = "spin(jnp.ones((256, 256))).block_until_ready()"  # minutes inside XLA
+    process = held_run(tiny_yaml, tmp_path / "run", spinning)
+    wait_for_held(process)
+    name = signal.Signals(signum).name
+    process.send_signal(signum)
+    first = process.stderr.readline()
+    assert first == (
+        f"fwpzoo train: {name} while running step 3: stopping after the step under way, which is "
+        "saved first; a second signal stops at once without saving\n"
+    )
+    process.send_signal(signum)
+    start = time.monotonic()
+    _, err = process.communicate(timeout=30)
+    assert time.monotonic() - start < 2 and process.returncode == code
+    assert err == (
+        f"fwpzoo train: second {name} while running step 3: stopped at once; checkpoint 2 is the "
+        "last one kept\n"
+    )
+    assert Checkpoints(tmp_path / "run" / "checkpoints").steps() == [2]
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_leaves_no_unfinished_checkpoint(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1100k", "tmpfs", str(disk)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("a small filesystem needs mount rights (root)")
+    try:
+        config = {**TINY, "model": {**TINY["model"], "d_model": 64, "mlp_ratio": 2}}
+        config["train"] = {**TINY["train"], "steps": 6}  # checkpoint 2 fits, 4 does not
+        path = tmp_path / "big.yaml"
+        path.write_text(yaml.safe_dump(config))
+        argv = ["train", str(path), "--workdir", str(disk / "run"), "--no-progress"]
+        done = subprocess.run([sys.executable, "-m", "fwpzoo", *argv], capture_output=True,
+                              text=True, timeout=240)
+        assert done.returncode == 2
+        assert done.stderr.splitlines()[1:] == [
+            f"fwpzoo train: error: no space left on the device of {disk / 'run'} (unfinished "
+            "checkpoint folders removed); checkpoint 2 is the last one kept; free some space, "
+            "then the same command continues the run"
+        ]
+        assert sorted(p.name for p in (disk / "run" / "checkpoints").iterdir()) == ["2"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# One line for every failure: metrics repair, inspect, and the names the config uses.
+
+
+def test_a_damaged_metrics_file_is_repaired_and_the_checkpoint_row_logged_again(
+    capsys, tiny_yaml, run_copy, request
+):
+    """Undecodable bytes anywhere, and the row of the step the run resumes from cut short: the
+    run resumes and writes that row again, from its checkpoint."""
+    path = run_copy / "metrics.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)  # steps 1..4; checkpoint at 4
+    path.write_bytes(b"".join(lines[:1]) + b"\xff\xfe not utf-8\n" + b"".join(lines[1:3])
+                     + lines[3][:9])
+    assert train_cli(capsys, tiny_yaml, run_copy, "train.steps=6")[0] == 0
+    rows = read_metrics(run_copy)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[3] == json.loads(lines[3])  # the very row logged before, not a new one
+
+
+@pytest.fixture(scope="module")
+def trained_fwp(tiny_yaml, tmp_path_factory) -> Path:
+    """A 2-step run of a one-layer linear attention model (fast weights to draw)."""
+    workdir = tmp_path_factory.mktemp("fwp") / "run"
+    argv = ["train", str(tiny_yaml), "--workdir", str(workdir), "--no-progress",
+            "model.mixers=[fwp,attention]", "model.cell=linear_attn", "train.steps=2"]
+    assert cli.main(argv) == 0
+    return workdir
+
+
+def test_inspect_refuses_a_picture_it_cannot_write_before_computing(refused, trained_fwp):
+    default = trained_fwp / "fast_weights-layer0-head0.png"
+    with unwritable(trained_fwp):
+        refused(["inspect", "--workdir", str(trained_fwp)], f"cannot write {default} (")
+    assert not default.exists()
+
+
+def test_inspect_names_layers_by_their_mixers_as_the_config_does(refused, trained_fwp):
+    refused(["inspect", "--workdir", str(trained_fwp), "--layer", "1"],
+            "layer 1 (attention) has no fast-weight matrix to draw; layers with one: 0 (fwp)")

@@ -15,6 +15,7 @@ the arrays against their saved fingerprints and checks they are finite. Whatever
 reading a checkpoint is reported as UnreadableCheckpoint with a one-line reason.
 """
 
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -182,6 +183,34 @@ def warn(message: str) -> None:
     print(f"fwpzoo: warning: {message}", file=sys.stderr)
 
 
+TEMPORARY = ".orbax-checkpoint-tmp"  # orbax writes a checkpoint here, then renames it
+
+
+def finished_steps(directory: Path) -> list[int]:
+    """The complete checkpoints' steps in `directory` by its listing alone, oldest first: safe
+    to call from any thread at any moment, while orbax itself may be mid-write."""
+    if not Path(directory).is_dir():
+        return []
+    return sorted(int(p.name) for p in Path(directory).iterdir() if p.name.isdigit())
+
+
+def kept(directory: Path) -> str:
+    """What a stopped run leaves in `directory`, in words."""
+    steps = finished_steps(directory)
+    if not steps:
+        return "no checkpoint was saved"
+    return f"checkpoint {steps[-1]} is the last one kept"
+
+
+def remove_temporary(directory: Path) -> None:
+    """Removes the folders of checkpoint writes that never completed (a killed process, a full
+    disk): they hold no usable state and only take space."""
+    if Path(directory).is_dir():
+        for path in Path(directory).iterdir():
+            if TEMPORARY in path.name:
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def saved_steps(directory: Path) -> list[int]:
     """The checkpoint steps in `directory` (none if it does not exist), oldest first."""
     if not Path(directory).is_dir():
@@ -210,19 +239,22 @@ def newest_readable(workdir: Path, steps: list[int], restore: Callable[[int], ob
 
 
 def silence_closed_loop_callbacks() -> None:
-    """Drops the unraisable "Event loop is closed" errors a failed restore leaves behind.
+    """Drops the unraisable errors a failed restore or save leaves behind.
 
     An orbax restore that fails on one array returns while tensorstore is still reading the
     others; each of those reads then calls back into the restore's asyncio loop, already closed,
-    and Python would print one traceback per array after the one-line warning. Every other
-    unraisable exception still reaches the hook that was installed before."""
+    and Python would print one traceback per array after the one-line warning. A save that fails
+    (a full disk) does the same with its other writes, and leaves coroutines pending that Python
+    finalises at exit, one traceback each. Every other unraisable exception, raised before the
+    interpreter shuts down, still reaches the hook that was installed before."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_callbacks", False):
         return
 
     def hook(unraisable) -> None:
         error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        if not (closed_loop or sys.is_finalizing()):
             previous(unraisable)
 
     hook.drops_closed_loop_callbacks = True

@@ -7,6 +7,7 @@ values; Roy & Vetterli 2007), and the gates each token set (write strength beta,
 learning rate).
 """
 
+import tempfile
 from pathlib import Path
 
 import jax
@@ -31,10 +32,10 @@ def default_prompt(task) -> np.ndarray:
     return next(task.eval_batches("valid", 1, 1))["inputs"][0, :MAX_DEFAULT_PROMPT]
 
 
-def choose_layer(model, layer: int | None) -> int:
-    """`layer`, or the first with fast weights; ConfigError naming the valid ones otherwise."""
+def choose_layer(model, mixers: list[str], layer: int | None) -> int:
+    """`layer`, or the first with fast weights; ConfigError naming the valid ones otherwise, with
+    each layer's mixer as the config names it (`mixers`)."""
     valid = fast_weight_layers(model)
-    mixers = [type(block.mixer).__name__ for block in model.blocks]
     listing = ", ".join(f"{i} ({mixers[i]})" for i in valid) or "none"
     if layer is None:
         if not valid:
@@ -104,6 +105,18 @@ def plot(path: Path, S, gates, head: int, labels: list[str], title: str) -> dict
     }
 
 
+def check_writable(path: Path) -> None:
+    """ConfigError, before anything is computed, if the picture cannot be written at `path`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png"):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"cannot write {path} ({error.strerror or error}); choose another file with --out"
+        ) from None
+
+
 def token_labels(tokens: np.ndarray, task) -> list[str]:
     if text_task(task):
         return [repr(bytes([int(t)]).decode("latin-1")) for t in tokens]
@@ -114,16 +127,18 @@ def inspect(workdir: Path, step, prompt, layer, head, out) -> dict:
     """Draws the fast weights of a checkpoint; the summary of what was drawn."""
     run, step, model_state = restore_run(workdir, step)
     model = nnx.merge(run.graphdef, model_state["params"], model_state["rest"])
-    layer = choose_layer(model, layer)
+    mixers = [entry.mixers[0] for entry in run.cfg.model.layers()]  # also per-layer mappings
+    layer = choose_layer(model, mixers, layer)
     H = run.cfg.model.num_heads
     if not 0 <= head < H:
         raise ConfigError(f"--head {head} is out of range; valid heads: 0..{H - 1}")
     tokens = default_prompt(run.task) if prompt is None else parse_prompt(prompt, run.task)
+    out = Path(out) if out else Path(workdir) / f"fast_weights-layer{layer}-head{head}.png"
+    check_writable(out)
     records = jax.device_get(trace(model, np.asarray(tokens, np.int32), layer))
     S = np.asarray(records["S"], np.float64)  # [T, H, K, V]
     gates = {name: np.asarray(g, np.float64) for name, g in records["gates"].items()}
-    out = Path(out) if out else Path(workdir) / f"fast_weights-layer{layer}-head{head}.png"
-    mixer = run.cfg.model.layers()[layer].mixers[0]  # the name, also for a per-layer mapping
+    mixer = mixers[layer]
     title = f"{Path(workdir).name} step {step}: layer {layer} ({mixer}), head {head}"
     summary = plot(out, S, gates, head, token_labels(tokens, run.task), title)
     return {

@@ -7,11 +7,10 @@ another architecture's weights be loaded).
 """
 
 import contextlib
-import os
+import errno
 import shutil
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,16 @@ from tqdm import tqdm
 
 from fwpzoo.config import Config, ConfigError, from_dict, to_dict
 from fwpzoo.data import make_task
-from fwpzoo.train.checkpoint import Checkpoints, first_line, newest_readable, saved_steps, warn
+from fwpzoo.train.checkpoint import (
+    Checkpoints,
+    first_line,
+    kept,
+    newest_readable,
+    remove_temporary,
+    saved_steps,
+    silence_closed_loop_callbacks,
+    warn,
+)
 from fwpzoo.train.evaluate import evaluate, summarize
 from fwpzoo.train.metrics import MetricsLog
 from fwpzoo.train.optim import learning_rate_schedule, make_optimizer
@@ -38,6 +46,7 @@ from fwpzoo.train.sharding import (
 )
 from fwpzoo.train.state import abstract_model, abstract_train_state, init_train_state
 from fwpzoo.train.steps import make_eval_step, make_train_step
+from fwpzoo.train.stop import RunGuard
 from fwpzoo.train.workdir import (
     CHECKPOINT_DIR,
     WorkdirLock,
@@ -73,6 +82,34 @@ class OutOfMemory(ConfigError):
     """The run does not fit in memory: a config problem, reported in one line."""
 
 
+class DiskFull(ConfigError):
+    """The disk filled up while the run wrote to its workdir; reported in one line."""
+
+
+def no_space_left(error: BaseException) -> bool:
+    """Whether `error` is a write that failed for lack of disk space (Python's OSError, or
+    tensorstore's error as orbax raises it)."""
+    text = str(error)
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in text
+
+
+@contextlib.contextmanager
+def disk_full_as_config_error(workdir: Path):
+    """Re-raises a failed write for lack of space as DiskFull, one line naming what is kept,
+    after removing the unfinished checkpoint folders."""
+    try:
+        yield
+    except Exception as error:
+        if not no_space_left(error):
+            raise
+        directory = workdir / CHECKPOINT_DIR
+        remove_temporary(directory)
+        raise DiskFull(
+            f"no space left on the device of {workdir} (unfinished checkpoint folders removed); "
+            f"{kept(directory)}; free some space, then the same command continues the run"
+        ) from None
+
+
 @contextlib.contextmanager
 def out_of_memory_as_config_error():
     """Re-raises an allocation failure as OutOfMemory, one line."""
@@ -89,51 +126,6 @@ def out_of_memory_as_config_error():
         ):
             raise OutOfMemory(f"out of memory: {first_line(error)}") from None
         raise
-
-
-class StopSignals(contextlib.AbstractContextManager):
-    """Turns SIGTERM (schedulers, preemption) and SIGINT (Ctrl-C) into a request the loop honours
-    after its current step: save, then stop. A second signal acts at once, as without this.
-
-    Several processes must stop at the same step, so there JAX's preemption service (which
-    catches SIGTERM and agrees on a step across processes) decides instead.
-    """
-
-    def __init__(self):
-        self.signum, self.previous = None, {}
-        self.several = jax.process_count() > 1
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if self.several:  # the preemption service hears SIGTERM only: Ctrl-C is passed on as one
-            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward)
-        else:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self.previous[signum] = signal.signal(signum, self._record)
-
-    def _record(self, signum, frame):
-        self.signum = signum
-        self._restore()
-
-    def _forward(self, signum, frame):
-        self._record(signum, frame)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    def _restore(self):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
-
-    def requested(self, step: int) -> bool:
-        if not self.several:
-            return self.signum is not None
-        # every process stops at the step the service agreed on, whichever signal it was sent
-        if multihost_utils.reached_preemption_sync_point(step):
-            self.signum = self.signum or signal.SIGTERM
-            return True
-        return False
-
-    def __exit__(self, *exc_info):
-        self._restore()
 
 
 @dataclass(frozen=True)
@@ -263,9 +255,11 @@ def train(cfg: Config, workdir: Path, *, progress: bool = True) -> dict:
     multihost_utils.sync_global_devices("fwpzoo: workdir checked")  # before any process writes
     chief = jax.process_index() == 0
     created = not workdir.exists()
-    with WorkdirLock(workdir) if chief else contextlib.nullcontext(), StopSignals() as stop:
+    silence_closed_loop_callbacks()  # a failed save's leftovers would print a traceback each
+    guard = RunGuard(cfg.train.stall_timeout, lambda: kept(workdir / CHECKPOINT_DIR))
+    with WorkdirLock(workdir) if chief else contextlib.nullcontext(), guard as stop:
         try:
-            with out_of_memory_as_config_error():
+            with out_of_memory_as_config_error(), disk_full_as_config_error(workdir):
                 return _train(run, workdir, chief, progress, stop)
         except ConfigError:
             if chief and created and not saved_steps(workdir / CHECKPOINT_DIR):
@@ -273,9 +267,10 @@ def train(cfg: Config, workdir: Path, *, progress: bool = True) -> dict:
             raise
 
 
-def _train(run: Run, workdir: Path, chief: bool, progress: bool, stop: StopSignals) -> dict:
+def _train(run: Run, workdir: Path, chief: bool, progress: bool, stop: RunGuard) -> dict:
     cfg = run.cfg
     training_clock = TrainingClock()
+    stop.beat("restoring the newest checkpoint")
     state, start, meta = restore_or_init(run, workdir)
     training_clock.resume(meta)
     if meta.get("reached_stop_metric"):
@@ -283,14 +278,16 @@ def _train(run: Run, workdir: Path, chief: bool, progress: bool, stop: StopSigna
     data_index = meta.get("next_batch_index", 0)
     if chief:
         write_config(workdir, cfg)
+        remove_temporary(workdir / CHECKPOINT_DIR)  # the unfinished writes of a killed run
     checkpoints = Checkpoints(workdir / CHECKPOINT_DIR, cfg.checkpoint)
-    log = MetricsLog(workdir, start, enabled=chief)
+    log = MetricsLog(workdir, start, enabled=chief, start_row=meta.get("metrics_row"))
     if chief:
         print(describe(run.mesh, workdir, start), file=sys.stderr)
     bar = tqdm(total=cfg.train.steps, initial=start, unit="step", disable=not (chief and progress))
     try:
         return _loop(run, state, start, data_index, checkpoints, log, bar, stop, training_clock)
     finally:
+        stop.beat("finishing the checkpoint writes")
         checkpoints.close()  # lets async writes finish: the last good checkpoint stays complete
         log.close()
         bar.close()
@@ -336,6 +333,7 @@ def _loop(run: Run, state, start, data_index, checkpoints, log, bar, stop, train
         batch = task.train_batch(data_index, cfg.train.batch_size)
         data_index += 1
         tokens += batch["inputs"].size
+        stop.beat(f"running step {step}" + (", compiled first" if step == start + 1 else ""))
         state, metrics = train_step(state, shard_batch(batch, mesh))
         pending.append((step, metrics))
         last = step == cfg.train.steps
@@ -362,6 +360,7 @@ def _loop(run: Run, state, start, data_index, checkpoints, log, bar, stop, train
             )
         eval_metrics = None
         if do_eval:
+            stop.beat(f"evaluating at step {step}")
             eval_metrics = evaluate(eval_step, state, task, cfg.eval, mesh, "valid")
         if do_log:
             row = {
@@ -382,7 +381,9 @@ def _loop(run: Run, state, start, data_index, checkpoints, log, bar, stop, train
                 "next_batch_index": data_index,
                 "config": to_dict(cfg),
                 "reached_stop_metric": reached,
+                "metrics_row": row if do_log else None,  # logged again if metrics.jsonl loses it
             }
+            stop.beat(f"saving checkpoint {step}")
             checkpoints.save(step, state, meta | training_clock.spent(), eval_metrics)
         pending = []
         if reached:

@@ -14,32 +14,40 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def read_metrics(workdir: Path) -> list[dict]:
-    path = Path(workdir) / METRICS_FILE
+def parsed_rows(path: Path) -> list[tuple[bytes, dict | None]]:
+    """Each line of `path` as (its bytes, its row), the row None where the line is damaged: cut
+    short by a kill, not UTF-8, not a JSON object with a step."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            row = json.loads(line.decode("utf-8"))
+            rows.append((line, row if isinstance(row.get("step"), int) else None))
+        except (UnicodeDecodeError, ValueError, AttributeError):
+            rows.append((line, None))
+    return rows
 
 
-def logged_before(line: str, last_step: int) -> bool:
-    try:
-        return json.loads(line)["step"] <= last_step
-    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
-        return False
+def read_metrics(workdir: Path) -> list[dict]:
+    """The rows of metrics.jsonl, damaged lines left out."""
+    return [row for _, row in parsed_rows(Path(workdir) / METRICS_FILE) if row is not None]
 
 
-def truncate_metrics(workdir: Path, last_step: int) -> None:
-    """Drops lines logged after `last_step` (a run killed after its last checkpoint wrote them,
-    and the resumed run writes those steps again) and any line a kill cut short. The file is
-    replaced in one rename, so a second kill cannot lose the lines kept."""
+def truncate_metrics(workdir: Path, last_step: int, last_row: dict | None = None) -> None:
+    """Keeps the rows up to `last_step`, the step the run resumes from: drops lines logged after
+    it (a run killed after its last checkpoint wrote them, and the resumed run writes those steps
+    again) and every damaged line. `last_row`, the row logged at `last_step` as saved with its
+    checkpoint, is written again if the file lost it, since the resumed run starts after it. The
+    file is replaced in one rename, so a second kill cannot lose the lines kept."""
     path = Path(workdir) / METRICS_FILE
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if logged_before(line, last_step)]
-    if kept != lines:
+    rows = parsed_rows(path)
+    kept = [line for line, row in rows if row is not None and row["step"] <= last_step]
+    if last_row is not None and not any(row and row["step"] == last_step for _, row in rows):
+        kept.append(json.dumps(last_row, allow_nan=False).encode())
+    if kept != [line for line, _ in rows]:
         partial = path.with_name(f".{METRICS_FILE}.partial")
-        partial.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept))
+        partial.write_bytes(b"".join(line.rstrip(b"\n") + b"\n" for line in kept))
         partial.replace(path)
 
 
@@ -58,11 +66,14 @@ class MetricsLog:
     finished one) adds no empty TensorBoard event file.
     """
 
-    def __init__(self, workdir: Path, start_step: int, enabled: bool):
+    def __init__(
+        self, workdir: Path, start_step: int, enabled: bool, start_row: dict | None = None
+    ):
+        """`start_row`: the row logged at `start_step`, as saved with its checkpoint."""
         self.workdir, self.start_step, self.enabled = Path(workdir), start_step, enabled
         self.file = self.tensorboard = None
         if enabled:
-            truncate_metrics(workdir, start_step)
+            truncate_metrics(workdir, start_step, start_row)
 
     def write(self, metrics: dict) -> None:
         if not self.enabled:
