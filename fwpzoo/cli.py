@@ -28,7 +28,10 @@ USAGE = """usage: fwpzoo VERB ...
   fwpzoo train CONFIG [--workdir DIR] [--cpu-devices N] [key=value ...]
                                                         train (or resume) a run
   fwpzoo eval --workdir DIR [--step N] [--split S]      metrics of a checkpoint, as JSON
-  fwpzoo sample --workdir DIR [--prompt P] [--num-tokens N]
+  fwpzoo sample --workdir DIR [--prompt P] [--num-tokens N] [--temperature T] [--logprobs]
+  fwpzoo import SRC --workdir DIR [--dtype D] [key=value ...]
+                                                        a Hugging Face folder -> a workdir
+  fwpzoo export --workdir DIR --out OUT                 an imported workdir -> a Hugging Face folder
   fwpzoo inspect --workdir DIR [--prompt P] [--layer L] [--head H] [--out FILE.png]
                                                         draw a layer's fast weights
   fwpzoo list [--rules-md]                              cells, forms, mixers, tasks, configs, rules
@@ -239,6 +242,9 @@ def sample_main(argv: list[str]) -> int:
     parser.add_argument("--num-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--logprobs", action="store_true", help="add each generated token's log-probability"
+    )
     args = parser.parse_args(argv)
     if args.num_tokens < 1:
         raise UsageError(f"--num-tokens must be >= 1, got {args.num_tokens}")
@@ -257,8 +263,38 @@ def sample_main(argv: list[str]) -> int:
             args.num_tokens,
             temperature=args.temperature,
             seed=args.seed,
+            logprobs=args.logprobs,
         )
     print(json.dumps(result))
+    return 0
+
+
+def import_main(argv: list[str]) -> int:
+    parser = Parser(prog="fwpzoo import")
+    parser.add_argument("src", help="a Hugging Face folder: config.json, safetensors, tokenizer")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted key=value of the run, e.g. train.steps=300"
+    )
+    parser.add_argument("--workdir", required=True, help="the new workdir (absent or empty)")
+    parser.add_argument("--dtype", default="float32", help="compute dtype: float32 | bfloat16")
+    args = parser.parse_intermixed_args(argv)
+
+    from fwpzoo.interop import import_folder
+
+    print(json.dumps(import_folder(args.src, args.workdir, args.dtype, args.overrides)))
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    parser = Parser(prog="fwpzoo export")
+    parser.add_argument("--workdir", required=True, help="a workdir made by fwpzoo import")
+    parser.add_argument("--out", required=True, help="the folder to write (absent or empty)")
+    parser.add_argument("--step", type=int, help="default: the latest checkpoint")
+    args = parser.parse_args(argv)
+
+    from fwpzoo.interop import export_folder
+
+    print(json.dumps(export_folder(args.workdir, args.out, args.step)))
     return 0
 
 
@@ -349,6 +385,8 @@ COMMANDS = {
     "eval": eval_main,
     "sample": sample_main,
     "inspect": inspect_main,
+    "import": import_main,
+    "export": export_main,
     "list": list_main,
     "bench": bench_main,
     "experiment": experiment_main,

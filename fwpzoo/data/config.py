@@ -72,6 +72,8 @@ class DataConfig:
         file or to a directory of .txt files (each split 90/5/5 by bytes).
     pack (text): rows of whole documents back to back with a reset at each document start, no
         prediction across a boundary (see fwpzoo.data.text).
+    tokenizer (text): a tokenizer.json (the `tokenizers` package's format) that turns each
+        document into tokens, the task's vocabulary being the tokenizer's; None: bytes.
     """
 
     task: str = "mqar"
@@ -100,6 +102,7 @@ class DataConfig:
     corpus: str = "fixture"
     data_dir: str = "data"
     pack: bool = False
+    tokenizer: str | None = None
 
     def __post_init__(self):
         for message in config_problems(self):
@@ -114,6 +117,10 @@ def config_problems(cfg: DataConfig) -> list[str]:
     checks = [
         (seq_len >= 1, f"data.seq_len must be >= 1, got {seq_len}"),
         (not cfg.pack or cfg.task == "text", f"data.pack is for the text task, not {cfg.task}"),
+        (
+            cfg.tokenizer is None or cfg.task == "text",
+            f"data.tokenizer is for the text task, not {cfg.task}",
+        ),
     ]
     if cfg.task == "mqar":
         checks += mqar_checks(cfg)

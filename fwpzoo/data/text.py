@@ -1,4 +1,7 @@
-"""Byte-level language modelling (vocabulary 256) on a corpus's train/valid/test bytes.
+"""Language modelling on a corpus's train/valid/test documents: byte level (vocabulary 256), or
+with data.tokenizer the tokens of a tokenizer.json (its vocabulary; each document tokenized on
+its own, so no token spans two documents; metrics loss and perplexity per token). Below, "byte"
+reads "token" when a tokenizer is set.
 
 Training cuts the train bytes into W = (n - 1) // T windows of T + 1 bytes (inputs are the first
 T, targets the last T), and one epoch visits them in a permutation seeded by (seed, epoch).
@@ -23,6 +26,7 @@ import numpy as np
 from fwpzoo.data.config import DataConfigError
 from fwpzoo.data.corpora import concatenated, load_documents
 from fwpzoo.data.task import STREAMS, eval_stream, make_batch
+from fwpzoo.data.tokenizer import encode, load_tokenizer, vocab_size
 
 
 @functools.lru_cache(maxsize=4)
@@ -41,6 +45,11 @@ class Text:
         self.seq_len = cfg.seq_len
         self.pack = cfg.pack
         documents = load_documents(cfg.corpus, cfg.data_dir)
+        self.tokenizer = None if cfg.tokenizer is None else load_tokenizer(cfg.tokenizer)
+        if self.tokenizer is not None:
+            documents = {split: self._tokens(docs) for split, docs in documents.items()}
+            self.vocab_size = vocab_size(self.tokenizer)
+            self.metrics = ("loss", "perplexity")
         self.splits = {split: concatenated(docs) for split, docs in documents.items()}
         # [n] True at each document's first byte of the split
         self.starts = {split: document_starts(docs) for split, docs in documents.items()}
@@ -59,6 +68,13 @@ class Text:
                     f"the {split} split of {cfg.corpus!r} has {self.splits[split].size} bytes, "
                     f"too few to evaluate (at least 2; split sizes: {sizes} bytes)"
                 )
+
+    def _tokens(self, documents: list[np.ndarray]) -> list[np.ndarray]:
+        """Each document's bytes (UTF-8; a split may cut a character, read as U+FFFD) -> its
+        int32 token ids; documents with no token dropped."""
+        texts = [doc.tobytes().decode("utf-8", "replace") for doc in documents]
+        tokens = [encode(self.tokenizer, text) for text in texts]
+        return [doc for doc in tokens if doc.size]
 
     def train_batch(self, index: int, batch_size: int):
         example = index * batch_size + np.arange(batch_size)  # [B] positions in the stream

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from fwpzoo.config import ConfigError
+from fwpzoo.data.tokenizer import decode
 from fwpzoo.models.inspection import fast_weight_layers, trace
 from fwpzoo.train.restore import restore_run
 from fwpzoo.train.sample import parse_prompt, text_task
@@ -118,6 +119,8 @@ def check_writable(path: Path) -> None:
 
 
 def token_labels(tokens: np.ndarray, task) -> list[str]:
+    if text_task(task) and task.tokenizer is not None:
+        return [repr(decode(task.tokenizer, [t])) for t in tokens]
     if text_task(task):
         return [repr(bytes([int(t)]).decode("latin-1")) for t in tokens]
     return [f"({int(t)})" for t in tokens]
@@ -129,7 +132,7 @@ def inspect(workdir: Path, step, prompt, layer, head, out) -> dict:
     model = nnx.merge(run.graphdef, model_state["params"], model_state["rest"])
     mixers = [entry.mixers[0] for entry in run.cfg.model.layers()]  # also per-layer mappings
     layer = choose_layer(model, mixers, layer)
-    H = run.cfg.model.num_heads
+    H = model.blocks[layer].mixer.H  # the layer's own heads (value heads where grouped)
     if not 0 <= head < H:
         raise ConfigError(f"--head {head} is out of range; valid heads: 0..{H - 1}")
     tokens = default_prompt(run.task) if prompt is None else parse_prompt(prompt, run.task)

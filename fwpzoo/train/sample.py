@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 
 from fwpzoo.config import ConfigError
+from fwpzoo.data.tokenizer import decode, encode
 from fwpzoo.models import generate
 from fwpzoo.models.sampling import cache_bytes, cache_length
 from fwpzoo.train.restore import restore_run
@@ -18,8 +19,11 @@ def text_task(task) -> bool:
 
 
 def parse_prompt(prompt: str, task) -> np.ndarray:
-    """[T0] token ids: the bytes of `prompt` for a text task, else its integers ('3 17 5')."""
-    if text_task(task):
+    """[T0] token ids: for a text task the tokens of `prompt` (its tokenizer's, or its bytes),
+    else its integers ('3 17 5')."""
+    if text_task(task) and task.tokenizer is not None:
+        tokens = encode(task.tokenizer, prompt).tolist()
+    elif text_task(task):
         tokens = list(prompt.encode("utf-8"))
     else:
         try:
@@ -63,23 +67,39 @@ def check_cache_fits(model, max_len: int, num_tokens: int) -> None:
         )
 
 
-def sample(workdir: Path, step, prompt, num_tokens: int, *, temperature: float, seed: int) -> dict:
-    """{"step", "prompt", "tokens" (and "text" for a text task)} from checkpoint `step`."""
+def sample(
+    workdir: Path, step, prompt, num_tokens: int, *, temperature: float, seed: int, logprobs=False
+) -> dict:
+    """{"step", "prompt", "tokens" (and "text" for a text task, "logprobs" when asked: the
+    log-probability of each generated token under the distribution it was drawn from, before
+    the temperature)} from checkpoint `step`."""
     run, step, model_state = restore_run(workdir, step)
     model = nnx.merge(run.graphdef, model_state["params"], model_state["rest"])
     prompt_tokens = default_prompt(run.task) if prompt is None else parse_prompt(prompt, run.task)
     check_cache_fits(model, cache_length(len(prompt_tokens), num_tokens), num_tokens)
-    tokens, _ = generate(
+    tokens, logits = generate(
         model,
         prompt_tokens[None],
         num_tokens,
         rng=jax.random.key(seed),
         temperature=temperature,
-        keep_logits=False,
+        keep_logits=logprobs,
         progress=True,
     )
     tokens = np.asarray(jax.device_get(tokens))[0]
     out = {"step": step, "prompt": prompt_tokens.tolist(), "tokens": tokens.tolist()}
-    if text_task(run.task):
+    if logprobs:
+        out["logprobs"] = token_logprobs(logits[0], tokens).tolist()
+    if text_task(run.task) and run.task.tokenizer is not None:
+        out["text"] = decode(run.task.tokenizer, tokens)
+    elif text_task(run.task):
         out["text"] = bytes(tokens.astype(np.uint8)).decode("utf-8", errors="replace")
     return out
+
+
+def token_logprobs(logits, tokens) -> np.ndarray:
+    """float64 [N]: log softmax(logits[i])[tokens[i]], logits [N, vocab] float32."""
+    logits = np.asarray(jax.device_get(logits), np.float64)  # [N, vocab]
+    top = logits.max(axis=-1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
+    return logits[np.arange(len(tokens)), tokens] - log_z
