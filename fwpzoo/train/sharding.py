@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fwpzoo import cells
+from fwpzoo.cells._spec import NOT_AFFINE
 from fwpzoo.config import MESH_AXES, ConfigError, MeshConfig
 
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; parameters are sharded over fsdp
@@ -298,6 +300,11 @@ def check_layout(cfg, mesh: Mesh) -> None:
                 f"model.mixers[{i}] ({mixer}) is sequential by nature (each token reads the "
                 f"state through a nonlinearity) and cannot split its sequence: use mesh.context=1"
             )
+        if mixer == "fwp" and cells.get(layer.cell).OBJECTIVE.state.transition == NOT_AFFINE:
+            raise ConfigError(
+                f"model.mixers[{i}] cell {layer.cell} is not affine in its state, so a span of "
+                f"its tokens has no summary and its sequence cannot split: use mesh.context=1"
+            )
     if context > 1:
         for length in (cfg.data.seq_len, *cfg.eval.lengths):
             check_context_length(cfg.model, length, context)
@@ -311,6 +318,13 @@ def check_context_length(model, length: int, context: int) -> None:
             f"context size that divides it"
         )
     local = length // context
+    for i, layer in enumerate(model.layers()):
+        if layer.mixers[0] == "fwp" and local < layer.conv_size - 1:
+            raise ConfigError(
+                f"mesh.context={context} leaves {local} tokens per device, fewer than the "
+                f"{layer.conv_size - 1}-token halo of model.mixers[{i}] conv_size="
+                f"{layer.conv_size}; use a smaller context size"
+            )
     for i, layer in enumerate(model.layers()):
         chunked = layer.mixers[0] in ("fwp", "mamba2") and local > layer.chunk_size
         if chunked and local % layer.chunk_size:
