@@ -855,3 +855,22 @@ def test_inspect_refuses_a_picture_it_cannot_write_before_computing(refused, tra
 def test_inspect_names_layers_by_their_mixers_as_the_config_does(refused, trained_fwp):
     refused(["inspect", "--workdir", str(trained_fwp), "--layer", "1"],
             "layer 1 (attention) has no fast-weight matrix to draw; layers with one: 0 (fwp)")
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        {"mixer": "srwm", "feature_map": "softmax", "qk_norm": "none"},
+        {"mixer": "plastic", "form": "recurrent", "plastic_activation": "tanh"},
+    ],
+)
+def test_a_layer_is_checked_and_built_with_its_own_fields(layer):
+    """Fields the model-wide defaults would fail (srwm needs a probability map, a nonlinear
+    plastic rule a sequential form) are valid on the layer that sets them."""
+    model = {"mixers": [layer, "attention"], "d_model": 8, "num_heads": 2, "mlp_ratio": 0}
+    cfg = from_dict(Config, {"model": model}).model
+    own = cfg.layers()[0]
+    assert all(getattr(own, key) == value for key, value in layer.items() if key != "mixer")
+    built = build_model(cfg, vocab_size=5, rngs=nnx.Rngs(0))
+    logits = built(jnp.zeros((1, 3), jnp.int32))
+    assert logits.shape == (1, 3, 5) and bool(jnp.all(jnp.isfinite(logits)))

@@ -173,9 +173,9 @@ class ModelConfig:
                 raise ValueError(
                     f"unknown key {where}.{key}; valid keys: mixer, {', '.join(valid)}"
                 )
-        layer = dataclasses.replace(self, mixers=(name,))
-        try:  # the layer's fields pass the same checks, named by the layer
-            return dataclasses.replace(layer, **fields)
+        try:  # the layer's own fields pass the same checks, named by the layer, in one step so
+            # every check sees the layer's values, not the model-wide ones they replace
+            return dataclasses.replace(self, mixers=(name,), **fields)
         except ValueError as error:
             message = str(error)
             named = message.replace("model.", f"{where}.")
