@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -123,7 +124,9 @@ def prompt_ids(length: int, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_logits_match_transformers_at_every_position(folders, converted, layout):
     ids = prompt_ids(64)
-    ours = np.asarray(converted[layout](jnp.asarray(ids, jnp.int32)))[0]  # [T, vocab]
+    graphdef, state = nnx.split(converted[layout])
+    forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))  # one compile
+    ours = np.asarray(forward(state, jnp.asarray(ids, jnp.int32)))[0]  # [T, vocab]
     with torch.no_grad():
         ref = folders[layout][1](torch.tensor(ids)).logits.numpy()[0]
     scale = np.abs(ref).max(axis=-1)  # [T]
@@ -133,21 +136,20 @@ def test_logits_match_transformers_at_every_position(folders, converted, layout)
 @pytest.mark.parametrize("layout", ["qwen_untied", "olmo_tied"])
 def test_greedy_decode_and_logprobs_match_through_the_step_path(folders, converted, layout):
     """Prefill of 16 tokens then 32 decode steps (each layer's recurrent `step` from the state
-    the prefill left) give transformers' greedy tokens and their log-probabilities."""
+    the prefill left) give transformers' greedy tokens and their log-probabilities: one
+    transformers forward over prompt + tokens has each token as the argmax after its prefix,
+    which is what its greedy decode would pick, step by step."""
     ids = prompt_ids(16, seed=1)
     tokens, logits = generate(
         converted[layout], jnp.asarray(ids, jnp.int32), 32, rng=jax.random.key(0), temperature=0
     )
     tokens = np.asarray(tokens)[0]
-    hf = folders[layout][1]
     with torch.no_grad():
-        ref = hf.generate(
-            torch.tensor(ids), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-        )  # fmt: skip
-    assert tokens.tolist() == ref.sequences[0, 16:].tolist()
+        whole = torch.tensor(np.concatenate([ids[0], tokens])[None])
+        ref = folders[layout][1](whole).logits[0, 15:-1]  # [32, vocab]: before each new token
+    assert ref.argmax(-1).tolist() == tokens.tolist()
     ours = jax.nn.log_softmax(logits[0], axis=-1)[np.arange(32), tokens]
-    theirs = torch.log_softmax(torch.stack(ref.logits)[:, 0], -1)[np.arange(32), tokens]
+    theirs = torch.log_softmax(ref, -1)[np.arange(32), tokens]
     np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-4)
 
 
