@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import pkgutil
 import signal
@@ -36,6 +37,8 @@ USAGE = """usage: fwpzoo VERB ...
   fwpzoo export --workdir DIR --out OUT                 an imported workdir -> a Hugging Face folder
   fwpzoo inspect --workdir DIR [--prompt P] [--layer L] [--head H] [--out FILE.png]
                                                         draw a layer's fast weights
+  fwpzoo plan CONFIG [--topology NAME] [key=value ...]  compile a run's train step ahead of
+                                                        time: does it fit (v5e:16x16, cpu:8)?
   fwpzoo list [--rules-md]                              cells, forms, mixers, tasks, configs, rules
   fwpzoo fetch [gutenberg|brown|all] [--data-dir D]     fetch the text corpora into data/
   fwpzoo bench NAME [...]                               benchmarks
@@ -390,6 +393,48 @@ def fetch_main(argv: list[str]) -> int:
     return main(argv, prog="fwpzoo fetch")
 
 
+def plan_main(argv: list[str]) -> int:
+    """Exit 0 when the run fits its topology's devices, 1 when it does not (one line on stderr
+    saying by how much and what helps most); the last stdout line is the plan as JSON."""
+    parser = Parser(prog="fwpzoo plan")
+    parser.add_argument("config", help="a YAML file, e.g. configs/scale/hybrid_1b5.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. mesh.fsdp=16")
+    parser.add_argument(
+        "--topology",
+        default=None,
+        help="a TPU topology (v5e:16x16, v5p:4x4x8; needs pip install -e '.[tpu]') or cpu:N "
+        "(this host split into N devices); default cpu:N with N the mesh's product, or one "
+        "device per core",
+    )
+    args = parser.parse_intermixed_args(argv)
+
+    from fwpzoo.config_file import apply_overrides, read_config_file
+
+    data = read_config_file(args.config)
+    apply_overrides(data, args.overrides)
+
+    from fwpzoo.config import from_data
+    from fwpzoo.train.sharding import cpu_cores, split_cpu
+
+    cfg = from_data(data, args.overrides)
+    topology = args.topology
+    if topology is None:
+        sizes = [getattr(cfg.mesh, name) for name in ("data", "fsdp", "tensor", "context")]
+        topology = f"cpu:{cpu_cores() if -1 in sizes else math.prod(sizes)}"
+
+    from fwpzoo.train import plan
+
+    count = plan.cpu_count_of(topology)
+    if count is not None:
+        split_cpu(count)
+    result = plan.plan(cfg, topology)
+    print("\n".join(plan.report(result)))
+    if not result["fits"]:
+        print(f"fwpzoo plan: {plan.advice(cfg, result)}", file=sys.stderr)
+    print(json.dumps(result))
+    return 0 if result["fits"] else 1
+
+
 COMMANDS = {
     "train": train_main,
     "eval": eval_main,
@@ -397,6 +442,7 @@ COMMANDS = {
     "inspect": inspect_main,
     "import": import_main,
     "export": export_main,
+    "plan": plan_main,
     "list": list_main,
     "fetch": fetch_main,
     "bench": bench_main,
@@ -406,6 +452,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from fwpzoo.platform import choose_platform
+
+    choose_platform()  # before JAX starts: no TPU probe where libtpu is installed without a TPU
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

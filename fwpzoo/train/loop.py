@@ -139,9 +139,10 @@ class Run:
     graphdef: object
 
 
-def prepare(cfg: Config, devices: int | None = None) -> Run:
+def prepare(cfg: Config, devices: int | None = None, mesh=None) -> Run:
     """Resolves every name and checks every size of `cfg`; ConfigError (one line) if one is bad.
-    The mesh (cfg.mesh) spans all devices, or the first `devices`.
+    The mesh (cfg.mesh) spans all devices, or the first `devices`, unless given (`fwpzoo plan`
+    passes one over a TPU topology's devices).
 
     Writes nothing, so a bad config leaves a workdir untouched.
     """
@@ -149,7 +150,7 @@ def prepare(cfg: Config, devices: int | None = None) -> Run:
         task = make_task(cfg.data, cfg.train.seed)
         for length in cfg.eval.lengths:  # a length the task cannot make: refused before training
             next(task.eval_batches("valid", 1, 1, seq_len=length))
-        mesh = run_mesh(cfg.mesh, devices)
+        mesh = run_mesh(cfg.mesh, devices) if mesh is None else mesh
         graphdef, _ = abstract_model(cfg, task.vocab_size, mesh)
     except ConfigError:
         raise

@@ -1,0 +1,41 @@
+"""Which JAX platform a command runs on, chosen before JAX is imported.
+
+With libtpu installed (the optional `tpu` extra, for `fwpzoo plan`) on a machine without a TPU,
+JAX would probe for one at its first device query and print libtpu's warnings about the missing
+accelerator. Where no TPU device is present, the platform is chosen explicitly instead, so every
+command's output and device choice stay what they are without libtpu.
+"""
+
+import glob
+import importlib.util
+import os
+
+# where a TPU VM exposes its chips (/dev/accel* on v2-v4 and v5e, /dev/vfio/* on v5p and v6e)
+TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
+
+
+def has_tpu() -> bool:
+    return any(glob.glob(pattern) for pattern in TPU_DEVICE_FILES)
+
+
+def libtpu_installed() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def choose_platform() -> None:
+    """JAX_PLATFORMS=cpu where libtpu is installed, no TPU is present and nothing chose a platform
+    (a GPU plugin, when installed, keeps JAX's own choice)."""
+    if "JAX_PLATFORMS" in os.environ or not libtpu_installed() or has_tpu():
+        return
+    gpu_plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")
+    if any(importlib.util.find_spec(name) is not None for name in gpu_plugins):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def quiet_libtpu() -> None:
+    """The environment libtpu reads when it starts without a TPU VM's metadata server (compiling
+    for a topology), so it does not warn that it found none."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
