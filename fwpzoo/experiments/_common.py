@@ -201,6 +201,7 @@ class Outcome:
     labels: dict = field(default_factory=dict)  # record fields known once computed (num_params)
     details: dict = field(default_factory=dict)  # what the report reads besides the records
     earlier_seconds: float = 0.0  # wall seconds earlier processes spent on it (a resumed run)
+    earlier_cpu_seconds: float = 0.0  # and their CPU seconds
 
 
 def train_point(
@@ -292,7 +293,10 @@ def run_training(point: Point, workdir: Path) -> Outcome:
         stop_reason = "reached_stop_metric"  # train.stop_metric met at an eval before the budget
     metrics = {name: test[name] for name in point.metrics}
     earlier = every_segment["train_seconds"] - train_seconds
-    return Outcome(metrics, test["step"], stop_reason, {"num_params": size}, details, earlier)
+    earlier_cpu = every_segment["train_cpu_seconds"] - train_cpu_seconds
+    return Outcome(
+        metrics, test["step"], stop_reason, {"num_params": size}, details, earlier, earlier_cpu
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +466,7 @@ def records_of(stored: dict, keys: Sequence[str]) -> list[dict]:
 
 def compute_point(point: Point, workdir: Path, options: Options, execute) -> dict:
     """Computes one point; what its record file holds."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     outcome = execute(point, workdir)
     missing = set(point.metrics) - set(outcome.metrics)
     if missing:
@@ -477,6 +481,8 @@ def compute_point(point: Point, workdir: Path, options: Options, execute) -> dic
         "steps": outcome.steps,
         "stop_reason": outcome.stop_reason,
         "seconds": time.perf_counter() - start + outcome.earlier_seconds,  # over every process
+        # this process's CPU time (every thread), plus a resumed run's earlier training
+        "cpu_seconds": time.process_time() - cpu_start + outcome.earlier_cpu_seconds,
         "versions": versions(),
         "command": point_command(options, point),
         **uncommitted_mark(),
@@ -699,10 +705,27 @@ def sweep_command(options: Options) -> str:
     return f"fwpzoo experiment {options.name}" + " --quick" * options.quick + devices
 
 
-def compute_seconds(records: Sequence[dict]) -> str:
-    """The wall seconds of the recorded points (each counted once), in minutes."""
-    seconds = {rec["point"]: rec["seconds"] for rec in records if rec.get("point")}
-    return f"{sum(seconds.values()) / 60:.1f} min over {len(seconds)} points"
+def compute_cost(points: Sequence[Point], options: Options) -> str:
+    """What the recorded points of the grid cost: wall hours, and CPU hours (process time over
+    every thread) where a record holds it: `cpu_seconds` of the whole point, or, in records made
+    before that field, `train_cpu_seconds` of its training."""
+    wall = cpu = 0.0
+    recorded = with_cpu = 0
+    for point in points:
+        path = options.points_dir / f"{point.name}.json"
+        if not path.exists():
+            continue
+        record = json.loads(path.read_text())
+        recorded += 1
+        wall += record["seconds"]
+        seconds = record.get("cpu_seconds", record["details"].get("train_cpu_seconds"))
+        if seconds is not None:
+            cpu += seconds
+            with_cpu += 1
+    return (
+        f"{cpu / 3600:.2f} CPU-hours over the {with_cpu} of {recorded} recorded points that"
+        f" record their CPU time; {wall / 3600:.1f} wall-hours over all {recorded}"
+    )
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:

@@ -41,7 +41,7 @@ from fwpzoo.experiments._common import (
     Experiment,
     Outcome,
     Point,
-    compute_seconds,
+    compute_cost,
     errorbars,
     group,
     markdown_table,
@@ -529,7 +529,7 @@ def report(records: list[dict], points: list[Point], options) -> str:
 Command: `{sweep_command(options)}` (sweep: `configs/experiments/{NAME}/{sweep_file(options)}`);
 each record in `{NAME}.json` names the command that recomputes its point alone.
 {progress_note(points, records, options)}
-Compute here: {compute_seconds(records)} (2-core CPU shared with other work).
+Cost: {compute_cost(points, options)} (2-core CPU shared with other work).
 
 Setup: d_key = {sweep.d_key}, FAVOR+ with {sweep.favor_features} random features, batch
 {sweep.batch_size}, Adam {sweep.learning_rate:g}, cells in their {sweep.form} form, seeds

@@ -27,7 +27,7 @@ from fwpzoo.experiments._common import (
     Options,
     Outcome,
     Point,
-    compute_seconds,
+    compute_cost,
     errorbars,
     group,
     markdown_table,
@@ -383,7 +383,7 @@ def report(records: list[dict], points: list, options: Options) -> str:
 Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`); each record in
 `{NAME}.json` names the command that recomputes its point alone.
 {progress_note(points, records, options)}
-Compute here: {compute_seconds(records)}.
+Cost: {compute_cost(points, options)}.
 Test bits per byte over the whole test split, the median over {seeds} seeds (min-max in
 brackets): `bpc` in windows of the training length, `bpc@L` in windows of L bytes (the state
 runs across the whole window); the compressors compress the same test bytes as one stream. State

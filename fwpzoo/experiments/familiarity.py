@@ -22,7 +22,7 @@ from fwpzoo.experiments._common import (
     CONFIGS,
     Experiment,
     Outcome,
-    compute_seconds,
+    compute_cost,
     errorbars,
     group,
     markdown_table,
@@ -261,7 +261,7 @@ def report(records: list[dict], points: list, options) -> str:
 Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`); each record
 in `{NAME}.json` names the command that recomputes its point alone.
 {progress_note(points, records, options)}
-Compute here: {compute_seconds(records)}.
+Cost: {compute_cost(points, options)}.
 
 A stream of {cfg.data.seq_len} patterns (tokens from a vocabulary of {cfg.data.vocab_size}),
 each the one shown R steps back with probability {cfg.data.repeat_prob} (if that one was new)

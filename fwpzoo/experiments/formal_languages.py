@@ -19,7 +19,7 @@ from fwpzoo.experiments import _common
 from fwpzoo.experiments._common import (
     CONFIGS,
     Experiment,
-    compute_seconds,
+    compute_cost,
     group,
     markdown_table,
     progress_note,
@@ -319,7 +319,7 @@ Command: `{sweep_command(options)}` (config: `configs/experiments/{NAME}/base.ya
 overrides in `fwpzoo/experiments/{NAME}.py`); each record in `{NAME}.json` names the command that
 recomputes its point alone.
 {progress_note(points, records, options)}
-Compute here: {compute_seconds(records)}.
+Cost: {compute_cost(points, options)}.
 
 Each point trains a one-layer model (d_model {cfg.model.d_model}, {cfg.model.num_heads} heads, no
 short convolution) on strings of lengths 1..50 for at most {cfg.train.steps} steps of

@@ -21,7 +21,7 @@ from fwpzoo.experiments import _common
 from fwpzoo.experiments._common import (
     CONFIGS,
     Experiment,
-    compute_seconds,
+    compute_cost,
     errorbars,
     group,
     markdown_table,
@@ -680,7 +680,7 @@ def report(records: list[dict], points: list, options) -> str:
 Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`); each record in
 `{NAME}.json` names the command that recomputes its point alone.
 {progress_note(points, records, options)}
-Compute here: {compute_seconds(records)}.
+Cost: {compute_cost(points, options)}.
 Test accuracy at the query positions, the median over {seeds} seeds ({attention_seeds} for attention
 where its points stop early; min-max in brackets; [n/m seeds] where seeds are still pending). A
 run trains {budget.train.steps} steps or stops at the first eval (every {budget.eval.every} steps)

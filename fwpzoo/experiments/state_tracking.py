@@ -16,7 +16,7 @@ from fwpzoo.experiments import _common
 from fwpzoo.experiments._common import (
     CONFIGS,
     Experiment,
-    compute_seconds,
+    compute_cost,
     errorbars,
     group,
     markdown_table,
@@ -140,7 +140,7 @@ def report(records: list[dict], points: list, options) -> str:
 Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`); each record in
 `{NAME}.json` names the command that recomputes its point alone.
 {progress_note(points, records, options)}
-Compute here: {compute_seconds(records)}.
+Cost: {compute_cost(points, options)}.
 Test accuracy at the scored positions (parity: the answer at the last token; S3 and cyclic: the
 running product or sum at every token) of {num_sequences} fresh sequences of the training
 lengths 3..40 and of exactly each length L: the median over {seeds} seeds (min-max in brackets).
