@@ -249,6 +249,7 @@ def report(records: list[dict], points: list, options) -> str:
         r["value"] for r in records if r["metric"] == "learned_eta" and r["eta_sign"] == "learned"
     ]
     anti = sum(value < 0 for value in learned)
+    learned_name = variant({"model": "plastic", "eta_sign": "learned"})
     by_interval = "; ".join(
         f"trained at R = {R}: {sum(v < 0 for v in values)} of {len(values)}"
         for (R,), values in group(
@@ -299,7 +300,7 @@ Tyulmankov, Yang & Abbott (Neuron 2022) meta-learn HebbFF on continual familiari
 they show these findings in figures, so their column states the claim. Ours are medians over
 {seeds} seeds (min-max) from the table above.
 
-{papers_table(cells, seeds, anti, len(learned))}
+{papers_table(cells, planned[learned_name], anti, len(learned))}
 
 Software: {versions_line(records)}.
 """
