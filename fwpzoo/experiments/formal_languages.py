@@ -354,6 +354,11 @@ The paper's column quotes only what its text states (Irie, Csordas & Schmidhuber
 section 4): the linear transformer fails parity and (aa)* on the longer strings, the Recurrent
 DeltaNet and the SRWM recognise both, and DeltaNet, unlike the linear transformer, recognises
 reset Dyck-1. Its table's numbers are not copied here; "-" marks a cell the text does not state.
+Where the settings differ: the paper reports one seed per configuration (seed 1, by its code's
+README), trains up to 300 epochs on Bhattamishra et al.'s fixed datasets (reset Dyck-1 generated
+with their code) and tunes the size, depth and learning rate of each model (its appendix); here
+each point trains one layer of width 32 on fresh strings for at most the step budget above, with
+the learning-rate grid of the tuning protocol and three seeds.
 
 Software: {versions_line(records)}.
 """
