@@ -315,6 +315,7 @@ def plot(records: list[dict], path) -> None:
                 label=f"attention, key dim {key_dim}",
                 color=f"C{i}",
                 marker=markers[key_dim],
+                markersize=6,
             )
     axes[-1].set(xscale="log", title=f"{most_pairs} pairs", xlabel="state size per layer")
     sizes = sorted({r["state_size"] for r in records if r["x"] == most_pairs})
