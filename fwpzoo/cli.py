@@ -452,9 +452,6 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    from fwpzoo.platform import choose_platform
-
-    choose_platform()  # before JAX starts: no TPU probe where libtpu is installed without a TPU
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

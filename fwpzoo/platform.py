@@ -9,6 +9,7 @@ command's output and device choice stay what they are without libtpu.
 import glob
 import importlib.util
 import os
+import sys
 
 # where a TPU VM exposes its chips (/dev/accel* on v2-v4 and v5e, /dev/vfio/* on v5p and v6e)
 TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
@@ -23,14 +24,21 @@ def libtpu_installed() -> bool:
 
 
 def choose_platform() -> None:
-    """JAX_PLATFORMS=cpu where libtpu is installed, no TPU is present and nothing chose a platform
-    (a GPU plugin, when installed, keeps JAX's own choice)."""
+    """The CPU platform where libtpu is installed, no TPU is present and nothing chose a platform
+    (a GPU plugin, when installed, keeps JAX's own choice). Called on importing fwpzoo: by the
+    environment before JAX is imported, by JAX's config if it is imported and not yet started."""
     if "JAX_PLATFORMS" in os.environ or not libtpu_installed() or has_tpu():
         return
     gpu_plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")
     if any(importlib.util.find_spec(name) is not None for name in gpu_plugins):
         return
     os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported first: its config read the environment already
+        import jax
+        from jax._src import xla_bridge
+
+        if not xla_bridge.backends_are_initialized() and not jax.config.jax_platforms:
+            jax.config.update("jax_platforms", "cpu")
 
 
 def quiet_libtpu() -> None:
