@@ -10,6 +10,7 @@ beside gzip -9, bz2 -9 and xz -9e on the same test bytes as one stream.
 """
 
 import bz2
+import functools
 import gzip
 import lzma
 import math
@@ -147,6 +148,7 @@ def model_point(corpus: str, model: str, seed: int, options: Options, rate=None)
     )
 
 
+@functools.cache  # a config file read once per process
 def config_rate(model: str) -> float:
     return load(CONFIGS / NAME / f"{model}.yaml").train.learning_rate
 

@@ -8,6 +8,7 @@ tested on fresh bin-0 and bin-1 sets. The metric is the fraction of strings whos
 is predicted right (`sequence_accuracy`). Config: configs/experiments/formal_languages/base.yaml.
 """
 
+import functools
 import math
 from itertools import product
 
@@ -173,6 +174,7 @@ def make_points(options) -> list:
     return list({point.name: point for point in points}.values())
 
 
+@functools.cache  # a config file read once per process
 def config_rate() -> float:
     return load(CONFIG).train.learning_rate
 

@@ -12,6 +12,7 @@ the delta rule's beta low at key dim 4, where from its default start it stays at
 Configs: configs/experiments/mqar/<model>.yaml.
 """
 
+import functools
 import math
 
 import matplotlib.pyplot as plt
@@ -208,6 +209,7 @@ def make_points(options) -> list:
     return list({point.name: point for point in points}.values())  # each point where first listed
 
 
+@functools.cache  # a config file read once per process
 def config_rate(model: str) -> float:
     return load(CONFIGS / NAME / f"{model}.yaml").train.learning_rate
 
