@@ -154,11 +154,13 @@ def make_points(options) -> list:
         points += [
             language_point(GRAMMAR_TASK, v, s, options) for s in seeds for v in GRAMMAR_MODELS
         ]
+        # at the config's rate the point is the grid's own (none for the models outside
+        # GRAMMAR_MODELS on the paper's reset Dyck-1, so theirs is added here)
         points += [
             language_point(task, v, _common.TUNING_SEED, options, rate)
             for task in TUNE_TASKS
             for v in models
-            for rate in _common.other_rates(config_rate())
+            for rate in (None, *_common.other_rates(config_rate()))
         ]
         points += [
             language_point(task, v, s, options, rate)
