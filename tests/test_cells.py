@@ -791,15 +791,21 @@ def test_folded_summaries_of_pieces_equal_recurrent_final_state(variant):
 
 # The chunk engine's accelerator layout (cells/chunked/engine.py): every chunk in one block ------
 
-ENGINE_FAMILIES = ("linear_attn", "gated_linear_attn")  # the families on the engine
+# the engine's two rules, each decay shape and DeltaProduct's sub-steps once
+ENGINE_VARIANTS = [
+    "linear_attn",
+    "gated_linear_attn/per_key",
+    "delta_rule",
+    "gated_delta_rule/per_key",
+    "delta_product/decay",
+]
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if family(v) in ENGINE_FAMILIES])
-def test_chunkwise_with_all_chunks_in_one_block_equals_recurrent(variant, monkeypatch):
-    """One block of every chunk (prepared at once, a scan of state-sized steps, outputs at once)
-    gives `recurrent`'s outputs, final state and gradients, with resets. The CPU's default is a
-    block per chunk, which the other tests run."""
-    monkeypatch.setattr(engine, "default_block", lambda chunks: chunks)
+@pytest.mark.parametrize("variant", ENGINE_VARIANTS)
+def test_chunkwise_with_all_chunks_in_one_block_equals_recurrent(variant):
+    """One block of every chunk (prepared at once, a scan of state-sized steps, outputs at once:
+    an accelerator's layout) gives `recurrent`'s outputs, final state and gradients, with
+    resets. The CPU's layout, a block per chunk, is what the other tests run."""
     fn = form_of(variant, "chunkwise", 16)
 
     def run(inputs, cotangent, reset):
@@ -807,5 +813,7 @@ def test_chunkwise_with_all_chunks_in_one_block_equals_recurrent(variant, monkey
         return out, pullback(cotangent)[0]
 
     sizes = Sizes(RESET_T)
-    actual = quick_jit(run)(draw(variant, sizes), cotangents(variant, sizes), reset_mask(sizes))
-    assert_close(actual, segment_reference(variant), TOLERANCE["chunkwise"])
+    args = (draw(variant, sizes), cotangents(variant, sizes), reset_mask(sizes))
+    with engine.compiling_for("tpu"):  # traced as for a TPU, run here
+        compiled = quick_jit(run).lower(*args).compile()
+    assert_close(compiled(*args), segment_reference(variant), TOLERANCE["chunkwise"])

@@ -12,14 +12,15 @@ segments, e^g to the rows before its first reset and e^{g_C - g} to its last seg
 A per-key decay (alpha_t one factor per key row, Kimi Delta Attention) moves the decays inside
 the key sums: K K^T . Gamma and Q K^T . Gamma become the per-key decayed scores of the
 linear-attention chunk (its halving keeps every exponent <= 0), and e^g, e^{g_C - g} scale K and
-Q elementwise. Derivations: delta_rules.md (sections 1, 2, 5 and 6).
+Q elementwise. Derivations: delta_rules.md (sections 1, 2, 5, 6 and 7).
 
-A lax.scan walks the chunks in order, reading each one straight out of the [B, T, H, ...] inputs
-and writing its outputs in place, so every intermediate is a few [B, H, C, C] or [B, H, C, K]
-blocks that stay in cache; nothing sequence-sized is materialised besides the outputs and the
-boundary states. (Computing every chunk's products at once as [chunks, B*H, C, ...] batched matmuls,
-with only the state passing sequential, measured 1.6x slower forward + backward on CPU: those
-intermediates go through main memory.)
+It runs on the chunk engine (chunked/engine.py): _Chunks is the prepare stage for a batch of
+chunks, holding each chunk's summary in factored form (the state step S_C = e^{g_C} S_0 +
+K_end^T (U' - W S_0), delta_rules.md section 7), its outputs and its pullback. On a CPU the
+engine takes one chunk per block, read straight out of the [B, T, H, ...] inputs and written back
+in place, so every intermediate is a few [B, H, C, C] or [B, H, C, K] blocks that stay in cache.
+(Computing every chunk's products at once as [chunks, B*H, C, ...] batched matmuls measured 1.6x
+slower forward + backward on CPU: those intermediates go through main memory.)
 
 DeltaProduct's N writes per token are the same recurrence over T * N sub-steps, read after each
 token's last one: a chunk then holds whole tokens, its rows are the sub-steps of its slice of the
@@ -29,24 +30,21 @@ Dimension letters: B batch, T time (tokens), H heads, K key dim, V value dim, N 
 token (1 for the delta rule), C = tokens * N rows of a chunk.
 """
 
-import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fwpzoo.cells._chunking import (
     Segments,
-    by_flag,
     causal_decay,
-    chunk_of,
     keep,
     lower_mask,
     pad_to_chunks,
     per_key_flags,
-    put_chunk,
-    reset_chunk,
 )
 from fwpzoo.cells._linear_chunk import FactoredScores, PerKeyScores, scaled, summed_to
+from fwpzoo.cells.chunked import engine
 
 # Diagonal blocks up to this size are inverted by forward substitution; larger ones by doubling.
 # 8 measured fastest on CPU for chunk 64 (fewer sequential rows than 16, fewer merges than 4).
@@ -150,13 +148,6 @@ class _PerKeyProducts:
         return (dx if self.read is None else dx[:, :, self.read]), dy
 
 
-def _sub_steps(x, n, tokens, split):
-    """Chunk n of x [B, T, H, N, ...] (split) or [B, T, H, ...] as float32 [B, H, C, ...],
-    C = tokens * N sub-steps in the order of the recurrence (sub-step j of token t at t N + j)."""
-    x = chunk_of(x, n, tokens, jnp.float32)  # [B, H, tokens, (N,) ...]
-    return x.reshape(*x.shape[:2], -1, *x.shape[4:]) if split else x
-
-
 def _on_first_sub_step(x, sub):
     """x [B, H, tokens, ...] per token as [B, H, C, ...] per sub-step: each token's value on its
     first sub-step, zero (False) on the others."""
@@ -165,55 +156,57 @@ def _on_first_sub_step(x, sub):
     return x.reshape(*x.shape[:2], -1, *x.shape[4:])
 
 
-def _put_sub_steps(buffer, x, n, split):
-    """buffer [B, T, H, N, ...] (split) or [B, T, H, ...], chunk n replaced by x [B, H, C, ...]."""
-    if split:
-        x = x.reshape(*x.shape[:2], -1, *buffer.shape[3:])  # [B, H, tokens, N, ...]
-    return put_chunk(buffer, x, n)
+def _merged(x, split):
+    """x [B, H, tokens, N, ...] (split) as [B, H, C, ...], C = tokens * N sub-steps in the order
+    of the recurrence (sub-step j of token t at t N + j); x as it is otherwise."""
+    return x.reshape(*x.shape[:2], -1, *x.shape[4:]) if split else x
 
 
-def _sub_step_layout(beta):
-    """(split, N): whether k, v, beta carry a sub-step axis (beta [B, T, H, N]) and N, which is 1
-    for one write per token (beta [B, T, H])."""
-    return (True, beta.shape[3]) if beta.ndim == 4 else (False, 1)
+def _parted(x, sub, split):
+    """The inverse of _merged: [B, H, C, ...] as [B, H, tokens, N, ...] when split."""
+    return x.reshape(*x.shape[:2], -1, sub, *x.shape[3:]) if split else x
 
 
-class _Chunk:
-    """One chunk's inputs in float32 and everything computed from them alone: the decayed
-    products P (Q with K, causal, on the rows that are read) and K K^T (strictly below the
-    diagonal), T = (I + A)^{-1} and the decay factors, masked to the chunk's segments where it
-    has resets.
+class _Chunks:
+    """A batch of chunks (the engine's prepare stage) in float32 and everything computed from
+    their inputs alone: the decayed products P (Q with K, causal, on the rows that are read) and
+    K K^T (strictly below the diagonal), T = (I + A)^{-1}, the decay factors, masked to each
+    chunk's segments where it has resets, and the chunk's summary in factored form: with
+    W = T diag(beta) (K . e^g) and U' = T diag(beta) V the pseudo-values are U = U' - W S_0, so
+    S_C = (Diag(e^{g_C}) - K_C^T W) S_0 + K_C^T U' (delta_rules.md, section 7).
 
-    A chunk is `tokens` tokens of N sub-steps each, C = tokens * N rows: k, v [B, H, C, ...],
-    beta [B, H, C]; the decay (and a reset) rides on each token's first sub-step and the query
-    reads after its last, so q [B, H, tokens, K] meets only the rows `read` (every N-th, from
-    N - 1). The decay is scalar (g [B, H, C]) or per key (g [B, H, C, K]); a per-key decay's
-    products come from factored rows when `factored` (the chunk's flag from factored_chunks)."""
+    A chunk is `tokens` tokens of N sub-steps each, C = tokens * N rows: k, v [G B, H, tokens,
+    (N,) ...], beta [G B, H, tokens(, N)] as the engine lays them out; the decay (and a reset)
+    rides on each token's first sub-step and the query reads after its last, so q [G B, H,
+    tokens, K] meets only the rows `read` (every N-th, from N - 1). The decay is scalar
+    (g [G B, H, C]) or per key (g [G B, H, C, K]); a per-key decay's products come from factored
+    rows when `factored` (the block's flag from factored_chunks). `fused` (one chunk per
+    block): the step keeps T, diag(beta) and K . e^g instead of W and U', so that the state step
+    computes U = T diag(beta) (V - (K . e^g) S_0) with no product for W at all."""
 
-    def __init__(self, inputs, reset, n, tokens, factored=False):
+    def __init__(self, inputs, reset, factored=False, fused=False):
         q, k, v, beta, log_alpha = inputs
-        split, sub = _sub_step_layout(beta)
-        q = chunk_of(q, n, tokens, jnp.float32)  # [B, H, tokens, K]
-        k, v, beta = (_sub_steps(x, n, tokens, split) for x in (k, v, beta))  # [B, H, C, ...]
+        self.split = beta.ndim == 4
+        sub = beta.shape[3] if self.split else 1
+        k, v, beta = (_merged(x, self.split) for x in (k, v, beta))  # [G B, H, C, ...]
         self.g = None
         if log_alpha is not None:
-            la = chunk_of(log_alpha, n, tokens, jnp.float32)  # [B, H, tokens(, K)]
-            self.g = jnp.cumsum(_on_first_sub_step(la, sub), axis=2)  # [B, H, C(, K)]
+            self.g = jnp.cumsum(_on_first_sub_step(log_alpha, sub), axis=2)  # [G B, H, C(, K)]
         per_key = self.g is not None and self.g.ndim == k.ndim
         self.q, self.k, self.v, self.beta = q, k, v, beta
         self.e, self.to_end, self.e_last = _decays(self.g)
-        gamma = None if self.g is None or per_key else causal_decay(self.g)  # [B, H, C, C]
+        gamma = None if self.g is None or per_key else causal_decay(self.g)  # [G B, H, C, C]
         size = k.shape[-2]
         self.sub = sub
         self.read = slice(sub - 1, None, sub)  # the rows queries read
         causal, self.strict = lower_mask(size), lower_mask(size, strict=True)
         if reset is not None:  # a token's reset zeroes the state before its first sub-step
-            seg = Segments(_on_first_sub_step(reset_chunk(reset, n, tokens), sub))
+            seg = Segments(_on_first_sub_step(reset, sub))
             gamma = None if per_key else keep(seg.same, gamma, jnp.float32)
             self.e = keep(seg.first, self.e, jnp.float32)
             self.to_end = keep(seg.last, self.to_end, jnp.float32)
             self.e_last = keep(seg.through, self.e_last, jnp.float32)
-            causal, self.strict = causal & seg.same, self.strict & seg.same  # [B, 1, C, C]
+            causal, self.strict = causal & seg.same, self.strict & seg.same  # [G B, 1, C, C]
         self.e_read = None if self.e is None else self.e[:, :, self.read]
         if per_key:
             read = None if sub == 1 else self.read
@@ -223,151 +216,138 @@ class _Chunk:
             gamma_read = None if gamma is None else gamma[:, :, self.read]
             self.qk = _ScalarProducts(q, k, gamma_read, causal[..., self.read, :])
             self.kk = _ScalarProducts(k, k, gamma, self.strict)
-        self.p, self.kkg = self.qk.a, self.kk.a  # [B, H, tokens, C], [B, H, C, C]
-        self.tri = unit_lower_inverse(beta[..., None] * self.kkg)  # [B, H, C, C]
-        self.q_start = scaled(self.e_read, q)  # [B, H, tokens, K]: Q . e^g reads S_0
-        self.k_start = scaled(self.e, k)  # [B, H, C, K]: K . e^g, the writes' reads of S_0
-        self.k_end = scaled(self.to_end, k)  # [B, H, C, K]: K . e^{g_C - g}
-
-    def pseudo_values(self, s):
-        """U = T diag(beta) (V - (K . e^g) S_0) [B, H, C, V] for the entering state s."""
-        return self.tri @ scaled(self.beta, self.v - self.k_start @ s)
+        self.p, self.kkg = self.qk.a, self.kk.a  # [G B, H, tokens, C], [G B, H, C, C]
+        self.tri = unit_lower_inverse(beta[..., None] * self.kkg)  # [G B, H, C, C]
+        self.q_start = scaled(self.e_read, q)  # [G B, H, tokens, K]: Q . e^g reads S_0
+        self.k_start = scaled(self.e, k)  # [G B, H, C, K]: K . e^g, the writes' reads of S_0
+        self.k_end = scaled(self.to_end, k)  # [G B, H, C, K]: K . e^{g_C - g}
+        self.beta_k_start = scaled(beta, self.k_start)  # [G B, H, C, K]
+        if fused:
+            self.step = _Fused(self.e_last, self.k_end, self.tri, self.beta_k_start, v, beta)
+        else:
+            w = self.tri @ self.beta_k_start  # [G B, H, C, K]: W
+            self.step = _Factored(self.e_last, self.k_end, w, self.tri @ scaled(beta, v))
 
     def outputs(self, s, u):
-        """O = (Q . e^g) S_0 + P U [B, H, tokens, V]."""
+        """O = (Q . e^g) S_0 + P U [G B, H, tokens, V] from the entering states s and the
+        pseudo-values u the state scan made."""
         return self.q_start @ s + self.p @ u
 
-    def leaving_state(self, s, u):
-        """S_C = Diag(e^{g_C}) S_0 + K_end^T U [B, H, K, V]."""
-        return self.k_end.mT @ u + scaled(self.e_last, s)
+    def pull(self, do):
+        """((Q . e^g)^T dO, P^T dO): the outputs' pull on the entering state is
+        (Q . e^g)^T dO - W^T P^T dO, and the second factor meets K_C dS in _retreat."""
+        return self.q_start.mT @ do, self.p.mT @ do
+
+    def pullback(self, s, ds, do):
+        """[dq, dk, dv, dbeta(, dlog_alpha)] laid out as the inputs, from the entering states s,
+        the cotangents of the leaving states ds [G B, H, K, V] and of the outputs do."""
+        u = self.tri @ (self.beta[..., None] * self.v - self.beta_k_start @ s)  # [G B, H, C, V]
+        du = self.p.mT @ do + self.k_end @ ds  # (7): dO's path through P U, and ds's through S_C
+        dvb = self.tri.mT @ du  # cotangent of diag(beta) (V - (K . e^g) S_0), T^T dU
+        dvb_s = dvb @ s.mT  # [G B, H, C, K]
+        # d(I + A)^{-1} = -T^T dT T^T regroups to -dV_b U^T (delta_rules.md, (8))
+        da = -jnp.where(self.strict, dvb @ u.mT, 0.0)  # [G B, H, C, C]
+        # every product splits into a reading side (rows t, decayed by e^{g_t}) and a writing
+        # side (rows i, by e^{-g_i}); d log_alpha needs the two apart (delta_rules.md, section 6)
+        dq_p, dk_p = self.qk.pullback(do @ u.mT)
+        dk_kk_read, dk_kk_write = self.kk.pullback(self.beta[..., None] * da)
+        dq = dq_p + scaled(self.e_read, do @ s.mT)
+        dk_end = u @ ds.mT  # [G B, H, C, K]: cotangent of K_end
+        dk_read = dk_kk_read - scaled(self.e, scaled(self.beta, dvb_s))
+        dk_write = dk_p + dk_kk_write + scaled(self.to_end, dk_end)
+        dbeta = jnp.sum(self.v * dvb, axis=-1) - jnp.sum(self.k_start * dvb_s, axis=-1)
+        dbeta = dbeta + jnp.sum(da * self.kkg, axis=-1)
+        per_sub_step = [dk_read + dk_write, scaled(self.beta, dvb), dbeta]
+        grads = [dq] + [_parted(x, self.sub, self.split) for x in per_sub_step]
+        if self.g is not None:
+            # g_t enters as e^{g_t} on a reading row and e^{-g_t} on a writing one, up to the
+            # chunk end's e^{g_C} (segment masks are constant factors), so
+            # dg = Q . dQ + K . (dK_read - dK_write) plus the chunk end's terms
+            dg = summed_to(self.k * (dk_read - dk_write), self.g)  # [G B, H, C(, K)]
+            dg = dg.at[:, :, self.read].add(summed_to(self.q * dq, self.g))
+            end = jnp.sum(self.k_end * dk_end, axis=2)
+            end = end + scaled(self.e_last, jnp.sum(s * ds, -1))
+            dg = dg.at[:, :, -1].add(summed_to(end, self.e_last))
+            # g is the in-chunk cumulative sum of the sub-steps' log decays, each token's on its
+            # first sub-step: the transpose is the reversed cumulative sum, read there
+            d_sub = jax.lax.cumsum(dg, axis=2, reverse=True)  # [G B, H, C(, K)]
+            grads.append(d_sub[:, :, :: self.sub])  # [G B, H, tokens(, K)]
+        return grads
 
 
-def _forward(inputs, reset, state, tokens):
-    """inputs q [B, T, H, K], k [B, T, H, (N,) K], v [B, T, H, (N,) V], beta [B, T, H, (N)],
-    log_alpha [B, T, H(, K)] or None, T a multiple of tokens; reset [B, T] or None; state
-    [B, H, K, V] float32. Returns o [B, T, H, V] in v's dtype, the final state and the state
-    entering every chunk [chunks, B, H, K, V]."""
-    q, _, v, _, log_alpha = inputs
-    o = jnp.zeros(q.shape[:3] + v.shape[-1:], v.dtype)
-    flags = per_key_flags(q, log_alpha, tokens)
+class _Factored(NamedTuple):
+    """A chunk's step as state-sized factors: S_C = Diag(e^{g_C}) S_0 + K_C^T (U' - W S_0)."""
 
-    def chunk_step(carry, n):
-        s, o = carry
+    e_last: jax.Array | None  # [B, H(, K)]
+    k_end: jax.Array  # [B, H, C, K]: K_C = K . e^{g_C - g}
+    w: jax.Array  # [B, H, C, K]: W = T diag(beta) (K . e^g)
+    u_free: jax.Array  # [B, H, C, V]: U' = T diag(beta) V
 
-        def run(factored):
-            c = _Chunk(inputs, reset, n, tokens, factored)
-            u = c.pseudo_values(s)  # [B, H, C, V]
-            return c.leaving_state(s, u), c.outputs(s, u)
+    def pseudo_values(self, s):
+        return self.u_free - self.w @ s
 
-        leaving, o_chunk = by_flag(flags, n, run)
-        return (leaving, put_chunk(o, o_chunk, n)), s  # [B, H, tokens, V] written
-
-    chunks = jnp.arange(q.shape[1] // tokens)
-    (final, o), entering = jax.lax.scan(chunk_step, (state, o), chunks)
-    return o, final, entering
+    def through_writes(self, a):
+        """W^T a for a [B, H, C, V]."""
+        return self.w.mT @ a
 
 
-def _pullback(inputs, reset, n, tokens, s, ds, do, factored):
-    """(ds entering, [dq, dk, dv, dbeta(, dlog_alpha)]) of chunk n from its entering state s
-    and the cotangents of its leaving state ds and of its outputs do [B, H, tokens, V]."""
-    c = _Chunk(inputs, reset, n, tokens, factored)
-    u = c.pseudo_values(s)
-    du = c.p.mT @ do + c.k_end @ ds  # (7): dO's path through P U, and ds's through S_C
-    dvb = c.tri.mT @ du  # cotangent of diag(beta) (V - (K . e^g) S_0), T^T dU
-    ds_prev = c.q_start.mT @ do - scaled(c.beta, c.k_start).mT @ dvb + scaled(c.e_last, ds)
-    dvb_s = dvb @ s.mT  # [B, H, C, K]
-    # d(I + A)^{-1} = -T^T dT T^T regroups to -dV_b U^T (delta_rules.md, (8))
-    da = -jnp.where(c.strict, dvb @ u.mT, 0.0)  # [B, H, C, C]
-    # every product splits into a reading side (rows t, decayed by e^{g_t}) and a writing
-    # side (rows i, by e^{-g_i}); d log_alpha needs the two apart (delta_rules.md, section 6)
-    dq_p, dk_p = c.qk.pullback(do @ u.mT)
-    dk_kk_read, dk_kk_write = c.kk.pullback(c.beta[..., None] * da)
-    dq = dq_p + scaled(c.e_read, do @ s.mT)
-    dk_end = u @ ds.mT  # [B, H, C, K]: cotangent of K_end
-    dk_read = dk_kk_read - scaled(c.e, scaled(c.beta, dvb_s))
-    dk_write = dk_p + dk_kk_write + scaled(c.to_end, dk_end)
-    dbeta = jnp.sum(c.v * dvb, axis=-1) - jnp.sum(c.k_start * dvb_s, axis=-1)
-    dbeta = dbeta + jnp.sum(da * c.kkg, axis=-1)
-    chunk_grads = [dq, dk_read + dk_write, scaled(c.beta, dvb), dbeta]
-    if c.g is not None:
-        # g_t enters as e^{g_t} on a reading row and e^{-g_t} on a writing one, up to the
-        # chunk end's e^{g_C} (segment masks are constant factors), so
-        # dg = Q . dQ + K . (dK_read - dK_write) plus the chunk end's terms
-        dg = summed_to(c.k * (dk_read - dk_write), c.g)  # [B, H, C(, K)]
-        dg = dg.at[:, :, c.read].add(summed_to(c.q * dq, c.g))
-        end = jnp.sum(c.k_end * dk_end, axis=2) + scaled(c.e_last, jnp.sum(s * ds, -1))
-        dg = dg.at[:, :, -1].add(summed_to(end, c.e_last))
-        # g is the in-chunk cumulative sum of the sub-steps' log decays, each token's on its
-        # first sub-step: the transpose is the reversed cumulative sum, read there
-        d_sub = jax.lax.cumsum(dg, axis=2, reverse=True)  # [B, H, C(, K)]
-        chunk_grads.append(d_sub[:, :, :: c.sub])  # [B, H, tokens(, K)]
-    return ds_prev, chunk_grads
+class _Fused(NamedTuple):
+    """A chunk's step with its matrices as they are (one chunk per block, no inner loop)."""
+
+    e_last: jax.Array | None
+    k_end: jax.Array
+    tri: jax.Array  # [B, H, C, C]: T
+    beta_k_start: jax.Array  # [B, H, C, K]: diag(beta) (K . e^g)
+    v: jax.Array  # [B, H, C, V]
+    beta: jax.Array  # [B, H, C]
+
+    def pseudo_values(self, s):
+        return self.tri @ (self.beta[..., None] * self.v - self.beta_k_start @ s)
+
+    def through_writes(self, a):
+        return self.beta_k_start.mT @ (self.tri.mT @ a)
 
 
-def _backward(tokens, res, cotangents):
-    inputs, reset, entering = res
-    do_all, d_final = cotangents
-    q, _, _, beta, log_alpha = inputs
-    put_sub_steps = functools.partial(_put_sub_steps, split=_sub_step_layout(beta)[0])
-    # dq [B, T, H, K] and d log_alpha [B, T, H(, K)] are per token; dk, dv, dbeta per sub-step
-    puts = (put_chunk, put_sub_steps, put_sub_steps, put_sub_steps, put_chunk)
-    flags = per_key_flags(q, log_alpha, tokens)
-
-    def chunk_step(carry, xs):
-        ds, grads = carry  # ds: cotangent of the state leaving chunk n
-        n, s = xs  # s: the state entering chunk n
-        do = chunk_of(do_all, n, tokens, jnp.float32)  # [B, H, tokens, V]
-
-        def run(factored):
-            return _pullback(inputs, reset, n, tokens, s, ds, do, factored)
-
-        ds_prev, chunk_grads = by_flag(flags, n, run)
-        puts_used = puts[: len(grads)]  # no d log_alpha without a decay
-        grads = [put(g, x, n) for put, g, x in zip(puts_used, grads, chunk_grads, strict=True)]
-        return (ds_prev, grads), None
-
-    n_chunks = q.shape[1] // tokens
-    grads = [jnp.zeros(x.shape, x.dtype) for x in inputs if x is not None]
-    xs = (jnp.arange(n_chunks), entering)
-    (d_state, grads), _ = jax.lax.scan(chunk_step, (d_final, grads), xs, reverse=True)
-    if log_alpha is None:
-        grads.append(None)
-    return (*grads, None, d_state)  # reset: no cotangent
+def _advance(step, s):
+    """S_C = Diag(e^{g_C}) S_0 + K_C^T U; the pseudo-values U are kept for the outputs."""
+    u = step.pseudo_values(s)  # [B, H, C, V]
+    return scaled(step.e_last, s) + step.k_end.mT @ u, u
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def chunk_scan(q, k, v, beta, log_alpha, reset, state, tokens):
-    """o [B, T, H, V] and the final state [B, H, K, V] of the gated delta rule with N sub-steps
-    per token (shapes as in _forward), in chunks of `tokens` tokens; T a multiple of tokens."""
-    o, final, _ = _forward((q, k, v, beta, log_alpha), reset, state, tokens)
-    return o, final
+def _retreat(step, ds, pulled):
+    """M^T dS + R = Diag(e^{g_C}) dS + (Q . e^g)^T dO - W^T (P^T dO + K_C dS), the sum in the
+    order the pullback forms it (dU), so that one chunk per block computes it once."""
+    q_do, p_do = pulled
+    return scaled(step.e_last, ds) + q_do - step.through_writes(p_do + step.k_end @ ds)
 
 
-def _chunk_scan_fwd(q, k, v, beta, log_alpha, reset, state, tokens):
-    inputs = (q, k, v, beta, log_alpha)
-    o, final, entering = _forward(inputs, reset, state, tokens)
-    return (o, final), (inputs, reset, entering)
+RULE = engine.Rule(
+    prepare=_Chunks,
+    advance=_advance,
+    retreat=_retreat,
+    flags=lambda inputs, size: per_key_flags(inputs[0], inputs[4], size),
+)
 
 
-chunk_scan.defvjp(_chunk_scan_fwd, _backward)
-
-
-def chunkwise(q, k, v, beta, log_alpha, state, chunk_size, reset=None):
+def chunkwise(q, k, v, beta, log_alpha, state, chunk_size, reset=None, block=None):
     """The gated delta rule in chunks; log_alpha None means no decay (the plain delta rule).
 
     q [B, T, H, K]; log_alpha [B, T, H] (scalar) or [B, T, H, K] (per key); state [B, H, K, V]
     or None; reset [B, T] or None; k [B, T, H, K], v [B, T, H, V], beta [B, T, H] for one write
     per token, or k [B, T, H, N, K], v [B, T, H, N, V], beta [B, T, H, N] for N sub-steps per
-    token (DeltaProduct), where chunk_size counts sub-steps and is rounded down to whole tokens.
-    Returns (o [B, T, H, V] in v's dtype, state float32).
+    token (DeltaProduct), where chunk_size counts sub-steps and is rounded down to whole tokens;
+    block: chunks per block of the engine (None: engine.default_block). Returns (o [B, T, H, V]
+    in v's dtype, state float32).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    sub = _sub_step_layout(beta)[1]
+    sub = beta.shape[3] if beta.ndim == 4 else 1
     tokens = max(1, min(chunk_size // sub, T))
+    block = block or engine.default_block(-(-T // tokens))
     # the padded steps are identities; their outputs are dropped
-    padded = (pad_to_chunks(x, tokens) for x in (q, k, v, beta, log_alpha, reset))
+    padded = tuple(pad_to_chunks(x, tokens * block) for x in (q, k, v, beta, log_alpha))
+    reset = pad_to_chunks(reset, tokens * block)
     if state is None:
         state = jnp.zeros((B, H, K, V), jnp.float32)
-    o, state = chunk_scan(*padded, state.astype(jnp.float32), tokens)
+    o, state = engine.run_chunks(RULE, padded, reset, state.astype(jnp.float32), tokens, block)
     return o[:, :T], state

@@ -23,8 +23,8 @@ and cost page faults on every call; linear_attention.md, section 7.)
 log_alpha is [B, T, H] (scalar decay), [B, T, H, K] (per-key decay) or None (no decay: plain
 linear attention, every decay factor skipped). A per-key decay's scores are one product of
 factored rows in a chunk whose decays allow it (FactoredScores), the halving otherwise
-(PerKeyScores); the choice is made per block of the engine. Dimension letters: B batch, T time, H heads,
-K key dim, V value dim, C chunk, N chunks, P blocks of a chunk (per-key scores).
+(PerKeyScores); the choice is made per block of the engine. Dimension letters: B batch,
+T time, H heads, K key dim, V value dim, C chunk, N chunks, P blocks of a chunk (per-key scores).
 """
 
 import jax
@@ -229,7 +229,7 @@ class _Chunks:
     decay's from factored rows when `factored`, by the halving otherwise), and the chunk's
     summary: its transition e^{g_C} (diagonal) and its write (K . e^{g_C - g})^T V."""
 
-    def __init__(self, inputs, reset, factored=False):
+    def __init__(self, inputs, reset, factored=False, fused=False):
         q, k, v, log_alpha = inputs
         size = q.shape[-2]
         dtype = q.dtype
@@ -263,10 +263,10 @@ class _Chunks:
         self.k_end = scaled(
             self.to_end, k
         )  # [G B, H, C, K]: K . e^{g_C - g} writes the leaving one
-        self.transition = self.e_last  # [G B, H(, K)] or None: S_C = Diag(e^{g_C}) S_0 + write
-        self.write = self.k_end.mT @ v  # [G B, H, K, V]
+        # the summary: S_C = Diag(e^{g_C}) S_0 + (K . e^{g_C - g})^T V
+        self.step = (self.e_last, self.k_end.mT @ v)  # [G B, H(, K)] or None, [G B, H, K, V]
 
-    def outputs(self, s):
+    def outputs(self, s, aux=None):
         """O = (Q . e^g) S_0 + A V [G B, H, C, V] for the entering states s [G B, H, K, V]."""
         return self.q_start @ s + self.scores.a @ self.v
 
@@ -299,10 +299,16 @@ class _Chunks:
         return grads
 
 
+def _advance(step, s):
+    e_last, write = step
+    return scaled(e_last, s) + write, None
+
+
 RULE = engine.Rule(
     prepare=_Chunks,
-    carry=scaled,  # the transition is diagonal: its transpose is itself
-    carry_transpose=scaled,
+    advance=_advance,
+    # a diagonal transition is its own transpose
+    retreat=lambda step, ds, pulled: scaled(step[0], ds) + pulled,
     flags=lambda inputs, size: per_key_flags(inputs[0], inputs[3], size),
 )
 

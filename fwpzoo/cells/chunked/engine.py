@@ -4,9 +4,12 @@ A rule's chunk (its own module) is a batch of chunks, computed from their inputs
 
     prepare   everything inside the chunks, batched over every chunk of a block: decays, score
               matrices, triangular inverses, and each chunk's summary, its transition M_n and
-              its write X_n (cells/chunked/summary.py: S_leaving = M_n S_entering + X_n)
+              its write X_n (cells/chunked/summary.py: S_leaving = M_n S_entering + X_n), in the
+              rule's factored form (the delta rule's M_n = e^{g_C} I - K_C^T W is kept as W and
+              K_C, [C, K] each)
     scan      the states entering every chunk, S_{n+1} = M_n S_n + X_n: the loop body holds
-              only state-sized work (no [C, C] matrix, no inverse)
+              only state-sized work and products of [C, K] rows with the state (no [C, C]
+              matrix, no inverse)
     outputs   every chunk's outputs from its entering state, batched again
 
 and the backward runs the same three stages: the chunks prepared again, the state's cotangent
@@ -19,12 +22,16 @@ finished as one batch. block = all chunks (one block, no outer loop) is the layo
 accelerator wants: T / C chunks in parallel, a sequential loop of state-sized steps. On a CPU,
 where XLA runs each device's work on one thread, a block of one chunk keeps every intermediate
 in cache: computing all chunks at once measured 1.5-5x slower there (linear_attention.md,
-section 7), so `block=None` means one chunk per block on the CPU and all chunks elsewhere.
+section 7), so `block=None` means one chunk per block on the CPU and all chunks elsewhere: on the
+platform of the default backend, or the one named by `compiling_for` (ahead-of-time compiles for
+a TPU from a CPU host trace on the host, `fwpzoo bench cells --topology`).
 
 Dimension letters: B batch, T time, H heads, K key dim, V value dim, C chunk size, G chunks
 per block, N chunks.
 """
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,36 +41,53 @@ import jax.numpy as jnp
 
 from fwpzoo.cells._chunking import by_flag
 
+_PLATFORM = contextvars.ContextVar("fwpzoo_chunk_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Within it, chunkwise forms traced take the layout of `platform` ("cpu", "tpu", "gpu")
+    instead of the default backend's."""
+    token = _PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
 
 def default_block(chunks: int) -> int:
     """Chunks per block: 1 on the CPU (cache-resident chunks), all of them on an accelerator."""
-    return 1 if jax.default_backend() == "cpu" else chunks
+    platform = _PLATFORM.get() or jax.default_backend()
+    return 1 if platform == "cpu" else chunks
 
 
 @dataclass(frozen=True)
 class Rule:
     """What the engine needs from a rule (all functions of one block of chunks, [G B, ...]):
 
-    prepare(inputs, reset, factored) -> a chunk batch with
-        .transition   a pytree [G B, ...] (None: identity), each chunk's M_n
-        .write        [G B, H, K, V]: each chunk's X_n
-        .outputs(entering) -> [G B, H, C, V] from the entering states [G B, H, K, V]
-        .pull(do) -> [G B, H, K, V]: R_n, the outputs' cotangent pulled to the entering state
-        .pullback(entering, d_leaving, do) -> [the input cotangents [G B, H, C, ...]], without
-            the entering state's (the scan supplies it)
-    carry(M, S) -> M S and carry_transpose(M, dS) -> M^T dS for one chunk's M [B, ...].
+    prepare(inputs, reset, factored, fused) -> a chunk batch with
+        .step         a pytree [G B, ...]: each chunk's transition and write (factored)
+        .outputs(entering, aux) -> [G B, H, C, V] from the entering states [G B, H, K, V]
+        .pull(do) -> a pytree [G B, ...]: what the outputs' cotangent adds to the entering
+            state's (R_n), in a form retreat takes
+        .pullback(entering, d_leaving, do) -> [the input cotangents, laid out as the inputs'
+            blocks [G B, H, C, ...]], without the entering state's (the scan supplies it)
+    advance(step, S) -> (M S + X, aux) for one chunk's step [B, ...]; aux (None, or what the
+        outputs reuse, e.g. the delta rule's pseudo-values) is stacked over the block's chunks;
+    retreat(step, dS, pulled) -> M^T dS + R_n.
+    fused (a block of one chunk) tells prepare that its steps run in the block's own loop body,
+    beside its [C, C] work: the step may then use the chunk's matrices as they are instead of
+    the state-sized factors (the delta rule's U = T diag(beta) (V - K S_0) costs one [C, C]
+    product where U' - W S_0 needs W = T diag(beta) K first, a [C, C] x [C, K] product more).
 
-    inputs: [B, T, H, ...] arrays or None; read(x, b, size, block, dtype) and
-    put(buffer, x, b) lay a block of chunks out and back (lay_out and lay_back below by default,
-    per input in `puts`); flags(inputs, size) -> [N] bool per chunk or None (the `factored`
-    branch, by_flag: a block takes the factored branch when all its chunks may)."""
+    inputs: [B, T, H, ...] arrays or None, each block laid out by lay_out (the pullback's
+    cotangents laid back by lay_back); flags(inputs, size) -> [N] bool per chunk or None (the
+    `factored` branch, by_flag: a block takes the factored branch when all its chunks may)."""
 
     prepare: Callable
-    carry: Callable
-    carry_transpose: Callable
+    advance: Callable
+    retreat: Callable
     flags: Callable
-    reads: tuple[Callable, ...] | None = None
-    puts: tuple[Callable, ...] | None = None
 
 
 def lay_out(x, b, size, block, dtype):
@@ -103,29 +127,32 @@ def _flat(x):
 
 
 def _state_scan(rule, chunks, state, block):
-    """(entering [G, B, H, K, V], leaving) of S_{n+1} = M_n S_n + X_n over one block."""
+    """(entering [G, B, H, K, V], aux [G, ...], leaving) of S_{n+1} = M_n S_n + X_n over one
+    block."""
 
-    def step(s, xs):
-        m, x = xs
-        return rule.carry(m, s) + x, s
+    def step(s, m):
+        leaving, aux = rule.advance(m, s)
+        return leaving, (s, aux)
 
-    xs = _by_chunk((chunks.transition, chunks.write), block)
+    xs = _by_chunk(chunks.step, block)
     if block == 1:  # one chunk: no loop inside the blocks' loop
-        leaving, entering = step(state, jax.tree.map(lambda x: x[0], xs))
-        return entering[None], leaving
-    leaving, entering = jax.lax.scan(step, state, xs)
-    return entering, leaving
+        leaving, ys = step(state, jax.tree.map(lambda x: x[0], xs))
+        entering, aux = jax.tree.map(lambda y: y[None], ys)
+        return entering, aux, leaving
+    leaving, (entering, aux) = jax.lax.scan(step, state, xs)
+    return entering, aux, leaving
 
 
 def _cotangent_scan(rule, chunks, d_state, pulls, block):
     """(d_leaving [G, B, H, K, V], d_entering the block) of dS_n = M_n^T dS_{n+1} + R_n, the
-    chunks of one block in reverse; d_state is the cotangent of the state leaving the block."""
+    chunks of one block in reverse; d_state is the cotangent of the state leaving the block,
+    pulls each chunk's R_n in the rule's form."""
 
     def step(ds, xs):
-        m, r = xs
-        return rule.carry_transpose(m, ds) + r, ds
+        m, pulled = xs
+        return rule.retreat(m, ds, pulled), ds
 
-    xs = _by_chunk((chunks.transition, pulls), block)
+    xs = _by_chunk((chunks.step, pulls), block)
     if block == 1:
         d_entering, d_leaving = step(d_state, jax.tree.map(lambda x: x[0], xs))
         return d_leaving[None], d_entering
@@ -138,9 +165,8 @@ def _block_flags(rule, inputs, size, block):
     return None if flags is None else jnp.all(flags.reshape(-1, block), axis=1)
 
 
-def _reads(rule, inputs, reset, b, size, block, dtype):
-    reads = rule.reads or (lay_out,) * len(inputs)
-    chunk = tuple(read(x, b, size, block, dtype) for read, x in zip(reads, inputs, strict=True))
+def _reads(inputs, reset, b, size, block, dtype):
+    chunk = tuple(lay_out(x, b, size, block, dtype) for x in inputs)
     return chunk, lay_out(reset_rows(reset), b, size, block, bool)
 
 
@@ -151,12 +177,13 @@ def _forward(rule, inputs, reset, state, out, size, block):
 
     def block_step(carry, b):
         s, o = carry
-        chunk, r = _reads(rule, inputs, reset, b, size, block, dtype)
+        chunk, r = _reads(inputs, reset, b, size, block, dtype)
 
         def run(factored):
-            chunks = rule.prepare(chunk, r, factored)
-            entering, leaving = _state_scan(rule, chunks, s, block)
-            return leaving, chunks.outputs(_flat(entering)), entering
+            chunks = rule.prepare(chunk, r, factored, block == 1)
+            entering, aux, leaving = _state_scan(rule, chunks, s, block)
+            o_block = chunks.outputs(_flat(entering), jax.tree.map(_flat, aux))
+            return leaving, o_block, entering
 
         leaving, o_block, entering = by_flag(flags, b, run)
         return (leaving, lay_back(o, o_block, b)), entering
@@ -172,21 +199,20 @@ def _backward(rule, inputs, reset, entering, cotangents, size, block):
     flags = _block_flags(rule, inputs, size, block)
     dtype = d_final.dtype
     present = [i for i, x in enumerate(inputs) if x is not None]
-    puts = rule.puts or (lay_back,) * len(inputs)
 
     def block_step(carry, xs):
         ds, grads = carry  # ds: cotangent of the state leaving block b
         b, s = xs  # s: the states entering the block's chunks [G, B, H, K, V]
-        chunk, r = _reads(rule, inputs, reset, b, size, block, dtype)
+        chunk, r = _reads(inputs, reset, b, size, block, dtype)
         do = lay_out(do_all, b, size, block, dtype)  # [G B, H, C, V]
 
         def run(factored):
-            chunks = rule.prepare(chunk, r, factored)
+            chunks = rule.prepare(chunk, r, factored, block == 1)
             d_leaving, d_entering = _cotangent_scan(rule, chunks, ds, chunks.pull(do), block)
             return d_entering, chunks.pullback(_flat(s), _flat(d_leaving), do)
 
         ds_prev, chunk_grads = by_flag(flags, b, run)
-        grads = [puts[i](g, x, b) for i, g, x in zip(present, grads, chunk_grads, strict=True)]
+        grads = [lay_back(g, x, b) for g, x in zip(grads, chunk_grads, strict=True)]
         return (ds_prev, grads), None
 
     grads = [jnp.zeros(inputs[i].shape, inputs[i].dtype) for i in present]
