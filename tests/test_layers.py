@@ -7,10 +7,11 @@ import pytest
 from flax import nnx
 
 from fwpzoo import cells
+from fwpzoo.cells.forms import run_form
 from fwpzoo.layers import MIXERS, FWPMixer, get_mixer
 from fwpzoo.layers.conv import ShortConv
 from fwpzoo.layers.feature_maps import FEATURE_MAPS, feature_dim
-from fwpzoo.layers.fwp import qk_normalize, run_form
+from fwpzoo.layers.fwp import qk_normalize
 from fwpzoo.layers.mamba2 import signed_run
 from fwpzoo.layers.programmed import initial_matrix
 from fwpzoo.layers.ssm import linear_recurrence

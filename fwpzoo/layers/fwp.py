@@ -21,6 +21,7 @@ from flax import nnx
 
 from fwpzoo import cells
 from fwpzoo.cells import _spec
+from fwpzoo.cells.forms import form_fn, reset_option, run_form
 from fwpzoo.layers import context
 from fwpzoo.layers.attention import GATE_ACTIVATIONS
 from fwpzoo.layers.conv import ShortConv
@@ -37,29 +38,6 @@ EPS = 1e-6
 
 class FixedRandom(nnx.Variable):
     """A random constant drawn at init (FAVOR+ projection): saved with the model, never trained."""
-
-
-def form_fn(cell: str, form: str):
-    """The function of `form` in the family `cell`; a ValueError naming what is wrong otherwise."""
-    module = cells.get(cell)
-    if form not in cells.FORMS:
-        raise ValueError(f"unknown form {form!r}; valid forms: {', '.join(cells.FORMS)}")
-    if not hasattr(module, form):
-        valid = ", ".join(f for f in cells.FORMS if hasattr(module, f))
-        raise ValueError(f"cell {cell!r} has no {form!r} form; its forms: {valid}")
-    return getattr(module, form)
-
-
-def reset_option(reset) -> dict:
-    """The `reset` keyword for a cell form or step: only where there are resets to pass."""
-    return {} if reset is None else {"reset": reset}
-
-
-def run_form(cell: str, form: str, chunk_size: int, q, k, v, state, gates, reset=None):
-    """The cell's `form` over a whole sequence (segment resets [B, T] or None)
-    -> (o [B, T, H, V], state [B, H, K, V])."""
-    options = {"chunk_size": chunk_size} if form == "chunkwise" else {}
-    return form_fn(cell, form)(q, k, v, state=state, **options, **reset_option(reset), **gates)
 
 
 def has_sub_steps(module) -> bool:

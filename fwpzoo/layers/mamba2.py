@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fwpzoo import cells
+from fwpzoo.cells.forms import form_fn, reset_option, run_form
 from fwpzoo.layers.conv import ShortConv
-from fwpzoo.layers.fwp import CellMixer, form_fn, mean_state_norm, reset_option, run_form
+from fwpzoo.layers.fwp import CellMixer, mean_state_norm
 from fwpzoo.layers.gates import Decay
 from fwpzoo.layers.norms import RMSNorm
 

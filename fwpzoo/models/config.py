@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fwpzoo.cells import CELLS, FORMS
+from fwpzoo.cells.forms import form_fn
 from fwpzoo.cells.plastic import ACTIVATIONS, RULES, SITES
 from fwpzoo.layers import MIXERS
 from fwpzoo.layers.attention import KERNELS as ATTENTION_KERNELS
@@ -15,7 +16,6 @@ from fwpzoo.layers.fwp import (
     check_beta_init,
     check_decay,
     check_qk_norm,
-    form_fn,
 )
 from fwpzoo.layers.gates import BETA_RANGES
 from fwpzoo.layers.mamba2 import DECAY_RANGES
