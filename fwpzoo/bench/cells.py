@@ -6,7 +6,12 @@
                        [--decay scalar|per_key]
                        [--memory-limit-gb 8] [--peers] [--peer-length 2048]
                        [--cpu-devices N] [--out FILE.md]
+    fwpzoo bench cells --topology v5e:2x2 [the shape options] [--out FILE.md]
     python -m fwpzoo.bench.cells ...          (the same)
+
+--topology compiles every family's chunkwise forward and forward + backward ahead of time for
+that TPU topology (libtpu from the `tpu` extra) and reports the memory one device holds, without
+running them (bench/topology.py).
 
 For each family and length T, all forms are compiled and then timed in alternation (--repeats
 rounds, each call timed right after an untimed one, medians), together with a 1024^3 float32
@@ -98,6 +103,7 @@ class Options:
     peer_length: int = 2048
     cpu_devices: int | None = None  # None: one per core (the largest count dividing --batch)
     seed: int = 0
+    topology: str | None = None  # compile for this TPU topology instead of timing (topology.py)
 
 
 def name_list(text: str) -> tuple[str, ...]:
@@ -128,6 +134,7 @@ def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
     parser.add_argument("--memory-limit-gb", type=positive_float)
     parser.add_argument("--peers", action="store_true", default=None)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--topology", type=str)
     parser.add_argument(
         "--out", type=Path, help="write the markdown report here (and FILE.json, FILE.png)"
     )
@@ -574,12 +581,27 @@ def use_devices(options: Options) -> None:
 
 def main(argv: list[str]) -> int:
     options, out = parse_options(argv)
+    if options.topology is not None:
+        return compile_only(options, out, argv)
     use_devices(options)
     result = measure(options)
     report = markdown(result, " ".join(["fwpzoo bench cells", *argv]))
     print(report)
     if out is not None:
         write_report(result, report, out)
+    return 0
+
+
+def compile_only(options: Options, out: Path | None, argv: list[str]) -> int:
+    """--topology: every family's chunkwise form compiled for that TPU topology, nothing run."""
+    from fwpzoo.bench import topology
+
+    rows = topology.compile_rows(options, options.topology, progress=tqdm.write)
+    report = topology.markdown(rows, options.topology, " ".join(["fwpzoo bench cells", *argv]))
+    print(report)
+    if out is not None:
+        out.write_text(report)
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 
