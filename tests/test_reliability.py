@@ -889,3 +889,16 @@ def test_fetch_is_a_verb_that_refuses_an_unknown_corpus_in_one_line(capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert one_line(err).startswith("fwpzoo fetch: error: argument corpus: invalid choice")
+
+
+def test_experiments_record_and_run_in_the_checkout_of_their_code(refused, monkeypatch, tmp_path):
+    """From another checkout, records would land where the user is not looking: refused, naming
+    both; elsewhere the runs go beside the records, whatever the current folder."""
+    from fwpzoo.experiments._common import REPO, parse_options
+
+    monkeypatch.chdir(tmp_path)
+    assert parse_options("mqar", []).root == REPO / "runs" / "experiments" / "mqar"
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    refused(["experiment", "mqar", "--list"],
+            f"this fwpzoo is the one in {REPO}, whose docs/results and runs/ its experiments "
+            f"write; run it there, or install the checkout here first (pip install -e {tmp_path})")

@@ -103,6 +103,7 @@ def parse_options(name: str, argv: Sequence[str]) -> Options:
 
     The full sweep runs in runs/experiments/NAME and records into docs/results; --quick runs in
     runs/experiments-quick/NAME and records next to its runs, so it never touches docs/results.
+    Both folders are in the checkout this code comes from (REPO), wherever the command is run.
     """
     parser = ExperimentArgs(prog=f"fwpzoo experiment {name}")
     parser.add_argument("--quick", action="store_true", help="a seconds-long version")
@@ -126,9 +127,8 @@ def parse_options(name: str, argv: Sequence[str]) -> Options:
         "the page reports every recorded point",
     )
     args = parser.parse_args(list(argv))
-    base = (
-        Path(args.workdir) if args.workdir else Path("runs", f"experiments{'-quick' * args.quick}")
-    )
+    runs = REPO / "runs" / f"experiments{'-quick' * args.quick}"
+    base = Path(args.workdir) if args.workdir else runs
     root = base / name
     out = root if args.quick else RESULTS
     return Options(
@@ -152,8 +152,8 @@ def parse_options(name: str, argv: Sequence[str]) -> Options:
 # gradient all-reduce), so they wait longer; but not forever: with jaxlib 0.10.2, two CPU
 # devices on two cores can also deadlock for good (a state_tracking run sat in a collective with
 # every thread asleep at load 0), and an abort after 30 minutes lets a rerun resume the point
-# from its last checkpoint instead of hanging. (A deadlock with no collective pending, such as
-# a batched LAPACK Cholesky holding both pool threads, is not caught: mesa runs on one device.)
+# from its last checkpoint instead of hanging. (A deadlock with no collective pending is left to
+# train.stall_timeout.)
 PATIENT_COLLECTIVES = (
     "--xla_cpu_collective_call_terminate_timeout_seconds=1800",
     "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300",
@@ -592,9 +592,26 @@ def list_points(points: Sequence[Point], options: Options) -> int:
     return 0
 
 
+def refuse_another_checkout() -> None:
+    """ConfigError where the command runs inside another checkout than the one this code comes
+    from: its records would land in REPO, not in the checkout the user is in."""
+    try:
+        here = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return  # not in a checkout: nothing to confuse REPO with
+    if Path(here).resolve() != REPO:
+        raise ConfigError(
+            f"this fwpzoo is the one in {REPO}, whose docs/results and runs/ its experiments "
+            f"write; run it there, or install the checkout here first (pip install -e {here})"
+        )
+
+
 def main(experiment: Experiment, argv: Sequence[str]) -> int:
     """The `fwpzoo experiment NAME` entry point of an experiment."""
     options = parse_options(experiment.name, argv)
+    refuse_another_checkout()
     checkout_state()  # the code this process runs, before anything can change the checkout
     if options.records:
         refuse_unrecoverable_code(options)
