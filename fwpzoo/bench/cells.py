@@ -3,7 +3,7 @@
     fwpzoo bench cells [--families delta_rule,...] [--forms recurrent,chunkwise,associative]
                        [--lengths 512,2048,8192] [--chunk-sizes 64] [--repeats 5]
                        [--batch 4] [--heads 4] [--key-dim 64] [--value-dim 64] [--sub-steps 2]
-                       [--decay scalar|per_key]
+                       [--decay scalar|per_key] [--dtype float32|bfloat16]
                        [--memory-limit-gb 8] [--peers] [--peer-length 2048]
                        [--cpu-devices N] [--out FILE.md]
     fwpzoo bench cells --topology v5e:2x2 [the shape options] [--out FILE.md]
@@ -16,7 +16,8 @@ running them (bench/topology.py).
 For each family and length T, all forms are compiled and then timed in alternation (--repeats
 rounds, each call timed right after an untimed one, medians), together with a 1024^3 float32
 matmul, so the load of a shared machine falls on all of them alike; the associative form, which
-allocates gigabytes per call, takes its rounds separately, right after. Inputs are float32 with
+allocates gigabytes per call, takes its rounds separately, right after. Inputs are float32
+(q, k, v in --dtype: bfloat16 inputs keep float32 gates and states, as the cells do) with
 L2-normalised keys, beta in (0, 1) and log_alpha near 0; gradients are taken wrt q, k, v and
 every gate. --decay per_key gives a key axis ([B, T, H, K]) to the decays that take either shape
 (gated_linear_attn, gated_delta_rule, delta_product); the other gates keep theirs.
@@ -78,6 +79,7 @@ from fwpzoo.train.sharding import batch_sharded, make_mesh, use_cpu_devices
 
 GATES = 8  # at most this many gates per family get their own random key
 DECAYS = ("scalar", "per_key")
+DTYPES = ("float32", "bfloat16")
 MATMUL_SIZE = 1024
 TARGET = {"speedup": 6.0, "efficiency": 0.35, "peers": 2.0}  # delta_rule fwd+bwd, T = 2048
 # every other family: chunkwise fwd+bwd over its own recurrent form at T = 2048; mesa solves a
@@ -104,6 +106,7 @@ class Options:
     cpu_devices: int | None = None  # None: one per core (the largest count dividing --batch)
     seed: int = 0
     topology: str | None = None  # compile for this TPU topology instead of timing (topology.py)
+    dtype: str = "float32"  # of q, k, v; gates and states stay float32 (the cell contract)
 
 
 def name_list(text: str) -> tuple[str, ...]:
@@ -135,6 +138,7 @@ def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
     parser.add_argument("--peers", action="store_true", default=None)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--topology", type=str)
+    parser.add_argument("--dtype", type=str)
     parser.add_argument(
         "--out", type=Path, help="write the markdown report here (and FILE.json, FILE.png)"
     )
@@ -144,6 +148,7 @@ def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
     check_names(options.families, tuple(cells.CELLS), "family")
     check_names(options.forms, cells.FORMS, "form")
     check_names((options.decay,), DECAYS, "decay")
+    check_names((options.dtype,), DTYPES, "dtype")
     return options, out
 
 
@@ -165,12 +170,12 @@ GATE_DRAWS = {
 
 
 def cell_inputs(family: str, T: int, options: Options, *, key_dim=None, value_dim=None):
-    """(q, k, v, gates) in float32: L2-normalised keys, every gate of the family's GATE_SPECS
-    (the optional ones too) drawn for its range and shape (per key where a decay may take
-    either shape and options.decay is per_key, scalar otherwise). Unit-range gates stay below
-    1/2, so that beta * eta < 1/2 keeps the momentum rule's steps stable. Gates that name
-    `times` are tied as the FWP layer ties them (dplr: b = -rate * a, a a unit direction, RWKV-7's
-    transition; free ones would make it expand)."""
+    """(q, k, v in options.dtype, gates in float32): L2-normalised keys, every gate of the
+    family's GATE_SPECS (the optional ones too) drawn for its range and shape (per key where a
+    decay may take either shape and options.decay is per_key, scalar otherwise). Unit-range
+    gates stay below 1/2, so that beta * eta < 1/2 keeps the momentum rule's steps stable.
+    Gates that name `times` are tied as the FWP layer ties them (dplr: b = -rate * a, a a unit
+    direction, RWKV-7's transition; free ones would make it expand)."""
     module = cells.get(family)
     B, H = options.batch, options.heads
     K, V = key_dim or options.key_dim, value_dim or options.value_dim
@@ -187,7 +192,8 @@ def cell_inputs(family: str, T: int, options: Options, *, key_dim=None, value_di
         shape = gate.head_shape(H, K, N, per_key, V)
         shape = shape if gate.shape == _spec.STATIC else (B, T, *shape)
         gates[gate.name] = GATE_DRAWS[gate.range](jax.random.normal(key, shape))
-    return q, k, v, _spec.tie(module.GATE_SPECS, gates, k)
+    gates = _spec.tie(module.GATE_SPECS, gates, k)
+    return *(x.astype(options.dtype) for x in (q, k, v)), gates
 
 
 def chunk_flops(family: str, T: int, chunk: int, options: Options) -> float:
