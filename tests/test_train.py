@@ -22,7 +22,7 @@ from fwpzoo.train import (
     training_time,
 )
 from fwpzoo.train.checkpoint import Checkpoints
-from fwpzoo.train.loop import TrainingClock
+from fwpzoo.train.loop import StepPlan, TrainingClock, plan_step
 from fwpzoo.train.metrics import read_metrics, truncate_metrics
 from fwpzoo.train.optim import learning_rate_schedule
 from fwpzoo.train.sharding import dividing_count, shard_batch, to_host
@@ -316,3 +316,26 @@ def test_a_packed_batch_scores_each_document_as_if_it_ran_alone(tmp_path):
             packed[row, start:end][scored], loss[: end - start][scored], rtol=1e-5
         )
     np.testing.assert_allclose(loss_sum, np.sum(np.asarray(packed) * weights), rtol=1e-5)
+
+
+def test_the_plan_after_each_step_follows_the_schedules():
+    cfg = from_dict(Config, {
+        "train": {"steps": 12, "log_every": 5},
+        "checkpoint": {"every": 4, "best_metric": None},
+        "eval": {"every": 6},
+    })
+    plans = {step: plan_step(cfg, step, stopping=False) for step in range(1, 13)}
+    assert [s for s, p in plans.items() if p.save] == [4, 8, 12]  # and the last step
+    assert [s for s, p in plans.items() if p.evaluate] == [6, 12]
+    assert [s for s, p in plans.items() if p.log] == [4, 5, 6, 8, 10, 12]  # every save and eval
+    assert all(p.scheduled_eval == p.evaluate for p in plans.values())
+    # a stop saves where the schedule would not, and logs only what the schedule logs
+    assert plan_step(cfg, 3, stopping=True) == StepPlan(
+        save=True, evaluate=False, log=False, scheduled_eval=False
+    )
+    # a checkpoint ranked by an eval metric is evaluated at every save, an interrupted one too
+    ranked = from_dict(Config, {"train": {"steps": 12}, "checkpoint": {"every": 4}})
+    assert plan_step(ranked, 4, stopping=False).evaluate
+    assert plan_step(ranked, 3, stopping=True) == StepPlan(
+        save=True, evaluate=True, log=False, scheduled_eval=False
+    )

@@ -328,7 +328,6 @@ def _loop(run: Run, state, start, data_index, checkpoints, log, bar, stop, train
     eval_step = under_mesh(jax.jit(make_eval_step(run.graphdef)), mesh)
     schedule = learning_rate_schedule(cfg.train)
     pending, tokens, clock = [], 0, time.perf_counter()
-    track_best = cfg.checkpoint.best_metric is not None
     row = {}
     for step in range(start + 1, cfg.train.steps + 1):
         batch = task.train_batch(data_index, cfg.train.batch_size)
@@ -337,16 +336,9 @@ def _loop(run: Run, state, start, data_index, checkpoints, log, bar, stop, train
         stop.beat(f"running step {step}" + (", compiled first" if step == start + 1 else ""))
         state, metrics = train_step(state, shard_batch(batch, mesh))
         pending.append((step, metrics))
-        last = step == cfg.train.steps
-        scheduled_save = step % cfg.checkpoint.every == 0 or last
         stopping = stop.requested(step)
-        do_save = scheduled_save or stopping
-        # a checkpoint ranked by an eval metric needs that metric at its step
-        scheduled_eval = step % cfg.eval.every == 0 or last or (scheduled_save and track_best)
-        do_eval = scheduled_eval or (stopping and track_best)
-        # what a run logs does not depend on whether it was interrupted
-        do_log = step % cfg.train.log_every == 0 or scheduled_eval or scheduled_save
-        if not (do_log or do_save):
+        plan = plan_step(cfg, step, stopping)
+        if not (plan.log or plan.save):
             continue
         # Checked before anything is saved, so no checkpoint holds a diverged state.
         bad = first_nonfinite(pending)
@@ -360,29 +352,29 @@ def _loop(run: Run, state, start, data_index, checkpoints, log, bar, stop, train
                 f"{name} is {values[name]} at step {bad_step}; training stopped, {kept}"
             )
         eval_metrics = None
-        if do_eval:
+        if plan.evaluate:
             stop.beat(f"evaluating at step {step}")
             eval_metrics = evaluate(eval_step, state, task, cfg.eval, mesh, "valid")
-        if do_log:
+        if plan.log:
             row = {
                 "step": step,
                 **{name: float(value) for name, value in to_host(metrics).items()},
                 "learning_rate": float(schedule(step - 1)),
                 "tokens_per_sec": tokens / (time.perf_counter() - clock),
-                **{f"valid_{k}": v for k, v in (eval_metrics or {}).items() if scheduled_eval},
+                **{f"valid_{k}": v for k, v in (eval_metrics or {}).items() if plan.scheduled_eval},
             }
             log.write(row)
             bar.update(step - bar.n)
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
             tokens, clock = 0, time.perf_counter()
         # only a scheduled eval may end the run, so an interrupted run stops where it would have
-        reached = scheduled_eval and reached_stop_metric(cfg.train, eval_metrics)
-        if do_save or reached:
+        reached = plan.scheduled_eval and reached_stop_metric(cfg.train, eval_metrics)
+        if plan.save or reached:
             meta = {
                 "next_batch_index": data_index,
                 "config": to_dict(cfg),
                 "reached_stop_metric": reached,
-                "metrics_row": row if do_log else None,  # logged again if metrics.jsonl loses it
+                "metrics_row": row if plan.log else None,  # logged again if metrics.jsonl loses it
             }
             stop.beat(f"saving checkpoint {step}")
             checkpoints.save(step, state, meta | training_clock.spent(), eval_metrics)
@@ -392,6 +384,32 @@ def _loop(run: Run, state, start, data_index, checkpoints, log, bar, stop, train
         if stopping:
             raise Interrupted(stop.signum, step)
     return row
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the loop does after a step besides the step itself."""
+
+    save: bool  # write a checkpoint
+    evaluate: bool  # evaluate on the valid split
+    log: bool  # write a metrics row
+    scheduled_eval: bool  # the schedule's eval: logged, and the one that may end the run
+
+
+def plan_step(cfg: Config, step: int, stopping: bool) -> StepPlan:
+    """The plan after `step` under `cfg`'s schedules; `stopping`: a signal asked to stop."""
+    last = step == cfg.train.steps
+    scheduled_save = step % cfg.checkpoint.every == 0 or last
+    track_best = cfg.checkpoint.best_metric is not None
+    # a checkpoint ranked by an eval metric needs that metric at its step
+    scheduled_eval = step % cfg.eval.every == 0 or last or (scheduled_save and track_best)
+    return StepPlan(
+        save=scheduled_save or stopping,
+        evaluate=scheduled_eval or (stopping and track_best),
+        # what a run logs does not depend on whether it was interrupted
+        log=step % cfg.train.log_every == 0 or scheduled_eval or scheduled_save,
+        scheduled_eval=scheduled_eval,
+    )
 
 
 def reached_stop_metric(cfg, eval_metrics: dict | None) -> bool:
