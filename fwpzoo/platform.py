@@ -45,5 +45,7 @@ def quiet_libtpu() -> None:
     """The environment libtpu reads when it starts without a TPU VM's metadata server (compiling
     for a topology), so it does not warn that it found none."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # compiling needs no chip: plans may run side by side (libtpu otherwise locks per host)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
