@@ -16,7 +16,6 @@ import jax.numpy as jnp
 
 from fwpzoo.cells import _delta_assoc
 from fwpzoo.cells._chunking import Segments, causal_decay, keep
-from fwpzoo.cells._delta_chunk import unit_lower_inverse
 from fwpzoo.cells._reference import initial_parts, reset_state, scan_steps, upcast
 from fwpzoo.cells._remat_chunks import scan_chunks
 from fwpzoo.cells._spec import (
@@ -30,6 +29,7 @@ from fwpzoo.cells._spec import (
     gate_names,
     squared_error,
 )
+from fwpzoo.cells.chunked.triangular import unit_lower_inverse
 
 GATE_SPECS = (
     Gate("beta", range=BETA),

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 
 from fwpzoo.cells import _delta_assoc
 from fwpzoo.cells._chunking import Segments, causal_decay, keep
-from fwpzoo.cells._delta_chunk import unit_lower_inverse
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells._remat_chunks import scan_chunks
 from fwpzoo.cells._spec import (
@@ -32,6 +31,7 @@ from fwpzoo.cells._spec import (
     State,
     gate_names,
 )
+from fwpzoo.cells.chunked.triangular import unit_lower_inverse
 
 
 def reconstruction_error(S, k, v):
