@@ -68,6 +68,15 @@ LAYOUTS = {
          "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1,
          "linear_allow_neg_eigval": False},
     ),
+    "qwen3_next": (
+        "Qwen3Next",
+        {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "head_dim": 8, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+         "linear_key_head_dim": 8, "linear_value_head_dim": 8, "num_experts": 6,
+         "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+         "shared_expert_intermediate_size": 24, "mlp_only_layers": [1],
+         "tie_word_embeddings": False},
+    ),
 }  # fmt: skip
 
 
@@ -93,6 +102,8 @@ def build(kind: str, fields: dict):
         for name, p in model.named_parameters():
             if p.ndim == 1 and "A_log" not in name:
                 p.add_(0.3 * torch.randn_like(p))
+            if name.endswith("mlp.gate.weight"):  # a router that prefers some experts
+                p.normal_(0, 0.5)
     return model
 
 
@@ -133,7 +144,7 @@ def test_logits_match_transformers_at_every_position(folders, converted, layout)
     assert (np.abs(ours - ref).max(axis=-1) <= 1e-4 * scale).all()
 
 
-@pytest.mark.parametrize("layout", ["qwen_untied", "olmo_tied"])
+@pytest.mark.parametrize("layout", ["qwen_untied", "olmo_tied", "qwen3_next"])
 def test_greedy_decode_and_logprobs_match_through_the_step_path(folders, converted, layout):
     """Prefill of 16 tokens then 32 decode steps (each layer's recurrent `step` from the state
     the prefill left) give transformers' greedy tokens and their log-probabilities: one
@@ -167,8 +178,8 @@ def test_import_then_export_gives_back_every_tensor(folders, layout):
         assert back[name].dtype == tensor.dtype and np.array_equal(back[name], tensor), name
 
 
-def test_the_mapping_covers_both_required_architectures():
-    assert {"qwen3_5_text", "olmo_hybrid"} <= set(ARCHITECTURES)
+def test_the_mapping_covers_the_three_architectures():
+    assert {"qwen3_5_text", "olmo_hybrid", "qwen3_next"} <= set(ARCHITECTURES)
 
 
 # refusals: one line, exit 2, nothing written ------------------------------------------------

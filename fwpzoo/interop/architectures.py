@@ -5,6 +5,7 @@ A Rule makes one fwpzoo parameter from pieces of checkpoint tensors:
   linear  kernel [in, out] = concat over pieces of W[rows].T, W [out, in] as torch stores it
   conv    kernel [W, C]    = weight[:, 0, :].T of a depthwise torch Conv1d weight [C, 1, W]
   copy    the same array (norm weights, A_log, dt_bias, the embedding [vocab, D])
+  experts kernel [E, in, out] = W_e.T stacked over the experts e, one tensor [out, in] each
 Every row of every checkpoint tensor goes to exactly one place, so export inverts import exactly.
 """
 
@@ -378,7 +379,94 @@ def common_section(hf: dict, heads: int, head_dim: int, mixers: list, zero_centr
     }
 
 
-ARCHITECTURES = {arch.model_type: arch for arch in (Qwen35, OlmoHybrid)}
+class Qwen3Next(Qwen35):
+    """Qwen3-Next (Qwen3NextForCausalLM): Qwen3.5's layers with a sparse mixture of experts and
+    a gated shared expert as the MLP, and the gated DeltaNet's projections fused per key-head
+    group: in_proj_qkvz rows are, for each key head g, [q_g, k_g, v and z of its value heads],
+    in_proj_ba rows [b, a of its value heads]."""
+
+    model_type = "qwen3_next"
+    architecture = "Qwen3NextForCausalLM"
+    MAPPED = (Qwen35.MAPPED - {"attn_output_gate", "mamba_ssm_dtype", "mtp_num_hidden_layers",
+              "mtp_use_dedicated_embeddings"}) | {
+        "decoder_sparse_step", "moe_intermediate_size", "shared_expert_intermediate_size",
+        "num_experts_per_tok", "num_experts", "norm_topk_prob", "output_router_logits",
+        "router_aux_loss_coef", "mlp_only_layers",
+    }  # fmt: skip
+    IGNORED = ("mtp.",)
+    PREFIXES = ("model.",)
+
+    @staticmethod
+    def sparse(hf: dict, i: int) -> bool:
+        """Whether layer i's MLP is the mixture of experts."""
+        experts, step = hf.get("num_experts", 512), hf.get("decoder_sparse_step", 1)
+        return i not in (hf.get("mlp_only_layers") or []) and experts > 0 and (i + 1) % step == 0
+
+    @classmethod
+    def model_section(cls, hf: dict) -> dict:
+        section = Qwen35.model_section.__func__(cls, hf)  # its gate on attention is always on
+        layers = []
+        for i, layer in enumerate(section["mixers"]):
+            layer = dict(layer)
+            if cls.sparse(hf, i):
+                layer |= {
+                    "mlp_hidden": hf.get("moe_intermediate_size", 512),
+                    "moe_experts": hf.get("num_experts", 512),
+                    "moe_top_k": hf.get("num_experts_per_tok", 10),
+                    "moe_norm_top_k": bool(hf.get("norm_topk_prob", True)),
+                    "moe_shared_hidden": hf.get("shared_expert_intermediate_size", 512),
+                }
+            layers.append(layer)
+        return section | {"mixers": layers}
+
+    @classmethod
+    def rules(cls, hf: dict, prefix: str) -> list[Rule]:
+        rules = []
+        Hk, Hv = hf["linear_num_key_heads"], hf["linear_num_value_heads"]
+        Kd, Vd, r = hf["linear_key_head_dim"], hf["linear_value_head_dim"], Hv // Hk
+        group = 2 * Kd + 2 * r * Vd  # in_proj_qkvz rows per key head
+        at = np.arange(Hk)[:, None] * group  # [Hk, 1]
+        part = lambda start, width: tuple((at + start + np.arange(width)).ravel().tolist())  # noqa: E731
+        q, k, v, z = part(0, Kd), part(Kd, Kd), part(2 * Kd, r * Vd), part(2 * Kd + r * Vd, r * Vd)
+        ba = np.arange(Hk)[:, None] * 2 * r
+        b = tuple((ba + np.arange(r)).ravel().tolist())
+        a = tuple((ba + r + np.arange(r)).ravel().tolist())
+        for rule in Qwen35.rules.__func__(cls, hf, prefix):
+            name = rule.pieces[0].name
+            if "linear_attn.in_proj_qkv." in name:
+                fused = name.replace("in_proj_qkv", "in_proj_qkvz")
+                rule = linear(rule.target, Piece(fused, q), Piece(fused, k), Piece(fused, v))
+            elif "linear_attn.in_proj_z." in name:
+                rule = linear(rule.target, Piece(name.replace("in_proj_z", "in_proj_qkvz"), z))
+            elif "linear_attn.in_proj_b." in name:
+                rule = linear(rule.target, Piece(name.replace("in_proj_b", "in_proj_ba"), b))
+            elif "linear_attn.in_proj_a." in name:
+                rule = linear(rule.target, Piece(name.replace("in_proj_a", "in_proj_ba"), a))
+            elif ".mlp." in name and cls.sparse(hf, int(name.split("layers.")[1].split(".")[0])):
+                continue  # the experts below take the MLP's place
+            rules.append(rule)
+        for i in range(hf["num_hidden_layers"]):
+            if cls.sparse(hf, i):
+                rules += expert_rules(f"blocks/{i}/mlp", f"{prefix}layers.{i}.mlp.", hf)
+        return rules
+
+
+def expert_rules(mlp: str, layer: str, hf: dict) -> list[Rule]:
+    experts = range(hf.get("num_experts", 512))
+    stacked = lambda part: tuple(Piece(f"{layer}experts.{e}.{part}.weight") for e in experts)  # noqa: E731
+    return [
+        linear(f"{mlp}/router/kernel", f"{layer}gate.weight"),
+        Rule(f"{mlp}/gate", "experts", stacked("gate_proj")),
+        Rule(f"{mlp}/up", "experts", stacked("up_proj")),
+        Rule(f"{mlp}/down", "experts", stacked("down_proj")),
+        linear(f"{mlp}/shared/gate/kernel", f"{layer}shared_expert.gate_proj.weight"),
+        linear(f"{mlp}/shared/up/kernel", f"{layer}shared_expert.up_proj.weight"),
+        linear(f"{mlp}/shared/down/kernel", f"{layer}shared_expert.down_proj.weight"),
+        linear(f"{mlp}/shared_gate/kernel", f"{layer}shared_expert_gate.weight"),
+    ]
+
+
+ARCHITECTURES = {arch.model_type: arch for arch in (Qwen35, OlmoHybrid, Qwen3Next)}
 # model_type -> how its text model is found: (the key of its text config or None, tensor prefix)
 CONTAINERS = {"qwen3_5": ("text_config", "model.language_model.")}
 

@@ -60,6 +60,9 @@ def expected_shapes(rules: list[Rule], params: dict, found: dict) -> dict[str, t
         if rule.kind == "copy":
             shapes[rule.pieces[0].name] = shape
             continue
+        if rule.kind == "experts":  # [E, in, out] <- E tensors [out, in]
+            shapes |= {piece.name: (shape[2], shape[1]) for piece in rule.pieces}
+            continue
         tail = (shape[0],) if rule.kind == "linear" else (1, shape[0])  # in, or 1 and W
         stacked = len(rule.pieces) > 1 and all(p.rows is None for p in rule.pieces)
         if stacked:
@@ -90,6 +93,10 @@ def to_params(rules: list[Rule], tensors: dict[str, np.ndarray]) -> dict:
         if rule.kind == "copy":
             params[rule.target] = tensors[rule.pieces[0].name].astype(np.float32)
             continue
+        if rule.kind == "experts":
+            weights = [tensors[p.name].astype(np.float32).T for p in rule.pieces]
+            params[rule.target] = np.ascontiguousarray(np.stack(weights))
+            continue
         parts = [piece_rows(p, tensors[p.name].astype(np.float32)) for p in rule.pieces]
         params[rule.target] = np.ascontiguousarray(np.concatenate(parts, axis=0).T)
     return params
@@ -102,6 +109,9 @@ def from_params(rules: list[Rule], params: dict, shapes: dict, dtypes: dict) -> 
         value = np.asarray(params[rule.target], np.float32)
         if rule.kind == "copy":
             out[rule.pieces[0].name] = value
+            continue
+        if rule.kind == "experts":
+            out |= {p.name: np.ascontiguousarray(value[e].T) for e, p in enumerate(rule.pieces)}
             continue
         stacked, at = value.T, 0  # [out, in] or [C, W]
         for piece in rule.pieces:

@@ -66,6 +66,13 @@ class ModelConfig:
     value_dim: int | None = None  # per head; None means d_model // num_heads
     mlp_ratio: float = 4.0  # SwiGLU hidden width = mlp_ratio * d_model (0 disables the MLP)
     mlp_hidden: int | None = None  # SwiGLU hidden width, given as is (overrides mlp_ratio)
+    # a sparse mixture of moe_experts SwiGLU experts of that width in place of the MLP (0: the
+    # dense MLP): the top moe_top_k by router probability, renormalised with moe_norm_top_k,
+    # plus a shared expert of width moe_shared_hidden behind a sigmoid gate (0: none); Qwen3-Next
+    moe_experts: int = 0
+    moe_top_k: int = 1
+    moe_norm_top_k: bool = True
+    moe_shared_hidden: int = 0
     # the token vocabulary of the embedding and head; None: the task's. It may exceed the
     # task's (released models pad theirs), never fall short of it
     vocab_size: int | None = None
@@ -228,6 +235,13 @@ class ModelConfig:
         for key in ("vocab_size", "num_value_heads", "num_kv_heads"):
             _positive(key, getattr(self, key))
         _positive("mlp_hidden", self.mlp_hidden, minimum=0)
+        for key in ("moe_experts", "moe_shared_hidden"):
+            _positive(key, getattr(self, key), minimum=0)
+        if self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts:
+            raise ValueError(
+                f"model.moe_top_k must be in 1..moe_experts={self.moe_experts}, got "
+                f"{self.moe_top_k}"
+            )
         for key in ("norm_eps", "output_norm_eps"):
             if getattr(self, key) is not None and not getattr(self, key) > 0:
                 raise ValueError(f"model.{key} must be > 0, got {getattr(self, key)}")

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fwpzoo.layers import RMSNorm, SwiGLU, get_mixer
+from fwpzoo.layers.moe import SparseMoE
 
 
 class Block(nnx.Module):
@@ -24,7 +25,8 @@ class Block(nnx.Module):
         hidden = cfg.mlp_hidden if cfg.mlp_hidden is not None else int(cfg.mlp_ratio * cfg.d_model)
         self.mlp_norm = norm() if hidden > 0 else None
         self.post_norm = cfg.block_norm == "post"
-        self.mlp = SwiGLU(cfg.d_model, hidden, rngs=rngs, dtype=dtype) if hidden > 0 else None
+        mlp = SparseMoE if cfg.moe_experts else SwiGLU  # a mixture of experts of that width
+        self.mlp = mlp(cfg.d_model, hidden, cfg, rngs=rngs, dtype=dtype) if hidden > 0 else None
         self.remat = cfg.remat
 
     def __call__(self, x, *, reset=None, return_intermediates: bool = False):
