@@ -43,8 +43,8 @@ from fwpzoo.cells._chunking import (
     pad_to_chunks,
     per_key_flags,
 )
-from fwpzoo.cells._linear_chunk import FactoredScores, PerKeyScores, scaled, summed_to
 from fwpzoo.cells.chunked import engine
+from fwpzoo.cells.chunked.scores import FactoredScores, PerKeyScores, scaled, summed_to
 from fwpzoo.cells.chunked.triangular import unit_lower_inverse
 
 
@@ -82,7 +82,7 @@ class _ScalarProducts:
 class _PerKeyProducts:
     """A_ti = sum_k x_tk y_ik e^{g_tk - g_ik} on a mask (0 outside) for a per-key decay
     g [B, H, C, K]: from factored rows where the chunk's decays allow (`factored`,
-    _linear_chunk.FactoredScores), else by the halving of the linear-attention chunk (every
+    chunked/scores.FactoredScores), else by the halving of the linear-attention chunk (every
     exponent <= 0). X has a row for every one of Y's C rows; with `read`, only those rows of A
     are kept (DeltaProduct's queries: X is given on the read rows, which the factored product
     takes as they are and the halving places on zero rows)."""

@@ -25,7 +25,6 @@ import numpy as np
 
 from fwpzoo.cells import _delta_assoc
 from fwpzoo.cells._chunking import Segments, factored_chunks, keep
-from fwpzoo.cells._linear_chunk import per_key_scores, prefix_sum
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells._remat_chunks import scan_chunks, vjp_pullback
 from fwpzoo.cells._spec import (
@@ -38,6 +37,7 @@ from fwpzoo.cells._spec import (
     Objective,
     gate_names,
 )
+from fwpzoo.cells.chunked.scores import per_key_scores, prefix_sum
 from fwpzoo.cells.chunked.triangular import inverse_with_pullback, unit_lower_inverse
 
 GATE_SPECS = (
