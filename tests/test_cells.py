@@ -163,6 +163,8 @@ MAKERS = {
     "gdn2": {"": gdn2_inputs},
     "comba": {"": comba_inputs},
     "ttt_linear": {"": ttt_inputs},  # mini_batch 1 here; tests/test_deep_cells.py: larger ones
+    # the default options (linear net, sgd, one token per step); the others: test_deep_cells.py
+    "deep": {"": lambda r, s: delta_kv(r, s) | beta(r, s) | log_alpha(r, s)},
 }
 # A padded token must be an identity step; zero is one for every input but these.
 IDENTITY_PAD = {"log_i": -np.inf}  # mlstm: an input gate of -inf writes nothing, leaves m alone

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fwpzoo.cells.deep import ttt_linear
+from fwpzoo.cells import delta_rule, momentum_delta
+from fwpzoo.cells.deep import deep, ttt_linear
 
 B, H, K = 2, 2, 4
 T = 13  # three mini-batches of 4 and a partial one
@@ -126,3 +127,157 @@ def test_ttt_linear_refuses_a_mini_batch_that_does_not_divide_the_chunk():
     inputs = ttt_inputs(3)
     with pytest.raises(ValueError, match="mini_batch 3 must divide chunk_size 8"):
         ttt_linear.chunkwise(**inputs, mini_batch=3, chunk_size=8)
+
+
+# The deep family (cells/deep/deep.py) ------------------------------------------------------
+
+
+def deep_inputs(seed, dtype=jnp.float64, T=T, momentum=False):
+    r = np.random.default_rng(seed)
+    gate = lambda low, high: r.uniform(low, high, size=(B, T, H))  # noqa: E731
+    arrays = {
+        "q": r.normal(size=(B, T, H, K)) / 2,
+        "k": unit(r.normal(size=(B, T, H, K))),
+        "v": r.normal(size=(B, T, H, K)),
+        "beta": gate(0.1, 0.9),
+        "log_alpha": gate(-0.5, 0.0),
+    }
+    if momentum:
+        arrays |= {"eta": gate(0.1, 0.5), "log_mu": gate(-1.0, 0.0)}
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype), arrays)
+
+
+def assert_exact(actual, expected):
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_deep_linear_sgd_one_token_is_the_delta_rule():
+    with jax.enable_x64(True):
+        x = deep_inputs(4)
+        S = jnp.asarray(np.random.default_rng(5).normal(size=(B, H, K, K)))
+        no_decay = jnp.zeros_like(x["log_alpha"])
+        o, state = deep.recurrent(**x | {"log_alpha": no_decay}, state={"W": S})
+        expected = delta_rule.recurrent(x["q"], x["k"], x["v"], state=S, beta=x["beta"])
+        assert_exact((o, state["W"]), expected)
+
+
+def test_deep_linear_momentum_one_token_is_the_momentum_delta_rule():
+    with jax.enable_x64(True):
+        x = deep_inputs(6, momentum=True)
+        r = np.random.default_rng(7)
+        S, M = (jnp.asarray(r.normal(size=(B, H, K, K))) for _ in range(2))
+        o, state = deep.recurrent(**x, state={"W": S, "M_W": M}, optimizer="momentum")
+        o_ref, ref = momentum_delta.recurrent(**x, state={"S": S, "M": M})
+        assert_exact((o, state["W"], state["M_W"]), (o_ref, ref["S"], ref["M"]))
+
+
+def test_deep_window_is_that_many_delta_gradients_at_the_same_weights():
+    """window 3, sgd, one token: W' = alpha W - beta sum over the 3 latest tokens of
+    k_j (W^T k_j - v_j)^T, all at W; the window reaches back into the state's keys and values."""
+    with jax.enable_x64(True):
+        x = deep_inputs(8, T=1)
+        r = np.random.default_rng(9)
+        W = r.normal(size=(B, H, K, K))
+        past_k, past_v = unit(r.normal(size=(B, H, 2, K))), r.normal(size=(B, H, 2, K))
+        state = {"W": W, "past_k": past_k, "past_v": past_v, "past_valid": np.ones((B, H, 2))}
+        _, new = deep.recurrent(**x, state=state, window=3)
+        ks = np.concatenate([past_k, np.asarray(x["k"])[:, 0, :, None]], axis=-2)  # [B, H, 3, K]
+        vs = np.concatenate([past_v, np.asarray(x["v"])[:, 0, :, None]], axis=-2)
+        gradient = np.swapaxes(ks, -1, -2) @ (ks @ W - vs)  # sum_j k_j (W^T k_j - v_j)^T
+        beta, alpha = np.asarray(x["beta"])[:, 0], np.exp(np.asarray(x["log_alpha"])[:, 0])
+        expected = alpha[..., None, None] * W - beta[..., None, None] * gradient
+        np.testing.assert_allclose(new["W"], expected, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(new["past_k"], ks[..., 1:, :], rtol=0, atol=0)
+
+
+def newton_schulz_reference(m):
+    """Muon's Newton-Schulz orthogonalisation in float64 NumPy, one matrix [R, C]."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = m.T if m.shape[0] > m.shape[1] else m
+    x = x / (np.linalg.norm(x) + 1e-7)
+    for _ in range(5):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if m.shape[0] > m.shape[1] else x
+
+
+def test_deep_muon_step_is_newton_schulz_of_the_momentum():
+    """One token, linear net: M' = mu M + eta G, W' = alpha W - beta NS(M'), NS in NumPy."""
+    with jax.enable_x64(True):
+        x = deep_inputs(10, T=1, momentum=True)
+        r = np.random.default_rng(11)
+        W, M = r.normal(size=(B, H, K, K)), r.normal(size=(B, H, K, K))
+        _, new = deep.recurrent(**x, state={"W": W, "M_W": M}, optimizer="muon")
+        at = lambda n: np.asarray(x[n])[:, 0, :, None, None]  # noqa: E731  [B, H, 1, 1]
+        k, v = np.asarray(x["k"])[:, 0, :, :, None], np.asarray(x["v"])[:, 0, :, None, :]
+        gradient = k @ (np.swapaxes(k, -1, -2) @ W - v)  # k (W^T k - v)^T
+        momentum = np.exp(at("log_mu")) * M + at("eta") * gradient
+        ns = np.stack(
+            [[newton_schulz_reference(momentum[b, h]) for h in range(H)] for b in range(B)]
+        )
+        expected = np.exp(at("log_alpha")) * W - at("beta") * ns
+        np.testing.assert_allclose(new["M_W"], momentum, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(new["W"], expected, rtol=1e-10, atol=1e-10)
+        # five iterations leave every singular value near 1 (within about 0.68 and 1.13)
+        assert np.all(np.abs(np.linalg.svd(ns, compute_uv=False) - 0.9) < 0.3)
+
+
+@functools.cache
+def deep_vjp(form, options):
+    fn = functools.partial(getattr(deep, form), **dict(options))
+    chunk = {"chunk_size": 8} if form == "chunkwise" else {}
+
+    def run(inputs, cotangent, reset):
+        out, pullback = jax.vjp(lambda x: fn(**x, reset=reset, **chunk), inputs)
+        return out, pullback(cotangent)[0]
+
+    return jax.jit(run)
+
+
+DEEP_CASES = [
+    (
+        ("fast_net", "mlp"),
+        ("hidden", 6),
+        ("optimizer", "momentum"),
+        ("inner_batch", 4),
+        ("window", 2),
+    ),
+    (
+        ("fast_net", "swiglu"),
+        ("hidden", 6),
+        ("optimizer", "muon"),
+        ("inner_batch", 2),
+        ("window", 1),
+    ),
+]
+
+
+@pytest.mark.parametrize("options", DEEP_CASES, ids=["mlp-momentum-b4-w2", "swiglu-muon-b2"])
+def test_deep_parallel_mini_batch_gradients_equal_the_token_walk(options):
+    """chunkwise (each mini-batch's gradients in one batched backward) against recurrent
+    (every gradient in turn), with resets and a partial last mini-batch: outputs, final state
+    (net, momentum, window) and every gradient."""
+    with jax.enable_x64(True):  # Muon's Newton-Schulz amplifies float32 rounding
+        x = deep_inputs(12, jnp.float64, momentum=True)
+        state = deep.start_state(B, H, K, K, jnp.float64, **dict(options))
+        r = np.random.default_rng(13)
+        cotangent = (
+            jnp.asarray(r.normal(size=(B, T, H, K))),
+            jax.tree.map(lambda s: jnp.asarray(r.normal(size=s.shape)), state),
+        )
+        inputs = x | {"state": state}
+        reset = jnp.asarray(RESET)
+        expected = deep_vjp("recurrent", options)(inputs, cotangent, reset)
+        actual = deep_vjp("chunkwise", options)(inputs, cotangent, reset)
+        assert_trees_close(actual, expected, 1e-10)
+
+
+def test_deep_refuses_bad_options():
+    x = deep_inputs(14, jnp.float32)
+    with pytest.raises(ValueError, match="inner_batch 3 must divide chunk_size 8"):
+        deep.chunkwise(**x, inner_batch=3, chunk_size=8)
+    with pytest.raises(ValueError, match="unknown fast_net 'conv'; valid: linear, mlp, swiglu"):
+        deep.recurrent(**x, fast_net="conv")
+    with pytest.raises(ValueError, match="takes the gates eta and log_mu"):
+        deep.recurrent(**x, optimizer="momentum")

@@ -33,7 +33,7 @@ from fwpzoo.cells import (
     recurrent_delta,
     srwm,
 )
-from fwpzoo.cells.deep import ttt_linear
+from fwpzoo.cells.deep import deep, ttt_linear
 
 CELLS: dict[str, ModuleType] = {
     "linear_attn": linear_attn,
@@ -50,6 +50,7 @@ CELLS: dict[str, ModuleType] = {
     "gdn2": gdn2,
     "comba": comba,
     "ttt_linear": ttt_linear,
+    "deep": deep,
 }
 
 PROGRAMMED: dict[str, ModuleType] = {"recurrent_delta": recurrent_delta, "srwm": srwm}

@@ -21,6 +21,7 @@ from flax import nnx
 
 from fwpzoo import cells
 from fwpzoo.cells import _spec
+from fwpzoo.cells.deep.inner import FAST_NETS, OPTIMIZERS
 from fwpzoo.cells.forms import form_fn, reset_option, run_form
 from fwpzoo.layers import context
 from fwpzoo.layers.attention import GATE_ACTIVATIONS
@@ -82,6 +83,46 @@ def check_beta_init(cell: str, beta_init: float | None, beta_range: str) -> None
         )
 
 
+# The deep fast-weight fields and their defaults: a cell takes those its OPTIONS name.
+INNER_FIELDS = {
+    "fast_net": "linear",
+    "fast_hidden": None,
+    "inner_optimizer": "sgd",
+    "inner_batch": 1,
+    "inner_window": 1,
+}
+
+
+def check_inner(cfg) -> None:
+    """model.fast_net, fast_hidden, inner_optimizer, inner_batch, inner_window: valid values,
+    set only for a cell that takes them, and an inner_batch that divides chunk_size in the
+    chunkwise form (a chunk holds whole inner mini-batches)."""
+    for key, valid in (("fast_net", FAST_NETS), ("inner_optimizer", OPTIMIZERS)):
+        if getattr(cfg, key) not in valid:
+            choices = ", ".join(valid)
+            raise ValueError(f"unknown model.{key} {getattr(cfg, key)!r}; valid choices: {choices}")
+    for key in ("fast_hidden", "inner_batch", "inner_window"):
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise ValueError(f"model.{key} must be >= 1, got {value}")
+    takes = lambda m, field: field in getattr(m, "OPTIONS", {}).values()  # noqa: E731
+    module = cells.get(cfg.cell)
+    for field, default in INNER_FIELDS.items():
+        if getattr(cfg, field) != default and not takes(module, field):
+            valid = ", ".join(name for name, m in cells.CELLS.items() if takes(m, field))
+            raise ValueError(
+                f"model.{field}={getattr(cfg, field)!r} needs a cell that takes it, and cell "
+                f"{cfg.cell!r} does not; cells that take it: {valid}"
+            )
+    if cfg.form == "chunkwise" and cfg.chunk_size % cfg.inner_batch:
+        sizes = range(1, cfg.chunk_size + 1)
+        divisors = ", ".join(str(d) for d in sizes if cfg.chunk_size % d == 0)
+        raise ValueError(
+            f"model.inner_batch={cfg.inner_batch} must divide model.chunk_size={cfg.chunk_size} "
+            f"(a chunk holds whole inner mini-batches); valid inner_batch: {divisors}"
+        )
+
+
 def beta_bias(beta_init: float | None, beta_max: float) -> float | None:
     """The pre-activation bias that starts beta = beta_max * sigmoid(bias) at beta_init."""
     if beta_init is None:
@@ -91,10 +132,12 @@ def beta_bias(beta_init: float | None, beta_max: float) -> float | None:
 
 
 def fast_weights(module, state):
-    """The weight matrix of a cell's state [B, H, K, V] (the objective's part of a dict)."""
+    """The weight matrix of a cell's state [B, H, K, V] (the objective's part of a dict; for a
+    fast net without it, cells/deep's MLP and SwiGLU, its first layer [B, H, K, F])."""
     if not isinstance(state, dict):
         return state
-    return state[module.OBJECTIVE.weights or module.OBJECTIVE.state.parts[0][0]]
+    name = module.OBJECTIVE.weights or module.OBJECTIVE.state.parts[0][0]
+    return state[name] if name in state else state["W1"]
 
 
 def gate_values(specs, gates) -> dict:
@@ -162,8 +205,13 @@ class CellMixer(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int):
         """Constant size whatever max_len: the cell's zero state and the conv buffer."""
         del max_len
-        zero_state = cells.get(self.cell).OBJECTIVE.state.zeros
-        cache = {"state": zero_state(batch_size, self.H, self.K, self.V)}
+        module = cells.get(self.cell)
+        start = getattr(module, "start_state", None)  # a state that depends on the options
+        if start is None:
+            state = module.OBJECTIVE.state.zeros(batch_size, self.H, self.K, self.V)
+        else:
+            state = start(batch_size, self.H, self.K, self.V, **dict(self.options))
+        cache = {"state": state}
         if self.conv is not None:
             cache["conv"] = self.conv.init_buffer(batch_size)
         return cache
@@ -215,7 +263,16 @@ class FWPMixer(CellMixer):
             if cfg.feature_map == "favor"
             else None
         )
-        self.gate_specs = active_gates(module, cfg.product_decay)
+        # static arguments of the cell's forms, from the model fields its OPTIONS names
+        options = getattr(module, "OPTIONS", {})
+        # pairs, not a dict: a module's static attributes must be hashable
+        self.options = tuple((arg, getattr(cfg, field)) for arg, field in options.items())
+        specs_for = getattr(module, "gate_specs", None)  # gates that depend on the options
+        self.gate_specs = (
+            specs_for(**dict(self.options))
+            if specs_for
+            else active_gates(module, cfg.product_decay)
+        )
         beta_max = beta_scale(cfg.beta_range)
         per_key = cfg.decay == "per_key"
         gates = {}
@@ -257,7 +314,8 @@ class FWPMixer(CellMixer):
             for spec, (name, gate) in zip(self.gate_specs, gates.items(), strict=True)
         }
         inputs = (at_0(q), at_0(k), at_0(v))
-        state, o = step(cache["state"], *inputs, **reset_option(reset), **gates)
+        options = dict(self.options)
+        state, o = step(cache["state"], *inputs, **reset_option(reset), **gates, **options)
         y = self._output(o[:, None], x[:, None])[:, 0]
         return y, self._cache(state, buffer), gate_values(self.gate_specs, gates)
 
@@ -282,6 +340,7 @@ class FWPMixer(CellMixer):
         return self._output(o, x), self._cache(state, buffer), stats
 
     def _form(self, q, k, v, state, gates, reset):
+        gates = gates | dict(self.options)  # the options ride along as keywords of the form
         return run_form(self.cell, self.form, self.chunk_size, q, k, v, state, gates, reset)
 
     def _cache(self, state, buffer):

@@ -15,6 +15,7 @@ from fwpzoo.layers.fwp import (
     QK_NORMS,
     check_beta_init,
     check_decay,
+    check_inner,
     check_qk_norm,
 )
 from fwpzoo.layers.gates import BETA_RANGES
@@ -99,6 +100,15 @@ class ModelConfig:
     decay: str = "scalar"  # scalar | per_key: the decay's shape for cells that take either
     num_householder: int = 2  # delta_product sub-steps N
     product_decay: bool = False  # delta_product: a per-head decay before the sub-steps
+    # deep fast weights (the cells whose OPTIONS name these: ttt_linear, deep): the fast net
+    # (linear | mlp | swiglu) and its hidden width (None: 4 x key dim), the inner optimiser
+    # (sgd | momentum | muon), tokens per inner step (TTT's mini-batch, LaCT's chunk; it
+    # divides chunk_size) and the loss window (ATLAS's Omega rule; 1: the token alone)
+    fast_net: str = "linear"
+    fast_hidden: int | None = None
+    inner_optimizer: str = "sgd"
+    inner_batch: int = 1
+    inner_window: int = 1
     # every log decay (gated cells, mamba2) starts as Mamba-2's: -A dt with A uniform in
     # decay_a_range and dt log-uniform in decay_dt_range (alpha = exp(-A dt) at the start)
     decay_a_range: tuple[float, ...] = (1.0, 16.0)
@@ -220,6 +230,7 @@ class ModelConfig:
         check_beta_init(self.cell, self.beta_init, self.beta_range)
         if "fwp" in self.mixers:
             form_fn(self.cell, self.form)
+            check_inner(self)
         _one_of("plastic_on", self.plastic_on, SITES)
         _one_of("plasticity", self.plasticity, RULES)
         _one_of("plastic_activation", self.plastic_activation, ACTIVATIONS)

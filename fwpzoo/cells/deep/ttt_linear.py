@@ -93,9 +93,13 @@ def _read(W, b, q, ln_w, ln_b):
     return y + layer_norm(y, ln_w, ln_b)
 
 
-def step(state, q, k, v, *, reset=None, eta, ln_w, ln_b):
+def step(state, q, k, v, *, reset=None, eta, ln_w, ln_b, mini_batch=1):
     """One token (a mini-batch of one): q, k [B, H, K], v [B, H, V], eta [B, H], ln_w, ln_b
-    [H, K]."""
+    [H, K]. A larger mini_batch would need the mini-batch's start weights and summed gradients
+    in the state, which TTT-Linear's state (W, b) does not hold: refused."""
+    _check(mini_batch)
+    if mini_batch != 1:
+        raise ValueError(f"step takes a mini-batch of one token, and mini_batch is {mini_batch}")
     state = reset_state(state, reset)
     q, k, v, eta, ln_w, ln_b = upcast(q, k, v, eta, ln_w, ln_b)
     W, b = state["W"], state["b"]
