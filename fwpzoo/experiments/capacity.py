@@ -553,12 +553,19 @@ Software: {versions_line(records)}.
 """
 
 
+# the paper's sum rule with DPFP-1 at d_key 64, unique keys: S -> final loss (the notes' source)
+PAPER_DK64 = "S = 100 solved (below 0.001), S = 120 ends at 0.0085, S = 160 at 0.10"
+
+
 def other_sweep(records: list[dict], prefix: str, file: str, options) -> str:
     """A further sweep's section: its setup, plot and table."""
     sweep = load_sweep(CONFIGS / NAME / file)
     mine = [rec for rec in records if rec.get("d_key") == sweep.d_key]
     if not mine:
-        return f"### d_key {sweep.d_key} (`{file}`)\n\nNo point of this sweep is recorded yet."
+        return (
+            f"### d_key {sweep.d_key} (`{file}`)\n\nThe paper at this key size, sum rule with "
+            f"DPFP-1 on unique keys: {PAPER_DK64}. No point of this sweep is recorded yet."
+        )
     plot(mine, sweep, options.out / f"{NAME}_{prefix.strip('-')}.png")
     losses = group(mine, ["setting", "sweep_model", "x"])
     sections = []
@@ -592,6 +599,10 @@ sum rule with each feature map, S from {min(ratios):g} to {max(ratios):g} x dim 
 {", ".join(map(str, sweep.seeds))}.
 
 ![final loss against S, d_key {sweep.d_key}]({NAME}_{prefix.strip("-")}.png)
+
+The paper at this key size (Schlag, Irie & Schmidhuber 2021, section 6.1; the final losses of the
+training logs published with its code, as the notes quote them), unique keys, sum rule with
+DPFP-1 (dim phi 128): {PAPER_DK64}. Ours at the S both have are in the sum-dpfp1 row.
 
 {chr(10).join(sections)}"""
 
