@@ -9,6 +9,7 @@ a second process is the point.
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -902,3 +903,14 @@ def test_experiments_record_and_run_in_the_checkout_of_their_code(refused, monke
     refused(["experiment", "mqar", "--list"],
             f"this fwpzoo is the one in {REPO}, whose docs/results and runs/ its experiments "
             f"write; run it there, or install the checkout here first (pip install -e {tmp_path})")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+def test_libtpu_on_a_machine_without_a_tpu_changes_no_output(trained):
+    """The tpu extra (for `fwpzoo plan`) must not add libtpu's probe warnings to CPU runs."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    done = subprocess.run([sys.executable, "-m", "fwpzoo", "eval", "--workdir", str(trained)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0 and done.stderr == ""
+    assert len(done.stdout.splitlines()) == 1 and json.loads(done.stdout)["step"] == 4
