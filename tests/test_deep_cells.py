@@ -281,3 +281,36 @@ def test_deep_refuses_bad_options():
         deep.recurrent(**x, fast_net="conv")
     with pytest.raises(ValueError, match="takes the gates eta and log_mu"):
         deep.recurrent(**x, optimizer="momentum")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            {"cell": "delta_rule", "fast_net": "mlp"},
+            "model.fast_net='mlp' needs a cell that takes it, and cell 'delta_rule' does not; "
+            "cells that take it: deep",
+        ),
+        (
+            {"cell": "ttt_linear", "inner_optimizer": "muon"},
+            "model.inner_optimizer='muon' needs a cell that takes it, and cell 'ttt_linear' "
+            "does not; cells that take it: deep",
+        ),
+        (
+            {"cell": "deep", "inner_batch": 3, "chunk_size": 8},
+            "model.inner_batch=3 must divide model.chunk_size=8 (a chunk holds whole inner "
+            "mini-batches); valid inner_batch: 1, 2, 4, 8",
+        ),
+        (
+            {"cell": "deep", "fast_net": "conv"},
+            "unknown model.fast_net 'conv'; valid choices: linear, mlp, swiglu",
+        ),
+        ({"cell": "deep", "inner_window": 0}, "model.inner_window must be >= 1, got 0"),
+    ],
+)
+def test_deep_model_fields_are_checked_with_one_line_naming_field_and_values(fields, message):
+    from fwpzoo.models.config import ModelConfig
+
+    with pytest.raises(ValueError) as error:
+        ModelConfig(**fields)
+    assert str(error.value) == message

@@ -446,11 +446,14 @@ def test_dplr_low_rank_pair_is_tied_as_rwkv7_ties_it():
 
 def test_a_tied_gate_names_an_earlier_gate_of_its_shape():
     from fwpzoo import cells
+    from fwpzoo.cells import _spec
 
     for name, module in cells.CELLS.items():
         seen = {}
         for gate in module.GATE_SPECS:
-            if gate.times is not None:
+            if gate.times == _spec.KEY:  # times the key itself (comba's p = c * k)
+                assert gate.shape == _spec.PER_TOKEN_KEY, (name, gate.name)
+            elif gate.times is not None:
                 assert seen.get(gate.times) == gate.shape, (name, gate.name)
             seen[gate.name] = gate.shape
 

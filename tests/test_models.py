@@ -102,7 +102,12 @@ def test_full_forward_equals_prefill_then_decode(overrides):
 
 
 # every cell in CELLS, with the options that exercise it most
-CELL_OPTIONS = {"delta_rule": {"beta_range": "0,2"}, "delta_product": {"product_decay": True}}
+CELL_OPTIONS = {
+    "delta_rule": {"beta_range": "0,2"},
+    "delta_product": {"product_decay": True},
+    # an MLP fast net, momentum and a window; one token per inner step, so decoding is exact
+    "deep": {"fast_net": "mlp", "inner_optimizer": "momentum", "inner_window": 2},
+}
 CELL_CASES = [pytest.param(name, CELL_OPTIONS.get(name, {}), id=name) for name in cells.CELLS] + [
     pytest.param("gated_linear_attn", {"decay": "per_key"}, id="gated_linear_attn-per_key")
 ]
