@@ -231,22 +231,18 @@ def test_refusals_name_the_file_or_tensor_and_write_nothing(folders, tmp_path, r
 
 
 @pytest.mark.slow
-def test_import_sample_export_through_the_command_line(folders, tmp_path):
-    """The verbs end to end: import, then sample --prompt --temperature 0 --logprobs gives
-    transformers' greedy continuation, then export writes a folder transformers loads and whose
-    tensors are the source's."""
-    import subprocess
-    import sys
+def test_import_sample_export_through_the_command_line(folders, tmp_path, capsys):
+    """The verbs end to end (in this process: the CLI's own entry point): import, then sample
+    --prompt --temperature 0 --logprobs gives transformers' greedy continuation, then export
+    writes a folder transformers loads and whose tensors are the source's."""
+    from fwpzoo import cli
 
     folder, hf = folders["olmo_untied"]
     workdir, out = tmp_path / "w", tmp_path / "out"
 
     def fwpzoo(*args):
-        done = subprocess.run(
-            [sys.executable, "-m", "fwpzoo", *map(str, args)], capture_output=True, text=True
-        )
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        assert cli.main([str(a) for a in args]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
     fwpzoo("import", folder, "--workdir", workdir)
     sampled = fwpzoo(
