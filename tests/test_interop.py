@@ -228,6 +228,12 @@ def test_refusals_name_the_file_or_tensor_and_write_nothing(folders, tmp_path, r
     data = (source / "model.safetensors").read_bytes()
     (src / "model.safetensors").write_bytes(data[: len(data) - 100])
     check(src, "truncated")
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("mine")
+    refused(["import", str(source), "--workdir", str(workdir)], "not an empty folder")
+    assert sorted(p.name for p in workdir.iterdir()) == ["notes.txt"]
+    refused(["export", "--workdir", str(workdir), "--out", str(tmp_path / "o")], "interop.json")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow
