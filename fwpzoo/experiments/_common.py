@@ -341,6 +341,17 @@ def recorded_metric(options: "Options", point: str, metric: str) -> float | None
     return json.loads(path.read_text())["metrics"][metric] if path.exists() else None
 
 
+def untuned_text(rate: str) -> str:
+    """What a page whose models have not had the tuning protocol says instead."""
+    rates = ", ".join(rate_label(r) for r in LEARNING_RATES)
+    return (
+        f"Tuning protocol: not applied on this page yet. Every model here trains at learning rate "
+        f"{rate}, untuned; the protocol (the same grid, {rates}, per model on seed "
+        f"{TUNING_SEED} at the deciding point) is applied first to mqar, charlm and "
+        "formal_languages (see their pages)."
+    )
+
+
 def protocol_text(deciding: str, metric: str) -> str:
     """The tuning protocol as a page states it."""
     rates = ", ".join(rate_label(r) for r in LEARNING_RATES)

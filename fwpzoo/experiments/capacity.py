@@ -530,6 +530,7 @@ Command: `{sweep_command(options)}` (sweep: `configs/experiments/{NAME}/{sweep_f
 each record in `{NAME}.json` names the command that recomputes its point alone.
 {progress_note(points, records, options)}
 Cost: {compute_cost(points, options)} (2-core CPU shared with other work).
+{_common.untuned_text(_common.rate_label(sweep.learning_rate))}
 
 Setup: d_key = {sweep.d_key}, FAVOR+ with {sweep.favor_features} random features, batch
 {sweep.batch_size}, Adam {sweep.learning_rate:g}, cells in their {sweep.form} form, seeds

@@ -263,6 +263,7 @@ Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml
 in `{NAME}.json` names the command that recomputes its point alone.
 {progress_note(points, records, options)}
 Cost: {compute_cost(points, options)}.
+{_common.untuned_text(_common.rate_label(cfg.train.learning_rate))}
 
 A stream of {cfg.data.seq_len} patterns (tokens from a vocabulary of {cfg.data.vocab_size}),
 each the one shown R steps back with probability {cfg.data.repeat_prob} (if that one was new)

@@ -113,6 +113,12 @@ def plot(records: list[dict], path) -> None:
     plt.close(fig)
 
 
+def rates_of(points: list) -> str:
+    """The learning rates the points' configs train at."""
+    rates = sorted({load(p.config, p.overrides).train.learning_rate for p in points})
+    return " / ".join(_common.rate_label(rate) for rate in rates)
+
+
 def report(records: list[dict], points: list, options) -> str:
     records = [{**r, "point_variant": variant(r["point"])} for r in records]
     plot(records, options.out / f"{NAME}.png")
@@ -141,6 +147,7 @@ Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml
 `{NAME}.json` names the command that recomputes its point alone.
 {progress_note(points, records, options)}
 Cost: {compute_cost(points, options)}.
+{_common.untuned_text(rates_of(points))}
 Test accuracy at the scored positions (parity: the answer at the last token; S3 and cyclic: the
 running product or sum at every token) of {num_sequences} fresh sequences of the training
 lengths 3..40 and of exactly each length L: the median over {seeds} seeds (min-max in brackets).
