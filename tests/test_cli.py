@@ -127,7 +127,7 @@ def test_inspect_draws_the_fast_weights_of_a_layer(reference, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("flags", "culprit"),
     [
-        (["--layer", "1"], "layer 1 (Attention) has no fast-weight matrix to draw; layers with"),
+        (["--layer", "1"], "layer 1 (attention) has no fast-weight matrix to draw; layers with"),
         (["--layer", "2"], "--layer 2 is out of range; the model has layers 0..1"),
         (["--head", "2"], "--head 2 is out of range; valid heads: 0..1"),
         (["--out", "x.jpg"], "must name a .png file"),
