@@ -314,3 +314,17 @@ def test_deep_model_fields_are_checked_with_one_line_naming_field_and_values(fie
     with pytest.raises(ValueError) as error:
         ModelConfig(**fields)
     assert str(error.value) == message
+
+
+def test_decoding_refuses_an_inner_mini_batch():
+    """fwpzoo sample runs `step`, one token per inner step: a model trained with inner_batch > 1
+    is refused in one line (train/sample.py turns it into exit 2) instead of decoding another
+    model."""
+    from fwpzoo.layers.fwp import check_decodable
+    from fwpzoo.models.config import ModelConfig
+
+    check_decodable(ModelConfig(cell="deep", inner_batch=1))
+    with pytest.raises(
+        ValueError, match=r"model.mixers\[0\] \(ttt_linear\) has model.inner_batch=4"
+    ):
+        check_decodable(ModelConfig(cell="ttt_linear", inner_batch=4, chunk_size=16))

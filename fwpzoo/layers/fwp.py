@@ -123,6 +123,20 @@ def check_inner(cfg) -> None:
         )
 
 
+def check_decodable(cfg) -> None:
+    """Decoding runs the cell's `step`, one token per inner step: a ValueError naming the
+    field for a layer whose cell takes model.inner_batch and has it above 1 (the state holds no
+    mini-batch in progress). cfg: a ModelConfig."""
+    for i, layer in enumerate(cfg.layers()):
+        takes = "inner_batch" in getattr(cells.get(layer.cell), "OPTIONS", {}).values()
+        if "fwp" in layer.mixers and takes and layer.inner_batch > 1:
+            raise ValueError(
+                f"model.mixers[{i}] ({layer.cell}) has model.inner_batch={layer.inner_batch}; "
+                "decoding takes one token per inner step (valid: inner_batch 1), since the "
+                "state holds no mini-batch in progress"
+            )
+
+
 def beta_bias(beta_init: float | None, beta_max: float) -> float | None:
     """The pre-activation bias that starts beta = beta_max * sigmoid(bias) at beta_init."""
     if beta_init is None:

@@ -9,6 +9,7 @@ from flax import nnx
 
 from fwpzoo.config import ConfigError
 from fwpzoo.data.tokenizer import decode, encode
+from fwpzoo.layers.fwp import check_decodable
 from fwpzoo.models import generate
 from fwpzoo.models.sampling import cache_bytes, cache_length
 from fwpzoo.train.restore import restore_run
@@ -74,6 +75,10 @@ def sample(
     log-probability of each generated token under the distribution it was drawn from, before
     the temperature)} from checkpoint `step`."""
     run, step, model_state = restore_run(workdir, step)
+    try:
+        check_decodable(run.cfg.model)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     model = nnx.merge(run.graphdef, model_state["params"], model_state["rest"])
     prompt_tokens = default_prompt(run.task) if prompt is None else parse_prompt(prompt, run.task)
     check_cache_fits(model, cache_length(len(prompt_tokens), num_tokens), num_tokens)
