@@ -79,6 +79,10 @@ def mesh_text(mesh: dict) -> str:
 
 
 def pod_table(rows) -> list[str]:
+    if not rows:
+        return [
+            "Not planned in this run (`--no-pods`): `fwpzoo bench scale` with libtpu plans them."
+        ]
     lines = [
         "| config | topology | mesh | remat | GiB per device (of HBM) | fits | FLOPs per device |",
         "|---|---|---|---|---|---|---|",
@@ -155,16 +159,25 @@ def main(argv: list[str]) -> int:
     parser = BenchArgs(prog="fwpzoo bench scale")
     parser.add_argument("--out", default=None, help="write the page here (e.g. docs/scale.md)")
     parser.add_argument("--jobs", type=positive_int, default=4, help="plans compiled at once")
+    parser.add_argument(
+        "--no-pods",
+        action="store_true",
+        help="only the fsdp and context tables (this host's CPU; no libtpu needed)",
+    )
     options = parser.parse_args(argv)
-    if not libtpu_installed():
-        raise ConfigError("fwpzoo bench scale plans for TPU topologies: pip install -e '.[tpu]'")
-    rows = (*PODS, *FSDP, *CONTEXT)
+    pods_rows = () if options.no_pods else PODS
+    if pods_rows and not libtpu_installed():
+        raise ConfigError(
+            "fwpzoo bench scale plans for TPU topologies: pip install -e '.[tpu]' (or --no-pods)"
+        )
+    rows = (*pods_rows, *FSDP, *CONTEXT)
     # compiling is single-threaded: a few plans at once keep the cores busy
     with ThreadPoolExecutor(max_workers=options.jobs) as pool:
         results = list(pool.map(lambda row: run_plan(*row), rows))
     planned = list(zip(rows, results, strict=True))
-    pods, fsdp = planned[: len(PODS)], planned[len(PODS) : len(PODS) + len(FSDP)]
-    context = planned[len(PODS) + len(FSDP) :]
+    pods = planned[: len(pods_rows)]
+    fsdp = planned[len(pods_rows) : len(pods_rows) + len(FSDP)]
+    context = planned[len(pods_rows) + len(FSDP) :]
     page = markdown(pods, fsdp, context, " ".join(["fwpzoo bench scale", *argv]))
     print(page)
     if options.out is not None:
