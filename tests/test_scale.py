@@ -1,0 +1,122 @@
+"""The mesh: its config, the logical-axis rules, remat, and (in one process over 8 CPU devices,
+tests/scale_worker.py) equal losses under every mesh, context parallelism per cell, the
+collectives of a context-parallel step, cross-mesh resume and `fwpzoo plan`."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec
+
+from fwpzoo.config import MESH_AXES, Config, ConfigError, MeshConfig, from_dict
+from fwpzoo.train.plan import cpu_count_of
+from fwpzoo.train.sharding import logical_axes, partition_spec
+from fwpzoo.train.state import new_model, split_model
+from fwpzoo.train.steps import make_train_step
+
+
+def test_mesh_resolves_its_free_axis_and_refuses_a_product_that_misses_the_devices():
+    assert MeshConfig().shape(8) == {"data": 8, "fsdp": 1, "tensor": 1, "context": 1}
+    assert MeshConfig(data=2, fsdp=-1, context=2).shape(8)["fsdp"] == 2
+    with pytest.raises(ConfigError, match=r"data=2 x fsdp=4 .* does not match the run's 2 dev"):
+        MeshConfig(data=2, fsdp=4).shape(2)
+    with pytest.raises(ConfigError, match="a multiple of 3"):
+        MeshConfig(data=-1, tensor=3).shape(8)
+    with pytest.raises(ConfigError, match="only one mesh axis may be -1"):
+        from_dict(Config, {"mesh": {"data": -1, "fsdp": -1}})
+    with pytest.raises(ConfigError, match="mesh.context must be >= 1 or -1"):
+        from_dict(Config, {"mesh": {"context": 0}})
+
+
+def mesh(**sizes) -> AbstractMesh:
+    return AbstractMesh(tuple(sizes.get(name, 1) for name in MESH_AXES), MESH_AXES)
+
+
+def test_rules_put_heads_and_mlp_on_tensor_and_the_largest_free_axis_on_fsdp():
+    qkv = logical_axes(("blocks", "mixer", "qkv_proj", "kernel"), 2)
+    assert qkv == ("embed", "heads")
+    assert partition_spec(qkv, (64, 192), mesh(fsdp=4, tensor=2)) == PartitionSpec("fsdp", "tensor")
+    down = logical_axes(("blocks", "mlp", "down", "kernel"), 2)
+    assert partition_spec(down, (256, 64), mesh(fsdp=4, tensor=2)) == PartitionSpec(
+        "tensor", "fsdp"
+    )
+    embedding = logical_axes(("embed", "embedding"), 2)  # vocab 17 does not split: embed does
+    assert partition_spec(embedding, (17, 64), mesh(fsdp=4)) == PartitionSpec(None, "fsdp")
+    # an axis that does not divide by its mesh axis stays whole
+    assert partition_spec(("heads",), (3,), mesh(tensor=2)) == PartitionSpec(None)
+    assert logical_axes(("something", "new"), 3) == (None, None, None)
+
+
+def test_remat_computes_the_same_step():
+    """model.remat block and mixer change what the backward keeps, not the loss or gradients."""
+    batch = {
+        "inputs": jnp.arange(64).reshape(2, 32) % 17,
+        "targets": jnp.arange(1, 65).reshape(2, 32) % 17,
+        "weights": jnp.ones((2, 32)),
+    }
+    results = {}
+    for remat in ("none", "block", "mixer"):
+        model = {"mixers": ["fwp", "attention"], "d_model": 16, "remat": remat, "chunk_size": 8}
+        cfg = from_dict(Config, {"model": model, "data": {"seq_len": 32}})
+        graphdef, state = split_model(new_model(cfg, 17))
+
+        def loss(params, graphdef=graphdef, state=state):
+            step = make_train_step(graphdef, _sgd(), grad_accum=1)
+            _, metrics = step({**state, "params": params, "opt_state": ()}, batch)
+            return metrics["loss"], metrics["grad_norm"]
+
+        results[remat] = jax.jit(loss)(state["params"])
+    for remat in ("block", "mixer"):
+        np.testing.assert_allclose(results[remat], results["none"], rtol=1e-6)
+
+
+def _sgd():
+    import optax
+
+    return optax.GradientTransformation(lambda params: (), lambda g, s, p=None: (g, s))
+
+
+def test_plan_names_a_malformed_cpu_topology():
+    assert cpu_count_of("v5e:2x2") is None
+    assert cpu_count_of("cpu:8") == 8
+    with pytest.raises(ConfigError, match="expected cpu:N with N >= 1"):
+        cpu_count_of("cpu:0")
+
+
+@pytest.mark.slow
+def test_meshes_context_parallelism_resume_and_plan(tmp_path):
+    """One process over 8 CPU devices (tests/scale_worker.py; `--full` runs every mesh and cell
+    the comments name, and a v5e:2x2 plan, at several times the compile time):
+    - 10 train steps of a DeltaNet / per-key gated delta rule / attention hybrid, with resets at
+      and beside the shard edges, give the same losses under data=8 and data=2 x tensor=2 x
+      context=2 (--full: also data=2 x fsdp=4 and fsdp=2 x context=4);
+    - an FWP layer of the delta rule and of the mLSTM (--full: every affine cell) with its
+      sequence over context=4 gives the unsplit layer's outputs, final state and gradients
+      (resets at t = 0, on and beside the shard edges);
+    - no all-gather of a context-parallel step (a model without attention) grows with T;
+    - a run saved under data=2 x fsdp=4 resumes under data=8 as the uninterrupted run goes;
+    - `fwpzoo plan` fits on cpu:8."""
+    worker = Path(__file__).with_name("scale_worker.py")
+    done = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    reference = out["losses"]["data=8"]
+    for name, losses in out["losses"].items():
+        np.testing.assert_allclose(losses, reference, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(out["resumed"], out["uninterrupted"], rtol=1e-5)
+    for cell, difference in out["cells"].items():  # the chunkwise forms' tolerance (test_cells)
+        assert difference < 1e-4, cell
+    short, long = (out["all_gathers"][str(n)] for n in sorted(map(int, out["all_gathers"])))
+    assert short and short == long  # summaries and weights: the same at T and 2T
+    assert max(long) < min(out["activations"].values())  # smaller than a layer's [B, T, D]
+    for topology, result in out["plan"].items():
+        assert result["fits"] and result["topology"] == topology
+        assert 0 < result["bytes_per_device"] < result["device_memory_bytes"]
+        assert result["flops"] > 0
