@@ -92,7 +92,8 @@ def pod_table(rows) -> list[str]:
         lines.append(
             f"| {name} | {topology} | {mesh_text(result['mesh'])} | {result['remat']} | "
             f"{gib(result['bytes_per_device'])} ({gib(result['device_memory_bytes'])}) | "
-            f"{'yes' if result['fits'] else 'no'} | {result['flops']:.3g} |"
+            f"{'yes' if result['fits'] else 'no'} | "
+            f"{'refused by XLA' if result['flops'] is None else format(result['flops'], '.3g')} |"
         )
     return lines
 

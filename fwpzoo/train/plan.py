@@ -10,6 +10,7 @@ lower bound: use it to compare configs, not to predict time).
 """
 
 import os
+import re
 import sys
 import threading
 import time
@@ -30,9 +31,9 @@ from fwpzoo.train.state import abstract_train_state
 from fwpzoo.train.steps import make_train_step
 
 GiB = 2**30
-# HBM of one device, by JAX's device kind (Cloud TPU's system architecture pages: v5e 16 GiB per
-# chip, v5p 95 GiB, v6e 32 GiB; one device per chip)
-DEVICE_MEMORY = {"TPU v5 lite": 16 * GiB, "TPU v5": 95 * GiB, "TPU v6 lite": 32 * GiB}
+# HBM of one device, by JAX's device kind: v5e as XLA:TPU states it ("available HBM (15.75G)");
+# v5p and v6e as Cloud TPU's system architecture pages give a chip (95 and 32 GiB)
+DEVICE_MEMORY = {"TPU v5 lite": int(15.75 * GiB), "TPU v5": 95 * GiB, "TPU v6 lite": 32 * GiB}
 
 
 @dataclass(frozen=True)
@@ -161,11 +162,48 @@ def compile_step(cfg: Config, where: Target):
     return compiled, mesh
 
 
+# XLA:TPU refuses to compile a program whose temporaries exceed the chip's memory, saying so:
+# "... HLO temporaries (30.08G) exceeds available HBM (15.75G)"
+TOO_LARGE = re.compile(r"temporaries \(([\d.]+)([KMG])\) exceeds available HBM \(([\d.]+)([KMG])\)")
+UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def refused_plan(cfg: Config, topology: str, where: Target, error: Exception) -> dict | None:
+    """The plan of a compile XLA refused for its temporaries (they alone exceed the chip):
+    fits false, the temporaries as the bytes per device (a lower bound); None for any other
+    error."""
+    found = TOO_LARGE.search(str(error))
+    if found is None:
+        return None
+    temporaries = int(float(found.group(1)) * UNITS[found.group(2)])
+    available = int(float(found.group(3)) * UNITS[found.group(4)])
+    return {
+        "fits": False,
+        "bytes_per_device": temporaries,
+        "device_memory_bytes": available,
+        "flops": None,
+        "mesh": {name: int(size) for name, size in cfg.mesh.shape(len(where.devices)).items()},
+        "topology": topology,
+        "devices": len(where.devices),
+        "remat": cfg.model.remat,
+        "argument_bytes": 0,
+        "output_bytes": 0,
+        "alias_bytes": 0,
+        "temp_bytes": temporaries,
+    }
+
+
 def plan(cfg: Config, topology: str) -> dict:
     """The plan of `cfg` on `topology`: {"fits", "bytes_per_device", "device_memory_bytes",
     "flops", "mesh", "topology", and the parts of the bytes}."""
     where = target(topology)
-    compiled, mesh = compile_step(cfg, where)
+    try:
+        compiled, mesh = compile_step(cfg, where)
+    except jax.errors.JaxRuntimeError as error:
+        refused = refused_plan(cfg, topology, where, error)
+        if refused is None:
+            raise
+        return refused
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost  # one entry per program
@@ -233,5 +271,7 @@ def report(result: dict) -> list[str]:
         f"total {result['bytes_per_device'] / GiB:.3f} GiB of "
         f"{result['device_memory_bytes'] / GiB:.2f} GiB: "
         + ("fits" if result["fits"] else "does not fit"),
-        f"compiler FLOPs per device per step: {result['flops']:.4g} (each loop body counted once)",
+        "compiler FLOPs per device per step: "
+        + ("none: XLA refused the program" if result["flops"] is None else f"{result['flops']:.4g}")
+        + " (each loop body counted once)",
     ]
