@@ -135,12 +135,21 @@ def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
         settings = {}
         trained = [p for p in points if p.config is not None]
         assert all("seed" in p.labels for p in trained)
-        # the tuning protocol's learning-rate grid is seed 0 alone
-        trained = [p for p in trained if p.labels.get("learning_rate") is None]
+
+        def setting(p, leave_out=("seed",)):
+            return tuple(sorted((k, str(v)) for k, v in p.labels.items() if k not in leave_out))
+
+        # the tuning protocol's learning-rate grid is seed 0 alone: its other rates, and its
+        # point at the config's rate where the sweep has no such setting of its own
+        rated = {setting(p, ("seed", "learning_rate")) for p in trained
+                 if p.labels.get("learning_rate") is not None}
         for p in trained:
-            setting = tuple(sorted((k, str(v)) for k, v in p.labels.items() if k != "seed"))
-            settings.setdefault(setting, set()).add(p.labels["seed"])
-        assert all(len(s) >= seeds for s in settings.values()), module.NAME
+            if p.labels.get("learning_rate") is None:
+                settings.setdefault(setting(p), set()).add(p.labels["seed"])
+        for labels, drawn in settings.items():
+            grid_only = drawn == {_common.TUNING_SEED} and tuple(
+                (k, v) for k, v in labels if k != "learning_rate") in rated
+            assert len(drawn) >= seeds or grid_only, (module.NAME, labels)
     points = mqar.make_points(_common.parse_options("mqar", []))
     assert {p.labels["model"] for p in points} == set(mqar.MODELS)
     assert all(p.labels["vocab_size"] >= 256 for p in points)
