@@ -6,8 +6,10 @@ run in-process on a tiny model; a subprocess is used only where a fresh interpre
 a second process is the point.
 """
 
+import asyncio
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import importlib.util
 import io
@@ -41,6 +43,7 @@ from fwpzoo.train import loop, restore_run
 from fwpzoo.train.checkpoint import (
     Checkpoints,
     UnreadableCheckpoint,
+    drop_unretrieved_disk_full_writes,
     fingerprint,
     newest_readable,
 )
@@ -789,6 +792,26 @@ def test_a_second_signal_ends_a_compiled_step_at_once(tiny_yaml, tmp_path, signu
         "last one kept\n"
     )
     assert Checkpoints(tmp_path / "run" / "checkpoints").steps() == [2]
+
+
+def test_an_unretrieved_disk_full_write_is_not_logged_and_other_task_errors_are(caplog):
+    async def fail(message):
+        raise ValueError(message)
+
+    def collect_failed_task(message):
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(fail(message))
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        del task  # never awaited: asyncio logs its error when it is collected
+        gc.collect()
+
+    drop_unretrieved_disk_full_writes()
+    collect_failed_task("RESOURCE_EXHAUSTED: Failed to write: No space left on device")
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+    collect_failed_task("a real bug")
+    (record,) = [r for r in caplog.records if r.name == "asyncio"]
+    assert record.getMessage().startswith("Task exception was never retrieved")
 
 
 @pytest.mark.slow

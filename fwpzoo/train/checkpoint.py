@@ -15,6 +15,8 @@ the arrays against their saved fingerprints and checks they are finite. Whatever
 reading a checkpoint is reported as UnreadableCheckpoint with a one-line reason.
 """
 
+import errno
+import logging
 import shutil
 import sys
 from collections.abc import Callable
@@ -236,6 +238,31 @@ def newest_readable(workdir: Path, steps: list[int], restore: Callable[[int], ob
             then = f"trying step {older[-1]}" if older else "no older checkpoint"
             warn(f"checkpoint {step} in {workdir} is unreadable ({error}); {then}")
     raise ConfigError(f"no readable checkpoint in {workdir} (steps {', '.join(map(str, steps))})")
+
+
+def no_space_left(error: BaseException) -> bool:
+    """Whether `error` is a write that failed for lack of disk space (Python's OSError, or
+    tensorstore's error as orbax raises it)."""
+    text = str(error)
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in text
+
+
+class _UnretrievedDiskFullWrite(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" record for a write that failed for
+    lack of space: a save on a full disk fails on its first array, and orbax leaves the writes of
+    the others as tasks whose error nobody awaits, each logged with a traceback when collected.
+    The run already ends with one line naming the full disk."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (error is not None and no_space_left(error))
+
+
+def drop_unretrieved_disk_full_writes() -> None:
+    """Installs _UnretrievedDiskFullWrite on asyncio's logger, once."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedDiskFullWrite) for f in logger.filters):
+        logger.addFilter(_UnretrievedDiskFullWrite())
 
 
 def silence_closed_loop_callbacks() -> None:

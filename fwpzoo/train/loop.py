@@ -7,7 +7,6 @@ another architecture's weights be loaded).
 """
 
 import contextlib
-import errno
 import shutil
 import signal
 import sys
@@ -24,9 +23,11 @@ from fwpzoo.config import Config, ConfigError, from_dict, to_dict
 from fwpzoo.data import make_task
 from fwpzoo.train.checkpoint import (
     Checkpoints,
+    drop_unretrieved_disk_full_writes,
     first_line,
     kept,
     newest_readable,
+    no_space_left,
     remove_temporary,
     saved_steps,
     silence_closed_loop_callbacks,
@@ -84,13 +85,6 @@ class OutOfMemory(ConfigError):
 
 class DiskFull(ConfigError):
     """The disk filled up while the run wrote to its workdir; reported in one line."""
-
-
-def no_space_left(error: BaseException) -> bool:
-    """Whether `error` is a write that failed for lack of disk space (Python's OSError, or
-    tensorstore's error as orbax raises it)."""
-    text = str(error)
-    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in text
 
 
 @contextlib.contextmanager
@@ -257,6 +251,7 @@ def train(cfg: Config, workdir: Path, *, progress: bool = True) -> dict:
     chief = jax.process_index() == 0
     created = not workdir.exists()
     silence_closed_loop_callbacks()  # a failed save's leftovers would print a traceback each
+    drop_unretrieved_disk_full_writes()
     guard = RunGuard(cfg.train.stall_timeout, lambda: kept(workdir / CHECKPOINT_DIR))
     with WorkdirLock(workdir) if chief else contextlib.nullcontext(), guard as stop:
         try:
