@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from fwpzoo.cells import _delta_assoc
 from fwpzoo.cells._chunking import Segments, causal_decay, keep
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
-from fwpzoo.cells._remat_chunks import scan_chunks
 from fwpzoo.cells._spec import (
     BETA,
     GRADIENT,
@@ -31,6 +30,7 @@ from fwpzoo.cells._spec import (
     State,
     gate_names,
 )
+from fwpzoo.cells.chunked import autodiff
 from fwpzoo.cells.chunked.triangular import unit_lower_inverse
 
 
@@ -70,29 +70,54 @@ def recurrent(q, k, v, *, state=None, reset=None, beta, log_alpha):
     return o.astype(v.dtype), state
 
 
-def _chunk(s, q, k, v, beta, log_alpha, reset):
-    """One chunk (learning_rules.md, section 2): q, k [B, H, C, K], v [B, H, C, V], beta,
-    log_alpha [B, H, C], reset [B, 1, C] or None -> (leaving state, o [B, H, C, V])."""
-    seg = None if reset is None else Segments(reset)
-    same, first = (None, None) if seg is None else (seg.same, seg.first)
-    g = jnp.cumsum(log_alpha, axis=-1)  # [B, H, C]
-    gamma = keep(same, causal_decay(g), g.dtype)  # [B, H, C, C]
-    e = keep(first, jnp.exp(g), g.dtype)  # [B, H, C]
-    strict = jnp.tril(gamma * (v @ v.mT), -1)  # [B, H, C, C]
-    # (I + diag(beta) strict) U = diag(beta) (K - diag(e) V S_0^T), u_i = beta_i (k_i - S'_i v_i)
-    u = unit_lower_inverse(beta[..., None] * strict) @ (
-        beta[..., None] * (k - e[..., None] * (v @ s.mT))
-    )  # [B, H, C, K]
-    o = e[..., None] * (q @ s) + (gamma * (q @ u.mT)) @ v  # [B, H, C, V]
-    leaving = e[..., -1, None, None] * s + (gamma[..., -1, :, None] * u).mT @ v
-    return leaving, o
+class _Chunks:
+    """A batch of chunks [G B, ...] prepared (learning_rules.md, section 2): the residuals
+    u_i = beta_i (k_i - S'_i v_i) solve (I + diag(beta) (V V^T . Gamma)_strict) U =
+    diag(beta) (K - diag(e^g) V S_0^T), so U = U' - W S_0^T with U' = T diag(beta) K and
+    W = T diag(beta e^g) V, T the unit lower-triangular inverse. The step is the residuals from
+    the entering state and S_C = e^{g_C} S_0 + U^T (gamma_C . V): products of [C, K] and
+    [C, V] rows with the state; `fused` (one chunk per block, the step beside the chunk's
+    [C, C] work) keeps T and the unsolved rows instead of forming U' and W.
+    q, k [G B, H, C, K], v [G B, H, C, V], beta, log_alpha [G B, H, C], reset [G B, 1, C]."""
+
+    def __init__(self, inputs, reset, factored=False, fused=False):
+        q, k, v, beta, log_alpha = inputs
+        seg = None if reset is None else Segments(reset)
+        same, first = (None, None) if seg is None else (seg.same, seg.first)
+        g = jnp.cumsum(log_alpha, axis=-1)  # [G B, H, C]
+        self.gamma = keep(same, causal_decay(g), g.dtype)  # [G B, H, C, C]
+        self.e = keep(first, jnp.exp(g), g.dtype)  # [G B, H, C]
+        self.q, self.v = q, v
+        solve = unit_lower_inverse(beta[..., None] * jnp.tril(self.gamma * (v @ v.mT), -1))
+        rows = beta[..., None] * k  # [G B, H, C, K]: diag(beta) K
+        reads = (beta * self.e)[..., None] * v  # [G B, H, C, V]: diag(beta e^g) V
+        if not fused:
+            solve, rows, reads = None, solve @ rows, solve @ reads  # U', W
+        # e^{g_C} (0 after a reset) and gamma_C . V, each write's weight in the leaving state
+        self.step = (solve, rows, reads, self.e[..., -1], self.gamma[..., -1, :, None] * v)
+
+    def outputs(self, s, u):
+        """O = diag(e^g) Q S_0 + (Q U^T . Gamma) V [G B, H, C, V] from the entering states s
+        [G B, H, K, V] and the residuals u [G B, H, C, K]."""
+        return self.e[..., None] * (self.q @ s) + (self.gamma * (self.q @ u.mT)) @ self.v
+
+
+def _advance(step, s):
+    """(S_C, U [B, H, C, K]) from the entering state s [B, H, K, V]."""
+    solve, rows, reads, e_last, written = step
+    u = rows - reads @ s.mT  # [B, H, C, K]
+    u = u if solve is None else solve @ u
+    return e_last[..., None, None] * s + u.mT @ written, u
+
+
+RULE = autodiff.rule(autodiff.Math(prepare=_Chunks, advance=_advance))
 
 
 def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, beta, log_alpha):
-    """Chunks of C tokens: one [C, C] unit lower-triangular solve each, the state carried."""
+    """Chunks of C tokens on the chunk engine: one [C, C] unit lower-triangular inverse each,
+    prepared beside the chunk, the state scanned, the outputs from each chunk's entering state."""
     state = initial_state(state, q, v)
-    resets = None if reset is None else reset[:, :, None]  # [B, T, 1]: one row for all heads
-    o, state = scan_chunks(_chunk, (q, k, v, beta, log_alpha, resets), state, chunk_size)
+    o, state = autodiff.run(RULE, (q, k, v, beta, log_alpha), reset, state, chunk_size)
     return o.astype(v.dtype), state
 
 

@@ -75,6 +75,10 @@ class Rule:
     advance(step, S) -> (M S + X, aux) for one chunk's step [B, ...]; aux (None, or what the
         outputs reuse, e.g. the delta rule's pseudo-values) is stacked over the block's chunks;
     retreat(step, dS, pulled) -> M^T dS + R_n.
+    pull_reads_state: pull(do, entering) is called instead, with the block's entering states
+        [G B, ...], for a rule whose cotangent step reads the state it left from (the mLSTM's
+        max-stabilised scale is not linear in the state; the rules differentiated by autodiff,
+        chunked/autodiff.py, linearise there).
     fused (a block of one chunk) tells prepare that its steps run in the block's own loop body,
     beside its [C, C] work: the step may then use the chunk's matrices as they are instead of
     the state-sized factors (the delta rule's U = T diag(beta) (V - K S_0) costs one [C, C]
@@ -88,6 +92,7 @@ class Rule:
     advance: Callable
     retreat: Callable
     flags: Callable
+    pull_reads_state: bool = False
 
 
 def lay_out(x, b, size, block, dtype):
@@ -121,9 +126,9 @@ def _by_chunk(tree, block):
     return jax.tree.map(lambda x: x.reshape(block, -1, *x.shape[1:]), tree)
 
 
-def _flat(x):
-    """[G, B, ...] -> [G B, ...]."""
-    return x.reshape(-1, *x.shape[2:])
+def _flat(tree):
+    """[G, B, ...] -> [G B, ...] on every leaf (a rule's state may be a dict of arrays)."""
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)
 
 
 def _state_scan(rule, chunks, state, block):
@@ -173,7 +178,7 @@ def _reads(inputs, reset, b, size, block, dtype):
 def _forward(rule, inputs, reset, state, out, size, block):
     """out: the zero outputs [B, T, H, V]. Returns (o, final state, entering [N/G, G, B, ...])."""
     flags = _block_flags(rule, inputs, size, block)
-    dtype = state.dtype
+    dtype = jax.tree.leaves(state)[0].dtype
 
     def block_step(carry, b):
         s, o = carry
@@ -197,7 +202,7 @@ def _backward(rule, inputs, reset, entering, cotangents, size, block):
     """(input cotangents [B, T, ...] for every input that is not None, d initial state)."""
     do_all, d_final = cotangents
     flags = _block_flags(rule, inputs, size, block)
-    dtype = d_final.dtype
+    dtype = jax.tree.leaves(d_final)[0].dtype
     present = [i for i, x in enumerate(inputs) if x is not None]
 
     def block_step(carry, xs):
@@ -208,7 +213,8 @@ def _backward(rule, inputs, reset, entering, cotangents, size, block):
 
         def run(factored):
             chunks = rule.prepare(chunk, r, factored, block == 1)
-            d_leaving, d_entering = _cotangent_scan(rule, chunks, ds, chunks.pull(do), block)
+            pulls = chunks.pull(do, _flat(s)) if rule.pull_reads_state else chunks.pull(do)
+            d_leaving, d_entering = _cotangent_scan(rule, chunks, ds, pulls, block)
             return d_entering, chunks.pullback(_flat(s), _flat(d_leaving), do)
 
         ds_prev, chunk_grads = by_flag(flags, b, run)
