@@ -17,7 +17,6 @@ import jax.numpy as jnp
 from fwpzoo.cells import _delta_assoc
 from fwpzoo.cells._chunking import Segments, causal_decay, keep
 from fwpzoo.cells._reference import initial_parts, reset_state, scan_steps, upcast
-from fwpzoo.cells._remat_chunks import scan_chunks
 from fwpzoo.cells._spec import (
     BETA,
     LOG_DECAY,
@@ -29,6 +28,7 @@ from fwpzoo.cells._spec import (
     gate_names,
     squared_error,
 )
+from fwpzoo.cells.chunked import autodiff
 from fwpzoo.cells.chunked.triangular import unit_lower_inverse
 
 GATE_SPECS = (
@@ -77,40 +77,71 @@ def recurrent(q, k, v, *, state=None, reset=None, beta, eta, log_alpha, log_mu):
     return o.astype(v.dtype), state
 
 
-def _chunk(state, q, k, v, beta, eta, log_alpha, log_mu, reset):
-    """One chunk (learning_rules.md, section 1): q, k [B, H, C, K], v [B, H, C, V], gates [B, H, C],
-    reset [B, 1, C] or None -> (leaving state, o [B, H, C, V])."""
+class _Chunks:
+    """A batch of chunks [G B, ...] prepared (learning_rules.md, section 1): the decays, the
+    weights of S_0, M_0 and every d_i in each S_t and M_t, and the UT transform of
+    (I + diag(eta) (W_prev . K K^T)) D = diag(eta) (diag(ea_prev) K S_0 - diag(c_prev) K M_0 - V).
+    The step solves for D from the entering states, D = A_S S_0 - A_M M_0 + D' (rows
+    A_S = T diag(eta ea_prev) K, A_M = T diag(eta c_prev) K [C, K], D' = -T diag(eta) V),
+    and writes S_C, M_C from it: products of [C, K] rows with the state; `fused` (one chunk per
+    block) keeps T and the unsolved rows instead. q, k [G B, H, C, K], v [G B, H, C, V], gates
+    [G B, H, C], reset [G B, 1, C]."""
+
+    def __init__(self, inputs, reset, factored=False, fused=False):
+        q, k, v, beta, eta, log_alpha, log_mu = inputs
+        seg = None if reset is None else Segments(reset)
+        same, first = (None, None) if seg is None else (seg.same, seg.first)
+        ga, gm = jnp.cumsum(log_alpha, axis=-1), jnp.cumsum(log_mu, axis=-1)  # [G B, H, C]
+        gamma_a = keep(same, causal_decay(ga), ga.dtype)  # [G B, H, C, C]: prod of alpha (j, t]
+        gamma_m = keep(same, causal_decay(gm), gm.dtype)  # [G B, H, C, C]: prod of mu (i, j]
+        self.w = gamma_a @ (beta[..., None] * gamma_m)  # [G B, H, C, C]: d_i into S_t
+        self.ea = keep(first, jnp.exp(ga), ga.dtype)  # [G B, H, C]: S_0 into S_t
+        em = keep(first, jnp.exp(gm), gm.dtype)  # [G B, H, C]: M_0 into M_t
+        self.c = (gamma_a @ (beta * em)[..., None])[..., 0]  # [G B, H, C]: M_0 into S_t
+        # the state each token's gradient reads: S_{t-1} (after the reset at t, if any)
+        seen = jnp.ones((), self.w.dtype) if reset is None else 1.0 - reset.astype(self.w.dtype)
+        w_prev = jnp.pad(self.w[..., :-1, :], [(0, 0), (0, 0), (1, 0), (0, 0)]) * seen[..., None]
+        c_prev = jnp.pad(self.c[..., :-1], [(0, 0), (0, 0), (1, 0)]) * seen
+        ea_prev = keep(first, jnp.exp(ga - log_alpha), ga.dtype)
+        solve = unit_lower_inverse(eta[..., None] * w_prev * (k @ k.mT))  # [G B, H, C, C]
+        rows_s = (eta * ea_prev)[..., None] * k  # [G B, H, C, K]
+        rows_m = (eta * c_prev)[..., None] * k
+        rest = -eta[..., None] * v  # [G B, H, C, V]
+        if not fused:
+            solve, rows_s, rows_m, rest = None, solve @ rows_s, solve @ rows_m, solve @ rest
+        self.q, self.qk = q, self.w * (q @ k.mT)  # [G B, H, C, C]
+        end_s, end_m = self.w[..., -1, :, None] * k, gamma_m[..., -1, :, None] * k  # [G B, H, C, K]
+        decays = (self.ea[..., -1], self.c[..., -1], em[..., -1])  # [G B, H] each
+        self.step = (solve, rows_s, rows_m, rest, end_s, end_m, decays)
+
+    def outputs(self, state, d):
+        """O = diag(ea) Q S_0 - diag(c) Q M_0 - (W . Q K^T) D [G B, H, C, V] from the entering
+        states and the chunk's D [G B, H, C, V]."""
+        q = self.q
+        o = self.ea[..., None] * (q @ state["S"]) - self.c[..., None] * (q @ state["M"])
+        return o - self.qk @ d
+
+
+def _advance(step, state):
+    """(the leaving states, D [B, H, C, V]) from the entering ones."""
+    solve, rows_s, rows_m, rest, end_s, end_m, (ea_last, c_last, em_last) = step
     S0, M0 = state["S"], state["M"]
-    seg = None if reset is None else Segments(reset)
-    same, first = (None, None) if seg is None else (seg.same, seg.first)
-    ga, gm = jnp.cumsum(log_alpha, axis=-1), jnp.cumsum(log_mu, axis=-1)  # [B, H, C]
-    gamma_a = keep(same, causal_decay(ga), ga.dtype)  # [B, H, C, C]: prod of alpha over (j, t]
-    gamma_m = keep(same, causal_decay(gm), gm.dtype)  # [B, H, C, C]: prod of mu over (i, j]
-    w = gamma_a @ (beta[..., None] * gamma_m)  # [B, H, C, C]: d_i into S_t
-    ea = keep(first, jnp.exp(ga), ga.dtype)  # [B, H, C]: S_0 into S_t
-    em = keep(first, jnp.exp(gm), gm.dtype)  # [B, H, C]: M_0 into M_t
-    c = (gamma_a @ (beta * em)[..., None])[..., 0]  # [B, H, C]: M_0 into S_t
-    # the state each token's gradient reads: S_{t-1} (after the reset at t, if any)
-    seen = jnp.ones((), w.dtype) if reset is None else 1.0 - reset.astype(w.dtype)  # [B, 1, C]
-    w_prev = jnp.pad(w[..., :-1, :], [(0, 0), (0, 0), (1, 0), (0, 0)]) * seen[..., None]
-    c_prev = jnp.pad(c[..., :-1], [(0, 0), (0, 0), (1, 0)]) * seen
-    ea_prev = keep(first, jnp.exp(ga - log_alpha), ga.dtype)
-    # (I + diag(eta) (W_prev . K K^T)) D = diag(eta) (diag(ea_prev) K S_0 - diag(c_prev) K M_0 - V)
-    solve = unit_lower_inverse(eta[..., None] * w_prev * (k @ k.mT))  # [B, H, C, C]
-    rhs = ea_prev[..., None] * (k @ S0) - c_prev[..., None] * (k @ M0) - v
-    d = solve @ (eta[..., None] * rhs)  # [B, H, C, V]
-    o = ea[..., None] * (q @ S0) - c[..., None] * (q @ M0) - (w * (q @ k.mT)) @ d
-    S = _by_head(ea[..., -1]) * S0 - _by_head(c[..., -1]) * M0 - (w[..., -1, :, None] * k).mT @ d
-    M = _by_head(em[..., -1]) * M0 + (gamma_m[..., -1, :, None] * k).mT @ d
-    return {"S": S, "M": M}, o
+    d = rows_s @ S0 - rows_m @ M0 + rest  # [B, H, C, V]
+    d = d if solve is None else solve @ d
+    S = _by_head(ea_last) * S0 - _by_head(c_last) * M0 - end_s.mT @ d
+    M = _by_head(em_last) * M0 + end_m.mT @ d
+    return {"S": S, "M": M}, d
+
+
+RULE = autodiff.rule(autodiff.Math(prepare=_Chunks, advance=_advance))
 
 
 def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, beta, eta, log_alpha, log_mu):
-    """Chunks of C tokens: one [C, C] unit lower-triangular solve each, the states carried."""
+    """Chunks of C tokens on the chunk engine: one [C, C] unit lower-triangular inverse each,
+    prepared beside the chunk, the states scanned, the outputs from each chunk's entering ones."""
     state = initial_parts(OBJECTIVE.state, state, q, v)
-    resets = None if reset is None else reset[:, :, None]  # [B, T, 1]: one row for all heads
-    inputs = (q, k, v, beta, eta, log_alpha, log_mu, resets)
-    o, state = scan_chunks(_chunk, inputs, state, chunk_size)
+    inputs = (q, k, v, beta, eta, log_alpha, log_mu)
+    o, state = autodiff.run(RULE, inputs, reset, state, chunk_size)
     return o.astype(v.dtype), state
 
 

@@ -160,7 +160,7 @@ def _cotangent_scan(rule, chunks, d_state, pulls, block):
     xs = _by_chunk((chunks.step, pulls), block)
     if block == 1:
         d_entering, d_leaving = step(d_state, jax.tree.map(lambda x: x[0], xs))
-        return d_leaving[None], d_entering
+        return jax.tree.map(lambda x: x[None], d_leaving), d_entering
     d_entering, d_leaving = jax.lax.scan(step, d_state, xs, reverse=True)
     return d_leaving, d_entering
 
