@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from fwpzoo.cells._cholesky import cholesky_and_inverse, inverse_solve, spd_solve
 from fwpzoo.cells._chunking import Segments, causal_decay, keep
 from fwpzoo.cells._reference import initial_parts, reset_state, scan_steps, upcast
-from fwpzoo.cells._remat_chunks import scan_chunks
 from fwpzoo.cells._spec import (
     DECAY,
     LOG_DECAY,
@@ -34,6 +33,7 @@ from fwpzoo.cells._spec import (
     State,
     gate_names,
 )
+from fwpzoo.cells.chunked import autodiff
 
 GATE_SPECS = (
     Gate("beta", range=UNIT),
@@ -117,34 +117,59 @@ def _spd_solve_bwd(res, dx):
 _spd_solve.defvjp(_spd_solve_fwd, _spd_solve_bwd)
 
 
-def _chunk(state, q, k, v, beta, log_alpha, reset, lam):
-    """One chunk (mesa.md): every H^kk_t of the chunk from the entering state and the decayed,
-    beta-weighted writes, one Cholesky solve per token, then the read as linear attention with
-    query x_t = (H^kk_t + Diag(lam))^{-1} q_t. q, k [B, H, C, K], v [B, H, C, V], beta,
-    log_alpha [B, H, C], reset [B, 1, C] or None, lam [H, K]."""
-    (lam,) = upcast(lam)
-    g = jnp.cumsum(log_alpha, axis=-1)  # [B, H, C]
-    gamma = causal_decay(g)  # [B, H, C, C]
-    e, e_last = jnp.exp(g), jnp.exp(g[..., -1])  # [B, H, C]: entering state's factor; [B, H]
-    if reset is not None:  # no pair across a reset; the states only where they reach
-        seg = Segments(reset)
-        gamma = keep(seg.same, gamma, g.dtype)
-        e, e_last = keep(seg.first, e, g.dtype), keep(seg.through, e_last, g.dtype)
-    w = gamma * beta[..., None, :]  # [B, H, C, C]: weight of write s in H_t
-    kk0, kv0 = state["kk"], state["kv"]
-    kk = e[..., None, None] * kk0[:, :, None] + jnp.einsum("bhts,bhsi,bhsj->bhtij", w, k, k)
-    x = _spd_solve(regularised(kk, lam[:, None]), q)  # [B, H, C, K]
-    o = e[..., None] * (x @ kv0) + ((x @ k.mT) * w) @ v  # [B, H, C, V]
-    last = w[..., -1, :, None] * k  # [B, H, C, K]: each write's weight in the leaving state
-    leaving = {"kk": e_last[..., None, None] * kk0 + last.mT @ k}
-    leaving["kv"] = e_last[..., None, None] * kv0 + last.mT @ v
-    return leaving, o
+class _Chunks:
+    """A batch of chunks [G B, ...] prepared (mesa.md): the decays and the decayed,
+    beta-weighted writes, the chunk's own part of every H^kk_t (sum_{s<=t} w_ts k_s k_s^T,
+    [G B, H, C, K, K]) and its summary, S_C = e^{g_C} S_0 + (w_C . K)^T [K, V] for both parts.
+    The state step is that decay and add; every token's solve needs the entering H^kk_0, so it
+    is in the outputs stage, batched over the block's chunks: o_t = (H^kv_t)^T x_t with
+    x_t = (e_t H^kk_0 + H^kk_t,chunk + Diag(lam))^{-1} q_t. q, k [G B, H, C, K], v
+    [G B, H, C, V], beta, log_alpha [G B, H, C], lam [G, H, C, K] (per token of one batch row,
+    the same for every row: see chunkwise), reset [G B, 1, C]."""
+
+    def __init__(self, inputs, reset, factored=False, fused=False):
+        q, k, v, beta, log_alpha, lam = inputs
+        lam = jnp.repeat(lam, q.shape[0] // lam.shape[0], axis=0)  # [G B, H, C, K], chunk-major
+        g = jnp.cumsum(log_alpha, axis=-1)  # [G B, H, C]
+        gamma = causal_decay(g)  # [G B, H, C, C]
+        e, e_last = jnp.exp(g), jnp.exp(g[..., -1])  # [G B, H, C]: entering state's factor
+        if reset is not None:  # no pair across a reset; the states only where they reach
+            seg = Segments(reset)
+            gamma = keep(seg.same, gamma, g.dtype)
+            e, e_last = keep(seg.first, e, g.dtype), keep(seg.through, e_last, g.dtype)
+        self.w = gamma * beta[..., None, :]  # [G B, H, C, C]: weight of write s in H_t
+        self.q, self.k, self.v, self.e, self.lam = q, k, v, e, lam
+        self.kk = jnp.einsum("...ts,...si,...sj->...tij", self.w, k, k)  # [G B, H, C, K, K]
+        last = self.w[..., -1, :, None] * k  # [G B, H, C, K]: each write in the leaving state
+        self.step = (e_last, last.mT @ k, last.mT @ v)  # [G B, H], [.., K, K], [.., K, V]
+
+    def outputs(self, state, aux=None):
+        """o [G B, H, C, V] from the entering states: one solve per token."""
+        e = self.e[..., None]
+        kk = e[..., None] * state["kk"][:, :, None] + self.kk  # [G B, H, C, K, K]
+        x = _spd_solve(regularised(kk, self.lam), self.q)  # [G B, H, C, K]
+        return e * (x @ state["kv"]) + ((x @ self.k.mT) * self.w) @ self.v
+
+
+def _advance(step, state):
+    e_last, kk, kv = step
+    decay = e_last[..., None, None]  # [B, H, 1, 1]
+    return {"kk": decay * state["kk"] + kk, "kv": decay * state["kv"] + kv}, None
+
+
+RULE = autodiff.rule(autodiff.Math(prepare=_Chunks, advance=_advance))
 
 
 def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, beta, log_alpha, lam):
-    """Per chunk of C tokens: the chunk's H^kk_t from the gated-linear-attention chunk math, a
-    batched solve for all its tokens, the state carried across chunks. Padded tokens write
-    nothing (beta = 0) and do not decay."""
-    resets = None if reset is None else reset[:, :, None]  # [B, T, 1]: one row for all heads
-    inputs = (q, k, v, beta, log_alpha, resets)
-    return scan_chunks(_chunk, inputs, initial_state(state, q, v), chunk_size, static=(lam,))
+    """Chunks of C tokens on the chunk engine: the chunk's writes prepared beside it, the state
+    scanned (a decay and an add), then a batched solve for every token from the entering state.
+    Padded tokens write nothing (beta = 0), do not decay, and solve with lam = 1 (a zero lam
+    could leave H^kk + Diag(lam) singular on a token whose output is cut)."""
+    (lam32,) = upcast(lam)
+    # lam rides as a per-token input of one batch row, [1, T, H, K]: the engine's inputs have a
+    # time axis, and one row (not B) keeps its cotangent buffer, summed back to [H, K], small
+    lam_t = jnp.broadcast_to(lam32, (1, q.shape[1]) + lam32.shape)
+    inputs = (q, k, v, beta, log_alpha, lam_t)
+    fill = (None,) * 5 + (1.0,)
+    o, state = autodiff.run(RULE, inputs, reset, initial_state(state, q, v), chunk_size, fill=fill)
+    return o.astype(v.dtype), state

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from fwpzoo.cells._chunking import pad_to_chunks
 from fwpzoo.cells.chunked import engine
@@ -110,15 +111,24 @@ def rule(math: Math) -> engine.Rule:
     )
 
 
-def run(rule, inputs, reset, state, chunk_size, block=None):
+def run(rule, inputs, reset, state, chunk_size, block=None, fill=None):
     """(o [B, T, H, V], final state) of an engine rule over inputs [B, T, H, ...] (or None)
-    and reset [B, T] bool (or None),
-    zero-padded to whole blocks (a zero token is an identity step for every rule that runs
-    here; a gate that is not must be padded by its rule first) and cut back to T."""
+    and reset [B, T] bool (or None), padded to whole blocks and cut back to T. A padded token
+    must be an identity step: zeros are for every rule here, except for the inputs `fill` names
+    (a tuple beside inputs, None for zero; mesa's lam pads with 1, the mLSTM's log_i with -inf)."""
     T = inputs[0].shape[1]
     size = min(chunk_size, T)
     block = block or engine.default_block(-(-T // size))
-    inputs = tuple(pad_to_chunks(x, size * block) for x in inputs)
+    fill = fill or (None,) * len(inputs)
+    inputs = tuple(_padded(x, size * block, value) for x, value in zip(inputs, fill, strict=True))
     reset = pad_to_chunks(reset, size * block)
     o, state = engine.run_chunks(rule, inputs, reset, state, size, block)
     return o[:, :T], state
+
+
+def _padded(x, size, value):
+    """x [B, T, ...] padded along T to a multiple of size with value (None: zeros)."""
+    if x is None or value is None or x.shape[1] % size == 0:
+        return pad_to_chunks(x, size)
+    widths = [(0, 0), (0, size - x.shape[1] % size)] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x, widths, constant_values=value)
