@@ -19,7 +19,6 @@ import jax.numpy as jnp
 
 from fwpzoo.cells._chunking import Segments, keep, lower_mask
 from fwpzoo.cells._reference import initial_parts, reset_state, scan_steps, upcast
-from fwpzoo.cells._remat_chunks import scan_chunks
 from fwpzoo.cells._spec import (
     GRADIENT,
     LOG_DECAY,
@@ -31,6 +30,7 @@ from fwpzoo.cells._spec import (
     gate_names,
     negative_correlation,
 )
+from fwpzoo.cells.chunked import autodiff
 
 GATE_SPECS = (Gate("log_f", range=LOG_DECAY), Gate("log_i", range=REAL))
 GATES = gate_names(GATE_SPECS)
@@ -83,55 +83,88 @@ def recurrent(q, k, v, *, state=None, reset=None, log_f, log_i):
     return o.astype(v.dtype), state
 
 
-def _chunk(state, q, k, v, log_f, log_i, reset):
-    """One chunk (mlstm.md): every m_t as a max over the chunk's pairs, then linear attention
-    with the weights e^{D_ts - m_t} <= 1. q, k [B, H, C, K], v [B, H, C, V], log_f, log_i
-    [B, H, C], reset [B, 1, C] or None."""
-    size = q.shape[-2]
-    F = jnp.cumsum(log_f, axis=-1)  # [B, H, C]: log forget product since the chunk start
-    seg = None if reset is None else Segments(reset)
-    pairs = lower_mask(size)  # [(B, 1,) C, C]: s <= t, and no reset in (s, t]
-    if seg is not None:
-        pairs = pairs & seg.same
-    # D_ts = F_t - F_s + log_i_s: the log weight of write s in the state at t
-    D = jnp.where(pairs, F[..., :, None] - F[..., None, :] + log_i[..., None, :], -jnp.inf)
-    m0 = jnp.broadcast_to(state["m"][..., None], F.shape)  # [B, H, C]
-    if seg is None:
-        D0 = F + m0  # the entering state's log weight at t
-    else:
-        # a segment starting at r enters with m = 0 after F_{r-1}, the first with m_0
-        starts = reset | (jnp.arange(size) == 0)  # [B, 1, C]
-        start_of = pairs & starts[..., None, :]  # [B, 1, C, C]: (t, the start of t's segment)
-        F_start = jnp.sum(jnp.where(start_of, (F - log_f)[..., None, :], 0.0), axis=-1)
-        D0 = F - F_start + keep(seg.first, m0, F.dtype)
-    m = jnp.maximum(D0, jnp.max(D, axis=-1))  # [B, H, C]: exactly the recurrent m_t
-    P = jnp.exp(D - m[..., None])  # [B, H, C, C], <= 1, 0 outside the pairs
-    w0 = jnp.exp(D0 - m)  # [B, H, C]: the entering state's weight, <= 1
-    if seg is not None:
-        w0 = keep(seg.first, w0, w0.dtype)
-    scores = (q @ k.mT) * P  # [B, H, C, C]
-    C0, n0 = state["C"], state["n"]
-    numerator = w0[..., None] * (q @ C0) + scores @ v  # [B, H, C, V]
-    denominator = w0 * jnp.sum(q * n0[..., None, :], -1) + jnp.sum(scores, -1)  # [B, H, C]
-    o = numerator / jnp.maximum(jnp.abs(denominator), jnp.exp(-m))[..., None]
-    last = P[..., -1, :, None]  # [B, H, C, 1]: each write's weight in the leaving state
-    w_last = w0[..., -1]  # [B, H]
-    leaving = {
-        "C": w_last[..., None, None] * C0 + (last * k).mT @ v,
-        "n": w_last[..., None] * n0 + jnp.sum(last * k, axis=-2),
-        "m": m[..., -1],
-    }
-    return leaving, o
+class _Chunks:
+    """A batch of chunks [G B, ...] prepared (mlstm.md): the log weights D_ts = F_t - F_s +
+    log_i_s of every write s <= t in the same segment (-inf elsewhere), where each token's
+    segment starts, and the chunk's summary: F_C, the log weight of the entering state at the
+    chunk end (-inf after a reset), and the writes' own part, stabilised by its largest log
+    weight m_X (after a reset, m_X also counts the zero state the last segment starts from,
+    entering with m = 0): X = sum_s e^{D_Cs - m_X} (k_s v_s^T, k_s). The state step is the
+    max-plus combine of chunked/summary.py: m' = max(F_C + m_0, m_X), C' = e^{F_C + m_0 - m'}
+    C_0 + e^{m_X - m'} X_C (n likewise). The outputs need every m_t, a max over the entering
+    state's weight and the chunk's pairs, so they are computed from the entering state.
+    q, k [G B, H, C, K], v [G B, H, C, V], log_f, log_i [G B, H, C], reset [G B, 1, C]."""
+
+    def __init__(self, inputs, reset, factored=False, fused=False):
+        q, k, v, log_f, log_i = inputs
+        size = q.shape[-2]
+        F = jnp.cumsum(log_f, axis=-1)  # [G B, H, C]: log forget product since the chunk start
+        pairs = lower_mask(size)  # [(G B, 1,) C, C]: s <= t, and no reset in (s, t]
+        self.first = None
+        F_start = jnp.zeros_like(F)  # [G B, H, C]: F before the segment of t starts
+        if reset is not None:
+            seg = Segments(reset)
+            pairs = pairs & seg.same
+            # a segment starting at r enters with m = 0 after F_{r-1}, the first with m_0
+            starts = reset | (jnp.arange(size) == 0)  # [G B, 1, C]
+            start_of = pairs & starts[..., None, :]  # [G B, 1, C, C]: (t, t's segment start)
+            F_start = jnp.sum(jnp.where(start_of, (F - log_f)[..., None, :], 0.0), axis=-1)
+            self.first = seg.first
+        # D_ts = F_t - F_s + log_i_s: the log weight of write s in the state at t
+        D = jnp.where(pairs, F[..., :, None] - F[..., None, :] + log_i[..., None, :], -jnp.inf)
+        self.q, self.k, self.v, self.F, self.D = q, k, v, F - F_start, D
+        # the leaving state's parts: the entering one reaches the end only with no reset
+        through = jnp.ones(F.shape[:-1], bool) if reset is None else seg.through  # [G B, H | 1]
+        carried = jnp.where(through, F[..., -1], -jnp.inf)  # [G B, H]
+        m_x = jnp.max(D[..., -1, :], axis=-1)  # [G B, H]: the writes' largest log weight
+        if reset is not None:  # the last segment's zero state, entering with m = 0
+            m_x = jnp.where(through, m_x, jnp.maximum(m_x, self.F[..., -1]))
+        written = m_x > -jnp.inf
+        last = _weight(D[..., -1, :], jnp.where(written, m_x, 0.0)[..., None])[..., None] * k
+        self.step = (carried, m_x, last.mT @ v, jnp.sum(last, axis=-2))  # X_C [K, V], X_n [K]
+
+    def outputs(self, state, aux=None):
+        """o [G B, H, C, V] from the entering states: every m_t exactly, then linear attention
+        with the weights e^{D_ts - m_t} <= 1."""
+        m0 = jnp.broadcast_to(state["m"][..., None], self.F.shape)  # [G B, H, C]
+        D0 = self.F + (m0 if self.first is None else keep(self.first, m0, m0.dtype))
+        m = jnp.maximum(D0, jnp.max(self.D, axis=-1))  # [G B, H, C]: the recurrent m_t
+        P = jnp.exp(self.D - m[..., None])  # [G B, H, C, C], <= 1, 0 outside the pairs
+        w0 = keep(self.first, jnp.exp(D0 - m), m.dtype)  # [G B, H, C]: the entering state's
+        scores = (self.q @ self.k.mT) * P  # [G B, H, C, C]
+        q = self.q
+        numerator = w0[..., None] * (q @ state["C"]) + scores @ self.v  # [G B, H, C, V]
+        denominator = w0 * jnp.sum(q * state["n"][..., None, :], -1) + jnp.sum(scores, -1)
+        return numerator / jnp.maximum(jnp.abs(denominator), jnp.exp(-m))[..., None]
+
+
+def _weight(log_weight, m):
+    """e^{log_weight - m}, 0 where log_weight is -inf (m may then be -inf too): the inner select
+    keeps -inf - -inf out of both the value and the gradient."""
+    empty = log_weight == -jnp.inf
+    return jnp.where(empty, 0.0, jnp.exp(jnp.where(empty, 0.0, log_weight - m)))
+
+
+def _advance(step, state):
+    """The max-plus combine of the chunk's summary with the entering state (C, n, m)."""
+    carried, m_x, x_C, x_n = step
+    carried = carried + state["m"]  # [B, H]: the entering state's log weight at the end
+    m = jnp.maximum(carried, m_x)
+    w0, wx = _weight(carried, m), _weight(m_x, m)  # [B, H]
+    C = w0[..., None, None] * state["C"] + wx[..., None, None] * x_C
+    return {"C": C, "n": w0[..., None] * state["n"] + wx[..., None] * x_n, "m": m}, None
+
+
+RULE = autodiff.rule(autodiff.Math(prepare=_Chunks, advance=_advance))
 
 
 def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, log_f, log_i):
-    """Stabilised linear attention inside each chunk of C tokens, (C, n, m) carried across."""
-    T = q.shape[1]
-    size = min(chunk_size, T)
-    # A padded token must leave m alone: log_i = -inf writes nothing (log_f = 0 keeps m).
+    """Stabilised linear attention inside each chunk of C tokens on the chunk engine, (C, n, m)
+    scanned across. A padded token must leave m alone: log_i = -inf writes nothing (log_f = 0
+    keeps m)."""
     (log_i,) = upcast(log_i)
-    if T % size:
-        log_i = jnp.pad(log_i, [(0, 0), (0, size - T % size), (0, 0)], constant_values=-jnp.inf)
-    resets = None if reset is None else reset[:, :, None]  # [B, T, 1]: one row for all heads
-    inputs = (q, k, v, log_f, log_i, resets)
-    return scan_chunks(_chunk, inputs, initial_state(state, q, v), chunk_size)
+    inputs = (q, k, v, log_f, log_i)
+    fill = (None,) * 4 + (-jnp.inf,)
+    state = initial_state(state, q, v)
+    o, state = autodiff.run(RULE, inputs, reset, state, chunk_size, fill=fill)
+    return o.astype(v.dtype), state
