@@ -250,10 +250,17 @@ DEEP_CASES = [
         ("inner_batch", 2),
         ("window", 1),
     ),
+    # the dual form (a linear net with sgd or momentum), the window reaching past a mini-batch
+    (("fast_net", "linear"), ("optimizer", "sgd"), ("inner_batch", 4), ("window", 6)),
+    (("fast_net", "linear"), ("optimizer", "momentum"), ("inner_batch", 4), ("window", 2)),
 ]
 
 
-@pytest.mark.parametrize("options", DEEP_CASES, ids=["mlp-momentum-b4-w2", "swiglu-muon-b2"])
+@pytest.mark.parametrize(
+    "options",
+    DEEP_CASES,
+    ids=["mlp-momentum-b4-w2", "swiglu-muon-b2", "linear-sgd-b4-w6", "linear-momentum-b4-w2"],
+)
 def test_deep_parallel_mini_batch_gradients_equal_the_token_walk(options):
     """chunkwise (each mini-batch's gradients in one batched backward) against recurrent
     (every gradient in turn), with resets and a partial last mini-batch: outputs, final state

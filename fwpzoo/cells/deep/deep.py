@@ -314,11 +314,109 @@ def _parallel_gradients(inner, state, x):
     return {n: jnp.einsum("btj,bhj...->bht...", weights, gj) for n, gj in g.items()}
 
 
+def has_dual_form(inner) -> bool:
+    """A linear fast net with sgd or momentum: every step is linear in the gradients, so a
+    mini-batch runs in the dual form (_linear_dual). Muon's Newton-Schulz is not linear."""
+    return inner.fast_net == "linear" and inner.optimizer != "muon"
+
+
+def _decays(log_gate, scale, same):
+    """The [U, U] kernel of a gated sum inside a mini-batch: out[t, s] = prod_{s < r <= t}
+    exp(log_gate_r) * scale_s for s <= t in t's segment, else 0; and exp of the gate's sum up to
+    each token [..., U]. log_gate, scale [B, H, U]; same [B, 1, U, U] (same segment)."""
+    cum = jnp.cumsum(log_gate, axis=-1)  # [B, H, U]
+    U = cum.shape[-1]
+    mask = same & jnp.tril(jnp.ones((U, U), bool))
+    # -inf, not 0, outside the mask: exp of a positive cum_t - cum_s (s > t) could overflow
+    log_kernel = jnp.where(mask, cum[..., :, None] - cum[..., None, :], -jnp.inf)
+    return jnp.exp(log_kernel) * scale[..., None, :], jnp.exp(cum)
+
+
+def _linear_dual(inner, state, x):
+    """One mini-batch of a linear fast net with sgd or momentum in the dual form (deep.md):
+    (state, x) -> (state, o [B, H, U, V]); x as _chunk splits it ([B, H, U, ...], gates
+    [B, H, U], valid, reset [B, 1, U]). With G_s = sum_j w_sj k_j e_j^T, e_j = k_j W_0 - v_j
+    the window's errors at the start weights, every W_t is W_0, M_0 and the e_j in fixed
+    proportions, so the reads are causal attention over the window's keys and no per-token
+    weights or gradients are formed:
+
+        sgd       W_t = a_t W_0 - sum_s A[t, s] G_s,  A[t, s] = alpha_{s+1..t} beta_s,
+                  a_t = alpha_{1..t}
+        momentum  M_t = m_t M_0 + sum_s Mu[t, s] G_s,  Mu[t, s] = mu_{s+1..t} eta_s,
+                  m_t = mu_{1..t};  W_t = a_t W_0 - (A m)_t M_0 - sum_s (A Mu)[t, s] G_s
+
+    A reset at token r starts a segment: its tokens' start weights and momentum are zeros (a
+    linear net's start state) and the kernels do not cross it."""
+    q, k, v = x["q"], x["k"], x["v"]  # [B, H, U, K | V]
+    U, P = q.shape[-2], inner.window - 1
+    index = jnp.cumsum(x["reset"], axis=-1)  # [B, 1, U]: segment of each token
+    own_weight = jnp.broadcast_to(x["valid"], index.shape).astype(v.dtype)  # [B, 1, U]
+    ks, vs, ext_index, ext_weight = k, v, index, own_weight
+    if P:  # the window's past tokens (segment 0) before the mini-batch's own
+        cat = lambda a, b: jnp.concatenate([a, b], axis=-2)  # noqa: E731
+        ks, vs = cat(state["past_k"], k), cat(state["past_v"], v)  # [B, H, P + U, K | V]
+        ext_index = jnp.concatenate([jnp.zeros((*index.shape[:2], P), index.dtype), index], -1)
+        own = jnp.broadcast_to(own_weight, state["past_valid"].shape[:2] + (U,))
+        ext_weight = jnp.concatenate([state["past_valid"], own], axis=-1)  # [B, H, P + U]
+    W = state["W"]  # [B, H, K, V]
+    first_ext = (ext_index == 0)[..., None]  # [B, 1, P + U, 1]: at the entering weights
+    e = jnp.where(first_ext, ks @ W, 0.0) - vs  # [B, H, P + U, V]: errors at the start weights
+    t, j = jnp.arange(U)[:, None], jnp.arange(P + U)[None, :]
+    band = (j >= t) & (j <= t + P)  # [U, P + U]: token t's window holds extended token j
+    window = jnp.where(
+        band & (index[..., :, None] == ext_index[..., None, :]), ext_weight[..., None, :], 0.0
+    )  # [B, H | 1, U, P + U]: w_tj
+    same = index[..., :, None] == index[..., None, :]  # [B, 1, U, U]
+    first = (index == 0).astype(v.dtype)  # [B, 1, U]: the tokens the entering state reaches
+    A, a = _decays(x["log_alpha"], x["beta"], same)  # [B, H, U, U], [B, H, U]
+    a = a * first
+    coefficients = A  # [B, H, U, U]: of G_s in W_t
+    start = a[..., None] * (q @ W)  # [B, H, U, V]: the entering weights' part of the reads
+    W_end = a[..., -1, None, None] * W
+    if inner.has_momentum:
+        Mu, m = _decays(x["log_mu"], x["eta"], same)
+        m = m * first
+        M = state["M_W"]
+        am = jnp.einsum("bhts,bhs->bht", A, m)  # [B, H, U]: of M_0 in W_t
+        coefficients = A @ Mu
+        start = start - am[..., None] * (q @ M)
+        W_end = W_end - am[..., -1, None, None] * M
+        weights = (Mu @ window)[..., -1, :, None]  # [B, H, P + U, 1]: of k_j e_j^T in M_U
+        M_end = m[..., -1, None, None] * M + ks.mT @ (weights * e)
+    R = coefficients @ window  # [B, H, U, P + U]: of k_j e_j^T in W_t
+    o = start - (R * (q @ ks.mT)) @ e  # [B, H, U, V]
+    W_end = W_end - ks.mT @ (R[..., -1, :, None] * e)
+    new = {"W": W_end}
+    if inner.has_momentum:
+        new["M_W"] = M_end
+    if P:
+        new |= _last_window(ks, vs, ext_weight, ext_index, x["valid"], P)
+    return state | new, o
+
+
+def _last_window(ks, vs, ext_weight, ext_index, valid, P):
+    """The window buffer a mini-batch leaves: the last P of the extended tokens up to the last
+    valid one (padding leaves it as it was), those before the last segment zeroed (a reset
+    empties it). ks, vs [B, H, P + U, K | V], ext_weight [B, H, P + U], ext_index [B, 1, P + U],
+    valid [B, 1, U]."""
+    keep = (ext_index == ext_index[..., -1:]).astype(ks.dtype)  # [B, 1, P + U]
+    end = P + jnp.sum(valid[:, 0], axis=-1)  # [B]: one past the last valid extended token
+    at = end[:, None, None] - P + jnp.arange(P)  # [B, 1, P]: the slots kept
+    return {
+        "past_k": jnp.take_along_axis(ks * keep[..., None], at[..., None], axis=2),
+        "past_v": jnp.take_along_axis(vs * keep[..., None], at[..., None], axis=2),
+        "past_valid": jnp.take_along_axis(ext_weight * keep, at, axis=2),
+    }
+
+
 def _chunk(inner, names):
-    """scan_chunks' chunk function: the chunk's mini-batches in turn, each with its gradients
-    in parallel. Inputs [B, H, C, ...] (valid, reset [B, 1, C]) in the order of `names`."""
+    """scan_chunks' chunk function: the chunk's mini-batches in turn, each in the dual form
+    (has_dual_form) or with its gradients in parallel and its steps in turn. Inputs
+    [B, H, C, ...] (valid, reset [B, 1, C]) in the order of `names`."""
 
     def unit(state, x):
+        if has_dual_form(inner):
+            return _linear_dual(inner, state, x)
         grads = _parallel_gradients(inner, state, x)
         return _walk(inner, state, _tokens(x | {"g_" + n: g for n, g in grads.items()}))
 
