@@ -26,7 +26,6 @@ import numpy as np
 from fwpzoo.cells import _delta_assoc
 from fwpzoo.cells._chunking import Segments, factored_chunks, keep
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
-from fwpzoo.cells._remat_chunks import scan_chunks, vjp_pullback
 from fwpzoo.cells._spec import (
     AFFINE,
     DIRECTION,
@@ -37,6 +36,7 @@ from fwpzoo.cells._spec import (
     Objective,
     gate_names,
 )
+from fwpzoo.cells.chunked import autodiff, engine
 from fwpzoo.cells.chunked.scores import per_key_scores, prefix_sum
 from fwpzoo.cells.chunked.triangular import inverse_with_pullback, unit_lower_inverse
 
@@ -74,30 +74,35 @@ def recurrent(q, k, v, *, state=None, reset=None, log_w, a, b):
     return o.astype(v.dtype), state
 
 
-def _halved_chunk(s, q, k, v, log_w, a, b, reset):
-    """One chunk (dplr.md, sections 1-4) with the per-key scores by halving, for any decay: the
-    reads u_t = S_{t-1}^T a_t by a UT transform, then the outputs and the leaving state as gated
-    linear attention over the writes b u^T + k v^T. q, k, a, b, log_w [B, H, C, K], v [B, H, C,
-    V], reset [B, 1, C] or None. Its backward is autodiff."""
-    g = jnp.cumsum(log_w, axis=-2)  # [B, H, C, K]: log decay from the chunk start, t included
-    g_before = g - log_w  # [B, H, C, K]: ... up to t - 1, the decay the read at t sees
-    # per-key decayed scores: reads against earlier writes (s < t), queries against s <= t
-    two = lambda x, y: jnp.stack([x, y])  # noqa: E731  [2, B, H, C, K]: one batched call
-    gg, bk = two(g, g), two(b, k)
-    a_b, a_k = per_key_scores(two(a, a), bk, gg, two(g_before, g_before), strict=True)
-    q_b, q_k = per_key_scores(two(q, q), bk, gg)  # [B, H, C, C] each
-    e_before, e, to_end = jnp.exp(g_before), jnp.exp(g), jnp.exp(g[..., -1:, :] - g)
-    e_last = jnp.exp(g[..., -1, :])  # [B, H, K]
-    if reset is not None:  # no pair across a reset; the states only where they reach
-        seg, dtype = Segments(reset), s.dtype
-        a_b, a_k, q_b, q_k = (keep(seg.same, x, dtype) for x in (a_b, a_k, q_b, q_k))
-        e_before, e = keep(seg.first, e_before, dtype), keep(seg.first, e, dtype)
-        to_end, e_last = keep(seg.last, to_end, dtype), keep(seg.through, e_last, dtype)
-    # U = (I - A_ab)^{-1} ((A . e^{g_before}) S_0 + A_ak V): row t is u_t
-    u = inverse_with_pullback(-a_b) @ ((a * e_before) @ s + a_k @ v)  # [B, H, C, V]
-    o = (q * e) @ s + q_b @ u + q_k @ v  # [B, H, C, V]
-    leaving = e_last[..., None] * s + (b * to_end).mT @ u + (k * to_end).mT @ v
-    return leaving, o
+class _Halved:
+    """One batch of chunks with the per-key scores by halving, for any decay (dplr.md,
+    sections 1-4), in _Factored's layout: the scores [2C, 2C] of the reads [A; Q] (rows)
+    against the writes [B; K] (columns), the entering state's read factors x_start, the
+    leaving state's write factors y_end, e^{g_C} and the UT transform of the reads. Its
+    backward is autodiff (the inverse's own pullback inside). q, k, a, b, log_w
+    [G B, H, C, K], reset [G B, 1, C] or None."""
+
+    def __init__(self, q, k, log_w, a, b, reset):
+        g = jnp.cumsum(log_w, axis=-2)  # [G B, H, C, K]: log decay from the chunk start
+        g_before = g - log_w  # [G B, H, C, K]: ... up to t - 1, the decay the read at t sees
+        # per-key decayed scores: reads against earlier writes (s < t), queries against s <= t
+        two = lambda x, y: jnp.stack([x, y])  # noqa: E731  [2, G B, H, C, K]: one batched call
+        gg, bk = two(g, g), two(b, k)
+        a_b, a_k = per_key_scores(two(a, a), bk, gg, two(g_before, g_before), strict=True)
+        q_b, q_k = per_key_scores(two(q, q), bk, gg)  # [G B, H, C, C] each
+        e_before, e, to_end = jnp.exp(g_before), jnp.exp(g), jnp.exp(g[..., -1:, :] - g)
+        self.e_last = jnp.exp(g[..., -1, :])  # [G B, H, K]
+        if reset is not None:  # no pair across a reset; the states only where they reach
+            seg, dtype = Segments(reset), g.dtype
+            a_b, a_k, q_b, q_k = (keep(seg.same, x, dtype) for x in (a_b, a_k, q_b, q_k))
+            e_before, e = keep(seg.first, e_before, dtype), keep(seg.first, e, dtype)
+            to_end = keep(seg.last, to_end, dtype)
+            self.e_last = keep(seg.through, self.e_last, dtype)
+        rows = lambda x, y: jnp.concatenate([x, y], axis=-1)  # noqa: E731
+        self.scores = jnp.concatenate([rows(a_b, a_k), rows(q_b, q_k)], axis=-2)  # [.., 2C, 2C]
+        self.x_start = jnp.concatenate([a * e_before, q * e], axis=-2)  # [G B, H, 2C, K]
+        self.y_end = jnp.concatenate([b * to_end, k * to_end], axis=-2)
+        self.t = inverse_with_pullback(-a_b)  # (I - A_ab)^{-1}
 
 
 class _Factored:
@@ -142,14 +147,6 @@ class _Factored:
         u = self.t @ (start[..., :size, :] + self.scores[..., :size, size:] @ v)
         return u, start[..., size:, :] if queries else None
 
-    def forward(self, s, v):
-        """(leaving state, o [B, H, C, V]) from the entering state s [B, H, K, V]."""
-        size = v.shape[-2]
-        u, q_start = self.reads(s, v)
-        w = jnp.concatenate([u, v], axis=-2)  # [B, H, 2C, V]: the writes' values [U; V]
-        o = q_start + self.scores[..., size:, :] @ w
-        return self.e_last[..., None] * s + self.y_end.mT @ w, o
-
     def pullback(self, s, v, log_w, ds, do):
         """(ds entering, [dq, dk, dv, dlog_w, da, db]) from the cotangents of the leaving state
         ds [B, H, K, V] and of the outputs do [B, H, C, V] (dplr.md, section 6)."""
@@ -192,40 +189,93 @@ def _pairs(size):
     return np.block([[strict, strict], [lower, lower]])
 
 
-def _chunk(s, q, k, v, log_w, a, b, reset, factored):
-    """One chunk -> (leaving state, o [B, H, C, V]): factored where the decays allow (factored
-    [1, 1, C]: its chunk's flag from _chunking.factored_chunks on every token), halved
-    otherwise."""
+class _Chunks:
+    """A batch of chunks [G B, ...] (the engine's prepare stage): _Factored's scores where the
+    block's decays allow, _Halved's otherwise, and the chunk's state step in factored form
+    (dplr.md, section 7): the reads U = T (A~ S_0 + A_ak V) from the entering state, then
+    S_C = Diag(e^{g_C}) S_0 + (B . e^{g_C - g})^T U + (K . e^{g_C - g})^T V: products of
+    [C, K] rows with the state; `fused` (one chunk per block) keeps T and the unsolved rows,
+    the accelerator layout forms T A~ and T A_ak V in the prepare stage. The outputs and the
+    cotangent step are hand-derived for both kinds of chunk; the pullback of the inputs is too
+    for a factored chunk (_Factored.pullback), autodiff of this class for a halved one.
+    q, k, a, b, log_w [G B, H, C, K], v [G B, H, C, V], reset [G B, 1, C] or None."""
 
-    def by_factors(s, q, k, v, log_w, a, b, reset):
-        return _Factored(q, k, log_w, a, b, reset).forward(s, v)
+    def __init__(self, inputs, reset, factored=False, fused=False):
+        q, k, v, log_w, a, b = inputs
+        self.inputs, self.reset, self.factored, self.fused = inputs, reset, factored, fused
+        kind = _Factored if factored else _Halved
+        self.core = core = kind(q, k, log_w, a, b, reset)
+        size = q.shape[-2]
+        self.v, self.size = v, size
+        reads = core.x_start[..., :size, :]  # [G B, H, C, K]: A~, the reads of S_0
+        written = core.scores[..., :size, size:] @ v  # [G B, H, C, V]: A_ak V
+        solve = core.t
+        if not fused:
+            solve, reads, written = None, solve @ reads, solve @ written
+        writes_b = core.y_end[..., :size, :]  # [G B, H, C, K]: B . e^{g_C - g}
+        self.step = (core.e_last, solve, reads, written, writes_b, core.y_end[..., size:, :].mT @ v)
 
-    args = (s, q, k, v, log_w, a, b, reset)
-    return jax.lax.cond(factored[0, 0, 0], by_factors, _halved_chunk, *args)
+    def outputs(self, s, u):
+        """O = (Q . e^g) S_0 + A_qb U + A_qk V [G B, H, C, V] from the entering states s and the
+        reads u [G B, H, C, V]."""
+        size, scores = self.size, self.core.scores
+        q_start = self.core.x_start[..., size:, :]
+        return q_start @ s + scores[..., size:, :size] @ u + scores[..., size:, size:] @ self.v
+
+    def pull(self, do):
+        """The outputs' cotangent on the entering state: (Q . e^g)^T dO + A~^T T^T A_qb^T dO."""
+        size, core = self.size, self.core
+        du = core.t.mT @ (core.scores[..., size:, :size].mT @ do)  # [G B, H, C, V]
+        return core.x_start[..., size:, :].mT @ do + core.x_start[..., :size, :].mT @ du
+
+    def pullback(self, s, ds, do):
+        """[dq, dk, dv, dlog_w, da, db] [G B, H, C, ...] from the entering states s, the leaving
+        states' cotangents ds and the outputs' do."""
+        q, k, v, log_w, a, b = self.inputs
+        if self.factored:
+            return self.core.pullback(s, v, log_w, ds, do)[1]
+
+        def run(*inputs):
+            chunks = _Chunks(inputs, self.reset, False, self.fused)
+            leaving, u = _advance(chunks.step, s)
+            return leaving, chunks.outputs(s, u)
+
+        _, vjp = jax.vjp(run, *self.inputs)
+        return list(vjp((ds, do)))
 
 
-def _pullback(cotangents, s, q, k, v, log_w, a, b, reset, factored):
-    """The chunk's backward (scan_chunks' contract): hand-derived for a factored chunk, autodiff
-    of the halved one otherwise."""
+def _advance(step, s):
+    """(S_C, U [B, H, C, V]) from the entering state s [B, H, K, V]."""
+    e_last, solve, reads, written, writes_b, x_k = step
+    u = reads @ s + written  # [B, H, C, V]
+    u = u if solve is None else solve @ u
+    return e_last[..., None] * s + writes_b.mT @ u + x_k, u
 
-    def by_factors(cotangents, s, q, k, v, log_w, a, b, reset):
-        ds, do = cotangents
-        return _Factored(q, k, log_w, a, b, reset).pullback(s, v, log_w, ds, do)
 
-    args = (cotangents, s, q, k, v, log_w, a, b, reset)
-    return jax.lax.cond(factored[0, 0, 0], by_factors, vjp_pullback(_halved_chunk), *args)
+def _retreat(step, ds, pulled):
+    """dS_0 = e^{g_C} dS_C + A~^T T^T (B . e^{g_C - g}) dS_C + R."""
+    e_last, solve, reads, _, writes_b, _ = step
+    du = writes_b @ ds  # [B, H, C, V]
+    du = du if solve is None else solve.mT @ du
+    return e_last[..., None] * ds + reads.mT @ du + pulled
+
+
+RULE = engine.Rule(
+    prepare=_Chunks,
+    advance=_advance,
+    retreat=_retreat,
+    flags=lambda inputs, size: factored_chunks(inputs[3], size),
+)
 
 
 def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, log_w, a, b):
-    """Per chunk of C tokens: the low-rank reads by a unit-triangular inverse, the rest as
-    per-key gated linear attention; the state carried across chunks. Padded tokens are
-    identities (no decay, no write, a = b = 0)."""
-    resets = None if reset is None else reset[:, :, None]  # [B, T, 1]: one row for all heads
-    size = min(chunk_size, q.shape[1])
-    factored = jnp.repeat(factored_chunks(log_w, size), size)[None, : q.shape[1], None]  # [1, T, 1]
-    inputs = (q, k, v, log_w, a, b, resets, factored)
+    """Chunks of C tokens on the chunk engine: the low-rank reads by a unit-triangular inverse
+    prepared beside each chunk, the state scanned, the rest as per-key gated linear attention
+    from each chunk's entering state. Padded tokens are identities (no decay, no write,
+    a = b = 0)."""
     state = initial_state(state, q, v)
-    return scan_chunks(_chunk, inputs, state, chunk_size, pullback=_pullback)
+    o, state = autodiff.run(RULE, (q, k, v, log_w, a, b), reset, state, chunk_size)
+    return o.astype(v.dtype), state
 
 
 def associative(q, k, v, *, state=None, reset=None, log_w, a, b):
