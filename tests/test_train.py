@@ -9,8 +9,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import SingleDeviceSharding
 
+from fwpzoo import cells
 from fwpzoo.config import CheckpointConfig, Config, from_dict
+from fwpzoo.layers import MIXERS
+from fwpzoo.layers.params import GateParam, ScaleParam
+from fwpzoo.models import ModelConfig, build_model
 from fwpzoo.train import (
     TrainingDiverged,
     evaluate,
@@ -21,10 +26,10 @@ from fwpzoo.train import (
     train,
     training_time,
 )
-from fwpzoo.train.checkpoint import Checkpoints
+from fwpzoo.train.checkpoint import Checkpoints, abstract_with_sharding
 from fwpzoo.train.loop import StepPlan, TrainingClock, plan_step
 from fwpzoo.train.metrics import read_metrics, truncate_metrics
-from fwpzoo.train.optim import learning_rate_schedule
+from fwpzoo.train.optim import decayed, learning_rate_schedule, make_optimizer
 from fwpzoo.train.sharding import dividing_count, shard_batch, to_host
 from fwpzoo.train.state import init_train_state
 from fwpzoo.train.steps import make_train_step, micro_batches, token_sums
@@ -99,6 +104,117 @@ def test_schedule_warms_up_linearly_then_decays_to_its_end_value():
     np.testing.assert_allclose(float(schedule(10)), lr, rtol=1e-6)
     np.testing.assert_allclose(float(schedule(55)), lr * (0.1 + 0.9 * 0.5), rtol=1e-5)
     np.testing.assert_allclose(float(schedule(100)), lr * 0.1, rtol=1e-6)
+
+
+# Weight decay by role (fwpzoo.layers.params) --------------------------------------------------
+
+# Model configs that between them build every parameter a layer can have: each cell in the FWP
+# mixer under each decay it takes, with its optional gates and a gate bias, and every other mixer
+# with its optional parameters; the MoE MLP.
+ROLE_CASES = [
+    {"cell": name, "decay": decay, "output_norm": True}
+    for name, module in cells.CELLS.items()
+    for decay in (
+        ("scalar", "per_key") if any(g.takes_per_key for g in module.GATE_SPECS) else ("scalar",)
+    )
+] + [
+    {"cell": "delta_product", "product_decay": True},
+    {"cell": "deep", "fast_net": "mlp", "inner_optimizer": "momentum"},
+    {"cell": "delta_rule", "beta_init": 0.5},
+    {"mixers": ("attention",), "attention_qk_norm": "head"},
+    {"mixers": ("mamba2",)},
+    {"mixers": ("ssm",)},
+    {"mixers": ("plastic",), "form": "recurrent"},
+    {"mixers": ("plastic",), "form": "recurrent", "plastic_on": "recurrent",
+     "plasticity": "neuromodulated", "plastic_alpha": True},
+    {"mixers": ("rdn",)},
+    {"mixers": ("srwm",), "feature_map": "softmax", "qk_norm": "none"},
+    {"moe_experts": 3, "moe_shared_hidden": 8},
+]  # fmt: skip
+# The weights a layer declares itself (every other weight is a Linear's kernel or the
+# embedding): slow-weight matrices (plastic, rdn, srwm), the neuromodulator's readout, the
+# diagonal SSM's input and output maps, the experts' stacked kernels.
+DECLARED_WEIGHTS = ("W", "R", "W0", "w_mod", "B", "C", "gate", "up", "down")
+
+
+def role_params(case: dict):
+    """The parameters (shapes only) of a one-layer model of `case`."""
+    cfg = ModelConfig(**{"mixers": ("fwp",), "d_model": 8, "num_heads": 2, **case})
+    model = nnx.eval_shape(lambda: build_model(cfg, vocab_size=5, rngs=nnx.Rngs(0)))
+    return nnx.state(model, nnx.Param)
+
+
+def by_path(params) -> dict:
+    """{"blocks/mixer/...": its nnx.Param} (list indices left out)."""
+    leaves = jax.tree_util.tree_leaves_with_path(
+        params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    return {"/".join(sharding.path_names(path)): param for path, param in leaves}
+
+
+def test_every_parameter_is_a_weight_or_has_a_stated_role():
+    """Weight decay reads the kind of a parameter, so a gate, decay or per-head scalar declared
+    as a plain nnx.Param would be decayed unnoticed: every decayed parameter must be a weight."""
+    assert {case.get("mixers", ("fwp",))[0] for case in ROLE_CASES} == set(MIXERS)
+    assert {case["cell"] for case in ROLE_CASES if "cell" in case} == set(cells.CELLS)
+    for case in ROLE_CASES:
+        for path, param in by_path(role_params(case)).items():
+            if decayed(param):
+                name = path.rsplit("/", 1)[-1]
+                assert name in ("kernel", "embedding", *DECLARED_WEIGHTS) and param.ndim >= 2, (
+                    f"{path} {param.shape} ({case}) would be weight-decayed: declare a gate, "
+                    "decay or per-head scalar as GateParam, a norm's scale as ScaleParam"
+                )
+            else:
+                assert isinstance(param, (GateParam, ScaleParam)), path
+
+
+def filled(params):
+    """Concrete arrays of `params`' shapes, no two entries alike."""
+    return jax.tree.map(lambda x: jnp.arange(1, x.size + 1, dtype=x.dtype).reshape(x.shape), params)
+
+
+def test_scalar_and_per_key_decays_are_treated_alike():
+    """model.decay=scalar ([H]) and per_key ([H, K]) leave the decay's A_log and dt_bias to the
+    gradient alone; weights are decayed in both. A zero gradient isolates weight decay."""
+    optimizer = make_optimizer(tiny(train={"weight_decay": 0.5, "warmup_steps": 0}).train)
+    zero_gradient_update = jax.jit(
+        lambda params: optimizer.update(
+            jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params
+        )[0]
+    )
+    moved = {}
+    for decay in ("scalar", "per_key"):
+        params = filled(role_params({"cell": "gated_delta_rule", "decay": decay}))
+        updates = by_path(zero_gradient_update(params))
+        moved[decay] = {path for path, x in updates.items() if np.any(x[...] != 0)}
+        decays = {path for path in updates if "/decay/" in path}
+        assert decays == {
+            "blocks/mixer/gates/log_alpha/decay/A_log",
+            "blocks/mixer/gates/log_alpha/decay/dt_bias",
+        }
+        assert not decays & moved[decay] and "blocks/mixer/qkv_proj/kernel" in moved[decay]
+    assert moved["scalar"] == moved["per_key"]
+
+
+def test_a_checkpoint_of_plain_params_restores_into_the_kinds(tmp_path):
+    """Checkpoints hold arrays by path, not the parameter's kind: one saved when every parameter
+    was a plain nnx.Param restores into GateParam and ScaleParam unchanged."""
+    params = filled(role_params({"mixers": ("fwp", "mamba2"), "cell": "mesa"}))
+    plain = jax.tree.map(
+        lambda v: nnx.Param(v[...]), params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    checkpoints = Checkpoints(tmp_path, CheckpointConfig(async_save=False))
+    state = {"params": plain, "rest": {}, "opt_state": {"count": jnp.zeros(())}}
+    checkpoints.save(1, state, {"config": {}})
+    target = {"params": params, "rest": {}}
+    abstract = abstract_with_sharding(target, SingleDeviceSharding(jax.devices()[0]))
+    restored = by_path(checkpoints.restore_model(1, abstract, {})["params"])
+    checkpoints.close()
+    assert any(isinstance(p, GateParam) for p in restored.values())
+    for path, param in by_path(params).items():
+        assert type(restored[path]) is type(param)
+        np.testing.assert_array_equal(restored[path][...], param[...])
 
 
 def test_eval_from_the_checkpoint_alone_repeats_the_metrics_logged_in_training(tmp_path):

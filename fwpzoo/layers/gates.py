@@ -9,6 +9,7 @@ from flax import nnx
 
 from fwpzoo.cells import _spec
 from fwpzoo.layers.norms import l2_normalize
+from fwpzoo.layers.params import GateParam
 
 BETA_RANGES: dict[str, float] = {"0,1": 1.0, "0,2": 2.0}
 
@@ -36,9 +37,9 @@ class Decay(nnx.Module):
 
     def __init__(self, shape: tuple[int, ...], a_range, dt_range, *, rngs: nnx.Rngs):
         a_key, dt_key = jax.random.split(rngs.params())
-        self.A_log = nnx.Param(jnp.log(_uniform(a_key, shape, *a_range)))
+        self.A_log = GateParam(jnp.log(_uniform(a_key, shape, *a_range)))
         dt = jnp.exp(_uniform(dt_key, shape, math.log(dt_range[0]), math.log(dt_range[1])))
-        self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))  # softplus^-1(dt)
+        self.dt_bias = GateParam(dt + jnp.log(-jnp.expm1(-dt)))  # softplus^-1(dt)
         self.shape = shape
 
     def __call__(self, raw):
@@ -73,7 +74,7 @@ class TokenGate(nnx.Module):
         """decay_init: (A range, dt range) of a log decay's Decay; bias: None (no bias), or the
         start of a trained bias added before the activation (model.beta_init)."""
         self.proj = nnx.Linear(d_model, math.prod(shape), use_bias=False, dtype=dtype, rngs=rngs)
-        self.bias = None if bias is None else nnx.Param(jnp.full(shape, bias, jnp.float32))
+        self.bias = None if bias is None else GateParam(jnp.full(shape, bias, jnp.float32))
         is_decay = gate.range == _spec.LOG_DECAY
         self.decay = Decay(shape, *decay_init, rngs=rngs) if is_decay else None
         self.shape, self.range, self.beta_max = shape, gate.range, beta_max
@@ -97,7 +98,7 @@ class StaticGate(nnx.Module):
 
     def __init__(self, gate, shape, beta_max, start=None):
         start = gate.start if start is None else start  # the spec's start unless beta_init
-        self.raw = nnx.Param(jnp.full(shape, start or 0.0, jnp.float32))
+        self.raw = GateParam(jnp.full(shape, start or 0.0, jnp.float32))
         self.range, self.beta_max = gate.range, beta_max
 
     def __call__(self):

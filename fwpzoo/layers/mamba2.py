@@ -29,6 +29,7 @@ from fwpzoo.layers.conv import ShortConv
 from fwpzoo.layers.fwp import CellMixer, mean_state_norm
 from fwpzoo.layers.gates import Decay
 from fwpzoo.layers.norms import RMSNorm
+from fwpzoo.layers.params import GateParam
 
 CELL = "gated_linear_attn"
 DECAY_RANGES: tuple[str, ...] = ("0,1", "-1,1")
@@ -73,7 +74,7 @@ class Mamba2Mixer(CellMixer):
         )
         self.decay = Decay((H,), cfg.decay_a_range, cfg.decay_dt_range, rngs=rngs)
         self.signed = cfg.decay_range == "-1,1"
-        self.D = nnx.Param(jnp.ones((H,), jnp.float32))
+        self.D = GateParam(jnp.ones((H,), jnp.float32))  # the skip's scale per head
         self.norm = RMSNorm(self.inner)
         self.out_proj = linear(self.inner, cfg.d_model)
 

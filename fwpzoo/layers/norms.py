@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fwpzoo.layers.params import ScaleParam
+
 
 class RMSNorm(nnx.Module):
     """x / rms(x) * weight over the last axis of size `dim`; returns the input's dtype.
@@ -15,7 +17,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-6, zero_centred: bool = False):
         start = jnp.zeros if zero_centred else jnp.ones
-        self.weight = nnx.Param(start((dim,), jnp.float32))
+        self.weight = ScaleParam(start((dim,), jnp.float32))
         self.eps = eps
         self.zero_centred = zero_centred
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fwpzoo.cells import plastic
+from fwpzoo.layers.params import GateParam
 
 ETA_SIGNS: tuple[str, ...] = ("learned", "positive", "negative")
 LAMBDA_INIT = 0.99  # both papers' decay (HebbFF's lambda, Miconi's 1 - eta)
@@ -75,12 +76,13 @@ class PlasticMixer(nnx.Module):
         else:
             self.in_proj = linear(cfg.d_model, H * V)  # W x
             self.R = nnx.Param(0.5 * normal((H, V, V), V))  # slow recurrent weights
-        self.b = nnx.Param(jnp.zeros((H, V), jnp.float32))
+        self.b = GateParam(jnp.zeros((H, V), jnp.float32))
         eta = cfg.plastic_eta_init / K  # HebbFF's scale: eta K = O(1) for pre of norm sqrt(K)
         eta_raw = eta if self.eta_sign == "learned" else math.log(abs(eta))
-        self.eta_raw = nnx.Param(jnp.full((H,), eta_raw, jnp.float32))
-        self.lambda_raw = nnx.Param(jnp.full((H,), math.log(LAMBDA_INIT / (1 - LAMBDA_INIT))))
-        self.alpha = nnx.Param(jnp.ones((H, K, V), jnp.float32)) if cfg.plastic_alpha else None
+        self.eta_raw = GateParam(jnp.full((H,), eta_raw, jnp.float32))
+        self.lambda_raw = GateParam(jnp.full((H,), math.log(LAMBDA_INIT / (1 - LAMBDA_INIT))))
+        # each synapse's plasticity coefficient (Miconi et al. 2018): a gate on its trace
+        self.alpha = GateParam(jnp.ones((H, K, V), jnp.float32)) if cfg.plastic_alpha else None
         self.w_mod = nnx.Param(normal((H, V), V)) if self.kind.rule == "neuromodulated" else None
         self.out_proj = linear(H * V, cfg.d_model)
 

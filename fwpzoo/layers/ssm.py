@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fwpzoo.layers.params import GateParam
+
 
 def linear_recurrence(a, b, h0):
     """h_t = a_t h_{t-1} + b_t over axis 1 of a, b [B, T, N], from h0 [B, N] -> h [B, T, N]."""
@@ -40,14 +42,14 @@ class DiagonalSSM(nnx.Module):
         # |lambda|^2 uniform on [r_min^2, r_max^2] (LRU's ring initialisation)
         u = jax.random.uniform(radius_key, (N,))
         nu = -0.5 * jnp.log(u * (r_max**2 - r_min**2) + r_min**2)  # -log |lambda|
-        self.nu_log = nnx.Param(jnp.log(nu))
-        self.gamma_log = nnx.Param(0.5 * jnp.log1p(-jnp.exp(-2.0 * nu)))  # log sqrt(1 - |l|^2)
+        self.nu_log = GateParam(jnp.log(nu))
+        self.gamma_log = GateParam(0.5 * jnp.log1p(-jnp.exp(-2.0 * nu)))  # log sqrt(1 - |l|^2)
         parts = 2 if self.is_complex else 1  # real and imaginary parts of B and C
         self.B = nnx.Param(jax.random.normal(b_key, (parts, D, N)) / math.sqrt(2 * D))
         self.C = nnx.Param(jax.random.normal(c_key, (parts, N, D)) / math.sqrt(N))
-        self.D = nnx.Param(jnp.ones((D,), jnp.float32))
+        self.D = GateParam(jnp.ones((D,), jnp.float32))  # the skip's scale per channel
         if self.is_complex:
-            self.theta_log = nnx.Param(jnp.log(max_phase * jax.random.uniform(phase_key, (N,))))
+            self.theta_log = GateParam(jnp.log(max_phase * jax.random.uniform(phase_key, (N,))))
 
     def __call__(self, x, *, reset=None, return_intermediates: bool = False):
         """x [B, T, D], reset [B, T] bool or None -> y [B, T, D] (and intermediates)."""

@@ -2,8 +2,10 @@
 
 import jax
 import optax
+from flax import nnx
 
 from fwpzoo.config import TrainConfig
+from fwpzoo.layers.params import GateParam, ScaleParam
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -17,9 +19,21 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
     )
 
 
+def decayed(param) -> bool:
+    """Whether weight decay applies to one parameter, by its role (fwpzoo.layers.params): to
+    weights (plain nnx.Param: kernels, the embedding, slow-weight matrices), not to gates, decays
+    and per-head scalars (GateParam) nor norms' scales (ScaleParam), whatever their rank."""
+    return isinstance(param, nnx.Param) and not isinstance(param, (GateParam, ScaleParam))
+
+
 def decay_mask(params):
-    """Weight decay on matrices only: norms' scales, biases and gate offsets are left alone."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """params (an nnx.State of parameters) -> the same tree with each array replaced by
+    decayed(its parameter)."""
+    return jax.tree.map(
+        lambda param: jax.tree.map(lambda _: decayed(param), param),
+        params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
