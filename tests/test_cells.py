@@ -386,7 +386,7 @@ def test_chunks_beyond_the_factored_spread_take_the_halving(variant):
     at most e^{-FACTORED_SPREAD} across the chunk; chunks of stronger decays (here tokens 16-31,
     log decays down to -20 per token) take the per-key halving, beside factored ones. Outputs,
     final state and gradients equal `recurrent`, without and with resets."""
-    from fwpzoo.cells._chunking import factored_chunks
+    from fwpzoo.cells.chunked.chunking import factored_chunks
 
     C, decay = 16, per_key_decay(variant)
     sizes = Sizes(3 * C - 1)

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fwpzoo.cells import delta_rule, recurrent_delta, srwm
+from fwpzoo.cells import delta_rule
+from fwpzoo.cells.programmed import recurrent_delta, srwm
 
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 B, H, K, V = 2, 2, 4, 3

@@ -388,7 +388,7 @@ def programmers_markdown(result: dict) -> list[str]:
         "",
         "Their slow projections act inside a sequential scan over tokens (the update reads the "
         "previous output), so they have no chunkwise form; training backpropagates by undoing "
-        "each token's rank-one write (fwpzoo/cells/recurrent_fwp.md).",
+        "each token's rank-one write (fwpzoo/cells/programmed/recurrent_fwp.md).",
         "",
     ]
 

@@ -31,7 +31,7 @@ from fwpzoo.bench._common import (
     machine_line,
     positive_int,
 )
-from fwpzoo.cells import recurrent_delta, srwm
+from fwpzoo.cells.programmed import recurrent_delta, srwm
 from fwpzoo.reports import write_page
 
 

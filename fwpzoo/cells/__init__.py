@@ -9,9 +9,13 @@ and mlstm.md. Each module also declares its gates and its objective as data (_sp
 PROGRAMMED holds the cells whose programmer reads its own past (the Recurrent DeltaNet and the
 self-referential weight matrix): their slow weights act inside the scan, so they take their own
 inputs, have only `step`, `recurrent` and two memory-lean backwards (`reversible`,
-`checkpointed`), and are not in CELLS (see recurrent_fwp.md). plastic.py (plastic networks:
-HebbFF, differentiable plasticity, backpropamine) is of that kind too: it takes a slow drive and
-presynaptic activity, not q, k, v (docs/plasticity.md).
+`checkpointed`), and are not in CELLS (programmed/recurrent_fwp.md). They live in programmed/,
+beside plastic.py (plastic networks: HebbFF, differentiable plasticity, backpropamine), of that
+kind too: it takes a slow drive and presynaptic activity, not q, k, v (docs/plasticity.md).
+
+The chunk engine that runs every chunkwise form, its shared pieces (chunking and segments,
+triangular inverses, score matrices, rules differentiated by autodiff) and the chunk summaries
+are in chunked/; the deep cells (a fast net trained at test time) in deep/.
 """
 
 from types import ModuleType
@@ -30,10 +34,9 @@ from fwpzoo.cells import (
     mlstm,
     momentum_delta,
     oja,
-    recurrent_delta,
-    srwm,
 )
 from fwpzoo.cells.deep import deep, ttt_linear
+from fwpzoo.cells.programmed import recurrent_delta, srwm
 
 CELLS: dict[str, ModuleType] = {
     "linear_attn": linear_attn,

@@ -35,7 +35,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fwpzoo.cells._chunking import (
+from fwpzoo.cells.chunked import engine
+from fwpzoo.cells.chunked.chunking import (
     Segments,
     causal_decay,
     keep,
@@ -43,7 +44,6 @@ from fwpzoo.cells._chunking import (
     pad_to_chunks,
     per_key_flags,
 )
-from fwpzoo.cells.chunked import engine
 from fwpzoo.cells.chunked.scores import FactoredScores, PerKeyScores, scaled, summed_to
 from fwpzoo.cells.chunked.triangular import unit_lower_inverse
 

@@ -29,7 +29,9 @@ T time, H heads, K key dim, V value dim, C chunk, N chunks, P blocks of a chunk 
 
 import jax.numpy as jnp
 
-from fwpzoo.cells._chunking import (
+from fwpzoo.cells._reference import initial_state
+from fwpzoo.cells.chunked import engine
+from fwpzoo.cells.chunked.chunking import (
     Segments,
     causal_decay,
     keep,
@@ -37,8 +39,6 @@ from fwpzoo.cells._chunking import (
     pad_to_chunks,
     per_key_flags,
 )
-from fwpzoo.cells._reference import initial_state
-from fwpzoo.cells.chunked import engine
 from fwpzoo.cells.chunked.scores import (
     CausalScores,
     FactoredScores,

@@ -13,7 +13,7 @@ q, k, a, b [B, T, H, K]; v [B, T, H, V]; log_w [B, T, H, K] (log per-key decay, 
 [B, H, K, V] float32; o [B, T, H, V] in v's dtype. The chunkwise form (a UT transform of the
 low-rank reads, with per-key decays; flash-linear-attention's chunked DPLR delta rule) and the
 associative form are derived in dplr.md. A chunk whose decays stay within
-_chunking.FACTORED_SPREAD gets its four score matrices from one product and a hand-derived
+chunked/chunking.FACTORED_SPREAD gets its four score matrices from one product and a hand-derived
 backward; a chunk of stronger decays takes the per-key halving, differentiated by autodiff.
 """
 
@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from fwpzoo.cells import _delta_assoc
-from fwpzoo.cells._chunking import Segments, factored_chunks, keep
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells._spec import (
     AFFINE,
@@ -37,6 +36,7 @@ from fwpzoo.cells._spec import (
     gate_names,
 )
 from fwpzoo.cells.chunked import autodiff, engine
+from fwpzoo.cells.chunked.chunking import Segments, factored_chunks, keep
 from fwpzoo.cells.chunked.scores import per_key_scores, prefix_sum
 from fwpzoo.cells.chunked.triangular import inverse_with_pullback, unit_lower_inverse
 
@@ -111,7 +111,7 @@ class _Factored:
     With m = g_C / 2 per key, every decay e^{g'_t - g_s} splits into e^{g'_t - m} e^{m - g_s}
     (reads: g' = g_before; queries: g' = g), so the four score matrices are the blocks of one
     [2C, 2C] product X Y^T with X = [A; Q] . e^{g' - m} and Y = [B; K] . e^{m - g}: exact while
-    the chunk's decay spread |g_C| stays within _chunking.FACTORED_SPREAD. Holds what both
+    the chunk's decay spread |g_C| stays within chunking.FACTORED_SPREAD. Holds what both
     directions need: X, Y, the masked scores, the entering and leaving state's factors and the
     UT transform."""
 

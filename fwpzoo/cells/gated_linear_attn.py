@@ -10,7 +10,6 @@ The parallel forms are derived in linear_attention.md.
 import jax.numpy as jnp
 
 from fwpzoo.cells import _linear_chunk
-from fwpzoo.cells._chunking import associative_states, resets_as_rows
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells._spec import (
     DECAY,
@@ -23,6 +22,7 @@ from fwpzoo.cells._spec import (
     gate_names,
     negative_correlation,
 )
+from fwpzoo.cells.chunked.chunking import associative_states, resets_as_rows
 
 GATE_SPECS = (Gate("log_alpha", SCALAR_OR_PER_KEY, LOG_DECAY),)
 GATES = gate_names(GATE_SPECS)

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 
 from fwpzoo.cells._cholesky import cholesky_and_inverse, inverse_solve, spd_solve
-from fwpzoo.cells._chunking import Segments, causal_decay, keep
 from fwpzoo.cells._reference import initial_parts, reset_state, scan_steps, upcast
 from fwpzoo.cells._spec import (
     DECAY,
@@ -34,6 +33,7 @@ from fwpzoo.cells._spec import (
     gate_names,
 )
 from fwpzoo.cells.chunked import autodiff
+from fwpzoo.cells.chunked.chunking import Segments, causal_decay, keep
 
 GATE_SPECS = (
     Gate("beta", range=UNIT),

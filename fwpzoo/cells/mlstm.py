@@ -17,7 +17,6 @@ Attention") is derived in mlstm.md; it computes every m_t exactly, so it returns
 
 import jax.numpy as jnp
 
-from fwpzoo.cells._chunking import Segments, keep, lower_mask
 from fwpzoo.cells._reference import initial_parts, reset_state, scan_steps, upcast
 from fwpzoo.cells._spec import (
     GRADIENT,
@@ -31,6 +30,7 @@ from fwpzoo.cells._spec import (
     negative_correlation,
 )
 from fwpzoo.cells.chunked import autodiff
+from fwpzoo.cells.chunked.chunking import Segments, keep, lower_mask
 
 GATE_SPECS = (Gate("log_f", range=LOG_DECAY), Gate("log_i", range=REAL))
 GATES = gate_names(GATE_SPECS)

@@ -15,7 +15,6 @@ lower-triangular solve per chunk gives every d_i (derivation: learning_rules.md,
 import jax.numpy as jnp
 
 from fwpzoo.cells import _delta_assoc
-from fwpzoo.cells._chunking import Segments, causal_decay, keep
 from fwpzoo.cells._reference import initial_parts, reset_state, scan_steps, upcast
 from fwpzoo.cells._spec import (
     BETA,
@@ -29,6 +28,7 @@ from fwpzoo.cells._spec import (
     squared_error,
 )
 from fwpzoo.cells.chunked import autodiff
+from fwpzoo.cells.chunked.chunking import Segments, causal_decay, keep
 from fwpzoo.cells.chunked.triangular import unit_lower_inverse
 
 GATE_SPECS = (

@@ -18,7 +18,6 @@ q, k [B, T, H, K]; v [B, T, H, V]; beta, log_alpha [B, T, H] (log_alpha <= 0); s
 import jax.numpy as jnp
 
 from fwpzoo.cells import _delta_assoc
-from fwpzoo.cells._chunking import Segments, causal_decay, keep
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells._spec import (
     BETA,
@@ -31,6 +30,7 @@ from fwpzoo.cells._spec import (
     gate_names,
 )
 from fwpzoo.cells.chunked import autodiff
+from fwpzoo.cells.chunked.chunking import Segments, causal_decay, keep
 from fwpzoo.cells.chunked.triangular import unit_lower_inverse
 
 

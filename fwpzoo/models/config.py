@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from fwpzoo.cells import CELLS, FORMS
 from fwpzoo.cells.forms import form_fn
-from fwpzoo.cells.plastic import ACTIVATIONS, RULES, SITES
+from fwpzoo.cells.programmed.plastic import ACTIVATIONS, RULES, SITES
 from fwpzoo.layers import MIXERS
 from fwpzoo.layers.attention import KERNELS as ATTENTION_KERNELS
 from fwpzoo.layers.feature_maps import FEATURE_MAPS
@@ -131,7 +131,7 @@ class ModelConfig:
     # ssm (diagonal vector state) mixer
     ssm_state_dim: int = 64
     ssm_complex: bool = True  # complex diagonal (LRU) or real diagonal recurrence
-    # plastic mixer (fwpzoo.layers.plastic, fwpzoo.cells.plastic)
+    # plastic mixer (fwpzoo.layers.plastic, fwpzoo.cells.programmed.plastic)
     plastic_on: str = "input"  # input (HebbFF) | recurrent (Miconi's differentiable plasticity)
     plasticity: str = "hebb"  # hebb | oja | neuromodulated
     plastic_activation: str = "tanh"  # tanh | sigmoid | relu | identity

@@ -32,8 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fwpzoo.cells._chunking import pad_to_chunks
 from fwpzoo.cells.chunked import engine
+from fwpzoo.cells.chunked.chunking import pad_to_chunks
 
 
 @dataclass(frozen=True)

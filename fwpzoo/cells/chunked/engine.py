@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from fwpzoo.cells._chunking import by_flag
+from fwpzoo.cells.chunked.chunking import by_flag
 
 _PLATFORM = contextvars.ContextVar("fwpzoo_chunk_platform", default=None)
 

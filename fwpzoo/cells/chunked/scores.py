@@ -10,7 +10,7 @@ Dimension letters: B batch, H heads, C chunk, K key dim, V value dim, P blocks o
 import jax
 import jax.numpy as jnp
 
-from fwpzoo.cells._chunking import keep, lower_mask
+from fwpzoo.cells.chunked.chunking import keep, lower_mask
 
 # Per-key decay: blocks of at most this many tokens take the pairwise (non-matmul) form.
 LEAF_SIZE = 8
@@ -94,7 +94,7 @@ class PerKeyScores:
 
 class FactoredScores:
     """PerKeyScores' A, restricted to `mask`, for a chunk whose decays factor (every key's
-    log decay over the chunk at least -FACTORED_SPREAD, _chunking.factored_chunks): with
+    log decay over the chunk at least -FACTORED_SPREAD, chunking.factored_chunks): with
     m = g_C / 2 per key, e^{g'_t - g_s} = e^{g'_t - m} e^{m - g_s} and both factors lie within
     e^{+-FACTORED_SPREAD / 2}, so A = mask . ((Q . e^{g' - m}) (K . e^{m - g})^T), one product.
 

@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 
 from fwpzoo.cells._reference import state_dtype, upcast
-from fwpzoo.cells._remat_chunks import scan_chunks
 from fwpzoo.cells._spec import (
     BETA,
     INNER,
@@ -45,6 +44,7 @@ from fwpzoo.cells._spec import (
     State,
     gate_names,
 )
+from fwpzoo.cells.chunked.remat import scan_chunks
 from fwpzoo.cells.deep import inner as nets
 from fwpzoo.cells.deep._batches import from_units, layout, pad_time, padded_length, scan_units
 

@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 
 from fwpzoo.cells._reference import initial_parts, reset_state, upcast
-from fwpzoo.cells._remat_chunks import scan_chunks
 from fwpzoo.cells._spec import (
     INNER,
     NOT_AFFINE,
@@ -47,6 +46,7 @@ from fwpzoo.cells._spec import (
     State,
     gate_names,
 )
+from fwpzoo.cells.chunked.remat import scan_chunks
 from fwpzoo.cells.deep._batches import (
     from_units,
     layer_norm,

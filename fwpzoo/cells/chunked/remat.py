@@ -1,12 +1,12 @@
-"""The chunk loop of the chunkwise forms that write one chunk's math and get the sequence's from
-it (oja, momentum_delta, dplr, mesa, mlstm).
+"""The chunk loop of the chunkwise forms whose chunk is not an affine map of the state (the
+deep cells, deep/: a fast net trained at test time), written as one chunk's math.
 
 A lax.scan walks the chunks in order, reading each chunk straight out of the [B, T, H, ...]
 inputs and writing its outputs in place. A jax.custom_vjp keeps only the state entering every
 chunk; the backward walks the chunks in reverse and pulls each one back from its entering state,
-writing the input cotangents in place: the memory pattern of the hand-derived backwards of
-_linear_chunk and _delta_chunk. A chunk's pullback is jax.vjp of its forward (recomputed, autodiff
-inside the chunk) unless the cell supplies a hand-derived one.
+writing the input cotangents in place. A chunk's pullback is jax.vjp of its forward (recomputed,
+autodiff inside the chunk) unless the cell supplies a hand-derived one. The affine rules run on
+the chunk engine instead (engine.py), whose state scan holds no chunk work.
 
 Dimension letters: B batch, T time, H heads, K key dim, V value dim, N chunks, C chunk size.
 """
@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fwpzoo.cells._chunking import chunk_of, pad_to_chunks, put_chunk
+from fwpzoo.cells.chunked.chunking import chunk_of, pad_to_chunks, put_chunk
 
 
 def scan_chunks(chunk_fn, inputs, state, chunk_size, static=(), pullback=None):

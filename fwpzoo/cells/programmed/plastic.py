@@ -40,9 +40,10 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from fwpzoo.cells import _programmed, gated_delta_rule
-from fwpzoo.cells._programmed import batch_major, time_major
+from fwpzoo.cells import gated_delta_rule
 from fwpzoo.cells._reference import reset_state, state_dtype
+from fwpzoo.cells.programmed import scans
+from fwpzoo.cells.programmed.scans import batch_major, time_major
 
 RULES: tuple[str, ...] = ("hebb", "oja", "neuromodulated")
 SITES: tuple[str, ...] = ("input", "recurrent")
@@ -158,7 +159,7 @@ def initial_state(kind: Plasticity, state, u, x):
 
 
 def _core(kind: Plasticity):
-    """`step` as a core of fwpzoo.cells._programmed: (params, state, (u_t, x_t, reset_t)) ->
+    """`step` as a core of fwpzoo.cells.programmed.scans: (params, state, (u_t, x_t, reset_t)) ->
     (state, h_t, no write factors)."""
 
     def core(params, state, xs):
@@ -174,7 +175,7 @@ def recurrent(kind: Plasticity, params: dict, u, x=None, *, state=None, reset=No
     recurrent site), reset [B, T] -> (h [B, T, H, V] in u's dtype, final state)."""
     state = initial_state(kind, state, u, x)
     xs = jax.tree.map(time_major, (u, x, reset))
-    h, state = _programmed.plain(_core(kind), params, state, xs)
+    h, state = scans.plain(_core(kind), params, state, xs)
     return batch_major(h).astype(u.dtype), state
 
 
@@ -185,7 +186,7 @@ def checkpointed(
     chunk of chunk_size tokens and reruns that chunk: T / C + C states live instead of T."""
     state = initial_state(kind, state, u, x)
     xs = jax.tree.map(time_major, (u, x, reset))
-    h, state = _programmed.checkpointed(_core(kind), params, state, xs, chunk_size)
+    h, state = scans.checkpointed(_core(kind), params, state, xs, chunk_size)
     return batch_major(h).astype(u.dtype), state
 
 

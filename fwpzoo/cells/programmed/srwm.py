@@ -17,8 +17,8 @@ learned program, since from W = 0 the matrix would output y = k = q = 0 and neve
 import jax
 import jax.numpy as jnp
 
-from fwpzoo.cells import _programmed
 from fwpzoo.cells._reference import state_dtype
+from fwpzoo.cells.programmed import scans
 
 BETA_ROWS = 4  # one learning rate per row block: y, k, q, beta
 
@@ -78,22 +78,22 @@ def _scan(scan, x, W0, phi, state, reset):
     xs = {"x": x} if reset is None else {"x": x, "reset": reset}
     core = lambda params, W, x: _core(phi, params, W, x)  # noqa: E731
     W = initial_state(W0, state, x)
-    y, W = scan(core, {"W0": W0}, W, jax.tree.map(_programmed.time_major, xs))
-    return _programmed.batch_major(y).astype(x.dtype), W
+    y, W = scan(core, {"W0": W0}, W, jax.tree.map(scans.time_major, xs))
+    return scans.batch_major(y).astype(x.dtype), W
 
 
 def recurrent(x, *, state=None, reset=None, W0, phi=jax.nn.softmax):
     """The spec: lax.scan over `step` -> (y [B, T, H, D_out], W [B, H, R, D])."""
-    return _scan(_programmed.plain, x, W0, phi, state, reset)
+    return _scan(scans.plain, x, W0, phi, state, reset)
 
 
 def checkpointed(x, *, state=None, reset=None, W0, phi=jax.nn.softmax, chunk_size=64):
     """`recurrent` whose backward keeps only the states entering each chunk of chunk_size."""
-    scan = lambda core, params, W, xs: _programmed.checkpointed(core, params, W, xs, chunk_size)  # noqa: E731
+    scan = lambda core, params, W, xs: scans.checkpointed(core, params, W, xs, chunk_size)  # noqa: E731
     return _scan(scan, x, W0, phi, state, reset)
 
 
 def reversible(x, *, state=None, W0, phi=jax.nn.softmax):
     """`recurrent` whose backward recovers each W_{t-1} by undoing the write of token t."""
-    scan = lambda core, params, W, xs: _programmed.reversible(core, _undo, params, W, xs)  # noqa: E731
+    scan = lambda core, params, W, xs: scans.reversible(core, _undo, params, W, xs)  # noqa: E731
     return _scan(scan, x, W0, phi, state, None)

@@ -14,14 +14,14 @@ o [B, T, H, V].
 
 With R = 0 this is the delta_rule cell on phi(q), phi(k), v and sigmoid(beta).
 Forms: `recurrent` (the spec, autodiff through the scan) and the same scan with a memory-lean
-backward, `checkpointed` and `reversible` (see _programmed; measured in recurrent_fwp.md).
+backward, `checkpointed` and `reversible` (see scans.py; measured in recurrent_fwp.md).
 """
 
 import jax
 import jax.numpy as jnp
 
-from fwpzoo.cells import _programmed
 from fwpzoo.cells._reference import reset_state, state_dtype
+from fwpzoo.cells.programmed import scans
 
 
 def _core(phi, params, state, x):
@@ -74,22 +74,22 @@ def _scan(scan, q, k, v, beta, R, phi, state, reset):
     if reset is not None:
         xs["reset"] = reset
     core = lambda params, s, x: _core(phi, params, s, x)  # noqa: E731
-    o, state = scan(core, {"R": R}, state, jax.tree.map(_programmed.time_major, xs))
-    return _programmed.batch_major(o).astype(v.dtype), state
+    o, state = scan(core, {"R": R}, state, jax.tree.map(scans.time_major, xs))
+    return scans.batch_major(o).astype(v.dtype), state
 
 
 def recurrent(q, k, v, *, state=None, reset=None, beta, R, phi=jax.nn.softmax):
     """The spec: lax.scan over `step`; autodiff keeps every state."""
-    return _scan(_programmed.plain, q, k, v, beta, R, phi, state, reset)
+    return _scan(scans.plain, q, k, v, beta, R, phi, state, reset)
 
 
 def checkpointed(q, k, v, *, state=None, reset=None, beta, R, phi=jax.nn.softmax, chunk_size=64):
     """`recurrent` whose backward keeps only the states entering each chunk of chunk_size."""
-    scan = lambda core, params, s, xs: _programmed.checkpointed(core, params, s, xs, chunk_size)  # noqa: E731
+    scan = lambda core, params, s, xs: scans.checkpointed(core, params, s, xs, chunk_size)  # noqa: E731
     return _scan(scan, q, k, v, beta, R, phi, state, reset)
 
 
 def reversible(q, k, v, *, state=None, beta, R, phi=jax.nn.softmax):
     """`recurrent` whose backward recovers each state by undoing the next token's write."""
-    scan = lambda core, params, s, xs: _programmed.reversible(core, _undo, params, s, xs)  # noqa: E731
+    scan = lambda core, params, s, xs: scans.reversible(core, _undo, params, s, xs)  # noqa: E731
     return _scan(scan, q, k, v, beta, R, phi, state, None)
