@@ -190,6 +190,19 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
 
+    def __post_init__(self):
+        # ATLAS's Omega window spans past tokens of the training sequence: one longer than the
+        # sequence never fills and only costs (the model section alone cannot see data.seq_len)
+        seq_len = self.data.seq_len
+        layers = zip(self.model.layers(), self.model.mixers, strict=True)
+        for i, (layer, entry) in enumerate(layers):
+            own = isinstance(entry, Mapping) and "inner_window" in entry  # set per layer
+            _require(
+                layer.inner_window <= seq_len,
+                f"model.{f'mixers[{i}].' if own else ''}inner_window={layer.inner_window} is "
+                f"longer than data.seq_len={seq_len}; valid inner_window: 1..{seq_len}",
+            )
+
 
 assert tuple(f.name for f in dataclasses.fields(Config)) == SECTIONS
 

@@ -7,6 +7,7 @@ Shapes are tiny (B = H = 2, K = V = 4) and each compiled function serves several
 """
 
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -321,6 +322,38 @@ def test_deep_model_fields_are_checked_with_one_line_naming_field_and_values(fie
     with pytest.raises(ValueError) as error:
         ModelConfig(**fields)
     assert str(error.value) == message
+
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+@pytest.mark.parametrize(
+    "config, override, line",
+    [
+        (
+            "ttt_linear.yaml",
+            "model.inner_batch=3",
+            "model.inner_batch=3 must divide model.chunk_size=16 (a chunk holds whole inner "
+            "mini-batches); valid inner_batch: 1, 2, 4, 8, 16",
+        ),
+        (
+            "atlas.yaml",
+            "model.inner_window=65",
+            "model.inner_window=65 is longer than data.seq_len=64; valid inner_window: 1..64",
+        ),
+        (
+            "ttt_linear.yaml",
+            "model.fast_net=mlp",
+            "model.fast_net='mlp' needs a cell that takes it, and cell 'ttt_linear' does not; "
+            "cells that take it: deep",
+        ),
+    ],
+    ids=["batch-not-dividing-chunk", "window-over-sequence", "net-the-cell-cannot-take"],
+)
+def test_train_refuses_bad_inner_fields_in_one_line(config, override, line, refused, tmp_path):
+    """Through the CLI's config validation (nothing is built or run): exit 2, the one line."""
+    refused(["train", str(CONFIGS / config), override, "--workdir", str(tmp_path)], line)
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 def test_decoding_refuses_an_inner_mini_batch():
