@@ -15,8 +15,11 @@ window 1 and no decay is the delta rule (beta the step), with momentum the momen
 A larger inner_batch is TTT's mini-batch and LaCT's large chunk: its gradients do not depend on
 each other, so `chunkwise` computes them in parallel (one batched backward through the fast
 net per mini-batch) and only the cheap optimiser steps and reads run token by token, where
-`recurrent` takes every gradient in turn. A window reaches into earlier mini-batches (the state
-keeps the last window - 1 keys and values) but not across a reset.
+`recurrent` takes every gradient in turn; for a linear net with sgd or momentum it runs the
+dual form instead (no per-token weights: the reads are causal attention over the window's keys
+with the errors at the start weights as values). deep.md derives both. A window reaches into
+earlier mini-batches (the state keeps the last window - 1 keys and values) but not across a
+reset.
 
 The start state (state=None, and what a reset restores) is zero except an MLP's or SwiGLU's
 first layer, W1 (and W3) = the identity tiled over the F hidden units: a zero net whose first
