@@ -14,16 +14,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 from jax.test_util import check_grads
 
 from fwpzoo import cells
 from fwpzoo.cells import _spec
-from fwpzoo.cells.chunked import engine, summary
+from fwpzoo.cells.chunked import engine, precision, summary
 
 # What jax_disable_most_optimizations sets, for these functions only.
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 TOLERANCE = {"recurrent": 1e-6, "chunkwise": 1e-4, "associative": 1e-5}  # float32 relative RMS
 BF16_TOLERANCE = 2.0**-8  # one bfloat16 rounding of the output, relative
+
+
+def chunk_bf16_tolerance(chunk_size):
+    """Relative RMS error of a chunkwise form whose chunk matmuls round their operands to
+    bfloat16 (cells/chunked/precision.py), against float32 arithmetic on the same inputs:
+    2^-8 (a product of two rounded operands, 8 mantissa bits) times sqrt(C), the growth of C
+    independent rounding errors summed in a chunk and passed through (I + A)^{-1}. Measured at
+    C = 16 (T = 47): at most 1.4 x 2^-8 over every cell, both engine layouts (the delta rule
+    without decay, all chunks in one block); at C = 64 (T = 191): 2.5 x 2^-8."""
+    return 2.0**-8 * np.sqrt(chunk_size)
+
 
 # T in {1, 7, C - 1, C, C + 1, 3C - 1} at C = 16; the other chunk sizes at T = 3C - 1.
 FORM_CASES = (
@@ -339,17 +351,52 @@ def test_pieces_with_carried_state_equal_one_pass(variant, form):
     assert_close((jnp.concatenate(outputs, axis=1), state), (o_whole, state_whole), 1e-5)
 
 
+def bf16_inputs(inputs):
+    return {key: x if key == "state" else x.astype(jnp.bfloat16) for key, x in inputs.items()}
+
+
+def equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside it (scan bodies, custom_vjp rules)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                if isinstance(sub, jax_core.ClosedJaxpr):
+                    yield from equations(sub.jaxpr)
+                elif isinstance(sub, jax_core.Jaxpr):
+                    yield from equations(sub)
+
+
+def bf16_product(eqn):
+    return eqn.primitive.name == "dot_general" and any(
+        v.aval.dtype == jnp.bfloat16 for v in eqn.invars
+    )
+
+
+def rounds_operands(fn, inputs):
+    """Whether fn(**inputs) has a product on bfloat16 operands (traced, not compiled)."""
+    return any(bf16_product(e) for e in equations(jax.make_jaxpr(lambda x: fn(**x))(inputs).jaxpr))
+
+
 @pytest.mark.parametrize("variant, form", ALL_FORMS)
 def test_bf16_inputs_keep_a_float32_state(variant, form):
     inputs = draw(variant, Sizes(15))
-    low = {key: x if key == "state" else x.astype(jnp.bfloat16) for key, x in inputs.items()}
-    o, state = jitted(variant, form, 16 if form == "chunkwise" else None)(low)
+    low = bf16_inputs(inputs)
+    chunk_size = 16 if form == "chunkwise" else None
+    o, state = jitted(variant, form, chunk_size)(low)
     assert o.dtype == jnp.bfloat16
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state))
-    # The arithmetic is float32: on the same (rounded) numbers only the output's rounding differs.
     (o_f32, state_f32), _ = run_form(variant, form, jax.tree.map(jnp.float32, low))
-    assert_close(state, state_f32, 1e-6)
-    assert_close(o, o_f32, BF16_TOLERANCE)
+    if form == "chunkwise" and rounds_operands(form_of(variant, form, chunk_size), low):
+        # The chunk engine's policy (cells/chunked/precision.py): chunk matmuls on bfloat16
+        # operands, the state, decays, inverses and scan in float32. On the same (rounded)
+        # numbers the outputs and the final state are within the policy's bound.
+        assert_close((o, state), (o_f32, state_f32), chunk_bf16_tolerance(chunk_size))
+    else:
+        # The arithmetic is float32: on the same (rounded) numbers only the output's rounding
+        # differs.
+        assert_close(state, state_f32, 1e-6)
+        assert_close(o, o_f32, BF16_TOLERANCE)
     # And against the float32 inputs it is off by bfloat16 input rounding only.
     assert_close((o, state), run_form(variant, form, inputs)[0], 2e-2)
 
@@ -813,3 +860,65 @@ def test_chunkwise_with_all_chunks_in_one_block_equals_recurrent(variant):
     with engine.compiling_for("tpu"):  # traced as for a TPU, run here
         compiled = quick_jit(run).lower(*args).compile()
     assert_close(compiled(*args), segment_reference(variant), TOLERANCE["chunkwise"])
+
+
+# the engine's bfloat16 policy is stressed most by the delta rule without decay (nothing fades)
+PRECISION_VARIANTS = ["delta_rule", *ENGINE_VARIANTS]
+# where the engine keeps float32 arithmetic at HIGHEST precision, whatever model.matmul_precision
+FLOAT32_SCOPES = ("triangular_inverse", "decay_cumsum")
+
+
+@pytest.mark.parametrize("variant", PRECISION_VARIANTS)
+def test_bf16_chunk_matmuls_in_the_accelerator_layout(variant):
+    """bfloat16 inputs, every chunk in one block, model.matmul_precision=high: outputs, final
+    state and gradients within chunk_bf16_tolerance of float32 on the same rounded inputs (the
+    chunk matmuls round most in this layout: W = T diag(beta) K is a product of the prepare
+    stage here, of the float32 scan in the CPU's layout); in the jaxpr of the
+    forward and the backward, every product on bfloat16 operands accumulates in float32 at the
+    precision asked for, the state carried by every scan is float32, and the triangular
+    inverses and decay cumsums are float32 at HIGHEST precision."""
+    sizes = Sizes(LONGEST)
+    low = bf16_inputs(draw(variant, sizes))
+    o_bar, state_bar = cotangents(variant, sizes)
+    fn = form_of(variant, "chunkwise", 16)
+
+    def run(inputs, cotangent):
+        out, pullback = jax.vjp(lambda x: fn(**x), inputs)
+        return out, pullback(cotangent)[0]
+
+    args = (low, (o_bar.astype(jnp.bfloat16), state_bar))
+    with engine.compiling_for("tpu"), precision.matmul_precision("high"):
+        jaxpr = jax.make_jaxpr(run)(*args).jaxpr
+        (o, state), grads = quick_jit(run).lower(*args).compile()(*args)
+    # float32 on the same rounded inputs: `recurrent`, compiled once for the suite at this T
+    (o_f32, state_f32), grads_f32 = run_form(variant, "recurrent", jax.tree.map(jnp.float32, low))
+    # the gradients too (measured: at most 2.3 x 2^-8, d log_alpha of the per-key decay)
+    assert_close((o, state, grads), (o_f32, state_f32, grads_f32), chunk_bf16_tolerance(16))
+
+    eqns = list(equations(jaxpr))
+    products = [e for e in eqns if e.primitive.name == "dot_general"]
+    assert any(bf16_product(e) for e in products)
+    for eqn in products:
+        scope = str(eqn.source_info.name_stack)
+        if scope.startswith(FLOAT32_SCOPES):
+            assert eqn.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2, scope
+        else:
+            assert eqn.params["precision"] == (jax.lax.Precision.HIGH,) * 2, scope
+        assert eqn.outvars[0].aval.dtype == jnp.float32, scope
+    assert all(
+        v.aval.dtype == jnp.float32
+        for e in eqns
+        if str(e.source_info.name_stack).startswith(FLOAT32_SCOPES)
+        for v in [*e.invars, *e.outvars]
+        if hasattr(v, "aval") and jnp.issubdtype(v.aval.dtype, jnp.floating)
+    )
+    if family(variant) != "linear_attn":  # the delta rules invert (I + A) in every chunk
+        assert any("triangular_inverse" in str(e.source_info.name_stack) for e in eqns)
+    carries = [
+        v.aval
+        for e in eqns
+        if e.primitive.name == "scan"
+        for v in e.invars[e.params["num_consts"] : e.params["num_consts"] + e.params["num_carry"]]
+        if v.aval.shape == state_bar.shape
+    ]
+    assert carries and all(aval.dtype == jnp.float32 for aval in carries)

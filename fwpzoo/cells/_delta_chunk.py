@@ -44,6 +44,7 @@ from fwpzoo.cells.chunked.chunking import (
     pad_to_chunks,
     per_key_flags,
 )
+from fwpzoo.cells.chunked.precision import chunk_matmul, state_matmul
 from fwpzoo.cells.chunked.scores import FactoredScores, PerKeyScores, scaled, summed_to
 from fwpzoo.cells.chunked.triangular import unit_lower_inverse
 
@@ -71,12 +72,12 @@ class _ScalarProducts:
 
     def __init__(self, x, y, gamma, mask):
         self.x, self.y, self.gamma, self.mask = x, y, gamma, mask
-        self.a = _masked(x @ y.mT, gamma, mask)  # [B, H, Cx, C]
+        self.a = _masked(chunk_matmul(x, y.mT), gamma, mask)  # [B, H, Cx, C]
 
     def pullback(self, da):
         """(dX, dY) from dA: dX reads with X's decay factor, dY writes with Y's."""
         dp = _masked(da, self.gamma, self.mask)
-        return dp @ self.y, dp.mT @ self.x
+        return chunk_matmul(dp, self.y), chunk_matmul(dp.mT, self.x)
 
 
 class _PerKeyProducts:
@@ -189,34 +190,37 @@ class _Chunks:
         if fused:
             self.step = _Fused(self.e_last, self.k_end, self.tri, self.beta_k_start, v, beta)
         else:
-            w = self.tri @ self.beta_k_start  # [G B, H, C, K]: W
-            self.step = _Factored(self.e_last, self.k_end, w, self.tri @ scaled(beta, v))
+            w = chunk_matmul(self.tri, self.beta_k_start)  # [G B, H, C, K]: W
+            u_free = chunk_matmul(self.tri, scaled(beta, v))  # [G B, H, C, V]: U'
+            self.step = _Factored(self.e_last, self.k_end, w, u_free)
 
     def outputs(self, s, u):
         """O = (Q . e^g) S_0 + P U [G B, H, tokens, V] from the entering states s and the
         pseudo-values u the state scan made."""
-        return self.q_start @ s + self.p @ u
+        return chunk_matmul(self.q_start, s) + chunk_matmul(self.p, u)
 
     def pull(self, do):
         """((Q . e^g)^T dO, P^T dO): the outputs' pull on the entering state is
         (Q . e^g)^T dO - W^T P^T dO, and the second factor meets K_C dS in _retreat."""
-        return self.q_start.mT @ do, self.p.mT @ do
+        return chunk_matmul(self.q_start.mT, do), chunk_matmul(self.p.mT, do)
 
     def pullback(self, s, ds, do):
         """[dq, dk, dv, dbeta(, dlog_alpha)] laid out as the inputs, from the entering states s,
         the cotangents of the leaving states ds [G B, H, K, V] and of the outputs do."""
-        u = self.tri @ (self.beta[..., None] * self.v - self.beta_k_start @ s)  # [G B, H, C, V]
-        du = self.p.mT @ do + self.k_end @ ds  # (7): dO's path through P U, and ds's through S_C
-        dvb = self.tri.mT @ du  # cotangent of diag(beta) (V - (K . e^g) S_0), T^T dU
-        dvb_s = dvb @ s.mT  # [G B, H, C, K]
+        written = self.beta[..., None] * self.v - chunk_matmul(self.beta_k_start, s)
+        u = chunk_matmul(self.tri, written)  # [G B, H, C, V]
+        # (7): dO's path through P U, and ds's through S_C
+        du = chunk_matmul(self.p.mT, do) + chunk_matmul(self.k_end, ds)
+        dvb = chunk_matmul(self.tri.mT, du)  # cotangent of diag(beta) (V - (K . e^g) S_0), T^T dU
+        dvb_s = chunk_matmul(dvb, s.mT)  # [G B, H, C, K]
         # d(I + A)^{-1} = -T^T dT T^T regroups to -dV_b U^T (delta_rules.md, (8))
-        da = -jnp.where(self.strict, dvb @ u.mT, 0.0)  # [G B, H, C, C]
+        da = -jnp.where(self.strict, chunk_matmul(dvb, u.mT), 0.0)  # [G B, H, C, C]
         # every product splits into a reading side (rows t, decayed by e^{g_t}) and a writing
         # side (rows i, by e^{-g_i}); d log_alpha needs the two apart (delta_rules.md, section 6)
-        dq_p, dk_p = self.qk.pullback(do @ u.mT)
+        dq_p, dk_p = self.qk.pullback(chunk_matmul(do, u.mT))
         dk_kk_read, dk_kk_write = self.kk.pullback(self.beta[..., None] * da)
-        dq = dq_p + scaled(self.e_read, do @ s.mT)
-        dk_end = u @ ds.mT  # [G B, H, C, K]: cotangent of K_end
+        dq = dq_p + scaled(self.e_read, chunk_matmul(do, s.mT))
+        dk_end = chunk_matmul(u, ds.mT)  # [G B, H, C, K]: cotangent of K_end
         dk_read = dk_kk_read - scaled(self.e, scaled(self.beta, dvb_s))
         dk_write = dk_p + dk_kk_write + scaled(self.to_end, dk_end)
         dbeta = jnp.sum(self.v * dvb, axis=-1) - jnp.sum(self.k_start * dvb_s, axis=-1)
@@ -248,11 +252,11 @@ class _Factored(NamedTuple):
     u_free: jax.Array  # [B, H, C, V]: U' = T diag(beta) V
 
     def pseudo_values(self, s):
-        return self.u_free - self.w @ s
+        return self.u_free - state_matmul(self.w, s)
 
     def through_writes(self, a):
         """W^T a for a [B, H, C, V]."""
-        return self.w.mT @ a
+        return state_matmul(self.w.mT, a)
 
 
 class _Fused(NamedTuple):
@@ -266,23 +270,24 @@ class _Fused(NamedTuple):
     beta: jax.Array  # [B, H, C]
 
     def pseudo_values(self, s):
-        return self.tri @ (self.beta[..., None] * self.v - self.beta_k_start @ s)
+        written = self.beta[..., None] * self.v - state_matmul(self.beta_k_start, s)
+        return state_matmul(self.tri, written)
 
     def through_writes(self, a):
-        return self.beta_k_start.mT @ (self.tri.mT @ a)
+        return state_matmul(self.beta_k_start.mT, state_matmul(self.tri.mT, a))
 
 
 def _advance(step, s):
     """S_C = Diag(e^{g_C}) S_0 + K_C^T U; the pseudo-values U are kept for the outputs."""
     u = step.pseudo_values(s)  # [B, H, C, V]
-    return scaled(step.e_last, s) + step.k_end.mT @ u, u
+    return scaled(step.e_last, s) + state_matmul(step.k_end.mT, u), u
 
 
 def _retreat(step, ds, pulled):
     """M^T dS + R = Diag(e^{g_C}) dS + (Q . e^g)^T dO - W^T (P^T dO + K_C dS), the sum in the
     order the pullback forms it (dU), so that one chunk per block computes it once."""
     q_do, p_do = pulled
-    return scaled(step.e_last, ds) + q_do - step.through_writes(p_do + step.k_end @ ds)
+    return scaled(step.e_last, ds) + q_do - step.through_writes(p_do + state_matmul(step.k_end, ds))
 
 
 RULE = engine.Rule(

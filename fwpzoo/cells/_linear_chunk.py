@@ -39,6 +39,7 @@ from fwpzoo.cells.chunked.chunking import (
     pad_to_chunks,
     per_key_flags,
 )
+from fwpzoo.cells.chunked.precision import chunk_matmul
 from fwpzoo.cells.chunked.scores import (
     CausalScores,
     FactoredScores,
@@ -91,27 +92,28 @@ class _Chunks:
             self.to_end, k
         )  # [G B, H, C, K]: K . e^{g_C - g} writes the leaving one
         # the summary: S_C = Diag(e^{g_C}) S_0 + (K . e^{g_C - g})^T V
-        self.step = (self.e_last, self.k_end.mT @ v)  # [G B, H(, K)] or None, [G B, H, K, V]
+        # [G B, H(, K)] or None, [G B, H, K, V]
+        self.step = (self.e_last, chunk_matmul(self.k_end.mT, v))
 
     def outputs(self, s, aux=None):
         """O = (Q . e^g) S_0 + A V [G B, H, C, V] for the entering states s [G B, H, K, V]."""
-        return self.q_start @ s + self.scores.a @ self.v
+        return chunk_matmul(self.q_start, s) + chunk_matmul(self.scores.a, self.v)
 
     def pull(self, do):
         """The outputs' cotangent do [G B, H, C, V] pulled to the entering state: (Q . e^g)^T dO."""
-        return self.q_start.mT @ do
+        return chunk_matmul(self.q_start.mT, do)
 
     def pullback(self, s, ds, do):
         """[dq, dk, dv(, dlog_alpha)] [G B, H, C, ...] from the entering states s, the
         cotangents of the leaving states ds [G B, H, K, V] and of the outputs do."""
         size = self.q.shape[-2]
-        da = jnp.where(lower_mask(size), do @ self.v.mT, 0.0)  # [G B, H, C, C]
+        da = jnp.where(lower_mask(size), chunk_matmul(do, self.v.mT), 0.0)  # [G B, H, C, C]
         dq, dk = self.scores.pullback(da)
-        d_q_start = do @ s.mT  # [G B, H, C, K]
-        d_k_end = self.v @ ds.mT  # [G B, H, C, K]
+        d_q_start = chunk_matmul(do, s.mT)  # [G B, H, C, K]
+        d_k_end = chunk_matmul(self.v, ds.mT)  # [G B, H, C, K]
         dq = dq + scaled(self.e, d_q_start)
         dk = dk + scaled(self.to_end, d_k_end)
-        dv = self.scores.a.mT @ do + self.k_end @ ds  # [G B, H, C, V]
+        dv = chunk_matmul(self.scores.a.mT, do) + chunk_matmul(self.k_end, ds)  # [G B, H, C, V]
         grads = [dq, dk, dv]
         if self.g is not None:
             # A, Q . e^g and K . e^{g_C - g} depend on g only through q_t e^{g_t} and k_s e^{-g_s}

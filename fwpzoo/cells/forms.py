@@ -5,6 +5,7 @@ Dimension letters: B batch, T time, H heads, K key dim, V value dim.
 """
 
 from fwpzoo.cells import FORMS, get
+from fwpzoo.cells.chunked.precision import matmul_precision
 
 
 def form_fn(cell: str, form: str):
@@ -23,8 +24,13 @@ def reset_option(reset) -> dict:
     return {} if reset is None else {"reset": reset}
 
 
-def run_form(cell: str, form: str, chunk_size: int, q, k, v, state, gates, reset=None):
-    """The cell's `form` over a whole sequence (segment resets [B, T] or None)
+def run_form(
+    cell: str, form: str, chunk_size: int, q, k, v, state, gates, reset=None, precision="default"
+):
+    """The cell's `form` over a whole sequence (segment resets [B, T] or None), its chunk
+    matmuls at `precision` (model.matmul_precision: chunked/precision.py)
     -> (o [B, T, H, V], state [B, H, K, V])."""
     options = {"chunk_size": chunk_size} if form == "chunkwise" else {}
-    return form_fn(cell, form)(q, k, v, state=state, **options, **reset_option(reset), **gates)
+    fn = form_fn(cell, form)
+    with matmul_precision(precision):
+        return fn(q, k, v, state=state, **options, **reset_option(reset), **gates)

@@ -26,6 +26,12 @@ section 7), so `block=None` means one chunk per block on the CPU and all chunks 
 platform of the default backend, or the one named by `compiling_for` (ahead-of-time compiles for
 a TPU from a CPU host trace on the host, `fwpzoo bench cells --topology`).
 
+Precision (precision.py): the inputs are laid out in float32 and the state is carried in
+float32; the stages' products go through precision.chunk_matmul (operands rounded to the
+inputs' dtype, bfloat16 under train.compute_dtype=bfloat16, accumulated in float32) and the scan's
+through precision.state_matmul (float32), both at the precision of model.matmul_precision, which
+run_chunks reads when it is traced and hands to the backward as a static argument.
+
 Dimension letters: B batch, T time, H heads, K key dim, V value dim, C chunk size, G chunks
 per block, N chunks.
 """
@@ -39,6 +45,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from fwpzoo.cells.chunked import precision
 from fwpzoo.cells.chunked.chunking import by_flag
 
 _PLATFORM = contextvars.ContextVar("fwpzoo_chunk_platform", default=None)
@@ -186,7 +193,8 @@ def _forward(rule, inputs, reset, state, out, size, block):
 
         def run(factored):
             chunks = rule.prepare(chunk, r, factored, block == 1)
-            entering, aux, leaving = _state_scan(rule, chunks, s, block)
+            with jax.named_scope("state_scan"):  # named for profiles and the dtype test
+                entering, aux, leaving = _state_scan(rule, chunks, s, block)
             o_block = chunks.outputs(_flat(entering), jax.tree.map(_flat, aux))
             return leaving, o_block, entering
 
@@ -214,7 +222,8 @@ def _backward(rule, inputs, reset, entering, cotangents, size, block):
         def run(factored):
             chunks = rule.prepare(chunk, r, factored, block == 1)
             pulls = chunks.pull(do, _flat(s)) if rule.pull_reads_state else chunks.pull(do)
-            d_leaving, d_entering = _cotangent_scan(rule, chunks, ds, pulls, block)
+            with jax.named_scope("state_scan"):
+                d_leaving, d_entering = _cotangent_scan(rule, chunks, ds, pulls, block)
             return d_entering, chunks.pullback(_flat(s), _flat(d_leaving), do)
 
         ds_prev, chunk_grads = by_flag(flags, b, run)
@@ -230,11 +239,19 @@ def _backward(rule, inputs, reset, entering, cotangents, size, block):
     return d_inputs, d_state
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
 def run_chunks(rule, inputs, reset, state, size, block):
     """(o [B, T, H, V] in v's dtype, final state) of the rule over inputs (a tuple of [B, T, H,
-    ...] arrays or None; inputs[0] is q, inputs[2] is v), T a multiple of size * block."""
-    o, final, _ = _forward(rule, inputs, reset, state, _zero_outputs(inputs), size, block)
+    ...] arrays or None; inputs[0] is q, inputs[1] k, inputs[2] v), T a multiple of size * block;
+    the chunk matmuls in q, k and v's dtype at the precision of the enclosing
+    precision.matmul_precision scope (precision.py)."""
+    policy = precision.policy_for(*inputs[:3])
+    return _run_chunks(rule, inputs, reset, state, size, block, policy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6))
+def _run_chunks(rule, inputs, reset, state, size, block, policy):
+    with precision.active(policy):
+        o, final, _ = _forward(rule, inputs, reset, state, _zero_outputs(inputs), size, block)
     return o, final
 
 
@@ -243,15 +260,18 @@ def _zero_outputs(inputs):
     return jnp.zeros(q.shape[:3] + v.shape[-1:], v.dtype)  # [B, T, H, V]
 
 
-def _run_chunks_fwd(rule, inputs, reset, state, size, block):
-    o, final, entering = _forward(rule, inputs, reset, state, _zero_outputs(inputs), size, block)
+def _run_chunks_fwd(rule, inputs, reset, state, size, block, policy):
+    with precision.active(policy):
+        zeros = _zero_outputs(inputs)
+        o, final, entering = _forward(rule, inputs, reset, state, zeros, size, block)
     return (o, final), (inputs, reset, entering)
 
 
-def _run_chunks_bwd(rule, size, block, res, cotangents):
+def _run_chunks_bwd(rule, size, block, policy, res, cotangents):
     inputs, reset, entering = res
-    d_inputs, d_state = _backward(rule, inputs, reset, entering, cotangents, size, block)
+    with precision.active(policy):  # the backward is traced after the forward's scope closed
+        d_inputs, d_state = _backward(rule, inputs, reset, entering, cotangents, size, block)
     return tuple(d_inputs), None, d_state  # reset: no cotangent
 
 
-run_chunks.defvjp(_run_chunks_fwd, _run_chunks_bwd)
+_run_chunks.defvjp(_run_chunks_fwd, _run_chunks_bwd)

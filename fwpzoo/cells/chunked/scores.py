@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from fwpzoo.cells.chunked.chunking import keep, lower_mask
+from fwpzoo.cells.chunked.precision import chunk_matmul
 
 # Per-key decay: blocks of at most this many tokens take the pairwise (non-matmul) form.
 LEAF_SIZE = 8
@@ -25,14 +26,15 @@ def prefix_sum(x, reverse=False):
     its layout (a [C, C] operand without those axes made XLA:CPU transpose x around the product:
     per-key gated linear attention fwd+bwd 65 ms against 72 ms at T = 2048). Highest precision,
     so accelerators that round matmul inputs to fewer bits keep the log decays in full float32."""
-    size = x.shape[2]
-    ones = jnp.tri(size, dtype=x.dtype)
-    if reverse:
-        ones = ones.T
-    if x.ndim == 3:  # scalar decays: one [C, C] x [C, B H] product
-        return jnp.einsum("ts,bhs->bht", ones, x, precision=jax.lax.Precision.HIGHEST)
-    ones = jnp.broadcast_to(ones, x.shape[:2] + (size, size))
-    return jnp.matmul(ones, x, precision=jax.lax.Precision.HIGHEST)
+    with jax.named_scope("decay_cumsum"):  # named for profiles and the dtype test
+        size = x.shape[2]
+        ones = jnp.tri(size, dtype=x.dtype)
+        if reverse:
+            ones = ones.T
+        if x.ndim == 3:  # scalar decays: one [C, C] x [C, B H] product
+            return jnp.einsum("ts,bhs->bht", ones, x, precision=jax.lax.Precision.HIGHEST)
+        ones = jnp.broadcast_to(ones, x.shape[:2] + (size, size))
+        return jnp.matmul(ones, x, precision=jax.lax.Precision.HIGHEST)
 
 
 def scaled(decay, x):
@@ -58,15 +60,15 @@ class CausalScores:
     def __init__(self, q, k, gamma):
         self.gamma = gamma
         if gamma is None:
-            self.a = jnp.where(lower_mask(q.shape[-2]), q @ k.mT, 0.0)  # [B, H, C, C]
+            self.a = jnp.where(lower_mask(q.shape[-2]), chunk_matmul(q, k.mT), 0.0)  # [B, H, C, C]
         else:
-            self.a = (q @ k.mT) * gamma  # [B, H, C, C]
+            self.a = chunk_matmul(q, k.mT) * gamma  # [B, H, C, C]
         self.q, self.k = q, k
 
     def pullback(self, da):
         """(dQ, dK) [B, H, C, K] from dA [B, H, C, C] (zero above the diagonal)."""
         dp = da if self.gamma is None else da * self.gamma
-        return dp @ self.k, dp.mT @ self.q
+        return chunk_matmul(dp, self.k), chunk_matmul(dp.mT, self.q)
 
 
 class PerKeyScores:
@@ -109,12 +111,13 @@ class FactoredScores:
         self.q_decay, self.k_decay = jnp.exp(g_query - m), jnp.exp(m - g)  # [B, H, C(q), K]
         self.q, self.k = q * self.q_decay, k * self.k_decay
         self.mask = mask
-        self.a = jnp.where(mask, self.q @ self.k.mT, 0.0)  # [B, H, Cq, C]
+        self.a = jnp.where(mask, chunk_matmul(self.q, self.k.mT), 0.0)  # [B, H, Cq, C]
 
     def pullback(self, da):
         """(dQ [B, H, Cq, K], dK [B, H, C, K]) from dA [B, H, Cq, C]."""
         da = jnp.where(self.mask, da, 0.0)
-        return (da @ self.k) * self.q_decay, (da.mT @ self.q) * self.k_decay
+        dq, dk = chunk_matmul(da, self.k), chunk_matmul(da.mT, self.q)
+        return dq * self.q_decay, dk * self.k_decay
 
 
 def _pad_rows(x, rows, mode="constant"):
@@ -162,7 +165,7 @@ def _per_key_scores(q, k, g, g_query=None, strict=False):
     )  # [2P, B, H, h, h]
     a11, a22 = _first_second(diagonal)
     top = jnp.concatenate([a11, jnp.zeros_like(a11)], axis=-1)
-    bottom = jnp.concatenate([q_far @ k_far.mT, a22], axis=-1)
+    bottom = jnp.concatenate([chunk_matmul(q_far, k_far.mT), a22], axis=-1)
     a = jnp.concatenate([top, bottom], axis=-2)[..., :size, :size]
     return a, (q_far, k_far, q_decay, k_decay, inner)
 
@@ -188,6 +191,6 @@ def _per_key_pullback(da, q, k, factors):
     diagonal = jnp.concatenate([da[..., :h, :h], da[..., h:, h:]], axis=0)  # [2P, B, H, h, h]
     dq_in, dk_in = _per_key_pullback(diagonal, _halves(q), _halves(k), inner)
     (dq1, dq2), (dk1, dk2) = _first_second(dq_in), _first_second(dk_in)
-    dq = jnp.concatenate([dq1, dq2 + (d21 @ k_far) * q_decay], axis=-2)
-    dk = jnp.concatenate([dk1 + (d21.mT @ q_far) * k_decay, dk2], axis=-2)
+    dq = jnp.concatenate([dq1, dq2 + chunk_matmul(d21, k_far) * q_decay], axis=-2)
+    dk = jnp.concatenate([dk1 + chunk_matmul(d21.mT, q_far) * k_decay, dk2], axis=-2)
     return dq[..., :size, :], dk[..., :size, :]
