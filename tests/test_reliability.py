@@ -9,7 +9,6 @@ a second process is the point.
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import hashlib
 import importlib.util
 import io
@@ -795,21 +794,17 @@ def test_a_second_signal_ends_a_compiled_step_at_once(tiny_yaml, tmp_path, signu
 
 
 def test_an_unretrieved_disk_full_write_is_not_logged_and_other_task_errors_are(caplog):
-    async def fail(message):
-        raise ValueError(message)
-
-    def collect_failed_task(message):
+    def report_unretrieved(message):  # what asyncio's Task.__del__ reports of a failed task
         loop = asyncio.new_event_loop()
-        task = loop.create_task(fail(message))
-        loop.run_until_complete(asyncio.sleep(0))
+        loop.call_exception_handler(
+            {"message": "Task exception was never retrieved", "exception": ValueError(message)}
+        )
         loop.close()
-        del task  # never awaited: asyncio logs its error when it is collected
-        gc.collect()
 
     drop_unretrieved_disk_full_writes()
-    collect_failed_task("RESOURCE_EXHAUSTED: Failed to write: No space left on device")
+    report_unretrieved("RESOURCE_EXHAUSTED: Failed to write: No space left on device")
     assert not [r for r in caplog.records if r.name == "asyncio"]
-    collect_failed_task("a real bug")
+    report_unretrieved("a real bug")
     (record,) = [r for r in caplog.records if r.name == "asyncio"]
     assert record.getMessage().startswith("Task exception was never retrieved")
 
@@ -919,7 +914,7 @@ def test_fetch_is_a_verb_that_refuses_an_unknown_corpus_in_one_line(capsys):
 def test_experiments_record_and_run_in_the_checkout_of_their_code(refused, monkeypatch, tmp_path):
     """From another checkout, records would land where the user is not looking: refused, naming
     both; elsewhere the runs go beside the records, whatever the current folder."""
-    from fwpzoo.experiments._common import REPO, parse_options
+    from fwpzoo.experiments._sweep import REPO, parse_options
 
     monkeypatch.chdir(tmp_path)
     assert parse_options("mqar", []).root == REPO / "runs" / "experiments" / "mqar"
