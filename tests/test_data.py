@@ -37,13 +37,21 @@ SYNTHETIC = {
         task="formal_language", language="shuffle_2", seq_len=50, min_len=1, max_len=50
     ),
     "familiarity": DataConfig(task="familiarity", seq_len=40, vocab_size=64, repeat_interval=3),
+    "regression": DataConfig(task="regression", seq_len=41, regression_dim=4),
 }
-METRICS = {"text": ("loss", "bpc"), "formal_language": ("loss", "accuracy", "sequence_accuracy")}
+METRICS = {
+    "text": ("loss", "bpc"),
+    "formal_language": ("loss", "accuracy", "sequence_accuracy"),
+    "regression": ("loss", "accuracy", "mse", "normalised_error"),
+}
+EXTRA_KEYS = {"regression": {"token_values"}}  # beyond inputs, targets, weights
 TEXT = DataConfig(task="text", seq_len=64, corpus="fixture")
 
 
 def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    return a.keys() == b.keys() and all(
+        np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f") for k in a
+    )  # regression's token_values hold NaN for the tokens that are no number
 
 
 # ---------------------------------------------------------------- every task
@@ -60,6 +68,7 @@ def test_the_registry_holds_every_task_and_refuses_unknown_names():
         "text",
         "formal_language",
         "familiarity",
+        "regression",
     }
     with pytest.raises(ValueError, match="valid tasks: mqar, parity, .*, text, formal_language"):
         DataConfig(task="sorting")
@@ -70,7 +79,7 @@ def test_batches_have_the_contract_shapes_and_dtypes(name):
     task = make_task(SYNTHETIC.get(name, TEXT), seed=0)
     assert isinstance(task, Task)
     batch = task.train_batch(3, 8)
-    assert set(batch) == {"inputs", "targets", "weights"}
+    assert set(batch) == {"inputs", "targets", "weights"} | EXTRA_KEYS.get(name, set())
     for key, dtype in [("inputs", np.int32), ("targets", np.int32), ("weights", np.float32)]:
         assert batch[key].shape == (8, task.seq_len) and batch[key].dtype == dtype
     for key in ("inputs", "targets"):
@@ -121,11 +130,56 @@ def test_eval_splits_are_fixed_and_apart_from_training(name):
         ({"task": "familiarity", "vocab_size": 50}, "data.vocab_size"),
         ({"task": "parity", "bos": True}, "data.bos"),
         ({"task": "s3", "bos": True, "seq_len": 40, "max_len": 40}, "data.seq_len"),
+        ({"task": "regression", "regression_dim": 11}, "data.regression_dim"),
+        ({"task": "regression", "regression_dim": 8, "seq_len": 17}, "data.seq_len"),
     ],
 )
 def test_configs_that_cannot_make_their_task_are_refused_naming_the_field(changes, culprit):
     with pytest.raises(DataConfigError, match=culprit):
         DataConfig(**changes)
+
+
+# ---------------------------------------------------------------- in-context regression
+
+
+def test_regression_pairs_follow_one_linear_map_per_sequence_and_score_from_pair_d():
+    d = 4
+    task = make_task(DataConfig(task="regression", seq_len=41, regression_dim=d), seed=0)
+    batch = task.train_batch(0, 16)
+    inputs, targets, weights = batch["inputs"], batch["targets"], batch["weights"]
+    codes = inputs[:, 0:40:2] - 1  # [B, 20] sign patterns of x
+    x = np.where((codes[..., None] >> np.arange(d)) & 1, 1.0, -1.0)  # [B, 20, d]
+    y = inputs[:, 1:40:2] - (1 + 2**d + d)  # [B, 20]
+    assert np.all(np.abs(y) <= d) and np.all(inputs[:, 40] == 0)
+    for row in range(16):  # w from the pairs by least squares reproduces every y exactly
+        w = np.linalg.lstsq(x[row], y[row], rcond=None)[0]
+        np.testing.assert_allclose(x[row] @ w, y[row], atol=1e-9)
+    np.testing.assert_array_equal(targets[:, 0:40:2], inputs[:, 1:40:2])
+    expected = np.zeros(41, np.float32)
+    expected[2 * d : 40 : 2] = 1.0  # the x positions of pairs d, d + 1, ...
+    np.testing.assert_array_equal(weights, np.broadcast_to(expected, weights.shape))
+    values = batch["token_values"][0]  # [vocab]
+    np.testing.assert_array_equal(values[1 + 2**d :], np.arange(-d, d + 1))
+    assert np.all(np.isnan(values[: 1 + 2**d]))
+
+
+def test_regression_metrics_score_the_most_likely_number():
+    """number_sums: the argmax over the number tokens only, its value's squared error, and the
+    targets' squares (normalised error 1 for always predicting 0)."""
+    import jax.numpy as jnp
+
+    from fwpzoo.train.evaluate import summarize
+    from fwpzoo.train.steps import number_sums
+
+    values = jnp.asarray([[np.nan, -1.0, 0.0, 1.0]])  # [B = 1, vocab 4]: token 0 is no number
+    logits = jnp.asarray([[[9.0, 0.0, 1.0, 0.0], [9.0, 0.0, 1.0, 0.0]]])  # [1, 2, 4]: says 0
+    targets, weights = jnp.asarray([[3, 1]]), jnp.asarray([[1.0, 1.0]])
+    sums = {n: float(v) for n, v in number_sums(logits, targets, weights, values).items()}
+    assert sums == {"squared_error": 2.0, "target_square": 2.0}
+    metrics = summarize(
+        sums | {"loss_sum": 0.0, "weight": 2.0, "correct": 0.0}, METRICS["regression"]
+    )
+    assert metrics["mse"] == 1.0 and metrics["normalised_error"] == 1.0
 
 
 # ---------------------------------------------------------------- MQAR

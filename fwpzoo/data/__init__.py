@@ -16,6 +16,7 @@ from fwpzoo.data.copy_task import Copy
 from fwpzoo.data.familiarity import Familiarity
 from fwpzoo.data.formal_languages import FormalLanguage
 from fwpzoo.data.mqar import MQAR
+from fwpzoo.data.regression import Regression
 from fwpzoo.data.state_tracking import S3, Cyclic, ModArith, Parity
 from fwpzoo.data.task import Batch, Task
 from fwpzoo.data.text import Text
@@ -30,6 +31,7 @@ TASKS: dict[str, Callable[[DataConfig, int], Task]] = {
     "text": Text,
     "formal_language": FormalLanguage,
     "familiarity": Familiarity,
+    "regression": Regression,
 }
 assert tuple(TASKS) == TASK_NAMES
 

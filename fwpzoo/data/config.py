@@ -17,6 +17,7 @@ TASK_NAMES = (
     "text",
     "formal_language",
     "familiarity",
+    "regression",
 )
 # formal_language: the languages of fwpzoo.data.formal_languages
 LANGUAGE_NAMES = (
@@ -45,7 +46,8 @@ class MissingCorpusError(DataConfigError):
 class DataConfig:
     """What to train on.
 
-    task: mqar | parity | mod_arith | s3 | cyclic | copy | text | formal_language | familiarity.
+    task: mqar | parity | mod_arith | s3 | cyclic | copy | text | formal_language | familiarity |
+        regression.
     seq_len: length T of every training batch (padded with token 0, weight 0, where a task draws
         shorter sequences).
     vocab_size (mqar, copy, familiarity): token count. MQAR splits it in half, keys below values
@@ -67,6 +69,8 @@ class DataConfig:
         then takes max_len + 1 <= seq_len tokens; an eval length counts the word's elements.
     repeat_interval, repeat_prob (familiarity): a pattern comes back R steps later with
         probability p (Tyulmankov et al. 2022).
+    regression_dim (regression): the dimension d of x in y = w . x (fwpzoo.data.regression:
+        2^d tokens for x, 2d + 1 for y, pairs scored from the d-th on).
     corpus, data_dir (text): "gutenberg" or "brown" (fetched into data_dir by
         scripts/fetch_data.py), "fixture" (the small committed test text), or a path to a text
         file or to a directory of .txt files (each split 90/5/5 by bytes).
@@ -98,6 +102,8 @@ class DataConfig:
     # familiarity
     repeat_interval: int = 3
     repeat_prob: float = 0.5
+    # regression
+    regression_dim: int = 6
     # text
     corpus: str = "fixture"
     data_dir: str = "data"
@@ -167,6 +173,16 @@ def config_problems(cfg: DataConfig) -> list[str]:
         ]
     if cfg.task == "familiarity":
         checks += familiarity_checks(cfg)
+    if cfg.task == "regression":
+        d = cfg.regression_dim
+        checks += [
+            (1 <= d <= 10, f"data.regression_dim must be in 1..10 (2^d x tokens), got {d}"),
+            (
+                seq_len >= 2 * (d + 1),
+                f"regression needs data.seq_len >= 2 * (data.regression_dim + 1) = {2 * (d + 1)} "
+                f"(one scored pair after d), got {seq_len}",
+            ),
+        ]
     return [message for ok, message in checks if not ok]
 
 

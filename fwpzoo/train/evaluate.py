@@ -9,8 +9,8 @@ from fwpzoo.train.sharding import shard_batch, to_host
 
 
 def summarize(sums: dict, metric_names) -> dict:
-    """Token sums -> {"loss", and "accuracy", "sequence_accuracy", "bpc", "perplexity" as the
-    task names them}."""
+    """Token sums -> {"loss", and "accuracy", "sequence_accuracy", "bpc", "perplexity", "mse",
+    "normalised_error" as the task names them}."""
     weight = max(float(sums["weight"]), 1.0)
     loss = float(sums["loss_sum"]) / weight
     derived = {
@@ -21,6 +21,10 @@ def summarize(sums: dict, metric_names) -> dict:
         / max(float(sums.get("sequences", 0.0)), 1.0),
         "bpc": loss / math.log(2),
         "perplexity": math.exp(min(loss, 700.0)),  # exp overflows a float64 past ~709
+        # tasks whose targets are numbers (regression)
+        "mse": float(sums.get("squared_error", 0.0)) / weight,
+        "normalised_error": float(sums.get("squared_error", 0.0))
+        / max(float(sums.get("target_square", 0.0)), 1e-12),
     }
     return {name: derived[name] for name in ("loss", *metric_names) if name in derived}
 
@@ -38,7 +42,7 @@ def split_sums(eval_step, model_state: dict, batches, mesh) -> dict:
         sums = to_host(
             eval_step(model_state["params"], model_state["rest"], shard_batch(batch, mesh))
         )
-        total = {name: total[name] + float(np.asarray(sums[name])) for name in total}
+        total = {name: total.get(name, 0.0) + float(np.asarray(sums[name])) for name in sums}
     return total
 
 

@@ -176,12 +176,14 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     index) and feeds only the pieces of its own devices.
     """
 
-    def put(x):
+    def put(name, x):
         x = np.asarray(x)
-        sharding = sequence_sharded(mesh) if x.ndim >= 2 else batch_sharded(mesh)
+        # token_values [B, vocab] has no sequence axis (data/regression.py)
+        along_time = x.ndim >= 2 and name != "token_values"
+        sharding = sequence_sharded(mesh) if along_time else batch_sharded(mesh)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-    return {name: put(x) for name, x in batch.items()}
+    return {name: put(name, x) for name, x in batch.items()}
 
 
 def path_names(path) -> tuple[str, ...]:

@@ -17,7 +17,9 @@ from flax import nnx
 def token_sums(graphdef, params, rest, batch) -> dict:
     """Sums over the batch's weighted target tokens: cross-entropy, weight and correct argmaxes;
     and the sequences with a scored token and those whose every scored token is right. A batch of
-    packed rows carries "reset" [B, T] (True at each document start) for the model."""
+    packed rows carries "reset" [B, T] (True at each document start) for the model; one whose
+    tokens stand for numbers carries "token_values" [B, vocab] (NaN for the other tokens), and
+    the sums add the squared error of the most likely number and the targets' squares."""
     model = nnx.merge(graphdef, params, rest)
     logits = model(batch["inputs"], reset=batch.get("reset"))  # [B, T, vocab] float32
     targets = batch["targets"]  # [B, T]
@@ -27,12 +29,30 @@ def token_sums(graphdef, params, rest, batch) -> dict:
     scored = weights > 0  # [B, T]
     sequence_scored = jnp.any(scored, axis=-1)  # [B]
     sequence_correct = sequence_scored & jnp.all((correct > 0) | ~scored, axis=-1)  # [B]
-    return {
+    sums = {
         "loss_sum": jnp.sum(cross_entropy * weights),
         "weight": jnp.sum(weights),
         "correct": jnp.sum(correct * weights),
         "sequences": jnp.sum(sequence_scored.astype(jnp.float32)),
         "sequences_correct": jnp.sum(sequence_correct.astype(jnp.float32)),
+    }
+    if "token_values" in batch:
+        sums |= number_sums(logits, targets, weights, batch["token_values"])
+    return sums
+
+
+def number_sums(logits, targets, weights, values) -> dict:
+    """Squared error of the most likely number token's value and the targets' squared values,
+    weighted: logits [B, T, vocab], targets, weights [B, T], values [B, vocab] (NaN: not a
+    number)."""
+    numbers = ~jnp.isnan(values)[:, None, :]  # [B, 1, vocab]
+    guess = jnp.argmax(jnp.where(numbers, logits, -jnp.inf), axis=-1)  # [B, T]
+    known = jnp.nan_to_num(values)  # [B, vocab]
+    predicted = jnp.take_along_axis(known, guess, axis=1)  # [B, T]
+    target = jnp.take_along_axis(known, targets, axis=1)  # [B, T]
+    return {
+        "squared_error": jnp.sum(jnp.square(predicted - target) * weights),
+        "target_square": jnp.sum(jnp.square(target) * weights),
     }
 
 
