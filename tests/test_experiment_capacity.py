@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fwpzoo import cells
+from fwpzoo import cells, experiments
 from fwpzoo.config import ConfigError
 from fwpzoo.data.capacity import capacity_batch
 from fwpzoo.experiments import capacity
-from fwpzoo.experiments._common import RUN_FIELDS
+from fwpzoo.experiments._sweep import RUN_FIELDS
 from fwpzoo.layers.feature_maps import apply_feature_map, favor_projection
 
 
@@ -94,7 +94,8 @@ def test_delta_rule_overwrites_where_the_sum_rule_averages():
 @pytest.mark.slow
 def test_quick_sweep_writes_records_and_resumes(tmp_path, monkeypatch):
     workdir = tmp_path / "runs"
-    assert capacity.main(["--quick", "--workdir", str(workdir), "--no-progress"]) == 0
+    quick = ["capacity", "--quick", "--workdir", str(workdir), "--no-progress"]
+    assert experiments.main(quick) == 0
     out = workdir / "capacity"
     records = json.loads((out / "capacity.json").read_text())
     sweep = capacity.load_sweep(capacity.CONFIGS / "capacity" / "quick.yaml")
@@ -124,10 +125,10 @@ def test_quick_sweep_writes_records_and_resumes(tmp_path, monkeypatch):
         return real_train_run(sweep, setting, model, num_pairs, seed)
 
     monkeypatch.setattr(capacity, "train_run", counting_train_run)
-    capacity.main(["--quick", "--workdir", str(workdir), "--no-progress", "--report-only"])
+    experiments.main([*quick, "--report-only"])
     assert recomputed == []  # the report of the recorded points alone
     assert json.loads((out / "capacity.json").read_text()) == records[:-1]
-    capacity.main(["--quick", "--workdir", str(workdir), "--no-progress"])
+    experiments.main(quick)
     assert recomputed == [(*capacity.grid(sweep)[-1], 0)]
     again = json.loads((out / "capacity.json").read_text())
     # the same loss from the same seed; only the timing differs
@@ -142,10 +143,10 @@ def test_bad_sweep_files_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="unknown models.*delta-dpfp9.*valid: softmax, sum-elu1"):
         capacity.load_sweep(path)
     path.write_text(good + "learning_rat: 0.1\n")
-    with pytest.raises(ConfigError, match="unknown keys.*learning_rat"):
+    with pytest.raises(ConfigError, match="unknown key learning_rat"):
         capacity.load_sweep(path)
     path.write_text(good.replace("batch_size: 4", "batch_size: four"))
-    with pytest.raises(ConfigError, match="batch_size must be int"):
+    with pytest.raises(ConfigError, match="batch_size: expected an integer"):
         capacity.load_sweep(path)
     with pytest.raises(ConfigError, match="cannot read sweep"):
         capacity.load_sweep(tmp_path / "missing.yaml")

@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 
-from fwpzoo import cells, cli
+from fwpzoo import cells, cli, reports
 from fwpzoo.config import ConfigError
 from fwpzoo.data.corpora import load_corpus
-from fwpzoo.experiments import _common, charlm, formal_languages, mqar, state_tracking
+from fwpzoo.experiments import _sweep, _tuning, charlm, formal_languages, mqar, state_tracking
 from fwpzoo.reports import write_page
 
 SPELLINGS = {
@@ -33,7 +33,7 @@ def run_quick(name, tmp_path, *extra):
 
 def check_records(records, experiment):
     assert records
-    keys = (*experiment.keys, *(k for k in _common.RUN_FIELDS if k not in experiment.keys))
+    keys = (*experiment.keys, *(k for k in _sweep.RUN_FIELDS if k not in experiment.keys))
     for rec in records:
         assert tuple(rec) == keys
         for key, valid in SPELLINGS.items():
@@ -103,7 +103,7 @@ def test_a_run_that_meets_its_stop_metric_early_says_so(tmp_path):
     which miss the configs' 0.99, are recorded as stopped by "steps")."""
     quick = (*mqar.QUICK_OVERRIDES, "train.steps=4", "eval.every=2")
     met = mqar.mqar_point("delta_rule", 2, 4, 0, (*quick, "train.stop_at=0.0"))
-    outcome = _common.run_training(met, tmp_path / "met")
+    outcome = _sweep.run_training(met, tmp_path / "met")
     assert (outcome.steps, outcome.stop_reason) == (2, "reached_stop_metric")
 
 
@@ -111,17 +111,17 @@ def test_a_resumed_point_counts_every_process_and_refuses_another_length(tmp_pat
     """A point whose training an earlier process did counts that training in its record's
     seconds; a workdir holding a shorter run of its config is refused, not extended (a cosine
     schedule resumed at another length would not give what the point's command recomputes)."""
-    options = _common.parse_options("mqar", ["--quick", "--workdir", str(tmp_path)])
+    options = _sweep.parse_options("mqar", ["--quick", "--workdir", str(tmp_path)])
     quick = (*mqar.QUICK_OVERRIDES, "train.steps=2")
     point = mqar.mqar_point("delta_rule", 2, 4, 0, quick)
-    first = _common.run_training(point, tmp_path / "run")
-    record = _common.compute_point(point, tmp_path / "run", options, _common.run_training)
+    first = _sweep.run_training(point, tmp_path / "run")
+    record = _sweep.compute_point(point, tmp_path / "run", options, _sweep.run_training)
     assert record["steps"] == 2
     assert record["details"]["train_seconds"] == first.details["train_seconds"]
     assert record["seconds"] >= first.details["train_seconds"]
     longer = mqar.mqar_point("delta_rule", 2, 4, 0, (*quick, "train.steps=3"))
     with pytest.raises(ConfigError, match=r"another config \(train.steps: 2 -> 3\); remove it"):
-        _common.run_training(longer, tmp_path / "run")
+        _sweep.run_training(longer, tmp_path / "run")
 
 
 def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
@@ -130,7 +130,7 @@ def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
     compressors of charlm, which train nothing, have none), MQAR pairs up to 4x the key dim per
     head with the vocabulary at 256 or more."""
     for module, seeds in ((mqar, 2), (state_tracking, 3), (charlm, 2), (formal_languages, 3)):
-        points = module.make_points(_common.parse_options(module.NAME, []))
+        points = module.make_points(_sweep.parse_options(module.NAME, []))
         assert len({p.name for p in points}) == len(points)
         settings = {}
         trained = [p for p in points if p.config is not None]
@@ -147,10 +147,10 @@ def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
             if p.labels.get("learning_rate") is None:
                 settings.setdefault(setting(p), set()).add(p.labels["seed"])
         for labels, drawn in settings.items():
-            grid_only = drawn == {_common.TUNING_SEED} and tuple(
+            grid_only = drawn == {_tuning.TUNING_SEED} and tuple(
                 (k, v) for k, v in labels if k != "learning_rate") in rated
             assert len(drawn) >= seeds or grid_only, (module.NAME, labels)
-    points = mqar.make_points(_common.parse_options("mqar", []))
+    points = mqar.make_points(_sweep.parse_options("mqar", []))
     assert {p.labels["model"] for p in points} == set(mqar.MODELS)
     assert all(p.labels["vocab_size"] >= 256 for p in points)
     assert max(p.labels["x"] / p.labels["key_dim"] for p in points) >= 4
@@ -196,7 +196,7 @@ def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
 def test_mqar_beta_table_puts_the_study_beside_the_grid():
     """Rows: the grid's default start, then the low start; columns: the pairs; a cell still
     waiting for a seed says so."""
-    options = _common.parse_options("mqar", [])
+    options = _sweep.parse_options("mqar", [])
     record = {"model": "delta_rule", "num_heads": mqar.BETA_HEADS}
     records = [
         {**record, "beta_init": None, "x": 8, "value": 0.02},
@@ -213,10 +213,10 @@ def test_mqar_beta_table_puts_the_study_beside_the_grid():
 
 
 def test_a_record_of_another_spec_is_refused(tmp_path, capsys):
-    options = _common.parse_options("mqar", ["--quick", "--workdir", str(tmp_path)])
+    options = _sweep.parse_options("mqar", ["--quick", "--workdir", str(tmp_path)])
     point = mqar.make_points(options)[0]
     stale = {"spec": {**point.spec, "overrides": ["train.steps=7"]}}
-    _common.write_json(options.points_dir / f"{point.name}.json", stale)
+    _sweep.write_json(options.points_dir / f"{point.name}.json", stale)
     argv = ["experiment", "mqar", "--quick", "--workdir", str(tmp_path), "--no-progress"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -227,20 +227,20 @@ def test_a_record_goes_stale_when_its_config_file_is_edited(tmp_path):
     """The spec holds the settings of the file and the overrides: a record made before an edit
     of its config is refused, naming the setting that changed."""
     config = tmp_path / "delta_rule.yaml"
-    shutil.copy(_common.CONFIGS / "mqar" / "delta_rule.yaml", config)
+    shutil.copy(_sweep.CONFIGS / "mqar" / "delta_rule.yaml", config)
     labels, metrics = {"model": "delta_rule"}, {"accuracy": {}}
-    before = _common.train_point("p", config, ["data.num_pairs=8"], labels, metrics, seed=0)
+    before = _sweep.train_point("p", config, ["data.num_pairs=8"], labels, metrics, seed=0)
     assert before.spec["settings"]["data.num_pairs"] == 8
     assert before.spec["settings"]["train.steps"] == 4000
-    _common.write_json(tmp_path / "p.json", {"spec": before.spec})
+    _sweep.write_json(tmp_path / "p.json", {"spec": before.spec})
     config.write_text(config.read_text().replace("steps: 4000", "steps: 3000"))
-    after = _common.train_point("p", config, ["data.num_pairs=8"], labels, metrics, seed=0)
+    after = _sweep.train_point("p", config, ["data.num_pairs=8"], labels, metrics, seed=0)
     with pytest.raises(ConfigError, match=r"another spec \(settings train.steps: 4000 -> 3000\)"):
-        _common.read_point(tmp_path / "p.json", after)
+        _sweep.read_point(tmp_path / "p.json", after)
     # a comment or the layout changes no setting: the record stays valid
     config.write_text("# edited\n" + config.read_text().replace("steps: 3000", "steps:   4000"))
-    again = _common.train_point("p", config, ["data.num_pairs=8"], labels, metrics, seed=0)
-    assert _common.read_point(tmp_path / "p.json", again) == {"spec": before.spec}
+    again = _sweep.train_point("p", config, ["data.num_pairs=8"], labels, metrics, seed=0)
+    assert _sweep.read_point(tmp_path / "p.json", again) == {"spec": before.spec}
 
 
 @pytest.mark.slow
@@ -316,13 +316,13 @@ def test_notes_survive_a_rewritten_report(tmp_path):
 
 
 def test_spread_cells_and_groups():
-    assert _common.spread([0.5, 0.9, 0.7]) == (0.7, 0.5, 0.9)
-    assert _common.spread_cell([0.5, 0.9, 0.7]) == "0.700 (0.500-0.900)"
-    assert _common.spread_cell([0.5], seeds=3) == "0.500 [1/3 seeds]"
-    assert _common.spread_cell([17.46, 15.91], seeds=2, decimals=1) == "16.7 (15.9-17.5)"
-    assert _common.spread_cell([]) is None
+    assert reports.spread([0.5, 0.9, 0.7]) == (0.7, 0.5, 0.9)
+    assert reports.spread_cell([0.5, 0.9, 0.7]) == "0.700 (0.500-0.900)"
+    assert reports.spread_cell([0.5], seeds=3) == "0.500 [1/3 seeds]"
+    assert reports.spread_cell([17.46, 15.91], seeds=2, decimals=1) == "16.7 (15.9-17.5)"
+    assert reports.spread_cell([]) is None
     records = [{"a": 1, "value": 0.1}, {"a": 2, "value": 0.2}, {"a": 1, "value": 0.3}]
-    assert _common.group(records, ["a"]) == {(1,): [0.1, 0.3], (2,): [0.2]}
+    assert reports.group(records, ["a"]) == {(1,): [0.1, 0.3], (2,): [0.2]}
 
 
 def test_versions_line_names_each_field_once_with_every_value():
@@ -332,7 +332,7 @@ def test_versions_line_names_each_field_once_with_every_value():
         {"versions": {"jax": "0.10.2", "fwpzoo": "b2"}},
         {},
     ]
-    assert _common.versions_line(records) == "jax 0.10.2, fwpzoo a1 / b2"
+    assert reports.versions_line(records) == "jax 0.10.2, fwpzoo a1 / b2"
 
 
 @pytest.mark.parametrize(
@@ -373,20 +373,20 @@ def test_records_are_written_only_from_a_committed_tree(tmp_path, monkeypatch, c
     """A sweep that records into docs/results refuses, in one line and before computing any
     point, a tree whose code or configs differ from its commit; --allow-dirty records the point
     with the uncommitted paths listed and the commit marked with "+"."""
-    monkeypatch.setattr(_common, "checkout_state", lambda: ("f" * 40, ("fwpzoo/x.py",)))
-    monkeypatch.setattr(_common, "in_main_history", lambda commit: True)
+    monkeypatch.setattr(_sweep, "checkout_state", lambda: ("f" * 40, ("fwpzoo/x.py",)))
+    monkeypatch.setattr(_sweep, "in_main_history", lambda commit: True)
     argv = ["experiment", "mqar", "--workdir", str(tmp_path), "--no-progress", "--only", "x*"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "uncommitted changes in 1 file(s) under" in err[0]
     assert "fwpzoo/x.py" in err[0]
-    options = _common.parse_options("mqar", ["--quick", "--workdir", str(tmp_path)])
+    options = _sweep.parse_options("mqar", ["--quick", "--workdir", str(tmp_path)])
     point = mqar.make_points(options)[0]
-    outcome = _common.Outcome({"accuracy": 0.5}, 2, "steps")
-    record = _common.compute_point(point, tmp_path, options, lambda point, workdir: outcome)
+    outcome = _sweep.Outcome({"accuracy": 0.5}, 2, "steps")
+    record = _sweep.compute_point(point, tmp_path, options, lambda point, workdir: outcome)
     assert record["versions"]["fwpzoo"] == "f" * 12 + "+"
     assert record["uncommitted"] == ["fwpzoo/x.py"]
-    monkeypatch.setattr(_common, "in_main_history", lambda commit: False)
+    monkeypatch.setattr(_sweep, "in_main_history", lambda commit: False)
     assert cli.main([*argv, "--allow-dirty"]) == 2
     assert "is not in main's history" in capsys.readouterr().err
 
@@ -395,12 +395,12 @@ def test_every_record_names_a_commit_in_main_history():
     """Each recorded point names the commit it was computed from, a commit of main, and a record
     made from an uncommitted tree says so: the code behind every number can be checked out."""
     try:
-        history = _common.git("rev-list", _common.MAIN_BRANCH).split()
-    except (OSError, _common.subprocess.CalledProcessError):
+        history = _sweep.git("rev-list", _sweep.MAIN_BRANCH).split()
+    except (OSError, _sweep.subprocess.CalledProcessError):
         pytest.skip("not a git checkout with a main branch")
     short = {commit[:12] for commit in history}
     problems = []
-    for path in sorted(_common.RESULTS.glob("*/points/*.json")):
+    for path in sorted(_sweep.RESULTS.glob("*/points/*.json")):
         record = json.loads(path.read_text())
         commit = record["versions"]["fwpzoo"] or ""
         if commit.rstrip("+") not in short:
@@ -412,12 +412,12 @@ def test_every_record_names_a_commit_in_main_history():
 
 def test_best_rate_keeps_the_configs_rate_unless_another_beats_it_by_the_margin():
     own = 3e-3
-    assert _common.best_rate({1e-3: 0.9, 3e-3: 0.8}, own) is None  # a rate still pending
-    assert _common.best_rate({1e-3: 0.9, 3e-3: 0.8, 1e-2: None}, own) is None
-    assert _common.best_rate({1e-3: 0.805, 3e-3: 0.8, 1e-2: 0.809}, own) == own
-    assert _common.best_rate({1e-3: 0.85, 3e-3: 0.8, 1e-2: 0.9}, own) == 1e-2
+    assert _tuning.best_rate({1e-3: 0.9, 3e-3: 0.8}, own) is None  # a rate still pending
+    assert _tuning.best_rate({1e-3: 0.9, 3e-3: 0.8, 1e-2: None}, own) is None
+    assert _tuning.best_rate({1e-3: 0.805, 3e-3: 0.8, 1e-2: 0.809}, own) == own
+    assert _tuning.best_rate({1e-3: 0.85, 3e-3: 0.8, 1e-2: 0.9}, own) == 1e-2
     # bits per character: lower is better
-    assert _common.best_rate({1e-3: 2.0, 3e-3: 2.1, 1e-2: 2.3}, own, lower_is_better=True) == 1e-3
+    assert _tuning.best_rate({1e-3: 2.0, 3e-3: 2.1, 1e-2: 2.3}, own, lower_is_better=True) == 1e-3
     assert [p.name for p in mqar.tuning_points()][:2] == [
         "delta_rule-lr0.001-h8-n16-s0",
         "delta_rule-lr0.01-h8-n16-s0",

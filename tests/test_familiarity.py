@@ -10,7 +10,7 @@ import pytest
 from fwpzoo import cli
 from fwpzoo.data import DataConfig, DataConfigError, make_task
 from fwpzoo.data.familiarity import FAMILIAR, FIRST_PATTERN, NOVEL
-from fwpzoo.experiments import _common, familiarity
+from fwpzoo.experiments import _sweep, familiarity
 
 
 @pytest.mark.parametrize("R", [1, 5])
@@ -44,7 +44,7 @@ def test_quick_experiment_records_the_interval_curve_and_the_learned_eta(tmp_pat
     assert cli.main(argv) == 0
     out = tmp_path / "familiarity"
     records = json.loads((out / "familiarity.json").read_text())
-    keys = (*familiarity.KEYS, *(k for k in _common.RUN_FIELDS if k not in familiarity.KEYS))
+    keys = (*familiarity.KEYS, *(k for k in _sweep.RUN_FIELDS if k not in familiarity.KEYS))
     assert all(tuple(r) == keys for r in records)
     accuracy = [r for r in records if r["metric"] == "accuracy"]
     assert {(r["model"], r["x"]) for r in accuracy} == {

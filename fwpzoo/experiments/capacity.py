@@ -22,35 +22,34 @@ set of fresh sequences. Sweep settings: configs/experiments/capacity/{sweep,quic
 import dataclasses
 import math
 import time
-import typing
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
 import numpy as np
 import optax
-import yaml
 
 from fwpzoo import cells
-from fwpzoo.config import ConfigError
+from fwpzoo.config import ConfigError, from_dict
+from fwpzoo.config_file import parse_yaml
 from fwpzoo.data.capacity import SETTINGS, capacity_batch
-from fwpzoo.experiments import _common
-from fwpzoo.experiments._common import (
+from fwpzoo.experiments import _tuning
+from fwpzoo.experiments._sweep import (
     CONFIGS,
     Experiment,
     Outcome,
     Point,
-    compute_cost,
+)
+from fwpzoo.layers.feature_maps import apply_feature_map, favor_projection, feature_dim
+from fwpzoo.reports import (
     errorbars,
     group,
     markdown_table,
-    progress_note,
+    save_figure,
     spread,
-    sweep_command,
-    versions_line,
+    subplots,
 )
-from fwpzoo.layers.feature_maps import apply_feature_map, favor_projection, feature_dim
 
 NAME = "capacity"
 TITLE = "Associative retrieval capacity (Schlag, Irie & Schmidhuber 2021)"
@@ -200,44 +199,29 @@ class Sweep:
     models: tuple[str, ...]  # "sum-elu1", "delta-dpfp2", ..., "softmax"
     # the S grid of each setting and rule (sum, delta or softmax), or of one model where it
     # differs from its rule's: {setting: {rule or model: [S, ...]}}
-    num_pairs: dict
+    num_pairs: Mapping
 
 
 def load_sweep(path: Path) -> Sweep:
-    """A Sweep from YAML; ConfigError (one line) for a missing file, key or bad value."""
+    """A Sweep from YAML, read as a config file is and typed by the config decoder; ConfigError
+    (one line) for a missing file, a missing or unknown key or a bad value."""
+    path = Path(path)
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read sweep {path}: {err}".splitlines()[0]) from None
-    fields = {f.name: f.type for f in dataclasses.fields(Sweep)}
-    if not isinstance(raw, dict) or set(raw) != set(fields):
-        got = set(raw) if isinstance(raw, dict) else set()
-        raise ConfigError(
-            f"sweep {path}: unknown keys {sorted(got - set(fields))}, "
-            f"missing keys {sorted(set(fields) - got)}"
-        )
+    raw = parse_yaml(text, path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sweep {path} must hold a mapping of the sweep's fields, not {raw!r}")
+    missing = [f.name for f in dataclasses.fields(Sweep) if f.name not in raw]
+    if missing:
+        raise ConfigError(f"sweep {path}: missing keys {missing}")
     try:
-        values = {name: typed(kind, raw[name], name) for name, kind in fields.items()}
-    except (TypeError, ValueError) as err:
+        sweep = from_dict(Sweep, raw)
+    except ConfigError as err:
         raise ConfigError(f"sweep {path}: {err}") from None
-    sweep = Sweep(**values)
     check_sweep(sweep, path)
     return sweep
-
-
-def typed(kind, value, name):
-    """`value` as the field type `kind`: int, float, str or tuple[...] (from a YAML list)."""
-    if typing.get_origin(kind) is tuple:
-        if not isinstance(value, list):
-            raise TypeError(f"{name} must be a list, got {value!r}")
-        return tuple(value)
-    if kind is dict:
-        if not isinstance(value, dict):
-            raise TypeError(f"{name} must be a mapping, got {value!r}")
-        return value
-    if kind is float and isinstance(value, int | float) or isinstance(value, kind):
-        return kind(value)
-    raise TypeError(f"{name} must be {kind.__name__}, got {value!r}")
 
 
 def check_sweep(sweep: Sweep, path) -> None:
@@ -440,7 +424,7 @@ def plot(records: list[dict], sweep: Sweep, path: Path) -> None:
     """Final loss against S (median over seeds, bars to min and max): a panel per setting x
     rule, a line per feature map, softmax attention dashed in every panel."""
     rules = list(dict.fromkeys(rule_of(m) for m in sweep.models if m != SOFTMAX)) or [SOFTMAX]
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         len(sweep.settings),
         len(rules),
         figsize=(4.6 * len(rules), 3.6 * len(sweep.settings)),
@@ -468,9 +452,7 @@ def plot(records: list[dict], sweep: Sweep, path: Path) -> None:
             ax.axhline(sweep.stop_loss, color="grey", linewidth=0.5)
             if ax.get_legend_handles_labels()[0]:  # a panel of an unfinished sweep may be empty
                 ax.legend(fontsize=7, title="feature map (dim phi)", title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def capacity_of(losses: dict[int, list[float]], grid: list[int], stop_loss: float) -> str | None:
@@ -524,13 +506,7 @@ def report(records: list[dict], points: list[Point], options) -> str:
     stopped = {}
     for rec in records:
         stopped[rec["stop_reason"]] = stopped.get(rec["stop_reason"], 0) + 1
-    return f"""# {TITLE}
-
-Command: `{sweep_command(options)}` (sweep: `configs/experiments/{NAME}/{sweep_file(options)}`);
-each record in `{NAME}.json` names the command that recomputes its point alone.
-{progress_note(points, records, options)}
-Cost: {compute_cost(points, options)} (2-core CPU shared with other work).
-{_common.untuned_text(_common.rate_label(sweep.learning_rate))}
+    return f"""{_tuning.untuned_text(_tuning.rate_label(sweep.learning_rate))}
 
 Setup: d_key = {sweep.d_key}, FAVOR+ with {sweep.favor_features} random features, batch
 {sweep.batch_size}, Adam {sweep.learning_rate:g}, cells in their {sweep.form} form, seeds
@@ -549,8 +525,6 @@ Final loss (1/2 squared error to the one-hot value, averaged over sequences), me
 
 {chr(10).join(s + chr(10) for s in sections)}
 {extra}
-
-Software: {versions_line(records)}.
 """
 
 
@@ -624,8 +598,13 @@ def sweep_file(options) -> str:
     return sweep_files(options)[0][1]
 
 
-EXPERIMENT = Experiment(NAME, KEYS, make_points, report, execute, title=TITLE)
-
-
-def main(argv) -> int:
-    return _common.main(EXPERIMENT, argv)
+EXPERIMENT = Experiment(
+    NAME,
+    KEYS,
+    make_points,
+    report,
+    execute,
+    title=TITLE,
+    source=lambda options: f"sweep: `configs/experiments/{NAME}/{sweep_file(options)}`",
+    cost_note=" (2-core CPU shared with other work)",
+)

@@ -16,32 +16,31 @@ import lzma
 import math
 import zlib
 
-import matplotlib.pyplot as plt
 import numpy as np
 
 from fwpzoo.config import load
 from fwpzoo.data.corpora import load_corpus
-from fwpzoo.experiments import _common
-from fwpzoo.experiments._common import (
+from fwpzoo.experiments import _tuning
+from fwpzoo.experiments._sweep import (
     CONFIGS,
     Experiment,
     Options,
     Outcome,
     Point,
-    compute_cost,
+    model_labels,
+    read_details,
+    run_training,
+    train_point,
+)
+from fwpzoo.reports import (
     errorbars,
     group,
     markdown_table,
     medians,
-    model_labels,
-    progress_note,
-    read_details,
-    run_training,
+    save_figure,
     signed,
     spread_cell,
-    sweep_command,
-    train_point,
-    versions_line,
+    subplots,
 )
 
 NAME = "charlm"
@@ -109,9 +108,9 @@ def make_points(options: Options) -> list:
     points += [compressor_point(c, name, after_train=True) for c in corpora for name in COMPRESSORS]
     if not quick:
         points += [
-            model_point(TUNE_CORPUS, m, _common.TUNING_SEED, options, rate)
+            model_point(TUNE_CORPUS, m, _tuning.TUNING_SEED, options, rate)
             for m in TUNE_MODELS
-            for rate in _common.other_rates(config_rate(m))
+            for rate in _tuning.other_rates(config_rate(m))
         ]
         points += [
             model_point(TUNE_CORPUS, m, s, options, rate)
@@ -129,7 +128,7 @@ def make_points(options: Options) -> list:
 def model_point(corpus: str, model: str, seed: int, options: Options, rate=None) -> Point:
     """One seed of one model on a corpus, at its config's learning rate or at `rate`."""
     path = CONFIGS / NAME / f"{model}.yaml"
-    learning_rate = (_common.rate_override(rate),) if rate is not None else ()
+    learning_rate = (_tuning.rate_override(rate),) if rate is not None else ()
     quick = QUICK_OVERRIDES if options.quick else ()
     overrides = (f"data.corpus={corpus}", *learning_rate, *quick)
     cfg = load(path, overrides)
@@ -142,7 +141,7 @@ def model_point(corpus: str, model: str, seed: int, options: Options, rate=None)
     }
     metrics = {"bpc": {"x": cfg.data.seq_len}}
     metrics |= {f"bpc@{n}": {"x": n} for n in cfg.eval.lengths}
-    lr = f"-lr{_common.rate_label(rate)}" if rate is not None else ""
+    lr = f"-lr{_tuning.rate_label(rate)}" if rate is not None else ""
     return train_point(
         f"{corpus}-{model}{lr}-s{seed}", path, overrides, labels, metrics, seed, WHOLE_SPLIT
     )
@@ -158,12 +157,13 @@ def tuned_rates(options: Options) -> dict:
     (bits per byte: lower is better)."""
     rates = {}
     for m in TUNE_MODELS:
-        own, seed = config_rate(m), _common.TUNING_SEED
-        others = _common.other_rates(own)
-        names = {r: model_point(TUNE_CORPUS, m, seed, options, r).name for r in others}
-        names[own] = model_point(TUNE_CORPUS, m, seed, options).name
-        values = {r: _common.recorded_metric(options, n, "bpc") for r, n in names.items()}
-        best = _common.best_rate(values, own, lower_is_better=True)
+        best = _tuning.tuned_rate(
+            options,
+            lambda r, m=m: model_point(TUNE_CORPUS, m, _tuning.TUNING_SEED, options, r).name,
+            config_rate(m),
+            "bpc",
+            lower_is_better=True,
+        )
         if best is not None:
             rates[m] = best
     return rates
@@ -208,7 +208,7 @@ def tuning_table(records: list[dict], options: Options) -> str:
         seed0 = {
             r["learning_rate"] or own: r["value"]
             for r in here
-            if r["model"] == m and r["seed"] == _common.TUNING_SEED
+            if r["model"] == m and r["seed"] == _tuning.TUNING_SEED
         }
         rate = best.get(m)
         retuned = rate is not None and not math.isclose(rate, own)
@@ -218,14 +218,14 @@ def tuning_table(records: list[dict], options: Options) -> str:
         rows.append(
             [
                 m,
-                *(seed0.get(r) for r in _common.LEARNING_RATES),
-                _common.rate_label(rate) if rate is not None else "pending",
+                *(seed0.get(r) for r in _tuning.LEARNING_RATES),
+                _tuning.rate_label(rate) if rate is not None else "pending",
                 spread_cell(rerun, len(SEEDS)) if retuned else "-",
             ]
         )
     header = [
         "model",
-        *(f"lr {_common.rate_label(r)}" for r in _common.LEARNING_RATES),
+        *(f"lr {_tuning.rate_label(r)}" for r in _tuning.LEARNING_RATES),
         "best",
         "Gutenberg bpc at the best rate (when not the config's)",
     ]
@@ -239,7 +239,7 @@ def plot_curves(records: list[dict], points: list, options: Options, path) -> No
     depends on the machine's load, the data a model has seen does not."""
     configs = {p.name: load(p.config, p.overrides) for p in points if p.config is not None}
     corpora = list(dict.fromkeys(r["corpus"] for r in records))
-    fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), squeeze=False)
+    fig, axes = subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), squeeze=False)
     models = [r for r in records if r["metric"] == "bpc" and r["model"] not in COMPRESSOR_MODELS]
     colours = {model: f"C{i}" for i, model in enumerate(dict.fromkeys(r["model"] for r in models))}
     for ax, corpus in zip(axes[0], corpora, strict=True):
@@ -264,9 +264,7 @@ def plot_curves(records: list[dict], points: list, options: Options, path) -> No
         )
         if ax.get_legend_handles_labels()[1]:  # a corpus with no model recorded yet has none
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_model(ax, seeds: list[dict], cfg, options: Options, colour: str, label: str) -> None:
@@ -380,12 +378,7 @@ def report(records: list[dict], points: list, options: Options) -> str:
         header = ["model", "parameters", "state size", "steps", "train CPU-min"]
         header += [f"test {m}" for m in metrics]
         sections.append(f"### {corpus}\n\n{markdown_table(header, rows)}")
-    return f"""# {TITLE}
-
-Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`); each record in
-`{NAME}.json` names the command that recomputes its point alone.
-{progress_note(points, records, options)}
-Cost: {compute_cost(points, options)}.
+    return f"""\
 Test bits per byte over the whole test split, the median over {seeds} seeds (min-max in
 brackets): `bpc` in windows of the training length, `bpc@L` in windows of L bytes (the state
 runs across the whole window); the compressors compress the same test bytes as one stream. State
@@ -401,7 +394,7 @@ has seen the training text first.
 
 ### Learning rate: the tuning protocol
 
-{_common.protocol_text(f"{TUNE_CORPUS} (test bpc, lower is better)", "bpc")} The configs train
+{_tuning.protocol_text(f"{TUNE_CORPUS} (test bpc, lower is better)", "bpc")} The configs train
 at 3e-3; the tables above are at the configs' rates.
 
 {tuning}
@@ -412,13 +405,7 @@ The papers report other corpora at far larger scale (hundreds of millions of par
 of tokens), so their column states the finding; "here" computes it from the medians above.
 
 {papers_table(records)}
-
-Software: {versions_line(records)}.
 """
 
 
 EXPERIMENT = Experiment(NAME, KEYS, make_points, report, execute, title=TITLE)
-
-
-def main(argv) -> int:
-    return _common.main(EXPERIMENT, argv)

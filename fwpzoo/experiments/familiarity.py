@@ -11,30 +11,30 @@ configs/experiments/familiarity/.
 from dataclasses import replace
 
 import jax
-import matplotlib.pyplot as plt
 from flax import nnx
 
 from fwpzoo.config import load
 from fwpzoo.data import make_task
 from fwpzoo.data.familiarity import NOVEL
-from fwpzoo.experiments import _common
-from fwpzoo.experiments._common import (
+from fwpzoo.experiments import _sweep, _tuning
+from fwpzoo.experiments._sweep import (
     CONFIGS,
     Experiment,
     Outcome,
-    compute_cost,
+    train_point,
+)
+from fwpzoo.reports import (
     errorbars,
     group,
     markdown_table,
-    progress_note,
+    save_figure,
     spread_cell,
-    sweep_command,
-    train_point,
-    versions_line,
+    subplots,
 )
 from fwpzoo.train import evaluate, make_eval_step, restore_run
 
 NAME = "familiarity"
+TITLE = "Continual familiarity detection (HebbFF)"
 # variant -> (model, eta_sign) record labels; a variant's config is configs/.../<variant>.yaml
 MODELS = {
     "hebbff": ("plastic", "learned"),
@@ -102,7 +102,7 @@ def make_points(options) -> list:
 def execute(point, workdir) -> Outcome:
     """Trains at the point's R, then tests at every R of its metrics; the learned eta and
     lambda of a plastic layer."""
-    outcome = _common.run_training(replace(point, metrics={}), workdir)
+    outcome = _sweep.run_training(replace(point, metrics={}), workdir)
     run, step, model_state = restore_run(workdir)
     eval_step = jax.jit(make_eval_step(run.graphdef))
     metrics = {}
@@ -137,7 +137,7 @@ def variant(rec: dict) -> str:
 
 
 def plot(records: list[dict], settings, baseline: dict, path) -> None:
-    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.6), squeeze=False)
+    fig, axes = subplots(1, len(settings), figsize=(5 * len(settings), 3.6), squeeze=False)
     curves = group([r for r in records if r["metric"] == "accuracy"], ["setting", "variant", "x"])
     for ax, R in zip(axes[0], settings, strict=True):
         for name in dict.fromkeys(v for s, v, _ in curves if s == R):
@@ -150,9 +150,7 @@ def plot(records: list[dict], settings, baseline: dict, path) -> None:
         ax.set(title=f"trained at R = {R}", xlabel="test R", ylabel="test accuracy", xscale="log")
         ax.set(ylim=(0.45, 1.01))
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def twice_table(cells: dict, planned: dict, settings) -> str:
@@ -234,7 +232,7 @@ def report(records: list[dict], points: list, options) -> str:
     table = markdown_table(["train R", "model", *(f"R={x}" for x in xs)], rows)
     eta_rows = []
     for rec in (r for r in records if r["metric"] == "learned_eta"):
-        details = _common.read_details(options, rec["point"])
+        details = _sweep.read_details(options, rec["point"])
         K = details["presynaptic_dim"]
         sign = "anti-Hebbian" if rec["value"] < 0 else "Hebbian"
         eta_rows.append(
@@ -257,13 +255,7 @@ def report(records: list[dict], points: list, options) -> str:
             ["setting"],
         ).items()
     )
-    return f"""# Continual familiarity detection (HebbFF)
-
-Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`); each record
-in `{NAME}.json` names the command that recomputes its point alone.
-{progress_note(points, records, options)}
-Cost: {compute_cost(points, options)}.
-{_common.untuned_text(_common.rate_label(cfg.train.learning_rate))}
+    return f"""{_tuning.untuned_text(_tuning.rate_label(cfg.train.learning_rate))}
 
 A stream of {cfg.data.seq_len} patterns (tokens from a vocabulary of {cfg.data.vocab_size}),
 each the one shown R steps back with probability {cfg.data.repeat_prob} (if that one was new)
@@ -302,13 +294,7 @@ they show these findings in figures, so their column states the claim. Ours are 
 {seeds} seeds (min-max) from the table above.
 
 {papers_table(cells, planned[learned_name], anti, len(learned))}
-
-Software: {versions_line(records)}.
 """
 
 
-EXPERIMENT = Experiment(NAME, KEYS, make_points, report, execute)
-
-
-def main(argv) -> int:
-    return _common.main(EXPERIMENT, argv)
+EXPERIMENT = Experiment(NAME, KEYS, make_points, report, execute, title=TITLE)

@@ -12,23 +12,22 @@ import functools
 import math
 from itertools import product
 
-import matplotlib.pyplot as plt
 import numpy as np
 
 from fwpzoo.config import load
-from fwpzoo.experiments import _common
-from fwpzoo.experiments._common import (
+from fwpzoo.experiments import _tuning
+from fwpzoo.experiments._sweep import (
     CONFIGS,
     Experiment,
-    compute_cost,
+    train_point,
+)
+from fwpzoo.reports import (
     group,
     markdown_table,
-    progress_note,
+    save_figure,
     spread,
     spread_cell,
-    sweep_command,
-    train_point,
-    versions_line,
+    subplots,
 )
 
 NAME = "formal_languages"
@@ -123,7 +122,7 @@ def task_overrides(task: str) -> tuple[str, ...]:
 def language_point(task, variant, seed, options, rate=None):
     labels, overrides = MODELS[variant]
     quick = QUICK_OVERRIDES if options.quick else ()
-    learning_rate = (_common.rate_override(rate),) if rate is not None else ()
+    learning_rate = (_tuning.rate_override(rate),) if rate is not None else ()
     overrides = (
         *overrides,
         f"data.language={task}",
@@ -131,7 +130,7 @@ def language_point(task, variant, seed, options, rate=None):
         *learning_rate,
         *quick,
     )
-    lr = f"-lr{_common.rate_label(rate)}" if rate is not None else ""
+    lr = f"-lr{_tuning.rate_label(rate)}" if rate is not None else ""
     return train_point(
         f"{task}-{variant}{lr}-s{seed}",
         CONFIG,
@@ -157,10 +156,10 @@ def make_points(options) -> list:
         # at the config's rate the point is the grid's own (none for the models outside
         # GRAMMAR_MODELS on the paper's reset Dyck-1, so theirs is added here)
         points += [
-            language_point(task, v, _common.TUNING_SEED, options, rate)
+            language_point(task, v, _tuning.TUNING_SEED, options, rate)
             for task in TUNE_TASKS
             for v in models
-            for rate in (None, *_common.other_rates(config_rate()))
+            for rate in (None, *_tuning.other_rates(config_rate()))
         ]
         points += [
             language_point(task, v, s, options, rate)
@@ -185,13 +184,12 @@ def tuned_rates(options) -> dict:
     """{(task, variant): best rate at that deciding point}, where every rate is recorded."""
     rates = {}
     for task, v in product(TUNE_TASKS, MODELS):
-        own, seed = config_rate(), _common.TUNING_SEED
-        names = {
-            r: language_point(task, v, seed, options, r).name for r in _common.other_rates(own)
-        }
-        names[own] = language_point(task, v, seed, options).name
-        values = {r: _common.recorded_metric(options, n, BIN1) for r, n in names.items()}
-        best = _common.best_rate(values, own)
+        best = _tuning.tuned_rate(
+            options,
+            lambda r, task=task, v=v: language_point(task, v, _tuning.TUNING_SEED, options, r).name,
+            config_rate(),
+            BIN1,
+        )
         if best is not None:
             rates[task, v] = best
     return rates
@@ -209,8 +207,8 @@ def tuning_table(records: list[dict], options) -> str:
     rows = []
     for task, v in product(TUNE_TASKS, MODELS):
         seed0 = [
-            cells.get((task, v, None if math.isclose(rate, own) else rate, _common.TUNING_SEED))
-            for rate in _common.LEARNING_RATES
+            cells.get((task, v, None if math.isclose(rate, own) else rate, _tuning.TUNING_SEED))
+            for rate in _tuning.LEARNING_RATES
         ]
         rate = best.get((task, v))
         rerun = [
@@ -227,14 +225,14 @@ def tuning_table(records: list[dict], options) -> str:
                 task,
                 v,
                 *(values[0] if values else None for values in seed0),
-                _common.rate_label(rate) if rate is not None else "pending",
+                _tuning.rate_label(rate) if rate is not None else "pending",
                 spread_cell(rerun, len(SEEDS)) if rate is not None and rate != own else "-",
             ]
         )
     header = [
         "task",
         "model",
-        *(f"lr {_common.rate_label(r)}" for r in _common.LEARNING_RATES),
+        *(f"lr {_tuning.rate_label(r)}" for r in _tuning.LEARNING_RATES),
         "best",
         "bin 1 at the best rate (when not the config's)",
     ]
@@ -256,7 +254,7 @@ def plot(cells: dict, tasks, variants, path) -> None:
         middle, low, high = spread(values)
         grid[variants.index(name), tasks.index(task)] = middle
         ranges[variants.index(name), tasks.index(task)] = (low, high)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 2), 0.6 * len(variants) + 1.5))
+    fig, ax = subplots(figsize=(max(6.0, 1.1 * len(tasks) + 2), 0.6 * len(variants) + 1.5))
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(tasks)), tasks, rotation=35, ha="right")
     ax.set_yticks(range(len(variants)), variants)
@@ -271,9 +269,7 @@ def plot(cells: dict, tasks, variants, path) -> None:
         "strings of lengths 51..100 recognised: median over seeds (min-max below)", fontsize=9
     )
     fig.colorbar(image, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def steps_cell(values) -> str | None:
@@ -317,14 +313,7 @@ def report(records: list[dict], points: list, options) -> str:
     header = ["task", "model", "bin 0 test", "bin 1 test", "steps", "paper (bin 1)"]
     cfg = load(CONFIG, points[0].overrides)
     test_strings = points[0].test_batches * cfg.eval.batch_size
-    return f"""# {TITLE}
-
-Command: `{sweep_command(options)}` (config: `configs/experiments/{NAME}/base.yaml`, the models'
-overrides in `fwpzoo/experiments/{NAME}.py`); each record in `{NAME}.json` names the command that
-recomputes its point alone.
-{progress_note(points, records, options)}
-Cost: {compute_cost(points, options)}.
-
+    return f"""
 Each point trains a one-layer model (d_model {cfg.model.d_model}, {cfg.model.num_heads} heads, no
 short convolution) on strings of lengths 1..50 for at most {cfg.train.steps} steps of
 {cfg.train.batch_size} fresh strings, stopping at the first evaluation (every
@@ -340,8 +329,8 @@ models the paper's reset Dyck-1 finding is about; `reset_dyck_1` is our earlier 
 
 ### Learning rate: the tuning protocol
 
-{_common.protocol_text("parity and at reset Dyck-1 from the paper's generator", "bin-1 accuracy")}
-The base config trains at {_common.rate_label(config_rate())}; the main table is at that rate.
+{_tuning.protocol_text("parity and at reset Dyck-1 from the paper's generator", "bin-1 accuracy")}
+The base config trains at {_tuning.rate_label(config_rate())}; the main table is at that rate.
 
 {tuning}
 
@@ -363,13 +352,17 @@ README), trains up to 300 epochs on Bhattamishra et al.'s fixed datasets (reset 
 with their code) and tunes the size, depth and learning rate of each model (its appendix); here
 each point trains one layer of width 32 on fresh strings for at most the step budget above, with
 the learning-rate grid of the tuning protocol and three seeds.
-
-Software: {versions_line(records)}.
 """
 
 
-EXPERIMENT = Experiment(NAME, KEYS, make_points, report, title=TITLE)
-
-
-def main(argv) -> int:
-    return _common.main(EXPERIMENT, argv)
+EXPERIMENT = Experiment(
+    NAME,
+    KEYS,
+    make_points,
+    report,
+    title=TITLE,
+    source=lambda options: (
+        f"config: `configs/experiments/{NAME}/base.yaml`, the models' overrides "
+        f"in `fwpzoo/experiments/{NAME}.py`"
+    ),
+)

@@ -15,25 +15,23 @@ Configs: configs/experiments/mqar/<model>.yaml.
 import functools
 import math
 
-import matplotlib.pyplot as plt
-
 from fwpzoo.config import load
-from fwpzoo.experiments import _common
-from fwpzoo.experiments._common import (
+from fwpzoo.experiments import _tuning
+from fwpzoo.experiments._sweep import (
     CONFIGS,
     Experiment,
-    compute_cost,
+    model_labels,
+    train_point,
+)
+from fwpzoo.reports import (
     errorbars,
     group,
     markdown_table,
     medians,
-    model_labels,
-    progress_note,
+    save_figure,
     signed,
     spread_cell,
-    sweep_command,
-    train_point,
-    versions_line,
+    subplots,
 )
 
 NAME = "mqar"
@@ -61,12 +59,12 @@ KEYS = (
 MODELS = ("attention", "delta_rule", "linear_attn", "gated_delta_rule", "mamba2")
 GATED = ("gated_delta_rule", "mamba2")
 # num_heads at d_model 64 (key dim per head 8, 4, 16: the fast weights hold 64 x key dim numbers
-# per layer) -> the pairs swept at it (16 pairs fill the 64 tokens; 4 pairs, 4 queries a
-# sequence, left even attention short of learning in 2000 steps); key dim 8 first, where the
-# pairs are once and twice the key dim; at key dim 4 they reach 4x
+# per layer) -> the pairs swept at it (16 pairs fill the 64 tokens; why not 4 pairs: the page's
+# notes, "Budget"); key dim 8 first, where the pairs are once and twice the key dim; at key dim 4
+# they reach 4x
 GRID = {8: (8, 16), 16: (8, 16), 4: (8, 16)}
-# two seeds: a point trains up to 4000 steps, 15-20 CPU-minutes here where it does not stop early;
-# attention stops early on its 4000-step budget (3.5-7.4 CPU-minutes), so it gets a third there
+# two seeds, as for every point that costs more than 10 CPU-minutes; attention, which stops early
+# on its budget, gets a third where it does (the page's notes, "The budget")
 SEEDS = (0, 1)
 ATTENTION_SEEDS = (0, 1, 2)
 # the decay init study: Mamba-2's own init against the grid's long-memory one, at one point
@@ -77,10 +75,10 @@ STUDY_POINT = (8, 16)  # (num_heads, pairs): key dim 8, twice as many pairs
 # are compared at equal state and neither is at chance or at 1.0
 TUNE_POINT = STUDY_POINT
 TUNE_ORDER = ("delta_rule", "linear_attn", "gated_delta_rule", "mamba2", "attention")
-# the write strength study: at key dim 4 (16 heads) the delta rule never leaves chance from beta
-# near 0.5, where each later token erases about beta / 4 of a pair along its key; starting beta
-# at 0.1 keeps as much of a pair until its query as the default start does at key dim 16; the
-# gated delta rule, which erases the same way (and decays besides), sits at chance there too
+# the write strength study: the delta rules with beta starting at 0.1 at key dim 4 (16 heads),
+# where each later token erases about beta / 4 of a pair along its key, so that as much of a pair
+# is left at its query as from the default start at key dim 16 (the page's notes, "Why the delta
+# rule stays at chance at key dim 4")
 LOW_BETA = 0.1
 BETA_HEADS, BETA_MODELS = 16, ("delta_rule", "gated_delta_rule")
 # the re-binding study: (num_heads, pairs, rebinds) at key dim 16, where 8 pairs fit the fast
@@ -92,15 +90,16 @@ REBIND_POINT = (4, 8, 8)
 REBIND_GRID = ((4, 8), (8, 8), (8, 16), (4, 16))
 REBIND_SEEDS = (0, 1, 2)
 REBIND_LONG_SEQ = 96
-# a longer budget at key dim 4, where the sum rule and the delta rules' low-beta start were still
-# falling at step 4000: (model, beta init) at 16 heads, 16 pairs, two seeds
+# a longer budget at key dim 4 for the models whose loss had not levelled off at step 4000 (the
+# page's notes): (model, beta init) at 16 heads, 16 pairs, two seeds
 LONG_STEPS = 12000
 LONG_MODELS = (("delta_rule", None), ("linear_attn", None), ("delta_rule", LOW_BETA))
-# attention learns to pick the later of two bindings of a key late (0.328 at step 4000), so at the
-# re-binding point it trains up to 12000 steps, still stopping at validation accuracy 0.99
+# attention learns to pick the later of two bindings of a key late (the page's notes, "Re-binding"),
+# so at the re-binding points it trains up to 12000 steps, still stopping at validation accuracy
+# 0.99
 REBIND_ATTENTION = ("train.steps=12000",)
-# with 16 heads (key dim 4) attention does not learn to bind at all, in 4000 steps or in 12000
-# (the notes), so it runs its 4000 steps there like the fixed-state models, with their two seeds
+# with 16 heads (key dim 4) attention runs its 4000 steps like the fixed-state models, with their
+# two seeds: a longer budget does not change what it learns there (the page's notes)
 NARROW_HEADS = 16
 QUICK_MODELS, QUICK_GRID, QUICK_SEEDS = ("attention", "delta_rule"), {2: (4,)}, (0,)
 QUICK_REBIND_MODEL, QUICK_REBIND_POINT = "delta_rule", (2, 2, 2)
@@ -123,7 +122,7 @@ def mqar_point(
     path = CONFIGS / NAME / f"{model}.yaml"
     rebind = (f"data.rebinds={rebinds}",) if rebinds else ()
     beta_init = (f"model.beta_init={beta}",) if beta is not None else ()
-    learning_rate = (_common.rate_override(rate),) if rate is not None else ()
+    learning_rate = (_tuning.rate_override(rate),) if rate is not None else ()
     budget = (f"train.steps={steps}",) if steps is not None else ()
     overrides = (
         f"data.num_pairs={pairs}",
@@ -151,7 +150,7 @@ def mqar_point(
         "x": pairs,
     }
     variant = (
-        (f"-lr{_common.rate_label(rate)}" if rate is not None else "")
+        (f"-lr{_tuning.rate_label(rate)}" if rate is not None else "")
         + (f"-steps{steps}" if steps is not None else "")
         + f"-{decay}_init" * bool(decay)
         + f"-beta{beta}_init" * (beta is not None)
@@ -219,26 +218,24 @@ def tuning_points() -> list:
     already has is the grid's own point); the delta and sum rules first, the finding at stake."""
     heads, pairs = TUNE_POINT
     return [
-        mqar_point(m, heads, pairs, _common.TUNING_SEED, rate=rate)
+        mqar_point(m, heads, pairs, _tuning.TUNING_SEED, rate=rate)
         for m in TUNE_ORDER
-        for rate in _common.other_rates(config_rate(m))
+        for rate in _tuning.other_rates(config_rate(m))
     ]
 
 
 def tuned_rates(options) -> dict:
     """{model: its best rate at the deciding point}, for the models whose every rate is recorded."""
     heads, pairs = TUNE_POINT
-    seed = _common.TUNING_SEED
+    seed = _tuning.TUNING_SEED
     rates = {}
     for m in TUNE_ORDER:
-        own = config_rate(m)
-        others = _common.other_rates(own)
-        names = {r: mqar_point(m, heads, pairs, seed, rate=r).name for r in others}
-        names[own] = mqar_point(m, heads, pairs, seed).name
-        values = {
-            r: _common.recorded_metric(options, name, "accuracy") for r, name in names.items()
-        }
-        best = _common.best_rate(values, own)
+        best = _tuning.tuned_rate(
+            options,
+            lambda r, m=m: mqar_point(m, heads, pairs, seed, rate=r).name,
+            config_rate(m),
+            "accuracy",
+        )
         if best is not None:
             rates[m] = best
     return rates
@@ -290,7 +287,7 @@ def plot(records: list[dict], path) -> None:
     medians over seeds with bars to the min and max."""
     key_dims = sorted({r["key_dim"] for r in records})
     most_pairs = max(r["x"] for r in records)
-    fig, axes = plt.subplots(1, len(key_dims) + 1, figsize=(3.6 * (len(key_dims) + 1), 3.4))
+    fig, axes = subplots(1, len(key_dims) + 1, figsize=(3.6 * (len(key_dims) + 1), 3.4))
     for ax, key_dim in zip(axes, key_dims, strict=False):
         pairs = sorted({r["x"] for r in records if r["key_dim"] == key_dim})
         ax.set(title=f"key dim {key_dim} per head", xlabel="key-value pairs", ylabel="accuracy")
@@ -326,9 +323,7 @@ def plot(records: list[dict], path) -> None:
     axes[-1].legend(fontsize=7)
     for ax in axes:
         ax.set_ylim(-0.02, 1.02)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def grid_tables(records: list[dict], options) -> str:
@@ -400,7 +395,7 @@ def plot_rebinds(records: list[dict], options, path) -> None:
     if not settings:
         return
     key_dims = sorted({key_dim for key_dim, _ in settings})
-    fig, axes = plt.subplots(1, len(key_dims), figsize=(4 * len(key_dims), 3.4), squeeze=False)
+    fig, axes = subplots(1, len(key_dims), figsize=(4 * len(key_dims), 3.4), squeeze=False)
     for ax, key_dim in zip(axes[0], key_dims, strict=True):
         pairs = sorted({n for k, n in settings if k == key_dim})
         ax.set(title=f"key dim {key_dim}: every key re-bound", xlabel="pairs", ylabel="accuracy")
@@ -420,9 +415,7 @@ def plot_rebinds(records: list[dict], options, path) -> None:
                 )
     if axes[0][-1].get_legend_handles_labels()[1]:
         axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def long_table(records: list[dict], options) -> str:
@@ -485,7 +478,7 @@ def tuning_table(records: list[dict], options) -> str:
     here = [
         r
         for r in records
-        if (r["num_heads"], r["x"], r["seed"]) == (heads, pairs, _common.TUNING_SEED)
+        if (r["num_heads"], r["x"], r["seed"]) == (heads, pairs, _tuning.TUNING_SEED)
         and not r["rebinds"]
         and r["beta_init"] is None
         and r["decay_init"] in (None, LONG_DECAY)
@@ -503,8 +496,8 @@ def tuning_table(records: list[dict], options) -> str:
         rows.append(
             [
                 m,
-                *(values.get(rate) for rate in _common.LEARNING_RATES),
-                _common.rate_label(best[m]) if m in best else "pending",
+                *(values.get(rate) for rate in _tuning.LEARNING_RATES),
+                _tuning.rate_label(best[m]) if m in best else "pending",
                 "; ".join(
                     f"{n} pairs {spread_cell(v, planned_seeds(m, heads, 0, options))}"
                     for (n,), v in sorted(rerun.items())
@@ -514,7 +507,7 @@ def tuning_table(records: list[dict], options) -> str:
         )
     header = [
         "model",
-        *(f"lr {_common.rate_label(rate)}" for rate in _common.LEARNING_RATES),
+        *(f"lr {_tuning.rate_label(rate)}" for rate in _tuning.LEARNING_RATES),
         "best",
         "at the best rate, key dim 8 (when not the config's)",
     ]
@@ -678,12 +671,7 @@ def report(records: list[dict], points: list, options) -> str:
     budget = load(points[0].config, points[0].overrides)
     rebind_steps = load(CONFIGS / NAME / "attention.yaml", REBIND_ATTENTION).train.steps
     study_table = markdown_table(["model", "decay init", "accuracy"], study_rows)
-    return f"""# {TITLE}
-
-Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`); each record in
-`{NAME}.json` names the command that recomputes its point alone.
-{progress_note(points, records, options)}
-Cost: {compute_cost(points, options)}.
+    return f"""\
 Test accuracy at the query positions, the median over {seeds} seeds ({attention_seeds} for attention
 where its points stop early; min-max in brackets; [n/m seeds] where seeds are still pending). A
 run trains {budget.train.steps} steps or stops at the first eval (every {budget.eval.every} steps)
@@ -694,7 +682,7 @@ ended. State size is per layer (attention: its key-value cache at the training l
 
 ### Learning rate: the tuning protocol
 
-{_common.protocol_text(f"key dim 8 with {TUNE_POINT[1]} pairs", "accuracy")} The configs train at
+{_tuning.protocol_text(f"key dim 8 with {TUNE_POINT[1]} pairs", "accuracy")} The configs train at
 3e-3; the tables below are at the configs' rate, and this table holds the grid (seed 0 accuracy)
 and the reruns.
 
@@ -747,13 +735,7 @@ The papers show their findings as figures; the paper column states the claim. "H
 each from the medians above (the grid and the re-binding table), column by column.
 
 {papers_table(long_decay)}
-
-Software: {versions_line(records)}.
 """
 
 
 EXPERIMENT = Experiment(NAME, KEYS, make_points, report, title=TITLE)
-
-
-def main(argv) -> int:
-    return _common.main(EXPERIMENT, argv)

@@ -9,23 +9,21 @@ N = 1, 2, 3 Householder steps per token, beta in (0, 2). Configs:
 configs/experiments/state_tracking/.
 """
 
-import matplotlib.pyplot as plt
-
 from fwpzoo.config import load
-from fwpzoo.experiments import _common
-from fwpzoo.experiments._common import (
+from fwpzoo.experiments import _tuning
+from fwpzoo.experiments._sweep import (
     CONFIGS,
     Experiment,
-    compute_cost,
+    model_labels,
+    train_point,
+)
+from fwpzoo.reports import (
     errorbars,
     group,
     markdown_table,
-    model_labels,
-    progress_note,
+    save_figure,
     spread_cell,
-    sweep_command,
-    train_point,
-    versions_line,
+    subplots,
 )
 
 NAME = "state_tracking"
@@ -97,7 +95,7 @@ def eigenvalues(config_name: str) -> str:
 
 def plot(records: list[dict], path) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in records))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
+    fig, axes = subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
     at_length = [r for r in records if r["x"] != TRAIN_LENGTHS]
     for ax, task in zip(axes[0], tasks, strict=True):
         curves = group([r for r in at_length if r["task"] == task], ["point_variant", "x"])
@@ -108,15 +106,13 @@ def plot(records: list[dict], path) -> None:
         ax.axhline(CHANCE[task], color="grey", lw=0.8, ls="--")
         ax.set(title=task, xlabel="test length", ylabel="test accuracy", ylim=(0, 1.02))
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def rates_of(points: list) -> str:
     """The learning rates the points' configs train at."""
     rates = sorted({load(p.config, p.overrides).train.learning_rate for p in points})
-    return " / ".join(_common.rate_label(rate) for rate in rates)
+    return " / ".join(_tuning.rate_label(rate) for rate in rates)
 
 
 def report(records: list[dict], points: list, options) -> str:
@@ -141,13 +137,7 @@ def report(records: list[dict], points: list, options) -> str:
     header = ["task", "model", "eigenvalues", "steps", "train lengths", *lengths]
     cfg = load(CONFIGS / NAME / f"{next(iter(RUNS))}.yaml")
     num_sequences = cfg.eval.batch_size * cfg.eval.num_batches
-    return f"""# {TITLE}
-
-Command: `{sweep_command(options)}` (configs: `configs/experiments/{NAME}/*.yaml`); each record in
-`{NAME}.json` names the command that recomputes its point alone.
-{progress_note(points, records, options)}
-Cost: {compute_cost(points, options)}.
-{_common.untuned_text(rates_of(points))}
+    return f"""{_tuning.untuned_text(rates_of(points))}
 Test accuracy at the scored positions (parity: the answer at the last token; S3 and cyclic: the
 running product or sum at every token) of {num_sequences} fresh sequences of the training
 lengths 3..40 and of exactly each length L: the median over {seeds} seeds (min-max in brackets).
@@ -158,13 +148,7 @@ lengths 3..40 and of exactly each length L: the median over {seeds} seeds (min-m
 
 Medians over seeds with bars to the min and max. Dotted: the longest training length; dashed:
 chance (a uniform guess).
-
-Software: {versions_line(records)}.
 """
 
 
 EXPERIMENT = Experiment(NAME, KEYS, make_points, report, title=TITLE)
-
-
-def main(argv) -> int:
-    return _common.main(EXPERIMENT, argv)

@@ -1,11 +1,11 @@
-"""Sweep machinery shared by the experiments: points, records kept in the repository, reports.
-
-An experiment is a grid of `Point`s (one seed of one setting each). Running it
+"""The sweep engine: an experiment is a grid of points and a report; this module computes,
+records and reports them.
 
     fwpzoo experiment NAME [--quick] [--cpu-devices N]  # every point not yet recorded
     fwpzoo experiment NAME --point POINT                # one point alone; prints its metrics
     fwpzoo experiment NAME --only GLOB                  # only the pending points matching GLOB
     fwpzoo experiment NAME --list                       # the grid, each point done or pending
+    fwpzoo experiment NAME --report-only                # the page from the recorded points
 
 computes each point in <workdir>/NAME/<point>/ and, as soon as it finishes, writes its record file
 <points>/<point>.json (docs/results/NAME/points/ for the full sweep, so the records are kept in the
@@ -14,9 +14,46 @@ across sessions and machines; a point whose training was cut short resumes from 
 
 A record file holds the point's labels, its metrics, and how it was made: seed, steps, stop
 reason, seconds, software versions and `command`, the command line that recomputes that point
-alone (its last stdout line is the JSON object of the point's metrics). The flat records (one
-per metric of a point: the experiment's own `keys`, then RUN_FIELDS) go to NAME.json, the page
-to NAME.md.
+alone (its last stdout line is the JSON object of the point's metrics). A record is only made
+from committed code of main (`refuse_unrecoverable_code`). The flat records (one per metric of a
+point: the experiment's own `keys`, then RUN_FIELDS) go to NAME.json, the page to NAME.md: the
+engine writes its title, the command, the progress, the cost and the software; the experiment's
+report writes what lies between.
+
+Adding an experiment is a module fwpzoo/experiments/NAME.py holding a grid and a report:
+
+    from fwpzoo.config import load
+    from fwpzoo.experiments._sweep import CONFIGS, Experiment, model_labels, train_point
+    from fwpzoo.reports import group, markdown_table, spread_cell
+
+    NAME, SEEDS = "recall", (0, 1, 2)
+    KEYS = ("model", "cell", "state_size", "x", "seed", "metric", "value")
+
+    def grid(options):  # every point, in the order to compute them
+        points = []
+        for seed in SEEDS:  # seeds outermost: a sweep cut short has every setting once
+            for model in ("delta_rule", "linear_attn"):
+                path = CONFIGS / NAME / f"{model}.yaml"
+                labels = {**model_labels(load(path)), "x": 16}
+                metrics = {"accuracy": {}}  # the test metrics that become records
+                name = f"{model}-s{seed}"  # fixed once recorded: records are found by it
+                points.append(train_point(name, path, (), labels, metrics, seed))
+        return points
+
+    def report(records, points, options):  # the page's body, from the flat records
+        cells = group(records, ["model"])
+        rows = [[model, spread_cell(values, len(SEEDS))] for (model,), values in cells.items()]
+        return markdown_table(["model", "accuracy"], rows)
+
+    EXPERIMENT = Experiment(NAME, KEYS, grid, report, title="Recall")
+
+with its configs in configs/experiments/NAME/; `fwpzoo experiment NAME` finds it by its module
+name (fwpzoo/experiments/__init__.py). `_tuning` adds a learning-rate grid; a computation that
+is not a trainer run passes `execute=(point, workdir) -> Outcome` (capacity.py); settings kept
+elsewhere than configs/experiments/NAME/ pass `source`. A report draws its figures with
+fwpzoo.reports (`subplots`, `errorbars`, `save_figure`) into `options.out / f"{NAME}.png"`.
+Findings and their reasons go in the page's notes, below its notes marker, where they are kept
+when the page is rewritten; not in code comments.
 """
 
 import argparse
@@ -37,13 +74,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import jax
-import matplotlib
 from tqdm import tqdm
 
 from fwpzoo.config import ConfigError, flatten, from_data, load, to_dict
 from fwpzoo.config_file import apply_overrides, read_config_file
 from fwpzoo.layers.feature_maps import feature_dim
-from fwpzoo.reports import write_page
+from fwpzoo.reports import versions_line, write_page
 from fwpzoo.train import (
     TrainingDiverged,
     evaluate,
@@ -55,8 +91,6 @@ from fwpzoo.train import (
 from fwpzoo.train.metrics import read_metrics
 from fwpzoo.train.sharding import split_cpu
 from fwpzoo.train.workdir import stored_config
-
-matplotlib.use("Agg")  # files only: no display on the machines that run sweeps
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "experiments"
@@ -299,72 +333,14 @@ def run_training(point: Point, workdir: Path) -> Outcome:
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# The tuning protocol: where a page compares models, each model's learning rate is chosen from
-# the same grid, on seed TUNING_SEED, at the point that decides the page's finding; a model whose
-# best rate is not its config's is rerun at that rate on every seed of the compared points.
-
-LEARNING_RATES = (1e-3, 3e-3, 1e-2)
-TUNING_SEED = 0
-# another rate replaces the config's only if it beats it by more than this (accuracy, or bits):
-# runs that stop at a validation threshold differ by less than this at the threshold
-TUNING_MARGIN = 0.01
-
-
-def rate_label(rate: float) -> str:
-    return f"{rate:g}"
-
-
-def rate_override(rate: float) -> str:
-    return f"train.learning_rate={rate_label(rate)}"
-
-
-def other_rates(config_rate: float) -> tuple[float, ...]:
-    """The grid's rates a model's config does not already train at (its own points do)."""
-    return tuple(rate for rate in LEARNING_RATES if not math.isclose(rate, config_rate))
-
-
-def best_rate(values: dict[float, float | None], config_rate: float, lower_is_better=False):
-    """The rate a model is rerun at: None until every rate of the grid is recorded; the config's
-    unless another beats it by more than TUNING_MARGIN (then the best of those)."""
-    if set(values) != set(LEARNING_RATES) or any(v is None for v in values.values()):
-        return None
-    sign = -1 if lower_is_better else 1
-    own = next(v for r, v in values.items() if math.isclose(r, config_rate))
-    better = {r: v for r, v in values.items() if sign * (v - own) > TUNING_MARGIN}
-    return max(better, key=lambda r: sign * better[r]) if better else config_rate
-
-
-def recorded_metric(options: "Options", point: str, metric: str) -> float | None:
+def recorded_metric(options: Options, point: str, metric: str) -> float | None:
     """A recorded point's metric, None while the point is pending."""
     path = options.points_dir / f"{point}.json"
     return json.loads(path.read_text())["metrics"][metric] if path.exists() else None
 
 
-def untuned_text(rate: str) -> str:
-    """What a page whose models have not had the tuning protocol says instead."""
-    rates = ", ".join(rate_label(r) for r in LEARNING_RATES)
-    return (
-        f"Tuning protocol: not applied on this page yet. Every model here trains at learning rate "
-        f"{rate}, untuned; the protocol (the same grid, {rates}, per model on seed "
-        f"{TUNING_SEED} at the deciding point) is applied first to mqar, charlm and "
-        "formal_languages (see their pages)."
-    )
-
-
-def protocol_text(deciding: str, metric: str) -> str:
-    """The tuning protocol as a page states it."""
-    rates = ", ".join(rate_label(r) for r in LEARNING_RATES)
-    return (
-        f"Tuning protocol: every model compared here gets the same learning-rate grid ({rates}) "
-        f"on seed {TUNING_SEED} at {deciding}; a rate other than the config's is taken only if "
-        f"its {metric} beats the config's by more than {TUNING_MARGIN}, and a model whose best "
-        "rate is not its config's is rerun at that rate on every seed of the compared points."
-    )
-
-
 # ---------------------------------------------------------------------------------------------
-# Records
+# Provenance and records
 
 
 def versions() -> dict:
@@ -552,14 +528,24 @@ def write_json(path: Path, data) -> None:
 # The sweep
 
 
+def default_source(name: str) -> str:
+    return f"configs: `configs/experiments/{name}/*.yaml`"
+
+
 @dataclass(frozen=True)
 class Experiment:
+    """A grid and a report; the engine does the rest."""
+
     name: str
     keys: tuple[str, ...]  # the fields of its records, in order (RUN_FIELDS are appended)
     points: Callable[[Options], list[Point]]  # its grid, in the order to compute it
-    report: Callable[[list[dict], list[Point], Options], str]  # (records, grid, options) -> page
+    # (records, grid, options) -> the page's body, between the engine's header and software line
+    report: Callable[[list[dict], list[Point], Options], str]
     execute: Callable[[Point, Path], Outcome] = run_training
-    title: str = ""  # the page's title while no point is recorded (the report has its own)
+    title: str = ""  # the page's title (default: the name)
+    # where the settings are, for the page's command line (default: its configs folder)
+    source: Callable[[Options], str] | None = None
+    cost_note: str = ""  # said after the cost (on what machine it was paid)
 
 
 def run_points(experiment: Experiment, points: Sequence[Point], options: Options) -> list[dict]:
@@ -638,80 +624,49 @@ def main(experiment: Experiment, argv: Sequence[str]) -> int:
         return recompute_point(experiment, points, options)
     if options.list_points:
         return list_points(points, options)
-    stored = run_points(experiment, points, options)
-    page = options.out / f"{options.name}.md"
-    if not stored:  # only with --report-only: a page that says so, not a stale one
-        write_json(options.out / f"{options.name}.json", [])
-        write_page(
-            page, f"# {experiment.title or options.name}\n\n{progress_note(points, [], options)}"
-        )
-        return 0
-    keys = (*experiment.keys, *(k for k in RUN_FIELDS if k not in experiment.keys))
-    records = [rec for s in stored for rec in records_of(s, keys)]
-    write_json(options.out / f"{options.name}.json", records)
-    write_page(page, experiment.report(records, points, options))
+    write_report(experiment, points, run_points(experiment, points, options), options)
     return 0
 
 
+def flat_records(experiment: Experiment, stored: Sequence[dict]) -> list[dict]:
+    """The flat records of stored points: one per metric, the experiment's keys then RUN_FIELDS."""
+    keys = (*experiment.keys, *(k for k in RUN_FIELDS if k not in experiment.keys))
+    return [rec for s in stored for rec in records_of(s, keys)]
+
+
+def write_report(
+    experiment: Experiment, points: Sequence[Point], stored: Sequence[dict], options: Options
+) -> None:
+    """NAME.json (the flat records) and NAME.md (the page) of the stored points; with none
+    stored (only with --report-only), a page that says so rather than a stale one."""
+    records = flat_records(experiment, stored)
+    write_json(options.out / f"{options.name}.json", records)
+    page = page_header(experiment, points, records, options)
+    if records:
+        body = experiment.report(records, points, options).rstrip()
+        page += f"{body}\n\nSoftware: {versions_line(records)}.\n"
+    write_page(options.out / f"{options.name}.md", page)
+
+
 # ---------------------------------------------------------------------------------------------
-# Reports: medians over seeds with their range
+# The page's parts that every experiment shares
 
 
-def group(records: Sequence[dict], by: Sequence[str]) -> dict[tuple, list[float]]:
-    """{values of the fields `by`: the values of the records that share them}, in first-seen
-    order."""
-    groups: dict[tuple, list[float]] = {}
-    for rec in records:
-        groups.setdefault(tuple(rec[key] for key in by), []).append(rec["value"])
-    return groups
-
-
-def spread(values: Sequence[float]) -> tuple[float, float, float]:
-    """(median, min, max)."""
-    return statistics.median(values), min(values), max(values)
-
-
-def medians(records: Sequence[dict], by: Sequence[str]) -> dict[tuple, float]:
-    """{values of the fields `by`: the median value of the records that share them}."""
-    return {key: statistics.median(values) for key, values in group(records, by).items()}
-
-
-def signed(differences: dict[str, float]) -> str:
-    """ "name +0.123; name -0.045" for a papers table, "-" where there is none."""
-    return "; ".join(f"{name} {value:+.3f}" for name, value in differences.items()) or "-"
-
-
-def number(value: float) -> str:
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    return f"{value:.3f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2g}"
-
-
-def spread_cell(
-    values: Sequence[float] | None, seeds: int | None = None, decimals: int | None = None
-) -> str | None:
-    """ "median (min-max)" over seeds, with the count where it falls short of `seeds`; numbers
-    as `number` writes them, or with `decimals` places."""
-    if not values:
-        return None
-    show = number if decimals is None else lambda value: f"{value:.{decimals}f}"
-    middle, low, high = spread(values)
-    text = show(middle) if len(values) == 1 else f"{show(middle)} ({show(low)}-{show(high)})"
-    if seeds is not None and len(values) < seeds:
-        text += f" [{len(values)}/{seeds} seeds]"
-    return text
-
-
-def errorbars(ax, curve: dict, **style) -> None:
-    """Plots {x: values over seeds} as the median with bars to the min and max."""
-    xs = sorted(curve)
-    if not xs:
-        return
-    middle, low, high = zip(*(spread(curve[x]) for x in xs), strict=True)
-    below = [m - lo for m, lo in zip(middle, low, strict=True)]
-    above = [hi - m for m, hi in zip(middle, high, strict=True)]
-    style = {"marker": "o", "markersize": 3, **style}
-    ax.errorbar(xs, middle, yerr=[below, above], capsize=2, **style)
+def page_header(
+    experiment: Experiment, points: Sequence[Point], records: Sequence[dict], options: Options
+) -> str:
+    """Title, the command that continues the sweep, what is recorded and what it cost."""
+    title = experiment.title or options.name
+    if not records:
+        return f"# {title}\n\n{progress_note(points, records, options)}\n"
+    source = (experiment.source or (lambda _: default_source(options.name)))(options)
+    return (
+        f"# {title}\n\n"
+        f"Command: `{sweep_command(options)}` ({source}); each record in `{options.name}.json` "
+        "names the command that recomputes its point alone.\n"
+        f"{progress_note(points, records, options)}\n"
+        f"Cost: {compute_cost(points, options)}{experiment.cost_note}.\n"
+    )
 
 
 def progress_note(points: Sequence[Point], records: Sequence[dict], options: Options) -> str:
@@ -754,29 +709,6 @@ def compute_cost(points: Sequence[Point], options: Options) -> str:
         f"{cpu / 3600:.2f} CPU-hours over the {with_cpu} of {recorded} recorded points that"
         f" record their CPU time; {wall / 3600:.1f} wall-hours over all {recorded}"
     )
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    def cell(value):
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return number(value)
-        return str(value)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def versions_line(records: Sequence[dict]) -> str:
-    """The software of the records: each field once, with every value it takes among them
-    ("fwpzoo 1880e6e40be9 / 425cfb4ef05c"); each record keeps its own set."""
-    values: dict[str, set[str]] = {}
-    for rec in records:
-        for name, value in (rec.get("versions") or {}).items():
-            values.setdefault(name, set()).add(str(value))
-    return ", ".join(f"{name} {' / '.join(sorted(vs))}" for name, vs in values.items())
 
 
 # ---------------------------------------------------------------------------------------------
