@@ -15,7 +15,8 @@ whatever their dtype, so the decays never lose bits before the cumsum.
 
 `matmul_precision` (model.matmul_precision: default | high | highest) is jax's `precision=` of
 every chunk and scan product (on a TPU DEFAULT rounds float32 operands to one bfloat16 pass,
-HIGH to three, HIGHEST keeps float32; a GPU takes TF32 for DEFAULT; the CPU ignores it).
+HIGH to three, HIGHEST keeps float32; an NVIDIA GPU since Ampere takes TF32 for DEFAULT; the
+CPU ignores it).
 
 Error bound (delta_rules.md section 8; tests/test_cells.py, chunk_bf16_tolerance): bfloat16
 has 8 mantissa bits, so a rounded operand is off by at most 2^-9 relative and a product of two
