@@ -12,16 +12,20 @@ A rule's `math` supplies
 
 and gets an engine.Rule whose backward is, per block:
 
-    pull       R_n = (d outputs / d s)^T dO at the entering state (vjp of outputs o advance)
+    pull       R_n = (d outputs / d s)^T dO at the entering state: one jax.vjp of the whole
+               chunk (prepare, advance, outputs) with respect to the entering state and the
+               block's inputs, pulled back with (0, dO); the step's factors come out of the
+               same linearisation
     retreat    dS_n = (d advance / d s)^T dS_{n+1} + R_n, at the entering state: the vjp of
                the state step alone, state-sized like the step itself
-    pullback   the input cotangents: the vjp of (prepare, advance, outputs) with respect to
-               the block's inputs, from the entering state, (dS_leaving, dO) pulled back
+    pullback   the input cotangents: that vjp again, pulled back with (dS_leaving, dO)
 
 The linearisation point is the entering state (engine.Rule.pull_reads_state): for an affine
-rule it does not matter, for the mLSTM, whose scale is a max, it does. XLA drops the primal
-values these vjps recompute but do not use, and merges the prepare stage the pullback retraces
-with the one the block already computed (common subexpressions of the same block).
+rule it does not matter, for the mLSTM, whose scale is a max, it does. XLA drops what the
+first pullback computes for the inputs. The price of the split against one pullback per chunk
+(the per-chunk scan these rules ran on before, chunked/remat.py): the outputs' cotangent goes
+back through the chunk twice, once to the entering state before the scan, once with the leaving
+state's to the inputs after it (docs/benchmarks/engine_cpu2.md).
 
 Dimension letters: G chunks per block, B batch, H heads, C chunk size, V value dim.
 """
@@ -46,43 +50,54 @@ class Math:
 
 
 class _Chunks:
-    """The engine's chunk batch for a Math: its forward as the rule's, its backward by vjp."""
+    """The engine's chunk batch for a Math: its forward as the rule's, its backward by vjp.
+
+    The backward prepares the chunks once, inside jax.vjp of the whole chunk (the state step's
+    factors come out of it as an auxiliary result), and pulls back through that one
+    linearisation twice: the outputs' cotangent alone onto the entering state before the state
+    scan (pull), both cotangents onto the inputs after it (pullback). (Splitting the vjp at the
+    prepared fields, so that prepare's pullback runs once on the summed cotangents, measured
+    1.4x slower for oja on the CPU: XLA did not drop the zero cotangents it then carries.)"""
 
     def __init__(self, math, inputs, reset, factored, fused):
         self.math, self.inputs, self.reset = math, inputs, reset
         self.factored, self.fused = factored, fused
-        self.chunks = math.prepare(inputs, reset, factored, fused)
-        self.step = self.chunks.step
+        self._prepared = self._step = self._vjp = None
+
+    @property
+    def chunks(self):
+        if self._prepared is None:
+            self._prepared = self.math.prepare(self.inputs, self.reset, self.factored, self.fused)
+        return self._prepared
+
+    @property
+    def step(self):
+        return self.chunks.step if self._step is None else self._step
 
     def outputs(self, s, aux=None):
         return self.chunks.outputs(s, aux)
 
     def pull(self, do, s):
         """(R_n, s): the outputs' cotangent on the entering state s, and s for retreat."""
+        present = [x for x in self.inputs if x is not None]
 
-        def read(s):
-            _, aux = self.math.advance(self.step, s)
-            return self.chunks.outputs(s, aux)
+        def run(s, *present):
+            given, inputs = iter(present), []
+            for x in self.inputs:
+                inputs.append(None if x is None else next(given))
+            chunks = self.math.prepare(tuple(inputs), self.reset, self.factored, self.fused)
+            leaving, aux = self.math.advance(chunks.step, s)
+            return (leaving, chunks.outputs(s, aux)), chunks.step
 
-        _, vjp = jax.vjp(read, s)
-        (r,) = vjp(do)
+        (leaving, _), self._vjp, self._step = jax.vjp(run, s, *present, has_aux=True)
+        r, *_ = self._vjp((jax.tree.map(jnp.zeros_like, leaving), do))  # the inputs' part: unused
         return r, s
 
     def pullback(self, s, ds, do):
-        """The cotangents of the present inputs [G B, H, C, ...] from the entering states s,
-        the leaving states' cotangents ds and the outputs' do."""
-        present = [i for i, x in enumerate(self.inputs) if x is not None]
-
-        def run(*xs):
-            inputs = list(self.inputs)
-            for i, x in zip(present, xs, strict=True):
-                inputs[i] = x
-            chunks = self.math.prepare(tuple(inputs), self.reset, self.factored, self.fused)
-            leaving, aux = self.math.advance(chunks.step, s)
-            return leaving, chunks.outputs(s, aux)
-
-        _, vjp = jax.vjp(run, *(self.inputs[i] for i in present))
-        return list(vjp((ds, do)))
+        """The cotangents of the present inputs [G B, H, C, ...] from the entering states s (the
+        ones pull linearised at), the leaving states' cotangents ds and the outputs' do."""
+        _, *grads = self._vjp((ds, do))
+        return grads
 
 
 def retreat_by_vjp(advance):
