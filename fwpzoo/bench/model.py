@@ -43,7 +43,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -55,14 +54,13 @@ from fwpzoo.bench._common import (
     footprint_bytes,
     int_list,
     machine,
-    machine_line,
     positive_int,
 )
 from fwpzoo.cells import delta_rule
 from fwpzoo.config import ConfigError, TrainConfig
 from fwpzoo.layers.attention import attend, blockwise_attention, dot_product_attention
 from fwpzoo.models import ModelConfig, build_model
-from fwpzoo.reports import write_page
+from fwpzoo.reports import machine_line, markdown_table, save_figure, subplots, write_page
 from fwpzoo.train.optim import make_optimizer
 from fwpzoo.train.sharding import (
     batch_sharded,
@@ -72,8 +70,6 @@ from fwpzoo.train.sharding import (
 )
 from fwpzoo.train.state import split_model
 from fwpzoo.train.steps import make_train_step
-
-matplotlib.use("Agg")  # files only
 
 # "transformer" is the dense kernel, the layer's default; the others name their kernel
 TRANSFORMERS = ("transformer", "transformer_dot_product", "transformer_blockwise")
@@ -372,19 +368,25 @@ def programmers_markdown(result: dict) -> list[str]:
     lines = [
         "### Recurrent DeltaNet and SRWM against DeltaNet (same width, measured side by side)",
         "",
-        "| T | model | training tokens/s | / DeltaNet | peak MiB | decoding ms/token |",
-        "|---:|---|---:|---:|---:|---:|",
     ]
+    header = ["T", "model", "training tokens/s", "/ DeltaNet", "peak MiB", "decoding ms/token"]
+    table = []
     for T in options["lengths"]:
         deltanet = value(rows["training"], "deltanet", T, "tokens_per_s")
         for name in ("deltanet", *PROGRAMMERS):
             tokens_per_s = value(rows["training"], name, T, "tokens_per_s")
-            lines.append(
-                f"| {T} | {LABELS[name]} | {tokens_per_s:,.0f} | {tokens_per_s / deltanet:.2f}x "
-                f"| {mib(value(rows['training'], name, T, 'memory_bytes'))} "
-                f"| {value(rows['decoding'], name, T, 'ms_per_token'):.3f} |"
+            table.append(
+                [
+                    T,
+                    LABELS[name],
+                    f"{tokens_per_s:,.0f}",
+                    f"{tokens_per_s / deltanet:.2f}x",
+                    mib(value(rows["training"], name, T, "memory_bytes")),
+                    f"{value(rows['decoding'], name, T, 'ms_per_token'):.3f}",
+                ]
             )
     return lines + [
+        markdown_table(header, table, align="rlrrrr"),
         "",
         "Their slow projections act inside a sequential scan over tokens (the update reads the "
         "previous output), so they have no chunkwise form; training backpropagates by undoing "
@@ -435,21 +437,20 @@ def markdown(result: dict, command: str) -> str:
         f"### Training ({options['tokens_per_step']:,} tokens per step, median of "
         f"{options['repeats']} after a warm-up)",
         "",
-        "| T | batch | devices | model | tokens/s | DeltaNet / this | peak MiB per device |",
-        "|---:|---:|---:|---|---:|---:|---:|",
     ]
-    rows = result["training"]
+    header = ["T", "batch", "devices", "model", "tokens/s", "DeltaNet / this"]
+    header += ["peak MiB per device"]
+    rows, table = result["training"], []
     for T in lengths:
         deltanet = value(rows, "deltanet", T, "tokens_per_s")
         for name in MODELS:
             tokens_per_s = value(rows, name, T, "tokens_per_s")
             ratio = "" if name == "deltanet" else f"{deltanet / tokens_per_s:.2f}x"
-            lines.append(
-                f"| {T} | {value(rows, name, T, 'batch')} | {value(rows, name, T, 'devices')} "
-                f"| {LABELS[name]} | {tokens_per_s:,.0f} | {ratio} "
-                f"| {mib(value(rows, name, T, 'memory_bytes'))} |"
-            )
+            batch, devices = value(rows, name, T, "batch"), value(rows, name, T, "devices")
+            memory = mib(value(rows, name, T, "memory_bytes"))
+            table.append([T, batch, devices, LABELS[name], f"{tokens_per_s:,.0f}", ratio, memory])
     lines += [
+        markdown_table(header, table, align="rrrlrrr"),
         "",
         "Peak memory is XLA's compiled footprint of the train step on one device (temp + "
         "arguments + outputs - aliased buffers), from `compiled.memory_analysis()`.",
@@ -457,18 +458,16 @@ def markdown(result: dict, command: str) -> str:
         f"### Decoding (batch 1, {options['decode_tokens']} tokens after a prefill of T, "
         "one jitted scan)",
         "",
-        "| T | DeltaNet ms/token | transformer ms/token | DeltaNet cache MiB "
-        "| transformer cache MiB |",
-        "|---:|---:|---:|---:|---:|",
     ]
-    rows = result["decoding"]
-    for T in lengths:
-        lines.append(
-            f"| {T} | {value(rows, 'deltanet', T, 'ms_per_token'):.3f} "
-            f"| {value(rows, 'transformer', T, 'ms_per_token'):.3f} "
-            f"| {value(rows, 'deltanet', T, 'cache_bytes') / 2**20:.2f} "
-            f"| {value(rows, 'transformer', T, 'cache_bytes') / 2**20:.2f} |"
-        )
+    header = ["T", "DeltaNet ms/token", "transformer ms/token", "DeltaNet cache MiB"]
+    header += ["transformer cache MiB"]
+    rows, decoders = result["decoding"], ("deltanet", "transformer")
+    table = [
+        [T, *(f"{value(rows, m, T, 'ms_per_token'):.3f}" for m in decoders)]
+        + [f"{value(rows, m, T, 'cache_bytes') / 2**20:.2f}" for m in decoders]
+        for T in lengths
+    ]
+    lines.append(markdown_table(header, table, align="rrrrr"))
     kernels = result["kernels"]
     T = kernels["T"]
     lines += [
@@ -476,13 +475,14 @@ def markdown(result: dict, command: str) -> str:
         f"### One layer's mixer kernel, forward + backward (T={T}, batch {kernels['batch']}, "
         "training shapes)",
         "",
-        "| kernel | ms | x layers / its model's train step |",
-        "|---|---:|---:|",
     ]
+    table = []
     for name, seconds in kernels["seconds"].items():
         step_s = value(result["training"], KERNELS[name][0], T, "step_s")
         share = options["num_layers"] * seconds / step_s
-        lines.append(f"| {name} | {1e3 * seconds:,.1f} | {share:.0%} |")
+        table.append([name, f"{1e3 * seconds:,.1f}", f"{share:.0%}"])
+    header = ["kernel", "ms", "x layers / its model's train step"]
+    lines.append(markdown_table(header, table, align="lrr"))
     lines += ["", *programmers_markdown(result), verdict(result), ""]
     return "\n".join(lines)
 
@@ -509,10 +509,8 @@ def verdict(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     lengths = result["options"]["lengths"]
-    fig, (train_ax, decode_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (train_ax, decode_ax) = subplots(1, 2, figsize=(10, 4))
     styles = dict(zip(MODELS, ("o-", "s--", "^:", "v-."), strict=True))
     for name in MODELS:
         train_ax.plot(
@@ -531,9 +529,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(result: dict, report: str, out: Path) -> None:

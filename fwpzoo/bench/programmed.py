@@ -28,11 +28,10 @@ from fwpzoo.bench._common import (
     alternating_medians,
     int_list,
     machine,
-    machine_line,
     positive_int,
 )
 from fwpzoo.cells.programmed import recurrent_delta, srwm
-from fwpzoo.reports import write_page
+from fwpzoo.reports import machine_line, markdown_table, write_page
 
 
 @dataclass(frozen=True)
@@ -127,17 +126,21 @@ def markdown(result: dict, command: str) -> str:
         f"B = {options['batch']}, T = {options['length']}, H = {options['num_heads']}, "
         f"dim = {options['dim']}; forward + backward, median of {options['repeats']}.",
         "",
-        "| cell | backward | ms | vs plain | temp MiB | max relative gradient error |",
-        "|---|---|---:|---:|---:|---:|",
     ]
     plain = {r["cell"]: r["seconds"] for r in result["rows"] if r["backward"].startswith("plain")}
-    for r in result["rows"]:
-        temp = "n/a" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.1f}"
-        lines.append(
-            f"| {r['cell']} | {r['backward']} | {1e3 * r['seconds']:.0f} "
-            f"| {plain[r['cell']] / r['seconds']:.2f}x | {temp} | {r['error']:.1e} |"
-        )
-    return "\n".join(lines) + "\n"
+    rows = [
+        [
+            r["cell"],
+            r["backward"],
+            f"{1e3 * r['seconds']:.0f}",
+            f"{plain[r['cell']] / r['seconds']:.2f}x",
+            "n/a" if r["temp_bytes"] is None else f"{r['temp_bytes'] / 2**20:.1f}",
+            f"{r['error']:.1e}",
+        ]
+        for r in result["rows"]
+    ]
+    header = ["cell", "backward", "ms", "vs plain", "temp MiB", "max relative gradient error"]
+    return "\n".join([*lines, markdown_table(header, rows, align="llrrrr")]) + "\n"
 
 
 def main(argv: list[str]) -> int:

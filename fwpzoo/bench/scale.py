@@ -15,6 +15,7 @@ from pathlib import Path
 from fwpzoo.bench._common import BenchArgs, positive_int
 from fwpzoo.config import ConfigError
 from fwpzoo.platform import libtpu_installed
+from fwpzoo.reports import markdown_table
 
 GiB = 2**30
 HYBRID = "configs/scale/hybrid_1b5.yaml"
@@ -78,32 +79,36 @@ def mesh_text(mesh: dict) -> str:
     return " x ".join(f"{name}={size}" for name, size in mesh.items() if size > 1) or "1 device"
 
 
-def pod_table(rows) -> list[str]:
+def pod_table(rows) -> str:
     if not rows:
-        return [
-            "Not planned in this run (`--no-pods`): `fwpzoo bench scale` with libtpu plans them."
-        ]
-    lines = [
-        "| config | topology | mesh | remat | GiB per device (of HBM) | fits | FLOPs per device |",
-        "|---|---|---|---|---|---|---|",
-    ]
+        return "Not planned in this run (`--no-pods`): `fwpzoo bench scale` with libtpu plans them."
+    header = ["config", "topology", "mesh", "remat", "GiB per device (of HBM)", "fits"]
+    header += ["FLOPs per device"]
+    table = []
     for (config, topology, overrides), result in rows:
         name = f"`{config}`" + (f" `{' '.join(overrides)}`" if overrides else "")
-        lines.append(
-            f"| {name} | {topology} | {mesh_text(result['mesh'])} | {result['remat']} | "
-            f"{gib(result['bytes_per_device'])} ({gib(result['device_memory_bytes'])}) | "
-            f"{'yes' if result['fits'] else 'no'} | "
-            f"{'refused by XLA' if result['flops'] is None else format(result['flops'], '.3g')} |"
+        memory = f"{gib(result['bytes_per_device'])} ({gib(result['device_memory_bytes'])})"
+        flops = result["flops"]
+        table.append(
+            [
+                name,
+                topology,
+                mesh_text(result["mesh"]),
+                result["remat"],
+                memory,
+                "yes" if result["fits"] else "no",
+                "refused by XLA" if flops is None else format(flops, ".3g"),
+            ]
         )
-    return lines
+    return markdown_table(header, table)
 
 
-def series_table(rows, axis: str, column: str, key: str) -> list[str]:
-    lines = [f"| {axis} | mesh | {column} (MiB) |", "|---|---|---|"]
-    for _, result in rows:
-        size = result["mesh"][axis]
-        lines.append(f"| {size} | {mesh_text(result['mesh'])} | {result[key] / 2**20:.1f} |")
-    return lines
+def series_table(rows, axis: str, column: str, key: str) -> str:
+    table = [
+        [result["mesh"][axis], mesh_text(result["mesh"]), f"{result[key] / 2**20:.1f}"]
+        for _, result in rows
+    ]
+    return markdown_table([axis, "mesh", f"{column} (MiB)"], table)
 
 
 def markdown(pods, fsdp, context, command: str) -> str:
@@ -120,21 +125,21 @@ def markdown(pods, fsdp, context, command: str) -> str:
             "",
             "## Configs on TPU pods",
             "",
-            *pod_table(pods),
+            pod_table(pods),
             "",
             "## Parameters and optimizer state per device as fsdp grows",
             "",
             f"`{LONG}` with two layers at 2048 tokens, 8 rows, on cpu:8; argument bytes",
             "(parameters, Adam's two moments and the batch shard) of one device:",
             "",
-            *series_table(fsdp, "fsdp", "arguments", "argument_bytes"),
+            series_table(fsdp, "fsdp", "arguments", "argument_bytes"),
             "",
             "## Activations per device at T = 32768 as context grows",
             "",
             f"`{LONG}` with two layers on one 32768-token row split over `context` CPU devices;",
             "temporaries (activations kept for the backward pass and scratch) of one device:",
             "",
-            *series_table(context, "context", "temporaries", "temp_bytes"),
+            series_table(context, "context", "temporaries", "temp_bytes"),
             "",
             "## Launching on a pod",
             "",
