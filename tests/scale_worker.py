@@ -102,8 +102,8 @@ def cell_difference(cell: str) -> float:
     reset = jnp.zeros((2, T), bool).at[:, list(RESETS)].set(True)
 
     def run(params, x):
-        y, cache, _ = nnx.merge(graphdef, params)._sequence(x, None, None, reset)
-        return y, cache["state"]
+        y, cache, _ = nnx.merge(graphdef, params)._sequence(x, None, reset)
+        return y, cache.state
 
     def everything(params, x):
         (y, state), pullback = jax.vjp(run, params, x)

@@ -190,7 +190,11 @@ BAD_TRAIN_ARGS = [
     (["model.plasticity=bcm"], "unknown model.plasticity 'bcm'; valid choices: hebb, oja, neuro"),
     (["model.plastic_on=soma"], "unknown model.plastic_on 'soma'; valid choices: input, recurrent"),
     (["checkpoint.best_metric=bpc"], "checkpoint.best_metric 'bpc' is not an eval metric"),
-    (["model.mixers=[srwm]"], "srwm needs a probability feature map"),
+    (["model.mixers=[srwm]", "model.feature_map=elu1"], "srwm needs a probability feature map"),
+    (
+        ["model.mixers=[{mixer: attention, cell: delta_rule}]"],
+        "model.mixers[0].cell is not read by the attention mixer or its block",
+    ),
     (["data.task=formal_language", "data.language=anbn"], "unknown data.language 'anbn'"),
     (
         ["data.task=formal_language", "data.language=abab_star", "data.max_len=16"]

@@ -10,8 +10,7 @@ from fwpzoo import cells
 from fwpzoo.cells.forms import run_form
 from fwpzoo.layers import MIXERS, FWPMixer, get_mixer
 from fwpzoo.layers.conv import ShortConv
-from fwpzoo.layers.feature_maps import FEATURE_MAPS, feature_dim
-from fwpzoo.layers.fwp import qk_normalize
+from fwpzoo.layers.feature_maps import FEATURE_MAPS, feature_dim, qk_normalize
 from fwpzoo.layers.mamba2 import signed_run
 from fwpzoo.layers.programmed import initial_matrix
 from fwpzoo.layers.ssm import linear_recurrence
@@ -41,7 +40,7 @@ def test_every_feature_map_and_qk_norm_builds_and_runs(feature_map, qk_norm):
     assert y.shape == (B, T, D)
     assert bool(jnp.all(jnp.isfinite(y)))
     expected_k = feature_dim(feature_map, D // 2, nu=2, num_features=3)
-    assert mixer.init_cache(B, T)["state"].shape == (B, 2, expected_k, D // 2)
+    assert mixer.init_cache(B, T).state.shape == (B, 2, expected_k, D // 2)
     assert float(stats["state_norm"]) > 0
 
 
@@ -103,7 +102,10 @@ def test_beta_init_sets_where_beta_starts(cell, beta_range):
         ({"beta_init": 1.0}, "model.beta_init must be in \\(0, 1\\) for beta_range '0,1', got 1.0"),
         ({"beta_init": 0.0, "beta_range": "0,2"}, "must be in \\(0, 2\\) .* got 0.0"),
         ({"beta_init": 0.1, "cell": "linear_attn"}, "cell 'linear_attn' has none; .*delta_rule"),
-        ({"beta_init": 0.1, "mixers": ("rdn",)}, "beta_init is an option of the fwp mixer, not"),
+        (
+            {"beta_init": 0.1, "mixers": ({"mixer": "rdn", "beta_init": 0.1},)},
+            "model.mixers\\[0\\].beta_init is not read by the rdn mixer",
+        ),
     ],
 )
 def test_bad_beta_init_is_one_clear_error(overrides, message):
@@ -148,7 +150,7 @@ def test_cell_inputs_are_what_the_layer_feeds_its_cell(mixer, cell):
     x = inputs(seed=4)
     _, cache = layer.prefill(x, layer.init_cache(B, T))
     _, state = cells.get(layer.cell).recurrent(**layer.cell_inputs(x))
-    np.testing.assert_allclose(state, cache["state"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state, cache.state, rtol=1e-5, atol=1e-6)
     assert float(jnp.max(jnp.abs(state))) > 0  # a state something was written into
 
 
@@ -231,9 +233,13 @@ def test_a_negative_decay_runs_through_every_form_as_the_signed_recurrence(form)
 
 
 def test_decay_range_is_a_mamba2_option():
+    """Set for a layer that does not read it, it is refused; model-wide, it is the default of
+    the layers that read it (the mamba2 ones) and inert for the others."""
     assert tiny(mixers=("mamba2",), decay_range="-1,1").decay_range == "-1,1"
-    with pytest.raises(ValueError, match="model.decay_range '-1,1' is an option of the mamba2"):
-        tiny(mixers=("fwp", "mamba2"), decay_range="-1,1")
+    with pytest.raises(ValueError, match="model.mixers\\[0\\].decay_range is not read by the fwp"):
+        tiny(mixers=({"mixer": "fwp", "decay_range": "-1,1"}, "mamba2"))
+    model_wide = tiny(mixers=("fwp", "mamba2"), decay_range="-1,1").mixer_configs()
+    assert not hasattr(model_wide[0], "decay_range") and model_wide[1].decay_range == "-1,1"
     hybrid = tiny(mixers=("fwp", {"mixer": "mamba2", "decay_range": "-1,1"}))
     assert [layer.decay_range for layer in hybrid.layers()] == ["0,1", "-1,1"]
 
@@ -314,9 +320,23 @@ def test_unknown_mixer_lists_the_valid_names():
     [("identity", "l2"), ("silu", "none"), ("elu1", "none"), ("softmax", "l2")],
 )
 def test_srwm_refuses_a_feature_map_that_is_not_a_probability_map(feature_map, qk_norm):
-    with pytest.raises(ValueError, match="srwm needs a probability feature map"):
-        tiny(mixers=("srwm",), feature_map=feature_map, qk_norm=qk_norm)
+    """Set for the layer, every pair is refused; model-wide, the model config's defaults
+    (identity, l2) give way to srwm's own (softmax, none), any other value is srwm's."""
+    layer = {"mixer": "srwm", "feature_map": feature_map, "qk_norm": qk_norm}
+    refused = "probability feature map: model.mixers\\[0\\].feature_map"
+    with pytest.raises(ValueError, match=refused):
+        tiny(mixers=(layer,))
+    if feature_map != "identity" and qk_norm != "l2":
+        with pytest.raises(ValueError, match="srwm needs a probability feature map"):
+            tiny(mixers=("srwm",), feature_map=feature_map, qk_norm=qk_norm)
     tiny(mixers=("rdn",), feature_map=feature_map, qk_norm=qk_norm)  # rdn takes any map
+
+
+def test_srwm_takes_its_own_feature_map_where_the_models_is_the_default():
+    (view,) = tiny(mixers=("srwm",)).mixer_configs()
+    assert (view.feature_map, view.qk_norm) == ("softmax", "none")
+    (view,) = tiny(mixers=("srwm",), feature_map="elu1", qk_norm="sum").mixer_configs()
+    assert (view.feature_map, view.qk_norm) == ("elu1", "sum")
 
 
 def test_srwm_initial_matrix_follows_the_papers_code():
@@ -365,13 +385,26 @@ def test_bad_names_raise_value_errors_listing_valid_ones(field, value, listing):
         tiny(**{field: value})
 
 
-def test_a_form_a_cell_lacks_is_an_error_not_a_fallback(monkeypatch):
+def test_a_form_a_mixer_lacks_runs_recurrent_model_wide_and_is_refused_per_layer(monkeypatch):
+    """One rule for every mixer: a model-wide form the layer's mixer has not runs its exact
+    sequential form, `recurrent`, and the config says so in one note; set for the layer itself,
+    the form is refused, naming the forms it has."""
     from fwpzoo import cells
 
     monkeypatch.delattr(cells.get("delta_rule"), "associative", raising=False)
-    lacking = "cell 'delta_rule' has no 'associative' form; its forms: recurrent, chunkwise"
+    cfg = tiny(cell="delta_rule", form="associative", mixers=("fwp", "fwp", "attention"))
+    assert [view.form for view in cfg.mixer_configs()[:2]] == ["recurrent", "recurrent"]
+    assert cfg.notes() == (
+        "model.mixers[0, 1]: model.form=associative: the fwp mixer (cell delta_rule) has no "
+        "associative form (its forms: recurrent, chunkwise), so it runs recurrent",
+    )
+    lacking = (
+        "model.mixers\\[0\\].form 'associative': the fwp mixer \\(cell delta_rule\\) has no such "
+        "form; its forms: recurrent, chunkwise"
+    )
     with pytest.raises(ValueError, match=lacking):
-        tiny(cell="delta_rule", form="associative")  # the config refuses it
+        tiny(mixers=({"mixer": "fwp", "cell": "delta_rule", "form": "associative"},))
+    assert tiny(form="recurrent").notes() == ()
 
 
 def test_attention_can_express_a_previous_token_head():

@@ -232,7 +232,7 @@ def test_bf16_compute_keeps_float32_params_and_logits():
     assert params and all(p.dtype == jnp.float32 for p in params)
     assert all(
         s.dtype in (jnp.float32, jnp.complex64)
-        for s in jax.tree.leaves([c["state"] for c in model.init_cache(B, T) if "state" in c])
+        for s in jax.tree.leaves([c.state for c in model.init_cache(B, T) if hasattr(c, "state")])
     )
     toks = tokens(5)
     logits, decoded = jitted(partial(full_and_decoded, prefill_lengths=[4]), model, toks)
@@ -280,7 +280,7 @@ def test_decoding_state_is_constant_in_length_except_attention():
     short, long = shapes(8), shapes(1000)
     for kind, a, b in zip(HYBRID, short, long, strict=True):
         if kind == "attention":
-            assert a["k"] == (B, 8, 2, 4) and b["k"] == (B, 1000, 2, 4)
+            assert a.k == (B, 8, 2, 4) and b.k == (B, 1000, 2, 4)
         else:
             assert a == b, kind
 

@@ -10,8 +10,7 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
-from fwpzoo.cells import gated_linear_attn, linear_attn, oja
-from fwpzoo.cells.programmed import plastic
+from fwpzoo.cells import gated_linear_attn, linear_attn, oja, plastic
 from fwpzoo.models import ModelConfig, build_model, generate
 
 B, T, H, K, V = 2, 9, 2, 4, 3
@@ -347,10 +346,29 @@ def test_inspect_step_returns_the_fast_weights_and_the_gates():
         ({"plastic_on": "output"}, "unknown model.plastic_on 'output'; valid choices: input, rec"),
         ({"plastic_eta": "zero"}, "unknown model.plastic_eta 'zero'; valid choices: learned, pos"),
         ({"plastic_activation": "gelu"}, "valid choices: tanh, sigmoid, relu, identity"),
-        ({"mixers": ("plastic",), "form": "chunkwise"}, "set model.form=recurrent"),
-        ({"mixers": ("plastic",), "form": "associative"}, "no 'associative' form"),
+        # a form set for the layer that its rule has not (model-wide: the recurrent form runs)
+        (
+            {"mixers": ({"mixer": "plastic", "form": "chunkwise"},)},
+            "form 'chunkwise': the plastic mixer .*has no such form; its forms: recurrent$",
+        ),
+        (
+            {"mixers": ({"mixer": "plastic", "form": "associative"},)},
+            "form 'associative': .*its forms: recurrent$",
+        ),
     ],
 )
 def test_bad_plastic_config_is_one_line_naming_the_choices(fields, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(**fields)
+
+
+def test_a_model_wide_form_the_rule_has_not_runs_recurrent_and_says_so():
+    cfg = ModelConfig(mixers=("plastic",), form="chunkwise")
+    assert cfg.mixer_configs()[0].form == "recurrent"
+    assert cfg.notes() == (
+        "model.mixers[0]: model.form=chunkwise: the plastic mixer (plastic_on=input, "
+        "plasticity=hebb, plastic_activation=tanh, plastic_alpha=False) has no chunkwise form "
+        "(its forms: recurrent), so it runs recurrent",
+    )
+    affine = ModelConfig(mixers=("plastic",), form="chunkwise", plastic_activation="identity")
+    assert affine.mixer_configs()[0].form == "chunkwise" and affine.notes() == ()

@@ -1,19 +1,17 @@
 """Layers: token mixers, norms, MLP, short conv and feature maps.
 
-Every mixer maps x [B, T, D] -> [B, T, D] and offers the same four entry points:
-    mixer(x, return_intermediates=False)   full forward (and a dict of scalar intermediates)
-    mixer.init_cache(batch_size, max_len)  the decoding state, a pytree of arrays
-    mixer.prefill(x, cache)                the full-sequence form from the cache -> (y, cache)
-    mixer.decode_step(x [B, D], cache)     one token -> (y [B, D], cache)
-
-Mixers with a matrix state (fast weights) also offer, for `fwpzoo inspect`:
-    mixer.fast_weights(cache)              the fast weights S [B, H, K, V] of a cache
-    mixer.inspect_step(x [B, D], cache)    decode_step plus the token's gates {name: [B, H]}
+Every mixer implements the contract of fwpzoo.layers.base.Mixer (call, init_cache, prefill,
+decode_step, inspect_step, fast_weights, describe) and reads its own typed view of the model
+config (a MixerConfig). The mixers built on a cell also offer
     mixer.cell_inputs(x [B, T, D])         what the layer feeds its cell over a sequence read from
                                            the start: {"q", "k", "v", gate name: array}
+
+MIXERS is the registry: a new mixer is a module here and one line below. No mixer module imports
+another; what they share lives in base, feature_maps, gates, norms, conv and context.
 """
 
 from fwpzoo.layers.attention import Attention
+from fwpzoo.layers.base import Description, KVCache, Mixer, MixerConfig, StateCache
 from fwpzoo.layers.fwp import FWPMixer
 from fwpzoo.layers.mamba2 import Mamba2Mixer
 from fwpzoo.layers.mlp import SwiGLU
@@ -22,7 +20,7 @@ from fwpzoo.layers.plastic import PlasticMixer
 from fwpzoo.layers.programmed import RecurrentDeltaMixer, SRWMMixer
 from fwpzoo.layers.ssm import DiagonalSSM
 
-MIXERS: dict[str, type] = {
+MIXERS: dict[str, type[Mixer]] = {
     "fwp": FWPMixer,
     "attention": Attention,
     "mamba2": Mamba2Mixer,
@@ -33,23 +31,41 @@ MIXERS: dict[str, type] = {
 }
 
 
-def get_mixer(name: str) -> type:
+def get_mixer(name: str) -> type[Mixer]:
     """The mixer class called `name`; a ValueError listing the valid names otherwise."""
     if name not in MIXERS:
         raise ValueError(f"unknown mixer {name!r}; valid mixers: {', '.join(MIXERS)}")
     return MIXERS[name]
 
 
+def mixer_config(name: str, source, explicit=frozenset()) -> MixerConfig:
+    """The typed view of mixer `name` of `source` (a layer's ModelConfig), `explicit` naming the
+    fields set for that layer itself (see fwpzoo.layers.base); ValueError naming a bad field."""
+    return get_mixer(name).Config.of(source, explicit)
+
+
+def describe(layer) -> Description:
+    """The Description of a layer's ModelConfig (ModelConfig.layers()), without building it."""
+    return mixer_config(layer.mixers[0], layer).describe()
+
+
 __all__ = [
     "MIXERS",
     "Attention",
+    "Description",
     "DiagonalSSM",
     "FWPMixer",
+    "KVCache",
     "Mamba2Mixer",
+    "Mixer",
+    "MixerConfig",
     "PlasticMixer",
     "RMSNorm",
     "RecurrentDeltaMixer",
     "SRWMMixer",
+    "StateCache",
     "SwiGLU",
+    "describe",
     "get_mixer",
+    "mixer_config",
 ]

@@ -14,14 +14,17 @@ angles, and so their float32 rounding, the same as well). The cache keeps each r
 segment start, so decoding goes on in the right segment.
 """
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fwpzoo.layers.base import Description, KVCache, Mixer, MixerConfig, head_sizes
 from fwpzoo.layers.conv import segment_starts
+from fwpzoo.layers.gates import GATE_ACTIVATIONS
 from fwpzoo.layers.norms import RMSNorm
-
-GATE_ACTIVATIONS = {"silu": jax.nn.silu, "sigmoid": jax.nn.sigmoid}  # model.gate_activation
 
 
 def rope(x, positions, base: float, dim: int | None = None):
@@ -102,26 +105,89 @@ def blockwise_attention(q, k, v, block_size: int):
 KERNELS: tuple[str, ...] = ("dense", "dot_product", "blockwise")
 
 
-class Attention(nnx.Module):
-    """Multi-head causal attention of a model config `cfg` (heads, key/value dims, rope_base,
-    rotary_dim, num_kv_heads, attention_qk_norm, output_gate with gate_activation).
+ATTENTION_QK_NORMS: tuple[str, ...] = ("none", "head", "all")  # model.attention_qk_norm
+
+
+@dataclass(frozen=True)
+class AttentionConfig(MixerConfig):
+    """The fields attention reads; key_dim, value_dim and num_kv_heads (G) resolved. It has no
+    forms: attention_kernel chooses how the full sequence is computed."""
+
+    MIXER: ClassVar[str] = "attention"
+    CHOICES: ClassVar[dict] = {
+        "attention_kernel": KERNELS,
+        "attention_qk_norm": ATTENTION_QK_NORMS,
+        "gate_activation": tuple(GATE_ACTIVATIONS),
+    }
+    MINIMUM: ClassVar[dict] = {
+        "d_model": 1,
+        "num_heads": 1,
+        "num_kv_heads": 1,
+        "key_dim": 1,
+        "value_dim": 1,
+        "attention_block_size": 1,
+    }
+
+    num_heads: int
+    num_kv_heads: int
+    key_dim: int
+    value_dim: int
+    rope_base: float
+    rotary_dim: int | None
+    attention_kernel: str
+    attention_block_size: int
+    attention_qk_norm: str
+    norm_eps: float
+    zero_centred_norm: bool
+    output_gate: bool
+    gate_activation: str
+
+    @classmethod
+    def resolve(cls, values):
+        values = head_sizes(values)
+        values["num_kv_heads"] = values["num_kv_heads"] or values["num_heads"]
+        return values
+
+    def check(self):
+        H, G, K, V = self.num_heads, self.num_kv_heads, self.key_dim, self.value_dim
+        if H % G:
+            raise ValueError(
+                f"model.num_kv_heads={G} and model.num_heads={H}: the query heads must be a "
+                "multiple of the key/value heads"
+            )
+        if self.rope_base <= 1:  # the rotary frequencies are rope_base ** (-2i / d)
+            raise ValueError(f"model.rope_base must be > 1, got {self.rope_base}")
+        if self.rotary_dim is None and K % 2:
+            raise ValueError(f"attention needs an even key_dim for rotary embeddings, got {K}")
+        if self.rotary_dim is not None and (self.rotary_dim % 2 or self.rotary_dim > K):
+            raise ValueError(
+                f"model.rotary_dim must be even and at most the key head dim {K}, got "
+                f"{self.rotary_dim}"
+            )
+        if self.attention_kernel == "dot_product" and K != V:
+            raise ValueError(
+                f"model.attention_kernel 'dot_product' needs key_dim == value_dim, got {K}, {V}"
+            )
+
+    def describe(self) -> Description:
+        K, V, G = self.key_dim, self.value_dim, self.num_kv_heads
+        return Description("attention", "kv_cache", K, self.num_heads, 0, per_token=G * (K + V))
+
+
+class Attention(Mixer):
+    """Multi-head causal attention of a model config `cfg` (its fields: AttentionConfig).
 
     q, k, v come from one projection [D, H K + G K + G V] (G key/value heads, G = H unless
     grouped); the optional q/k RMSNorms act before the rotary embedding; the optional output
     gate multiplies o by act(W_g x) before the output projection. The cache holds G heads.
     """
 
+    Config = AttentionConfig
+
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        H = cfg.num_heads
-        G = cfg.num_kv_heads or H
-        K = cfg.key_dim or cfg.d_model // H
-        V = cfg.value_dim or cfg.d_model // H
-        if cfg.rotary_dim is None and K % 2:
-            raise ValueError(f"attention needs an even key_dim for rotary embeddings, got {K}")
-        if cfg.attention_kernel == "dot_product" and K != V:
-            raise ValueError(
-                f"model.attention_kernel 'dot_product' needs key_dim == value_dim, got {K}, {V}"
-            )
+        super().__init__(cfg)
+        cfg = self.cfg
+        H, G, K, V = cfg.num_heads, cfg.num_kv_heads, cfg.key_dim, cfg.value_dim
         self.H, self.G, self.K, self.V, self.dtype = H, G, K, V, dtype
         self.rope_base, self.rotary_dim = cfg.rope_base, cfg.rotary_dim
         self.kernel, self.block_size = cfg.attention_kernel, cfg.attention_block_size
@@ -135,6 +201,8 @@ class Attention(nnx.Module):
         self.k_norm = None if self.qk_norm == "none" else norm(K if per_head else G * K)
         self.gate_proj = linear(cfg.d_model, H * V) if cfg.output_gate else None
         self.gate_activation = GATE_ACTIVATIONS[cfg.gate_activation]
+
+    # the entry points: see fwpzoo.layers.base; decode_step from Mixer, no fast weights
 
     def __call__(self, x, *, reset=None, return_intermediates: bool = False):
         """x [B, T, D], reset [B, T] bool or None -> y [B, T, D] (and {} when asked)."""
@@ -150,39 +218,39 @@ class Attention(nnx.Module):
         y = self._output(attend(q, *self._grouped(k, v), mask), x)
         return (y, {}) if return_intermediates else y
 
-    def init_cache(self, batch_size: int, max_len: int):
+    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         """max_len keys and values, the next slot, and each row's current segment start."""
-        return {
-            "k": jnp.zeros((batch_size, max_len, self.G, self.K), self.dtype),
-            "v": jnp.zeros((batch_size, max_len, self.G, self.V), self.dtype),
-            "pos": jnp.zeros((), jnp.int32),
-            "start": jnp.zeros((batch_size,), jnp.int32),  # [B]
-        }
+        return KVCache(
+            k=jnp.zeros((batch_size, max_len, self.G, self.K), self.dtype),
+            v=jnp.zeros((batch_size, max_len, self.G, self.V), self.dtype),
+            pos=jnp.zeros((), jnp.int32),
+            start=jnp.zeros((batch_size,), jnp.int32),  # [B]
+        )
 
     def prefill(self, x, cache, reset=None):
         """x [B, T, D] at slots pos .. pos + T - 1 (reset [B, T] bool or None)
         -> (y [B, T, D], cache with pos + T)."""
-        pos, T, max_len = cache["pos"], x.shape[1], cache["k"].shape[1]
+        pos, T, max_len = cache.pos, x.shape[1], cache.k.shape[1]
         if max_len < T:
             raise ValueError(f"{T} tokens do not fit a KV cache of max_len {max_len}")
         slots = pos + jnp.arange(T)  # [T]
-        starts = jnp.broadcast_to(cache["start"][:, None], (x.shape[0], T))  # [B, T]
+        starts = jnp.broadcast_to(cache.start[:, None], (x.shape[0], T))  # [B, T]
         if reset is not None:  # a reset in this piece starts a segment at its slot
             in_piece = segment_starts(reset, -1)  # [B, T]
             starts = jnp.where(in_piece >= 0, pos + in_piece, starts)
         q, k, v = self._qkv(x, slots - starts)
-        keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k, pos, axis=1)  # [B, L, G, K]
-        values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v, pos, axis=1)  # [B, L, G, V]
+        keys = jax.lax.dynamic_update_slice_in_dim(cache.k, k, pos, axis=1)  # [B, L, G, K]
+        values = jax.lax.dynamic_update_slice_in_dim(cache.v, v, pos, axis=1)  # [B, L, G, V]
         cached = jnp.arange(max_len)  # [L]
         mask = (slots[None, :, None] >= cached) & (cached >= starts[:, :, None])  # [B, T, L]
         y = self._output(attend(q, *self._grouped(keys, values), mask), x)
         y = jnp.where(pos + T <= max_len, y, jnp.nan)
-        return y, {"k": keys, "v": values, "pos": pos + T, "start": starts[:, -1]}
+        return y, KVCache(keys, values, pos + T, starts[:, -1])
 
-    def decode_step(self, x, cache, reset=None):
-        """One token x [B, D] (reset [B] bool or None) -> (y [B, D], cache)."""
+    def inspect_step(self, x, cache, reset=None):
+        """One token x [B, D] (reset [B] bool or None) -> (y [B, D], cache, gates): no gates."""
         y, cache = self.prefill(x[:, None], cache, None if reset is None else reset[:, None])
-        return y[:, 0], cache
+        return y[:, 0], cache, {}
 
     def _causal(self, q, k, v):
         """Causal attention over the whole sequence by the configured kernel."""

@@ -33,6 +33,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from fwpzoo.layers.norms import l2_normalize
+
+QK_NORMS: tuple[str, ...] = ("none", "sum", "l2")  # the normalisation after phi (model.qk_norm)
+# sum-normalisation divides by sum(phi); only maps with phi >= 0 keep that sum away from zero
+NON_NEGATIVE_MAPS: tuple[str, ...] = ("elu1", "relu", "dpfp", "favor", "softmax")
+EPS = 1e-6
+
 
 def identity(x):
     return x
@@ -130,3 +137,25 @@ def feature_dim(name, dim, *, nu=1, num_features=None):
             raise ValueError("feature map 'favor' needs num_features")
         return 2 * num_features
     return dim
+
+
+def qk_normalize(x, kind: str):
+    """none, sum (x / sum x) or l2 (x / ||x||) over the last axis, in float32."""
+    if kind == "none":
+        return x
+    if kind == "sum":
+        return x / (jnp.sum(x, axis=-1, keepdims=True) + EPS)
+    if kind == "l2":
+        return l2_normalize(x, EPS)
+    raise ValueError(f"unknown qk_norm {kind!r}; valid qk norms: {', '.join(QK_NORMS)}")
+
+
+def check_qk_norm(kind: str, feature_map: str):
+    """ValueError for an unknown qk norm, or sum-normalisation of a map that can be negative."""
+    if kind not in QK_NORMS:
+        raise ValueError(f"unknown qk_norm {kind!r}; valid qk norms: {', '.join(QK_NORMS)}")
+    if kind == "sum" and feature_map not in NON_NEGATIVE_MAPS:
+        raise ValueError(
+            f"qk_norm 'sum' needs a non-negative feature map ({', '.join(NON_NEGATIVE_MAPS)}), "
+            f"got {feature_map!r}"
+        )

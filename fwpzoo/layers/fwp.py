@@ -14,31 +14,46 @@ the zero state and the cache follow OBJECTIVE.state. No code here names a cell.
 """
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from fwpzoo import cells
-from fwpzoo.cells import _spec
+from fwpzoo.cells import FORMS, _spec
 from fwpzoo.cells.deep.inner import FAST_NETS, OPTIMIZERS
-from fwpzoo.cells.forms import form_fn, reset_option, run_form
+from fwpzoo.cells.forms import reset_option, run_form
 from fwpzoo.layers import context
-from fwpzoo.layers.attention import GATE_ACTIVATIONS
+from fwpzoo.layers.base import (
+    CellMixer,
+    Description,
+    FixedRandom,
+    MixerConfig,
+    StateCache,
+    cell_fast_weights,
+    cell_zero_state,
+    check_decay_init,
+    floats_of,
+    head_sizes,
+    mean_state_norm,
+)
 from fwpzoo.layers.conv import ShortConv
-from fwpzoo.layers.feature_maps import apply_feature_map, favor_projection, feature_dim
-from fwpzoo.layers.gates import StaticGate, TokenGate, beta_scale
-from fwpzoo.layers.norms import RMSNorm, l2_normalize
+from fwpzoo.layers.feature_maps import (
+    FEATURE_MAPS,
+    QK_NORMS,
+    apply_feature_map,
+    check_qk_norm,
+    favor_projection,
+    feature_dim,
+    qk_normalize,
+)
+from fwpzoo.layers.gates import BETA_RANGES, GATE_ACTIVATIONS, StaticGate, TokenGate, beta_scale
+from fwpzoo.layers.norms import RMSNorm
 
-QK_NORMS: tuple[str, ...] = ("none", "sum", "l2")
-# sum-normalisation divides by sum(phi); only maps with phi >= 0 keep that sum away from zero
-NON_NEGATIVE_MAPS: tuple[str, ...] = ("elu1", "relu", "dpfp", "favor", "softmax")
 DECAYS: tuple[str, ...] = ("scalar", "per_key")  # model.decay, for gates that take either
-EPS = 1e-6
-
-
-class FixedRandom(nnx.Variable):
-    """A random constant drawn at init (FAVOR+ projection): saved with the model, never trained."""
+CONV_ACTIVATIONS: tuple[str, ...] = ("none", "silu")  # model.conv_activation
 
 
 def has_sub_steps(module) -> bool:
@@ -145,15 +160,6 @@ def beta_bias(beta_init: float | None, beta_max: float) -> float | None:
     return math.log(p / (1 - p))
 
 
-def fast_weights(module, state):
-    """The weight matrix of a cell's state [B, H, K, V] (the objective's part of a dict; for a
-    fast net without it, cells/deep's MLP and SwiGLU, its first layer [B, H, K, F])."""
-    if not isinstance(state, dict):
-        return state
-    name = module.OBJECTIVE.weights or module.OBJECTIVE.state.parts[0][0]
-    return state[name] if name in state else state["W1"]
-
-
 def gate_values(specs, gates) -> dict:
     """The per-token gates, a log decay `log_x` as its factor `x`, each averaged over every axis
     after the first two: one token's [B, H(, N | K)] -> [B, H]; static gates left out."""
@@ -175,84 +181,134 @@ def gate_means(specs, gates) -> dict:
     return {f"{name}_mean": jnp.mean(value) for name, value in gate_values(specs, gates).items()}
 
 
-def qk_normalize(x, kind: str):
-    """none, sum (x / sum x) or l2 (x / ||x||) over the last axis, in float32."""
-    if kind == "none":
-        return x
-    if kind == "sum":
-        return x / (jnp.sum(x, axis=-1, keepdims=True) + EPS)
-    if kind == "l2":
-        return l2_normalize(x, EPS)
-    raise ValueError(f"unknown qk_norm {kind!r}; valid qk norms: {', '.join(QK_NORMS)}")
+@dataclass(frozen=True)
+class FWPConfig(MixerConfig):
+    """The fields the FWP layer reads, head sizes resolved: num_value_heads (the cell's heads H)
+    and key_dim (before the feature map) and value_dim per head."""
 
+    MIXER: ClassVar[str] = "fwp"
+    CHOICES: ClassVar[dict] = {
+        "cell": tuple(cells.CELLS),
+        "form": FORMS,
+        "feature_map": tuple(FEATURE_MAPS),
+        "qk_norm": QK_NORMS,
+        "beta_range": tuple(BETA_RANGES),
+        "decay": DECAYS,
+        "fast_net": FAST_NETS,
+        "inner_optimizer": OPTIMIZERS,
+        "conv_activation": CONV_ACTIVATIONS,
+        "gate_activation": tuple(GATE_ACTIVATIONS),
+    }
+    MINIMUM: ClassVar[dict] = {
+        "d_model": 1,
+        "num_heads": 1,
+        "num_value_heads": 1,
+        "key_dim": 1,
+        "value_dim": 1,
+        "chunk_size": 1,
+        "dpfp_nu": 1,
+        "favor_features": 1,
+        "num_householder": 1,
+        "fast_hidden": 1,
+        "inner_batch": 1,
+        "inner_window": 1,
+        "conv_size": 0,
+    }
 
-def check_qk_norm(kind: str, feature_map: str):
-    if kind not in QK_NORMS:
-        raise ValueError(f"unknown qk_norm {kind!r}; valid qk norms: {', '.join(QK_NORMS)}")
-    if kind == "sum" and feature_map not in NON_NEGATIVE_MAPS:
-        raise ValueError(
-            f"qk_norm 'sum' needs a non-negative feature map ({', '.join(NON_NEGATIVE_MAPS)}), "
-            f"got {feature_map!r}"
+    num_heads: int  # key (and query) heads
+    num_value_heads: int  # H: value heads, a multiple of num_heads, each its own state
+    key_dim: int
+    value_dim: int
+    cell: str
+    form: str
+    chunk_size: int
+    feature_map: str
+    dpfp_nu: int
+    favor_features: int
+    qk_norm: str
+    qk_scale: float | None
+    beta_range: str
+    beta_init: float | None
+    decay: str
+    num_householder: int
+    product_decay: bool
+    fast_net: str
+    fast_hidden: int | None
+    inner_optimizer: str
+    inner_batch: int
+    inner_window: int
+    decay_a_range: tuple[float, ...]
+    decay_dt_range: tuple[float, ...]
+    conv_size: int
+    conv_activation: str
+    output_norm: bool
+    output_norm_eps: float | None
+    norm_eps: float
+    output_gate: bool
+    gate_activation: str
+
+    @classmethod
+    def resolve(cls, values):
+        values = head_sizes(values)
+        values["num_value_heads"] = values["num_value_heads"] or values["num_heads"]
+        return values
+
+    @classmethod
+    def forms(cls, values):
+        return tuple(form for form in FORMS if hasattr(cells.get(values["cell"]), form))
+
+    @classmethod
+    def kind(cls, values):
+        return f" (cell {values['cell']})"
+
+    def check(self):
+        if self.num_value_heads % self.num_heads:
+            raise ValueError(
+                f"model.num_value_heads={self.num_value_heads} and model.num_heads="
+                f"{self.num_heads}: the value heads must be a multiple of the key heads"
+            )
+        check_qk_norm(self.qk_norm, self.feature_map)
+        check_decay(self.cell, self.decay)
+        check_beta_init(self.cell, self.beta_init, self.beta_range)
+        check_inner(self)
+        check_decay_init(self)
+        if self.qk_scale is not None and self.qk_scale <= 0:
+            raise ValueError(f"model.qk_scale must be > 0, got {self.qk_scale}")
+        if self.output_norm_eps is not None and not self.output_norm_eps > 0:
+            raise ValueError(f"model.output_norm_eps must be > 0, got {self.output_norm_eps}")
+
+    @property
+    def feature_dim(self) -> int:
+        """K: the key feature dim, phi's output size."""
+        return feature_dim(
+            self.feature_map, self.key_dim, nu=self.dpfp_nu, num_features=self.favor_features
         )
 
+    def options(self) -> tuple:
+        """The static arguments of the cell's forms, from the fields its OPTIONS name, as pairs
+        (a module's static attributes must be hashable)."""
+        options = getattr(cells.get(self.cell), "OPTIONS", {})
+        return tuple((arg, getattr(self, field)) for arg, field in options.items())
 
-def mean_state_norm(state):
-    """Mean over batch and heads of the Frobenius norm of S [B, H, K, V]."""
-    return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(state), axis=(-2, -1))))
-
-
-class CellMixer(nnx.Module):
-    """The entry points shared by the mixers built on a cell (this one and Mamba-2).
-
-    A subclass sets cell (the family's name), H, K, V and conv (a ShortConv or None) and defines
-    decode_step, cell_inputs and _sequence(x, state, buffer, reset) -> (y [B, T, D], cache,
-    stats), which runs the configured form from the cell's `state` and the conv `buffer`, with
-    segment resets [B, T] (or None) in both.
-    """
-
-    def __call__(self, x, *, reset=None, return_intermediates: bool = False):
-        """x [B, T, D], reset [B, T] bool or None -> y [B, T, D] (and a dict of scalar
-        intermediates when asked)."""
-        y, _, stats = self._sequence(x, state=None, buffer=None, reset=reset)
-        return (y, stats) if return_intermediates else y
-
-    def init_cache(self, batch_size: int, max_len: int):
-        """Constant size whatever max_len: the cell's zero state and the conv buffer."""
-        del max_len
-        module = cells.get(self.cell)
-        start = getattr(module, "start_state", None)  # a state that depends on the options
-        if start is None:
-            state = module.OBJECTIVE.state.zeros(batch_size, self.H, self.K, self.V)
-        else:
-            state = start(batch_size, self.H, self.K, self.V, **dict(self.options))
-        cache = {"state": state}
-        if self.conv is not None:
-            cache["conv"] = self.conv.init_buffer(batch_size)
-        return cache
-
-    def prefill(self, x, cache, reset=None):
-        """The configured form over x [B, T, D], starting from and returning the cache."""
-        y, cache, _ = self._sequence(x, cache["state"], cache.get("conv"), reset)
-        return y, cache
-
-    def fast_weights(self, cache):
-        """The fast weights S [B, H, K, V] of a cache."""
-        return fast_weights(cells.get(self.cell), cache["state"])
+    def describe(self) -> Description:
+        H, K, V = self.num_value_heads, self.feature_dim, self.value_dim
+        options = dict(self.options())
+        state = jax.eval_shape(lambda: cell_zero_state(self.cell, 1, H, K, V, options))
+        return Description("fwp", self.cell, K, H, floats_of(state), form=self.form)
 
 
 class FWPMixer(CellMixer):
-    """The FWP layer of a model config `cfg` (fields: see fwpzoo.models.config.ModelConfig)."""
+    """The FWP layer of a model config `cfg` (its fields: FWPConfig)."""
+
+    Config = FWPConfig
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        super().__init__(cfg)
+        cfg = self.cfg
         module = cells.get(cfg.cell)
-        form_fn(cfg.cell, cfg.form)
-        check_qk_norm(cfg.qk_norm, cfg.feature_map)
-        check_decay(cfg.cell, cfg.decay)
         H_k = cfg.num_heads  # key (and query) heads
-        H = cfg.num_value_heads or H_k  # value heads: the cell's heads, each its own state
-        head_dim = cfg.key_dim or cfg.d_model // H_k  # before the feature map
-        V = cfg.value_dim or cfg.d_model // H_k
-        K = feature_dim(cfg.feature_map, head_dim, nu=cfg.dpfp_nu, num_features=cfg.favor_features)
+        H = cfg.num_value_heads  # value heads: the cell's heads, each its own state
+        head_dim, V, K = cfg.key_dim, cfg.value_dim, cfg.feature_dim  # head_dim: before phi
         self.sub_steps = has_sub_steps(module)
         self.unit_values = module.OBJECTIVE.unit_values
         N = cfg.num_householder if self.sub_steps else 1  # writes per token
@@ -277,10 +333,7 @@ class FWPMixer(CellMixer):
             if cfg.feature_map == "favor"
             else None
         )
-        # static arguments of the cell's forms, from the model fields its OPTIONS names
-        options = getattr(module, "OPTIONS", {})
-        # pairs, not a dict: a module's static attributes must be hashable
-        self.options = tuple((arg, getattr(cfg, field)) for arg, field in options.items())
+        self.options = cfg.options()  # static arguments of the cell's forms
         specs_for = getattr(module, "gate_specs", None)  # gates that depend on the options
         self.gate_specs = (
             specs_for(**dict(self.options))
@@ -307,19 +360,13 @@ class FWPMixer(CellMixer):
         self.gate_activation = GATE_ACTIVATIONS[cfg.gate_activation]
         self.out_proj = linear(H * V, cfg.d_model)
 
-    # the entry points: see fwpzoo.layers; the full forward and prefill come from CellMixer
-
-    def decode_step(self, x, cache, reset=None):
-        """One token x [B, D] (reset [B] bool or None) through the cell's `step`
-        -> (y [B, D], cache)."""
-        y, cache, _ = self.inspect_step(x, cache, reset)
-        return y, cache
+    # the entry points: see fwpzoo.layers.base; all but inspect_step come from Mixer and CellMixer
 
     def inspect_step(self, x, cache, reset=None):
-        """decode_step, plus the token's gates {name: [B, H]} (a log decay as its factor, a gate
-        with sub-steps or keys averaged over them)."""
+        """decode_step (the cell's `step`), plus the token's gates {name: [B, H]} (a log decay as
+        its factor, a gate with sub-steps or keys averaged over them)."""
         reset_t = None if reset is None else reset[:, None]  # [B, 1]
-        q, k, v, gates, buffer = self._inputs(x[:, None], cache.get("conv"), reset_t)
+        q, k, v, gates, buffer = self._inputs(x[:, None], cache.conv, reset_t)
         at_0 = lambda a: a[:, 0]  # noqa: E731  drop the time axis of length 1
         step = cells.get(self.cell).step
         # per-token gates sliced at the token, static ones whole
@@ -329,9 +376,9 @@ class FWPMixer(CellMixer):
         }
         inputs = (at_0(q), at_0(k), at_0(v))
         options = dict(self.options)
-        state, o = step(cache["state"], *inputs, **reset_option(reset), **gates, **options)
+        state, o = step(cache.state, *inputs, **reset_option(reset), **gates, **options)
         y = self._output(o[:, None], x[:, None])[:, 0]
-        return y, self._cache(state, buffer), gate_values(self.gate_specs, gates)
+        return y, StateCache(state, buffer), gate_values(self.gate_specs, gates)
 
     def cell_inputs(self, x):
         """x [B, T, D], read from the start -> the cell's inputs: {"q": [B, T, H, K], "k", "v":
@@ -342,23 +389,20 @@ class FWPMixer(CellMixer):
 
     # the pieces ------------------------------------------------------------------------------
 
-    def _sequence(self, x, state, buffer, reset):
+    def _run(self, x, state, buffer, reset):
         q, k, v, gates, buffer = self._inputs(x, buffer, reset)
         if state is None and context.context_mesh() is not None:  # the sequence split: exact
             inputs = (q, k, v, gates, reset)
             o, state = context.run_cell(self.cell, self.chunk_size, self._form, *inputs)
         else:
             o, state = self._form(q, k, v, state, gates, reset)
-        weights = fast_weights(cells.get(self.cell), state)
+        weights = cell_fast_weights(self.cell, state)
         stats = {"state_norm": mean_state_norm(weights)} | gate_means(self.gate_specs, gates)
-        return self._output(o, x), self._cache(state, buffer), stats
+        return self._output(o, x), state, buffer, stats
 
     def _form(self, q, k, v, state, gates, reset):
         gates = gates | dict(self.options)  # the options ride along as keywords of the form
         return run_form(self.cell, self.form, self.chunk_size, q, k, v, state, gates, reset)
-
-    def _cache(self, state, buffer):
-        return {"state": state} if buffer is None else {"state": state, "conv": buffer}
 
     def _inputs(self, x, buffer, reset=None):
         """x [B, T, D] -> q [B, T, H, K], k, v ([B, T, H, (N,) K | V]: an N axis for a cell with

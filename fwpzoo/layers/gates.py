@@ -12,6 +12,8 @@ from fwpzoo.layers.norms import l2_normalize
 from fwpzoo.layers.params import GateParam
 
 BETA_RANGES: dict[str, float] = {"0,1": 1.0, "0,2": 2.0}
+# model.gate_activation: the output gate's activation (fwp and attention)
+GATE_ACTIVATIONS = {"silu": jax.nn.silu, "sigmoid": jax.nn.sigmoid}
 
 
 def beta_scale(beta_range: str) -> float:

@@ -19,14 +19,26 @@ product of sign(alpha_s) over s <= t,
 final state times c again. A reset zeroes S and S~ alike, so c runs on across it.
 """
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from fwpzoo import cells
-from fwpzoo.cells.forms import form_fn, reset_option, run_form
+from fwpzoo.cells import FORMS
+from fwpzoo.cells.forms import reset_option, run_form
+from fwpzoo.layers.base import (
+    CellMixer,
+    Description,
+    MixerConfig,
+    StateCache,
+    check_decay_init,
+    head_sizes,
+    mean_state_norm,
+)
 from fwpzoo.layers.conv import ShortConv
-from fwpzoo.layers.fwp import CellMixer, mean_state_norm
 from fwpzoo.layers.gates import Decay
 from fwpzoo.layers.norms import RMSNorm
 from fwpzoo.layers.params import GateParam
@@ -53,15 +65,62 @@ def signed_run(run, v, alpha):
     return o * c[..., None].astype(o.dtype), state * c[:, -1, :, None, None]
 
 
+@dataclass(frozen=True)
+class Mamba2Config(MixerConfig):
+    """The fields the Mamba-2 layer reads; key_dim (the SSM state size K) and value_dim (the
+    head dim V) resolved."""
+
+    MIXER: ClassVar[str] = "mamba2"
+    CHOICES: ClassVar[dict] = {
+        "form": FORMS,
+        "decay_range": DECAY_RANGES,
+    }
+    MINIMUM: ClassVar[dict] = {
+        "d_model": 1,
+        "num_heads": 1,
+        "key_dim": 1,
+        "value_dim": 1,
+        "chunk_size": 1,
+        "conv_size": 0,
+    }
+
+    num_heads: int
+    key_dim: int
+    value_dim: int
+    form: str
+    chunk_size: int
+    conv_size: int
+    decay_a_range: tuple[float, ...]
+    decay_dt_range: tuple[float, ...]
+    decay_range: str
+
+    @classmethod
+    def resolve(cls, values):
+        return head_sizes(values)
+
+    @classmethod
+    def forms(cls, values):
+        return tuple(form for form in FORMS if hasattr(cells.get(CELL), form))
+
+    def check(self):
+        check_decay_init(self)
+
+    def describe(self) -> Description:
+        H, K, V = self.num_heads, self.key_dim, self.value_dim
+        return Description("mamba2", CELL, K, H, H * K * V, form=self.form)
+
+
 class Mamba2Mixer(CellMixer):
-    """The Mamba-2 layer of a model config `cfg` (heads, key/value dims, conv_size, form)."""
+    """The Mamba-2 layer of a model config `cfg` (its fields: Mamba2Config)."""
+
+    Config = Mamba2Config
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        form_fn(CELL, cfg.form)
-        H = cfg.num_heads
-        K = cfg.key_dim or cfg.d_model // H
-        V = cfg.value_dim or cfg.d_model // H
+        super().__init__(cfg)
+        cfg = self.cfg
+        H, K, V = cfg.num_heads, cfg.key_dim, cfg.value_dim
         self.cell, self.H, self.K, self.V, self.dtype = CELL, H, K, V, dtype
+        self.options = ()  # the cell takes no static arguments
         self.form, self.chunk_size = cfg.form, cfg.chunk_size
         self.inner = H * V
         self.xbc_width = self.inner + 2 * K
@@ -78,28 +137,22 @@ class Mamba2Mixer(CellMixer):
         self.norm = RMSNorm(self.inner)
         self.out_proj = linear(self.inner, cfg.d_model)
 
-    def decode_step(self, x, cache, reset=None):
-        """One token x [B, D] (reset [B] bool or None) through the cell's `step`
-        -> (y [B, D], cache)."""
-        y, cache, _ = self.inspect_step(x, cache, reset)
-        return y, cache
-
     def inspect_step(self, x, cache, reset=None):
-        """decode_step, plus the token's decay {"alpha": [B, H]}."""
+        """decode_step (the cell's `step`), plus the token's decay {"alpha": [B, H]}."""
         reset_t = None if reset is None else reset[:, None]  # [B, 1]
-        z, xs, q, k, v, log_alpha, buffer = self._inputs(x[:, None], cache.get("conv"), reset_t)
+        z, xs, q, k, v, log_alpha, buffer = self._inputs(x[:, None], cache.conv, reset_t)
 
         at_0 = lambda a: a[:, 0]  # noqa: E731  drop the time axis of length 1
 
         def run(v, log_decay):  # the cell's step, its output given the time axis back
             inputs = (at_0(q), at_0(k), at_0(v))
             options = {**reset_option(reset), "log_alpha": at_0(log_decay)}
-            state, o = cells.get(CELL).step(cache["state"], *inputs, **options)
+            state, o = cells.get(CELL).step(cache.state, *inputs, **options)
             return o[:, None], state
 
-        o, state, alpha = self._run(run, v, log_alpha)
+        o, state, alpha = self._with_decay(run, v, log_alpha)
         y = self._output(o, xs, z)[:, 0]
-        return y, self._cache(state, buffer), {"alpha": alpha[:, 0]}
+        return y, StateCache(state, buffer), {"alpha": alpha[:, 0]}
 
     def cell_inputs(self, x):
         """x [B, T, D], read from the start -> {"q", "k": [B, T, H, K], "v": [B, T, H, V] (the
@@ -108,30 +161,27 @@ class Mamba2Mixer(CellMixer):
         _, _, q, k, v, log_alpha, _ = self._inputs(x, None)
         return {"q": q, "k": k, "v": v, "log_alpha": log_alpha}
 
-    def _sequence(self, x, state, buffer, reset):
+    def _run(self, x, state, buffer, reset):
         z, xs, q, k, v, log_alpha, buffer = self._inputs(x, buffer, reset)
 
         def run(v, log_decay):
             gates = {"log_alpha": log_decay}
             return run_form(CELL, self.form, self.chunk_size, q, k, v, state, gates, reset)
 
-        o, state, alpha = self._run(run, v, log_alpha)
+        o, state, alpha = self._with_decay(run, v, log_alpha)
         stats = {"state_norm": mean_state_norm(state), "alpha_mean": jnp.mean(alpha)}
-        return self._output(o, xs, z), self._cache(state, buffer), stats
+        return self._output(o, xs, z), state, buffer, stats
 
     def alpha(self, log_alpha):
         """The decay of this layer's range from Decay's log_alpha [B, T, H]."""
         return signed_decay(log_alpha) if self.signed else jnp.exp(log_alpha)
 
-    def _run(self, run, v, log_alpha):
+    def _with_decay(self, run, v, log_alpha):
         """run(v, log_decay) with this layer's decay -> (o, state, alpha [B, T, H])."""
         alpha = self.alpha(log_alpha)
         if not self.signed:
             return *run(v, log_alpha), alpha
         return *signed_run(run, v, alpha), alpha
-
-    def _cache(self, state, buffer):
-        return {"state": state} if buffer is None else {"state": state, "conv": buffer}
 
     def _inputs(self, u, buffer, reset=None):
         B, T, _ = u.shape

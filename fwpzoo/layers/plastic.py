@@ -3,7 +3,7 @@
     input site (HebbFF):       x [B, T, D] -> pre p = P x [B, T, H, K]
                                h_t = act((W + alpha . S_{t-1})^T p_t + b)     [B, T, H, V]
     recurrent site (Miconi):   h_t = act(W x_t + b + (R + alpha . S_{t-1})^T h_{t-1})
-    then y = out_proj(h) [B, T, D]; S follows model.plasticity (fwpzoo.cells.programmed.plastic).
+    then y = out_proj(h) [B, T, D]; S follows model.plasticity (fwpzoo.cells.plastic).
 
 eta per head takes either sign (model.plastic_eta=learned), or is held positive (Hebbian) or
 negative (anti-Hebbian) by an exp parametrisation; it starts at model.plastic_eta_init / K (its
@@ -16,12 +16,24 @@ the gated delta rule's chunk scan).
 """
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fwpzoo.cells.programmed import plastic
+from fwpzoo.cells.forms import FORMS
+from fwpzoo.cells import plastic
+from fwpzoo.layers.base import (
+    Description,
+    Mixer,
+    MixerConfig,
+    StateCache,
+    floats_of,
+    head_sizes,
+    mean_state_norm,
+)
 from fwpzoo.layers.params import GateParam
 
 ETA_SIGNS: tuple[str, ...] = ("learned", "positive", "negative")
@@ -33,38 +45,95 @@ def plastic_kind(cfg) -> plastic.Plasticity:
     return plastic.Plasticity(cfg.plastic_on, cfg.plasticity, cfg.plastic_activation)
 
 
-def check_plastic(cfg) -> None:
-    """The plastic fields of a model config make a layer: ValueError (one line) otherwise."""
-    kind = plastic_kind(cfg)
-    if cfg.plastic_eta not in ETA_SIGNS:
-        raise ValueError(
-            f"unknown model.plastic_eta {cfg.plastic_eta!r}; valid choices: {', '.join(ETA_SIGNS)}"
-        )
-    if cfg.form == "chunkwise" and not kind.is_affine(cfg.plastic_alpha):
-        raise ValueError(
-            "the plastic mixer has a chunkwise (parallel) form only where its rule is affine in "
-            "S (plastic_on=input, plasticity=hebb, plastic_activation=identity, "
-            "plastic_alpha=false); "
-            f"set model.form=recurrent for plastic_on={kind.site}, plasticity={kind.rule}, "
-            f"plastic_activation={kind.activation}"
-        )
-    if cfg.plastic_eta != "learned" and cfg.plastic_eta_init == 0:
-        raise ValueError(f"model.plastic_eta={cfg.plastic_eta} needs a nonzero plastic_eta_init")
-    if cfg.form not in ("recurrent", "chunkwise"):
-        raise ValueError(
-            f"the plastic mixer has no {cfg.form!r} form; valid forms: recurrent, chunkwise"
+@dataclass(frozen=True)
+class PlasticConfig(MixerConfig):
+    """The fields the plastic layer reads; key_dim and value_dim resolved (K is the presynaptic
+    size: key_dim at the input site, value_dim at the recurrent site)."""
+
+    MIXER: ClassVar[str] = "plastic"
+    CHOICES: ClassVar[dict] = {
+        "form": FORMS,
+        "plastic_on": plastic.SITES,
+        "plasticity": plastic.RULES,
+        "plastic_activation": tuple(plastic.ACTIVATIONS),
+        "plastic_eta": ETA_SIGNS,
+    }
+    MINIMUM: ClassVar[dict] = {
+        "d_model": 1,
+        "num_heads": 1,
+        "key_dim": 1,
+        "value_dim": 1,
+        "chunk_size": 1,
+    }
+
+    num_heads: int
+    key_dim: int
+    value_dim: int
+    form: str
+    chunk_size: int
+    plastic_on: str
+    plasticity: str
+    plastic_activation: str
+    plastic_eta: str
+    plastic_eta_init: float
+    plastic_alpha: bool
+
+    @classmethod
+    def resolve(cls, values):
+        return head_sizes(values)
+
+    @classmethod
+    def forms(cls, values):
+        """recurrent always; chunkwise (the parallel form) where the rule is affine in S:
+        plastic_on=input, plasticity=hebb, plastic_activation=identity, plastic_alpha=false."""
+        affine = plastic_kind_of(values).is_affine(values["plastic_alpha"])
+        return ("recurrent", "chunkwise") if affine else ("recurrent",)
+
+    @classmethod
+    def kind(cls, values):
+        kind = plastic_kind_of(values)
+        return (
+            f" (plastic_on={kind.site}, plasticity={kind.rule}, "
+            f"plastic_activation={kind.activation}, plastic_alpha={values['plastic_alpha']})"
         )
 
+    def check(self):
+        if self.plastic_eta != "learned" and self.plastic_eta_init == 0:
+            raise ValueError(
+                f"model.plastic_eta={self.plastic_eta} needs a nonzero plastic_eta_init"
+            )
 
-class PlasticMixer(nnx.Module):
-    """The plastic layer of a model config `cfg` (num_heads, key_dim, value_dim, plastic_*)."""
+    @property
+    def presynaptic_dim(self) -> int:
+        """K: key_dim at the input site, value_dim (K = V) at the recurrent site."""
+        return self.key_dim if self.plastic_on == "input" else self.value_dim
+
+    def describe(self) -> Description:
+        kind = plastic_kind(self)
+        H, K, V = self.num_heads, self.presynaptic_dim, self.value_dim
+        state = jax.eval_shape(lambda: plastic.zero_state(kind, 1, H, K, V))
+        rule = f"plastic_{kind.site}_{kind.rule}"
+        return Description("plastic", rule, K, H, floats_of(state), form=self.form)
+
+
+def plastic_kind_of(values: dict) -> plastic.Plasticity:
+    """The Plasticity of a dict of PlasticConfig values."""
+    return plastic.Plasticity(
+        values["plastic_on"], values["plasticity"], values["plastic_activation"]
+    )
+
+
+class PlasticMixer(Mixer):
+    """The plastic layer of a model config `cfg` (its fields: PlasticConfig)."""
+
+    Config = PlasticConfig
+    HAS_FAST_WEIGHTS = True
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        check_plastic(cfg)
+        super().__init__(cfg)
+        cfg = self.cfg
         self.kind = plastic_kind(cfg)
-        H = cfg.num_heads
-        V = cfg.value_dim or cfg.d_model // H
-        K = (cfg.key_dim or cfg.d_model // H) if self.kind.site == "input" else V
+        H, K, V = cfg.num_heads, cfg.presynaptic_dim, cfg.value_dim
         self.H, self.K, self.V, self.dtype = H, K, V, dtype
         self.form, self.chunk_size, self.eta_sign = cfg.form, cfg.chunk_size, cfg.plastic_eta
         keys = iter(jax.random.split(rngs.params(), 4))
@@ -86,46 +155,30 @@ class PlasticMixer(nnx.Module):
         self.w_mod = nnx.Param(normal((H, V), V)) if self.kind.rule == "neuromodulated" else None
         self.out_proj = linear(H * V, cfg.d_model)
 
-    # the entry points: see fwpzoo.layers ----------------------------------------------------
+    # the entry points: see fwpzoo.layers.base; __call__, prefill and decode_step from Mixer
 
-    def __call__(self, x, *, reset=None, return_intermediates: bool = False):
-        """x [B, T, D], reset [B, T] bool -> y [B, T, D] (and scalar intermediates when asked)."""
-        y, _, stats = self._sequence(x, None, reset)
-        return (y, stats) if return_intermediates else y
-
-    def init_cache(self, batch_size: int, max_len: int):
+    def init_cache(self, batch_size: int, max_len: int) -> StateCache:
         """Constant size whatever max_len: the plastic matrices (and h at the recurrent site)."""
         del max_len
-        return {"state": plastic.zero_state(self.kind, batch_size, self.H, self.K, self.V)}
-
-    def prefill(self, x, cache, reset=None):
-        """x [B, T, D] from the cache (reset [B, T] bool or None) -> (y [B, T, D], cache)."""
-        y, state, _ = self._sequence(x, cache["state"], reset)
-        return y, {"state": state}
-
-    def decode_step(self, x, cache, reset=None):
-        """One token x [B, D] (reset [B] or None) through the cell's `step` -> (y [B, D], cache)."""
-        y, cache, _ = self.inspect_step(x, cache, reset)
-        return y, cache
-
-    # inspection: the fast weights and the per-token gates ------------------------------------
+        return StateCache(plastic.zero_state(self.kind, batch_size, self.H, self.K, self.V))
 
     def fast_weights(self, cache):
         """S [B, H, K, V] of a cache."""
-        return cache["state"]["S"]
+        return cache.state["S"]
 
     def inspect_step(self, x, cache, reset=None):
-        """decode_step, plus the per-token gates {name: [B, H]}: the learning rate eta_t
-        (eta times the modulator for the neuromodulated rule) and the decay lambda."""
+        """decode_step (one token x [B, D], reset [B] or None, through the cell's `step`), plus
+        the per-token gates {name: [B, H]}: the learning rate eta_t (eta times the modulator for
+        the neuromodulated rule) and the decay lambda."""
         u, p = self._drive(x[:, None])
         p = None if p is None else p[:, 0]
         params = self.params()
-        state, h = plastic.step(self.kind, params, cache["state"], u[:, 0], p, reset=reset)
+        state, h = plastic.step(self.kind, params, cache.state, u[:, 0], p, reset=reset)
         eta_t = jnp.broadcast_to(params["eta"], h.shape[:2])  # [B, H]
         if self.kind.rule == "neuromodulated":
             eta_t = eta_t * jnp.tanh(jnp.sum(params["w_mod"] * h, axis=-1))
         gates = {"learning_rate": eta_t, "decay": jnp.broadcast_to(self.lam(), h.shape[:2])}
-        return self._output(h[:, None])[:, 0], {"state": state}, gates
+        return self._output(h[:, None])[:, 0], StateCache(state), gates
 
     # the pieces ------------------------------------------------------------------------------
 
@@ -156,8 +209,9 @@ class PlasticMixer(nnx.Module):
         p = z.reshape(B, T, self.H, self.K)  # [B, T, H, K]
         return jnp.einsum("bthk,hkv->bthv", p, self.W[...]) + self.b[...], p
 
-    def _sequence(self, x, state, reset):
+    def _sequence(self, x, cache, reset):
         u, p = self._drive(x)
+        state = None if cache is None else cache.state
         params = self.params()
         if self.form == "chunkwise":
             h, state = plastic.parallel(
@@ -168,11 +222,11 @@ class PlasticMixer(nnx.Module):
                 self.kind, params, u, p, state=state, reset=reset, chunk_size=self.chunk_size
             )
         stats = {
-            "state_norm": jnp.mean(jnp.sqrt(jnp.sum(jnp.square(state["S"]), axis=(-2, -1)))),
+            "state_norm": mean_state_norm(state["S"]),
             "eta_mean": jnp.mean(params["eta"]),
             "lambda_mean": jnp.mean(jnp.exp(params["log_lambda"])),
         }
-        return self._output(h), state, stats
+        return self._output(h), StateCache(state), stats
 
     def _output(self, h):
         """h [B, T, H, V] -> y [B, T, D]."""

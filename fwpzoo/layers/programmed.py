@@ -1,6 +1,6 @@
 """Mixers whose programmer reads its own past: the Recurrent DeltaNet (`rdn`) and the modern
-self-referential weight matrix (`srwm`), thin layers around fwpzoo.cells.programmed.recurrent_delta
-and fwpzoo.cells.programmed.srwm.
+self-referential weight matrix (`srwm`), thin layers around fwpzoo.cells.recurrent_delta
+and fwpzoo.cells.srwm.
 
     rdn   x [B, T, D] -> W x = [q, k, v, beta] per head -> the cell (R tanh(y_{t-1}) added inside
           the scan, phi = model.feature_map then model.qk_norm) -> optional per-head RMSNorm
@@ -11,21 +11,41 @@ and fwpzoo.cells.programmed.srwm.
 Training runs the cell's `reversible` form (its backward undoes the rank-one writes instead of
 storing every state); a batch with resets runs `checkpointed`, since a reset destroys the state
 it replaces and cannot be undone (both are exact; measured in
-fwpzoo/cells/programmed/recurrent_fwp.md).
+fwpzoo/cells/recurrent_fwp.md).
 Decoding calls the cell's `step`. Neither takes a query scale: phi's normalisation is the scale.
 """
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fwpzoo.cells.programmed import recurrent_delta, srwm
-from fwpzoo.layers.feature_maps import apply_feature_map, favor_projection, feature_dim
-from fwpzoo.layers.fwp import FixedRandom, check_qk_norm, mean_state_norm, qk_normalize
+from fwpzoo.cells.forms import FORMS
+from fwpzoo.cells import recurrent_delta, srwm
+from fwpzoo.layers.base import (
+    Description,
+    FixedRandom,
+    Mixer,
+    MixerConfig,
+    StateCache,
+    head_sizes,
+    mean_state_norm,
+)
+from fwpzoo.layers.feature_maps import (
+    FEATURE_MAPS,
+    QK_NORMS,
+    apply_feature_map,
+    check_qk_norm,
+    favor_projection,
+    feature_dim,
+    qk_normalize,
+)
 from fwpzoo.layers.norms import RMSNorm
 
+PHI_CHOICES = {"form": FORMS, "feature_map": tuple(FEATURE_MAPS), "qk_norm": QK_NORMS}
 NON_NEGATIVE = ("elu1", "relu", "softmax")  # same-size maps whose sum normalisation is a simplex
 
 
@@ -43,52 +63,42 @@ def check_probability_map(feature_map: str, qk_norm: str) -> None:
     )
 
 
-class ProgrammedMixer(nnx.Module):
-    """The entry points shared by both (see fwpzoo.layers). A subclass defines _inputs(x) ->
-    (per-token inputs dict [B, T, H, ...], slow weights dict), _cell (the module), zero_state
-    and _summary(state) (a scalar)."""
+class ProgrammedMixer(Mixer):
+    """The entry points shared by both (see fwpzoo.layers.base). A subclass defines _inputs(x)
+    -> (per-token inputs dict [B, T, H, ...], slow weights dict), _cell (the module), zero_state
+    and _summary(state) (a scalar). Both have one form, `recurrent` (the cell's `reversible`, or
+    `checkpointed` with resets)."""
 
-    def __call__(self, x, *, reset=None, return_intermediates: bool = False):
-        """x [B, T, D], reset [B, T] bool -> y [B, T, D] (and {"state_norm"} when asked)."""
-        y, state = self._sequence(x, None, reset)
-        stats = {"state_norm": self._summary(state)}
-        return (y, stats) if return_intermediates else y
+    HAS_FAST_WEIGHTS = True
 
-    def init_cache(self, batch_size: int, max_len: int):
+    def init_cache(self, batch_size: int, max_len: int) -> StateCache:
         """Constant size whatever max_len: the fast state."""
         del max_len
-        return self.zero_state(batch_size)
+        return StateCache(self.zero_state(batch_size))
 
-    def prefill(self, x, cache, reset=None):
-        """x [B, T, D] from the cache (reset [B, T] bool or None) -> (y [B, T, D], cache)."""
-        return self._sequence(x, cache, reset)
-
-    def decode_step(self, x, cache, reset=None):
-        """One token x [B, D] (reset [B] or None) through the cell's `step` -> (y [B, D], cache)."""
+    def inspect_step(self, x, cache, reset=None):
+        """decode_step (one token x [B, D], reset [B] or None, through the cell's `step`), plus
+        the token's gates: none, as these cells make their gates inside `step` from their own
+        state."""
         inputs, slow = self._inputs(x[:, None])
         at_0 = {name: value[:, 0] for name, value in inputs.items()}
-        state, o = self._cell.step(cache, **at_0, **slow, phi=self.phi, reset=reset)
-        return self._output(o[:, None])[:, 0], state
+        state, o = self._cell.step(cache.state, **at_0, **slow, phi=self.phi, reset=reset)
+        return self._output(o[:, None])[:, 0], StateCache(state), {}
 
     def fast_weights(self, cache):
         """The fast weight matrix [B, H, *, *] of a cache (for fwpzoo inspect)."""
-        return cache["S"] if isinstance(cache, dict) else cache
+        return cache.state["S"] if isinstance(cache.state, dict) else cache.state
 
-    def inspect_step(self, x, cache, reset=None):
-        """decode_step, plus the token's gates: none, as these cells make their gates inside
-        `step` from their own state."""
-        y, cache = self.decode_step(x, cache, reset)
-        return y, cache, {}
-
-    def _sequence(self, x, state, reset):
+    def _sequence(self, x, cache, reset):
         inputs, slow = self._inputs(x)
+        state = None if cache is None else cache.state
         if reset is None:
             o, state = self._cell.reversible(**inputs, **slow, phi=self.phi, state=state)
         else:
             o, state = self._cell.checkpointed(
                 **inputs, **slow, phi=self.phi, state=state, reset=reset, chunk_size=self.chunk
             )
-        return self._output(o), state
+        return self._output(o), StateCache(state), {"state_norm": self._summary(state)}
 
     def _output(self, o):
         """o [B, T, H, V] -> [B, T, D]."""
@@ -107,19 +117,62 @@ def make_phi(feature_map, qk_norm, nu, projection):
     return phi
 
 
+@dataclass(frozen=True)
+class RDNConfig(MixerConfig):
+    """The fields the `rdn` layer reads; key_dim (before phi) and value_dim resolved."""
+
+    MIXER: ClassVar[str] = "rdn"
+    CHOICES: ClassVar[dict] = PHI_CHOICES
+    MINIMUM: ClassVar[dict] = {
+        "d_model": 1,
+        "num_heads": 1,
+        "key_dim": 1,
+        "value_dim": 1,
+        "chunk_size": 1,
+        "dpfp_nu": 1,
+        "favor_features": 1,
+    }
+
+    num_heads: int
+    key_dim: int
+    value_dim: int
+    form: str
+    chunk_size: int  # the backward's chunks where a batch has resets
+    feature_map: str
+    qk_norm: str
+    dpfp_nu: int
+    favor_features: int
+    output_norm: bool
+
+    @classmethod
+    def resolve(cls, values):
+        return head_sizes(values)
+
+    def check(self):
+        check_qk_norm(self.qk_norm, self.feature_map)
+
+    @property
+    def feature_dim(self) -> int:
+        return feature_dim(
+            self.feature_map, self.key_dim, nu=self.dpfp_nu, num_features=self.favor_features
+        )
+
+    def describe(self) -> Description:
+        H, K, V = self.num_heads, self.feature_dim, self.value_dim
+        return Description("rdn", "recurrent_delta", K, H, H * (K * V + V), form=self.form)
+
+
 class RecurrentDeltaMixer(ProgrammedMixer):
-    """The `rdn` layer of a model config `cfg` (heads, key/value dims, feature map, qk norm,
-    output norm, chunk_size for the backward with resets)."""
+    """The `rdn` layer of a model config `cfg` (its fields: RDNConfig)."""
+
+    Config = RDNConfig
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        check_qk_norm(cfg.qk_norm, cfg.feature_map)
-        H = cfg.num_heads
-        K = cfg.key_dim or cfg.d_model // H  # before phi
-        V = cfg.value_dim or cfg.d_model // H
+        super().__init__(cfg)
+        cfg = self.cfg
+        H, K, V = cfg.num_heads, cfg.key_dim, cfg.value_dim  # K before phi
         self.H, self.K, self.V, self.dtype, self.chunk = H, K, V, dtype, cfg.chunk_size
-        self.features = feature_dim(
-            cfg.feature_map, K, nu=cfg.dpfp_nu, num_features=cfg.favor_features
-        )
+        self.features = cfg.feature_dim
         self.projection = (
             FixedRandom(favor_projection(rngs.params(), K, cfg.favor_features))
             if cfg.feature_map == "favor"
@@ -158,16 +211,52 @@ class RecurrentDeltaMixer(ProgrammedMixer):
         return inputs, {"R": self.R[...]}
 
 
+@dataclass(frozen=True)
+class SRWMConfig(MixerConfig):
+    """The fields the `srwm` layer reads. Its feature map must give a probability vector, so
+    where the model's feature_map and qk_norm are the model config's defaults (identity, l2) it
+    takes its own: softmax, none (the paper's)."""
+
+    MIXER: ClassVar[str] = "srwm"
+    CHOICES: ClassVar[dict] = PHI_CHOICES
+    MINIMUM: ClassVar[dict] = {"d_model": 1, "num_heads": 1, "chunk_size": 1}
+    DEFAULTS: ClassVar[dict] = {"feature_map": "softmax", "qk_norm": "none"}
+
+    num_heads: int
+    form: str
+    chunk_size: int  # the backward's chunks where a batch has resets
+    feature_map: str
+    qk_norm: str
+    output_norm: bool
+
+    def check(self):
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"srwm needs d_model ({self.d_model}) divisible by num_heads ({self.num_heads})"
+            )
+        check_probability_map(self.feature_map, self.qk_norm)
+
+    @property
+    def head_dim(self) -> int:
+        """D / H: each head's width in and out, and its feature dim."""
+        return self.d_model // self.num_heads
+
+    def describe(self) -> Description:
+        H, D = self.num_heads, self.head_dim
+        size = H * (3 * D + srwm.BETA_ROWS) * D  # W [H, 3 D + 4, D]
+        return Description("srwm", "srwm", D, H, size, form=self.form)
+
+
 class SRWMMixer(ProgrammedMixer):
-    """The `srwm` layer of a model config `cfg` (heads, a probability feature map, output norm,
-    chunk_size for the backward with resets); head width d_model / num_heads in and out."""
+    """The `srwm` layer of a model config `cfg` (its fields: SRWMConfig); head width
+    d_model / num_heads in and out."""
+
+    Config = SRWMConfig
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        check_probability_map(cfg.feature_map, cfg.qk_norm)
-        H = cfg.num_heads
-        if cfg.d_model % H:
-            raise ValueError(f"srwm needs d_model ({cfg.d_model}) divisible by num_heads ({H})")
-        D = cfg.d_model // H
+        super().__init__(cfg)
+        cfg = self.cfg
+        H, D = cfg.num_heads, cfg.head_dim
         self.H, self.D, self.dtype, self.chunk = H, D, dtype, cfg.chunk_size
         self.feature_map, self.qk_norm = cfg.feature_map, cfg.qk_norm
         self.W0 = nnx.Param(initial_matrix(rngs.params(), H, D))

@@ -10,11 +10,14 @@ float32 whatever the compute dtype.
 """
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fwpzoo.layers.base import Description, Mixer, MixerConfig, StateCache
 from fwpzoo.layers.params import GateParam
 
 
@@ -30,12 +33,32 @@ def linear_recurrence(a, b, h0):
     return jax.lax.associative_scan(combine, (a, b), axis=1)[1]
 
 
-class DiagonalSSM(nnx.Module):
-    """The LRU layer of a model config `cfg` (ssm_state_dim, ssm_complex)."""
+@dataclass(frozen=True)
+class SSMConfig(MixerConfig):
+    """The fields the diagonal SSM reads. It has one sequence computation (the associative
+    scan, exact), so no form."""
+
+    MIXER: ClassVar[str] = "ssm"
+    MINIMUM: ClassVar[dict] = {"d_model": 1, "ssm_state_dim": 1}
+
+    ssm_state_dim: int
+    ssm_complex: bool
+
+    def describe(self) -> Description:
+        N = self.ssm_state_dim * (2 if self.ssm_complex else 1)  # a complex number is two
+        return Description("ssm", "diagonal_linear", None, 1, N)
+
+
+class DiagonalSSM(Mixer):
+    """The LRU layer of a model config `cfg` (its fields: SSMConfig)."""
+
+    Config = SSMConfig
 
     def __init__(
         self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, r_min=0.9, r_max=0.999, max_phase=0.314
     ):
+        super().__init__(cfg)
+        cfg = self.cfg
         N, D = cfg.ssm_state_dim, cfg.d_model
         self.N, self.is_complex, self.dtype = N, cfg.ssm_complex, dtype
         radius_key, phase_key, b_key, c_key = jax.random.split(rngs.params(), 4)
@@ -51,26 +74,25 @@ class DiagonalSSM(nnx.Module):
         if self.is_complex:
             self.theta_log = GateParam(jnp.log(max_phase * jax.random.uniform(phase_key, (N,))))
 
-    def __call__(self, x, *, reset=None, return_intermediates: bool = False):
-        """x [B, T, D], reset [B, T] bool or None -> y [B, T, D] (and intermediates)."""
-        h = linear_recurrence(*self._pairs(x, reset), self._zeros(x.shape[0]))
-        y = self._read(h, x)
-        return (y, {"state_norm": jnp.mean(jnp.abs(h[:, -1]))}) if return_intermediates else y
+    # the entry points: see fwpzoo.layers.base; __call__, prefill and decode_step from Mixer
 
-    def init_cache(self, batch_size: int, max_len: int):
-        """Constant size whatever max_len: the state vector."""
+    def init_cache(self, batch_size: int, max_len: int) -> StateCache:
+        """Constant size whatever max_len: the state vector h [B, N]."""
         del max_len
-        return {"state": self._zeros(batch_size)}
+        return StateCache(self._zeros(batch_size))
 
-    def prefill(self, x, cache, reset=None):
-        h = linear_recurrence(*self._pairs(x, reset), cache["state"])  # [B, T, N]
-        return self._read(h, x), {"state": h[:, -1]}
-
-    def decode_step(self, x, cache, reset=None):
-        """One token x [B, D] (reset [B] bool or None) -> (y [B, D], cache)."""
+    def inspect_step(self, x, cache, reset=None):
+        """One token x [B, D] (reset [B] bool or None) -> (y [B, D], cache, gates): no gates,
+        as lambda is the same at every token."""
         a, b = self._pairs(x[:, None], None if reset is None else reset[:, None])
-        h = a[:, 0] * cache["state"] + b[:, 0]  # [B, N]
-        return self._read(h[:, None], x[:, None])[:, 0], {"state": h}
+        h = a[:, 0] * cache.state + b[:, 0]  # [B, N]
+        return self._read(h[:, None], x[:, None])[:, 0], StateCache(h), {}
+
+    def _sequence(self, x, cache, reset):
+        h0 = self._zeros(x.shape[0]) if cache is None else cache.state
+        h = linear_recurrence(*self._pairs(x, reset), h0)  # [B, T, N]
+        stats = {"state_norm": jnp.mean(jnp.abs(h[:, -1]))}
+        return self._read(h, x), StateCache(h[:, -1]), stats
 
     def _zeros(self, batch_size):
         return jnp.zeros((batch_size, self.N), jnp.complex64 if self.is_complex else jnp.float32)

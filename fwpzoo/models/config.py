@@ -4,24 +4,8 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fwpzoo.cells import CELLS, FORMS
-from fwpzoo.cells.forms import form_fn
-from fwpzoo.cells.programmed.plastic import ACTIVATIONS, RULES, SITES
-from fwpzoo.layers import MIXERS
-from fwpzoo.layers.attention import KERNELS as ATTENTION_KERNELS
-from fwpzoo.layers.feature_maps import FEATURE_MAPS
-from fwpzoo.layers.fwp import (
-    DECAYS,
-    QK_NORMS,
-    check_beta_init,
-    check_decay,
-    check_inner,
-    check_qk_norm,
-)
-from fwpzoo.layers.gates import BETA_RANGES
-from fwpzoo.layers.mamba2 import DECAY_RANGES
-from fwpzoo.layers.plastic import ETA_SIGNS, check_plastic
-from fwpzoo.layers.programmed import check_probability_map
+from fwpzoo.layers import MIXERS, MixerConfig, mixer_config
+from fwpzoo.layers.base import check_domain
 
 
 def _one_of(key: str, value: str, valid) -> None:
@@ -33,13 +17,30 @@ def _one_of(key: str, value: str, valid) -> None:
 # Fields one layer cannot set for itself: the layer list, the residual stream's width, and the
 # embedding and head around the blocks.
 MODEL_WIDE: tuple[str, ...] = ("mixers", "d_model", "vocab_size", "tie_embeddings")
+# Fields the block reads around its mixer (norms, MLP, remat): any layer may set them.
+BLOCK_FIELDS: tuple[str, ...] = (
+    "mlp_ratio",
+    "mlp_hidden",
+    "moe_experts",
+    "moe_top_k",
+    "moe_norm_top_k",
+    "moe_shared_hidden",
+    "norm_eps",
+    "zero_centred_norm",
+    "block_norm",
+    "remat",
+)
 BLOCK_NORMS: tuple[str, ...] = ("pre", "post")
-ATTENTION_QK_NORMS: tuple[str, ...] = ("none", "head", "all")
-GATE_ACTIVATIONS: tuple[str, ...] = ("silu", "sigmoid")
-CONV_ACTIVATIONS: tuple[str, ...] = ("none", "silu")
-
-
 REMATS: tuple[str, ...] = ("none", "block", "mixer")
+
+
+def _domains() -> tuple[dict, dict]:
+    """Every mixer's field domains merged: ({field: valid names}, {field: smallest value})."""
+    choices, minimum = {}, {}
+    for mixer in MIXERS.values():
+        choices |= mixer.Config.CHOICES
+        minimum |= mixer.Config.MINIMUM
+    return choices, minimum
 
 
 def _positive(key: str, value: int | None, minimum: int = 1) -> None:
@@ -55,7 +56,15 @@ class ModelConfig:
     number of layers. An entry is a mixer name, or a mapping with a `mixer` key and any other
     fields of this config for that layer only, e.g.
     [{"mixer": "fwp", "cell": "gated_delta_rule"}, {"mixer": "fwp", "cell": "delta_rule"},
-    "attention"]. `layers()` resolves the entries into one config per layer.
+    "attention"]. `layers()` resolves the entries into one config per layer, and
+    `mixer_configs()` into each layer's mixer view (fwpzoo.layers.base.MixerConfig).
+
+    Who checks what: a value outside its field's domain (a name not among its choices, a size
+    below its minimum) is refused here wherever it is set; a combination a mixer cannot take is
+    refused by that mixer's view, for the layers that read it. A per-layer field the layer's
+    mixer (or its block) does not read is refused. A model-wide field is the default of every
+    layer that reads it and inert for the others, so one config serves any mixer list; a
+    model-wide form a mixer does not have runs its recurrent form, named once by `notes()`.
     """
 
     # each a name (fwp, attention, mamba2, ssm, plastic, rdn, srwm) or
@@ -131,7 +140,7 @@ class ModelConfig:
     # ssm (diagonal vector state) mixer
     ssm_state_dim: int = 64
     ssm_complex: bool = True  # complex diagonal (LRU) or real diagonal recurrence
-    # plastic mixer (fwpzoo.layers.plastic, fwpzoo.cells.programmed.plastic)
+    # plastic mixer (fwpzoo.layers.plastic, fwpzoo.cells.plastic)
     plastic_on: str = "input"  # input (HebbFF) | recurrent (Miconi's differentiable plasticity)
     plasticity: str = "hebb"  # hebb | oja | neuromodulated
     plastic_activation: str = "tanh"  # tanh | sigmoid | relu | identity
@@ -161,7 +170,38 @@ class ModelConfig:
         if not self.mixers:
             raise ValueError("model.mixers is empty; name one mixer per layer")
         self._check_fields()
-        self.layers()  # every layer's own fields checked the same way
+        self.mixer_configs()  # every layer's mixer checks the fields it reads
+
+    def mixer_configs(self) -> tuple[MixerConfig, ...]:
+        """The typed view of each layer's mixer, built from exactly the fields that layer sees
+        (its own fields set explicitly); a ValueError naming the layer and key otherwise."""
+        return tuple(self._mixer_config(i, entry) for i, entry in enumerate(self.mixers))
+
+    def notes(self) -> tuple[str, ...]:
+        """One line for each thing the layers run otherwise than the model-wide fields say (a
+        model-wide form a mixer does not have), naming the layers; what a run prints once."""
+        layers: dict[str, list[int]] = {}
+        for i, view in enumerate(self.mixer_configs()):
+            if view.note is not None:
+                layers.setdefault(view.note, []).append(i)
+        return tuple(f"model.mixers{indices}: {note}" for note, indices in layers.items())
+
+    def _mixer_config(self, i: int, entry) -> MixerConfig:
+        layer = self._layer(i, entry)
+        explicit = frozenset(entry) - {"mixer"} if isinstance(entry, Mapping) else frozenset()
+        try:
+            return mixer_config(layer.mixers[0], layer, explicit)
+        except ValueError as error:
+            raise ValueError(self._named(i, entry, str(error))) from None
+
+    def _named(self, i: int, entry, message: str) -> str:
+        """A layer's error named by the layer: its own fields as model.mixers[i].<field>; a
+        model-wide field's, in a model of several layers, prefixed by the layer."""
+        where = f"model.mixers[{i}]"
+        if isinstance(entry, Mapping):
+            named = message.replace("model.", f"{where}.")
+            return named if named != message else f"{where}: {message}"
+        return f"{where} ({entry}): {message}" if len(self.mixers) > 1 else message
 
     def layers(self) -> tuple["ModelConfig", ...]:
         """The config of each layer: this one with the layer's own fields applied and
@@ -183,6 +223,7 @@ class ModelConfig:
             raise ValueError(f"{where}.mixer: expected a string, got {name!r}")
         _one_of(f"mixers[{i}].mixer", name, MIXERS)
         valid = [f.name for f in dataclasses.fields(self) if f.name not in MODEL_WIDE]
+        reads = (*MIXERS[name].Config.names(), *BLOCK_FIELDS)
         for key in fields:
             if key in MODEL_WIDE:
                 raise ValueError(f"{where}.{key} cannot be set per layer; set model.{key}")
@@ -190,60 +231,25 @@ class ModelConfig:
                 raise ValueError(
                     f"unknown key {where}.{key}; valid keys: mixer, {', '.join(valid)}"
                 )
+            if key not in reads:
+                own = [key for key in reads if key not in MODEL_WIDE]
+                raise ValueError(
+                    f"{where}.{key} is not read by the {name} mixer or its block; its keys: "
+                    f"mixer, {', '.join(own)}"
+                )
         try:  # the layer's own fields pass the same checks, named by the layer, in one step so
             # every check sees the layer's values, not the model-wide ones they replace
             return dataclasses.replace(self, mixers=(name,), **fields)
         except ValueError as error:
-            message = str(error)
-            named = message.replace("model.", f"{where}.")
-            raise ValueError(named if named != message else f"{where}: {message}") from None
+            raise ValueError(self._named(i, entry, str(error))) from None
 
     def _check_fields(self) -> None:
-        _one_of("cell", self.cell, CELLS)
-        _one_of("form", self.form, FORMS)
-        _one_of("feature_map", self.feature_map, FEATURE_MAPS)
-        _one_of("qk_norm", self.qk_norm, QK_NORMS)
-        _one_of("beta_range", self.beta_range, BETA_RANGES)
-        _one_of("decay", self.decay, DECAYS)
-        _one_of("decay_range", self.decay_range, DECAY_RANGES)
-        one_mixer = self.mixers[0] if len(self.mixers) == 1 else None
-        if self.decay_range != "0,1" and isinstance(one_mixer, str) and one_mixer != "mamba2":
-            raise ValueError(
-                f"model.decay_range {self.decay_range!r} is an option of the mamba2 mixer, not "
-                f"of {one_mixer} (in a hybrid, set it on the mamba2 layers: "
-                f"{{mixer: mamba2, decay_range: {self.decay_range!r}}})"
-            )
-        if self.beta_init is not None and isinstance(one_mixer, str) and one_mixer != "fwp":
-            raise ValueError(
-                f"model.beta_init is an option of the fwp mixer, not of {one_mixer} (in a "
-                f"hybrid, set it on the fwp layers: {{mixer: fwp, beta_init: {self.beta_init}}})"
-            )
-        _one_of("attention_kernel", self.attention_kernel, ATTENTION_KERNELS)
+        """The domain of every field, read by a layer or not, and the block's own fields."""
+        choices, minimum = _domains()
+        check_domain(dataclasses.asdict(self), choices, minimum)
         _one_of("remat", self.remat, REMATS)
         _one_of("block_norm", self.block_norm, BLOCK_NORMS)
-        _one_of("attention_qk_norm", self.attention_qk_norm, ATTENTION_QK_NORMS)
-        _one_of("gate_activation", self.gate_activation, GATE_ACTIVATIONS)
-        _one_of("conv_activation", self.conv_activation, CONV_ACTIVATIONS)
-        self._check_heads()
-        check_qk_norm(self.qk_norm, self.feature_map)
-        check_decay(self.cell, self.decay)
-        check_beta_init(self.cell, self.beta_init, self.beta_range)
-        if "fwp" in self.mixers:
-            form_fn(self.cell, self.form)
-            check_inner(self)
-        _one_of("plastic_on", self.plastic_on, SITES)
-        _one_of("plasticity", self.plasticity, RULES)
-        _one_of("plastic_activation", self.plastic_activation, ACTIVATIONS)
-        _one_of("plastic_eta", self.plastic_eta, ETA_SIGNS)
-        if "plastic" in self.mixers:
-            check_plastic(self)
-        if "srwm" in self.mixers:
-            check_probability_map(self.feature_map, self.qk_norm)
-        for key in ("d_model", "num_heads", "key_dim", "value_dim", "chunk_size", "dpfp_nu"):
-            _positive(key, getattr(self, key))
-        for key in ("favor_features", "num_householder", "ssm_state_dim", "attention_block_size"):
-            _positive(key, getattr(self, key))
-        for key in ("vocab_size", "num_value_heads", "num_kv_heads"):
+        for key in ("vocab_size",):
             _positive(key, getattr(self, key))
         _positive("mlp_hidden", self.mlp_hidden, minimum=0)
         for key in ("moe_experts", "moe_shared_hidden"):
@@ -253,49 +259,7 @@ class ModelConfig:
                 f"model.moe_top_k must be in 1..moe_experts={self.moe_experts}, got "
                 f"{self.moe_top_k}"
             )
-        for key in ("norm_eps", "output_norm_eps"):
-            if getattr(self, key) is not None and not getattr(self, key) > 0:
-                raise ValueError(f"model.{key} must be > 0, got {getattr(self, key)}")
-        _positive("conv_size", self.conv_size, minimum=0)
+        if not self.norm_eps > 0:
+            raise ValueError(f"model.norm_eps must be > 0, got {self.norm_eps}")
         if self.mlp_ratio < 0:
             raise ValueError(f"model.mlp_ratio must be >= 0, got {self.mlp_ratio}")
-        if self.qk_scale is not None and self.qk_scale <= 0:
-            raise ValueError(f"model.qk_scale must be > 0, got {self.qk_scale}")
-        for key in ("decay_a_range", "decay_dt_range"):
-            low_high = getattr(self, key)
-            if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
-                raise ValueError(
-                    f"model.{key} must be [low, high] with 0 < low <= high, got {low_high}"
-                )
-        if self.rope_base <= 1:  # the rotary frequencies are rope_base ** (-2i / d)
-            raise ValueError(f"model.rope_base must be > 1, got {self.rope_base}")
-        for key in ("key_dim", "value_dim"):
-            if getattr(self, key) is None and self.d_model % self.num_heads:
-                raise ValueError(
-                    f"model.{key}=None needs d_model ({self.d_model}) divisible by "
-                    f"num_heads ({self.num_heads})"
-                )
-
-    def _check_heads(self) -> None:
-        """Grouped heads divide evenly; the rotary features are an even part of a key head."""
-        for key, grouped in (("num_value_heads", True), ("num_kv_heads", False)):
-            count = getattr(self, key)
-            if count is None:
-                continue
-            many, few = (count, self.num_heads) if grouped else (self.num_heads, count)
-            if many % few:
-                raise ValueError(
-                    f"model.{key}={count} and model.num_heads={self.num_heads}: the "
-                    f"{'value' if grouped else 'query'} heads must be a multiple of the "
-                    f"{'key' if grouped else 'key/value'} heads"
-                )
-        head_dim = self.key_dim or self.d_model // self.num_heads
-        rotates = self.mixers == ("attention",)  # the one layer kind with rotary embeddings
-        odd_or_long = self.rotary_dim is not None and (
-            self.rotary_dim % 2 or self.rotary_dim > head_dim
-        )
-        if rotates and odd_or_long:
-            raise ValueError(
-                f"model.rotary_dim must be even and at most the key head dim {head_dim}, got "
-                f"{self.rotary_dim}"
-            )

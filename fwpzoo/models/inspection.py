@@ -13,7 +13,7 @@ from flax import nnx
 
 def fast_weight_layers(model) -> list[int]:
     """The blocks whose mixer has a matrix state (fast weights) to inspect."""
-    return [i for i, block in enumerate(model.blocks) if hasattr(block.mixer, "fast_weights")]
+    return [i for i, block in enumerate(model.blocks) if block.mixer.HAS_FAST_WEIGHTS]
 
 
 def trace(model, tokens, layer: int) -> dict:

@@ -16,12 +16,14 @@ from fwpzoo.layers.moe import SparseMoE
 
 
 class Block(nnx.Module):
-    """One layer of a layer config `cfg` (ModelConfig.layers(): its mixer is cfg.mixers[0])."""
+    """One layer of a layer config `cfg` (ModelConfig.layers(): its mixer is cfg.mixers[0]);
+    `mixer_cfg`: that layer's mixer view (ModelConfig.mixer_configs(); None: built from cfg)."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg, mixer_cfg=None, *, rngs: nnx.Rngs, dtype=jnp.float32):
         norm = lambda: RMSNorm(cfg.d_model, eps=cfg.norm_eps, zero_centred=cfg.zero_centred_norm)  # noqa: E731
         self.mixer_norm = norm()
-        self.mixer = get_mixer(cfg.mixers[0])(cfg, rngs=rngs, dtype=dtype)
+        mixer_cfg = cfg if mixer_cfg is None else mixer_cfg
+        self.mixer = get_mixer(cfg.mixers[0])(mixer_cfg, rngs=rngs, dtype=dtype)
         hidden = cfg.mlp_hidden if cfg.mlp_hidden is not None else int(cfg.mlp_ratio * cfg.d_model)
         self.mlp_norm = norm() if hidden > 0 else None
         self.post_norm = cfg.block_norm == "post"
@@ -77,7 +79,12 @@ class CausalLM(nnx.Module):
 
     def __init__(self, cfg, *, vocab_size: int, rngs: nnx.Rngs, dtype=jnp.float32):
         self.embed = nnx.Embed(vocab_size, cfg.d_model, dtype=dtype, rngs=rngs)
-        self.blocks = nnx.List([Block(layer, rngs=rngs, dtype=dtype) for layer in cfg.layers()])
+        self.blocks = nnx.List(
+            [
+                Block(layer, mixer_cfg, rngs=rngs, dtype=dtype)
+                for layer, mixer_cfg in zip(cfg.layers(), cfg.mixer_configs(), strict=True)
+            ]
+        )
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, zero_centred=cfg.zero_centred_norm)
         self.head = (
             None

@@ -279,6 +279,8 @@ def _train(run: Run, workdir: Path, chief: bool, progress: bool, stop: RunGuard)
     log = MetricsLog(workdir, start, enabled=chief, start_row=meta.get("metrics_row"))
     if chief:
         print(describe(run.mesh, workdir, start), file=sys.stderr)
+        for note in cfg.model.notes():  # e.g. a model-wide form a mixer has not: once per run
+            print(f"fwpzoo train: {note}", file=sys.stderr)
     bar = tqdm(total=cfg.train.steps, initial=start, unit="step", disable=not (chief and progress))
     try:
         return _loop(run, state, start, data_index, checkpoints, log, bar, stop, training_clock)
