@@ -40,31 +40,45 @@ class Block(nnx.Module):
         x, stats = forward(self, x, reset)
         return (x, stats) if return_intermediates else x
 
+    # Every entry point is the block's two residual lines around its own call of the mixer:
+    #     x = x + mixer(norm(x))
+    #     x = x + mlp(norm(x))
+    # (model.block_norm "post": x = x + norm(mixer(x)), x = x + norm(mlp(x)); see _in, _out).
+
     def _forward(self, x, reset):
         mix = lambda mixer, h, reset: mixer(h, reset=reset, return_intermediates=True)  # noqa: E731
-        y, stats = (nnx.remat(mix) if self.remat == "mixer" else mix)(
-            self.mixer, self._in(self.mixer_norm, x), reset
-        )
-        return self._mlp(x + self._out(self.mixer_norm, y)), stats
+        mix = nnx.remat(mix) if self.remat == "mixer" else mix
+        y, stats = mix(self.mixer, self._in(self.mixer_norm, x), reset)
+        x = x + self._out(self.mixer_norm, y)
+        x = x + self._mlp(x)
+        return x, stats
 
     def prefill(self, x, cache, reset=None):
         y, cache = self.mixer.prefill(self._in(self.mixer_norm, x), cache, reset=reset)
-        return self._mlp(x + self._out(self.mixer_norm, y)), cache
+        x = x + self._out(self.mixer_norm, y)
+        x = x + self._mlp(x)
+        return x, cache
 
     def decode_step(self, x, cache, reset=None):
         """x [B, D] -> (x [B, D], cache)."""
         y, cache = self.mixer.decode_step(self._in(self.mixer_norm, x), cache, reset=reset)
-        return self._mlp(x + self._out(self.mixer_norm, y)), cache
+        x = x + self._out(self.mixer_norm, y)
+        x = x + self._mlp(x)
+        return x, cache
 
     def inspect_step(self, x, cache):
         """decode_step through a mixer with fast weights, plus the token's gates {name: [B, H]}."""
         y, cache, gates = self.mixer.inspect_step(self._in(self.mixer_norm, x), cache)
-        return self._mlp(x + self._out(self.mixer_norm, y)), cache, gates
+        x = x + self._out(self.mixer_norm, y)
+        x = x + self._mlp(x)
+        return x, cache, gates
 
     def _mlp(self, x):
+        """The MLP's branch for the residual stream x; 0 in a block without an MLP (adding 0
+        leaves x as it is, and XLA drops the addition)."""
         if self.mlp is None:
-            return x
-        return x + self._out(self.mlp_norm, self.mlp(self._in(self.mlp_norm, x)))
+            return 0.0
+        return self._out(self.mlp_norm, self.mlp(self._in(self.mlp_norm, x)))
 
     # model.block_norm: a pre-norm normalises what enters a sublayer, a post-norm what leaves it
     def _in(self, norm, x):
