@@ -44,6 +44,19 @@ def test_report_rows_files_and_kept_notes(tmp_path, capsys):
             assert row["fwd+bwd speedup"] == pytest.approx(1.0)
 
 
+def test_deep_cells_take_the_inner_options_and_are_reported_against_delta_rule(capsys):
+    """The deep cells run with --inner-batch (ttt_linear's mini_batch) in every form, and the
+    tokens/s table puts every family against delta_rule at the same T."""
+    tiny = [*TINY, "--families", "delta_rule,ttt_linear", "--lengths", "8"]
+    argv = [*tiny, "--forms", "recurrent,chunkwise", "--inner-batch", "2"]
+    assert cli.main(["bench", "cells", *argv]) == 0
+    report = capsys.readouterr().out
+    assert "Deep cells: inner_batch 2 (ttt_linear's mini_batch)" in report
+    assert "| ttt_linear | 8 | chunkwise C=4 |" in report
+    assert "| delta_rule | 8 | " in report and "fwd+bwd vs delta_rule" in report
+    assert bench.cell_options("ttt_linear", bench.Options(inner_batch=2)) == {"mini_batch": 2}
+
+
 def test_delta_rule_flops_model():
     options = bench.Options(batch=2, heads=3, key_dim=5, value_dim=7)
     C, K, V = 4, 5, 7
@@ -61,6 +74,9 @@ def test_delta_rule_flops_model():
         (["--repeats", "x"], "--repeats"),
         (["--memory-limit-gb", "-1"], "--memory-limit-gb"),
         (["--cpu-devices", "0"], "--cpu-devices"),
+        (["--families", "deep", "--chunk-sizes", "8", "--inner-batch", "3"], "--inner-batch 3"),
+        (["--fast-net", "conv"], "conv"),
+        (["--inner-optimizer", "adam"], "adam"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, culprit, refused):

@@ -4,6 +4,8 @@
                        [--lengths 512,2048,8192] [--chunk-sizes 64] [--repeats 5]
                        [--batch 4] [--heads 4] [--key-dim 64] [--value-dim 64] [--sub-steps 2]
                        [--decay scalar|per_key] [--dtype float32|bfloat16]
+                       [--inner-batch 16] [--fast-net linear|mlp|swiglu]
+                       [--inner-optimizer sgd|momentum|muon] [--inner-window 1]
                        [--memory-limit-gb 8] [--peers] [--peer-length 2048]
                        [--cpu-devices N] [--out FILE.md]
     fwpzoo bench cells --topology v5e:2x2 [the shape options] [--out FILE.md]
@@ -22,6 +24,11 @@ L2-normalised keys, beta in (0, 1) and log_alpha near 0; gradients are taken wrt
 every gate. --decay per_key gives a key axis ([B, T, H, K]) to the decays that take either shape
 (gated_linear_attn, gated_delta_rule, delta_product); the other gates keep theirs.
 
+The deep cells (cells/deep) take the model fields their OPTIONS name from --inner-batch (tokens
+per inner step; default 16, TTT's mini-batch: with one token per step TTT-Linear's update is
+nonlinear in the state and no chunk can be computed in parallel), --fast-net, --inner-optimizer
+and --inner-window, the same values in every form, and only the gates those options take.
+
     speedup     the recurrent form's time over the form's, same direction (fwd or fwd+bwd)
     efficiency  (chunk-algorithm FLOPs / time) / (the matmul's FLOP/s measured in the same
                 rounds); FLOPs per token and head with chunk C: 6CK + 4CV + 6KV for the rules
@@ -29,7 +36,12 @@ every gate. --decay per_key gives a key axis ([B, T, H, K]) to the decays that t
                 the linear-loss (Hebbian) ones, 8CK + 8CV + 8KV for dplr's affine step (four
                 per-key score matrices), 2CK^2 + 2K^3/3 + 2K^2 + 2CK + 2CV + 6KV for mesa's exact
                 minimiser (every token's K x K system formed and Cholesky-solved);
-                forward + backward counts 3x the forward
+                forward + backward counts 3x the forward; none for the deep cells, whose cost
+                depends on the fast net and the optimiser
+    tokens/s    B T / time of the family's fastest form, and its ratio to delta_rule's fastest
+                at the same T (when delta_rule is among --families), each time first divided
+                by the time of the matmul in its own rounds (the families are timed one after
+                another, so this cancels a change of load between them)
 
 --out FILE.md writes the report (hand notes after its notes marker are kept), the raw numbers
 as FILE.json and a plot of the chunkwise speedups as FILE.png.
@@ -67,14 +79,14 @@ from fwpzoo.bench._common import (
     footprint_bytes,
     int_list,
     machine,
-    machine_line,
     positive_float,
     positive_int,
 )
 from fwpzoo.cells import _spec
+from fwpzoo.cells.deep import inner
 from fwpzoo.config import ConfigError
 from fwpzoo.layers.norms import l2_normalize
-from fwpzoo.reports import write_page
+from fwpzoo.reports import machine_line, markdown_table, save_figure, subplots, write_page
 from fwpzoo.train.sharding import batch_sharded, make_mesh, use_cpu_devices
 
 GATES = 8  # at most this many gates per family get their own random key
@@ -107,6 +119,11 @@ class Options:
     seed: int = 0
     topology: str | None = None  # compile for this TPU topology instead of timing (topology.py)
     dtype: str = "float32"  # of q, k, v; gates and states stay float32 (the cell contract)
+    # the deep cells' model fields (a cell takes those its OPTIONS name)
+    inner_batch: int = 16
+    fast_net: str = "linear"
+    inner_optimizer: str = "sgd"
+    inner_window: int = 1
 
 
 def name_list(text: str) -> tuple[str, ...]:
@@ -130,7 +147,7 @@ def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
     parser.add_argument("--chunk-sizes", type=int_list)
     for name in (
         "repeats", "batch", "heads", "key_dim", "value_dim", "sub_steps", "peer_length",
-        "cpu_devices",
+        "cpu_devices", "inner_batch", "inner_window",
     ):  # fmt: skip
         parser.add_argument("--" + name.replace("_", "-"), type=positive_int)
     parser.add_argument("--decay", type=str)
@@ -139,6 +156,8 @@ def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--topology", type=str)
     parser.add_argument("--dtype", type=str)
+    parser.add_argument("--fast-net", type=str)
+    parser.add_argument("--inner-optimizer", type=str)
     parser.add_argument(
         "--out", type=Path, help="write the markdown report here (and FILE.json, FILE.png)"
     )
@@ -149,7 +168,44 @@ def parse_options(argv: list[str]) -> tuple[Options, Path | None]:
     check_names(options.forms, cells.FORMS, "form")
     check_names((options.decay,), DECAYS, "decay")
     check_names((options.dtype,), DTYPES, "dtype")
+    check_names((options.fast_net,), inner.FAST_NETS, "fast net")
+    check_names((options.inner_optimizer,), inner.OPTIMIZERS, "inner optimizer")
+    check_inner_batch(options)
     return options, out
+
+
+def check_inner_batch(options: Options) -> None:
+    """A chunk holds whole inner mini-batches: --inner-batch must divide every chunk size when a
+    family that takes it runs chunkwise."""
+    takes = any("inner_batch" in cell_options(family, options) for family in options.families)
+    if not takes or "chunkwise" not in options.forms:
+        return
+    for chunk in options.chunk_sizes:
+        if chunk % options.inner_batch:
+            raise ConfigError(
+                f"--inner-batch {options.inner_batch} must divide every --chunk-sizes value, "
+                f"and {chunk} is not a multiple of it"
+            )
+
+
+def cell_options(family: str, options: Options) -> dict:
+    """The static arguments of the family's forms that the bench sets: {argument: value} for
+    the model fields its OPTIONS name (the deep cells; {} for the others)."""
+    fields = {
+        "inner_batch": options.inner_batch,
+        "fast_net": options.fast_net,
+        "inner_optimizer": options.inner_optimizer,
+        "inner_window": options.inner_window,
+    }
+    named = getattr(cells.get(family), "OPTIONS", {})
+    return {argument: fields[field] for argument, field in named.items() if field in fields}
+
+
+def cell_form(family: str, form: str, options: Options) -> Callable:
+    """The family's form with the bench's options bound: (q, k, v, **gates) -> (o, state)."""
+    fn = getattr(cells.get(family), form)
+    bound = cell_options(family, options)
+    return lambda q, k, v, **gates: fn(q, k, v, **gates, **bound)
 
 
 # inputs and FLOPs ------------------------------------------------------------------------------
@@ -188,18 +244,25 @@ def cell_inputs(family: str, T: int, options: Options, *, key_dim=None, value_di
     v = jax.random.normal(ks[2], (B, T, H, *sub, V))  # [B, T, H, (N,) V]
     gates = {}
     per_key = options.decay == "per_key"  # for the gates that take either shape
+    specs_for = getattr(module, "gate_specs", None)  # gates that depend on the options
+    specs = module.GATE_SPECS if specs_for is None else specs_for(**cell_options(family, options))
     for key, gate in zip(ks[3:], module.GATE_SPECS, strict=False):
+        if gate not in specs:
+            continue
         shape = gate.head_shape(H, K, N, per_key, V)
         shape = shape if gate.shape == _spec.STATIC else (B, T, *shape)
         gates[gate.name] = GATE_DRAWS[gate.range](jax.random.normal(key, shape))
-    gates = _spec.tie(module.GATE_SPECS, gates, k)
+    gates = _spec.tie(specs, gates, k)
     return *(x.astype(options.dtype) for x in (q, k, v)), gates
 
 
-def chunk_flops(family: str, T: int, chunk: int, options: Options) -> float:
-    """Forward FLOPs of the chunk algorithm under the cost model in the module docstring."""
+def chunk_flops(family: str, T: int, chunk: int, options: Options) -> float | None:
+    """Forward FLOPs of the chunk algorithm under the cost model in the module docstring; None
+    for the deep cells (an inner optimiser's step: no cost model)."""
     K, V = options.key_dim, options.value_dim
     objective = cells.get(family).OBJECTIVE
+    if objective.step == _spec.INNER:
+        return None
     steps = T * (options.sub_steps if objective.step == _spec.GRADIENT_STEPS else 1)
     C = min(chunk, steps)
     if objective.step == _spec.AFFINE:  # dplr: four per-key score matrices
@@ -268,7 +331,7 @@ def variants(family: str, options: Options) -> dict[str, Callable]:
     module = cells.get(family)
     out = {}
     for form in (form for form in options.forms if hasattr(module, form)):
-        fn = getattr(module, form)
+        fn = cell_form(family, form, options)
         if form == "chunkwise":
             for chunk in options.chunk_sizes:
                 out[f"chunkwise C={chunk}"] = lambda *a, fn=fn, c=chunk, **g: fn(
@@ -322,8 +385,10 @@ def add_ratios(rows: list[dict], options: Options) -> None:
             row[direction + " efficiency"] = None
             if seconds and row["form"].startswith("chunkwise"):
                 chunk = int(row["form"].split("=")[1])
-                flops = multiple * chunk_flops(row["family"], row["T"], chunk, options)
-                row[direction + " efficiency"] = flops / seconds / row["matmul_flops_per_s"]
+                flops = chunk_flops(row["family"], row["T"], chunk, options)
+                if flops is not None:
+                    efficiency = multiple * flops / seconds / row["matmul_flops_per_s"]
+                    row[direction + " efficiency"] = efficiency
 
 
 # the peers -------------------------------------------------------------------------------------
@@ -417,33 +482,65 @@ def timing_cells(row: dict, direction: str) -> list[str]:
     ]
 
 
-def forms_table(rows: list[dict]) -> list[str]:
-    lines = [
-        "| family | T | form | fwd ms | fwd speedup | fwd eff. | fwd+bwd ms | fwd+bwd speedup "
-        "| fwd+bwd eff. |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+def forms_table(rows: list[dict]) -> str:
+    header = ["family", "T", "form", "fwd ms", "fwd speedup", "fwd eff.", "fwd+bwd ms"]
+    header += ["fwd+bwd speedup", "fwd+bwd eff."]
+    cells_ = [
+        [row["family"], row["T"], row["form"], *timing_cells(row, "fwd")]
+        + timing_cells(row, "fwd+bwd")
+        for row in rows
     ]
-    for row in rows:
-        cols = [row["family"], str(row["T"]), row["form"]]
-        cols += timing_cells(row, "fwd") + timing_cells(row, "fwd+bwd")
-        lines.append("| " + " | ".join(cols) + " |")
-    return lines
+    return markdown_table(header, cells_, align="lrlrrrrrr")
 
 
-def peers_table(rows: list[dict]) -> list[str]:
-    lines = [
-        "| K = V | implementation | fwd ms | fwd+bwd ms | fwd+bwd vs fwpzoo |",
-        "|---:|---|---:|---:|---:|",
-    ]
+def peers_table(rows: list[dict]) -> str:
+    header = ["K = V", "implementation", "fwd ms", "fwd+bwd ms", "fwd+bwd vs fwpzoo"]
+    cells_ = []
     for row in rows:
         ours = min(
             r["fwd+bwd"] for r in rows if r["K"] == row["K"] and r["implementation"][:6] == "fwpzoo"
         )
-        lines.append(
-            f"| {row['K']} | {row['implementation']} | {1e3 * row['fwd']:.1f} "
-            f"| {1e3 * row['fwd+bwd']:.1f} | {row['fwd+bwd'] / ours:.2f}x |"
+        cells_.append(
+            [
+                row["K"],
+                row["implementation"],
+                f"{1e3 * row['fwd']:.1f}",
+                f"{1e3 * row['fwd+bwd']:.1f}",
+                f"{row['fwd+bwd'] / ours:.2f}x",
+            ]
         )
-    return lines
+    return markdown_table(header, cells_, align="rlrrr")
+
+
+def fastest(rows: list[dict], family: str, T: int, direction: str) -> dict | None:
+    """The row of the family's fastest form at T in direction ("fwd" or "fwd+bwd")."""
+    timed_rows = [r for r in rows if (r["family"], r["T"]) == (family, T) and r[direction]]
+    return min(timed_rows, key=lambda r: r[direction], default=None)
+
+
+def throughput_table(result: dict) -> str:
+    """Tokens/s (B T / seconds) of each family's fastest form in each direction, and that
+    against delta_rule's fastest at the same T where it was measured. The groups are timed one
+    after another, so the ratio divides each group's seconds by the seconds of the matmul timed
+    in the same rounds: a change of load between groups cancels."""
+    rows, batch = result["rows"], result["options"]["batch"]
+    header = ["family", "T", "fwd form", "fwd tokens/s", "fwd vs delta_rule", "fwd+bwd form"]
+    header += ["fwd+bwd tokens/s", "fwd+bwd vs delta_rule"]
+    table = []
+    for family in result["options"]["families"]:
+        for T in result["options"]["lengths"]:
+            line = [family, T]
+            for direction in ("fwd", "fwd+bwd"):
+                best = fastest(rows, family, T, direction)
+                delta = fastest(rows, "delta_rule", T, direction)
+                if best is None:
+                    line += [None, None, None]
+                    continue
+                work = lambda r, d=direction: r[d] * r["matmul_flops_per_s"]  # noqa: E731
+                ratio = f"{work(delta) / work(best):.2f}x" if delta else None
+                line += [best["form"], f"{batch * T / best[direction]:,.0f}", ratio]
+            table.append(line)
+    return markdown_table(header, table, align="lrlrrlrr")
 
 
 def verdict(result: dict) -> list[str]:
@@ -509,13 +606,8 @@ def prefill_summary(result: dict) -> list[str]:
 
 def plot(result: dict, path: Path) -> None:
     """fwd and fwd+bwd speedup of the best chunkwise form over the recurrent one, per family."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only
-    import matplotlib.pyplot as plt
-
     lengths = result["options"]["lengths"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, direction in zip(axes, ("fwd", "fwd+bwd"), strict=True):
         for family in result["options"]["families"]:
             best = [best_chunkwise_speedup(result, family, T, direction) for T in lengths]
@@ -528,9 +620,19 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("speedup")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def deep_line(options: dict) -> list[str]:
+    """The deep cells' options, where one of them ran."""
+    if not any(cell_options(f, Options()) for f in options["families"]):
+        return []
+    return [
+        "",
+        f"Deep cells: inner_batch {options['inner_batch']} (ttt_linear's mini_batch), "
+        f"fast_net {options['fast_net']}, inner_optimizer {options['inner_optimizer']}, "
+        f"inner_window {options['inner_window']}.",
+    ]
 
 
 def markdown(result: dict, command: str) -> str:
@@ -548,8 +650,13 @@ def markdown(result: dict, command: str) -> str:
         f"Shapes: B={options['batch']}, H={options['heads']}, K={options['key_dim']}, "
         f"V={options['value_dim']}, delta_product N={options['sub_steps']} sub-steps; "
         f"median of {options['repeats']} alternating rounds after a warm-up.",
+        *deep_line(options),
         "",
-        *forms_table(result["rows"]),
+        forms_table(result["rows"]),
+        "",
+        "Tokens/s of each family's fastest form:",
+        "",
+        throughput_table(result),
     ]
     if "peers" in result:
         lines += [
@@ -557,7 +664,7 @@ def markdown(result: dict, command: str) -> str:
             f"### Peers: delta rule, B={options['batch']}, H={options['heads']}, "
             f"T={options['peer_length']}, one process",
             "",
-            *peers_table(result["peers"]),
+            peers_table(result["peers"]),
         ]
     return "\n".join([*lines, "", *verdict(result), *prefill_summary(result), ""])
 

@@ -16,7 +16,6 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fwpzoo import cells
 from fwpzoo.bench._common import footprint_bytes
 from fwpzoo.cells.chunked import engine
 from fwpzoo.config import ConfigError
@@ -41,7 +40,7 @@ def abstract_inputs(inputs, mesh):
 def compile_rows(options, topology: str, progress=print) -> list[dict]:
     """One row per (family, length): the per-device bytes and compile seconds of chunkwise fwd
     and fwd+bwd for `topology`."""
-    from fwpzoo.bench.cells import cell_inputs, forward_backward_fn, forward_fn
+    from fwpzoo.bench.cells import cell_form, cell_inputs, forward_backward_fn, forward_fn
 
     where = target(topology)
     if where.topology is None:
@@ -54,7 +53,7 @@ def compile_rows(options, topology: str, progress=print) -> list[dict]:
     mesh = Mesh(np.asarray(where.devices), ("data",))
     rows = []
     for family in options.families:
-        chunkwise = cells.get(family).chunkwise
+        chunkwise = cell_form(family, "chunkwise", options)  # the deep cells' options bound
         for T in options.lengths:
             for chunk in options.chunk_sizes:
                 args = abstract_inputs(cell_inputs(family, T, options), mesh)
