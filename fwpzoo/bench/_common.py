@@ -90,13 +90,3 @@ def machine() -> dict:
         "jax": jax.__version__,
         "python": platform.python_version(),
     }
-
-
-def machine_line(result: dict) -> str:
-    """The report's "Machine:" sentence: what ran it and how loaded it was before and after."""
-    info = result["machine"]
-    return (
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['devices']} x {info['device']}, "
-        f"jax {info['jax']}, Python {info['python']}; 1-minute load average "
-        f"{result['load_before']:.1f} before, {result['load_after']:.1f} after."
-    )
