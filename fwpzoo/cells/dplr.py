@@ -147,22 +147,22 @@ class _Factored:
         u = self.t @ (start[..., :size, :] + self.scores[..., :size, size:] @ v)
         return u, start[..., size:, :] if queries else None
 
-    def pullback(self, s, v, log_w, ds, do):
-        """(ds entering, [dq, dk, dv, dlog_w, da, db]) from the cotangents of the leaving state
-        ds [B, H, K, V] and of the outputs do [B, H, C, V] (dplr.md, section 6)."""
+    def pullback(self, s, v, log_w, ds, do, du):
+        """[dq, dk, dv, dlog_w, da, db] from the entering state s [B, H, K, V], the cotangents
+        of the leaving state ds [B, H, K, V], of the outputs do [B, H, C, V] and of the reads
+        du [B, H, C, V] (the UT transform's adjoint of both, _Chunks.pullback; dplr.md,
+        section 6). The entering state's cotangent is the engine's (_Chunks.pull, _retreat)."""
         size = v.shape[-2]
         scores = self.scores
         u, _ = self.reads(s, v, queries=False)
         w = jnp.concatenate([u, v], axis=-2)  # [B, H, 2C, V]
-        dw = scores[..., size:, :].mT @ do + self.y_end @ ds  # [B, H, 2C, V]: via O and S_C
-        du = self.t.mT @ dw[..., :size, :]  # [B, H, C, V]: the UT transform's adjoint
         dz = jnp.concatenate([du, do], axis=-2)  # [B, H, 2C, V]: cotangent of every row's read
-        dv = dw[..., size:, :] + scores[..., :size, size:].mT @ du
+        dv = scores[..., size:, size:].mT @ do + self.y_end[..., size:, :] @ ds  # via O and S_C
+        dv = dv + scores[..., :size, size:].mT @ du
         d_scores = jnp.where(self.pairs, dz @ w.mT, 0.0)  # [B, H, 2C, 2C]
         d_start, d_end = dz @ s.mT, w @ ds.mT  # [B, H, 2C, K]: of x_start, y_end
         dx = d_scores @ self.y + d_start * self.reach_first  # [B, H, 2C, K]
         dy = d_scores.mT @ self.x + d_end * self.reach_last
-        ds_prev = self.x_start.mT @ dz + self.e_last[..., None] * ds
         d_aq, d_bk = dx * self.x_decay, dy * self.y_decay
         # every factor is e^{+-g} up to constants: dg is the factor times its cotangent
         dgx, dgy = dx * self.x, dy * self.y  # [B, H, 2C, K]
@@ -173,7 +173,7 @@ class _Factored:
         # g = cumsum(log_w), g_before = g - log_w
         dlog_w = prefix_sum(dg + dg_before, reverse=True) + dg_last[..., None, :] - dg_before
         grads = [d_aq[..., size:, :], d_bk[..., size:, :], dv, dlog_w]
-        return ds_prev, grads + [d_aq[..., :size, :], d_bk[..., :size, :]]
+        return grads + [d_aq[..., :size, :], d_bk[..., :size, :]]
 
 
 def _twice(x, axis=-2):
@@ -223,17 +223,21 @@ class _Chunks:
         return q_start @ s + scores[..., size:, :size] @ u + scores[..., size:, size:] @ self.v
 
     def pull(self, do):
-        """The outputs' cotangent on the entering state: (Q . e^g)^T dO + A~^T T^T A_qb^T dO."""
+        """The outputs' cotangent on the entering state: (Q . e^g)^T dO + A~^T T^T A_qb^T dO.
+        Keeps T^T A_qb^T dO, the reads' cotangent from the outputs, for pullback."""
         size, core = self.size, self.core
-        du = core.t.mT @ (core.scores[..., size:, :size].mT @ do)  # [G B, H, C, V]
-        return core.x_start[..., size:, :].mT @ do + core.x_start[..., :size, :].mT @ du
+        self.du = core.t.mT @ (core.scores[..., size:, :size].mT @ do)  # [G B, H, C, V]
+        return core.x_start[..., size:, :].mT @ do + core.x_start[..., :size, :].mT @ self.du
 
     def pullback(self, s, ds, do):
         """[dq, dk, dv, dlog_w, da, db] [G B, H, C, ...] from the entering states s, the leaving
         states' cotangents ds and the outputs' do."""
         q, k, v, log_w, a, b = self.inputs
         if self.factored:
-            return self.core.pullback(s, v, log_w, ds, do)[1]
+            # the reads' cotangent: pull's from dO, and the leaving state's, T^T (B . e^{g_C -
+            # g}) dS, as _retreat computes it on one chunk per block (the same products)
+            du = self.core.t.mT @ (self.core.y_end[..., : self.size, :] @ ds)
+            return self.core.pullback(s, v, log_w, ds, do, self.du + du)
 
         def run(*inputs):
             chunks = _Chunks(inputs, self.reset, False, self.fused)
