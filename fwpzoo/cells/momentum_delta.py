@@ -29,7 +29,7 @@ from fwpzoo.cells._spec import (
 )
 from fwpzoo.cells.chunked import autodiff
 from fwpzoo.cells.chunked.chunking import Segments, causal_decay, keep
-from fwpzoo.cells.chunked.triangular import unit_lower_inverse
+from fwpzoo.cells.chunked.triangular import inverse_with_pullback
 
 GATE_SPECS = (
     Gate("beta", range=BETA),
@@ -103,7 +103,7 @@ class _Chunks:
         w_prev = jnp.pad(self.w[..., :-1, :], [(0, 0), (0, 0), (1, 0), (0, 0)]) * seen[..., None]
         c_prev = jnp.pad(self.c[..., :-1], [(0, 0), (0, 0), (1, 0)]) * seen
         ea_prev = keep(first, jnp.exp(ga - log_alpha), ga.dtype)
-        solve = unit_lower_inverse(eta[..., None] * w_prev * (k @ k.mT))  # [G B, H, C, C]
+        solve = inverse_with_pullback(eta[..., None] * w_prev * (k @ k.mT))  # [G B, H, C, C]
         rows_s = (eta * ea_prev)[..., None] * k  # [G B, H, C, K]
         rows_m = (eta * c_prev)[..., None] * k
         rest = -eta[..., None] * v  # [G B, H, C, V]

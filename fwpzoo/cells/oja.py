@@ -31,7 +31,7 @@ from fwpzoo.cells._spec import (
 )
 from fwpzoo.cells.chunked import autodiff
 from fwpzoo.cells.chunked.chunking import Segments, causal_decay, keep
-from fwpzoo.cells.chunked.triangular import unit_lower_inverse
+from fwpzoo.cells.chunked.triangular import inverse_with_pullback
 
 
 def reconstruction_error(S, k, v):
@@ -88,7 +88,7 @@ class _Chunks:
         self.gamma = keep(same, causal_decay(g), g.dtype)  # [G B, H, C, C]
         self.e = keep(first, jnp.exp(g), g.dtype)  # [G B, H, C]
         self.q, self.v = q, v
-        solve = unit_lower_inverse(beta[..., None] * jnp.tril(self.gamma * (v @ v.mT), -1))
+        solve = inverse_with_pullback(beta[..., None] * jnp.tril(self.gamma * (v @ v.mT), -1))
         rows = beta[..., None] * k  # [G B, H, C, K]: diag(beta) K
         reads = (beta * self.e)[..., None] * v  # [G B, H, C, V]: diag(beta e^g) V
         if not fused:
