@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from fwpzoo import cells, cli, reports
-from fwpzoo.config import ConfigError
+from fwpzoo.config import ConfigError, load
 from fwpzoo.data.corpora import load_corpus
 from fwpzoo.experiments import _sweep, _tuning, charlm, formal_languages, mqar, state_tracking
 from fwpzoo.reports import write_page
@@ -323,6 +323,27 @@ def test_spread_cells_and_groups():
     assert reports.spread_cell([]) is None
     records = [{"a": 1, "value": 0.1}, {"a": 2, "value": 0.2}, {"a": 1, "value": 0.3}]
     assert reports.group(records, ["a"]) == {(1,): [0.1, 0.3], (2,): [0.2]}
+
+
+def test_record_labels_come_from_the_layers_description():
+    """A layer names itself (describe()): an rdn, srwm or plastic model is labelled by its mixer,
+    not by the default cell; an FWP layer by its cell, rule and feature map; state sizes are what
+    the layer keeps (attention's cache at the sequence length asked for)."""
+    base = _sweep.CONFIGS / "formal_languages" / "base.yaml"
+    hebbff = _sweep.CONFIGS / "familiarity" / "hebbff.yaml"
+    programmed = [load(base, [f"model.mixers=[{mixer}]"]) for mixer in ("rdn", "srwm")]
+    for cfg in (*programmed, load(hebbff)):
+        labels = _sweep.model_labels(cfg)
+        assert labels["model"] == labels["mixer"] == cfg.model.layers()[0].mixers[0]
+        assert "cell" not in labels and labels["state_size"] > 0
+    fwp = ["model.mixers=[fwp]", "model.cell=delta_rule", "model.beta_range=0,2"]
+    labels = _sweep.model_labels(load(base, [*fwp, "model.feature_map=dpfp", "model.dpfp_nu=2"]))
+    assert (labels["model"], labels["cell"], labels["rule"]) == ("delta_rule",) * 2 + ("delta",)
+    assert (labels["feature_map"], labels["beta_range"]) == ("dpfp2", "0,2")
+    attention = load(base, ["model.mixers=[attention]"])
+    assert _sweep.model_labels(attention, seq_len=10)["state_size"] == 10 * (
+        _sweep.model_labels(attention, seq_len=1)["state_size"]
+    )
 
 
 def test_versions_line_names_each_field_once_with_every_value():

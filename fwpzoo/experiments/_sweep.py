@@ -48,7 +48,9 @@ Adding an experiment is a module fwpzoo/experiments/NAME.py holding a grid and a
     EXPERIMENT = Experiment(NAME, KEYS, grid, report, title="Recall")
 
 with its configs in configs/experiments/NAME/; `fwpzoo experiment NAME` finds it by its module
-name (fwpzoo/experiments/__init__.py). `_tuning` adds a learning-rate grid; a computation that
+name (fwpzoo/experiments/__init__.py). `model_labels` labels a model by what its first layer's
+describe() says (mixer, cell, rule, feature dimension, state size), never by restating it; `_tuning`
+adds a learning-rate grid; a computation that
 is not a trainer run passes `execute=(point, workdir) -> Outcome` (capacity.py); settings kept
 elsewhere than configs/experiments/NAME/ pass `source`. A report draws its figures with
 fwpzoo.reports (`subplots`, `errorbars`, `save_figure`) into `options.out / f"{NAME}.png"`.
@@ -78,7 +80,7 @@ from tqdm import tqdm
 
 from fwpzoo.config import ConfigError, flatten, from_data, load, to_dict
 from fwpzoo.config_file import apply_overrides, read_config_file
-from fwpzoo.layers.feature_maps import feature_dim
+from fwpzoo.layers import describe
 from fwpzoo.reports import versions_line, write_page
 from fwpzoo.train import (
     TrainingDiverged,
@@ -712,7 +714,7 @@ def compute_cost(points: Sequence[Point], options: Options) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# What a model config is, in record terms
+# What a model config is, in record terms: its first layer's own description
 
 SUM_RULE_CELLS = ("linear_attn", "gated_linear_attn")  # Hebbian writes; the others are delta
 
@@ -724,52 +726,25 @@ def feature_map_label(model) -> str | None:
     return f"dpfp{model.dpfp_nu}" if model.feature_map == "dpfp" else model.feature_map
 
 
-def state_size(model, mixer: str, seq_len: int) -> int:
-    """Numbers a layer keeps to process the next token: the fast weights H K V of an FWP or
-    Mamba-2 layer, the keys and values of attention's cache at `seq_len`, an SSM's state."""
-    H = model.num_heads
-    K = model.key_dim or model.d_model // H
-    V = model.value_dim or model.d_model // H
-    if mixer == "attention":
-        return seq_len * H * (K + V)
-    if mixer == "ssm":
-        return model.ssm_state_dim * (2 if model.ssm_complex else 1)
-    if mixer == "fwp":
-        K = feature_dim(model.feature_map, K, nu=model.dpfp_nu, num_features=model.favor_features)
-    return H * K * V
-
-
 def model_labels(cfg, seq_len: int | None = None) -> dict:
-    """Record fields of a config's model (named by its first layer): model, cell, rule,
-    feature_map, phi_dim, beta_range, state_size (per layer, at `seq_len` or data.seq_len)."""
-    model = cfg.model.layers()[0]
-    mixer = model.mixers[0]
-    size = state_size(model, mixer, seq_len or cfg.data.seq_len)
+    """Record fields of a config's model, named by its first layer, from the layer's describe():
+    mixer; model (an FWP layer's cell, else the mixer); cell and rule (sum or delta) of a layer
+    whose state a cell writes; feature_map, phi_dim (the key axis after the feature map) and
+    beta_range of an FWP layer; state_size, the numbers the layer keeps at `seq_len` tokens
+    (data.seq_len by default): attention's key-value cache, every other layer's state."""
+    layer = cfg.model.layers()[0]
+    described = describe(layer)
+    mixer, cell = described.mixer, described.rule
+    labels = {"mixer": mixer, "model": mixer}
+    labels["state_size"] = described.size_at(seq_len or cfg.data.seq_len)
     if mixer == "attention":
-        return {"model": "attention", "feature_map": "softmax", "state_size": size}
-    if mixer == "ssm":
-        return {"model": "ssm", "state_size": size}
-    if mixer == "mamba2":
-        H = model.num_heads
-        K = model.key_dim or model.d_model // H
-        return {
-            "model": "mamba2",
-            "cell": "gated_linear_attn",
-            "rule": "sum",
-            "phi_dim": K,
-            "state_size": size,
-        }
-    K = model.key_dim or model.d_model // model.num_heads
-    labels = {
-        "model": model.cell,
-        "cell": model.cell,
-        "rule": "sum" if model.cell in SUM_RULE_CELLS else "delta",
-        "feature_map": feature_map_label(model),
-        "phi_dim": feature_dim(
-            model.feature_map, K, nu=model.dpfp_nu, num_features=model.favor_features
-        ),
-        "state_size": size,
-    }
-    if model.cell not in SUM_RULE_CELLS:
-        labels["beta_range"] = model.beta_range
+        return {**labels, "feature_map": "softmax"}
+    if mixer not in ("fwp", "mamba2"):  # no cell writes the state: nothing more to say
+        return labels
+    labels |= {"cell": cell, "rule": "sum" if cell in SUM_RULE_CELLS else "delta"}
+    labels["phi_dim"] = described.feature_dim
+    if mixer == "fwp":
+        labels |= {"model": cell, "feature_map": feature_map_label(layer)}
+        if cell not in SUM_RULE_CELLS:
+            labels["beta_range"] = layer.beta_range
     return labels

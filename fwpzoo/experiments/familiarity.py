@@ -21,6 +21,7 @@ from fwpzoo.experiments._sweep import (
     CONFIGS,
     Experiment,
     Outcome,
+    model_labels,
     train_point,
 )
 from fwpzoo.reports import (
@@ -35,7 +36,7 @@ from fwpzoo.train import evaluate, make_eval_step, restore_run
 
 NAME = "familiarity"
 TITLE = "Continual familiarity detection (HebbFF)"
-# variant -> (model, eta_sign) record labels; a variant's config is configs/.../<variant>.yaml
+# variant -> (the model the page names it by, eta_sign); its config is configs/.../<variant>.yaml
 MODELS = {
     "hebbff": ("plastic", "learned"),
     "hebbff-hebbian": ("plastic", "fixed_positive"),
@@ -79,7 +80,7 @@ def make_points(options) -> list:
             for name in QUICK_MODELS if quick else MODELS:
                 if not quick and seed not in SEEDS and name not in HEBBFF:
                     continue
-                model, eta_sign = MODELS[name]
+                _, eta_sign = MODELS[name]
                 config, extra = VARIANT_CONFIG.get(name, (name, ()))
                 path = CONFIGS / NAME / f"{config}.yaml"
                 overrides = (
@@ -87,12 +88,13 @@ def make_points(options) -> list:
                     *extra,
                     *(QUICK_OVERRIDES if quick else ()),
                 )
-                cfg = load(path, overrides).model
-                labels = {"model": model, "eta_sign": eta_sign, "task": NAME, "setting": R}
-                if model == "plastic":
-                    labels |= {"plastic_on": cfg.plastic_on, "plasticity": cfg.plasticity}
+                cfg = load(path, overrides)
+                labels = {**model_labels(cfg), "eta_sign": eta_sign, "task": NAME, "setting": R}
+                if labels["mixer"] == "plastic":
+                    layer = cfg.model.layers()[0]
+                    labels |= {"plastic_on": layer.plastic_on, "plasticity": layer.plasticity}
                 metrics = {f"accuracy@R{x}": {"x": x, "metric": "accuracy"} for x in tests}
-                if model == "plastic":
+                if labels["mixer"] == "plastic":
                     metrics["learned_eta"] = {}
                 point = train_point(f"{name}-R{R}-s{seed}", path, overrides, labels, metrics, seed)
                 points.append(replace(point, spec={**point.spec, "test_intervals": list(tests)}))

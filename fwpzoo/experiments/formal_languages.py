@@ -19,6 +19,7 @@ from fwpzoo.experiments import _tuning
 from fwpzoo.experiments._sweep import (
     CONFIGS,
     Experiment,
+    model_labels,
     train_point,
 )
 from fwpzoo.reports import (
@@ -43,37 +44,28 @@ TASK_PAIRS = (
 )
 TASKS = tuple(task for pair in TASK_PAIRS for task in pair)
 FWP = ("model.mixers=[fwp]",)
-# variant -> (record labels, overrides of the base config); the programmers and the linear
-# transformer first within each task, the paper's headline comparison
+# variant -> overrides of the base config; the programmers and the linear transformer first
+# within each task, the paper's headline comparison
 MODELS = {
-    "rdn": ({"model": "rdn"}, ("model.mixers=[rdn]",)),
-    "srwm": ({"model": "srwm"}, ("model.mixers=[srwm]",)),
-    "linear_attn": (
-        {"model": "fwp", "cell": "linear_attn"},
-        (*FWP, "model.cell=linear_attn", "model.feature_map=elu1", "model.qk_norm=sum"),
-    ),
+    "rdn": ("model.mixers=[rdn]",),
+    "srwm": ("model.mixers=[srwm]",),
+    "linear_attn": (*FWP, "model.cell=linear_attn", "model.feature_map=elu1", "model.qk_norm=sum"),
     "delta_rule-beta02": (
-        {"model": "fwp", "cell": "delta_rule", "beta_range": "0,2"},
-        (
-            *FWP,
-            "model.cell=delta_rule",
-            "model.beta_range=0,2",
-            "model.feature_map=identity",
-            "model.qk_norm=l2",
-        ),
+        *FWP,
+        "model.cell=delta_rule",
+        "model.beta_range=0,2",
+        "model.feature_map=identity",
+        "model.qk_norm=l2",
     ),
     "delta_rule-beta01": (
-        {"model": "fwp", "cell": "delta_rule", "beta_range": "0,1"},
-        (
-            *FWP,
-            "model.cell=delta_rule",
-            "model.beta_range=0,1",
-            "model.feature_map=identity",
-            "model.qk_norm=l2",
-        ),
+        *FWP,
+        "model.cell=delta_rule",
+        "model.beta_range=0,1",
+        "model.feature_map=identity",
+        "model.qk_norm=l2",
     ),
-    "attention": ({"model": "attention"}, ("model.mixers=[attention]",)),
-    "ssm": ({"model": "ssm"}, ("model.mixers=[ssm]",)),
+    "attention": ("model.mixers=[attention]",),
+    "ssm": ("model.mixers=[ssm]",),
 }
 SEEDS = (0, 1, 2)
 QUICK_TASKS, QUICK_MODELS, QUICK_SEEDS = ("parity",), ("rdn", "srwm"), (0,)
@@ -120,22 +112,23 @@ def task_overrides(task: str) -> tuple[str, ...]:
 
 
 def language_point(task, variant, seed, options, rate=None):
-    labels, overrides = MODELS[variant]
     quick = QUICK_OVERRIDES if options.quick else ()
     learning_rate = (_tuning.rate_override(rate),) if rate is not None else ()
     overrides = (
-        *overrides,
+        *MODELS[variant],
         f"data.language={task}",
         *task_overrides(task),
         *learning_rate,
         *quick,
     )
+    labels = model_labels(load(CONFIG, overrides))
     lr = f"-lr{_tuning.rate_label(rate)}" if rate is not None else ""
     return train_point(
         f"{task}-{variant}{lr}-s{seed}",
         CONFIG,
         overrides,
-        {**labels, "task": task, "learning_rate": rate},
+        # the page's records name the mixer (fwp, rdn, ...) as the model, the cell beside it
+        {**labels, "model": labels["mixer"], "task": task, "learning_rate": rate},
         METRICS,
         seed,
         TEST_BATCHES if not options.quick else 1,
