@@ -5,7 +5,9 @@
     -> optional per-head RMSNorm and SiLU output gate -> output projection [B, T, D]
 
 K below is the key feature dim (phi's output size). The form (recurrent, chunkwise, associative)
-is a config value and is used as given; decoding calls the cell's `step`.
+is the layer's config value (FWPConfig: a model-wide form the cell has not resolves once, with a
+note, to recurrent; see fwpzoo.layers.base) and is used as given; decoding calls the cell's
+`step`.
 
 What the layer makes for a cell comes from the cell module itself (fwpzoo.cells._spec): each gate
 of GATE_SPECS gets a projection (or, static, a parameter) and the activation that keeps it in its

@@ -12,7 +12,8 @@ to leave; lambda = sigmoid(raw) in (0, 1); alpha [H, K, V] per synapse when mode
 model.form is `recurrent` (the scan, its backward recomputing chunks of model.chunk_size tokens
 from their entering states, so training keeps T / C + C states, not T) or, where the rule is
 affine in S (input site, hebb, identity activation, no alpha), `chunkwise` (the parallel form on
-the gated delta rule's chunk scan).
+the gated delta rule's chunk scan); a model-wide chunkwise for a rule that is not affine resolves
+once, with a note, to recurrent (PlasticConfig.forms, fwpzoo.layers.base).
 """
 
 import math
