@@ -2,6 +2,7 @@
 tests/scale_worker.py) equal losses under every mesh, context parallelism per cell, the
 collectives of a context-parallel step, cross-mesh resume and `fwpzoo plan`."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,13 +12,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import yaml
+from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from fwpzoo.config import MESH_AXES, Config, ConfigError, MeshConfig, from_dict
+from fwpzoo.config import MESH_AXES, Config, ConfigError, MeshConfig, from_dict, load
+from fwpzoo.interop.architectures import ARCHITECTURES
+from fwpzoo.models import ModelConfig, build_model
 from fwpzoo.train.plan import cpu_count_of
-from fwpzoo.train.sharding import logical_axes, partition_spec
+from fwpzoo.train.sharding import logical_axes, logical_entry, partition_spec, path_names
 from fwpzoo.train.state import new_model, split_model
 from fwpzoo.train.steps import make_train_step
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_mesh_resolves_its_free_axis_and_refuses_a_product_that_misses_the_devices():
@@ -50,6 +57,71 @@ def test_rules_put_heads_and_mlp_on_tensor_and_the_largest_free_axis_on_fsdp():
     # an axis that does not divide by its mesh axis stays whole
     assert partition_spec(("heads",), (3,), mesh(tensor=2)) == PartitionSpec(None)
     assert logical_axes(("something", "new"), 3) == (None, None, None)
+
+
+# The smallest config of each released architecture fwpzoo imports (tests/test_interop.py builds
+# the same layouts with transformers; their model sections are all this needs).
+RELEASES = {
+    "qwen3_5_text": {
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+        "linear_key_head_dim": 8, "linear_value_head_dim": 8, "tie_word_embeddings": False,
+    },
+    "olmo_hybrid": {
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8, "tie_word_embeddings": True, "linear_allow_neg_eigval": True,
+    },
+    "qwen3_next": {
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 8, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+        "linear_key_head_dim": 8, "linear_value_head_dim": 8, "num_experts": 6,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 24, "mlp_only_layers": [1],
+        "tie_word_embeddings": False,
+    },
+}  # fmt: skip
+RELEASE_COMMON = {"vocab_size": 260, "hidden_size": 32, "intermediate_size": 40}
+
+
+def shipped_models() -> dict:
+    """{where it comes from: ModelConfig} for every model section of configs/ (sweep files of
+    another kind, without one, left out) and of every released architecture, each with one
+    layer per distinct entry of its mixers (the parameters are named alike in every layer)."""
+    models = {}
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        if "model" in yaml.safe_load(path.read_text()):
+            models[str(path.relative_to(REPO))] = load(path).model
+    assert set(RELEASES) == set(ARCHITECTURES)
+    for model_type, hf in RELEASES.items():
+        section = ARCHITECTURES[model_type].model_section({**RELEASE_COMMON, **hf})
+        models[model_type] = from_dict(ModelConfig, section, "model.")
+    distinct = {}
+    for source, cfg in models.items():
+        mixers = tuple({repr(entry): entry for entry in cfg.mixers}.values())
+        cfg = dataclasses.replace(cfg, mixers=mixers)
+        distinct.setdefault(repr(cfg), (source, cfg))
+    return dict(distinct.values())
+
+
+def test_every_parameter_of_every_shipped_config_and_release_has_logical_axes():
+    """Each parameter of each shipped config and imported architecture is named by a
+    LOGICAL_AXES entry that names each of its axes (an entry may name more, for a gate's [H] or
+    [H, K]); a parameter no entry names would be placed by FSDP alone, never by tensor
+    parallelism. An axis named embed is the model's width."""
+    seen = set()
+    for source, cfg in shipped_models().items():
+        model = nnx.eval_shape(lambda cfg=cfg: build_model(cfg, vocab_size=7, rngs=nnx.Rngs(0)))
+        for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
+            names = path_names(path)
+            if (names, x.shape) in seen:
+                continue
+            seen.add((names, x.shape))
+            axes = logical_entry(names)
+            where = f"{'/'.join(names)} {x.shape} of {source}"
+            assert axes is not None and len(axes) >= x.ndim, f"{where}: axes {axes}"
+            for name, size in zip(axes, x.shape, strict=False):
+                assert name != "embed" or size == cfg.d_model, f"{where}: axes {axes}"
 
 
 def test_remat_computes_the_same_step():

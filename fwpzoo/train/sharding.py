@@ -1,11 +1,11 @@
 """The device mesh and where every array lives on it.
 
 One Mesh with axes (data, fsdp, tensor, context) over every device of every process (MeshConfig).
-Every parameter has logical axis names (vocab, embed, heads, kv, mlp, conv, state), given by the
-end of its path in LOGICAL_AXES; RULES maps them to mesh axes: heads and the MLP's hidden axis over
-`tensor`, then the largest remaining axis of each parameter over `fsdp` (an axis that does not
-divide by its mesh axis stays whole). The optimizer state of a parameter has the parameter's
-sharding. The batch is split over (data, fsdp) and, with context > 1, the sequence over
+Every parameter has logical axis names (vocab, embed, heads, kv, mlp, expert, conv, state),
+given by the end of its path in LOGICAL_AXES; RULES maps them to mesh axes: heads and the MLP's
+hidden axis over `tensor`, then the largest remaining axis of each parameter over `fsdp` (an axis
+that does not divide by its mesh axis stays whole). The optimizer state of a parameter has the
+parameter's sharding. The batch is split over (data, fsdp) and, with context > 1, the sequence over
 `context`. jit's SPMD partitioner places the collectives (all-gathers of FSDP shards, the
 gradient reduce-scatter, tensor-parallel reductions); only a scan over a sharded sequence needs
 more (fwpzoo.train.context).
@@ -33,6 +33,16 @@ LOGICAL_AXES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("mlp", "gate", "kernel"), ("embed", "mlp")),
     (("mlp", "up", "kernel"), ("embed", "mlp")),
     (("mlp", "down", "kernel"), ("mlp", "embed")),
+    # a mixture of experts (Qwen3-Next): the experts' stacked kernels [E, ...], the router and the
+    # shared expert behind its gate; every expert's hidden axis over tensor, as a dense MLP's
+    (("mlp", "gate"), ("expert", "embed", "mlp")),
+    (("mlp", "up"), ("expert", "embed", "mlp")),
+    (("mlp", "down"), ("expert", "mlp", "embed")),
+    (("router", "kernel"), ("embed", "expert")),
+    (("shared", "gate", "kernel"), ("embed", "mlp")),
+    (("shared", "up", "kernel"), ("embed", "mlp")),
+    (("shared", "down", "kernel"), ("mlp", "embed")),
+    (("shared_gate", "kernel"), ("embed", None)),  # one gate logit per token
     (("out_proj", "kernel"), ("heads", "embed")),
     (("qkv_proj", "kernel"), ("embed", "heads")),  # q, k, v of every head, head-major per part
     (("in_proj", "kernel"), ("embed", "heads")),
@@ -41,6 +51,11 @@ LOGICAL_AXES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("conv", "kernel"), ("conv", "heads")),  # the short conv over the q, k, v channels
     (("out_norm", "weight"), ("kv",)),
     (("mixer", "norm", "weight"), ("heads",)),  # Mamba-2's gated norm over every head's values
+    # attention's q/k RMSNorm, over each head's features ([K], attention_qk_norm=head) or over
+    # every head at once ([H K], all): never split over tensor, since a norm across heads reads
+    # every head's features on every device
+    (("q_norm", "weight"), ("kv",)),
+    (("k_norm", "weight"), ("kv",)),
     (("weight",), ("embed",)),  # the blocks' and the final RMSNorm
     (("B",), (None, "embed", "state")),  # the diagonal SSM's input and output maps
     (("C",), (None, "state", "embed")),
@@ -196,12 +211,18 @@ def path_names(path) -> tuple[str, ...]:
     return tuple(names)
 
 
-def logical_axes(names: Sequence[str], ndim: int) -> tuple[str | None, ...]:
-    """The logical axis names of a parameter at path `names` with `ndim` axes (LOGICAL_AXES)."""
+def logical_entry(names: Sequence[str]) -> tuple[str | None, ...] | None:
+    """The axis names the first LOGICAL_AXES entry ending path `names` gives, None if none does."""
     for suffix, axes in LOGICAL_AXES:
         if tuple(names[-len(suffix) :]) == suffix:
-            return (tuple(axes) + (None,) * ndim)[:ndim]
-    return (None,) * ndim
+            return axes
+    return None
+
+
+def logical_axes(names: Sequence[str], ndim: int) -> tuple[str | None, ...]:
+    """The logical axis names of a parameter at path `names` with `ndim` axes (LOGICAL_AXES)."""
+    axes = logical_entry(names) or ()
+    return (tuple(axes) + (None,) * ndim)[:ndim]
 
 
 def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh) -> PartitionSpec:
