@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
-from fwpzoo.cells import gated_linear_attn, linear_attn, oja, plastic
+from fwpzoo.cells import gated_linear_attn, linear_attn, oja
+from fwpzoo.cells.programmed import plastic
 from fwpzoo.models import ModelConfig, build_model, generate
 
 B, T, H, K, V = 2, 9, 2, 4, 3

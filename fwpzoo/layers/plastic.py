@@ -3,7 +3,7 @@
     input site (HebbFF):       x [B, T, D] -> pre p = P x [B, T, H, K]
                                h_t = act((W + alpha . S_{t-1})^T p_t + b)     [B, T, H, V]
     recurrent site (Miconi):   h_t = act(W x_t + b + (R + alpha . S_{t-1})^T h_{t-1})
-    then y = out_proj(h) [B, T, D]; S follows model.plasticity (fwpzoo.cells.plastic).
+    then y = out_proj(h) [B, T, D]; S follows model.plasticity (fwpzoo.cells.programmed.plastic).
 
 eta per head takes either sign (model.plastic_eta=learned), or is held positive (Hebbian) or
 negative (anti-Hebbian) by an exp parametrisation; it starts at model.plastic_eta_init / K (its
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fwpzoo.cells.forms import FORMS
-from fwpzoo.cells import plastic
+from fwpzoo.cells.programmed import plastic
 from fwpzoo.layers.base import (
     Description,
     Mixer,

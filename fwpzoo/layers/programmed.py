@@ -1,6 +1,6 @@
 """Mixers whose programmer reads its own past: the Recurrent DeltaNet (`rdn`) and the modern
-self-referential weight matrix (`srwm`), thin layers around fwpzoo.cells.recurrent_delta
-and fwpzoo.cells.srwm.
+self-referential weight matrix (`srwm`), thin layers around
+fwpzoo.cells.programmed.recurrent_delta and fwpzoo.cells.programmed.srwm.
 
     rdn   x [B, T, D] -> W x = [q, k, v, beta] per head -> the cell (R tanh(y_{t-1}) added inside
           the scan, phi = model.feature_map then model.qk_norm) -> optional per-head RMSNorm
@@ -11,7 +11,7 @@ and fwpzoo.cells.srwm.
 Training runs the cell's `reversible` form (its backward undoes the rank-one writes instead of
 storing every state); a batch with resets runs `checkpointed`, since a reset destroys the state
 it replaces and cannot be undone (both are exact; measured in
-fwpzoo/cells/recurrent_fwp.md).
+fwpzoo/cells/programmed/recurrent_fwp.md).
 Decoding calls the cell's `step`. Neither takes a query scale: phi's normalisation is the scale.
 """
 
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fwpzoo.cells.forms import FORMS
-from fwpzoo.cells import recurrent_delta, srwm
+from fwpzoo.cells.programmed import recurrent_delta, srwm
 from fwpzoo.layers.base import (
     Description,
     FixedRandom,

@@ -140,7 +140,7 @@ class ModelConfig:
     # ssm (diagonal vector state) mixer
     ssm_state_dim: int = 64
     ssm_complex: bool = True  # complex diagonal (LRU) or real diagonal recurrence
-    # plastic mixer (fwpzoo.layers.plastic, fwpzoo.cells.plastic)
+    # plastic mixer (fwpzoo.layers.plastic, fwpzoo.cells.programmed.plastic)
     plastic_on: str = "input"  # input (HebbFF) | recurrent (Miconi's differentiable plasticity)
     plasticity: str = "hebb"  # hebb | oja | neuromodulated
     plastic_activation: str = "tanh"  # tanh | sigmoid | relu | identity
