@@ -192,7 +192,7 @@ def _pairs(size):
 class _Chunks:
     """A batch of chunks [G B, ...] (the engine's prepare stage): _Factored's scores where the
     block's decays allow, _Halved's otherwise, and the chunk's state step in factored form
-    (dplr.md, section 7): the reads U = T (A~ S_0 + A_ak V) from the entering state, then
+    (dplr.md, section 8): the reads U = T (A~ S_0 + A_ak V) from the entering state, then
     S_C = Diag(e^{g_C}) S_0 + (B . e^{g_C - g})^T U + (K . e^{g_C - g})^T V: products of
     [C, K] rows with the state; `fused` (one chunk per block) keeps T and the unsolved rows,
     the accelerator layout forms T A~ and T A_ak V in the prepare stage. The outputs and the
