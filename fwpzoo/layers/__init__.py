@@ -7,7 +7,9 @@ config (a MixerConfig). The mixers built on a cell also offer
                                            the start: {"q", "k", "v", gate name: array}
 
 MIXERS is the registry: a new mixer is a module here and one line below. No mixer module imports
-another; what they share lives in base, feature_maps, gates, norms, conv and context.
+another; what they share lives in base, feature_maps, gates, norms, conv and context. Every
+parameter has a kind by role (params: GateParam, ScaleParam, or a plain nnx.Param weight), which
+weight decay reads.
 """
 
 from fwpzoo.layers.attention import Attention
