@@ -8,7 +8,7 @@ from flax import nnx
 
 from fwpzoo import cells
 from fwpzoo.cells.forms import run_form
-from fwpzoo.layers import MIXERS, FWPMixer, get_mixer
+from fwpzoo.layers import MIXERS, Description, FWPMixer, get_mixer
 from fwpzoo.layers.conv import ShortConv
 from fwpzoo.layers.feature_maps import FEATURE_MAPS, feature_dim, qk_normalize
 from fwpzoo.layers.mamba2 import signed_run
@@ -305,6 +305,27 @@ def test_ssm_eigenvalues_stay_inside_the_unit_circle():
     mixer = get_mixer("ssm")(tiny(ssm_state_dim=16), rngs=nnx.Rngs(0))
     radius = jnp.abs(mixer._lambda())
     assert bool(jnp.all((radius > 0.85) & (radius < 1.0)))
+
+
+def test_describe_tells_the_rule_the_feature_dim_and_the_state_from_the_config_alone():
+    """D = 8, two heads of 4: fast weights H K V, a dict state counted whole, phi's size as the
+    feature dim, attention's keys and values per token, a complex SSM state as two numbers."""
+    from fwpzoo.layers import describe
+
+    def of(**fields):
+        return describe(tiny(**fields).layers()[0])
+
+    assert of() == Description("fwp", "delta_rule", 4, 2, 2 * 4 * 4, form="recurrent")
+    assert of(cell="momentum_delta").state_size == 2 * (2 * 4 * 4)  # S and its momentum M
+    assert of(feature_map="dpfp").feature_dim == 2 * 4 * 2  # dpfp with nu = 2
+    attention = of(mixers=("attention",), num_kv_heads=1)
+    assert (attention.state_size, attention.per_token, attention.form) == (0, 1 * (4 + 4), None)
+    assert attention.size_at(10) == 80
+    assert of(mixers=("ssm",), ssm_state_dim=3).state_size == 6
+    assert of(mixers=("mamba2",)).rule == "gated_linear_attn"
+    srwm = of(mixers=("srwm",))
+    assert (srwm.rule, srwm.feature_dim, srwm.state_size) == ("srwm", 4, 2 * (3 * 4 + 4) * 4)
+    assert of(mixers=("plastic",)).rule == "plastic_input_hebb"
 
 
 def test_unknown_mixer_lists_the_valid_names():

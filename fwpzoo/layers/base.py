@@ -31,6 +31,7 @@ Dimension letters: B batch, T time, H heads, K key (feature) dim, V value dim, D
 
 import dataclasses
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -105,7 +106,7 @@ def floats_of(tree) -> int:
 
 
 @dataclass(frozen=True)
-class MixerConfig:
+class MixerConfig(ABC):
     """A mixer's typed view of the model config: a subclass lists the fields its mixer reads.
 
     Subclasses set MIXER (the registry name), CHOICES ({field: its valid names}) and MINIMUM
@@ -185,10 +186,13 @@ class MixerConfig:
         return ""
 
     def check(self) -> None:
-        """ValueError (one line naming model.<field>) for values this mixer cannot take."""
+        """ValueError (one line naming model.<field>) for values this mixer cannot take; the
+        default: none beyond the fields' domains."""
+        return None
 
+    @abstractmethod
     def describe(self) -> Description:
-        raise NotImplementedError(f"{type(self).__name__} does not describe itself")
+        """What a layer of this config is and keeps: see Description."""
 
 
 def head_sizes(values: dict) -> dict:
