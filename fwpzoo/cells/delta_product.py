@@ -13,7 +13,7 @@ import functools
 
 import jax.numpy as jnp
 
-from fwpzoo.cells import _delta_assoc, _delta_chunk
+from fwpzoo.cells import _delta_assoc
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells._spec import (
     BETA,
@@ -25,6 +25,7 @@ from fwpzoo.cells._spec import (
     gate_names,
     squared_error,
 )
+from fwpzoo.cells.chunked import delta as delta_chunks
 from fwpzoo.cells.delta_rule import delta_update
 from fwpzoo.cells.gated_linear_attn import decay_rows
 
@@ -65,7 +66,7 @@ def recurrent(q, k, v, *, state=None, reset=None, beta, log_alpha=None):
 def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, beta, log_alpha=None):
     """Each chunk holds whole tokens, chunk_size // N of them, and runs their N sub-steps as one
     gated-delta-rule chunk of C = tokens * N writes, read only after each token's last sub-step."""
-    return _delta_chunk.chunkwise(q, k, v, beta, log_alpha, state, chunk_size, reset)
+    return delta_chunks.chunkwise(q, k, v, beta, log_alpha, state, chunk_size, reset)
 
 
 def associative(q, k, v, *, state=None, reset=None, beta, log_alpha=None):

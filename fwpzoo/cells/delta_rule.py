@@ -10,9 +10,10 @@ eigenvalues in (-1, 1] for unit keys); state S [B, H, K, V] float32; o [B, T, H,
 
 import jax.numpy as jnp
 
-from fwpzoo.cells import _delta_assoc, _delta_chunk
+from fwpzoo.cells import _delta_assoc
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells._spec import BETA, GRADIENT, Gate, Objective, gate_names, squared_error
+from fwpzoo.cells.chunked import delta as delta_chunks
 
 GATE_SPECS = (Gate("beta", range=BETA),)
 GATES = gate_names(GATE_SPECS)
@@ -46,7 +47,7 @@ def recurrent(q, k, v, *, state=None, reset=None, beta):
 
 
 def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, beta):
-    return _delta_chunk.chunkwise(q, k, v, beta, None, state, chunk_size, reset)
+    return delta_chunks.chunkwise(q, k, v, beta, None, state, chunk_size, reset)
 
 
 def associative(q, k, v, *, state=None, reset=None, beta):

@@ -11,7 +11,7 @@ state S [B, H, K, V] float32; o [B, T, H, V] in v's dtype.
 
 import jax.numpy as jnp
 
-from fwpzoo.cells import _delta_assoc, _delta_chunk
+from fwpzoo.cells import _delta_assoc
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells._spec import (
     BETA,
@@ -23,6 +23,7 @@ from fwpzoo.cells._spec import (
     gate_names,
     squared_error,
 )
+from fwpzoo.cells.chunked import delta as delta_chunks
 from fwpzoo.cells.delta_rule import delta_update
 from fwpzoo.cells.gated_linear_attn import decay_rows
 
@@ -55,7 +56,7 @@ def recurrent(q, k, v, *, state=None, reset=None, beta, log_alpha):
 
 
 def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, beta, log_alpha):
-    return _delta_chunk.chunkwise(q, k, v, beta, log_alpha, state, chunk_size, reset)
+    return delta_chunks.chunkwise(q, k, v, beta, log_alpha, state, chunk_size, reset)
 
 
 def associative(q, k, v, *, state=None, reset=None, beta, log_alpha):

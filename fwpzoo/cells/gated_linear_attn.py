@@ -9,7 +9,6 @@ The parallel forms are derived in linear_attention.md.
 
 import jax.numpy as jnp
 
-from fwpzoo.cells import _linear_chunk
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells._spec import (
     DECAY,
@@ -22,6 +21,7 @@ from fwpzoo.cells._spec import (
     gate_names,
     negative_correlation,
 )
+from fwpzoo.cells.chunked import linear as linear_chunks
 from fwpzoo.cells.chunked.chunking import associative_states, resets_as_rows
 
 GATE_SPECS = (Gate("log_alpha", SCALAR_OR_PER_KEY, LOG_DECAY),)
@@ -71,7 +71,7 @@ def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, log_alpha):
 
     Only decays between two positions of one chunk are exponentiated (exponents <= 0).
     """
-    return _linear_chunk.chunkwise(q, k, v, log_alpha, state, chunk_size, reset)
+    return linear_chunks.chunkwise(q, k, v, log_alpha, state, chunk_size, reset)
 
 
 def associative(q, k, v, *, state=None, reset=None, log_alpha):

@@ -8,7 +8,6 @@ The parallel forms are derived in linear_attention.md.
 
 import jax.numpy as jnp
 
-from fwpzoo.cells import _linear_chunk
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells._spec import (
     DECAY,
@@ -19,6 +18,7 @@ from fwpzoo.cells._spec import (
     gate_names,
     negative_correlation,
 )
+from fwpzoo.cells.chunked import linear as linear_chunks
 from fwpzoo.cells.chunked.chunking import associative_states, resets_as_rows
 
 GATE_SPECS: tuple[Gate, ...] = ()
@@ -48,7 +48,7 @@ def recurrent(q, k, v, *, state=None, reset=None):
 
 def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None):
     """Causal attention inside each chunk of C tokens, the state carried across chunks."""
-    return _linear_chunk.chunkwise(q, k, v, None, state, chunk_size, reset)
+    return linear_chunks.chunkwise(q, k, v, None, state, chunk_size, reset)
 
 
 def associative(q, k, v, *, state=None, reset=None):

@@ -16,9 +16,10 @@ o [B, T, H, V] in v's dtype.
 
 import jax.numpy as jnp
 
-from fwpzoo.cells import _delta_assoc, _delta_chunk
+from fwpzoo.cells import _delta_assoc
 from fwpzoo.cells._reference import initial_state, reset_state, scan_steps, upcast
 from fwpzoo.cells._spec import IMPLICIT, POSITIVE, Gate, Objective, gate_names, squared_error
+from fwpzoo.cells.chunked import delta as delta_chunks
 from fwpzoo.cells.delta_rule import delta_update
 
 GATE_SPECS = (Gate("eps", range=POSITIVE),)
@@ -55,7 +56,7 @@ def recurrent(q, k, v, *, state=None, reset=None, eps):
 
 def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, eps):
     """The delta rule's chunk scan with beta = eps / (1 + eps k^T k)."""
-    return _delta_chunk.chunkwise(q, k, v, delta_beta(k, eps), None, state, chunk_size, reset)
+    return delta_chunks.chunkwise(q, k, v, delta_beta(k, eps), None, state, chunk_size, reset)
 
 
 def associative(q, k, v, *, state=None, reset=None, eps):
