@@ -16,6 +16,7 @@ import yaml
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
+from fwpzoo.bench.scale import recorded_plan
 from fwpzoo.config import MESH_AXES, Config, ConfigError, MeshConfig, from_dict, load
 from fwpzoo.interop.architectures import ARCHITECTURES
 from fwpzoo.models import ModelConfig, build_model
@@ -192,3 +193,25 @@ def test_meshes_context_parallelism_resume_and_plan(tmp_path):
         assert result["fits"] and result["topology"] == topology
         assert 0 < result["bytes_per_device"] < result["device_memory_bytes"]
         assert result["flops"] > 0
+
+
+def test_a_plan_is_recorded_and_read_back_while_its_config_file_is_unchanged(tmp_path):
+    config, plans = tmp_path / "long.yaml", tmp_path / "plans"
+    config.write_text("model: {d_model: 64}\n")
+    planned = []
+
+    def plan(*row):  # stands for `fwpzoo plan`, counting the compiles
+        planned.append(row)
+        return {"fits": True, "compiles": len(planned)}
+
+    row = (str(config), "v5e:4x4", ("mesh.context=2",))
+    assert recorded_plan(row, plans, plan=plan) == {"fits": True, "compiles": 1}
+    assert recorded_plan(row, plans, plan=plan)["compiles"] == 1  # read back, not compiled
+    (path,) = plans.iterdir()
+    assert path.name == "long__v5e-4x4__mesh.context=2.json"
+    record = json.loads(path.read_text())
+    assert record["command"] == f"fwpzoo plan {config} --topology v5e:4x4 mesh.context=2"
+    assert recorded_plan(row, plans, replan=True, plan=plan)["compiles"] == 2
+    config.write_text("model: {d_model: 128}\n")  # another config: its old plan is stale
+    assert recorded_plan(row, plans, plan=plan)["compiles"] == 3
+    assert [p.name for p in plans.iterdir()] == [path.name]

@@ -4,8 +4,14 @@ Each row is one `fwpzoo plan` run in its own process (a cpu:N plan splits that p
 its JSON line read back: the committed scale configs on TPU topologies (libtpu installed), the
 parameter and optimizer bytes per device under fsdp = 1, 2, 4, 8, and the activation bytes per
 device at T = 32768 under context = 1, 2, 4. Nothing runs a step; nothing needs a TPU.
+
+A pod plan compiles for a quarter of an hour or more on a small host, so every plan is kept as a
+record (docs/benchmarks/plans/, one JSON per row: its command, the commit it ran from, the hash
+of its config file and the plan's JSON line) and read back while its config file is unchanged: an
+interrupted run continues where it stopped, and `--replan` computes every row again.
 """
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -18,6 +24,8 @@ from fwpzoo.platform import libtpu_installed
 from fwpzoo.reports import markdown_table
 
 GiB = 2**30
+REPO = Path(__file__).resolve().parents[2]
+PLANS = REPO / "docs" / "benchmarks" / "plans"
 HYBRID = "configs/scale/hybrid_1b5.yaml"
 LONG = "configs/scale/long_context.yaml"
 # (config, topology, overrides): the table of fitting and non-fitting plans
@@ -25,7 +33,7 @@ PODS = (
     (HYBRID, "v5e:16x16", ()),
     (HYBRID, "v5e:16x16", ("mesh.data=256", "mesh.fsdp=1", "model.remat=none")),
     (LONG, "v5e:4x4", ()),
-    (LONG, "v5e:4x4", ("mesh.context=1", "mesh.data=16")),
+    (LONG, "v5e:4x4", ("train.batch_size=16", "mesh.context=1", "mesh.data=16")),
 )
 # two layers of the long-context model at 2048 tokens, 8 rows over 8 CPU devices: parameters
 # and optimizer state per device as fsdp takes devices from data
@@ -69,6 +77,50 @@ def run_plan(config: str, topology: str, overrides) -> dict:
         raise ConfigError(f"{' '.join(argv[2:])}: {done.stderr.strip().splitlines()[-1]}")
     print(f"planned {config} on {topology} {' '.join(overrides)}", file=sys.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def plan_file(config: str, topology: str, overrides) -> str:
+    """A row's record name, readable: the config's stem, the topology, the overrides."""
+    name = "__".join([Path(config).stem, topology, *overrides])
+    return "".join(c if c.isalnum() or c in "._=-" else "-" for c in name) + ".json"
+
+
+def code_commit() -> str | None:
+    """The commit the code runs from (12 digits), "+" if fwpzoo/ or configs/ differ from it;
+    None outside a git checkout."""
+
+    def git(*args):
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    if head is None:
+        return None
+    return head[:12] + "+" * bool(git("status", "--porcelain", "--", "fwpzoo", "configs"))
+
+
+def recorded_plan(row, plans: Path, replan: bool = False, plan=run_plan) -> dict:
+    """The plan of row = (config, topology, overrides): its record in `plans` while the config
+    file is the one it was made from (unless `replan`); otherwise planned now and recorded."""
+    config, topology, overrides = row
+    path = plans / plan_file(*row)
+    digest = hashlib.sha256(Path(config).read_bytes()).hexdigest()
+    if path.exists() and not replan:
+        record = json.loads(path.read_text())
+        if record["config_sha256"] == digest:
+            return record["result"]
+    result = plan(*row)
+    record = {
+        "command": " ".join(["fwpzoo plan", config, "--topology", topology, *overrides]),
+        "commit": code_commit(),
+        "config_sha256": digest,
+        "result": result,
+    }
+    plans.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    partial.replace(path)  # a killed run leaves no half record
+    return result
 
 
 def gib(n: int) -> str:
@@ -121,7 +173,8 @@ def markdown(pods, fsdp, context, command: str) -> str:
             '(TPU topologies through libtpu, `pip install -e ".[tpu]"`, on a CPU-only host).',
             "Bytes per device = arguments + outputs - donated buffers + temporaries. FLOPs are",
             "the compiler's count for one device's step with each loop body (the chunk scans)",
-            "counted once: a lower bound, for comparing configs.",
+            "counted once: a lower bound, for comparing configs. Each plan is recorded in",
+            "`docs/benchmarks/plans/` with its command and the commit it ran from.",
             "",
             "## Configs on TPU pods",
             "",
@@ -166,6 +219,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="write the page here (e.g. docs/scale.md)")
     parser.add_argument("--jobs", type=positive_int, default=4, help="plans compiled at once")
     parser.add_argument(
+        "--replan", action="store_true", help="plan every row again rather than read its record"
+    )
+    parser.add_argument(
         "--no-pods",
         action="store_true",
         help="only the fsdp and context tables (this host's CPU; no libtpu needed)",
@@ -179,7 +235,7 @@ def main(argv: list[str]) -> int:
     rows = (*pods_rows, *FSDP, *CONTEXT)
     # compiling is single-threaded: a few plans at once keep the cores busy
     with ThreadPoolExecutor(max_workers=options.jobs) as pool:
-        results = list(pool.map(lambda row: run_plan(*row), rows))
+        results = list(pool.map(lambda row: recorded_plan(row, PLANS, options.replan), rows))
     planned = list(zip(rows, results, strict=True))
     pods = planned[: len(pods_rows)]
     fsdp = planned[len(pods_rows) : len(pods_rows) + len(FSDP)]
