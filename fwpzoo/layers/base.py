@@ -139,6 +139,16 @@ class MixerConfig(ABC):
         rule in the module docstring; `explicit`: the fields set for the layer itself."""
         if isinstance(source, cls):
             return source
+        values = cls._read(source, explicit)
+        check_domain(values, cls.CHOICES, cls.MINIMUM)
+        values = cls.resolve(values)
+        note = cls._settle_form(values, explicit) if "form" in values else None
+        return cls(**values, note=note)
+
+    @classmethod
+    def _read(cls, source, explicit) -> dict:
+        """The fields of `source` this mixer reads; the mixer's own default (DEFAULTS) for a
+        field not set for the layer whose value is still the model config's default."""
         model_defaults = (
             {f.name: f.default for f in dataclasses.fields(source)}
             if dataclasses.is_dataclass(source)
@@ -151,24 +161,25 @@ class MixerConfig(ABC):
             if own and value == model_defaults.get(name, cls.DEFAULTS[name]):
                 value = cls.DEFAULTS[name]
             values[name] = value
-        check_domain(values, cls.CHOICES, cls.MINIMUM)
-        values = cls.resolve(values)
-        note = None
-        if "form" in values:
-            has = cls.forms(values)
-            if values["form"] not in has:
-                if "form" in explicit:
-                    raise ValueError(
-                        f"model.form {values['form']!r}: the {cls.MIXER} mixer{cls.kind(values)} "
-                        f"has no such form; its forms: {', '.join(has)}"
-                    )
-                note = (
-                    f"model.form={values['form']}: the {cls.MIXER} mixer{cls.kind(values)} has "
-                    f"no {values['form']} form (its forms: {', '.join(has)}), so it runs "
-                    f"{SEQUENTIAL}"
-                )
-                values["form"] = SEQUENTIAL
-        return cls(**values, note=note)
+        return values
+
+    @classmethod
+    def _settle_form(cls, values: dict, explicit) -> str | None:
+        """A form the mixer has not: refused where set for the layer, else values["form"] becomes
+        the recurrent form and the note saying so is returned (None where the form is had)."""
+        form, has = values["form"], cls.forms(values)
+        if form in has:
+            return None
+        what = f"the {cls.MIXER} mixer{cls.kind(values)}"
+        if "form" in explicit:
+            raise ValueError(
+                f"model.form {form!r}: {what} has no such form; its forms: {', '.join(has)}"
+            )
+        values["form"] = SEQUENTIAL
+        return (
+            f"model.form={form}: {what} has no {form} form (its forms: {', '.join(has)}), so "
+            f"it runs {SEQUENTIAL}"
+        )
 
     @classmethod
     def resolve(cls, values: dict) -> dict:
