@@ -323,10 +323,11 @@ def test_an_unknown_stop_metric_is_refused():
         prepare(tiny(train={"stop_metric": "bpc"}))
 
 
-def test_programmed_mixers_train_resume_and_evaluate_like_any_other(tmp_path):
+def test_programmed_mixers_train_resume_and_evaluate_like_any_other(tmp_path, capsys):
     """rdn and srwm layers on a formal language: a run stopped at step 2 and resumed to step 4
     logs the losses of the uninterrupted run, and eval from the checkpoint alone repeats the
-    metrics logged in training (no special case in train/ for either mixer)."""
+    metrics logged in training (no special case in train/ for either mixer). The model-wide
+    form, chunkwise, is one neither has: each layer runs recurrent, said once per run."""
     sections = {
         "model": {
             "mixers": ["rdn", "srwm"],
@@ -338,6 +339,13 @@ def test_programmed_mixers_train_resume_and_evaluate_like_any_other(tmp_path):
     }
     cfg = tiny(**sections)
     whole = train(cfg, tmp_path / "whole", progress=False)
+    err = capsys.readouterr().err
+    for i, mixer in enumerate(("rdn", "srwm")):
+        note = (
+            f"fwpzoo train: model.mixers[{i}]: model.form=chunkwise: the {mixer} mixer has no "
+            "chunkwise form (its forms: recurrent), so it runs recurrent\n"
+        )
+        assert err.count(note) == 1
     train(tiny(**sections, train={"steps": 2}), tmp_path / "resumed", progress=False)
     resumed = train(cfg, tmp_path / "resumed", progress=False)
     losses = [[row["loss"] for row in read_metrics(tmp_path / d)] for d in ("whole", "resumed")]
