@@ -368,7 +368,7 @@ def test_a_model_wide_form_the_rule_has_not_runs_recurrent_and_says_so():
     assert cfg.mixer_configs()[0].form == "recurrent"
     assert cfg.notes() == (
         "model.mixers[0]: model.form=chunkwise: the plastic mixer (plastic_on=input, "
-        "plasticity=hebb, plastic_activation=tanh, plastic_alpha=False) has no chunkwise form "
+        "plasticity=hebb, plastic_activation=tanh, plastic_alpha=false) has no chunkwise form "
         "(its forms: recurrent), so it runs recurrent",
     )
     affine = ModelConfig(mixers=("plastic",), form="chunkwise", plastic_activation="identity")

@@ -95,7 +95,8 @@ class PlasticConfig(MixerConfig):
         kind = plastic_kind_of(values)
         return (
             f" (plastic_on={kind.site}, plasticity={kind.rule}, "
-            f"plastic_activation={kind.activation}, plastic_alpha={values['plastic_alpha']})"
+            f"plastic_activation={kind.activation}, "
+            f"plastic_alpha={str(values['plastic_alpha']).lower()})"  # as the config spells it
         )
 
     def check(self):
