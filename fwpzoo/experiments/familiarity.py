@@ -171,15 +171,16 @@ def papers_table(cells: dict, seeds: int, anti: int, learned: int) -> str:
     """The paper's findings, ours beside them from the records: at the longest training interval,
     HebbFF with eta learned against eta held Hebbian, at twice that interval and at 1.5 times it."""
     R = max(setting for setting, _, _ in cells) if cells else None
-    learned_eta, hebbian = (
-        variant({"model": "plastic", "eta_sign": s}) for s in ("learned", "fixed_positive")
+    learned_eta, hebbian, anti_hebbian = (
+        variant({"model": "plastic", "eta_sign": s})
+        for s in ("learned", "fixed_positive", "fixed_negative")
     )
 
     def at(name, x):
         return spread_cell(cells.get((R, name, x)), seeds) or "-"
 
-    longer = f"trained at R = {R}, at R = {2 * R}: eta learned {at(learned_eta, 2 * R)}, held"
-    longer += f" Hebbian {at(hebbian, 2 * R)}"
+    longer = f"trained at R = {R}, at R = {2 * R}: held anti-Hebbian {at(anti_hebbian, 2 * R)},"
+    longer += f" held Hebbian {at(hebbian, 2 * R)}, eta learned {at(learned_eta, 2 * R)}"
     beyond = f"trained at R = {R}: at R = {3 * R // 2} {at(learned_eta, 3 * R // 2)}, at R ="
     beyond += f" {R // 2} {at(learned_eta, R // 2)} (eta learned)"
     rows = [
@@ -194,7 +195,8 @@ def papers_table(cells: dict, seeds: int, anti: int, learned: int) -> str:
             "anti-Hebbian plasticity detects repeats over longer intervals than Hebbian",
             "anti-Hebbian HebbFF holds its accuracy to far longer intervals",
             longer,
-            "agrees where eta turned negative (the best seed); the median mixes in Hebbian runs",
+            "agrees: the held controls differ in eta's sign alone; eta learned lies between, "
+            "its median mixing anti-Hebbian and Hebbian runs",
         ],
         [
             "HebbFF trained at one interval generalises to others",
@@ -209,6 +211,16 @@ def papers_table(cells: dict, seeds: int, anti: int, learned: int) -> str:
     )
 
 
+def seeds_text(planned: dict) -> str:
+    """The seed counts a table's medians are over, e.g. "5 seeds for the HebbFF variants and 3
+    for the others"."""
+    hebbff = planned[variant({"model": "plastic", "eta_sign": "learned"})]
+    others = planned[variant({"model": "delta_rule", "eta_sign": None})]
+    if hebbff == others:
+        return f"{hebbff} seed" + "s" * (hebbff > 1)
+    return f"{hebbff} seeds for the HebbFF variants and {others} for the others"
+
+
 def report(records: list[dict], points: list, options) -> str:
     records = [{**r, "variant": variant(r)} for r in records]
     settings = sorted({r["setting"] for r in records})
@@ -217,13 +229,13 @@ def report(records: list[dict], points: list, options) -> str:
     xs = sorted({r["x"] for r in accuracy})
     baseline = {x: always_novel(cfg, x) for x in xs}
     plot(records, settings, baseline, options.out / f"{NAME}.png")
-    seeds = len(QUICK_SEEDS if options.quick else SEEDS)
     planned = {
         variant({"model": m, "eta_sign": e}): (
             len(QUICK_SEEDS) if options.quick else len(HEBBFF_SEEDS if n in HEBBFF else SEEDS)
         )
         for n, (m, e) in MODELS.items()
     }
+    seeds = seeds_text(planned)
     cells = group(accuracy, ["setting", "variant", "x"])
     rows = [
         [R, name, *(spread_cell(cells.get((R, name, x)), planned[name]) for x in xs)]
@@ -262,7 +274,7 @@ def report(records: list[dict], points: list, options) -> str:
 A stream of {cfg.data.seq_len} patterns (tokens from a vocabulary of {cfg.data.vocab_size}),
 each the one shown R steps back with probability {cfg.data.repeat_prob} (if that one was new)
 or a pattern never seen before; the model answers familiar or novel at every step t >= R.
-Accuracy on {num} fresh test streams per R, median over {seeds} seeds (min-max in brackets).
+Accuracy on {num} fresh test streams per R, median over {seeds} (min-max in brackets).
 Answering "novel" everywhere scores 1 - p / (1 + p) = 2/3 in the long run and 1 - p from R to 2R
 (nothing shown before 2R was a repeat itself, so every pattern may come back): less where the
 stream is short against R (the last row, and the dashed line in the plot).
@@ -293,7 +305,7 @@ the presynaptic dimension):
 
 Tyulmankov, Yang & Abbott (Neuron 2022) meta-learn HebbFF on continual familiarity detection;
 they show these findings in figures, so their column states the claim. Ours are medians over
-{seeds} seeds (min-max) from the table above.
+{planned[learned_name]} seeds (min-max) from the table above.
 
 {papers_table(cells, planned[learned_name], anti, len(learned))}
 """
