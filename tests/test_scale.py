@@ -16,6 +16,7 @@ import yaml
 from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec
 
+from fwpzoo import cli
 from fwpzoo.bench.scale import recorded_plan
 from fwpzoo.config import MESH_AXES, Config, ConfigError, MeshConfig, from_dict, load
 from fwpzoo.interop.architectures import ARCHITECTURES
@@ -159,6 +160,24 @@ def test_plan_names_a_malformed_cpu_topology():
     assert cpu_count_of("cpu:8") == 8
     with pytest.raises(ConfigError, match="expected cpu:N with N >= 1"):
         cpu_count_of("cpu:0")
+
+
+def test_bench_cells_topology_refuses_a_host_topology(refused):
+    refused(["bench", "cells", "--topology", "cpu:2", "--families", "delta_rule"], "cpu:2")
+
+
+@pytest.mark.slow
+def test_bench_cells_compiles_each_direction_for_a_tpu_topology(capsys, tmp_path):
+    shape = ["--lengths", "16", "--chunk-sizes", "16", "--batch", "4", "--heads", "1"]
+    shape += ["--key-dim", "4", "--value-dim", "4"]
+    out = tmp_path / "topology.md"
+    argv = ["bench", "cells", "--topology", "v5e:2x2", "--families", "delta_rule", *shape]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    (row,) = json.loads(out.with_suffix(".json").read_text())
+    assert (row["family"], row["T"], row["chunk"]) == ("delta_rule", 16, 16)
+    for direction in ("fwd", "fwd+bwd"):
+        assert 0 < row[f"{direction} bytes"] < row["device_memory"]
+    assert row["fwd+bwd bytes"] > row["fwd bytes"]  # the backward keeps the forward's inputs
 
 
 @pytest.mark.slow

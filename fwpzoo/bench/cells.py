@@ -705,11 +705,30 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def with_chunk(chunkwise, chunk):
+    """The chunkwise form at one chunk size, (q, k, v, **gates) -> (o, state)."""
+    return lambda q, k, v, **gates: chunkwise(q, k, v, chunk_size=chunk, **gates)
+
+
+def topology_cases(options: Options):
+    """(family, T, chunk, form, inputs) for every family, length and chunk size, built lazily."""
+    for family in options.families:
+        chunkwise = cell_form(family, "chunkwise", options)  # the deep cells' options bound
+        for T in options.lengths:
+            for chunk in options.chunk_sizes:
+                inputs = cell_inputs(family, T, options)
+                yield family, T, chunk, with_chunk(chunkwise, chunk), inputs
+
+
 def compile_only(options: Options, out: Path | None, argv: list[str]) -> int:
     """--topology: every family's chunkwise form compiled for that TPU topology, nothing run."""
     from fwpzoo.bench import topology
 
-    rows = topology.compile_rows(options, options.topology, progress=tqdm.write)
+    cases = topology_cases(options)
+    directions = {"fwd": forward_fn, "fwd+bwd": forward_backward_fn}
+    rows = topology.compile_rows(
+        cases, directions, options.topology, options.batch, progress=tqdm.write
+    )
     report = topology.markdown(rows, options.topology, " ".join(["fwpzoo bench cells", *argv]))
     print(report)
     if out is not None:

@@ -37,42 +37,32 @@ def abstract_inputs(inputs, mesh):
     return abstract(q, True), abstract(k, True), abstract(v, True), gates
 
 
-def compile_rows(options, topology: str, progress=print) -> list[dict]:
-    """One row per (family, length): the per-device bytes and compile seconds of chunkwise fwd
-    and fwd+bwd for `topology`."""
-    from fwpzoo.bench.cells import cell_form, cell_inputs, forward_backward_fn, forward_fn
-
+def compile_rows(cases, directions: dict, topology: str, batch: int, progress=print) -> list[dict]:
+    """One row per case: the per-device bytes and compile seconds of each direction for
+    `topology`. cases yields (family, T, chunk, form, inputs): form (q, k, v, **gates) -> (o,
+    state), inputs (q, k, v, gates) arrays of the case's shape; directions maps a name ("fwd",
+    "fwd+bwd") to make(form) -> the function to compile on the inputs."""
     where = target(topology)
     if where.topology is None:
         raise ConfigError(f"--topology {topology!r}: name a TPU topology, e.g. v5e:2x2")
-    if options.batch % len(where.devices):
+    if batch % len(where.devices):
         raise ConfigError(
-            f"--batch {options.batch} is not divisible by the {len(where.devices)} devices of "
-            f"{topology}"
+            f"--batch {batch} is not divisible by the {len(where.devices)} devices of {topology}"
         )
     mesh = Mesh(np.asarray(where.devices), ("data",))
     rows = []
-    for family in options.families:
-        chunkwise = cell_form(family, "chunkwise", options)  # the deep cells' options bound
-        for T in options.lengths:
-            for chunk in options.chunk_sizes:
-                args = abstract_inputs(cell_inputs(family, T, options), mesh)
-                row = {"family": family, "T": T, "chunk": chunk, "topology": topology}
-                form = with_chunk(chunkwise, chunk)
-                for direction, make in (("fwd", forward_fn), ("fwd+bwd", forward_backward_fn)):
-                    start = time.perf_counter()
-                    with engine.compiling_for("tpu"):
-                        compiled = jax.jit(make(form)).lower(*args).compile()
-                    row[direction + " bytes"] = footprint_bytes(compiled)
-                    row[direction + " compile s"] = time.perf_counter() - start
-                progress(line(row, where.device_memory))
-                rows.append(row | {"device_memory": where.device_memory})
+    for family, T, chunk, form, inputs in cases:
+        args = abstract_inputs(inputs, mesh)
+        row = {"family": family, "T": T, "chunk": chunk, "topology": topology}
+        for direction, make in directions.items():
+            start = time.perf_counter()
+            with engine.compiling_for("tpu"):
+                compiled = jax.jit(make(form)).lower(*args).compile()
+            row[direction + " bytes"] = footprint_bytes(compiled)
+            row[direction + " compile s"] = time.perf_counter() - start
+        progress(line(row, where.device_memory))
+        rows.append(row | {"device_memory": where.device_memory})
     return rows
-
-
-def with_chunk(chunkwise, chunk):
-    """The chunkwise form at one chunk size, (q, k, v, **gates) -> (o, state)."""
-    return lambda q, k, v, **gates: chunkwise(q, k, v, chunk_size=chunk, **gates)
 
 
 def line(row: dict, device_memory: int) -> str:
