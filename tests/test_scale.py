@@ -214,7 +214,7 @@ def test_meshes_context_parallelism_resume_and_plan(tmp_path):
         assert result["flops"] > 0
 
 
-def test_a_plan_is_recorded_and_read_back_while_its_config_file_is_unchanged(tmp_path):
+def test_a_plan_is_recorded_and_read_back_while_its_config_values_are_unchanged(tmp_path):
     config, plans = tmp_path / "long.yaml", tmp_path / "plans"
     config.write_text("model: {d_model: 64}\n")
     planned = []
@@ -231,6 +231,8 @@ def test_a_plan_is_recorded_and_read_back_while_its_config_file_is_unchanged(tmp
     record = json.loads(path.read_text())
     assert record["command"] == f"fwpzoo plan {config} --topology v5e:4x4 mesh.context=2"
     assert recorded_plan(row, plans, replan=True, plan=plan)["compiles"] == 2
+    config.write_text("# the same values\nmodel: {d_model: 64}\n")
+    assert recorded_plan(row, plans, plan=plan)["compiles"] == 2
     config.write_text("model: {d_model: 128}\n")  # another config: its old plan is stale
     assert recorded_plan(row, plans, plan=plan)["compiles"] == 3
     assert [p.name for p in plans.iterdir()] == [path.name]

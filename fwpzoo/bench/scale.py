@@ -7,7 +7,7 @@ device at T = 32768 under context = 1, 2, 4. Nothing runs a step; nothing needs 
 
 A pod plan compiles for a quarter of an hour or more on a small host, so every plan is kept as a
 record (docs/benchmarks/plans/, one JSON per row: its command, the commit it ran from, the hash
-of its config file and the plan's JSON line) and read back while its config file is unchanged: an
+of its config's values and the plan's JSON line) and read back while those are unchanged: an
 interrupted run continues where it stopped, and `--replan` computes every row again.
 """
 
@@ -17,6 +17,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import yaml
 
 from fwpzoo.bench._common import BenchArgs, positive_int
 from fwpzoo.config import ConfigError
@@ -99,12 +101,18 @@ def code_commit() -> str | None:
     return head[:12] + "+" * bool(git("status", "--porcelain", "--", "fwpzoo", "configs"))
 
 
+def config_digest(path: Path) -> str:
+    """sha256 of the config's values, not its text: a comment edited does not make a plan stale."""
+    values = yaml.safe_load(path.read_text())
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
 def recorded_plan(row, plans: Path, replan: bool = False, plan=run_plan) -> dict:
-    """The plan of row = (config, topology, overrides): its record in `plans` while the config
-    file is the one it was made from (unless `replan`); otherwise planned now and recorded."""
+    """The plan of row = (config, topology, overrides): its record in `plans` while the config's
+    values are those it was made from (unless `replan`); otherwise planned now and recorded."""
     config, topology, overrides = row
     path = plans / plan_file(*row)
-    digest = hashlib.sha256(Path(config).read_bytes()).hexdigest()
+    digest = config_digest(Path(config))
     if path.exists() and not replan:
         record = json.loads(path.read_text())
         if record["config_sha256"] == digest:
