@@ -109,6 +109,10 @@ def test_a_later_override_wins_and_the_input_is_not_mutated():
         ),
         (["data.task=sorting"], "unknown data.task 'sorting'; valid tasks: mqar,"),
         (["train.compute_dtype=float16"], "valid: float32, bfloat16"),
+        (
+            ["model.matmul_precision=fast"],
+            "unknown model.matmul_precision 'fast'; valid choices: default, high, highest",
+        ),
         (["train.batch_size=6", "train.grad_accum=4"], "not divisible by train.grad_accum=4"),
     ],
 )
@@ -170,3 +174,44 @@ def test_the_embedded_default_is_mqar_with_deltanet():
     cfg = load(Path(__file__).parent.parent / "configs" / "mqar.yaml")
     assert cfg.data.task == "mqar"
     assert cfg.model.cell == "delta_rule" and set(cfg.model.mixers) == {"fwp"}
+
+
+@pytest.mark.parametrize("mixer", ["fwp", "mamba2"])
+def test_compute_dtype_and_matmul_precision_reach_the_chunk_matmuls(tmp_path, mixer):
+    """train.compute_dtype=bfloat16 and model.matmul_precision=highest (one chunkwise layer, a
+    delta rule or a Mamba-2 mixer): the cell's chunk matmuls take bfloat16 operands and
+    accumulate in float32, every one at HIGHEST precision (traced, not run)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.extend import core as jax_core
+
+    from fwpzoo.train.state import new_model
+
+    overrides = [
+        "train.compute_dtype=bfloat16",
+        "model.matmul_precision=highest",
+        f"model.mixers=[{mixer}]",
+        "model.chunk_size=8",
+    ]
+    cfg = load(write(tmp_path, "train:\n  steps: 10\n"), overrides)
+    model = new_model(cfg, vocab_size=16)
+    tokens = jnp.zeros((1, 16), jnp.int32)
+
+    def products(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, tuple | list) else (param,):
+                    if isinstance(sub, jax_core.ClosedJaxpr):
+                        yield from products(sub.jaxpr)
+
+    rounded = [
+        eqn
+        for eqn in products(jax.make_jaxpr(lambda t: model(t))(tokens).jaxpr)
+        if eqn.outvars[0].aval.dtype == jnp.float32
+        and all(v.aval.dtype == jnp.bfloat16 for v in eqn.invars)
+    ]
+    assert rounded and all(
+        eqn.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2 for eqn in rounded
+    )

@@ -25,6 +25,7 @@ from flax import nnx
 
 from fwpzoo import cells
 from fwpzoo.cells import FORMS, _spec
+from fwpzoo.cells.chunked.precision import PRECISIONS
 from fwpzoo.cells.deep.inner import FAST_NETS, OPTIMIZERS
 from fwpzoo.cells.forms import reset_option, run_form
 from fwpzoo.layers import context
@@ -192,6 +193,7 @@ class FWPConfig(MixerConfig):
     CHOICES: ClassVar[dict] = {
         "cell": tuple(cells.CELLS),
         "form": FORMS,
+        "matmul_precision": PRECISIONS,
         "feature_map": tuple(FEATURE_MAPS),
         "qk_norm": QK_NORMS,
         "beta_range": tuple(BETA_RANGES),
@@ -224,6 +226,7 @@ class FWPConfig(MixerConfig):
     cell: str
     form: str
     chunk_size: int
+    matmul_precision: str
     feature_map: str
     dpfp_nu: int
     favor_features: int
@@ -315,6 +318,7 @@ class FWPMixer(CellMixer):
         self.unit_values = module.OBJECTIVE.unit_values
         N = cfg.num_householder if self.sub_steps else 1  # writes per token
         self.cell, self.form, self.chunk_size = cfg.cell, cfg.form, cfg.chunk_size
+        self.matmul_precision = cfg.matmul_precision
         self.feature_map, self.dpfp_nu, self.qk_norm = cfg.feature_map, cfg.dpfp_nu, cfg.qk_norm
         self.H, self.head_dim, self.K, self.V, self.N = H, head_dim, K, V, N
         self.H_k = H_k
@@ -404,7 +408,9 @@ class FWPMixer(CellMixer):
 
     def _form(self, q, k, v, state, gates, reset):
         gates = gates | dict(self.options)  # the options ride along as keywords of the form
-        return run_form(self.cell, self.form, self.chunk_size, q, k, v, state, gates, reset)
+        precision = self.matmul_precision
+        cell, form, chunk_size = self.cell, self.form, self.chunk_size
+        return run_form(cell, form, chunk_size, q, k, v, state, gates, reset, precision)
 
     def _inputs(self, x, buffer, reset=None):
         """x [B, T, D] -> q [B, T, H, K], k, v ([B, T, H, (N,) K | V]: an N axis for a cell with

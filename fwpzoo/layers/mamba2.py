@@ -28,6 +28,7 @@ from flax import nnx
 
 from fwpzoo import cells
 from fwpzoo.cells import FORMS
+from fwpzoo.cells.chunked.precision import PRECISIONS
 from fwpzoo.cells.forms import reset_option, run_form
 from fwpzoo.layers.base import (
     CellMixer,
@@ -73,6 +74,7 @@ class Mamba2Config(MixerConfig):
     MIXER: ClassVar[str] = "mamba2"
     CHOICES: ClassVar[dict] = {
         "form": FORMS,
+        "matmul_precision": PRECISIONS,
         "decay_range": DECAY_RANGES,
     }
     MINIMUM: ClassVar[dict] = {
@@ -89,6 +91,7 @@ class Mamba2Config(MixerConfig):
     value_dim: int
     form: str
     chunk_size: int
+    matmul_precision: str
     conv_size: int
     decay_a_range: tuple[float, ...]
     decay_dt_range: tuple[float, ...]
@@ -122,6 +125,7 @@ class Mamba2Mixer(CellMixer):
         self.cell, self.H, self.K, self.V, self.dtype = CELL, H, K, V, dtype
         self.options = ()  # the cell takes no static arguments
         self.form, self.chunk_size = cfg.form, cfg.chunk_size
+        self.matmul_precision = cfg.matmul_precision
         self.inner = H * V
         self.xbc_width = self.inner + 2 * K
         linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)  # noqa: E731
@@ -166,7 +170,10 @@ class Mamba2Mixer(CellMixer):
 
         def run(v, log_decay):
             gates = {"log_alpha": log_decay}
-            return run_form(CELL, self.form, self.chunk_size, q, k, v, state, gates, reset)
+            precision = self.matmul_precision
+            return run_form(
+                CELL, self.form, self.chunk_size, q, k, v, state, gates, reset, precision
+            )
 
         o, state, alpha = self._with_decay(run, v, log_alpha)
         stats = {"state_norm": mean_state_norm(state), "alpha_mean": jnp.mean(alpha)}

@@ -97,6 +97,10 @@ class ModelConfig:
     cell: str = "delta_rule"  # a name in fwpzoo.cells.CELLS
     form: str = "chunkwise"  # recurrent | chunkwise | associative
     chunk_size: int = 64
+    # jax's precision= of the chunkwise form's matmuls (fwp, mamba2): default | high | highest;
+    # their operands take the inputs' dtype, bfloat16 under train.compute_dtype=bfloat16, while
+    # the state and its scan stay float32 (fwpzoo/cells/chunked/precision.py)
+    matmul_precision: str = "default"
     feature_map: str = "identity"  # identity, elu1, relu, silu, dpfp, favor, softmax
     dpfp_nu: int = 1
     favor_features: int = 32  # FAVOR+ random features m (feature dim 2m)
