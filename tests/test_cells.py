@@ -380,6 +380,7 @@ def rounds_operands(jitted_fn, inputs):
 
 
 @pytest.mark.parametrize("variant, form", ALL_FORMS)
+@pytest.mark.slow
 def test_bf16_inputs_keep_a_float32_state(variant, form):
     inputs = draw(variant, Sizes(15))
     low = bf16_inputs(inputs)
@@ -408,6 +409,7 @@ STRESS = Sizes(T=16384, B=1, H=1, K=4, V=4, N=2, log_alpha_min=-5.0, beta_range=
 @pytest.mark.parametrize(
     "variant, form, chunk_size", with_forms([("chunkwise", 64), ("associative", None)])
 )
+@pytest.mark.slow
 def test_long_sequence_strong_decay_and_beta_near_two(variant, form, chunk_size):
     """T = 16384, log_alpha down to -5: exp of a cumulative decay would under/overflow here.
 
@@ -429,6 +431,7 @@ PER_KEY = [variant for variant in VARIANTS if per_key_decay(variant)]
 
 
 @pytest.mark.parametrize("variant", PER_KEY)
+@pytest.mark.slow
 def test_chunks_beyond_the_factored_spread_take_the_halving(variant):
     """A per-key decay's chunk products come from factored rows only while every key decays by
     at most e^{-FACTORED_SPREAD} across the chunk; chunks of stronger decays (here tokens 16-31,
@@ -450,6 +453,7 @@ def test_chunks_beyond_the_factored_spread_take_the_halving(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.slow
 def test_reference_gradients_match_finite_differences(variant):
     """check_grads in float64 on tiny shapes (B = T = H = 1 is not enough to mix tokens: T = 3).
 
@@ -487,6 +491,7 @@ def test_chunkwise_jitted_and_eager_agree_with_reference(variant, jit):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.slow
 def test_chunkwise_backward_keeps_no_per_chunk_intermediates(variant):
     """The chunk scans hold only the chunk-entering states across chunks and recompute the rest;
     computing all chunks' [C, C] products at once would hold several sequence-sized arrays.

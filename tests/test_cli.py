@@ -84,6 +84,7 @@ def test_train_writes_config_metrics_tensorboard_and_checkpoints(reference):
     assert steps[-3:] == [20, 25, 30] and len(steps) <= 4
 
 
+@pytest.mark.slow
 def test_eval_rebuilds_the_model_from_the_checkpoint_alone(reference, tmp_path):
     # a copy keeps nothing but the checkpoints, so the stored config is all eval has
     alone = tmp_path / "alone"
@@ -105,6 +106,7 @@ def test_eval_rebuilds_the_model_from_the_checkpoint_alone(reference, tmp_path):
     assert at_step["step"] == 25 and at_step["split"] == "test"
 
 
+@pytest.mark.slow
 def test_sample_generates_the_asked_number_of_tokens(reference):
     out = fwpzoo("sample", "--workdir", reference, "--prompt", "1 9 2", "--num-tokens", 5)
     result = json.loads(out.stdout.splitlines()[-1])

@@ -97,6 +97,7 @@ def test_mqar_quick_records_resume_and_reproduce(tmp_path, capsys):
     assert listed == [f"done    {r['point']}" for r in [*records, rebound]]
 
 
+@pytest.mark.slow
 def test_a_run_that_meets_its_stop_metric_early_says_so(tmp_path):
     """A point whose valid accuracy reaches train.stop_at at an eval before the last step ends
     there and is recorded as stopped by the metric, not by the budget (the quick sweeps' points,
@@ -107,6 +108,7 @@ def test_a_run_that_meets_its_stop_metric_early_says_so(tmp_path):
     assert (outcome.steps, outcome.stop_reason) == (2, "reached_stop_metric")
 
 
+@pytest.mark.slow
 def test_a_resumed_point_counts_every_process_and_refuses_another_length(tmp_path):
     """A point whose training an earlier process did counts that training in its record's
     seconds; a workdir holding a shorter run of its config is refused, not extended (a cosine
@@ -373,6 +375,7 @@ def test_bad_experiment_arguments(argv, expected, capsys):
     assert len(err) == 1 and expected in err[0]
 
 
+@pytest.mark.slow
 def test_only_computes_the_pending_points_it_matches(tmp_path):
     """--only GLOB records the matching points and leaves the rest pending, on a page that
     reports what is recorded (how a sweep is split between processes or machines)."""

@@ -39,6 +39,7 @@ def test_an_eval_length_beyond_the_vocabulary_is_refused():
         next(task.eval_batches("test", 2, 1, seq_len=50))
 
 
+@pytest.mark.slow
 def test_quick_experiment_records_the_interval_curve_and_the_learned_eta(tmp_path, capsys):
     argv = ["experiment", "familiarity", "--quick", "--workdir", str(tmp_path), "--no-progress"]
     assert cli.main(argv) == 0

@@ -323,6 +323,7 @@ def test_an_unknown_stop_metric_is_refused():
         prepare(tiny(train={"stop_metric": "bpc"}))
 
 
+@pytest.mark.slow
 def test_programmed_mixers_train_resume_and_evaluate_like_any_other(tmp_path, capsys):
     """rdn and srwm layers on a formal language: a run stopped at step 2 and resumed to step 4
     logs the losses of the uninterrupted run, and eval from the checkpoint alone repeats the

@@ -127,6 +127,7 @@ class AttentionConfig(MixerConfig):
         "value_dim": 1,
         "attention_block_size": 1,
     }
+    ABOVE: ClassVar[dict] = {"rope_base": 1}  # the rotary frequencies are rope_base ** (-2i / d)
 
     num_heads: int
     num_kv_heads: int
@@ -155,8 +156,6 @@ class AttentionConfig(MixerConfig):
                 f"model.num_kv_heads={G} and model.num_heads={H}: the query heads must be a "
                 "multiple of the key/value heads"
             )
-        if self.rope_base <= 1:  # the rotary frequencies are rope_base ** (-2i / d)
-            raise ValueError(f"model.rope_base must be > 1, got {self.rope_base}")
         if self.rotary_dim is None and K % 2:
             raise ValueError(f"attention needs an even key_dim for rotary embeddings, got {K}")
         if self.rotary_dim is not None and (self.rotary_dim % 2 or self.rotary_dim > K):

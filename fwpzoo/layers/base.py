@@ -109,9 +109,10 @@ def floats_of(tree) -> int:
 class MixerConfig(ABC):
     """A mixer's typed view of the model config: a subclass lists the fields its mixer reads.
 
-    Subclasses set MIXER (the registry name), CHOICES ({field: its valid names}) and MINIMUM
-    ({field: its smallest value; None passes}): the domain of each field, which the model config
-    checks wherever the field is set, read or not. They may set DEFAULTS ({field: the mixer's
+    Subclasses set MIXER (the registry name), CHOICES ({field: its valid names}), MINIMUM
+    ({field: its smallest value; None passes}) and ABOVE ({field: a bound its value must exceed;
+    None passes}): the domain of each field, which the model config checks wherever the field is
+    set, read or not. They may set DEFAULTS ({field: the mixer's
     own default where it differs from the model config's}), and define `check` (ValueError
     naming the model.<field> for a combination this mixer cannot take), `resolve` (sizes
     derived once), `forms` (for a mixer with a `form` field) and `describe`. `note` is set by
@@ -120,6 +121,7 @@ class MixerConfig(ABC):
     MIXER: ClassVar[str] = ""
     CHOICES: ClassVar[dict[str, Any]] = {}
     MINIMUM: ClassVar[dict[str, int]] = {"d_model": 1}
+    ABOVE: ClassVar[dict[str, float]] = {}
     DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     d_model: int
@@ -140,7 +142,7 @@ class MixerConfig(ABC):
         if isinstance(source, cls):
             return source
         values = cls._read(source, explicit)
-        check_domain(values, cls.CHOICES, cls.MINIMUM)
+        check_domain(values, cls.CHOICES, cls.MINIMUM, cls.ABOVE)
         values = cls.resolve(values)
         note = cls._settle_form(values, explicit) if "form" in values else None
         return cls(**values, note=note)
@@ -220,9 +222,10 @@ def head_sizes(values: dict) -> dict:
     return values
 
 
-def check_domain(values: dict, choices: dict, minimum: dict) -> None:
+def check_domain(values: dict, choices: dict, minimum: dict, above: dict) -> None:
     """ValueError (one line naming model.<field>) for a value outside its field's domain: a name
-    not among its choices, a size below its minimum (None passes)."""
+    not among its choices, a size below its minimum, a number not above its bound (None
+    passes)."""
     for name, valid in choices.items():
         if name in values and values[name] not in valid:
             raise ValueError(
@@ -232,6 +235,10 @@ def check_domain(values: dict, choices: dict, minimum: dict) -> None:
         value = values.get(name)
         if value is not None and value < smallest:
             raise ValueError(f"model.{name} must be >= {smallest}, got {value}")
+    for name, bound in above.items():
+        value = values.get(name)
+        if value is not None and not value > bound:
+            raise ValueError(f"model.{name} must be > {bound}, got {value}")
 
 
 def check_decay_init(view) -> None:

@@ -218,6 +218,7 @@ class FWPConfig(MixerConfig):
         "inner_window": 1,
         "conv_size": 0,
     }
+    ABOVE: ClassVar[dict] = {"qk_scale": 0, "output_norm_eps": 0}
 
     num_heads: int  # key (and query) heads
     num_value_heads: int  # H: value heads, a multiple of num_heads, each its own state
@@ -277,10 +278,6 @@ class FWPConfig(MixerConfig):
         check_beta_init(self.cell, self.beta_init, self.beta_range)
         check_inner(self)
         check_decay_init(self)
-        if self.qk_scale is not None and self.qk_scale <= 0:
-            raise ValueError(f"model.qk_scale must be > 0, got {self.qk_scale}")
-        if self.output_norm_eps is not None and not self.output_norm_eps > 0:
-            raise ValueError(f"model.output_norm_eps must be > 0, got {self.output_norm_eps}")
 
     @property
     def feature_dim(self) -> int:

@@ -34,13 +34,15 @@ BLOCK_NORMS: tuple[str, ...] = ("pre", "post")
 REMATS: tuple[str, ...] = ("none", "block", "mixer")
 
 
-def _domains() -> tuple[dict, dict]:
-    """Every mixer's field domains merged: ({field: valid names}, {field: smallest value})."""
-    choices, minimum = {}, {}
+def _domains() -> tuple[dict, dict, dict]:
+    """Every mixer's field domains merged: ({field: valid names}, {field: smallest value},
+    {field: the bound it must exceed})."""
+    choices, minimum, above = {}, {}, {}
     for mixer in MIXERS.values():
         choices |= mixer.Config.CHOICES
         minimum |= mixer.Config.MINIMUM
-    return choices, minimum
+        above |= mixer.Config.ABOVE
+    return choices, minimum, above
 
 
 def _positive(key: str, value: int | None, minimum: int = 1) -> None:
@@ -249,8 +251,7 @@ class ModelConfig:
 
     def _check_fields(self) -> None:
         """The domain of every field, read by a layer or not, and the block's own fields."""
-        choices, minimum = _domains()
-        check_domain(dataclasses.asdict(self), choices, minimum)
+        check_domain(dataclasses.asdict(self), *_domains())
         _one_of("remat", self.remat, REMATS)
         _one_of("block_norm", self.block_norm, BLOCK_NORMS)
         for key in ("vocab_size",):
