@@ -38,7 +38,7 @@ from fwpzoo.config import Config, ConfigError, from_dict, load
 from fwpzoo.config_file import MAX_VALUES, apply_overrides
 from fwpzoo.data import fetch
 from fwpzoo.models import build_model, sampling
-from fwpzoo.train import loop, restore_run
+from fwpzoo.train import loop, restore_run, stop
 from fwpzoo.train.checkpoint import (
     Checkpoints,
     UnreadableCheckpoint,
@@ -767,6 +767,23 @@ def test_a_stalled_step_is_named_in_one_line_and_exits_4(tiny_yaml, tmp_path):
         err,
     ), err
     assert Checkpoints(tmp_path / "run" / "checkpoints").steps() == [2]
+
+
+def test_time_spent_suspended_is_not_a_stall_and_a_stall_after_it_still_is(monkeypatch):
+    offset, exits = [0.0], []
+    monkeypatch.setattr(stop.time, "monotonic", lambda: time.perf_counter() + offset[0])
+    monkeypatch.setattr(stop.os, "_exit", exits.append)  # the watchdog's exit, recorded
+    monkeypatch.setattr(stop, "say", lambda line: None)
+    with stop.RunGuard(0.4, lambda: "nothing kept") as guard:  # the watchdog ticks every 0.1 s
+        guard.beat("running step 3")
+        time.sleep(0.15)
+        offset[0] += 100.0  # SIGSTOP, then SIGCONT 100 s later: the clock jumps between ticks
+        time.sleep(0.25)
+        assert exits == []
+        deadline = time.monotonic() + 5  # no beat for longer than the timeout after waking
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert exits and exits[0] == stop.EXIT_STALLED  # a stall
 
 
 @pytest.mark.slow

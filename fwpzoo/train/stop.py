@@ -13,7 +13,8 @@ compiles and runs).
 
 Stalls: the loop says what it is doing as it goes (`beat`); when nothing new is said for
 train.stall_timeout seconds, a thread names what the run was doing and ends the process with
-EXIT_STALLED. Checkpoints are written to a temporary folder and renamed when complete, so the
+EXIT_STALLED; time the process spends suspended (SIGSTOP, a host asleep) is not a stall.
+Checkpoints are written to a temporary folder and renamed when complete, so the
 last complete one is intact.
 
 With several processes, JAX's preemption service hears SIGTERM and agrees on the step at which
@@ -125,8 +126,16 @@ class RunGuard(contextlib.AbstractContextManager):
         os._exit(128 + signum)
 
     def _watch(self) -> None:
-        while not self._done.wait(min(self.stall_timeout / 4, 5.0)):
-            idle = time.monotonic() - self.since
+        period = min(self.stall_timeout / 4, 5.0)
+        last = awake_since = time.monotonic()
+        while not self._done.wait(period):
+            now = time.monotonic()
+            # a wait that overran by far: the process was suspended (SIGSTOP, a host asleep), so
+            # the time since the last beat is not the run's; its stall clock restarts on waking
+            if now - last > 2 * period + 1.0:
+                awake_since = now
+            last = now
+            idle = now - max(self.since, awake_since)
             if idle > self.stall_timeout:
                 say(
                     f"{self.prog}: no progress for {idle:.0f} s while {self.doing} "
