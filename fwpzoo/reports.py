@@ -5,10 +5,13 @@ A page is markdown, rewritten on every run above NOTES_MARKER; the hand-written 
 `markdown_table`, which writes a float as `number` does and None as "-"; a quantity measured
 over seeds is written as its median with the range (`spread_cell`) and drawn as the median with
 bars to the min and max (`errorbars`). Figures are drawn with `subplots` and written with
-`save_figure` (files only: no display on the machines that run sweeps and benchmarks).
+`save_figure` (files only: no display on the machines that run sweeps and benchmarks). Every
+page names the code it was computed from: `git_commit`.
 """
 
+import functools
 import statistics
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -152,3 +155,40 @@ def errorbars(ax, curve: dict, **style) -> None:
     above = [hi - m for m, hi in zip(middle, high, strict=True)]
     style = {"marker": "o", "markersize": 3, **style}
     ax.errorbar(xs, middle, yerr=[below, above], capsize=2, **style)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git(*args: str) -> str:
+    """stdout of a git command in the checkout this code runs from; CalledProcessError/OSError."""
+    return subprocess.run(
+        ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+# What a point's computation reads from the checkout besides installed packages: the code and
+# the configs (a record's spec holds the settings, but not a new module or an edited default).
+TRACKED_INPUTS = ("fwpzoo", "configs")
+
+
+@functools.cache
+def checkout_state() -> tuple[str, tuple[str, ...]] | None:
+    """(HEAD's full commit, the paths under TRACKED_INPUTS that differ from it, untracked ones
+    included); None outside a git checkout. Cached: read once when a sweep starts, it names
+    the code the sweep's process runs."""
+    try:
+        head = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=all", "--", *TRACKED_INPUTS)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head, tuple(line[3:] for line in status.splitlines())
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (12 digits), "+" if its code or configs differ from it."""
+    state = checkout_state()
+    if state is None:
+        return None
+    head, changed = state
+    return head[:12] + "+" * bool(changed)

@@ -397,7 +397,9 @@ def test_records_are_written_only_from_a_committed_tree(tmp_path, monkeypatch, c
     """A sweep that records into docs/results refuses, in one line and before computing any
     point, a tree whose code or configs differ from its commit; --allow-dirty records the point
     with the uncommitted paths listed and the commit marked with "+"."""
-    monkeypatch.setattr(_sweep, "checkout_state", lambda: ("f" * 40, ("fwpzoo/x.py",)))
+    state = lambda: ("f" * 40, ("fwpzoo/x.py",))  # noqa: E731
+    monkeypatch.setattr(_sweep, "checkout_state", state)  # what the sweep checks
+    monkeypatch.setattr(reports, "checkout_state", state)  # what the record names
     monkeypatch.setattr(_sweep, "in_main_history", lambda commit: True)
     argv = ["experiment", "mqar", "--workdir", str(tmp_path), "--no-progress", "--only", "x*"]
     assert cli.main(argv) == 2

@@ -23,7 +23,7 @@ import yaml
 from fwpzoo.bench._common import BenchArgs, positive_int
 from fwpzoo.config import ConfigError
 from fwpzoo.platform import libtpu_installed
-from fwpzoo.reports import markdown_table
+from fwpzoo.reports import git_commit, markdown_table
 
 GiB = 2**30
 REPO = Path(__file__).resolve().parents[2]
@@ -87,20 +87,6 @@ def plan_file(config: str, topology: str, overrides) -> str:
     return "".join(c if c.isalnum() or c in "._=-" else "-" for c in name) + ".json"
 
 
-def code_commit() -> str | None:
-    """The commit the code runs from (12 digits), "+" if fwpzoo/ or configs/ differ from it;
-    None outside a git checkout."""
-
-    def git(*args):
-        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    head = git("rev-parse", "HEAD")
-    if head is None:
-        return None
-    return head[:12] + "+" * bool(git("status", "--porcelain", "--", "fwpzoo", "configs"))
-
-
 def config_digest(path: Path) -> str:
     """sha256 of the config's values, not its text: a comment edited does not make a plan stale."""
     values = yaml.safe_load(path.read_text())
@@ -120,7 +106,7 @@ def recorded_plan(row, plans: Path, replan: bool = False, plan=run_plan) -> dict
     result = plan(*row)
     record = {
         "command": " ".join(["fwpzoo plan", config, "--topology", topology, *overrides]),
-        "commit": code_commit(),
+        "commit": git_commit(),
         "config_sha256": digest,
         "result": result,
     }

@@ -60,7 +60,6 @@ when the page is rewritten; not in code comments.
 
 import argparse
 import fnmatch
-import functools
 import importlib.metadata
 import json
 import math
@@ -81,7 +80,14 @@ from tqdm import tqdm
 from fwpzoo.config import ConfigError, flatten, from_data, load, to_dict
 from fwpzoo.config_file import apply_overrides, read_config_file
 from fwpzoo.layers import describe
-from fwpzoo.reports import versions_line, write_page
+from fwpzoo.reports import (
+    TRACKED_INPUTS,
+    checkout_state,
+    git,
+    git_commit,
+    versions_line,
+    write_page,
+)
 from fwpzoo.train import (
     TrainingDiverged,
     evaluate,
@@ -359,39 +365,7 @@ def versions() -> dict:
     return found
 
 
-def git(*args: str) -> str:
-    """stdout of a git command in the checkout this code runs from; CalledProcessError/OSError."""
-    return subprocess.run(
-        ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True
-    ).stdout.strip()
-
-
-# What a point's computation reads from the checkout besides installed packages: the code and
-# the configs (a record's spec holds the settings, but not a new module or an edited default).
-TRACKED_INPUTS = ("fwpzoo", "configs")
 MAIN_BRANCH = "main"
-
-
-@functools.cache
-def checkout_state() -> tuple[str, tuple[str, ...]] | None:
-    """(HEAD's full commit, the paths under TRACKED_INPUTS that differ from it, untracked ones
-    included); None outside a git checkout. Cached: read once when a sweep starts, it names
-    the code the sweep's process runs."""
-    try:
-        head = git("rev-parse", "HEAD")
-        status = git("status", "--porcelain", "--untracked-files=all", "--", *TRACKED_INPUTS)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head, tuple(line[3:] for line in status.splitlines())
-
-
-def git_commit() -> str | None:
-    """The checkout's commit (12 digits), "+" if its code or configs differ from it."""
-    state = checkout_state()
-    if state is None:
-        return None
-    head, changed = state
-    return head[:12] + "+" * bool(changed)
 
 
 def in_main_history(commit: str) -> bool:
