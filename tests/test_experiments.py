@@ -375,6 +375,14 @@ def test_bad_experiment_arguments(argv, expected, capsys):
     assert len(err) == 1 and expected in err[0]
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_experiment_help_lists_the_experiments(flag, capsys):
+    assert cli.main(["experiment", flag]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fwpzoo experiment NAME")
+    assert "experiments: capacity, charlm, deep_memory," in out
+
+
 @pytest.mark.slow
 def test_only_computes_the_pending_points_it_matches(tmp_path):
     """--only GLOB records the matching points and leaves the rest pending, on a page that

@@ -1,6 +1,7 @@
 """Experiments that reproduce the field's findings.
 
     fwpzoo experiment NAME [--quick] [--workdir DIR] [--no-progress]
+    fwpzoo experiment --help                    # the experiments; NAME --help: one's options
 
 Each public module NAME of this package is one experiment: its EXPERIMENT, a grid and a report,
 which the sweep engine (_sweep.py) computes, records and reports; the runner below finds them by
@@ -18,9 +19,22 @@ def names() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
+def usage() -> str:
+    """What `fwpzoo experiment --help` prints: the command line and the experiments."""
+    return (
+        "usage: fwpzoo experiment NAME [--quick] [--workdir DIR] [--cpu-devices N] "
+        "[--allow-dirty] [--point P | --list | --report-only | --only GLOB] [--no-progress]\n"
+        f"experiments: {', '.join(names())}\n"
+        "fwpzoo experiment NAME --help describes each option."
+    )
+
+
 def main(argv: list[str]) -> int:
     """Runs the sweep of fwpzoo.experiments.<argv[0]>.EXPERIMENT with the arguments after it;
-    ConfigError (exit 2) for a bad name."""
+    -h/--help alone prints the usage and the experiments; ConfigError (exit 2) for a bad name."""
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage())
+        return 0
     valid = names()
     if not argv or argv[0] not in valid:
         given = f"unknown experiment {argv[0]!r}" if argv else "no experiment named"

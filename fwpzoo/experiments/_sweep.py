@@ -106,6 +106,15 @@ RESULTS = REPO / "docs" / "results"
 # How a record was made; every record carries these after its experiment's own keys.
 RUN_FIELDS = ("point", "seed", "steps", "stop_reason", "seconds", "versions", "command")
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+# What --quick does to every trainer point: two steps, one warmup step, both checkpointed and
+# evaluated on one batch; an experiment's QUICK_OVERRIDES add what its task needs on top.
+QUICK_OVERRIDES = (
+    "train.steps=2",
+    "train.warmup_steps=1",
+    "checkpoint.every=2",
+    "eval.every=2",
+    "eval.num_batches=1",
+)
 
 
 class ExperimentArgs(argparse.ArgumentParser):

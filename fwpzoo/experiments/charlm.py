@@ -20,7 +20,7 @@ import numpy as np
 
 from fwpzoo.config import load
 from fwpzoo.data.corpora import load_corpus
-from fwpzoo.experiments import _tuning
+from fwpzoo.experiments import _sweep, _tuning
 from fwpzoo.experiments._sweep import (
     CONFIGS,
     Experiment,
@@ -77,10 +77,9 @@ DATA_DIR = "data"  # the configs' data.data_dir (scripts/fetch_data.py), from th
 WHOLE_SPLIT = 10**9  # more batches than any split has: text evaluation stops at the split's end
 QUICK_MODELS, QUICK_CORPORA, QUICK_SEEDS = ("delta_rule", "attention"), ("fixture",), (0,)
 QUICK_OVERRIDES = (
+    *_sweep.QUICK_OVERRIDES,
     "data.seq_len=32",
-    "train.steps=2",
     "train.batch_size=4",
-    "train.warmup_steps=1",
     "train.log_every=1",
     "eval.batch_size=4",
     "eval.lengths=[64]",

@@ -14,7 +14,7 @@ import math
 
 from fwpzoo.cells.deep.inner import Inner
 from fwpzoo.config import load
-from fwpzoo.experiments import _tuning
+from fwpzoo.experiments import _sweep, _tuning
 from fwpzoo.experiments._sweep import CONFIGS, Experiment, read_details, train_point
 from fwpzoo.reports import errorbars, group, markdown_table, save_figure, spread_cell, subplots
 
@@ -37,13 +37,6 @@ TASKS = {  # task -> (overrides, the metric recorded, whether higher is better)
     "regression": (("data.task=regression", "data.regression_dim=6"), "normalised_error", False),
 }
 QUICK_POINTS, QUICK_SEEDS = (("ttt_linear", "mqar"), ("atlas", "regression")), (0,)
-QUICK_OVERRIDES = (
-    "train.steps=2",
-    "checkpoint.every=2",
-    "eval.every=2",
-    "train.warmup_steps=1",
-    "eval.num_batches=1",
-)
 KEYS = (
     "model",
     "task",
@@ -109,7 +102,7 @@ def make_points(options) -> list:
         for model, task in QUICK_POINTS if options.quick else pairs:
             path = CONFIGS / NAME / f"{model}.yaml"
             task_overrides, metric, _ = TASKS[task]
-            overrides = (*task_overrides, *(QUICK_OVERRIDES if options.quick else ()))
+            overrides = (*task_overrides, *(_sweep.QUICK_OVERRIDES if options.quick else ()))
             cfg = load(path, overrides)
             labels = labels_of(model, task, cfg)
             length = cfg.data.seq_len

@@ -55,7 +55,6 @@ TEST_INTERVALS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 SEEDS = (0, 1, 2)
 HEBBFF_SEEDS = (0, 1, 2, 3, 4)  # the sign question gets five seeds a variant
 QUICK_MODELS, QUICK_TRAIN, QUICK_TEST, QUICK_SEEDS = ("hebbff", "delta_rule"), (2,), (1, 2, 4), (0,)
-QUICK_OVERRIDES = ("train.steps=2", "train.warmup_steps=1", "eval.num_batches=1")
 KEYS = (
     "model",
     "plastic_on",
@@ -86,7 +85,7 @@ def make_points(options) -> list:
                 overrides = (
                     f"data.repeat_interval={R}",
                     *extra,
-                    *(QUICK_OVERRIDES if quick else ()),
+                    *(_sweep.QUICK_OVERRIDES if quick else ()),
                 )
                 cfg = load(path, overrides)
                 labels = {**model_labels(cfg), "eta_sign": eta_sign, "task": NAME, "setting": R}

@@ -15,7 +15,7 @@ from itertools import product
 import numpy as np
 
 from fwpzoo.config import load
-from fwpzoo.experiments import _tuning
+from fwpzoo.experiments import _sweep, _tuning
 from fwpzoo.experiments._sweep import (
     CONFIGS,
     Experiment,
@@ -69,7 +69,6 @@ MODELS = {
 }
 SEEDS = (0, 1, 2)
 QUICK_TASKS, QUICK_MODELS, QUICK_SEEDS = ("parity",), ("rdn", "srwm"), (0,)
-QUICK_OVERRIDES = ("train.steps=2", "train.warmup_steps=1", "eval.every=2", "eval.num_batches=1")
 TEST_BATCHES = 16  # 512 test strings per bin
 KEYS = (
     "model",
@@ -112,7 +111,7 @@ def task_overrides(task: str) -> tuple[str, ...]:
 
 
 def language_point(task, variant, seed, options, rate=None):
-    quick = QUICK_OVERRIDES if options.quick else ()
+    quick = _sweep.QUICK_OVERRIDES if options.quick else ()
     learning_rate = (_tuning.rate_override(rate),) if rate is not None else ()
     overrides = (
         *MODELS[variant],

@@ -16,7 +16,7 @@ import functools
 import math
 
 from fwpzoo.config import load
-from fwpzoo.experiments import _tuning
+from fwpzoo.experiments import _sweep, _tuning
 from fwpzoo.experiments._sweep import (
     CONFIGS,
     Experiment,
@@ -104,12 +104,10 @@ NARROW_HEADS = 16
 QUICK_MODELS, QUICK_GRID, QUICK_SEEDS = ("attention", "delta_rule"), {2: (4,)}, (0,)
 QUICK_REBIND_MODEL, QUICK_REBIND_POINT = "delta_rule", (2, 2, 2)
 QUICK_OVERRIDES = (
+    *_sweep.QUICK_OVERRIDES,
     "data.seq_len=16",
     "data.vocab_size=32",
     "model.d_model=16",
-    "train.steps=2",
-    "train.warmup_steps=1",
-    "eval.num_batches=1",
 )
 
 

@@ -10,7 +10,7 @@ configs/experiments/state_tracking/.
 """
 
 from fwpzoo.config import load
-from fwpzoo.experiments import _tuning
+from fwpzoo.experiments import _sweep, _tuning
 from fwpzoo.experiments._sweep import (
     CONFIGS,
     Experiment,
@@ -47,14 +47,7 @@ RUNS = {
 SEEDS = (0, 1, 2)
 CHANCE = {"parity": 1 / 2, "cyclic": 1 / 3, "s3": 1 / 6}  # accuracy of a uniform guess
 QUICK_RUNS, QUICK_SEEDS = ("parity-delta_rule-beta02", "s3-delta_product-n2"), (0,)
-QUICK_OVERRIDES = (
-    "train.steps=2",
-    "checkpoint.every=2",
-    "eval.every=2",
-    "train.warmup_steps=1",
-    "eval.num_batches=1",
-    "eval.lengths=[48]",
-)
+QUICK_OVERRIDES = (*_sweep.QUICK_OVERRIDES, "eval.lengths=[48]")
 
 
 KEYS = ("model", "cell", "beta_range", "task", "x", "seed", "metric", "value")
