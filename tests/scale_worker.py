@@ -19,7 +19,7 @@ from flax import nnx  # noqa: E402
 
 from fwpzoo import cells  # noqa: E402
 from fwpzoo.config import Config, from_dict  # noqa: E402
-from fwpzoo.layers import FWPMixer  # noqa: E402
+from fwpzoo.layers import get_mixer  # noqa: E402
 from fwpzoo.platform import libtpu_installed  # noqa: E402
 from fwpzoo.train import plan  # noqa: E402
 from fwpzoo.train.loop import prepare, train  # noqa: E402
@@ -37,8 +37,17 @@ MESHES = {
     "fsdp=2 context=4": {"data": 1, "fsdp": 2, "context": 4},
 }
 # the suite's share (compile time): a left-matrix rule and the log-scale one (the mLSTM's max
-# stabiliser), and the mesh with data, tensor and context at once (fsdp: the resumed run's)
+# stabiliser), mamba2 with its decay of either sign (its own summary; the other range is the
+# cell's) and the complex SSM, and the mesh with data, tensor and context at once (fsdp: the
+# resumed run's)
 SOME = ("delta_rule", "mlstm")
+OTHER_LAYERS = {
+    "mamba2": {"mixer": "mamba2"},
+    "mamba2 -1,1": {"mixer": "mamba2", "decay_range": "-1,1"},
+    "ssm": {"mixer": "ssm"},
+    "ssm real": {"mixer": "ssm", "ssm_complex": False},
+}
+SOME_OTHER = ("mamba2 -1,1", "ssm")
 SUITE_MESHES = ("data=8", "data=2 tensor=2 context=2")
 HYBRID = [
     {"mixer": "fwp", "cell": "delta_rule"},
@@ -91,12 +100,12 @@ def losses(mesh: dict, steps: int = 10, resets: bool = True) -> list[float]:
     return out
 
 
-def cell_difference(cell: str) -> float:
-    """Largest relative RMS difference between an FWP layer of `cell` run whole and with its
-    sequence over context=4 (data=2): outputs, final state and the gradients of both in its
-    parameters and input, with RESETS."""
-    cfg = config({}, mixers=[{"mixer": "fwp", "cell": cell}]).model.layers()[0]
-    mixer = FWPMixer(cfg, rngs=nnx.Rngs(0))
+def layer_difference(entry: dict) -> float:
+    """Largest relative RMS difference between a layer (a mixers entry: an FWP cell, mamba2,
+    the SSM) run whole and with its sequence over context=4 (data=2): outputs, final state and
+    the gradients of both in its parameters and input, with RESETS."""
+    cfg = config({}, mixers=[entry]).model.layers()[0]
+    mixer = get_mixer(cfg.mixers[0])(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(mixer)
     x = jax.random.normal(jax.random.key(1), (2, T, 16))
     reset = jnp.zeros((2, T), bool).at[:, list(RESETS)].set(True)
@@ -120,9 +129,10 @@ def cell_difference(cell: str) -> float:
 
 
 def largest_all_gathers(seq_len: int) -> list[int]:
-    """Elements of each all-gather in the compiled train step of a two-layer DeltaNet under
-    fsdp=2 x context=4 at `seq_len` tokens, largest first."""
-    cfg = config({"data": 1, "fsdp": 2, "context": 4}, mixers=["fwp", "fwp"], seq_len=seq_len)
+    """Elements of each all-gather in the compiled train step of a DeltaNet / mamba2 / SSM
+    model under fsdp=2 x context=4 at `seq_len` tokens, largest first."""
+    mixers = ["fwp", "mamba2", "ssm"]
+    cfg = config({"data": 1, "fsdp": 2, "context": 4}, mixers=mixers, seq_len=seq_len)
     run = prepare(cfg)
     state = init_train_state(cfg, run.task.vocab_size, run.optimizer, run.mesh)
     batch = shard_batch(run.task.train_batch(0, B), run.mesh)
@@ -154,7 +164,9 @@ def main(workdir: str, flags) -> None:
     meshes = MESHES if full else {name: MESHES[name] for name in SUITE_MESHES}
     out = {"losses": {name: said(name, losses(mesh)) for name, mesh in meshes.items()}}
     checked = [cell for cell in cells.CELLS if affine(cell)] if full else SOME
-    out["cells"] = {cell: said(cell, cell_difference(cell)) for cell in checked}
+    layers = {cell: {"mixer": "fwp", "cell": cell} for cell in checked}
+    layers |= {name: OTHER_LAYERS[name] for name in (OTHER_LAYERS if full else SOME_OTHER)}
+    out["cells"] = {name: said(name, layer_difference(entry)) for name, entry in layers.items()}
     out["all_gathers"] = {n: said(f"T={n}", largest_all_gathers(n)[:3]) for n in (T, 2 * T)}
     out["activations"] = {n: B * n * 16 for n in (T, 2 * T)}  # a layer's [B, T, D]
     out["resumed"] = said("resumed", resumed_losses(Path(workdir) / "resume"))

@@ -22,7 +22,13 @@ from fwpzoo.config import MESH_AXES, Config, ConfigError, MeshConfig, from_dict,
 from fwpzoo.interop.architectures import ARCHITECTURES
 from fwpzoo.models import ModelConfig, build_model
 from fwpzoo.train.plan import cpu_count_of
-from fwpzoo.train.sharding import logical_axes, logical_entry, partition_spec, path_names
+from fwpzoo.train.sharding import (
+    check_context_length,
+    logical_axes,
+    logical_entry,
+    partition_spec,
+    path_names,
+)
 from fwpzoo.train.state import new_model, split_model
 from fwpzoo.train.steps import make_train_step
 
@@ -44,6 +50,15 @@ def test_mesh_resolves_its_free_axis_and_refuses_a_product_that_misses_the_devic
 
 def mesh(**sizes) -> AbstractMesh:
     return AbstractMesh(tuple(sizes.get(name, 1) for name in MESH_AXES), MESH_AXES)
+
+
+@pytest.mark.parametrize("mixer", ["fwp", "mamba2"])
+def test_context_leaves_each_device_the_short_convs_halo(mixer):
+    """The conv halo comes whole from the previous device: T / context >= conv_size - 1."""
+    model = from_dict(Config, {"model": {"mixers": [mixer], "conv_size": 4}}).model
+    check_context_length(model, 12, 4)
+    with pytest.raises(ConfigError, match=r"leaves 2 tokens per device, fewer than the 3-token"):
+        check_context_length(model, 8, 4)
 
 
 def test_rules_put_heads_and_mlp_on_tensor_and_the_largest_free_axis_on_fsdp():
@@ -187,10 +202,12 @@ def test_meshes_context_parallelism_resume_and_plan(tmp_path):
     - 10 train steps of a DeltaNet / per-key gated delta rule / attention hybrid, with resets at
       and beside the shard edges, give the same losses under data=8 and data=2 x tensor=2 x
       context=2 (--full: also data=2 x fsdp=4 and fsdp=2 x context=4);
-    - an FWP layer of the delta rule and of the mLSTM (--full: every affine cell) with its
-      sequence over context=4 gives the unsplit layer's outputs, final state and gradients
-      (resets at t = 0, on and beside the shard edges);
-    - no all-gather of a context-parallel step (a model without attention) grows with T;
+    - an FWP layer of the delta rule and of the mLSTM, a mamba2 layer with its decay in
+      (-1, 1) and a complex SSM layer (--full: every affine cell, mamba2's other range, the
+      real SSM) with its sequence over context=4 gives the unsplit layer's outputs, final
+      state and gradients (resets at t = 0, on and beside the shard edges);
+    - no all-gather of a context-parallel step of a model without attention (DeltaNet, mamba2
+      and SSM layers) grows with T;
     - a run saved under data=2 x fsdp=4 resumes under data=8 as the uninterrupted run goes;
     - `fwpzoo plan` fits on cpu:8."""
     worker = Path(__file__).with_name("scale_worker.py")

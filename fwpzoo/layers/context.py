@@ -4,15 +4,17 @@ Active while a mesh with context > 1 is set (jax.set_mesh; the trainer sets the 
 its steps) and a layer runs its full-sequence form from the start (no cache). Each device holds
 T / C tokens of every row; no device holds the whole sequence's activations:
 
-- the cell of an FWP layer (every rule in CELLS): each shard summarises its tokens from the zero
-  state (fwpzoo.cells.chunked.summary: the span's transition and contribution), the summaries
-  are all-gathered once over `context` ([C, B, H, ...], state-sized), each shard folds those
-  before it into the state entering its span and runs its form from that state;
-- the short convolution: each shard receives the (conv_size - 1)-token tail of the previous
-  shard (one collective permute) and convolves its tokens after it.
+- the cell of an FWP or mamba2 layer (every rule in CELLS): each shard summarises its tokens
+  from the zero state (fwpzoo.cells.chunked.summary: the span's transition and contribution),
+  the summaries are all-gathered once over `context` ([C, B, H, ...], state-sized), each shard
+  folds those before it into the state entering its span and runs its form from that state;
+- the diagonal SSM's recurrence: the same, its span's summary (the product of its decays, the
+  state it leaves from zero) in the form of gated_linear_attn's per-key decay;
+- the short convolution (FWP and mamba2 layers): each shard receives the (conv_size - 1)-token
+  tail of the previous shard (one collective permute) and convolves its tokens after it.
 
-The derivation (why both are exact, resets included) is in context.md beside this file. Every
-other layer under the same mesh (attention, the MLP, norms, mamba2, ssm) is left to jit's
+The derivation (why all three are exact, resets included) is in context.md beside this file.
+Every other layer under the same mesh (attention, the MLP, norms, projections) is left to jit's
 partitioner, which is exact for any sharding; attention gathers keys and values over `context`.
 """
 
@@ -23,7 +25,6 @@ from jax.sharding import PartitionSpec as P
 
 from fwpzoo import cells
 from fwpzoo.cells import _spec
-from fwpzoo.cells._reference import state_dtype
 from fwpzoo.cells.chunked import summary
 
 AXIS = "context"
@@ -46,14 +47,18 @@ def _tensor(mesh):
     return "tensor" if "tensor" in mesh.axis_names else None
 
 
-def run_cell(cell: str, chunk_size: int, local_form, q, k, v, gates: dict, reset=None):
+def run_cell(
+    cell: str, chunk_size: int, local_form, q, k, v, gates: dict, reset=None, local_summary=None
+):
     """The cell's outputs over a sequence split over `context`, from the zero state.
 
     local_form(q, k, v, state, gates, reset) -> (o, final state) runs the layer's configured form
     on one shard's tokens; chunk_size is the summaries' chunk (any chunk is exact; the layer's
     keeps the rounding of an unsplit run's). q [B, T, H, K], k [B, T, H, (N,) K],
     v [B, T, H, (N,) V], gates per-token [B, T, H, ...] or static [H, ...], reset [B, T] or None
-    -> (o [B, T, H, V], the state after the last token [B, H, ...]).
+    -> (o [B, T, H, V], the state after the last token [B, H, ...]). local_summary(k, v, gates,
+    reset) -> Summary of one shard's span, where the layer maps its inputs before the form
+    (mamba2's signed decay); by default the cell's own (summary.summarize).
     """
     mesh = context_mesh()
     module = cells.get(cell)
@@ -61,28 +66,72 @@ def run_cell(cell: str, chunk_size: int, local_form, q, k, v, gates: dict, reset
     batch, heads = _batch(mesh), _tensor(mesh)
     token_spec = P(batch, AXIS, heads)  # [B, T, H, ...]: heads over tensor
     gate_specs = {name: P(heads) if name in static else token_spec for name in gates}
-    state_spec = P(batch, heads)  # [B, H, ...] on every context shard alike
-
-    def local(q, k, v, gates, reset):
-        # this shard's span from the zero state: its summary (transition, contribution)
-        mine = summary.summarize(module, k, v, reset=reset, chunk_size=chunk_size, **gates)
-        every = jax.lax.all_gather(mine, AXIS)  # [C, B, H, ...]: the one collective
-        B, _, H = q.shape[:3]
-        zero = module.OBJECTIVE.state.zeros(B, H, q.shape[-1], v.shape[-1], state_dtype(k, v))
-        entering, final = summary.fold(module, every, zero)
-        start = jax.tree.map(lambda s: s[jax.lax.axis_index(AXIS)], entering)
-        o, _ = local_form(q, k, v, start, gates, reset)
-        return o, final
-
     reset_spec = None if reset is None else P(batch, AXIS)
-    run = jax.shard_map(
+
+    def summarize(q, k, v, gates, reset):
+        if local_summary is not None:
+            return local_summary(k, v, gates, reset), None
+        mine = summary.summarize(module, k, v, reset=reset, chunk_size=chunk_size, **gates)
+        return mine, None
+
+    def run(start, _, q, k, v, gates, reset):
+        return local_form(q, k, v, start, gates, reset)[0]
+
+    inputs = (q, k, v, gates, reset)
+    specs = (token_spec, token_spec, token_spec, gate_specs, reset_spec)
+    return split(module, summarize, run, inputs, specs, token_spec, P(batch, heads))
+
+
+def run_diagonal(scan, a, b):
+    """h_t = a_t h_{t-1} + b_t (elementwise, real or complex) over a sequence split over
+    `context`, from h_0 = 0: a, b [B, T, N] -> (h [B, T, N], h_T [B, N]).
+
+    scan(a, b) -> (A, h) [B, T, N] runs one shard's span from zero: A_t = a_1 ... a_t, h its
+    states. The span's summary is the per-key decay summary of gated_linear_attn with one head,
+    K = N and V = 1: transition f = A_L [B, 1, N], contribution X = h_L [B, 1, N, 1]; its states
+    from the true entering state h_0 are h_t + A_t h_0 (context.md).
+    """
+    mesh = context_mesh()
+    batch = _batch(mesh)
+    spec = P(batch, AXIS)  # [B, T, N]: N whole on every device
+
+    def summarize(a, b):
+        A, h = scan(a, b)  # [B, T, N] each
+        return summary.Summary(A[:, -1, None], h[:, -1, None, :, None]), (A, h)
+
+    def run(start, carried, a, b):
+        A, h = carried
+        return h + A * start[:, None, 0, :, 0]  # [B, T, N]
+
+    rule = cells.get("gated_linear_attn")
+    h, final = split(rule, summarize, run, (a, b), (spec, spec), spec, P(batch))
+    return h, final[:, 0, :, 0]
+
+
+def split(rule, summarize, run, inputs, in_specs, out_spec, state_spec):
+    """The shared machinery of the sequence split over `context`: on each shard (shard_map),
+    summarize(*inputs) -> (its span's Summary of `rule` [B, H, ...] from the zero state, what
+    run reuses); the summaries all-gathered ([C, B, H, ...], the one collective) and folded from
+    the zero state; run(the state entering the span, reused, *inputs) -> the span's outputs.
+    -> (outputs, the state after the last token)."""
+    mesh = context_mesh()
+
+    def local(*inputs):
+        mine, carried = summarize(*inputs)
+        every = jax.lax.all_gather(mine, AXIS)  # [C, B, H, ...]
+        zero = jax.tree.map(jnp.zeros_like, mine.contribution)  # every rule's zero state
+        entering, final = summary.fold(rule, every, zero)
+        start = jax.tree.map(lambda s: s[jax.lax.axis_index(AXIS)], entering)
+        return run(start, carried, *inputs), final
+
+    run_split = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(token_spec, token_spec, token_spec, gate_specs, reset_spec),
-        out_specs=(token_spec, state_spec),
+        in_specs=in_specs,
+        out_specs=(out_spec, state_spec),
         check_vma=False,
     )
-    return run(q, k, v, gates, reset)
+    return run_split(*inputs)
 
 
 def short_conv(conv, x, buffer=None, reset=None):

@@ -28,8 +28,10 @@ from flax import nnx
 
 from fwpzoo import cells
 from fwpzoo.cells import FORMS
+from fwpzoo.cells.chunked import summary
 from fwpzoo.cells.chunked.precision import PRECISIONS
 from fwpzoo.cells.forms import reset_option, run_form
+from fwpzoo.layers import context
 from fwpzoo.layers.base import (
     CellMixer,
     Description,
@@ -59,11 +61,28 @@ def signed_decay(log_alpha):
 def signed_run(run, v, alpha):
     """A run of the cell, run(v, log_decay) -> (o [B, T, H, V], state [B, H, K, V]), with a
     decay alpha [B, T, H] of either sign, by the identity in the module docstring."""
-    sign = jax.lax.stop_gradient(jnp.where(alpha < 0, -1.0, 1.0))  # flat: no gradient
-    c = jnp.cumprod(sign, axis=1)  # [B, T, H]
-    log_abs = jnp.log(jnp.maximum(jnp.abs(alpha), SMALLEST_DECAY))
+    c, log_abs = _signs(alpha)
     o, state = run(v * c[..., None].astype(v.dtype), log_abs)
     return o * c[..., None].astype(o.dtype), state * c[:, -1, :, None, None]
+
+
+def signed_summary(k, v, alpha, reset, chunk_size) -> summary.Summary:
+    """The summary of a span (k [B, T, H, K], v [B, T, H, V], reset [B, T] or None) with a
+    decay alpha [B, T, H] of either sign: the span maps S to c_L (f~ S + X~), where (f~, X~) is
+    the cell's summary of the span run on |alpha| with values c v (the module docstring's S~,
+    c restarting at 1 on the span's first token)."""
+    c, log_abs = _signs(alpha)
+    v = v * c[..., None].astype(v.dtype)
+    span = summary.summarize(CELL, k, v, reset=reset, chunk_size=chunk_size, log_alpha=log_abs)
+    last = c[:, -1, :, None]  # [B, H, 1]
+    return summary.Summary(span.transition * last, span.contribution * last[..., None])
+
+
+def _signs(alpha):
+    """alpha [B, T, H] -> (c [B, T, H], the product of sign(alpha_s) over s <= t; log |alpha|)."""
+    sign = jax.lax.stop_gradient(jnp.where(alpha < 0, -1.0, 1.0))  # flat: no gradient
+    c = jnp.cumprod(sign, axis=1)  # [B, T, H]
+    return c, jnp.log(jnp.maximum(jnp.abs(alpha), SMALLEST_DECAY))
 
 
 @dataclass(frozen=True)
@@ -154,9 +173,9 @@ class Mamba2Mixer(CellMixer):
             state, o = cells.get(CELL).step(cache.state, *inputs, **options)
             return o[:, None], state
 
-        o, state, alpha = self._with_decay(run, v, log_alpha)
+        o, state = self._decayed(run, v, log_alpha)
         y = self._output(o, xs, z)[:, 0]
-        return y, StateCache(state, buffer), {"alpha": alpha[:, 0]}
+        return y, StateCache(state, buffer), {"alpha": self.alpha(log_alpha)[:, 0]}
 
     def cell_inputs(self, x):
         """x [B, T, D], read from the start -> {"q", "k": [B, T, H, K], "v": [B, T, H, V] (the
@@ -167,35 +186,50 @@ class Mamba2Mixer(CellMixer):
 
     def _run(self, x, state, buffer, reset):
         z, xs, q, k, v, log_alpha, buffer = self._inputs(x, buffer, reset)
+        gates = {"log_alpha": log_alpha}
+        if state is None and context.context_mesh() is not None:  # the sequence split: exact
+            summarize = self._signed_summary if self.signed else None
+            inputs = (q, k, v, gates, reset)
+            o, state = context.run_cell(CELL, self.chunk_size, self._form, *inputs, summarize)
+        else:
+            o, state = self._form(q, k, v, state, gates, reset)
+        alpha_mean = jnp.mean(self.alpha(log_alpha))
+        stats = {"state_norm": mean_state_norm(state), "alpha_mean": alpha_mean}
+        return self._output(o, xs, z), state, buffer, stats
+
+    def _form(self, q, k, v, state, gates, reset):
+        """The configured form from `state` with this layer's decay of gates["log_alpha"]."""
 
         def run(v, log_decay):
-            gates = {"log_alpha": log_decay}
+            decay = {"log_alpha": log_decay}
             precision = self.matmul_precision
             return run_form(
-                CELL, self.form, self.chunk_size, q, k, v, state, gates, reset, precision
+                CELL, self.form, self.chunk_size, q, k, v, state, decay, reset, precision
             )
 
-        o, state, alpha = self._with_decay(run, v, log_alpha)
-        stats = {"state_norm": mean_state_norm(state), "alpha_mean": jnp.mean(alpha)}
-        return self._output(o, xs, z), state, buffer, stats
+        return self._decayed(run, v, gates["log_alpha"])
+
+    def _signed_summary(self, k, v, gates, reset):
+        """A span's summary with the decay in (-1, 1) (signed_summary)."""
+        alpha = signed_decay(gates["log_alpha"])
+        return signed_summary(k, v, alpha, reset, self.chunk_size)
 
     def alpha(self, log_alpha):
         """The decay of this layer's range from Decay's log_alpha [B, T, H]."""
         return signed_decay(log_alpha) if self.signed else jnp.exp(log_alpha)
 
-    def _with_decay(self, run, v, log_alpha):
-        """run(v, log_decay) with this layer's decay -> (o, state, alpha [B, T, H])."""
-        alpha = self.alpha(log_alpha)
+    def _decayed(self, run, v, log_alpha):
+        """run(v, log_decay) with this layer's decay of Decay's log_alpha -> (o, state)."""
         if not self.signed:
-            return *run(v, log_alpha), alpha
-        return *signed_run(run, v, alpha), alpha
+            return run(v, log_alpha)
+        return signed_run(run, v, signed_decay(log_alpha))
 
     def _inputs(self, u, buffer, reset=None):
         B, T, _ = u.shape
         H, K, V = self.H, self.K, self.V
         z, xbc, dt_raw = jnp.split(self.in_proj(u), [self.inner, self.inner + self.xbc_width], -1)
         if self.conv is not None:
-            xbc, buffer = self.conv(xbc, buffer, reset)
+            xbc, buffer = context.short_conv(self.conv, xbc, buffer, reset)
         xs, k, q = jnp.split(jax.nn.silu(xbc), [self.inner, self.inner + K], axis=-1)
         xs = xs.reshape(B, T, H, V)  # [B, T, H, V]
         heads = lambda a: jnp.broadcast_to(a[:, :, None], (B, T, H, K))  # noqa: E731  one group

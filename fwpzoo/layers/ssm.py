@@ -6,7 +6,8 @@
 lambda = exp(-exp(nu_log) + i exp(theta_log)) keeps |lambda| < 1; gamma = exp(gamma_log) starts at
 sqrt(1 - |lambda|^2), LRU's normalisation. The sequence form is jax.lax.associative_scan over the
 pairs (a, b) of h_t = a_t h_{t-1} + b_t, combined as (a2 a1, a2 b1 + b2). The state is complex64 or
-float32 whatever the compute dtype.
+float32 whatever the compute dtype. With the sequence split over a mesh's `context` axis, each
+device scans its span and the spans' summaries compose (fwpzoo.layers.context.run_diagonal).
 """
 
 import math
@@ -17,20 +18,26 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fwpzoo.layers import context
 from fwpzoo.layers.base import Description, Mixer, MixerConfig, StateCache
 from fwpzoo.layers.params import GateParam
 
 
 def linear_recurrence(a, b, h0):
     """h_t = a_t h_{t-1} + b_t over axis 1 of a, b [B, T, N], from h0 [B, N] -> h [B, T, N]."""
-    b = b.at[:, 0].add(a[:, 0] * h0)
+    return scan_pairs(a, b.at[:, 0].add(a[:, 0] * h0))[1]
+
+
+def scan_pairs(a, b):
+    """The associative scan of the pairs a, b [B, T, N] -> (A, h) [B, T, N]: A_t = a_1 ... a_t
+    and h_t = a_t h_{t-1} + b_t from h_0 = 0."""
 
     def combine(first, second):
         a1, b1 = first
         a2, b2 = second
         return a2 * a1, a2 * b1 + b2
 
-    return jax.lax.associative_scan(combine, (a, b), axis=1)[1]
+    return jax.lax.associative_scan(combine, (a, b), axis=1)
 
 
 @dataclass(frozen=True)
@@ -89,10 +96,15 @@ class DiagonalSSM(Mixer):
         return self._read(h[:, None], x[:, None])[:, 0], StateCache(h), {}
 
     def _sequence(self, x, cache, reset):
-        h0 = self._zeros(x.shape[0]) if cache is None else cache.state
-        h = linear_recurrence(*self._pairs(x, reset), h0)  # [B, T, N]
-        stats = {"state_norm": jnp.mean(jnp.abs(h[:, -1]))}
-        return self._read(h, x), StateCache(h[:, -1]), stats
+        a, b = self._pairs(x, reset)  # [B, T, N]
+        if cache is None and context.context_mesh() is not None:  # the sequence split: exact
+            h, last = context.run_diagonal(scan_pairs, a, b)
+        else:
+            h0 = self._zeros(x.shape[0]) if cache is None else cache.state
+            h = linear_recurrence(a, b, h0)  # [B, T, N]
+            last = h[:, -1]
+        stats = {"state_norm": jnp.mean(jnp.abs(last))}
+        return self._read(h, x), StateCache(last), stats
 
     def _zeros(self, batch_size):
         return jnp.zeros((batch_size, self.N), jnp.complex64 if self.is_complex else jnp.float32)

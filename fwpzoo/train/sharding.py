@@ -8,7 +8,7 @@ that does not divide by its mesh axis stays whole). The optimizer state of a par
 parameter's sharding. The batch is split over (data, fsdp) and, with context > 1, the sequence over
 `context`. jit's SPMD partitioner places the collectives (all-gathers of FSDP shards, the
 gradient reduce-scatter, tensor-parallel reductions); only a scan over a sharded sequence needs
-more (fwpzoo.train.context).
+more (fwpzoo.layers.context).
 """
 
 import os
@@ -342,7 +342,7 @@ def check_context_length(model, length: int, context: int) -> None:
         )
     local = length // context
     for i, layer in enumerate(model.layers()):
-        if layer.mixers[0] == "fwp" and local < layer.conv_size - 1:
+        if layer.mixers[0] in ("fwp", "mamba2") and local < layer.conv_size - 1:
             raise ConfigError(
                 f"mesh.context={context} leaves {local} tokens per device, fewer than the "
                 f"{layer.conv_size - 1}-token halo of model.mixers[{i}] conv_size="
