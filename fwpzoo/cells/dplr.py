@@ -37,6 +37,7 @@ from fwpzoo.cells._spec import (
 )
 from fwpzoo.cells.chunked import autodiff, engine
 from fwpzoo.cells.chunked.chunking import Segments, factored_chunks, keep
+from fwpzoo.cells.chunked.precision import chunk_matmul, state_matmul
 from fwpzoo.cells.chunked.scores import per_key_scores, prefix_sum
 from fwpzoo.cells.chunked.triangular import inverse_with_pullback, unit_lower_inverse
 
@@ -135,7 +136,7 @@ class _Factored:
             self.e_last = keep(seg.through, self.e_last, dtype)
         self.x_start = self.x * self.reach_first  # [A . e^{g_before}; Q . e^g]: read S_0
         self.y_end = self.y * self.reach_last  # [B; K] . e^{g_C - g}: write S_C
-        self.scores = jnp.where(self.pairs, self.x @ self.y.mT, 0.0)  # [B, H, 2C, 2C]
+        self.scores = jnp.where(self.pairs, chunk_matmul(self.x, self.y.mT), 0.0)  # [B, H, 2C, 2C]
         self.t = unit_lower_inverse(-self.scores[..., :size, :size])  # (I - A_ab)^{-1}
 
     def reads(self, s, v, queries=True):
@@ -143,8 +144,9 @@ class _Factored:
         [B, H, K, V], and the queries' reads of S_0 [B, H, C, V] (None unless asked)."""
         size = v.shape[-2]
         x_start = self.x_start if queries else self.x_start[..., :size, :]
-        start = x_start @ s  # [B, H, 2C or C, V]
-        u = self.t @ (start[..., :size, :] + self.scores[..., :size, size:] @ v)
+        start = chunk_matmul(x_start, s)  # [B, H, 2C or C, V]
+        unsolved = start[..., :size, :] + chunk_matmul(self.scores[..., :size, size:], v)
+        u = chunk_matmul(self.t, unsolved)  # [B, H, C, V]
         return u, start[..., size:, :] if queries else None
 
     def pullback(self, s, v, log_w, ds, do, du):
@@ -157,12 +159,13 @@ class _Factored:
         u, _ = self.reads(s, v, queries=False)
         w = jnp.concatenate([u, v], axis=-2)  # [B, H, 2C, V]
         dz = jnp.concatenate([du, do], axis=-2)  # [B, H, 2C, V]: cotangent of every row's read
-        dv = scores[..., size:, size:].mT @ do + self.y_end[..., size:, :] @ ds  # via O and S_C
-        dv = dv + scores[..., :size, size:].mT @ du
-        d_scores = jnp.where(self.pairs, dz @ w.mT, 0.0)  # [B, H, 2C, 2C]
-        d_start, d_end = dz @ s.mT, w @ ds.mT  # [B, H, 2C, K]: of x_start, y_end
-        dx = d_scores @ self.y + d_start * self.reach_first  # [B, H, 2C, K]
-        dy = d_scores.mT @ self.x + d_end * self.reach_last
+        dv = chunk_matmul(scores[..., size:, size:].mT, do)  # [B, H, C, V]: via O, S_C, U
+        dv = dv + chunk_matmul(self.y_end[..., size:, :], ds)
+        dv = dv + chunk_matmul(scores[..., :size, size:].mT, du)
+        d_scores = jnp.where(self.pairs, chunk_matmul(dz, w.mT), 0.0)  # [B, H, 2C, 2C]
+        d_start, d_end = chunk_matmul(dz, s.mT), chunk_matmul(w, ds.mT)  # [B, H, 2C, K]
+        dx = chunk_matmul(d_scores, self.y) + d_start * self.reach_first  # [B, H, 2C, K]
+        dy = chunk_matmul(d_scores.mT, self.x) + d_end * self.reach_last
         d_aq, d_bk = dx * self.x_decay, dy * self.y_decay
         # every factor is e^{+-g} up to constants: dg is the factor times its cotangent
         dgx, dgy = dx * self.x, dy * self.y  # [B, H, 2C, K]
@@ -208,26 +211,32 @@ class _Chunks:
         size = q.shape[-2]
         self.v, self.size = v, size
         reads = core.x_start[..., :size, :]  # [G B, H, C, K]: A~, the reads of S_0
-        written = core.scores[..., :size, size:] @ v  # [G B, H, C, V]: A_ak V
+        written = chunk_matmul(core.scores[..., :size, size:], v)  # [G B, H, C, V]: A_ak V
         solve = core.t
         if not fused:
-            solve, reads, written = None, solve @ reads, solve @ written
+            reads, written = chunk_matmul(solve, reads), chunk_matmul(solve, written)
+            solve = None
         writes_b = core.y_end[..., :size, :]  # [G B, H, C, K]: B . e^{g_C - g}
-        self.step = (core.e_last, solve, reads, written, writes_b, core.y_end[..., size:, :].mT @ v)
+        x_k = chunk_matmul(core.y_end[..., size:, :].mT, v)  # [G B, H, K, V]: (K . e^{g_C - g})^T V
+        self.step = (core.e_last, solve, reads, written, writes_b, x_k)
 
     def outputs(self, s, u):
         """O = (Q . e^g) S_0 + A_qb U + A_qk V [G B, H, C, V] from the entering states s and the
         reads u [G B, H, C, V]."""
         size, scores = self.size, self.core.scores
         q_start = self.core.x_start[..., size:, :]
-        return q_start @ s + scores[..., size:, :size] @ u + scores[..., size:, size:] @ self.v
+        o = chunk_matmul(q_start, s) + chunk_matmul(scores[..., size:, :size], u)
+        return o + chunk_matmul(scores[..., size:, size:], self.v)
 
     def pull(self, do):
         """The outputs' cotangent on the entering state: (Q . e^g)^T dO + A~^T T^T A_qb^T dO.
         Keeps T^T A_qb^T dO, the reads' cotangent from the outputs, for pullback."""
         size, core = self.size, self.core
-        self.du = core.t.mT @ (core.scores[..., size:, :size].mT @ do)  # [G B, H, C, V]
-        return core.x_start[..., size:, :].mT @ do + core.x_start[..., :size, :].mT @ self.du
+        self.du = chunk_matmul(core.t.mT, chunk_matmul(core.scores[..., size:, :size].mT, do))
+        x_start = core.x_start  # [G B, H, 2C, K]
+        return chunk_matmul(x_start[..., size:, :].mT, do) + chunk_matmul(
+            x_start[..., :size, :].mT, self.du
+        )
 
     def pullback(self, s, ds, do):
         """[dq, dk, dv, dlog_w, da, db] [G B, H, C, ...] from the entering states s, the leaving
@@ -235,8 +244,10 @@ class _Chunks:
         q, k, v, log_w, a, b = self.inputs
         if self.factored:
             # the reads' cotangent: pull's from dO, and the leaving state's, T^T (B . e^{g_C -
-            # g}) dS, as _retreat computes it on one chunk per block (the same products)
-            du = self.core.t.mT @ (self.core.y_end[..., : self.size, :] @ ds)
+            # g}) dS, as _retreat computes it on one chunk per block (the same products when
+            # nothing is rounded)
+            writes_b = self.core.y_end[..., : self.size, :]  # [G B, H, C, K]
+            du = chunk_matmul(self.core.t.mT, chunk_matmul(writes_b, ds))
             return self.core.pullback(s, v, log_w, ds, do, self.du + du)
 
         def run(*inputs):
@@ -251,17 +262,17 @@ class _Chunks:
 def _advance(step, s):
     """(S_C, U [B, H, C, V]) from the entering state s [B, H, K, V]."""
     e_last, solve, reads, written, writes_b, x_k = step
-    u = reads @ s + written  # [B, H, C, V]
-    u = u if solve is None else solve @ u
-    return e_last[..., None] * s + writes_b.mT @ u + x_k, u
+    u = state_matmul(reads, s) + written  # [B, H, C, V]
+    u = u if solve is None else state_matmul(solve, u)
+    return e_last[..., None] * s + state_matmul(writes_b.mT, u) + x_k, u
 
 
 def _retreat(step, ds, pulled):
     """dS_0 = e^{g_C} dS_C + A~^T T^T (B . e^{g_C - g}) dS_C + R."""
     e_last, solve, reads, _, writes_b, _ = step
-    du = writes_b @ ds  # [B, H, C, V]
-    du = du if solve is None else solve.mT @ du
-    return e_last[..., None] * ds + reads.mT @ du + pulled
+    du = state_matmul(writes_b, ds)  # [B, H, C, V]
+    du = du if solve is None else state_matmul(solve.mT, du)
+    return e_last[..., None] * ds + state_matmul(reads.mT, du) + pulled
 
 
 RULE = engine.Rule(

@@ -79,6 +79,9 @@ def as_dplr(k, v, log_alpha, erase, write):
 
 def chunkwise(q, k, v, *, state=None, chunk_size=64, reset=None, log_alpha, erase, write):
     v_in, gates = as_dplr(k, v, log_alpha, erase, write)
+    # in the inputs' dtype: the chunk engine takes its matmuls' dtype from q, k and v
+    # (cells/chunked/precision.py), and dplr's chunk matmuls round v_in to it anyway
+    v_in = v_in.astype(jnp.result_type(q, k, v))
     o, state = dplr.chunkwise(q, k, v_in, state=state, chunk_size=chunk_size, reset=reset, **gates)
     return o.astype(v.dtype), state
 

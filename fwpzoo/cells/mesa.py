@@ -34,6 +34,7 @@ from fwpzoo.cells._spec import (
 )
 from fwpzoo.cells.chunked import autodiff
 from fwpzoo.cells.chunked.chunking import Segments, causal_decay, keep
+from fwpzoo.cells.chunked.precision import chunk_matmul
 
 GATE_SPECS = (
     Gate("beta", range=UNIT),
@@ -139,16 +140,22 @@ class _Chunks:
             e, e_last = keep(seg.first, e, g.dtype), keep(seg.through, e_last, g.dtype)
         self.w = gamma * beta[..., None, :]  # [G B, H, C, C]: weight of write s in H_t
         self.q, self.k, self.v, self.e, self.lam = q, k, v, e, lam
-        self.kk = jnp.einsum("...ts,...si,...sj->...tij", self.w, k, k)  # [G B, H, C, K, K]
+        size, K = k.shape[-2:]
+        outer = (k[..., :, None] * k[..., None, :]).reshape(*k.shape[:-2], size, K * K)
+        self.kk = chunk_matmul(self.w, outer).reshape(*k.shape[:-1], K, K)  # [G B, H, C, K, K]
         last = self.w[..., -1, :, None] * k  # [G B, H, C, K]: each write in the leaving state
-        self.step = (e_last, last.mT @ k, last.mT @ v)  # [G B, H], [.., K, K], [.., K, V]
+        # [G B, H], [.., K, K], [.., K, V]
+        self.step = (e_last, chunk_matmul(last.mT, k), chunk_matmul(last.mT, v))
 
     def outputs(self, state, aux=None):
         """o [G B, H, C, V] from the entering states: one solve per token."""
         e = self.e[..., None]
         kk = e[..., None] * state["kk"][:, :, None] + self.kk  # [G B, H, C, K, K]
+        # the solve is float32 whatever the inputs' dtype (_cholesky.py): the system's
+        # rounding error would reach x amplified by its condition number
         x = _spd_solve(regularised(kk, self.lam), self.q)  # [G B, H, C, K]
-        return e * (x @ state["kv"]) + ((x @ self.k.mT) * self.w) @ self.v
+        scores = chunk_matmul(x, self.k.mT) * self.w  # [G B, H, C, C]
+        return e * chunk_matmul(x, state["kv"]) + chunk_matmul(scores, self.v)
 
 
 def _advance(step, state):

@@ -31,6 +31,7 @@ from fwpzoo.cells._spec import (
 )
 from fwpzoo.cells.chunked import autodiff
 from fwpzoo.cells.chunked.chunking import Segments, keep, lower_mask
+from fwpzoo.cells.chunked.precision import chunk_matmul
 
 GATE_SPECS = (Gate("log_f", range=LOG_DECAY), Gate("log_i", range=REAL))
 GATES = gate_names(GATE_SPECS)
@@ -121,7 +122,7 @@ class _Chunks:
             m_x = jnp.where(through, m_x, jnp.maximum(m_x, self.F[..., -1]))
         written = m_x > -jnp.inf
         last = _weight(D[..., -1, :], jnp.where(written, m_x, 0.0)[..., None])[..., None] * k
-        self.step = (carried, m_x, last.mT @ v, jnp.sum(last, axis=-2))  # X_C [K, V], X_n [K]
+        self.step = (carried, m_x, chunk_matmul(last.mT, v), jnp.sum(last, axis=-2))  # X_C, X_n
 
     def outputs(self, state, aux=None):
         """o [G B, H, C, V] from the entering states: every m_t exactly, then linear attention
@@ -131,9 +132,9 @@ class _Chunks:
         m = jnp.maximum(D0, jnp.max(self.D, axis=-1))  # [G B, H, C]: the recurrent m_t
         P = jnp.exp(self.D - m[..., None])  # [G B, H, C, C], <= 1, 0 outside the pairs
         w0 = keep(self.first, jnp.exp(D0 - m), m.dtype)  # [G B, H, C]: the entering state's
-        scores = (self.q @ self.k.mT) * P  # [G B, H, C, C]
+        scores = chunk_matmul(self.q, self.k.mT) * P  # [G B, H, C, C]
         q = self.q
-        numerator = w0[..., None] * (q @ state["C"]) + scores @ self.v  # [G B, H, C, V]
+        numerator = w0[..., None] * chunk_matmul(q, state["C"]) + chunk_matmul(scores, self.v)
         denominator = w0 * jnp.sum(q * state["n"][..., None, :], -1) + jnp.sum(scores, -1)
         return numerator / jnp.maximum(jnp.abs(denominator), jnp.exp(-m))[..., None]
 

@@ -29,6 +29,7 @@ from fwpzoo.cells._spec import (
 )
 from fwpzoo.cells.chunked import autodiff
 from fwpzoo.cells.chunked.chunking import Segments, causal_decay, keep
+from fwpzoo.cells.chunked.precision import chunk_matmul, decay_matmul, state_matmul
 from fwpzoo.cells.chunked.triangular import inverse_with_pullback
 
 GATE_SPECS = (
@@ -94,22 +95,26 @@ class _Chunks:
         ga, gm = jnp.cumsum(log_alpha, axis=-1), jnp.cumsum(log_mu, axis=-1)  # [G B, H, C]
         gamma_a = keep(same, causal_decay(ga), ga.dtype)  # [G B, H, C, C]: prod of alpha (j, t]
         gamma_m = keep(same, causal_decay(gm), gm.dtype)  # [G B, H, C, C]: prod of mu (i, j]
-        self.w = gamma_a @ (beta[..., None] * gamma_m)  # [G B, H, C, C]: d_i into S_t
+        # the weights of S_0, M_0 and every d_i in S_t are sums of products of decays: float32
+        # at HIGHEST, as the decays themselves (precision.py), not rounded as the chunk matmuls
+        self.w = decay_matmul(gamma_a, beta[..., None] * gamma_m)  # [G B, H, C, C]: d_i into S_t
         self.ea = keep(first, jnp.exp(ga), ga.dtype)  # [G B, H, C]: S_0 into S_t
         em = keep(first, jnp.exp(gm), gm.dtype)  # [G B, H, C]: M_0 into M_t
-        self.c = (gamma_a @ (beta * em)[..., None])[..., 0]  # [G B, H, C]: M_0 into S_t
+        self.c = decay_matmul(gamma_a, (beta * em)[..., None])[..., 0]  # [G B, H, C]: M_0 into S_t
         # the state each token's gradient reads: S_{t-1} (after the reset at t, if any)
         seen = jnp.ones((), self.w.dtype) if reset is None else 1.0 - reset.astype(self.w.dtype)
         w_prev = jnp.pad(self.w[..., :-1, :], [(0, 0), (0, 0), (1, 0), (0, 0)]) * seen[..., None]
         c_prev = jnp.pad(self.c[..., :-1], [(0, 0), (0, 0), (1, 0)]) * seen
         ea_prev = keep(first, jnp.exp(ga - log_alpha), ga.dtype)
-        solve = inverse_with_pullback(eta[..., None] * w_prev * (k @ k.mT))  # [G B, H, C, C]
+        kk = chunk_matmul(k, k.mT)  # [G B, H, C, C]
+        solve = inverse_with_pullback(eta[..., None] * w_prev * kk)  # [G B, H, C, C]
         rows_s = (eta * ea_prev)[..., None] * k  # [G B, H, C, K]
         rows_m = (eta * c_prev)[..., None] * k
         rest = -eta[..., None] * v  # [G B, H, C, V]
         if not fused:
-            solve, rows_s, rows_m, rest = None, solve @ rows_s, solve @ rows_m, solve @ rest
-        self.q, self.qk = q, self.w * (q @ k.mT)  # [G B, H, C, C]
+            rows_s, rows_m = chunk_matmul(solve, rows_s), chunk_matmul(solve, rows_m)
+            solve, rest = None, chunk_matmul(solve, rest)
+        self.q, self.qk = q, self.w * chunk_matmul(q, k.mT)  # [G B, H, C, C]
         end_s, end_m = self.w[..., -1, :, None] * k, gamma_m[..., -1, :, None] * k  # [G B, H, C, K]
         decays = (self.ea[..., -1], self.c[..., -1], em[..., -1])  # [G B, H] each
         self.step = (solve, rows_s, rows_m, rest, end_s, end_m, decays)
@@ -118,18 +123,19 @@ class _Chunks:
         """O = diag(ea) Q S_0 - diag(c) Q M_0 - (W . Q K^T) D [G B, H, C, V] from the entering
         states and the chunk's D [G B, H, C, V]."""
         q = self.q
-        o = self.ea[..., None] * (q @ state["S"]) - self.c[..., None] * (q @ state["M"])
-        return o - self.qk @ d
+        o = self.ea[..., None] * chunk_matmul(q, state["S"])
+        o = o - self.c[..., None] * chunk_matmul(q, state["M"])
+        return o - chunk_matmul(self.qk, d)
 
 
 def _advance(step, state):
     """(the leaving states, D [B, H, C, V]) from the entering ones."""
     solve, rows_s, rows_m, rest, end_s, end_m, (ea_last, c_last, em_last) = step
     S0, M0 = state["S"], state["M"]
-    d = rows_s @ S0 - rows_m @ M0 + rest  # [B, H, C, V]
-    d = d if solve is None else solve @ d
-    S = _by_head(ea_last) * S0 - _by_head(c_last) * M0 - end_s.mT @ d
-    M = _by_head(em_last) * M0 + end_m.mT @ d
+    d = state_matmul(rows_s, S0) - state_matmul(rows_m, M0) + rest  # [B, H, C, V]
+    d = d if solve is None else state_matmul(solve, d)
+    S = _by_head(ea_last) * S0 - _by_head(c_last) * M0 - state_matmul(end_s.mT, d)
+    M = _by_head(em_last) * M0 + state_matmul(end_m.mT, d)
     return {"S": S, "M": M}, d
 
 

@@ -31,6 +31,7 @@ from fwpzoo.cells._spec import (
 )
 from fwpzoo.cells.chunked import autodiff
 from fwpzoo.cells.chunked.chunking import Segments, causal_decay, keep
+from fwpzoo.cells.chunked.precision import chunk_matmul, state_matmul
 from fwpzoo.cells.chunked.triangular import inverse_with_pullback
 
 
@@ -88,26 +89,29 @@ class _Chunks:
         self.gamma = keep(same, causal_decay(g), g.dtype)  # [G B, H, C, C]
         self.e = keep(first, jnp.exp(g), g.dtype)  # [G B, H, C]
         self.q, self.v = q, v
-        solve = inverse_with_pullback(beta[..., None] * jnp.tril(self.gamma * (v @ v.mT), -1))
+        vv = chunk_matmul(v, v.mT)  # [G B, H, C, C]
+        solve = inverse_with_pullback(beta[..., None] * jnp.tril(self.gamma * vv, -1))
         rows = beta[..., None] * k  # [G B, H, C, K]: diag(beta) K
         reads = (beta * self.e)[..., None] * v  # [G B, H, C, V]: diag(beta e^g) V
         if not fused:
-            solve, rows, reads = None, solve @ rows, solve @ reads  # U', W
+            rows, reads = chunk_matmul(solve, rows), chunk_matmul(solve, reads)  # U', W
+            solve = None
         # e^{g_C} (0 after a reset) and gamma_C . V, each write's weight in the leaving state
         self.step = (solve, rows, reads, self.e[..., -1], self.gamma[..., -1, :, None] * v)
 
     def outputs(self, s, u):
         """O = diag(e^g) Q S_0 + (Q U^T . Gamma) V [G B, H, C, V] from the entering states s
         [G B, H, K, V] and the residuals u [G B, H, C, K]."""
-        return self.e[..., None] * (self.q @ s) + (self.gamma * (self.q @ u.mT)) @ self.v
+        scores = self.gamma * chunk_matmul(self.q, u.mT)  # [G B, H, C, C]
+        return self.e[..., None] * chunk_matmul(self.q, s) + chunk_matmul(scores, self.v)
 
 
 def _advance(step, s):
     """(S_C, U [B, H, C, K]) from the entering state s [B, H, K, V]."""
     solve, rows, reads, e_last, written = step
-    u = rows - reads @ s.mT  # [B, H, C, K]
-    u = u if solve is None else solve @ u
-    return e_last[..., None, None] * s + u.mT @ written, u
+    u = rows - state_matmul(reads, s.mT)  # [B, H, C, K]
+    u = u if solve is None else state_matmul(solve, u)
+    return e_last[..., None, None] * s + state_matmul(u.mT, written), u
 
 
 RULE = autodiff.rule(autodiff.Math(prepare=_Chunks, advance=_advance))

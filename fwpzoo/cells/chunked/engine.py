@@ -138,15 +138,15 @@ def _flat(tree):
     return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)
 
 
-def _state_scan(rule, chunks, state, block):
+def _state_scan(rule, steps, state, block):
     """(entering [G, B, H, K, V], aux [G, ...], leaving) of S_{n+1} = M_n S_n + X_n over one
-    block."""
+    block, from the chunks' steps [G B, ...]."""
 
     def step(s, m):
         leaving, aux = rule.advance(m, s)
         return leaving, (s, aux)
 
-    xs = _by_chunk(chunks.step, block)
+    xs = _by_chunk(steps, block)
     if block == 1:  # one chunk: no loop inside the blocks' loop
         leaving, ys = step(state, jax.tree.map(lambda x: x[0], xs))
         entering, aux = jax.tree.map(lambda y: y[None], ys)
@@ -193,8 +193,11 @@ def _forward(rule, inputs, reset, state, out, size, block):
 
         def run(factored):
             chunks = rule.prepare(chunk, r, factored, block == 1)
+            # read outside the scan's scope: a rule may prepare its chunks when the step is asked
+            # for (chunked/autodiff.py), and that work belongs to the prepare stage
+            steps = chunks.step
             with jax.named_scope("state_scan"):  # named for profiles and the dtype test
-                entering, aux, leaving = _state_scan(rule, chunks, s, block)
+                entering, aux, leaving = _state_scan(rule, steps, s, block)
             o_block = chunks.outputs(_flat(entering), jax.tree.map(_flat, aux))
             return leaving, o_block, entering
 

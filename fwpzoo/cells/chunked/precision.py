@@ -5,8 +5,10 @@
                     A V, P U and Q S, ...): operands rounded to the compute dtype, accumulated
                     and returned in float32 (chunk_matmul)
     float32         the state carried by the scan and every product in its loop body
-                    (state_matmul), the decay cumsums and their exponentials (prefix_sum), the
-                    triangular inverses (triangular.py, at HIGHEST precision on every platform)
+                    (state_matmul); at HIGHEST precision on every platform, the decay cumsums
+                    and their exponentials (prefix_sum), products of decays (decay_matmul),
+                    the triangular inverses (triangular.py) and mesa's Cholesky solves
+                    (cells/_cholesky.py)
 
 The compute dtype is the inputs' own: q, k and v of bfloat16 (a model trained with
 train.compute_dtype=bfloat16) make bfloat16 chunk matmuls; float32 inputs round nothing, and
@@ -24,14 +26,15 @@ by about 2^-8. A chunk sums C such products, whose independent errors grow as sq
 delta rules spread them through (I + A)^{-1}; the state the scan carries is never rounded, so
 no chunk's error compounds the next one's. On the same rounded inputs the outputs, the final
 state and the gradients stay within 2^-8 sqrt(C) relative RMS of float32 arithmetic (measured
-at most 1.4 x 2^-8 at C = 16 for outputs and state, 2.3 x 2^-8 for gradients; 2.5 x 2^-8 at
-C = 64).
+at most 1.4 x 2^-8 at C = 16 for outputs and state, 2.5 x 2^-8 for gradients (gdn2's
+d log_alpha); 2.5 x 2^-8 at C = 64).
 
 Dimension letters: as in engine.py.
 """
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -90,13 +93,54 @@ def active(policy: Policy):
 
 def chunk_matmul(a, b):
     """a @ b with both operands in the compute dtype, accumulated in a @ b's own dtype
-    (float32 for bfloat16 inputs laid out in float32). Outside the engine: a @ b."""
+    (float32 for bfloat16 inputs laid out in float32). Outside the engine: a @ b.
+
+    Where it rounds, its derivative is a chunk matmul too (_rounded): the rules whose chunk
+    backward is autodiff (chunked/autodiff.py) then pull back as the hand-derived ones do, on
+    rounded operands with float32 accumulation and float32 cotangents, where jax's own
+    transpose would multiply a float32 cotangent by a bfloat16 operand (a float32 product on an
+    accelerator) and round the operand's cotangent to bfloat16."""
     policy = _ACTIVE.get()
     if policy is None:
         return a @ b
+    if jnp.result_type(a, b) == jnp.dtype(policy.compute):  # nothing to round
+        return _matmul(a, b, policy.compute, policy.precision)
+    return _rounded(a, b, policy.compute, policy.precision)
+
+
+def _matmul(a, b, compute, precision):
     out = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
-    a, b = a.astype(policy.compute), b.astype(policy.compute)
-    return jnp.matmul(a, b, precision=_LAX[policy.precision], preferred_element_type=out)
+    a, b = a.astype(compute), b.astype(compute)
+    return jnp.matmul(a, b, precision=_LAX[precision], preferred_element_type=out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _rounded(a, b, compute, precision):
+    return _matmul(a, b, compute, precision)
+
+
+def _rounded_fwd(a, b, compute, precision):
+    return _matmul(a, b, compute, precision), (a, b)
+
+
+def _rounded_bwd(compute, precision, res, dc):
+    """(dA, dB) = (dC B^T, A^T dC), each a chunk matmul, in A's and B's dtypes. a, b
+    [..., M, N] and [..., N, P] (or broadcast batch axes, summed back to each operand's)."""
+    a, b = res
+    da = _matmul(dc, jnp.swapaxes(b, -1, -2), compute, precision)
+    db = _matmul(jnp.swapaxes(a, -1, -2), dc, compute, precision)
+    return _unbroadcast(da, a), _unbroadcast(db, b)
+
+
+def _unbroadcast(d, like):
+    """d summed over the batch axes jnp.matmul broadcast `like` over, in like's dtype."""
+    lead = d.ndim - like.ndim
+    d = jnp.sum(d, axis=tuple(range(lead))) if lead else d
+    axes = tuple(i for i in range(like.ndim - 2) if like.shape[i] == 1 and d.shape[i] != 1)
+    return (jnp.sum(d, axis=axes, keepdims=True) if axes else d).astype(like.dtype)
+
+
+_rounded.defvjp(_rounded_fwd, _rounded_bwd)
 
 
 def state_matmul(a, b):
@@ -105,3 +149,11 @@ def state_matmul(a, b):
     if policy is None:
         return a @ b
     return jnp.matmul(a, b, precision=_LAX[policy.precision])
+
+
+def decay_matmul(a, b):
+    """a @ b of decay factors (sums of products of e^{g_t - g_s}, momentum_delta's weights of
+    every write in every state) in float32 at HIGHEST precision on every platform, whatever the
+    policy: decays keep their float32 bits as the cumsums they come from do (scores.prefix_sum)."""
+    with jax.named_scope("decay_product"):  # named for profiles and the dtype test
+        return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
