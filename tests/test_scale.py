@@ -26,8 +26,10 @@ from fwpzoo.train.sharding import (
     check_context_length,
     logical_axes,
     logical_entry,
+    module_of,
     partition_spec,
     path_names,
+    sibling_names,
 )
 from fwpzoo.train.state import new_model, split_model
 from fwpzoo.train.steps import make_train_step
@@ -74,6 +76,10 @@ def test_rules_put_heads_and_mlp_on_tensor_and_the_largest_free_axis_on_fsdp():
     # an axis that does not divide by its mesh axis stays whole
     assert partition_spec(("heads",), (3,), mesh(tensor=2)) == PartitionSpec(None)
     assert logical_axes(("something", "new"), 3) == (None, None, None)
+    # D: the SSM's skip scale per channel of the model's width, mamba2's per head
+    ssm = frozenset({"B", "C", "D", "nu_log", "gamma_log"})
+    assert logical_axes(("blocks", "mixer", "D"), 1, ssm) == ("embed",)
+    assert logical_axes(("blocks", "mixer", "D"), 1, frozenset({"D", "norm"})) == ("heads",)
 
 
 # The smallest config of each released architecture fwpzoo imports (tests/test_interop.py builds
@@ -129,12 +135,15 @@ def test_every_parameter_of_every_shipped_config_and_release_has_logical_axes():
     seen = set()
     for source, cfg in shipped_models().items():
         model = nnx.eval_shape(lambda cfg=cfg: build_model(cfg, vocab_size=7, rngs=nnx.Rngs(0)))
-        for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
+        params = nnx.state(model, nnx.Param)
+        siblings = sibling_names(params)
+        for path, x in jax.tree_util.tree_leaves_with_path(params):
             names = path_names(path)
-            if (names, x.shape) in seen:
+            beside = siblings[module_of(path)]
+            if (names, beside, x.shape) in seen:
                 continue
-            seen.add((names, x.shape))
-            axes = logical_entry(names)
+            seen.add((names, beside, x.shape))
+            axes = logical_entry(names, beside)
             where = f"{'/'.join(names)} {x.shape} of {source}"
             assert axes is not None and len(axes) >= x.ndim, f"{where}: axes {axes}"
             for name, size in zip(axes, x.shape, strict=False):

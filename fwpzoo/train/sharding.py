@@ -2,13 +2,13 @@
 
 One Mesh with axes (data, fsdp, tensor, context) over every device of every process (MeshConfig).
 Every parameter has logical axis names (vocab, embed, heads, kv, mlp, expert, conv, state),
-given by the end of its path in LOGICAL_AXES; RULES maps them to mesh axes: heads and the MLP's
-hidden axis over `tensor`, then the largest remaining axis of each parameter over `fsdp` (an axis
-that does not divide by its mesh axis stays whole). The optimizer state of a parameter has the
-parameter's sharding. The batch is split over (data, fsdp) and, with context > 1, the sequence over
-`context`. jit's SPMD partitioner places the collectives (all-gathers of FSDP shards, the
-gradient reduce-scatter, tensor-parallel reductions); only a scan over a sharded sequence needs
-more (fwpzoo.layers.context).
+given by the end of its path in LOGICAL_AXES (or BESIDE, for a name two modules use alike); RULES
+maps them to mesh axes: heads and the MLP's hidden axis over `tensor`, then the largest remaining
+axis of each parameter over `fsdp` (an axis that does not divide by its mesh axis stays whole).
+The optimizer state of a parameter has the parameter's sharding. The batch is split over (data,
+fsdp) and, with context > 1, the sequence over `context`. jit's SPMD partitioner places the
+collectives (all-gathers of FSDP shards, the gradient reduce-scatter, tensor-parallel
+reductions); only a scan over a sharded sequence needs more (fwpzoo.layers.context).
 """
 
 import os
@@ -76,6 +76,10 @@ LOGICAL_AXES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("gamma_log",), ("state",)),
     (("theta_log",), ("state",)),
 )
+# Parameters that one name does not tell apart, told apart by a parameter only their module has:
+# (that parameter, the name) -> the axes, looked up before LOGICAL_AXES. The diagonal SSM's skip
+# scale D multiplies the model's width (the residual stream's channels), mamba2's D its heads.
+BESIDE: dict[tuple[str, str], tuple[str, ...]] = {("nu_log", "D"): ("embed",)}
 # logical axis -> mesh axis; FSDP then takes the largest axis left unsharded
 RULES: dict[str, str] = {"heads": "tensor", "mlp": "tensor"}
 
@@ -211,17 +215,26 @@ def path_names(path) -> tuple[str, ...]:
     return tuple(names)
 
 
-def logical_entry(names: Sequence[str]) -> tuple[str | None, ...] | None:
-    """The axis names the first LOGICAL_AXES entry ending path `names` gives, None if none does."""
+def logical_entry(
+    names: Sequence[str], siblings: frozenset[str] = frozenset()
+) -> tuple[str | None, ...] | None:
+    """The axis names of a parameter at path `names` among `siblings` (the names of its module's
+    parameters): its BESIDE entry, else the first LOGICAL_AXES entry ending the path, else None."""
+    for (sibling, name), axes in BESIDE.items():
+        if tuple(names[-1:]) == (name,) and sibling in siblings:
+            return axes
     for suffix, axes in LOGICAL_AXES:
         if tuple(names[-len(suffix) :]) == suffix:
             return axes
     return None
 
 
-def logical_axes(names: Sequence[str], ndim: int) -> tuple[str | None, ...]:
-    """The logical axis names of a parameter at path `names` with `ndim` axes (LOGICAL_AXES)."""
-    axes = logical_entry(names) or ()
+def logical_axes(
+    names: Sequence[str], ndim: int, siblings: frozenset[str] = frozenset()
+) -> tuple[str | None, ...]:
+    """The logical axis names of a parameter at path `names` with `ndim` axes among `siblings`
+    (logical_entry)."""
+    axes = logical_entry(names, siblings) or ()
     return (tuple(axes) + (None,) * ndim)[:ndim]
 
 
@@ -242,12 +255,28 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh) -> Pa
 
 def param_shardings(params, mesh: Mesh):
     """A NamedSharding for every leaf of `params` (arrays or shapes), by RULES."""
+    siblings = sibling_names(params)
 
     def place(path, x):
-        axes = logical_axes(path_names(path), len(x.shape))
+        axes = logical_axes(path_names(path), len(x.shape), siblings[module_of(path)])
         return NamedSharding(mesh, partition_spec(axes, x.shape, mesh))
 
     return jax.tree_util.tree_map_with_path(place, params)
+
+
+def sibling_names(params) -> dict[tuple[str, ...], frozenset[str]]:
+    """{the path of a module: the names of its parameters} over the leaves of `params`; a
+    leaf's own key is module_of(its path)."""
+    names: dict[tuple[str, ...], set[str]] = {}
+    for path, _ in jax.tree_util.tree_leaves_with_path(params):
+        names.setdefault(module_of(path), set()).add(path_names(path)[-1])
+    return {module: frozenset(found) for module, found in names.items()}
+
+
+def module_of(path) -> tuple[str, ...]:
+    """A leaf's key path -> the path of the module that holds it (nnx's `value` left out)."""
+    keys = [key for key in path if getattr(key, "name", getattr(key, "key", None)) != "value"]
+    return tuple(map(str, keys[:-1]))
 
 
 def like_params(tree, params, shardings, mesh: Mesh):
