@@ -160,3 +160,14 @@ def test_largest_s_solved_is_the_largest_that_passes():
     assert capacity.capacity_of({8: ok, 16: bad}, [8, 16, 32], 1e-3) == ">= 8"
     assert capacity.capacity_of({8: bad, 16: bad}, [8, 16], 1e-3) == "-"
     assert capacity.capacity_of({}, [8], 1e-3) is None
+
+
+def test_the_papers_losses_sit_beside_ours_s_by_s():
+    """Both grids' S in one table: the paper's loss where its logs have that S, the median over
+    our seeds where we ran it, "-" where one of them has no run."""
+    sweep = capacity.load_sweep(capacity.CONFIGS / "capacity" / "dkey64.yaml")
+    losses = {("unique", "sum-dpfp1", 160): [0.1, 0.2, 0.3]}
+    lines = capacity.paper_table(losses, sweep).splitlines()
+    assert "| 100 | 0.78 | solved | - |" in lines
+    assert "| 160 | 1.25 | 0.100 | 0.2 (0.1-0.3) |" in lines
+    assert "| 64 | 0.50 | - | - |" in lines
