@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend import core as jax_core
+from jax.sharding import AbstractMesh
 
 from fwpzoo import cells
 from fwpzoo.cells.forms import run_form
@@ -707,3 +709,31 @@ def test_the_attention_kernel_is_a_config_choice_with_the_same_parameters():
         np.testing.assert_allclose(layer(x), dense(x), atol=2e-6, err_msg=kernel)
     with pytest.raises(ValueError, match="unknown model.attention_kernel 'flash'; valid"):
         tiny(attention_kernel="flash")
+
+
+def scoped_products(jaxpr, scope=""):
+    """(name scope, eqn) of every dot_general in a jaxpr and the jaxprs inside it, each scope
+    prefixed with the scopes of the equations it is nested in (a sub-jaxpr's are relative)."""
+    for eqn in jaxpr.eqns:
+        inner = f"{scope}/{eqn.source_info.name_stack}"
+        if eqn.primitive.name == "dot_general":
+            yield inner, eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                sub = sub.jaxpr if isinstance(sub, jax_core.ClosedJaxpr) else sub
+                if isinstance(sub, jax_core.Jaxpr):
+                    yield from scoped_products(sub, inner)
+
+
+@pytest.mark.parametrize("mixer", ["fwp", "mamba2"])
+def test_context_parallel_summaries_take_the_layers_matmul_precision(mixer):
+    """Under a mesh that splits the sequence over `context` (abstract: traced, not run), the
+    chunk matmuls of each shard's span summary (cells/chunked/summary.py) run at
+    model.matmul_precision, as the layer's own form does, not at the default precision."""
+    cfg = tiny(mixers=(mixer,), form="chunkwise", chunk_size=4, matmul_precision="highest")
+    layer = get_mixer(mixer)(cfg, rngs=nnx.Rngs(1))
+    with jax.sharding.use_abstract_mesh(AbstractMesh((1, 2), ("data", "context"))):
+        jaxpr = jax.make_jaxpr(lambda x: layer(x))(inputs(shape=(B, 8, D))).jaxpr
+    summaries = [eqn for scope, eqn in scoped_products(jaxpr) if "chunk_summary" in scope]
+    highest = (jax.lax.Precision.HIGHEST,) * 2
+    assert summaries and all(eqn.params["precision"] == highest for eqn in summaries)

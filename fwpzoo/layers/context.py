@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from fwpzoo import cells
 from fwpzoo.cells import _spec
 from fwpzoo.cells.chunked import summary
+from fwpzoo.cells.chunked.precision import matmul_precision
 
 AXIS = "context"
 BATCH_AXES = ("data", "fsdp")  # as fwpzoo.train.sharding: the batch over both
@@ -48,7 +49,16 @@ def _tensor(mesh):
 
 
 def run_cell(
-    cell: str, chunk_size: int, local_form, q, k, v, gates: dict, reset=None, local_summary=None
+    cell: str,
+    chunk_size: int,
+    local_form,
+    q,
+    k,
+    v,
+    gates: dict,
+    reset=None,
+    local_summary=None,
+    precision="default",
 ):
     """The cell's outputs over a sequence split over `context`, from the zero state.
 
@@ -58,7 +68,9 @@ def run_cell(
     v [B, T, H, (N,) V], gates per-token [B, T, H, ...] or static [H, ...], reset [B, T] or None
     -> (o [B, T, H, V], the state after the last token [B, H, ...]). local_summary(k, v, gates,
     reset) -> Summary of one shard's span, where the layer maps its inputs before the form
-    (mamba2's signed decay); by default the cell's own (summary.summarize).
+    (mamba2's signed decay); by default the cell's own (summary.summarize). precision: the
+    layer's model.matmul_precision, which local_form applies to its own chunk matmuls
+    (cells/forms.run_form) and the summaries take too.
     """
     mesh = context_mesh()
     module = cells.get(cell)
@@ -69,10 +81,13 @@ def run_cell(
     reset_spec = None if reset is None else P(batch, AXIS)
 
     def summarize(q, k, v, gates, reset):
-        if local_summary is not None:
-            return local_summary(k, v, gates, reset), None
-        mine = summary.summarize(module, k, v, reset=reset, chunk_size=chunk_size, **gates)
-        return mine, None
+        # a summary is a run of the cell's chunk engine: its products at the layer's precision,
+        # as local_form's (the scope is read when the engine is traced)
+        with matmul_precision(precision):
+            if local_summary is not None:
+                return local_summary(k, v, gates, reset), None
+            mine = summary.summarize(module, k, v, reset=reset, chunk_size=chunk_size, **gates)
+            return mine, None
 
     def run(start, _, q, k, v, gates, reset):
         return local_form(q, k, v, start, gates, reset)[0]

@@ -396,7 +396,10 @@ class FWPMixer(CellMixer):
         q, k, v, gates, buffer = self._inputs(x, buffer, reset)
         if state is None and context.context_mesh() is not None:  # the sequence split: exact
             inputs = (q, k, v, gates, reset)
-            o, state = context.run_cell(self.cell, self.chunk_size, self._form, *inputs)
+            precision = self.matmul_precision
+            o, state = context.run_cell(
+                self.cell, self.chunk_size, self._form, *inputs, precision=precision
+            )
         else:
             o, state = self._form(q, k, v, state, gates, reset)
         weights = cell_fast_weights(self.cell, state)

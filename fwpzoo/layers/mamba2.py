@@ -190,7 +190,10 @@ class Mamba2Mixer(CellMixer):
         if state is None and context.context_mesh() is not None:  # the sequence split: exact
             summarize = self._signed_summary if self.signed else None
             inputs = (q, k, v, gates, reset)
-            o, state = context.run_cell(CELL, self.chunk_size, self._form, *inputs, summarize)
+            precision = self.matmul_precision
+            o, state = context.run_cell(
+                CELL, self.chunk_size, self._form, *inputs, summarize, precision=precision
+            )
         else:
             o, state = self._form(q, k, v, state, gates, reset)
         alpha_mean = jnp.mean(self.alpha(log_alpha))

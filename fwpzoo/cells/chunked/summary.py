@@ -77,7 +77,8 @@ def summarize(cell, k, v, *, reset=None, chunk_size=64, **gates) -> Summary:
     module = rule(cell)
     if transition_of(module) == _spec.NOT_AFFINE:
         raise ValueError(f"cell {module.__name__!r} is not affine in its state: no span summary")
-    return _SUMMARIZE[transition_of(module)](module, k, v, reset, chunk_size, gates)
+    with jax.named_scope("chunk_summary"):  # named for profiles and the precision test
+        return _SUMMARIZE[transition_of(module)](module, k, v, reset, chunk_size, gates)
 
 
 def combine(cell, earlier: Summary, later: Summary) -> Summary:
