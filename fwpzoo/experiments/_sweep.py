@@ -49,8 +49,9 @@ Adding an experiment is a module fwpzoo/experiments/NAME.py holding a grid and a
 
 with its configs in configs/experiments/NAME/; `fwpzoo experiment NAME` finds it by its module
 name (fwpzoo/experiments/__init__.py). `model_labels` labels a model by what its first layer's
-describe() says (mixer, cell, rule, feature dimension, state size), never by restating it; `_tuning`
-adds a learning-rate grid; a computation that
+describe() says (mixer, cell, rule, feature dimension, state size), never by restating it; under
+--quick a grid's trainer points take QUICK_OVERRIDES, adding only what their task needs (a shorter
+sequence, a smaller vocabulary); `_tuning` adds a learning-rate grid; a computation that
 is not a trainer run passes `execute=(point, workdir) -> Outcome` (capacity.py); settings kept
 elsewhere than configs/experiments/NAME/ pass `source`. A report draws its figures with
 fwpzoo.reports (`subplots`, `errorbars`, `save_figure`) into `options.out / f"{NAME}.png"`.
