@@ -344,6 +344,8 @@ def list_main(argv: list[str]) -> int:
         "programmed cells (rdn, srwm)": list(cells.PROGRAMMED),
         "forms": list(cells.FORMS),
         "mixers": list(MIXERS),
+        # the model.* fields each mixer reads (beyond the model's and the block's own)
+        **{f"{name} reads (model.*)": list(mixer.Config.names()) for name, mixer in MIXERS.items()},
         "feature maps": list(FEATURE_MAPS),
         "tasks": list(TASKS),
         "formal languages (data.language)": list(LANGUAGE_NAMES),

@@ -1,6 +1,7 @@
 """The run config: YAML + typed overrides, one-line errors, and every committed config loads."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,108 @@ def test_compute_dtype_and_matmul_precision_reach_the_chunk_matmuls(tmp_path, mi
     assert rounded and all(
         eqn.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2 for eqn in rounded
     )
+
+
+def test_a_new_mixer_with_a_new_field_needs_only_its_view_and_its_registry_line(monkeypatch):
+    """A mixer declared here (its view: a field of its own with default and domain, shared
+    fields without) and added to the registry alone: the model config built from the registry
+    takes `model.toy_width=...` through the config decoder, model-wide and per layer, and it
+    reaches the view and the built layer; an unknown field and a field set for a layer whose
+    mixer does not read it are still refused in one line. The shipped ModelConfig is untouched."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fwpzoo import layers
+    from fwpzoo.layers.base import Description, Mixer, MixerConfig
+    from fwpzoo.models import build_model
+    from fwpzoo.models.config import ModelConfig, model_config_class
+
+    @dataclass(frozen=True, kw_only=True)
+    class ToyConfig(MixerConfig):
+        MIXER: ClassVar[str] = "toy"
+        MINIMUM: ClassVar[dict] = {"toy_width": 1}
+
+        num_heads: int  # shared: declared in fwpzoo.layers.fields
+        key_dim: int  # shared, resolved by the default resolve (d_model // num_heads)
+        toy_width: int = 3  # its own: the hidden width of its two projections
+
+        def describe(self):
+            return Description("toy", "none", None, self.num_heads, 0)
+
+    class ToyMixer(Mixer):
+        Config = ToyConfig
+
+        def __init__(self, cfg, *, rngs, dtype=jnp.float32):
+            super().__init__(cfg)
+            self.up = nnx.Linear(self.cfg.d_model, self.cfg.toy_width, rngs=rngs, dtype=dtype)
+            self.down = nnx.Linear(self.cfg.toy_width, self.cfg.d_model, rngs=rngs, dtype=dtype)
+
+        def _sequence(self, x, cache, reset):
+            return self.down(jnp.tanh(self.up(x))), cache, {}
+
+    monkeypatch.setitem(layers.MIXERS, "toy", ToyMixer)  # the registry line
+    Model = model_config_class()
+
+    def decode(*overrides):
+        return from_dict(Model, apply_overrides({}, overrides).get("model", {}), "model.")
+
+    cfg = decode("model.mixers=[fwp, toy, {mixer: toy, toy_width: 7}]", "model.toy_width=5")
+    assert cfg.toy_width == 5 and dataclasses.fields(Model)[-1].name == "toy_width"
+    views = cfg.mixer_configs()
+    assert [view.toy_width for view in views[1:]] == [5, 7] and views[1].key_dim == 32
+    model = build_model(cfg, vocab_size=11, rngs=nnx.Rngs(0))
+    assert [block.mixer.up.kernel.shape for block in model.blocks[1:]] == [(64, 5), (64, 7)]
+    assert model(jnp.zeros((1, 4), jnp.int32)).shape == (1, 4, 11)
+    assert decode().toy_width == 3  # its view's default
+    for overrides, message in [
+        (["model.toy_widht=5"], "unknown key model.toy_widht; valid keys in model: mixers,"),
+        (["model.mixers=[toy]", "model.toy_width=0"], "model.toy_width must be >= 1, got 0"),
+        (
+            ["model.mixers=[{mixer: fwp, toy_width: 2}]"],
+            "model.mixers[0].toy_width is not read by the fwp mixer or its block",
+        ),
+        (
+            ["model.mixers=[{mixer: toy, cell: oja}]"],
+            "model.mixers[0].cell is not read by the toy mixer or its block",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match="^" + re.escape(message)):
+            decode(*overrides)
+    assert "toy_width" not in {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def test_each_model_field_is_declared_once():
+    """A field a view declares (with a default) that another home declares too, or that a view
+    reads but nothing declares, is a maintainer's error at import, naming the field; every
+    SharedFields field is read by two mixers or more, and ModelConfig has no field that neither
+    the model nor a mixer reads."""
+    from dataclasses import dataclass
+
+    from fwpzoo.layers import MIXERS, Mixer
+    from fwpzoo.layers.base import MixerConfig
+    from fwpzoo.layers.fields import SharedFields
+    from fwpzoo.models.config import ModelBase, ModelConfig, mixer_fields
+
+    @dataclass(frozen=True, kw_only=True)
+    class Twice(MixerConfig):
+        chunk_size: int = 8  # SharedFields declares it
+
+    @dataclass(frozen=True, kw_only=True)
+    class Nowhere(MixerConfig):
+        toy_depth: int  # no default, and no other home declares it
+
+    for view, message in [(Twice, "already declared by SharedFields"), (Nowhere, "nowhere")]:
+        mixer = type("Toy", (Mixer,), {"Config": view})
+        with pytest.raises(TypeError, match=rf"model\.\w+.*{message}"):
+            mixer_fields({**MIXERS, "toy": mixer})
+    readers = {f.name: 0 for f in dataclasses.fields(SharedFields)}
+    read = {f.name for f in dataclasses.fields(ModelBase)}
+    for mixer in MIXERS.values():
+        read |= set(mixer.Config.names())
+        for name in set(readers) & set(mixer.Config.names()):
+            readers[name] += 1
+    assert all(count >= 2 for count in readers.values()), readers
+    assert {f.name for f in dataclasses.fields(ModelConfig)} == read

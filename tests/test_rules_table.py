@@ -28,6 +28,9 @@ def test_list_prints_the_rules_table(capsys):
     table = out.split("rules (docs/rules.md):\n")[1].splitlines()
     assert table[0].split() == ["rule", "step", "state", "size", "forms"]
     assert [line.split()[0] for line in table[1:]] == list(cells.CELLS)
+    # and the model.* fields each mixer reads
+    line = "\nplastic reads (model.*): d_model, num_heads, key_dim, value_dim, form, chunk_size,"
+    assert line + " plastic_on," in out
 
 
 def test_list_rules_md_prints_the_page(capsys):

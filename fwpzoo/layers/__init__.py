@@ -6,8 +6,11 @@ config (a MixerConfig). The mixers built on a cell also offer
     mixer.cell_inputs(x [B, T, D])         what the layer feeds its cell over a sequence read from
                                            the start: {"q", "k", "v", gate name: array}
 
-MIXERS is the registry: a new mixer is a module here and one line below. No mixer module imports
-another; what they share lives in base, feature_maps, gates, norms, conv and context. Every
+MIXERS is the registry: a new mixer is a module here and one line below, even when it reads new
+config fields: its view declares them and fwpzoo.models.config builds ModelConfig from the
+registered views (fields several mixers read are declared once, in fields.SharedFields). No mixer
+module imports another; what they share lives in base, fields, feature_maps, gates, norms, conv
+and context. Every
 parameter has a kind by role (params: GateParam, ScaleParam, or a plain nnx.Param weight), which
 weight decay reads.
 """

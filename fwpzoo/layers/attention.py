@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fwpzoo.layers.base import Description, KVCache, Mixer, MixerConfig, head_sizes
+from fwpzoo.layers.base import Description, KVCache, Mixer, MixerConfig
 from fwpzoo.layers.conv import segment_starts
 from fwpzoo.layers.gates import GATE_ACTIVATIONS
 from fwpzoo.layers.norms import RMSNorm
@@ -108,36 +108,37 @@ KERNELS: tuple[str, ...] = ("dense", "dot_product", "blockwise")
 ATTENTION_QK_NORMS: tuple[str, ...] = ("none", "head", "all")  # model.attention_qk_norm
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AttentionConfig(MixerConfig):
     """The fields attention reads; key_dim, value_dim and num_kv_heads (G) resolved. It has no
-    forms: attention_kernel chooses how the full sequence is computed."""
+    forms: attention_kernel chooses how the full sequence is computed. The fields with a default
+    are attention's own (see MixerConfig); the others are shared."""
 
     MIXER: ClassVar[str] = "attention"
     CHOICES: ClassVar[dict] = {
         "attention_kernel": KERNELS,
         "attention_qk_norm": ATTENTION_QK_NORMS,
-        "gate_activation": tuple(GATE_ACTIVATIONS),
     }
-    MINIMUM: ClassVar[dict] = {
-        "d_model": 1,
-        "num_heads": 1,
-        "num_kv_heads": 1,
-        "key_dim": 1,
-        "value_dim": 1,
-        "attention_block_size": 1,
-    }
+    MINIMUM: ClassVar[dict] = {"num_kv_heads": 1, "attention_block_size": 1}
     ABOVE: ClassVar[dict] = {"rope_base": 1}  # the rotary frequencies are rope_base ** (-2i / d)
 
     num_heads: int
-    num_kv_heads: int
+    # key and value heads for grouped-query attention (None: num_heads, resolved in the view)
+    num_kv_heads: int | None = None
     key_dim: int
     value_dim: int
-    rope_base: float
-    rotary_dim: int | None
-    attention_kernel: str
-    attention_block_size: int
-    attention_qk_norm: str
+    rope_base: float = 10000.0  # the rotary position embedding's base
+    # rotate the first rotary_dim features of each q/k head (None: all, 0: none, i.e. no
+    # position embedding)
+    rotary_dim: int | None = None
+    # how the full causal sequence is computed (dense: the masked [T, T] square; dot_product:
+    # jax.nn.dot_product_attention; blockwise: blocks of attention_block_size tokens, those
+    # wholly after their queries skipped)
+    attention_kernel: str = "dense"
+    attention_block_size: int = 256
+    # RMSNorm on q and k after projection: none, head (each head's features, Qwen3) or all (all
+    # heads' features at once, OLMo 2)
+    attention_qk_norm: str = "none"
     norm_eps: float
     zero_centred_norm: bool
     output_gate: bool
@@ -145,7 +146,7 @@ class AttentionConfig(MixerConfig):
 
     @classmethod
     def resolve(cls, values):
-        values = head_sizes(values)
+        values = super().resolve(values)
         values["num_kv_heads"] = values["num_kv_heads"] or values["num_heads"]
         return values
 

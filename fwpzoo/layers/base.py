@@ -14,8 +14,11 @@ Every mixer maps x [B, T, D] -> [B, T, D] and offers (see Mixer):
 
 Each mixer reads a typed view of the model config, its own MixerConfig subclass that lists exactly
 the fields it reads, with head sizes resolved once and every check of those fields in its
-`check`. MixerConfig.of builds it from any object with those attributes (a layer's ModelConfig)
-by one rule for all mixers:
+`check`. The view is also where a field only that mixer reads is declared, with its default and
+domain; a field several mixers read is declared once in fwpzoo.layers.fields.SharedFields, and
+the model config is assembled from these declarations (fwpzoo.models.config). MixerConfig.of
+builds a view from any object with those attributes (a layer's ModelConfig) by one rule for all
+mixers:
 
 - a field set for the layer itself (`explicit`: the keys of its entry in model.mixers) is taken as
   given, and a value the mixer cannot take is refused;
@@ -40,6 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fwpzoo import cells
+from fwpzoo.layers.fields import SharedFields
 
 SEQUENTIAL = "recurrent"  # the exact sequential form every mixer with forms has
 
@@ -105,22 +109,28 @@ def floats_of(tree) -> int:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MixerConfig(ABC):
     """A mixer's typed view of the model config: a subclass lists the fields its mixer reads.
 
+    A field only this mixer reads is declared here, with its default (and a comment saying what
+    it is): the model config takes its type and default from the view. A field listed without a
+    default is one the view reads from a declaration elsewhere: fwpzoo.layers.fields.SharedFields
+    (several mixers read it) or the model's own fields (d_model, norm_eps, zero_centred_norm).
+    Subclasses are kw_only dataclasses too, so the two kinds may come in any order.
+
     Subclasses set MIXER (the registry name), CHOICES ({field: its valid names}), MINIMUM
     ({field: its smallest value; None passes}) and ABOVE ({field: a bound its value must exceed;
-    None passes}): the domain of each field, which the model config checks wherever the field is
-    set, read or not. They may set DEFAULTS ({field: the mixer's
-    own default where it differs from the model config's}), and define `check` (ValueError
-    naming the model.<field> for a combination this mixer cannot take), `resolve` (sizes
-    derived once), `forms` (for a mixer with a `form` field) and `describe`. `note` is set by
-    `of` where the model-wide form fell back."""
+    None passes}): the domain of each field it declares (a shared field's is SharedFields'),
+    which the model config checks wherever the field is set, read or not. They may set DEFAULTS
+    ({field: the mixer's own default where it differs from the model config's}), and define
+    `check` (ValueError naming the model.<field> for a combination this mixer cannot take),
+    `resolve` (sizes derived once), `forms` (for a mixer with a `form` field) and `describe`.
+    `note` is set by `of` where the model-wide form fell back."""
 
     MIXER: ClassVar[str] = ""
     CHOICES: ClassVar[dict[str, Any]] = {}
-    MINIMUM: ClassVar[dict[str, int]] = {"d_model": 1}
+    MINIMUM: ClassVar[dict[str, int]] = {}
     ABOVE: ClassVar[dict[str, float]] = {}
     DEFAULTS: ClassVar[dict[str, Any]] = {}
 
@@ -136,13 +146,33 @@ class MixerConfig(ABC):
         return tuple(f.name for f in dataclasses.fields(cls) if f.name != "note")
 
     @classmethod
+    def declared(cls) -> tuple[dataclasses.Field, ...]:
+        """The fields this view declares: those only its mixer reads, each with its default."""
+        return tuple(
+            f
+            for f in dataclasses.fields(cls)
+            if f.name != "note" and f.default is not dataclasses.MISSING
+        )
+
+    @classmethod
+    def domain(cls) -> tuple[dict, dict, dict]:
+        """The domain of every field this mixer reads, as check_domain takes it: (choices,
+        minimum, above), the shared fields' from SharedFields and its own from the view."""
+        names = set(cls.names())
+        shared = [
+            {name: valid for name, valid in table.items() if name in names}
+            for table in (SharedFields.CHOICES, SharedFields.MINIMUM)
+        ]
+        return shared[0] | cls.CHOICES, shared[1] | cls.MINIMUM, dict(cls.ABOVE)
+
+    @classmethod
     def of(cls, source, explicit=frozenset()):
         """This view of `source` (a layer's ModelConfig, or any object with these fields), by the
         rule in the module docstring; `explicit`: the fields set for the layer itself."""
         if isinstance(source, cls):
             return source
         values = cls._read(source, explicit)
-        check_domain(values, cls.CHOICES, cls.MINIMUM, cls.ABOVE)
+        check_domain(values, *cls.domain())
         values = cls.resolve(values)
         note = cls._settle_form(values, explicit) if "form" in values else None
         return cls(**values, note=note)
@@ -185,8 +215,9 @@ class MixerConfig(ABC):
 
     @classmethod
     def resolve(cls, values: dict) -> dict:
-        """The values with anything derived resolved once (head sizes); the default: as given."""
-        return values
+        """The values with anything derived resolved once; the default, which a mixer with more
+        to resolve extends: the head sizes of a mixer that reads key_dim or value_dim."""
+        return head_sizes(values)
 
     @classmethod
     def forms(cls, values: dict) -> tuple[str, ...]:
@@ -209,11 +240,11 @@ class MixerConfig(ABC):
 
 
 def head_sizes(values: dict) -> dict:
-    """key_dim and value_dim resolved: None means d_model // num_heads (ValueError where that
-    does not divide)."""
-    H, D = values["num_heads"], values["d_model"]
+    """key_dim and value_dim, where the values have them, resolved: None means
+    d_model // num_heads (ValueError where that does not divide)."""
     for key in ("key_dim", "value_dim"):
         if key in values and values[key] is None:
+            H, D = values["num_heads"], values["d_model"]
             if H < 1 or D % H:
                 raise ValueError(
                     f"model.{key}=None needs d_model ({D}) divisible by num_heads ({H})"

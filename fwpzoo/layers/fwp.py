@@ -25,7 +25,6 @@ from flax import nnx
 
 from fwpzoo import cells
 from fwpzoo.cells import FORMS, _spec
-from fwpzoo.cells.chunked.precision import PRECISIONS
 from fwpzoo.cells.deep.inner import FAST_NETS, OPTIMIZERS
 from fwpzoo.cells.forms import reset_option, run_form
 from fwpzoo.layers import context
@@ -39,13 +38,10 @@ from fwpzoo.layers.base import (
     cell_zero_state,
     check_decay_init,
     floats_of,
-    head_sizes,
     mean_state_norm,
 )
 from fwpzoo.layers.conv import ShortConv
 from fwpzoo.layers.feature_maps import (
-    FEATURE_MAPS,
-    QK_NORMS,
     apply_feature_map,
     check_qk_norm,
     favor_projection,
@@ -184,47 +180,38 @@ def gate_means(specs, gates) -> dict:
     return {f"{name}_mean": jnp.mean(value) for name, value in gate_values(specs, gates).items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FWPConfig(MixerConfig):
     """The fields the FWP layer reads, head sizes resolved: num_value_heads (the cell's heads H)
-    and key_dim (before the feature map) and value_dim per head."""
+    and key_dim (before the feature map) and value_dim per head. The fields with a default are
+    the fwp layer's own (see MixerConfig); the others are shared."""
 
     MIXER: ClassVar[str] = "fwp"
     CHOICES: ClassVar[dict] = {
         "cell": tuple(cells.CELLS),
-        "form": FORMS,
-        "matmul_precision": PRECISIONS,
-        "feature_map": tuple(FEATURE_MAPS),
-        "qk_norm": QK_NORMS,
         "beta_range": tuple(BETA_RANGES),
         "decay": DECAYS,
         "fast_net": FAST_NETS,
         "inner_optimizer": OPTIMIZERS,
         "conv_activation": CONV_ACTIVATIONS,
-        "gate_activation": tuple(GATE_ACTIVATIONS),
     }
     MINIMUM: ClassVar[dict] = {
-        "d_model": 1,
-        "num_heads": 1,
         "num_value_heads": 1,
-        "key_dim": 1,
-        "value_dim": 1,
-        "chunk_size": 1,
-        "dpfp_nu": 1,
-        "favor_features": 1,
         "num_householder": 1,
         "fast_hidden": 1,
         "inner_batch": 1,
         "inner_window": 1,
-        "conv_size": 0,
     }
     ABOVE: ClassVar[dict] = {"qk_scale": 0, "output_norm_eps": 0}
 
     num_heads: int  # key (and query) heads
-    num_value_heads: int  # H: value heads, a multiple of num_heads, each its own state
+    # H: value heads, a multiple of num_heads (the key heads); each key head serves
+    # num_value_heads / num_heads consecutive value heads, each with its own state and gates.
+    # None: num_heads (resolved in the view)
+    num_value_heads: int | None = None
     key_dim: int
     value_dim: int
-    cell: str
+    cell: str = "delta_rule"  # a name in fwpzoo.cells.CELLS
     form: str
     chunk_size: int
     matmul_precision: str
@@ -232,30 +219,36 @@ class FWPConfig(MixerConfig):
     dpfp_nu: int
     favor_features: int
     qk_norm: str
-    qk_scale: float | None
-    beta_range: str
-    beta_init: float | None
-    decay: str
-    num_householder: int
-    product_decay: bool
-    fast_net: str
-    fast_hidden: int | None
-    inner_optimizer: str
-    inner_batch: int
-    inner_window: int
+    qk_scale: float | None = None  # multiplies q; None means key feature dim ** -0.5
+    beta_range: str = "0,1"  # "0,1": sigmoid; "0,2": 2 * sigmoid (negative eigenvalues)
+    # beta's value at init, through a trained bias on its projection; None: no bias, so beta
+    # starts near the middle of its range (0.5 for "0,1")
+    beta_init: float | None = None
+    decay: str = "scalar"  # scalar | per_key: the decay's shape for cells that take either
+    num_householder: int = 2  # delta_product sub-steps N
+    product_decay: bool = False  # delta_product: a per-head decay before the sub-steps
+    # deep fast weights (the cells whose OPTIONS name these: ttt_linear, deep): the fast net
+    # (linear | mlp | swiglu) and its hidden width (None: 4 x key dim), the inner optimiser
+    # (sgd | momentum | muon), tokens per inner step (TTT's mini-batch, LaCT's chunk; it
+    # divides chunk_size) and the loss window (ATLAS's Omega rule; 1: the token alone)
+    fast_net: str = "linear"
+    fast_hidden: int | None = None
+    inner_optimizer: str = "sgd"
+    inner_batch: int = 1
+    inner_window: int = 1
     decay_a_range: tuple[float, ...]
     decay_dt_range: tuple[float, ...]
     conv_size: int
-    conv_activation: str
+    conv_activation: str = "none"  # none | silu: after the short convolution on q, k, v
     output_norm: bool
-    output_norm_eps: float | None
+    output_norm_eps: float | None = None  # the output norm's epsilon; None: norm_eps
     norm_eps: float
     output_gate: bool
     gate_activation: str
 
     @classmethod
     def resolve(cls, values):
-        values = head_sizes(values)
+        values = super().resolve(values)
         values["num_value_heads"] = values["num_value_heads"] or values["num_heads"]
         return values
 

@@ -29,7 +29,6 @@ from flax import nnx
 from fwpzoo import cells
 from fwpzoo.cells import FORMS
 from fwpzoo.cells.chunked import summary
-from fwpzoo.cells.chunked.precision import PRECISIONS
 from fwpzoo.cells.forms import reset_option, run_form
 from fwpzoo.layers import context
 from fwpzoo.layers.base import (
@@ -38,7 +37,6 @@ from fwpzoo.layers.base import (
     MixerConfig,
     StateCache,
     check_decay_init,
-    head_sizes,
     mean_state_norm,
 )
 from fwpzoo.layers.conv import ShortConv
@@ -85,25 +83,14 @@ def _signs(alpha):
     return c, jnp.log(jnp.maximum(jnp.abs(alpha), SMALLEST_DECAY))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Mamba2Config(MixerConfig):
     """The fields the Mamba-2 layer reads; key_dim (the SSM state size K) and value_dim (the
-    head dim V) resolved."""
+    head dim V) resolved. decay_range is its own field (see MixerConfig); the others are
+    shared."""
 
     MIXER: ClassVar[str] = "mamba2"
-    CHOICES: ClassVar[dict] = {
-        "form": FORMS,
-        "matmul_precision": PRECISIONS,
-        "decay_range": DECAY_RANGES,
-    }
-    MINIMUM: ClassVar[dict] = {
-        "d_model": 1,
-        "num_heads": 1,
-        "key_dim": 1,
-        "value_dim": 1,
-        "chunk_size": 1,
-        "conv_size": 0,
-    }
+    CHOICES: ClassVar[dict] = {"decay_range": DECAY_RANGES}
 
     num_heads: int
     key_dim: int
@@ -114,11 +101,8 @@ class Mamba2Config(MixerConfig):
     conv_size: int
     decay_a_range: tuple[float, ...]
     decay_dt_range: tuple[float, ...]
-    decay_range: str
-
-    @classmethod
-    def resolve(cls, values):
-        return head_sizes(values)
+    # "0,1": alpha = exp(-A dt); "-1,1": alpha = 2 exp(-A dt) - 1 (negative eigenvalues)
+    decay_range: str = "0,1"
 
     @classmethod
     def forms(cls, values):

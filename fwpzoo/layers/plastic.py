@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fwpzoo.cells.forms import FORMS
 from fwpzoo.cells.programmed import plastic
 from fwpzoo.layers.base import (
     Description,
@@ -32,7 +31,6 @@ from fwpzoo.layers.base import (
     MixerConfig,
     StateCache,
     floats_of,
-    head_sizes,
     mean_state_norm,
 )
 from fwpzoo.layers.params import GateParam
@@ -46,25 +44,18 @@ def plastic_kind(cfg) -> plastic.Plasticity:
     return plastic.Plasticity(cfg.plastic_on, cfg.plasticity, cfg.plastic_activation)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PlasticConfig(MixerConfig):
     """The fields the plastic layer reads; key_dim and value_dim resolved (K is the presynaptic
-    size: key_dim at the input site, value_dim at the recurrent site)."""
+    size: key_dim at the input site, value_dim at the recurrent site). The plastic_* fields are
+    its own (see MixerConfig); the others are shared."""
 
     MIXER: ClassVar[str] = "plastic"
     CHOICES: ClassVar[dict] = {
-        "form": FORMS,
         "plastic_on": plastic.SITES,
         "plasticity": plastic.RULES,
         "plastic_activation": tuple(plastic.ACTIVATIONS),
         "plastic_eta": ETA_SIGNS,
-    }
-    MINIMUM: ClassVar[dict] = {
-        "d_model": 1,
-        "num_heads": 1,
-        "key_dim": 1,
-        "value_dim": 1,
-        "chunk_size": 1,
     }
 
     num_heads: int
@@ -72,16 +63,13 @@ class PlasticConfig(MixerConfig):
     value_dim: int
     form: str
     chunk_size: int
-    plastic_on: str
-    plasticity: str
-    plastic_activation: str
-    plastic_eta: str
-    plastic_eta_init: float
-    plastic_alpha: bool
-
-    @classmethod
-    def resolve(cls, values):
-        return head_sizes(values)
+    plastic_on: str = "input"  # input (HebbFF) | recurrent (Miconi's differentiable plasticity)
+    plasticity: str = "hebb"  # hebb | oja | neuromodulated
+    plastic_activation: str = "tanh"  # tanh | sigmoid | relu | identity
+    plastic_eta: str = "learned"  # learned (either sign) | positive | negative
+    # eta K at init (K presynaptic; HebbFF: -5); a fixed sign keeps |.|
+    plastic_eta_init: float = 1.0
+    plastic_alpha: bool = False  # per-synapse plasticity coefficients alpha [H, K, V]
 
     @classmethod
     def forms(cls, values):

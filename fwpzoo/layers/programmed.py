@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fwpzoo.cells.forms import FORMS
 from fwpzoo.cells.programmed import recurrent_delta, srwm
 from fwpzoo.layers.base import (
     Description,
@@ -31,12 +30,9 @@ from fwpzoo.layers.base import (
     Mixer,
     MixerConfig,
     StateCache,
-    head_sizes,
     mean_state_norm,
 )
 from fwpzoo.layers.feature_maps import (
-    FEATURE_MAPS,
-    QK_NORMS,
     apply_feature_map,
     check_qk_norm,
     favor_projection,
@@ -45,7 +41,6 @@ from fwpzoo.layers.feature_maps import (
 )
 from fwpzoo.layers.norms import RMSNorm
 
-PHI_CHOICES = {"form": FORMS, "feature_map": tuple(FEATURE_MAPS), "qk_norm": QK_NORMS}
 NON_NEGATIVE = ("elu1", "relu", "softmax")  # same-size maps whose sum normalisation is a simplex
 
 
@@ -117,21 +112,12 @@ def make_phi(feature_map, qk_norm, nu, projection):
     return phi
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RDNConfig(MixerConfig):
-    """The fields the `rdn` layer reads; key_dim (before phi) and value_dim resolved."""
+    """The fields the `rdn` layer reads (all shared); key_dim (before phi) and value_dim
+    resolved."""
 
     MIXER: ClassVar[str] = "rdn"
-    CHOICES: ClassVar[dict] = PHI_CHOICES
-    MINIMUM: ClassVar[dict] = {
-        "d_model": 1,
-        "num_heads": 1,
-        "key_dim": 1,
-        "value_dim": 1,
-        "chunk_size": 1,
-        "dpfp_nu": 1,
-        "favor_features": 1,
-    }
 
     num_heads: int
     key_dim: int
@@ -143,10 +129,6 @@ class RDNConfig(MixerConfig):
     dpfp_nu: int
     favor_features: int
     output_norm: bool
-
-    @classmethod
-    def resolve(cls, values):
-        return head_sizes(values)
 
     def check(self):
         check_qk_norm(self.qk_norm, self.feature_map)
@@ -211,15 +193,13 @@ class RecurrentDeltaMixer(ProgrammedMixer):
         return inputs, {"R": self.R[...]}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SRWMConfig(MixerConfig):
-    """The fields the `srwm` layer reads. Its feature map must give a probability vector, so
-    where the model's feature_map and qk_norm are the model config's defaults (identity, l2) it
-    takes its own: softmax, none (the paper's)."""
+    """The fields the `srwm` layer reads (all shared). Its feature map must give a probability
+    vector, so where the model's feature_map and qk_norm are the model config's defaults
+    (identity, l2) it takes its own: softmax, none (the paper's)."""
 
     MIXER: ClassVar[str] = "srwm"
-    CHOICES: ClassVar[dict] = PHI_CHOICES
-    MINIMUM: ClassVar[dict] = {"d_model": 1, "num_heads": 1, "chunk_size": 1}
     DEFAULTS: ClassVar[dict] = {"feature_map": "softmax", "qk_norm": "none"}
 
     num_heads: int

@@ -40,16 +40,16 @@ def scan_pairs(a, b):
     return jax.lax.associative_scan(combine, (a, b), axis=1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SSMConfig(MixerConfig):
-    """The fields the diagonal SSM reads. It has one sequence computation (the associative
-    scan, exact), so no form."""
+    """The fields the diagonal SSM reads (its own, see MixerConfig). It has one sequence
+    computation (the associative scan, exact), so no form."""
 
     MIXER: ClassVar[str] = "ssm"
-    MINIMUM: ClassVar[dict] = {"d_model": 1, "ssm_state_dim": 1}
+    MINIMUM: ClassVar[dict] = {"ssm_state_dim": 1}
 
-    ssm_state_dim: int
-    ssm_complex: bool
+    ssm_state_dim: int = 64  # N: the diagonal state's size
+    ssm_complex: bool = True  # complex diagonal (LRU) or real diagonal recurrence
 
     def describe(self) -> Description:
         N = self.ssm_state_dim * (2 if self.ssm_complex else 1)  # a complex number is two

@@ -1,11 +1,23 @@
-"""The model's part of the config: one frozen dataclass, every field typed and defaulted."""
+"""The model's part of the config: one frozen dataclass, every field typed and defaulted.
+
+ModelConfig's fields have three homes, and model_config_class assembles them when the class is
+built: the model's own fields (ModelBase below: the layer list, d_model, the embedding and head,
+the block around each mixer), the fields several mixers read (fwpzoo.layers.fields.SharedFields)
+and the fields one mixer alone reads (its view, a MixerConfig in fwpzoo/layers/, found through
+the registry fwpzoo.layers.MIXERS). So a new mixer with new fields touches fwpzoo/layers/ and its
+registry line only; its fields are flat YAML keys and `model.<field>=value` overrides like all
+others.
+"""
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from fwpzoo.layers import MIXERS, MixerConfig, mixer_config
+from fwpzoo.layers import MIXERS, Mixer, MixerConfig, mixer_config
 from fwpzoo.layers.base import check_domain
+from fwpzoo.layers.fields import SharedFields
 
 
 def _one_of(key: str, value: str, valid) -> None:
@@ -39,9 +51,10 @@ def _domains() -> tuple[dict, dict, dict]:
     {field: the bound it must exceed})."""
     choices, minimum, above = {}, {}, {}
     for mixer in MIXERS.values():
-        choices |= mixer.Config.CHOICES
-        minimum |= mixer.Config.MINIMUM
-        above |= mixer.Config.ABOVE
+        mixer_choices, mixer_minimum, mixer_above = mixer.Config.domain()
+        choices |= mixer_choices
+        minimum |= mixer_minimum
+        above |= mixer_above
     return choices, minimum, above
 
 
@@ -51,7 +64,7 @@ def _positive(key: str, value: int | None, minimum: int = 1) -> None:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelBase:
     """A causal LM: embed -> blocks (norm -> mixer -> residual -> norm -> MLP -> residual) -> head.
 
     `mixers` gives the mixer of each layer in order, so a hybrid is one list; its length is the
@@ -67,15 +80,15 @@ class ModelConfig:
     mixer (or its block) does not read is refused. A model-wide field is the default of every
     layer that reads it and inert for the others, so one config serves any mixer list; a
     model-wide form a mixer does not have runs its recurrent form, named once by `notes()`.
+
+    The fields below are the model's own; ModelConfig (model_config_class) adds every
+    registered mixer's, declared in fwpzoo/layers/ (see the module docstring).
     """
 
     # each a name (fwp, attention, mamba2, ssm, plastic, rdn, srwm) or
     # {"mixer": name, field: value, ...}
     mixers: tuple[str | Mapping, ...] = ("fwp", "fwp")
     d_model: int = 64
-    num_heads: int = 2
-    key_dim: int | None = None  # per head; None means d_model // num_heads
-    value_dim: int | None = None  # per head; None means d_model // num_heads
     mlp_ratio: float = 4.0  # SwiGLU hidden width = mlp_ratio * d_model (0 disables the MLP)
     mlp_hidden: int | None = None  # SwiGLU hidden width, given as is (overrides mlp_ratio)
     # a sparse mixture of moe_experts SwiGLU experts of that width in place of the MLP (0: the
@@ -95,79 +108,6 @@ class ModelConfig:
     zero_centred_norm: bool = False
     # pre: x + mixer(norm(x)) and x + mlp(norm(x)); post (OLMo 2): x + norm(mixer(x)), and so on
     block_norm: str = "pre"
-    # fwp mixer
-    cell: str = "delta_rule"  # a name in fwpzoo.cells.CELLS
-    form: str = "chunkwise"  # recurrent | chunkwise | associative
-    chunk_size: int = 64
-    # jax's precision= of the chunkwise form's matmuls (fwp, mamba2): default | high | highest;
-    # their operands take the inputs' dtype, bfloat16 under train.compute_dtype=bfloat16, while
-    # the state and its scan stay float32 (fwpzoo/cells/chunked/precision.py)
-    matmul_precision: str = "default"
-    feature_map: str = "identity"  # identity, elu1, relu, silu, dpfp, favor, softmax
-    dpfp_nu: int = 1
-    favor_features: int = 32  # FAVOR+ random features m (feature dim 2m)
-    qk_norm: str = "l2"  # none | sum | l2
-    qk_scale: float | None = None  # multiplies q; None means key feature dim ** -0.5
-    beta_range: str = "0,1"  # "0,1": sigmoid; "0,2": 2 * sigmoid (negative eigenvalues)
-    # beta's value at init, through a trained bias on its projection; None: no bias, so beta
-    # starts near the middle of its range (0.5 for "0,1")
-    beta_init: float | None = None
-    decay: str = "scalar"  # scalar | per_key: the decay's shape for cells that take either
-    num_householder: int = 2  # delta_product sub-steps N
-    product_decay: bool = False  # delta_product: a per-head decay before the sub-steps
-    # deep fast weights (the cells whose OPTIONS name these: ttt_linear, deep): the fast net
-    # (linear | mlp | swiglu) and its hidden width (None: 4 x key dim), the inner optimiser
-    # (sgd | momentum | muon), tokens per inner step (TTT's mini-batch, LaCT's chunk; it
-    # divides chunk_size) and the loss window (ATLAS's Omega rule; 1: the token alone)
-    fast_net: str = "linear"
-    fast_hidden: int | None = None
-    inner_optimizer: str = "sgd"
-    inner_batch: int = 1
-    inner_window: int = 1
-    # every log decay (gated cells, mamba2) starts as Mamba-2's: -A dt with A uniform in
-    # decay_a_range and dt log-uniform in decay_dt_range (alpha = exp(-A dt) at the start)
-    decay_a_range: tuple[float, ...] = (1.0, 16.0)
-    decay_dt_range: tuple[float, ...] = (0.001, 0.1)
-    # mamba2: "0,1" alpha = exp(-A dt); "-1,1" alpha = 2 exp(-A dt) - 1 (negative eigenvalues)
-    decay_range: str = "0,1"
-    conv_size: int = 4  # short causal depthwise conv on q, k, v; 0 disables it
-    output_norm: bool = True
-    output_norm_eps: float | None = None  # the fwp output norm's epsilon; None: norm_eps
-    # fwp and attention: y = o * act(W_g x) before the output projection, act = gate_activation
-    # (silu: with fwp's output norm, the gated RMSNorm of gated DeltaNet; sigmoid: Qwen3.5's
-    # output-gated attention)
-    output_gate: bool = False
-    gate_activation: str = "silu"
-    # fwp: value heads, a multiple of num_heads (the key heads); each key head serves
-    # num_value_heads / num_heads consecutive value heads, each with its own state and gates.
-    # None: num_heads
-    num_value_heads: int | None = None
-    conv_activation: str = "none"  # none | silu: after the short convolution on q, k, v
-    # ssm (diagonal vector state) mixer
-    ssm_state_dim: int = 64
-    ssm_complex: bool = True  # complex diagonal (LRU) or real diagonal recurrence
-    # plastic mixer (fwpzoo.layers.plastic, fwpzoo.cells.programmed.plastic)
-    plastic_on: str = "input"  # input (HebbFF) | recurrent (Miconi's differentiable plasticity)
-    plasticity: str = "hebb"  # hebb | oja | neuromodulated
-    plastic_activation: str = "tanh"  # tanh | sigmoid | relu | identity
-    plastic_eta: str = "learned"  # learned (either sign) | positive | negative
-    plastic_eta_init: float = (
-        1.0  # eta K at init (K presynaptic; HebbFF: -5); a fixed sign keeps |.|
-    )
-    plastic_alpha: bool = False  # per-synapse plasticity coefficients alpha [H, K, V]
-    # attention: rotary position embedding base; how the full causal sequence is computed
-    # (dense: the masked [T, T] square; dot_product: jax.nn.dot_product_attention; blockwise:
-    # blocks of attention_block_size tokens, those wholly after their queries skipped)
-    rope_base: float = 10000.0
-    # attention: rotate the first rotary_dim features of each q/k head (None: all, 0: none,
-    # i.e. no position embedding); key and value heads for grouped-query attention (None:
-    # num_heads); RMSNorm on q and k after projection: none, head (each head's features,
-    # Qwen3) or all (all heads' features at once, OLMo 2)
-    rotary_dim: int | None = None
-    num_kv_heads: int | None = None
-    attention_qk_norm: str = "none"
-    attention_kernel: str = "dense"
-    attention_block_size: int = 256
     # activation checkpointing: none; block (each block's activations recomputed in the backward
     # pass from its input); mixer (only the mixer's)
     remat: str = "none"
@@ -268,3 +208,54 @@ class ModelConfig:
             raise ValueError(f"model.norm_eps must be > 0, got {self.norm_eps}")
         if self.mlp_ratio < 0:
             raise ValueError(f"model.mlp_ratio must be >= 0, got {self.mlp_ratio}")
+
+
+def mixer_fields(registry: Mapping[str, type[Mixer]]) -> dict[str, tuple[Any, Any]]:
+    """{field: (type, default)} of every field a registered mixer reads that the model does not
+    declare itself, in the registry's order: a field several mixers read from SharedFields, one
+    a mixer alone reads from its view. A TypeError (the maintainer's, at import) for a field
+    declared twice or read but declared nowhere."""
+    model = {f.name for f in dataclasses.fields(ModelBase)}
+    shared = {f.name: f for f in dataclasses.fields(SharedFields)}
+    fields: dict[str, tuple[Any, Any]] = {}
+    owner: dict[str, str] = {}
+    for name, mixer in registry.items():
+        view = mixer.Config
+        hints = typing.get_type_hints(view)
+        declared = {f.name: f for f in view.declared()}
+        for key in view.names():
+            where = f"{view.__name__}.{key} (the {name} mixer's view)"
+            if key in declared:
+                if key in model or key in shared or key in owner:
+                    other = "the model" if key in model else owner.get(key, "SharedFields")
+                    raise TypeError(
+                        f"{where} declares model.{key}, already declared by {other}; declare a "
+                        "field several mixers read once, in fwpzoo.layers.fields.SharedFields, "
+                        "and list it in the views without a default"
+                    )
+                fields[key], owner[key] = (hints[key], declared[key].default), name
+            elif key in shared:
+                fields.setdefault(key, (shared[key].type, shared[key].default))
+            elif key not in model:
+                raise TypeError(
+                    f"{where} reads model.{key}, declared nowhere: give it a default in the view "
+                    "(a field only this mixer reads) or declare it in "
+                    "fwpzoo.layers.fields.SharedFields"
+                )
+    return fields
+
+
+def model_config_class(registry: Mapping[str, type[Mixer]] = MIXERS) -> type[ModelBase]:
+    """ModelConfig for the mixers of `registry`: ModelBase's fields, then mixer_fields'."""
+    fields = mixer_fields(registry)
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": "ModelConfig",
+        "__doc__": ModelBase.__doc__,
+        "__annotations__": {key: tp for key, (tp, _) in fields.items()},
+        **{key: default for key, (_, default) in fields.items()},
+    }
+    return dataclass(frozen=True)(type("ModelConfig", (ModelBase,), namespace))
+
+
+ModelConfig = model_config_class()
