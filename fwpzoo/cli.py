@@ -370,8 +370,13 @@ def plugin_names(package: str) -> list[str]:
 
 
 def bench_main(argv: list[str]) -> int:
-    """fwpzoo bench NAME ...: runs fwpzoo.bench.NAME.main(...)."""
+    """fwpzoo bench NAME ...: runs fwpzoo.bench.NAME.main(...); -h/--help alone lists them."""
     names = plugin_names("fwpzoo.bench")
+    if argv[:1] in (["-h"], ["--help"]):
+        print("usage: fwpzoo bench NAME [options]")
+        print(f"benchmarks: {', '.join(names) or '(none)'}")
+        print("fwpzoo bench NAME --help describes each option.")
+        return 0
     if not argv or argv[0] not in names:
         given = f"unknown benchmark {argv[0]!r}" if argv else "no benchmark named"
         raise UsageError(f"{given}; valid benchmarks: {', '.join(names) or '(none)'}")

@@ -108,3 +108,11 @@ def test_a_batch_the_devices_do_not_divide_is_refused(tmp_path):
     assert done.stderr.strip() == (
         "fwpzoo bench: error: --batch 1 is not divisible by the 2 devices"
     )
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_bench_help_lists_the_benchmarks(flag, capsys):
+    assert cli.main(["bench", flag]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fwpzoo bench NAME")
+    assert "benchmarks: " in out and "cells" in out.split("benchmarks: ")[1].split("\n")[0]
