@@ -214,7 +214,8 @@ def test_meshes_context_parallelism_resume_and_plan(tmp_path):
     - an FWP layer of the delta rule and of the mLSTM, a mamba2 layer with its decay in
       (-1, 1) and a complex SSM layer (--full: every affine cell, mamba2's other range, the
       real SSM) with its sequence over context=4 gives the unsplit layer's outputs, final
-      state and gradients (resets at t = 0, on and beside the shard edges);
+      state and gradients (one row with resets at t = 0, on and beside the shard edges, one
+      with resets beside them only, so that the state crosses every edge);
     - no all-gather of a context-parallel step of a model without attention (DeltaNet, mamba2
       and SSM layers) grows with T;
     - a run saved under data=2 x fsdp=4 resumes under data=8 as the uninterrupted run goes;
