@@ -22,7 +22,9 @@ The transition's form is the rule's own (its OBJECTIVE.state.transition, _spec.T
 
 A reset anywhere in the span makes A zero (DECAY f = 0, LOG_SCALE F = -inf) and X the state
 after the span's last reset, whatever the span started from. Summaries, their combine and their
-fold stay float32 (float64 for float64 inputs).
+fold stay float32 (float64 for float64 inputs); the combine's and the fold's products are at
+HIGHEST precision on every platform (an accelerator's default rounds float32 operands to
+bfloat16 passes), state-sized and few.
 
 Computed with the rule's own chunkwise form (the chunk engine), at about the cost of one pass:
 X is the final state of a run from the zero state, and M the final state of a run from the
@@ -87,9 +89,9 @@ def combine(cell, earlier: Summary, later: Summary) -> Summary:
     kind = transition_of(module)
     a1, a2 = earlier.transition, later.transition
     if kind == _spec.LEFT:
-        transition = a2 @ a1
+        transition = _exact(a2, a1)
     elif kind == _spec.RIGHT:
-        transition = a1 @ a2
+        transition = _exact(a1, a2)
     elif kind == _spec.DECAY:
         transition = a2 * a1
     else:
@@ -114,8 +116,14 @@ def fold(cell, summaries: Summary, state):
     def step(s, summary):
         return apply(module, summary, s), s
 
-    final, entering = jax.lax.scan(step, state, summaries)
+    with jax.named_scope("summary_fold"):  # named for profiles and the precision test
+        final, entering = jax.lax.scan(step, state, summaries)
     return entering, final
+
+
+def _exact(a, b):
+    """a @ b in float32 at HIGHEST precision: a transition applied to a state or another."""
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def _queries(k, width):
@@ -170,12 +178,12 @@ def _widened(x, width):
 def _apply_left(module, summary, state):
     spec = module.OBJECTIVE.state
     if not spec.is_dict:
-        return summary.transition @ state + summary.contribution
+        return _exact(summary.transition, state) + summary.contribution
     names = [name for name, _ in spec.parts]
     rows = [state[name].shape[-2] for name in names]
     stacked = jnp.concatenate([state[name] for name in names], axis=-2)  # [B, H, R, V]
     added = jnp.concatenate([summary.contribution[name] for name in names], axis=-2)
-    new = summary.transition @ stacked + added
+    new = _exact(summary.transition, stacked) + added
     splits = [sum(rows[: i + 1]) for i in range(len(rows) - 1)]
     return dict(zip(names, jnp.split(new, splits, axis=-2), strict=True))
 
@@ -193,7 +201,7 @@ def _summarize_right(module, k, v, reset, chunk_size, gates):
 
 
 def _apply_right(module, summary, state):
-    return state @ summary.transition + summary.contribution
+    return _exact(state, summary.transition) + summary.contribution
 
 
 def _summarize_decay(module, k, v, reset, chunk_size, gates):
