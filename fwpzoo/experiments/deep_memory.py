@@ -282,9 +282,16 @@ here only in its direction; the regression task is in tokens (x as one of 64 sig
 integer), since every model here is a token model, where Garg et al. feed real vectors;
 deep_mlp is TTT-MLP's inner loop without its LayerNorm and residual; LaCT steps once per token
 inside its chunk (causal reads) and has no sliding-window attention beside it; ATLAS keeps its
-window and Muon but not its polynomial feature map. Every memory has the same number of fast
-weights per head; what an optimiser keeps beside them (momentum, the window's keys) is in the
-state column. Where and why the verdicts differ: the notes.
+window and Muon but not its polynomial feature map. TTT-Linear's inner loss puts a LayerNorm on
+the fast net's output, as published (Sun et al. 2024, and flash-linear-attention's reference),
+so it cannot see the scale of what the memory returns, which regression's y is carried in (the
+notes measure it: scripts/deep_memory_probes.py ttt); every memory here starts from zero fast
+weights where TTT learns its start weights. The deep presets' inner step sizes (beta_init), and
+deep_mlp's decay start and query scale, are set so that their inner loops stay finite at
+initialisation (each config says why, scripts/deep_memory_probes.py inner measures it). Every
+memory has the same number of fast weights per head; what an optimiser keeps beside them
+(momentum, the window's keys) is in the state column. Where and why the verdicts differ: the
+notes.
 """
 
 
