@@ -24,6 +24,7 @@ from fwpzoo.models import ModelConfig, build_model
 from fwpzoo.train.plan import cpu_count_of
 from fwpzoo.train.sharding import (
     check_context_length,
+    check_layout,
     logical_axes,
     logical_entry,
     module_of,
@@ -61,6 +62,61 @@ def test_context_leaves_each_device_the_short_convs_halo(mixer):
     check_context_length(model, 12, 4)
     with pytest.raises(ConfigError, match=r"leaves 2 tokens per device, fewer than the 3-token"):
         check_context_length(model, 8, 4)
+
+
+def layout_of(model: dict, **sizes) -> None:
+    """check_layout of a run of `model` at 32 tokens under a mesh of `sizes`."""
+    cfg = from_dict(Config, {"model": model, "data": {"seq_len": 32}, "eval": {"lengths": []}})
+    check_layout(cfg, mesh(**sizes))
+
+
+def test_tensor_must_divide_the_heads_each_layer_reads():
+    layout_of({"mixers": ["fwp", "ssm"], "num_heads": 4}, tensor=4)  # the SSM has no heads
+    refusal = r"^mesh.tensor=4 does not divide model.mixers\[1\] \(attention\) num_kv_heads=2; "
+    with pytest.raises(ConfigError, match=refusal + "use a tensor size that divides 2$"):
+        layout_of(
+            {"mixers": ["fwp", {"mixer": "attention", "num_kv_heads": 2}], "num_heads": 4}, tensor=4
+        )
+    with pytest.raises(ConfigError, match=r"^mesh.tensor=3 does not divide model.mixers\[0\] "):
+        layout_of({"mixers": ["fwp"], "num_heads": 4}, tensor=3)
+
+
+SEQUENTIAL = "is sequential by nature (each token reads the state through a nonlinearity)"
+
+
+@pytest.mark.parametrize(
+    "entry, refusal",
+    [
+        ({"mixer": "rdn"}, f"(rdn) {SEQUENTIAL}"),
+        ({"mixer": "srwm"}, f"(srwm) {SEQUENTIAL}"),
+        # a nonlinear rule has no chunkwise form: the model-wide chunkwise runs recurrent
+        ({"mixer": "plastic", "plasticity": "oja"}, f"(plastic) {SEQUENTIAL}"),
+        ({"mixer": "fwp", "cell": "ttt_linear"}, "cell ttt_linear is not affine in its state"),
+    ],
+)
+def test_context_refuses_a_layer_whose_sequence_cannot_split(entry, refusal):
+    model = {"mixers": ["fwp", entry]}
+    layout_of(model, context=1)
+    with pytest.raises(ConfigError, match=r"^model.mixers\[1\] ") as refused:
+        layout_of(model, context=2)
+    assert refusal in str(refused.value) and str(refused.value).endswith("use mesh.context=1")
+
+
+def test_context_splits_an_affine_plastic_layer():
+    affine = {"mixer": "plastic", "plastic_activation": "identity"}  # input site, hebb
+    layout_of({"mixers": [affine, "attention", "mamba2", "ssm"], "chunk_size": 4}, context=2)
+
+
+def test_context_splits_the_sequence_into_whole_chunks():
+    model = from_dict(Config, {"model": {"mixers": ["attention", "fwp"], "chunk_size": 8}}).model
+    check_context_length(model, 32, 4)  # 8 tokens per device: one chunk
+    check_context_length(model, 24, 4)  # 6: less than one chunk, one shorter chunk
+    refusal = r"^mesh.context=2 splits 24 tokens into pieces of 12, not whole chunks of "
+    refusal += r"model.mixers\[1\] chunk_size=8; make 24 / context a multiple of 8$"
+    with pytest.raises(ConfigError, match=refusal):
+        check_context_length(model, 24, 2)
+    with pytest.raises(ConfigError, match=r"^mesh.context=5 does not divide the sequence length"):
+        check_context_length(model, 24, 5)
 
 
 def test_rules_put_heads_and_mlp_on_tensor_and_the_largest_free_axis_on_fsdp():

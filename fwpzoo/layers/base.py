@@ -126,9 +126,15 @@ class MixerConfig(ABC):
     ({field: the mixer's own default where it differs from the model config's}), and define
     `check` (ValueError naming the model.<field> for a combination this mixer cannot take),
     `resolve` (sizes derived once), `forms` (for a mixer with a `form` field) and `describe`.
+    How the mesh splits a layer is read from its view too: mesh.tensor splits the heads fields
+    it reads (num_heads, num_kv_heads, num_value_heads), and CONTEXT_IN_CHUNKS and
+    `context_refusal` say how its sequence splits over mesh.context.
     `note` is set by `of` where the model-wide form fell back."""
 
     MIXER: ClassVar[str] = ""
+    # True where its sequence splits over mesh.context as its chunkwise form runs it: each
+    # device holds whole chunks of chunk_size and the short conv's (conv_size - 1)-token halo
+    CONTEXT_IN_CHUNKS: ClassVar[bool] = False
     CHOICES: ClassVar[dict[str, Any]] = {}
     MINIMUM: ClassVar[dict[str, int]] = {}
     ABOVE: ClassVar[dict[str, float]] = {}
@@ -233,6 +239,20 @@ class MixerConfig(ABC):
         """ValueError (one line naming model.<field>) for values this mixer cannot take; the
         default: none beyond the fields' domains."""
         return None
+
+    def context_refusal(self, where: str) -> str | None:
+        """Why a layer of this config cannot split its sequence over mesh.context: one line
+        beginning with `where` (e.g. "model.mixers[0]") and saying what would work; None where
+        it can (the default: fwpzoo.layers.context splits it, or it gathers what it needs)."""
+        return None
+
+    def sequential_refusal(self, where: str) -> str:
+        """The refusal of a layer whose every token reads the state the previous token left
+        through a nonlinearity: no summary of a span of its tokens composes."""
+        return (
+            f"{where} ({self.MIXER}) is sequential by nature (each token reads the state "
+            f"through a nonlinearity) and cannot split its sequence: use mesh.context=1"
+        )
 
     @abstractmethod
     def describe(self) -> Description:

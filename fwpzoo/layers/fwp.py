@@ -187,6 +187,7 @@ class FWPConfig(MixerConfig):
     the fwp layer's own (see MixerConfig); the others are shared."""
 
     MIXER: ClassVar[str] = "fwp"
+    CONTEXT_IN_CHUNKS: ClassVar[bool] = True
     CHOICES: ClassVar[dict] = {
         "cell": tuple(cells.CELLS),
         "beta_range": tuple(BETA_RANGES),
@@ -271,6 +272,14 @@ class FWPConfig(MixerConfig):
         check_beta_init(self.cell, self.beta_init, self.beta_range)
         check_inner(self)
         check_decay_init(self)
+
+    def context_refusal(self, where):
+        if cells.get(self.cell).OBJECTIVE.state.transition != _spec.NOT_AFFINE:
+            return None
+        return (
+            f"{where} cell {self.cell} is not affine in its state, so a span of "
+            f"its tokens has no summary and its sequence cannot split: use mesh.context=1"
+        )
 
     @property
     def feature_dim(self) -> int:

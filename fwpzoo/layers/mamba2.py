@@ -90,6 +90,7 @@ class Mamba2Config(MixerConfig):
     shared."""
 
     MIXER: ClassVar[str] = "mamba2"
+    CONTEXT_IN_CHUNKS: ClassVar[bool] = True
     CHOICES: ClassVar[dict] = {"decay_range": DECAY_RANGES}
 
     num_heads: int

@@ -87,6 +87,10 @@ class PlasticConfig(MixerConfig):
             f"plastic_alpha={str(values['plastic_alpha']).lower()})"  # as the config spells it
         )
 
+    def context_refusal(self, where):
+        # the chunkwise form exists only for a rule affine in S (forms), and splits as a cell's
+        return None if self.form == "chunkwise" else self.sequential_refusal(where)
+
     def check(self):
         if self.plastic_eta != "learned" and self.plastic_eta_init == 0:
             raise ValueError(

@@ -133,6 +133,9 @@ class RDNConfig(MixerConfig):
     def check(self):
         check_qk_norm(self.qk_norm, self.feature_map)
 
+    def context_refusal(self, where):
+        return self.sequential_refusal(where)  # the slow projections read each token's state
+
     @property
     def feature_dim(self) -> int:
         return feature_dim(
@@ -215,6 +218,9 @@ class SRWMConfig(MixerConfig):
                 f"srwm needs d_model ({self.d_model}) divisible by num_heads ({self.num_heads})"
             )
         check_probability_map(self.feature_map, self.qk_norm)
+
+    def context_refusal(self, where):
+        return self.sequential_refusal(where)  # each token reads the weights it rewrites
 
     @property
     def head_dim(self) -> int:

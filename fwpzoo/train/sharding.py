@@ -19,9 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fwpzoo import cells
-from fwpzoo.cells._spec import NOT_AFFINE
 from fwpzoo.config import MESH_AXES, ConfigError, MeshConfig
+from fwpzoo.layers import mixer_config
 
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; parameters are sharded over fsdp
 # Logical axis names of a parameter, by the last names of its path (list indices left out): the
@@ -320,43 +319,23 @@ def to_host(tree):
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
-# mixers whose every token reads the state the previous token left through a nonlinearity: no
-# summary of a sequence piece composes, so their sequence cannot be split
-SEQUENTIAL_MIXERS = ("rdn", "srwm")
-
-
 def check_layout(cfg, mesh: Mesh) -> None:
     """ConfigError (one line) unless the run's model and data fit its mesh: the batch splits over
     data x fsdp (checked by the caller), `tensor` divides every layer's heads, and with
     context > 1 the sequence splits into whole chunks of a mixer that can run split."""
     tensor, context = axis_size(mesh, "tensor"), axis_size(mesh, "context")
-    for i, layer in enumerate(cfg.model.layers()):
-        mixer = layer.mixers[0]
-        heads = {"num_heads": layer.num_heads}
-        for key in ("num_kv_heads", "num_value_heads"):
-            if getattr(layer, key, None) is not None:
-                heads[key] = getattr(layer, key)
-        for key, count in heads.items():
-            if mixer != "ssm" and count % tensor:
+    for i, view in enumerate(layer_views(cfg.model)):
+        # the heads fields the layer reads, resolved (the SSM reads none: nothing to split)
+        for key in ("num_heads", "num_kv_heads", "num_value_heads"):
+            count = getattr(view, key, None)
+            if count is not None and count % tensor:
                 raise ConfigError(
-                    f"mesh.tensor={tensor} does not divide model.mixers[{i}] ({mixer}) "
+                    f"mesh.tensor={tensor} does not divide model.mixers[{i}] ({view.MIXER}) "
                     f"{key}={count}; use a tensor size that divides {count}"
                 )
-        if context == 1:
-            continue
-        sequential = mixer in SEQUENTIAL_MIXERS or (
-            mixer == "plastic" and layer.form != "chunkwise"
-        )
-        if sequential:
-            raise ConfigError(
-                f"model.mixers[{i}] ({mixer}) is sequential by nature (each token reads the "
-                f"state through a nonlinearity) and cannot split its sequence: use mesh.context=1"
-            )
-        if mixer == "fwp" and cells.get(layer.cell).OBJECTIVE.state.transition == NOT_AFFINE:
-            raise ConfigError(
-                f"model.mixers[{i}] cell {layer.cell} is not affine in its state, so a span of "
-                f"its tokens has no summary and its sequence cannot split: use mesh.context=1"
-            )
+        refusal = view.context_refusal(f"model.mixers[{i}]") if context > 1 else None
+        if refusal:
+            raise ConfigError(refusal)
     if context > 1:
         for length in (cfg.data.seq_len, *cfg.eval.lengths):
             check_context_length(cfg.model, length, context)
@@ -370,21 +349,28 @@ def check_context_length(model, length: int, context: int) -> None:
             f"context size that divides it"
         )
     local = length // context
-    for i, layer in enumerate(model.layers()):
-        if layer.mixers[0] in ("fwp", "mamba2") and local < layer.conv_size - 1:
+    views = layer_views(model)
+    for i, layer in enumerate(views):
+        if layer.CONTEXT_IN_CHUNKS and local < layer.conv_size - 1:
             raise ConfigError(
                 f"mesh.context={context} leaves {local} tokens per device, fewer than the "
                 f"{layer.conv_size - 1}-token halo of model.mixers[{i}] conv_size="
                 f"{layer.conv_size}; use a smaller context size"
             )
-    for i, layer in enumerate(model.layers()):
-        chunked = layer.mixers[0] in ("fwp", "mamba2") and local > layer.chunk_size
+    for i, layer in enumerate(views):
+        chunked = layer.CONTEXT_IN_CHUNKS and local > layer.chunk_size
         if chunked and local % layer.chunk_size:
             raise ConfigError(
                 f"mesh.context={context} splits {length} tokens into pieces of {local}, not "
                 f"whole chunks of model.mixers[{i}] chunk_size={layer.chunk_size}; make "
                 f"{length} / context a multiple of {layer.chunk_size}"
             )
+
+
+def layer_views(model) -> list:
+    """Each layer's typed view (fwpzoo.layers.MixerConfig) of a ModelConfig: how the mesh may
+    split a layer is the layer's to say."""
+    return [mixer_config(layer.mixers[0], layer) for layer in model.layers()]
 
 
 def under_mesh(fn, mesh: Mesh):
