@@ -109,6 +109,22 @@ def test_a_run_that_meets_its_stop_metric_early_says_so(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_point_that_diverges_before_its_first_save_is_its_initial_model(tmp_path):
+    """A run that diverges before any checkpoint is recorded as diverged at step 0 with the
+    test metrics of the model as initialised (the last good state), not left to stop the sweep
+    with "no checkpoint". The warmup takes the rate from 0 to 1e30: step 2 sends the weights to
+    inf."""
+    quick = (*mqar.QUICK_OVERRIDES, "train.steps=4", "checkpoint.every=4", "eval.every=4")
+    blown = (*quick, "train.learning_rate=1e30", "train.warmup_steps=4")
+    outcome = _sweep.run_training(mqar.mqar_point("delta_rule", 2, 4, 0, blown), tmp_path / "d")
+    assert (outcome.steps, outcome.stop_reason) == (0, "diverged")
+    # a rate of 1e-30 leaves the initial weights as they were, to float32's last bits
+    still = (*quick, "train.learning_rate=1e-30")
+    untrained = _sweep.run_training(mqar.mqar_point("delta_rule", 2, 4, 0, still), tmp_path / "z")
+    assert outcome.metrics == pytest.approx(untrained.metrics, rel=1e-6)
+
+
+@pytest.mark.slow
 def test_a_resumed_point_counts_every_process_and_refuses_another_length(tmp_path):
     """A point whose training an earlier process did counts that training in its record's
     seconds; a workdir holding a shorter run of its config is refused, not extended (a cosine

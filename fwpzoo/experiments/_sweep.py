@@ -92,14 +92,16 @@ from fwpzoo.reports import (
 from fwpzoo.train import (
     TrainingDiverged,
     evaluate,
+    initial_run,
     make_eval_step,
     restore_run,
     train,
     training_time,
 )
+from fwpzoo.train.checkpoint import saved_steps
 from fwpzoo.train.metrics import read_metrics
 from fwpzoo.train.sharding import split_cpu
-from fwpzoo.train.workdir import stored_config
+from fwpzoo.train.workdir import CHECKPOINT_DIR, stored_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "experiments"
@@ -295,10 +297,15 @@ def median_throughput(workdir: Path) -> float | None:
     return statistics.median(rates) if rates else None
 
 
-def evaluate_checkpoint(workdir: Path, num_batches: int | None = None) -> tuple[dict, int]:
+def evaluate_checkpoint(
+    workdir: Path, num_batches: int | None = None, *, initial: bool = False
+) -> tuple[dict, int]:
     """(metrics on the test split, at eval.lengths too, parameter count) of a run's latest
-    checkpoint, as `fwpzoo eval` computes them; num_batches replaces eval.num_batches."""
-    run, step, model_state = restore_run(workdir)
+    checkpoint, as `fwpzoo eval` computes them; num_batches replaces eval.num_batches.
+    initial: the model at its initialisation instead (a run that diverged before its first save)."""
+    run, step, model_state = (
+        initial_run(stored_config(workdir)) if initial else restore_run(workdir)
+    )
     eval_step = jax.jit(make_eval_step(run.graphdef))
     cfg = run.cfg.eval if num_batches is None else replace(run.cfg.eval, num_batches=num_batches)
     metrics = evaluate(eval_step, model_state, run.task, cfg, run.mesh, "test")
@@ -329,12 +336,14 @@ def run_training(point: Point, workdir: Path) -> Outcome:
     try:
         train(cfg, workdir, progress=False)
     except TrainingDiverged:
-        stop_reason = "diverged"  # evaluated at the last good checkpoint
+        stop_reason = "diverged"  # evaluated at the last good checkpoint, or step 0 if none
     train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    test, size = evaluate_checkpoint(workdir, point.test_batches)
+    initial = stop_reason == "diverged" and not saved_steps(workdir / CHECKPOINT_DIR)
+    test, size = evaluate_checkpoint(workdir, point.test_batches, initial=initial)
     # the run's own count covers the segments before a resume; this process's, older checkpoints
     spent = {"train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds}
-    every_segment = {**spent, **training_time(workdir, test["step"])}
+    earlier_segments = {} if initial else training_time(workdir, test["step"])
+    every_segment = {**spent, **earlier_segments}
     details = {
         "test": test,
         **every_segment,

@@ -2,7 +2,7 @@
 
 from fwpzoo.train.evaluate import evaluate, summarize
 from fwpzoo.train.loop import Interrupted, OutOfMemory, TrainingDiverged, prepare, train
-from fwpzoo.train.restore import restore_run, training_time
+from fwpzoo.train.restore import initial_run, restore_run, training_time
 from fwpzoo.train.steps import make_eval_step, make_train_step
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "OutOfMemory",
     "TrainingDiverged",
     "evaluate",
+    "initial_run",
     "make_eval_step",
     "make_train_step",
     "prepare",

@@ -14,7 +14,7 @@ from fwpzoo.config import Config, ConfigError, MeshConfig, from_dict
 from fwpzoo.train.checkpoint import Checkpoints, UnreadableCheckpoint, newest_readable, saved_steps
 from fwpzoo.train.loop import Run, prepare
 from fwpzoo.train.sharding import dividing_count
-from fwpzoo.train.state import abstract_model
+from fwpzoo.train.state import abstract_model, init_train_state
 from fwpzoo.train.workdir import CHECKPOINT_DIR
 
 
@@ -32,12 +32,8 @@ def restore_run(workdir: Path, step: int | None = None) -> tuple[Run, int, dict]
 
     def restore(step):
         meta = checkpoints.restore_meta(step)
-        # data parallel whatever mesh trained it (a checkpoint restores onto any mesh), over the
-        # device count training takes by default, so evaluation sums in the same order
-        cfg = dataclasses.replace(from_dict(Config, meta["config"]), mesh=MeshConfig())
-        micro_batch = cfg.train.batch_size // cfg.train.grad_accum
-        run = prepare(cfg, dividing_count(jax.device_count(), [micro_batch, cfg.eval.batch_size]))
-        _, abstract = abstract_model(cfg, run.task.vocab_size, run.mesh)
+        run = evaluation_run(from_dict(Config, meta["config"]))
+        _, abstract = abstract_model(run.cfg, run.task.vocab_size, run.mesh)
         return run, checkpoints.restore_model(step, abstract, meta)
 
     try:
@@ -52,6 +48,24 @@ def restore_run(workdir: Path, step: int | None = None) -> tuple[Run, int, dict]
     finally:
         checkpoints.close()
     return run, step, model_state
+
+
+def evaluation_run(cfg: Config) -> Run:
+    """The run a model of `cfg` is evaluated in: data parallel whatever mesh trained it (a
+    checkpoint restores onto any mesh), over the device count training takes by default, so
+    evaluation sums in the same order."""
+    cfg = dataclasses.replace(cfg, mesh=MeshConfig())
+    micro_batch = cfg.train.batch_size // cfg.train.grad_accum
+    return prepare(cfg, dividing_count(jax.device_count(), [micro_batch, cfg.eval.batch_size]))
+
+
+def initial_run(cfg: Config) -> tuple[Run, int, dict]:
+    """restore_run's answer for a run of `cfg` that saved no checkpoint: the model as
+    initialised at step 0 ({"params", "rest"}), placed as a restored one is. What a run that
+    diverged before its first save is evaluated at."""
+    run = evaluation_run(cfg)
+    state = init_train_state(run.cfg, run.task.vocab_size, run.optimizer, run.mesh)
+    return run, 0, {"params": state["params"], "rest": state["rest"]}
 
 
 def training_time(workdir: Path, step: int) -> dict:
