@@ -4,6 +4,7 @@ count the test process does not have). Prints one JSON object of measurements on
     python tests/scale_worker.py WORKDIR [--full]
 """
 
+import dataclasses
 import json
 import re
 import sys
@@ -15,6 +16,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from fwpzoo import cells  # noqa: E402
@@ -99,22 +101,60 @@ def step_fn(run, state):
     return under_mesh(jitted, run.mesh)
 
 
-def losses(mesh: dict, steps: int = 10, resets: bool = True) -> list[float]:
-    """The losses of `steps` train steps of the hybrid under `mesh`, as the trainer takes them
-    (with RESETS in every row, or the task's rows as they are). Not reset_rows' crossing rows:
-    there the split run rounds differently from the whole one (about 1e-7 relative, as the
-    layers' checks measure), and the optimizer's steps carry that to 3e-5 in the losses by
-    step 10, past their 1e-5."""
+def keeping_gradients(optimizer):
+    """optimizer (the same updates) whose state also holds the last step's gradients, at
+    state["opt_state"][1]."""
+
+    def update(grads, state, params=None):
+        updates, inner = optimizer.update(grads, state[0], params)
+        return updates, (inner, grads)
+
+    return optax.GradientTransformation(
+        lambda params: (optimizer.init(params), jax.tree.map(jnp.zeros_like, params)), update
+    )
+
+
+def trainer(mesh: dict):
+    """(run, initial train state, jitted train step) of the hybrid under `mesh`; its optimizer
+    keeps the gradients (keeping_gradients)."""
     cfg = config(mesh)
     run = prepare(cfg)
+    run = dataclasses.replace(run, optimizer=keeping_gradients(run.optimizer))
     state = init_train_state(cfg, run.task.vocab_size, run.optimizer, run.mesh)
-    step, out = step_fn(run, state), []
+    return run, state, step_fn(run, state)
+
+
+def losses(mesh: dict, steps: int = 10, resets: bool = True, trained=None) -> list[float]:
+    """The losses of `steps` train steps of the hybrid under `mesh` (`trained`: its trainer,
+    already compiled), as the trainer takes them (with RESETS in every row, or the task's rows
+    as they are). Not reset_rows' crossing rows: there the loss's gradient is ill-conditioned
+    once the first step has moved the parameters (measured on data=8 alone: parameters
+    rounded differently by relative 1e-7 noise move the second step's gradient by 1.1e-3
+    relative, the first's by 8e-6), so any two float32 programs that round differently part
+    ways (context=2: 3e-5 in the losses by step 10, with SGD as with AdamW, while data=2 x
+    fsdp=4, rounding alike, stays at 6e-8). first_step checks the state crossing the edges."""
+    run, state, step = trained or trainer(mesh)
+    out = []
     for index in range(steps):
         batch = run.task.train_batch(index, B)
         batch = with_resets(batch) if resets else batch
         state, metrics = step(state, shard_batch(batch, run.mesh))
         out.append(float(metrics["loss"]))
     return out
+
+
+def first_step(trained) -> tuple[float, list[np.ndarray]]:
+    """The loss and gradients of a trainer's first step on reset_rows' rows (the state crosses
+    every shard edge: the summaries' fold and the conv halo in the loss's gradients)."""
+    run, state, step = trained
+    batch = {**run.task.train_batch(0, B), "reset": reset_rows(B)}
+    state, metrics = step(state, shard_batch(batch, run.mesh))
+    return float(metrics["loss"]), [np.asarray(g) for g in jax.tree.leaves(state["opt_state"][1])]
+
+
+def relative(a, b) -> float:
+    """Relative RMS difference of b from a (as tests/test_cells.py measures the forms)."""
+    return float(np.linalg.norm(a - b) / (np.linalg.norm(a) + 1e-30))
 
 
 def layer_difference(entry: dict) -> float:
@@ -179,7 +219,14 @@ def main(workdir: str, flags) -> None:
     TPU topology too (libtpu installed), at several times the compile time."""
     full = "--full" in flags
     meshes = MESHES if full else {name: MESHES[name] for name in SUITE_MESHES}
-    out = {"losses": {name: said(name, losses(mesh)) for name, mesh in meshes.items()}}
+    out, whole = {"losses": {}, "first_step": {}}, None
+    for name, mesh in meshes.items():  # data=8 first: the reference
+        trained = trainer(mesh)
+        out["losses"][name] = said(name, losses(mesh, trained=trained))
+        loss, grads = first_step(trained)
+        whole = whole or (loss, grads)
+        differences = [relative(a, b) for a, b in zip(whole[1], grads, strict=True)]
+        out["first_step"][name] = said(f"{name} first step", [loss, max(differences)])
     checked = [cell for cell in cells.CELLS if affine(cell)] if full else SOME
     layers = {cell: {"mixer": "fwp", "cell": cell} for cell in checked}
     layers |= {name: OTHER_LAYERS[name] for name in (OTHER_LAYERS if full else SOME_OTHER)}
