@@ -596,6 +596,11 @@ RESETTING_MIXERS = [
 ]
 
 
+def test_the_resetting_cases_cover_every_registered_mixer():
+    """A mixer added to the registry fails here until it has its packed-row case."""
+    assert {case.values[0]["mixers"][0] for case in RESETTING_MIXERS} == set(MIXERS)
+
+
 def segment_bounds(lengths):
     ends = np.cumsum(lengths)
     return list(zip(ends - np.asarray(lengths), ends, strict=True))

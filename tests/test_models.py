@@ -11,11 +11,12 @@ from flax import nnx
 
 from fwpzoo import cells
 from fwpzoo.config import load
+from fwpzoo.layers import MIXERS
 from fwpzoo.models import ModelConfig, build_model, generate
 from fwpzoo.models.sampling import sample_token
 
 B, T, VOCAB = 2, 7, 11
-MIXER_KINDS = ["fwp", "attention", "mamba2", "ssm", "plastic", "rdn", "srwm"]
+MIXER_KINDS = list(MIXERS)  # every registered mixer: a new one is under these tests at once
 MIXER_FIELDS = {  # beyond the defaults
     "plastic": {"form": "recurrent", "plastic_on": "recurrent"},
     "srwm": {"feature_map": "softmax", "qk_norm": "none"},
@@ -92,7 +93,13 @@ MIXER_CASES = [
     pytest.param({"mixers": ("rdn",), "feature_map": "softmax", "qk_norm": "none"}, id="rdn"),
     pytest.param({"mixers": ("rdn",), "feature_map": "dpfp", "qk_norm": "sum"}, id="rdn-dpfp"),
     pytest.param({"mixers": ("srwm",), "feature_map": "softmax", "qk_norm": "none"}, id="srwm"),
+    pytest.param({"mixers": ("plastic",), **MIXER_FIELDS["plastic"]}, id="plastic"),
 ]
+
+
+def test_the_mixer_cases_cover_every_registered_mixer():
+    """A mixer added to the registry fails here until it has its decoding case."""
+    assert {case.values[0]["mixers"][0] for case in MIXER_CASES} == set(MIXERS)
 
 
 @pytest.mark.parametrize("overrides", MIXER_CASES)
