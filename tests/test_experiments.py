@@ -159,14 +159,19 @@ def test_full_grids_are_seeded_and_reach_the_regimes_they_test():
 
         # the tuning protocol's learning-rate grid is seed 0 alone: its other rates, and its
         # point at the config's rate where the sweep has no such setting of its own
-        rated = {setting(p, ("seed", "learning_rate")) for p in trained
-                 if p.labels.get("learning_rate") is not None}
+        rated = {
+            setting(p, ("seed", "learning_rate"))
+            for p in trained
+            if p.labels.get("learning_rate") is not None
+        }
         for p in trained:
             if p.labels.get("learning_rate") is None:
                 settings.setdefault(setting(p), set()).add(p.labels["seed"])
         for labels, drawn in settings.items():
-            grid_only = drawn == {_tuning.TUNING_SEED} and tuple(
-                (k, v) for k, v in labels if k != "learning_rate") in rated
+            grid_only = (
+                drawn == {_tuning.TUNING_SEED}
+                and tuple((k, v) for k, v in labels if k != "learning_rate") in rated
+            )
             assert len(drawn) >= seeds or grid_only, (module.NAME, labels)
     points = mqar.make_points(_sweep.parse_options("mqar", []))
     assert {p.labels["model"] for p in points} == set(mqar.MODELS)
@@ -359,8 +364,9 @@ def test_record_labels_come_from_the_layers_description():
     assert (labels["model"], labels["cell"], labels["rule"]) == ("delta_rule",) * 2 + ("delta",)
     assert (labels["feature_map"], labels["beta_range"]) == ("dpfp2", "0,2")
     attention = load(base, ["model.mixers=[attention]"])
-    assert _sweep.model_labels(attention, seq_len=10)["state_size"] == 10 * (
-        _sweep.model_labels(attention, seq_len=1)["state_size"]
+    assert (
+        _sweep.model_labels(attention, seq_len=10)["state_size"]
+        == 10 * (_sweep.model_labels(attention, seq_len=1)["state_size"])
     )
 
 

@@ -669,11 +669,13 @@ def test_the_cholesky_of_matmuls_matches_lapack_in_float64(rng):
             a = x @ x.transpose(0, 2, 1) + 0.1 * np.eye(n)  # [3, N, N] symmetric positive definite
             lower, inverse = cholesky_and_inverse(jnp.asarray(a))
             np.testing.assert_allclose(lower, np.linalg.cholesky(a), rtol=1e-10, atol=1e-12)
-            np.testing.assert_allclose(inverse @ lower, np.broadcast_to(np.eye(n), a.shape),
-                                       atol=1e-10)
+            np.testing.assert_allclose(
+                inverse @ lower, np.broadcast_to(np.eye(n), a.shape), atol=1e-10
+            )
             q = rng.normal(size=(3, n))
             np.testing.assert_allclose(
-                spd_solve(jnp.asarray(a), jnp.asarray(q)), np.linalg.solve(a, q[..., None])[..., 0],
+                spd_solve(jnp.asarray(a), jnp.asarray(q)),
+                np.linalg.solve(a, q[..., None])[..., 0],
                 rtol=1e-9,
             )
 
@@ -686,8 +688,11 @@ def test_no_cell_form_calls_lapack_on_cpu():
     b, t, h, k = 1, 5, 1, 4
     q = k_ = jnp.ones((b, t, h, k))
     v = jnp.ones((b, t, h, 3))
-    gates = {"beta": jnp.full((b, t, h), 0.5), "log_alpha": jnp.full((b, t, h), -0.1),
-             "lam": jnp.ones((h, k))}
+    gates = {
+        "beta": jnp.full((b, t, h), 0.5),
+        "log_alpha": jnp.full((b, t, h), -0.1),
+        "lam": jnp.ones((h, k)),
+    }
     for form in (mesa.recurrent, mesa.chunkwise):
         loss = lambda q, form=form: form(q, k_, v, **gates)[0].sum()  # noqa: E731
         text = jax.jit(jax.grad(loss)).lower(q).as_text()
@@ -740,9 +745,7 @@ def held_run(tiny_yaml, workdir, hold: str, *overrides) -> subprocess.Popen:
     """`fwpzoo train` of the tiny config in a child process whose step 3 runs `hold`."""
     argv = ["train", str(tiny_yaml), "--workdir", str(workdir), "--no-progress", *overrides]
     code = HELD.format(hold=hold)
-    return subprocess.Popen(
-        [sys.executable, "-c", code, *argv], stderr=subprocess.PIPE, text=True
-    )
+    return subprocess.Popen([sys.executable, "-c", code, *argv], stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_held(process) -> list[str]:
@@ -830,8 +833,9 @@ def test_an_unretrieved_disk_full_write_is_not_logged_and_other_task_errors_are(
 def test_a_full_disk_is_one_line_and_leaves_no_unfinished_checkpoint(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1100k", "tmpfs", str(disk)],
-                             capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1100k", "tmpfs", str(disk)], capture_output=True
+    )
     if mounted.returncode != 0:
         pytest.skip("a small filesystem needs mount rights (root)")
     try:
@@ -840,8 +844,9 @@ def test_a_full_disk_is_one_line_and_leaves_no_unfinished_checkpoint(tmp_path):
         path = tmp_path / "big.yaml"
         path.write_text(yaml.safe_dump(config))
         argv = ["train", str(path), "--workdir", str(disk / "run"), "--no-progress"]
-        done = subprocess.run([sys.executable, "-m", "fwpzoo", *argv], capture_output=True,
-                              text=True, timeout=240)
+        done = subprocess.run(
+            [sys.executable, "-m", "fwpzoo", *argv], capture_output=True, text=True, timeout=240
+        )
         assert done.returncode == 2
         assert done.stderr.splitlines()[1:] == [
             f"fwpzoo train: error: no space left on the device of {disk / 'run'} (unfinished "
@@ -864,8 +869,9 @@ def test_a_damaged_metrics_file_is_repaired_and_the_checkpoint_row_logged_again(
     run resumes and writes that row again, from its checkpoint."""
     path = run_copy / "metrics.jsonl"
     lines = path.read_bytes().splitlines(keepends=True)  # steps 1..4; checkpoint at 4
-    path.write_bytes(b"".join(lines[:1]) + b"\xff\xfe not utf-8\n" + b"".join(lines[1:3])
-                     + lines[3][:9])
+    path.write_bytes(
+        b"".join(lines[:1]) + b"\xff\xfe not utf-8\n" + b"".join(lines[1:3]) + lines[3][:9]
+    )
     assert train_cli(capsys, tiny_yaml, run_copy, "train.steps=6")[0] == 0
     rows = read_metrics(run_copy)
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
@@ -876,8 +882,16 @@ def test_a_damaged_metrics_file_is_repaired_and_the_checkpoint_row_logged_again(
 def trained_fwp(tiny_yaml, tmp_path_factory) -> Path:
     """A 2-step run of a one-layer linear attention model (fast weights to draw)."""
     workdir = tmp_path_factory.mktemp("fwp") / "run"
-    argv = ["train", str(tiny_yaml), "--workdir", str(workdir), "--no-progress",
-            "model.mixers=[fwp,attention]", "model.cell=linear_attn", "train.steps=2"]
+    argv = [
+        "train",
+        str(tiny_yaml),
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+        "model.mixers=[fwp,attention]",
+        "model.cell=linear_attn",
+        "train.steps=2",
+    ]
     assert cli.main(argv) == 0
     return workdir
 
@@ -890,8 +904,10 @@ def test_inspect_refuses_a_picture_it_cannot_write_before_computing(refused, tra
 
 
 def test_inspect_names_layers_by_their_mixers_as_the_config_does(refused, trained_fwp):
-    refused(["inspect", "--workdir", str(trained_fwp), "--layer", "1"],
-            "layer 1 (attention) has no fast-weight matrix to draw; layers with one: 0 (fwp)")
+    refused(
+        ["inspect", "--workdir", str(trained_fwp), "--layer", "1"],
+        "layer 1 (attention) has no fast-weight matrix to draw; layers with one: 0 (fwp)",
+    )
 
 
 @pytest.mark.parametrize(
@@ -915,8 +931,10 @@ def test_a_layer_is_checked_and_built_with_its_own_fields(layer):
 
 def test_a_point_whose_corpus_is_not_fetched_says_how_to_fetch_it(refused, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no data/ here
-    refused(["experiment", "charlm", "--point", "gutenberg-bz2"],
-            "corpus 'gutenberg' is not in data/gutenberg; fetch it with: fwpzoo fetch gutenberg")
+    refused(
+        ["experiment", "charlm", "--point", "gutenberg-bz2"],
+        "corpus 'gutenberg' is not in data/gutenberg; fetch it with: fwpzoo fetch gutenberg",
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -936,9 +954,11 @@ def test_experiments_record_and_run_in_the_checkout_of_their_code(refused, monke
     monkeypatch.chdir(tmp_path)
     assert parse_options("mqar", []).root == REPO / "runs" / "experiments" / "mqar"
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-    refused(["experiment", "mqar", "--list"],
-            f"this fwpzoo is the one in {REPO}, whose docs/results and runs/ its experiments "
-            f"write; run it there, or install the checkout here first (pip install -e {tmp_path})")
+    refused(
+        ["experiment", "mqar", "--list"],
+        f"this fwpzoo is the one in {REPO}, whose docs/results and runs/ its experiments "
+        f"write; run it there, or install the checkout here first (pip install -e {tmp_path})",
+    )
 
 
 @pytest.mark.slow
@@ -946,7 +966,12 @@ def test_experiments_record_and_run_in_the_checkout_of_their_code(refused, monke
 def test_libtpu_on_a_machine_without_a_tpu_changes_no_output(trained):
     """The tpu extra (for `fwpzoo plan`) must not add libtpu's probe warnings to CPU runs."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    done = subprocess.run([sys.executable, "-m", "fwpzoo", "eval", "--workdir", str(trained)],
-                          capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "fwpzoo", "eval", "--workdir", str(trained)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert done.returncode == 0 and done.stderr == ""
     assert len(done.stdout.splitlines()) == 1 and json.loads(done.stdout)["step"] == 4

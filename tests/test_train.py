@@ -444,11 +444,14 @@ def test_a_packed_batch_scores_each_document_as_if_it_ran_alone(tmp_path):
 
 
 def test_the_plan_after_each_step_follows_the_schedules():
-    cfg = from_dict(Config, {
-        "train": {"steps": 12, "log_every": 5},
-        "checkpoint": {"every": 4, "best_metric": None},
-        "eval": {"every": 6},
-    })
+    cfg = from_dict(
+        Config,
+        {
+            "train": {"steps": 12, "log_every": 5},
+            "checkpoint": {"every": 4, "best_metric": None},
+            "eval": {"every": 6},
+        },
+    )
     plans = {step: plan_step(cfg, step, stopping=False) for step in range(1, 13)}
     assert [s for s, p in plans.items() if p.save] == [4, 8, 12]  # and the last step
     assert [s for s, p in plans.items() if p.evaluate] == [6, 12]

@@ -45,9 +45,7 @@ OBJECTIVE = Objective(
     loss_fn=negative_correlation,
     lr="log_i",
     decay="log_f",
-    state=State(
-        parts=(("C", "K V"), ("n", "K"), ("m", "")), is_dict=True, transition=LOG_SCALE
-    ),
+    state=State(parts=(("C", "K V"), ("n", "K"), ("m", "")), is_dict=True, transition=LOG_SCALE),
     weights="C",
     log_scale="m",
     paper="Beck et al. 2024 (xLSTM); chunkwise: Beck et al. 2025 (Tiled Flash Linear Attention)",
