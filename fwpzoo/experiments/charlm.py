@@ -313,7 +313,10 @@ def papers_table(records: list[dict], cfg) -> str:
     best = {
         c: min(cells[c, name] for name in COMPRESSOR_MODELS if (c, name) in cells) for c in corpora
     }
-    models = {c: [m for (c2, m) in cells if c2 == c and m not in COMPRESSORS] for c in corpora}
+    # the trained models on each corpus: every compressor row, +train ones too, left out
+    models = {
+        c: [m for (c2, m) in cells if c2 == c and m not in COMPRESSOR_MODELS] for c in corpora
+    }
     ahead = {c: [m for m in models[c] if cells[c, m] < best[c]] for c in corpora if models[c]}
     sizes = [r["num_params"] for r in bpc if r["model"] not in COMPRESSOR_MODELS]
     here_setting = (
