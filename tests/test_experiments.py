@@ -11,12 +11,13 @@ from fwpzoo import cells, cli, reports
 from fwpzoo.config import ConfigError, load
 from fwpzoo.data.corpora import load_corpus
 from fwpzoo.experiments import _sweep, _tuning, charlm, formal_languages, mqar, state_tracking
+from fwpzoo.layers.gates import BETA_RANGES
 from fwpzoo.reports import write_page
 
 SPELLINGS = {
     "cell": {None, *cells.CELLS},
     "rule": {None, "sum", "delta"},
-    "beta_range": {None, "0,1", "0,2"},
+    "beta_range": {None, *BETA_RANGES},
 }
 
 

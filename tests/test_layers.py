@@ -13,6 +13,7 @@ from fwpzoo.cells.forms import run_form
 from fwpzoo.layers import MIXERS, Description, FWPMixer, get_mixer
 from fwpzoo.layers.conv import ShortConv
 from fwpzoo.layers.feature_maps import FEATURE_MAPS, feature_dim, qk_normalize
+from fwpzoo.layers.gates import beta_scale
 from fwpzoo.layers.mamba2 import signed_run
 from fwpzoo.layers.programmed import initial_matrix
 from fwpzoo.layers.ssm import linear_recurrence
@@ -80,11 +81,13 @@ def test_beta_range_0_2_doubles_beta():
     assert float(beta_02.max()) > 1.0
 
 
-@pytest.mark.parametrize(("cell", "beta_range"), [("delta_rule", "0,1"), ("delta_product", "0,2")])
+@pytest.mark.parametrize(
+    ("cell", "beta_range"), [("delta_rule", "0,1"), ("delta_product", "0,2"), ("deep", "0,0.1")]
+)
 def test_beta_init_sets_where_beta_starts(cell, beta_range):
     """beta starts at beta_init for a token whose projection is 0, and the bias it adds is a
     trained parameter; without beta_init the projection has no bias and beta starts at half."""
-    top = 2.0 if beta_range == "0,2" else 1.0
+    top = beta_scale(beta_range)
     cfg = tiny(cell=cell, beta_range=beta_range, beta_init=0.1 * top)
     gate = FWPMixer(cfg, rngs=nnx.Rngs(0)).gates["beta"]
     zero = jnp.zeros((1, 1, cfg.d_model))

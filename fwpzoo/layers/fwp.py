@@ -221,7 +221,9 @@ class FWPConfig(MixerConfig):
     favor_features: int
     qk_norm: str
     qk_scale: float | None = None  # multiplies q; None means key feature dim ** -0.5
-    beta_range: str = "0,1"  # "0,1": sigmoid; "0,2": 2 * sigmoid (negative eigenvalues)
+    # "0,1": sigmoid; "0,2": 2 * sigmoid (negative eigenvalues); "0,0.1": 0.1 * sigmoid (a bounded
+    # inner step for a deep cell)
+    beta_range: str = "0,1"
     # beta's value at init, through a trained bias on its projection; None: no bias, so beta
     # starts near the middle of its range (0.5 for "0,1")
     beta_init: float | None = None

@@ -11,13 +11,16 @@ from fwpzoo.cells import _spec
 from fwpzoo.layers.norms import l2_normalize
 from fwpzoo.layers.params import GateParam
 
-BETA_RANGES: dict[str, float] = {"0,1": 1.0, "0,2": 2.0}
+# beta = top * sigmoid: "0,2" allows negative eigenvalues (delta rule); "0,0.1" bounds an inner
+# optimiser's step (Titans and TTT bound their inner learning rate likewise)
+BETA_RANGES: dict[str, float] = {"0,1": 1.0, "0,2": 2.0, "0,0.1": 0.1}
 # model.gate_activation: the output gate's activation (fwp and attention)
 GATE_ACTIVATIONS = {"silu": jax.nn.silu, "sigmoid": jax.nn.sigmoid}
 
 
 def beta_scale(beta_range: str) -> float:
-    """The upper end of beta's range: "0,1" -> 1 (sigmoid), "0,2" -> 2 (2 * sigmoid)."""
+    """The upper end of beta's range: "0,1" -> 1 (sigmoid), "0,2" -> 2 (2 * sigmoid), "0,0.1" ->
+    0.1 (0.1 * sigmoid)."""
     if beta_range not in BETA_RANGES:
         valid = ", ".join(repr(name) for name in BETA_RANGES)
         raise ValueError(f"unknown beta_range {beta_range!r}; valid beta ranges: {valid}")
