@@ -288,7 +288,8 @@ so it cannot see the scale of what the memory returns, which regression's y is c
 notes measure it: scripts/deep_memory_probes.py ttt); every memory here starts from zero fast
 weights where TTT learns its start weights. The deep presets' inner step sizes (beta_init), and
 deep_mlp's decay start and query scale, are set so that their inner loops stay finite at
-initialisation (each config says why, scripts/deep_memory_probes.py inner measures it). Every
+initialisation (each config says why, scripts/deep_memory_probes.py inner measures it), and
+deep_mlp bounds its learned step below 2/16 during training too (beta_range 0,0.1). Every
 memory has the same number of fast weights per head; what an optimiser keeps beside them
 (momentum, the window's keys) is in the state column. Where and why the verdicts differ: the
 notes.
